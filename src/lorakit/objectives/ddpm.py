@@ -1,0 +1,87 @@
+"""Discrete-time DDPM objective for SD 1.x/2.x and SDXL (epsilon and v prediction).
+
+Pure functions over a `DDPMSchedule`, so tests can check them against the closed forms:
+- forward process (Ho et al. 2020, arXiv:2006.11239): x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, a_t = prod(1 - beta)
+- v prediction (Salimans & Ho 2022, arXiv:2202.00512): v = sqrt(a_t) eps - sqrt(1 - a_t) x_0
+- zero terminal SNR rescale (Lin et al. 2023, arXiv:2305.08891)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DDPMSchedule:
+    """The noise schedule: cumulative alpha products for timesteps 0..T-1 (float64 on the CPU)."""
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str = "epsilon"
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    @classmethod
+    def scaled_linear(
+        cls,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        prediction_type: str = "epsilon",
+        zero_terminal_snr: bool = False,
+    ) -> "DDPMSchedule":
+        """The schedule every SD 1.x/2.x/XL checkpoint was trained with (betas linear in sqrt space)."""
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        if zero_terminal_snr:
+            alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
+        return cls(alphas_cumprod, prediction_type)
+
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio a_t / (1 - a_t) for each timestep (float32, on the timesteps' device)."""
+        a = self.alphas_cumprod.to(timesteps.device)[timesteps]
+        return (a / (1.0 - a)).float()
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(a_t) so that sqrt(a_T) = 0 while sqrt(a_0) is kept (Lin et al. 2023, Alg. 1)."""
+    sqrt_a = alphas_cumprod.sqrt()
+    first, last = sqrt_a[0].clone(), sqrt_a[-1].clone()
+    sqrt_a = (sqrt_a - last) * first / (first - last)
+    return sqrt_a**2
+
+
+def sample_timesteps(
+    batch_size: int, schedule: DDPMSchedule, min_timestep: int | None, max_timestep: int | None, device: torch.device
+) -> torch.Tensor:
+    """Uniform integer timesteps in [min, max) as sd-scripts draws them (all = max when min >= max)."""
+    low = 0 if min_timestep is None else min_timestep
+    high = schedule.num_train_timesteps if max_timestep is None else max_timestep
+    if low >= high:
+        return torch.full((batch_size,), high, dtype=torch.long, device=device)
+    return torch.randint(low, high, (batch_size,), device=device, dtype=torch.long)
+
+
+def _coefficients(schedule: DDPMSchedule, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a = schedule.alphas_cumprod.to(timesteps.device)[timesteps]
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    return a.sqrt().to(like.dtype).view(shape), (1.0 - a).sqrt().to(like.dtype).view(shape)
+
+
+def add_noise(schedule: DDPMSchedule, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise."""
+    signal, sigma = _coefficients(schedule, timesteps, latents)
+    return signal * latents + sigma * noise
+
+
+def training_target(schedule: DDPMSchedule, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the denoiser should output: the noise (epsilon) or the velocity v."""
+    if schedule.prediction_type == "epsilon":
+        return noise
+    if schedule.prediction_type == "v_prediction":
+        signal, sigma = _coefficients(schedule, timesteps, latents)
+        return signal * noise - sigma * latents
+    raise ValueError(f"unknown prediction type {schedule.prediction_type!r}")
