@@ -64,15 +64,27 @@ class ModelFamily(Protocol):
 
     def load(self, cfg: Any) -> Components: ...
 
+    def objective(self, cfg: Any, comps: Components) -> Any:
+        """The noising rule and target (`lorakit.objectives`): `.noise(latents) -> NoisedBatch`."""
+
     def encode_images(self, comps: Components, images: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] (B,3,H,W) -> scaled latents, ready for noising."""
 
-    def encode_text(self, comps: Components, captions: list[str]) -> TextConditioning: ...
+    def decode_latents(self, comps: Components, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_text(self, comps: Components, captions: list[str], clip_skip: int | None = None) -> TextConditioning: ...
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: Any) -> torch.Tensor:
         """The denoiser's output for the noisy latents."""
 
     def adapter_targets(self, comps: Components, cfg: Any) -> list[AdapterTarget]: ...
 
+    def text_encoders_to_train(self, comps: Components, cfg: Any) -> list[nn.Module]: ...
+
+    def enable_gradient_checkpointing(self, comps: Components, train_text_encoder: bool) -> None: ...
+
     def metadata(self, cfg: Any) -> dict[str, str]:
-        """Family-specific `ss_*` / `modelspec.*` metadata keys."""
+        """Family-specific `ss_*` metadata keys."""
+
+    def modelspec_architecture(self, cfg: Any) -> tuple[str, str, tuple[int, int]]:
+        """(modelspec architecture, implementation, default resolution)."""

@@ -85,3 +85,31 @@ def training_target(schedule: DDPMSchedule, latents: torch.Tensor, noise: torch.
         signal, sigma = _coefficients(schedule, timesteps, latents)
         return signal * noise - sigma * latents
     raise ValueError(f"unknown prediction type {schedule.prediction_type!r}")
+
+
+@dataclass(frozen=True)
+class NoisedBatch:
+    """Inputs and target of one denoising step; `timesteps` are what the denoiser is conditioned on."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DDPMObjective:
+    """The per-step noising of SD-style training (sd-scripts' get_noise_noisy_latents_and_timesteps)."""
+
+    schedule: DDPMSchedule
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+
+    def noise(self, latents: torch.Tensor) -> NoisedBatch:
+        noise = torch.randn_like(latents)
+        timesteps = sample_timesteps(latents.shape[0], self.schedule, self.min_timestep, self.max_timestep, latents.device)
+        noisy = add_noise(self.schedule, latents, noise, timesteps)
+        return NoisedBatch(noisy, timesteps, training_target(self.schedule, latents, noise, timesteps))
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample weights from the timesteps (SNR weighting arrives with the loss options); None = all 1."""
+        return None

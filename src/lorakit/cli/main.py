@@ -1,0 +1,71 @@
+"""`lorakit` command line: one entry point, one subcommand per job.
+
+A user mistake (a LorakitError) prints a short message and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from lorakit.errors import LorakitError
+
+USAGE = """usage: lorakit <command> [options]
+
+commands:
+  train     train a LoRA (sd-scripts option names: lorakit train --help)
+  demo      build a tiny model and dataset, train a LoRA on the CPU and write before/after samples
+
+Any sd-scripts train_network.py command line works after `lorakit train`.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    commands = {"train": _train, "demo": _demo}
+    if command not in commands:
+        print(f"lorakit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    _configure_logging()
+    try:
+        return commands[command](rest)
+    except LorakitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _configure_logging() -> None:
+    level = os.environ.get("LORAKIT_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), format="%(levelname)s: %(message)s", stream=sys.stderr)
+    # third-party libraries are chatty at INFO; their warnings still show
+    for name in ("diffusers", "transformers", "accelerate", "torch", "PIL", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _train(argv: list[str]) -> int:
+    from lorakit.config import parse_train_args
+    from lorakit.training.loop import train
+
+    cfg, warnings = parse_train_args(argv)
+    for warning in warnings:
+        logging.getLogger("lorakit").warning(warning)
+    if cfg.console_log_level:
+        logging.getLogger().setLevel(cfg.console_log_level)
+    result = train(cfg)
+    if result.saved_files:
+        print(f"saved {result.saved_files[-1]}")
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    from lorakit.toy.demo import run_demo_cli
+
+    return run_demo_cli(argv)

@@ -1,0 +1,48 @@
+"""The numbers of a run, computed before any model loads, and the plan printed at start and by --dry_run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    family: str
+    batches_per_epoch: int
+    steps_per_epoch: int
+    max_train_steps: int
+    num_epochs: int
+    warmup_steps: int
+    num_processes: int
+
+
+def make_plan(cfg: Any, family: str, batches_per_epoch: int, num_processes: int = 1) -> TrainingPlan:
+    """Steps per epoch and totals as sd-scripts computes them (--max_train_epochs overrides the steps)."""
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / num_processes / cfg.gradient_accumulation_steps))
+    if cfg.max_train_epochs:
+        max_steps = cfg.max_train_epochs * steps_per_epoch
+    else:
+        max_steps = cfg.max_train_steps
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    warmup = cfg.resolve_warmup_steps(max_steps) if hasattr(cfg, "resolve_warmup_steps") else int(cfg.lr_warmup_steps or 0)
+    return TrainingPlan(family, batches_per_epoch, steps_per_epoch, max_steps, num_epochs, warmup, num_processes)
+
+
+def format_plan(cfg: Any, plan: TrainingPlan, dataset_text: str) -> str:
+    lines = [
+        "Training plan",
+        f"  family            {plan.family}",
+        f"  base model        {cfg.pretrained_model_name_or_path}",
+        f"  network           {cfg.network_module} dim={cfg.network_dim or 4} alpha={cfg.network_alpha}"
+        + (f" args={cfg.network_args}" if cfg.network_args else ""),
+        dataset_text.rstrip(),
+        f"  batches per epoch {plan.batches_per_epoch}"
+        + (f" (over {plan.num_processes} processes)" if plan.num_processes > 1 else ""),
+        f"  steps per epoch   {plan.steps_per_epoch} (gradient accumulation {cfg.gradient_accumulation_steps})",
+        f"  epochs            {plan.num_epochs}",
+        f"  total steps       {plan.max_train_steps} (warm-up {plan.warmup_steps})",
+        f"  output            {cfg.output_dir}/{cfg.output_name or 'last'}.{cfg.save_model_as}",
+    ]
+    return "\n".join(lines)
