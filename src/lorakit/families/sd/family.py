@@ -98,6 +98,18 @@ class StableDiffusionFamily:
         if train_text_encoder:
             comps.text_encoders[0].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def pipeline(self, comps: Components, sampler: str = "ddim") -> Any:
+        """A diffusers pipeline over these very modules (LoRA applied to them shows in its output)."""
+        from diffusers import StableDiffusionPipeline
+
+        from lorakit.sampling.samplers import build_sampler
+
+        return StableDiffusionPipeline(
+            vae=comps.vae, text_encoder=comps.text_encoders[0], tokenizer=comps.tokenizers[0], unet=comps.denoiser,
+            scheduler=build_sampler(sampler, comps.extras.get("prediction_type", "epsilon")),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
     def metadata(self, cfg: Any) -> dict[str, str]:
         version = "sd_v2" if cfg.v2 else "sd_v1"
         if cfg.v_parameterization:
