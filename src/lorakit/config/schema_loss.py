@@ -1,0 +1,68 @@
+"""Option sections for noise and loss, text-encoder handling and memory offload (inventory §2.7–2.9)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from lorakit.config.schema_data import OptionSection
+from lorakit.config.types import HuberSchedule, LossType, ModelPredictionType, TimestepSampling, WeightingScheme
+
+
+class NoiseLossOptions(OptionSection):
+    SECTION: ClassVar[str] = "noise_and_loss"
+
+    noise_offset: float | None = Field(None, ge=0, description="[SD/SDXL] noise offset")
+    noise_offset_random_strength: bool = Field(False, description="random noise offset in [0, offset]")
+    adaptive_noise_scale: float | None = Field(None, description="noise offset scaled by latent mean")
+    multires_noise_iterations: int | None = Field(None, ge=1, description="pyramid noise iterations")
+    multires_noise_discount: float = Field(0.3, ge=0, description="pyramid noise discount")
+    ip_noise_gamma: float | None = Field(None, ge=0, description="input perturbation noise")
+    ip_noise_gamma_random_strength: bool = Field(False, description="random input perturbation strength")
+    zero_terminal_snr: bool = Field(False, description="rescale betas to zero terminal SNR")
+    min_timestep: int | None = Field(None, ge=0, le=1000, description="smallest timestep (default 0)")
+    max_timestep: int | None = Field(None, ge=0, le=1000, description="largest timestep (default 1000)")
+    min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR weighting gamma")
+    scale_v_pred_loss_like_noise_pred: bool = Field(False, description="scale v-pred loss like eps")
+    v_pred_like_loss: float | None = Field(None, ge=0, description="add a v-prediction-like loss")
+    debiased_estimation_loss: bool = Field(False, description="debiased estimation loss weights")
+    loss_type: LossType = Field("l2", description="l1, l2, huber or smooth_l1")
+    huber_schedule: HuberSchedule = Field("snr", description="constant, exponential or snr")
+    huber_c: float = Field(0.1, gt=0, description="Huber threshold")
+    huber_scale: float = Field(1.0, gt=0, description="Huber scale")
+    weighting_scheme: WeightingScheme = Field("uniform", description="[DiT] timestep weighting")
+    logit_mean: float = Field(0.0, description="[DiT] logit-normal mean")
+    logit_std: float = Field(1.0, gt=0, description="[DiT] logit-normal std")
+    mode_scale: float = Field(1.29, description="[DiT] mode weighting scale")
+    timestep_sampling: TimestepSampling = Field("sigma", description="[FLUX] timestep sampling")
+    sigmoid_scale: float = Field(1.0, gt=0, description="[FLUX] sigmoid sampling scale")
+    discrete_flow_shift: float = Field(3.0, gt=0, description="[FLUX] flow shift")
+    model_prediction_type: ModelPredictionType = Field("sigma_scaled", description="[FLUX] prediction transform")
+    guidance_scale: float = Field(3.5, description="[FLUX] guidance embedding value during training")
+    training_shift: float = Field(1.0, gt=0, description="[SD3] shift of the sampled timesteps")
+
+
+class TextEncoderOptions(OptionSection):
+    SECTION: ClassVar[str] = "text_encoder"
+
+    cache_text_encoder_outputs: bool = Field(False, description="cache text-encoder outputs in memory")
+    cache_text_encoder_outputs_to_disk: bool = Field(False, description="cache text-encoder outputs to disk")
+    text_encoder_batch_size: int | None = Field(None, ge=1, description="[DiT] text-encoder caching batch")
+    t5xxl_max_token_length: int | None = Field(None, ge=1, description="[SD3/FLUX] T5 sequence length")
+    apply_t5_attn_mask: bool = Field(False, description="[SD3/FLUX] mask T5 padding")
+    apply_lg_attn_mask: bool = Field(False, description="[SD3] mask CLIP-L/G padding")
+    # These zero an encoder's output with the given probability (no rescaling), so 1.0 is allowed.
+    clip_l_dropout_rate: float = Field(0.0, ge=0, le=1, description="[SD3] CLIP-L output dropout")
+    clip_g_dropout_rate: float = Field(0.0, ge=0, le=1, description="[SD3] CLIP-G output dropout")
+    t5_dropout_rate: float = Field(0.0, ge=0, le=1, description="[SD3] T5 output dropout")
+    pos_emb_random_crop_rate: float = Field(0.0, ge=0, le=1, description="[SD3.5M] positional crop rate")
+    enable_scaled_pos_embed: bool = Field(False, description="[SD3.5M] scaled positional embeddings")
+
+
+class MemoryOptions(OptionSection):
+    SECTION: ClassVar[str] = "memory"
+
+    blocks_to_swap: int | None = Field(None, ge=0, description="[DiT] transformer blocks kept on the CPU")
+    cpu_offload_checkpointing: bool = Field(False, description="[FLUX] offload checkpointed activations")
+    split_mode: bool = Field(False, description="[FLUX] deprecated; means --blocks_to_swap 18")

@@ -1,0 +1,234 @@
+"""Which options lorakit implements today, and what it says about the ones it only recognises.
+
+Every option name of sd-scripts is accepted by the parser, so a command line never fails on spelling alone.
+An option set to a non-default value must then be either implemented, a known fallback (warning), without
+effect here (silently accepted), or listed in `UNSUPPORTED` (error with a message). When a feature lands,
+delete its names from `UNSUPPORTED` and add them to `IMPLEMENTED`; tests check that every field is in
+exactly one of these tables.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from lorakit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lorakit.config.schema import TrainConfig
+
+_REMOVE = "remove it to train without it"
+_STATE = "remove it; resumable states are not written yet"
+
+#: Recognised but not implemented yet: option name -> what the user can do instead.
+UNSUPPORTED: dict[str, str] = {
+    # model components of other families
+    **dict.fromkeys(("clip_l", "clip_g", "t5xxl", "ae", "model_type", "controlnet_model_name_or_path"), _REMOVE),
+    **dict.fromkeys(
+        ("save_clip", "save_t5xxl", "t5xxl_device", "t5xxl_dtype"), "remove it (it never worked in sd-scripts either)"
+    ),
+    # dataset and captions
+    "in_json": "use --train_data_dir with N_name folders or a --dataset_config",
+    "dataset_repeats": "use N_name folders or num_repeats in a --dataset_config",
+    **dict.fromkeys(
+        (
+            "resize_interpolation", "caption_separator", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
+            "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix", "caption_dropout_rate",
+            "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step",
+            "color_aug", "flip_aug", "random_crop", "face_crop_aug_range", "alpha_mask", "cache_info",
+            "skip_cache_check", "debug_dataset", "dataset_class", "weighted_captions", "conditioning_data_dir",
+            "masked_loss",
+        ),
+        _REMOVE,
+    ),
+    "cache_latents_to_disk": "use --cache_latents (latents kept in memory) for now",
+    # network
+    **dict.fromkeys(("dim_from_weights", "scale_weight_norms", "base_weights", "base_weights_multiplier"), _REMOVE),
+    # optimizer and schedule
+    "use_8bit_adam": "use the default AdamW optimizer for now",
+    "use_lion_optimizer": "use the default AdamW optimizer for now",
+    **dict.fromkeys(
+        (
+            "lr_decay_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_timescale",
+            "lr_scheduler_min_lr_ratio", "lr_scheduler_type", "lr_scheduler_args",
+        ),
+        "use --lr_scheduler constant, constant_with_warmup, cosine or linear for now",
+    ),
+    "fused_backward_pass": _REMOVE,
+    # precision and performance
+    **dict.fromkeys(("full_fp16", "full_bf16"), "use --mixed_precision alone for now"),
+    **dict.fromkeys(("fp8_base", "fp8_base_unet"), "use --mixed_precision fp16 or bf16 for now"),
+    "no_half_vae": _REMOVE,
+    **dict.fromkeys(("torch_compile", "dynamo_backend", "dynamo_mode", "dynamo_fullgraph", "dynamo_dynamic"), _REMOVE),
+    **dict.fromkeys(("ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph"), "train on one process for now"),
+    # noise and loss
+    **dict.fromkeys(
+        (
+            "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
+            "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength", "zero_terminal_snr",
+            "min_timestep", "max_timestep", "min_snr_gamma", "scale_v_pred_loss_like_noise_pred",
+            "v_pred_like_loss", "debiased_estimation_loss", "loss_type", "huber_schedule", "huber_c", "huber_scale",
+            "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "timestep_sampling", "sigmoid_scale",
+            "discrete_flow_shift", "model_prediction_type", "guidance_scale", "training_shift",
+        ),
+        _REMOVE,
+    ),
+    # text encoders and memory
+    **dict.fromkeys(
+        (
+            "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "text_encoder_batch_size",
+            "t5xxl_max_token_length", "apply_t5_attn_mask", "apply_lg_attn_mask", "clip_l_dropout_rate",
+            "clip_g_dropout_rate", "t5_dropout_rate", "pos_emb_random_crop_rate", "enable_scaled_pos_embed",
+        ),
+        _REMOVE,
+    ),
+    **dict.fromkeys(("blocks_to_swap", "cpu_offload_checkpointing", "split_mode"), _REMOVE),
+    # saving, resume, upload
+    **dict.fromkeys(
+        ("save_n_epoch_ratio", "save_last_n_epochs", "save_last_n_steps"),
+        "use --save_every_n_epochs or --save_every_n_steps and delete old files yourself",
+    ),
+    **dict.fromkeys(
+        ("save_state", "save_state_on_train_end", "save_last_n_epochs_state", "save_last_n_steps_state"), _STATE
+    ),
+    **dict.fromkeys(
+        ("resume", "initial_epoch", "initial_step", "skip_until_initial_step"),
+        "continue from a LoRA file with --network_weights",
+    ),
+    **dict.fromkeys(
+        (
+            "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+            "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
+        ),
+        "remove it and upload the files from --output_dir yourself",
+    ),
+    # sampling, validation, distributed training, logging
+    **dict.fromkeys(
+        ("sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first", "sample_sampler"),
+        "remove it; sample images during training are not available yet",
+    ),
+    **dict.fromkeys(
+        (
+            "validation_split", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
+            "max_validation_steps",
+        ),
+        _REMOVE,
+    ),
+    **dict.fromkeys(
+        (
+            "deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",
+            "offload_param_device", "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
+            "fp16_master_weights_and_gradients",
+        ),
+        _REMOVE,
+    ),
+    **dict.fromkeys(
+        (
+            "console_log_file", "console_log_simple", "log_tracker_name", "log_tracker_config", "wandb_run_name",
+            "wandb_api_key", "log_config",
+        ),
+        _REMOVE,
+    ),
+}  # fmt: skip
+
+#: Options that select something lorakit does differently; training continues with this warning.
+FALLBACKS: dict[str, str] = {
+    "xformers": "--xformers: lorakit uses PyTorch SDPA attention instead; training continues",
+    "mem_eff_attn": "--mem_eff_attn: lorakit uses PyTorch SDPA attention instead; training continues",
+}
+
+#: Options that tune sd-scripts' loading; lorakit's loading needs no such switch, so they are accepted silently.
+NO_EFFECT: frozenset[str] = frozenset({"lowram", "highvram", "disable_mmap_load_safetensors", "tokenizer_cache_dir"})
+
+
+def _network_module(value: Any) -> str | None:
+    if value in (None, "networks.lora"):
+        return None
+    return f"--network_module {value} is recognised but not implemented yet in lorakit; use networks.lora"
+
+
+def _optimizer_type(value: Any) -> str | None:
+    if str(value).lower() in ("", "adamw"):
+        return None
+    return f"--optimizer_type {value} is recognised but not implemented yet in lorakit; use AdamW (the default)"
+
+
+_SCHEDULERS_DONE = ("constant", "constant_with_warmup", "cosine", "linear")
+
+
+def _lr_scheduler(value: Any) -> str | None:
+    if value in _SCHEDULERS_DONE:
+        return None
+    return (
+        f"--lr_scheduler {value} is recognised but not implemented yet in lorakit; "
+        f"use one of {', '.join(_SCHEDULERS_DONE)}"
+    )
+
+
+def _max_token_length(value: Any) -> str | None:
+    if value is None:
+        return None
+    return f"--max_token_length {value} is recognised but not implemented yet in lorakit; prompts use 75 tokens"
+
+
+_NETWORK_KEYS_DONE = ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout")
+
+
+def _network_args(cfg: TrainConfig) -> list[str]:
+    try:
+        keys = cfg.network_kwargs()
+    except ConfigError:
+        return []  # malformed items are reported by the cross-field rules
+    return [
+        f"--network_args {key} is recognised but not implemented yet in lorakit; "
+        f"supported keys: {', '.join(_NETWORK_KEYS_DONE)}"
+        for key in keys
+        if key not in _NETWORK_KEYS_DONE
+    ]
+
+
+#: Implemented options whose values are only partly supported: option -> check of the value.
+PARTIAL: dict[str, Callable[[Any], str | None]] = {
+    "network_module": _network_module,
+    "optimizer_type": _optimizer_type,
+    "lr_scheduler": _lr_scheduler,
+    "max_token_length": _max_token_length,
+}
+
+#: Options implemented in full (plus those in PARTIAL, whose values are checked).
+IMPLEMENTED: frozenset[str] = frozenset(
+    {
+        "pretrained_model_name_or_path", "v2", "v_parameterization", "vae", "family",
+        "train_data_dir", "reg_data_dir", "dataset_config", "resolution", "train_batch_size", "enable_bucket",
+        "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "caption_extension",
+        "caption_extention", "cache_latents", "vae_batch_size", "prior_loss_weight", "max_data_loader_n_workers",
+        "persistent_data_loader_workers", "max_token_length",
+        "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "network_weights",
+        "network_train_unet_only", "network_train_text_encoder_only", "unet_lr", "text_encoder_lr",
+        "optimizer_type", "optimizer_args", "learning_rate", "max_grad_norm", "lr_scheduler", "lr_warmup_steps",
+        "max_train_steps", "max_train_epochs", "gradient_accumulation_steps", "gradient_checkpointing",
+        "mixed_precision", "seed", "clip_skip", "sdpa",
+        "output_dir", "output_name", "save_model_as", "save_precision", "save_every_n_epochs", "save_every_n_steps",
+        "training_comment", "no_metadata", "metadata_title", "metadata_author", "metadata_description",
+        "metadata_license", "metadata_tags", "metadata_usage_hint", "metadata_thumbnail", "metadata_merged_from",
+        "metadata_trigger_phrase", "metadata_preprocessor", "metadata_is_negative_embedding",
+        "logging_dir", "log_with", "log_prefix", "console_log_level",
+        "dry_run", "config_file", "output_config",
+    }
+)  # fmt: skip
+
+
+def check_supported(cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for options set to something lorakit cannot do yet or does differently."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    for name, value in cfg.non_default_options().items():
+        if name in UNSUPPORTED:
+            errors.append(f"--{name} is recognised but not implemented yet in lorakit; {UNSUPPORTED[name]}")
+        elif name in FALLBACKS:
+            warnings.append(FALLBACKS[name])
+        elif name in PARTIAL:
+            message = PARTIAL[name](value)
+            if message:
+                errors.append(message)
+    errors.extend(_network_args(cfg))
+    return errors, warnings
