@@ -1,0 +1,134 @@
+"""Reading images and fitting them to their bucket: resize to cover, then crop (inventory §3.5).
+
+Every failure to read an image (missing, corrupt, unsupported, absurdly large) is a `DataError` that names
+the file, so the user sees which file to fix instead of a PIL traceback.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lorakit.data.buckets import Size
+from lorakit.errors import DataError
+
+# EXIF orientations that rotate by 90 or 270 degrees, i.e. swap width and height.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+@dataclass
+class LoadedImage:
+    """An image fitted to its bucket: pixels in [-1, 1] (3, H, W) plus SDXL size-conditioning values."""
+
+    pixels: torch.Tensor
+    original_size: Size  # (width, height) after EXIF orientation, before resizing
+    crop_top_left: tuple[int, int]  # (top, left)
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """Open an image, turning PIL's decompression-bomb warning and read failures into `DataError`s."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                yield img
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"image {path} is too large to load safely (more than {Image.MAX_IMAGE_PIXELS} "
+                        "pixels); shrink it before training") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"image {path} cannot be read ({err.__class__.__name__}: {err}); "
+                        "it may be corrupt or not an image") from None
+
+
+def image_size(path: str | Path) -> Size:
+    """(width, height) as the image will be seen after EXIF orientation, reading only the header."""
+    with _opened(Path(path)) as img:
+        width, height = img.size
+        orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image fully as RGB with EXIF orientation applied; alpha is dropped, as sd-scripts does."""
+    with _opened(Path(path)) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit greyscale: scale to 8 bits first, RGB conversion of these modes clips.
+            array = np.asarray(img, dtype=np.float32) / (256.0 if np.asarray(img).max() > 255 else 1.0)
+            img = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
+        return img.convert("RGB")
+
+
+def resize_to(img: Image.Image, size: Size) -> Image.Image:
+    """Resize to `size`: box (area average) filter when shrinking, Lanczos when enlarging."""
+    if img.size == tuple(size):
+        return img
+    shrinking = size[0] <= img.width and size[1] <= img.height
+    method = Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
+    return img.resize(size, method)
+
+
+def crop_to_bucket(img: Image.Image, bucket: Size, random_crop: bool,
+                   rng: random.Random | None = None) -> Image.Image:
+    """Crop an image that covers `bucket` down to it, centred or at a random offset."""
+    excess_w, excess_h = img.width - bucket[0], img.height - bucket[1]
+    if random_crop:
+        rng = rng or random.Random()
+        left, top = rng.randint(0, excess_w), rng.randint(0, excess_h)
+    else:
+        left, top = excess_w // 2, excess_h // 2
+    return img.crop((left, top, left + bucket[0], top + bucket[1]))
+
+
+def sdxl_crop_top_left(bucket: Size, original: Size, flipped: bool) -> tuple[int, int]:
+    """The (top, left) crop value sd-scripts conditions SDXL on.
+
+    sd-scripts computes it from the image *fitted inside* the bucket (not from the real crop), and ignores
+    random crops; we reproduce that so LoRAs trained here condition the model the same way.
+    """
+    bucket_w, bucket_h = bucket
+    image_ar = original[0] / original[1]
+    if bucket_w / bucket_h > image_ar:
+        fitted_w, fitted_h = bucket_h * image_ar, float(bucket_h)
+    else:
+        fitted_w, fitted_h = float(bucket_w), bucket_w / image_ar
+    left = (bucket_w - fitted_w) // 2
+    top = (bucket_h - fitted_h) // 2
+    if flipped:
+        left = bucket_w - (left + fitted_w)
+    return int(top), int(left)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def fit_image(img: Image.Image, bucket: Size, resized_size: Size, random_crop: bool = False,
+              rng: random.Random | None = None) -> Image.Image:
+    """Resize to `resized_size` (never smaller than the bucket) and crop to `bucket`."""
+    target = (max(resized_size[0], bucket[0]), max(resized_size[1], bucket[1]))
+    return crop_to_bucket(resize_to(img, target), bucket, random_crop, rng)
+
+
+def load_for_bucket(path: str | Path, bucket: Size, resized_size: Size, *, random_crop: bool = False,
+                    flip: bool = False, rng: random.Random | None = None) -> LoadedImage:
+    """Load, fit to `bucket`, optionally flip, and convert to a [-1, 1] tensor with its size conditioning."""
+    img = load_image(path)
+    original = img.size
+    fitted = fit_image(img, bucket, resized_size, random_crop, rng)
+    if flip:
+        fitted = fitted.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return LoadedImage(to_tensor(fitted), original, sdxl_crop_top_left(bucket, original, flip))
