@@ -51,12 +51,19 @@ def _configure_logging() -> None:
 
 
 def _train(argv: list[str]) -> int:
-    from lorakit.config import parse_train_args
-    from lorakit.training.loop import train
+    from lorakit.config import build_train_parser, parse_train_args
 
+    if any(arg in ("-h", "--help") for arg in argv):
+        build_train_parser().print_help()
+        return 0
     cfg, warnings = parse_train_args(argv)
     for warning in warnings:
         logging.getLogger("lorakit").warning(warning)
+    if cfg.output_config:
+        print(f"wrote the options to {cfg.config_file}")
+        return 0
+    from lorakit.training.loop import train  # heavy imports only once the options are known to be good
+
     if cfg.console_log_level:
         logging.getLogger().setLevel(cfg.console_log_level)
     result = train(cfg)
