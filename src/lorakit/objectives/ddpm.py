@@ -9,6 +9,7 @@ Pure functions over a `DDPMSchedule`, so tests can check them against the closed
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -110,6 +111,16 @@ class DDPMObjective:
         noisy = add_noise(self.schedule, latents, noise, timesteps)
         return NoisedBatch(noisy, timesteps, training_target(self.schedule, latents, noise, timesteps))
 
+    @classmethod
+    def from_options(cls, cfg: Any, prediction_type: str) -> "DDPMObjective":
+        """The objective for the training options in `cfg` (sd-scripts option names)."""
+        schedule = DDPMSchedule.scaled_linear(prediction_type=prediction_type, zero_terminal_snr=bool(getattr(cfg, "zero_terminal_snr", False)))
+        return cls(schedule, getattr(cfg, "min_timestep", None), getattr(cfg, "max_timestep", None))
+
+    def elementwise_loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The loss per element (reduction happens in the loop, after masking)."""
+        return torch.nn.functional.mse_loss(prediction, target, reduction="none")
+
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample weights from the timesteps (SNR weighting arrives with the loss options); None = all 1."""
+        """Per-sample multipliers from the timesteps (SNR-based weighting); None means all 1."""
         return None

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -199,7 +198,8 @@ def _step_loss(session: Session, batch: Batch) -> torch.Tensor:
     noised = session.objective.noise(latents)
     with accelerator.autocast():
         prediction = family.predict(comps, noised.noisy, noised.timesteps, text, batch)
-    per_sample = F.mse_loss(prediction.float(), noised.target.float(), reduction="none").mean(dim=tuple(range(1, prediction.ndim)))
+    elementwise = session.objective.elementwise_loss(prediction.float(), noised.target.float(), noised.timesteps)
+    per_sample = elementwise.mean(dim=tuple(range(1, elementwise.ndim)))
     weights = batch.loss_weights.to(device=device, dtype=per_sample.dtype)
     timestep_weights = session.objective.loss_weights(noised.timesteps)
     if timestep_weights is not None:

@@ -13,7 +13,7 @@ import torch
 from lorakit.errors import ConfigError
 from lorakit.families.base import AdapterTarget, Components, TextConditioning
 from lorakit.families.targeting import RankChoice, collect_targets
-from lorakit.objectives.ddpm import DDPMObjective, DDPMSchedule
+from lorakit.objectives.ddpm import DDPMObjective
 
 UNET_ATTENTION_PARENTS = ("Transformer2DModel",)
 UNET_CONV_PARENTS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -34,9 +34,7 @@ class StableDiffusionFamily:
         )
 
     def objective(self, cfg: Any, comps: Components) -> DDPMObjective:
-        prediction = "v_prediction" if cfg.v_parameterization else "epsilon"
-        schedule = DDPMSchedule.scaled_linear(prediction_type=prediction, zero_terminal_snr=getattr(cfg, "zero_terminal_snr", False))
-        return DDPMObjective(schedule, getattr(cfg, "min_timestep", None), getattr(cfg, "max_timestep", None))
+        return DDPMObjective.from_options(cfg, "v_prediction" if cfg.v_parameterization else "epsilon")
 
     def encode_images(self, comps: Components, images: torch.Tensor) -> torch.Tensor:
         vae = comps.vae
