@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from lorakit.adapters.formats import save_lora_file
 from lorakit.adapters.network import LoRANetwork
 from lorakit.data.batch import Batch
-from lorakit.data.dataset import build_train_dataset, format_summary
+from lorakit.data.dataset import build_train_dataset
+from lorakit.data.summary import format_summary
 from lorakit.families.base import Components, ModelFamily
 from lorakit.families.registry import resolve_family
 from lorakit.training import metadata as md
