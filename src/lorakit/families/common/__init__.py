@@ -1,0 +1,1 @@
+"""Helpers shared by the model families: checkpoint reading/writing and bundled tokenizers."""

@@ -1,0 +1,153 @@
+"""Reading and writing weight files (`.safetensors`, `.ckpt`) with errors a user can act on.
+
+Every failure becomes a `CheckpointError` that names the file and says what is wrong with it, so the CLI can
+print one line instead of a traceback. Pickled checkpoints are only ever opened with
+`torch.load(weights_only=True)`: a file that needs arbitrary objects unpickled is refused, because unpickling
+runs code from the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lorakit.errors import CheckpointError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A state dict read from one file, with the file's string metadata.
+
+    For safetensors, `metadata` is the header's `__metadata__`; for pickled checkpoints it holds the
+    top-level string entries beside the weights (e.g. `lorakit_configs`).
+    """
+
+    path: str
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
+    """Read every tensor of a `.safetensors` or pickled (`.ckpt`/`.pt`/`.bin`) file onto the CPU."""
+    file = Path(path)
+    if not file.exists():
+        raise CheckpointError(f"{file}: file not found")
+    if file.is_dir():
+        raise CheckpointError(f"{file}: is a folder, expected a .safetensors or .ckpt file")
+    if _looks_like_safetensors(file):
+        return _read_safetensors(file)
+    return _read_pickled(file)
+
+
+def _looks_like_safetensors(file: Path) -> bool:
+    """Decide the format by suffix, else by the first bytes (a zip or pickle header means torch.save)."""
+    suffix = file.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return True
+    if suffix in PICKLE_SUFFIXES:
+        return False
+    with open(file, "rb") as handle:
+        head = handle.read(9)
+    return not (head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80")
+
+
+def _read_safetensors(file: Path) -> LoadedCheckpoint:
+    """Tensors are copied out of the memory-mapped file one at a time, so only one copy is ever held."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file, it may be truncated or corrupt ({_first_line(exc)})"
+        ) from None
+    return LoadedCheckpoint(str(file), state_dict, metadata)
+
+
+def _read_pickled(file: Path) -> LoadedCheckpoint:
+    """Load a torch.save file with weights_only=True and unwrap a Lightning-style `state_dict` entry."""
+    if not _has_torch_save_header(file):
+        raise CheckpointError(
+            f"{file}: not a readable .ckpt/.pt file (no zip or pickle header), it may be corrupt or not a checkpoint"
+        )
+    try:
+        obj = _torch_load_weights_only(file)
+    except pickle.UnpicklingError as exc:
+        # The weights-only unpickler names the class it refused with "GLOBAL"; other errors mean garbage.
+        if "global" in str(exc).lower():
+            raise CheckpointError(
+                f"{file}: this checkpoint stores Python objects besides tensors, and lorakit does not unpickle "
+                "arbitrary objects because that can run code from the file. Convert it to .safetensors with a "
+                "tool you trust, then pass the .safetensors file."
+            ) from None
+        raise CheckpointError(f"{file}: not a readable checkpoint, it may be corrupt ({_first_line(exc)})") from None
+    except (zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{file}: not a readable .ckpt/.pt file, it may be truncated or corrupt ({_first_line(exc)})"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{file}: expected a dict of tensors, found a {type(obj).__name__}")
+    weights = obj.get("state_dict", obj)
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{file}: its 'state_dict' entry is a {type(weights).__name__}, not a dict of tensors")
+    state_dict = {k: v for k, v in weights.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    metadata = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, str)}
+    return LoadedCheckpoint(str(file), state_dict, metadata)
+
+
+def _has_torch_save_header(file: Path) -> bool:
+    """torch.save writes a zip archive (torch >= 1.6) or a bare pickle, which starts with the PROTO opcode."""
+    with open(file, "rb") as handle:
+        head = handle.read(4)
+    return head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80"
+
+
+def _torch_load_weights_only(file: Path) -> Any:
+    """mmap avoids a second in-memory copy of zip-format files; legacy (pre-1.6) files cannot be mapped."""
+    with open(file, "rb") as handle:
+        is_zip = handle.read(4) == _ZIP_MAGIC
+    return torch.load(str(file), map_location="cpu", weights_only=True, mmap=is_zip)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def write_safetensors_atomic(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file via a temporary file in the same folder, so a crash never leaves half a file."""
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    _write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def write_torch_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
+    """torch.save `obj` atomically (same temporary-file-then-rename scheme as the safetensors writer)."""
+    _write_atomic(Path(path), lambda tmp: torch.save(obj, str(tmp)))
+
+
+def _write_atomic(target: Path, write) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

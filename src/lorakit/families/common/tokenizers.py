@@ -1,0 +1,33 @@
+"""Tokenizers loaded from files bundled with lorakit, so nothing is ever fetched from a model hub."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+from lorakit.errors import CheckpointError
+
+# OpenAI's CLIP BPE vocabulary (49,408 tokens): vocab.json + merges.txt.
+_CLIP_TOKENIZER_DIR = resources.files("lorakit") / "assets" / "clip_tokenizer"
+
+# The pad token each text-encoder lineage was trained with: OpenAI CLIP (SD 1.x) pads with the end token,
+# OpenCLIP (SD 2.x, SDXL's second encoder) pads with "!" (id 0).
+CLIP_PAD_END = "<|endoftext|>"
+CLIP_PAD_OPENCLIP = "!"
+
+
+def bundled_clip_tokenizer(pad_token: str = CLIP_PAD_END, max_length: int = 77) -> CLIPTokenizer:
+    """The CLIP BPE tokenizer from lorakit's own files, padding with `pad_token` to `max_length`."""
+    return CLIPTokenizer.from_pretrained(
+        str(_CLIP_TOKENIZER_DIR), model_max_length=max_length, pad_token=pad_token, local_files_only=True
+    )
+
+
+def folder_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
+    """A CLIP tokenizer saved in a diffusers pipeline's `tokenizer/` folder."""
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: cannot read the tokenizer in this folder ({exc})") from None

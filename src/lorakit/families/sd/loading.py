@@ -1,0 +1,400 @@
+"""Load Stable Diffusion 1.x/2.x base models offline: diffusers folders and original single-file checkpoints.
+
+Nothing here reaches a model hub. Single files are converted with diffusers' converters called with an explicit
+config: the `lorakit.configs` metadata lorakit writes into its own files (so tiny test models load too), or
+else the real architecture configs bundled in `configs/`, chosen as sd-scripts does from `--v2` and
+`--v_parameterization`. Modules are created on the meta device and the checkpoint's tensors are assigned into
+them, so loading holds one copy of the weights, not two.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from lorakit.errors import CheckpointError
+from lorakit.families.base import Components
+from lorakit.families.common.checkpoint_io import LoadedCheckpoint, read_checkpoint
+from lorakit.families.common.tokenizers import (
+    CLIP_PAD_END,
+    CLIP_PAD_OPENCLIP,
+    bundled_clip_tokenizer,
+    folder_clip_tokenizer,
+)
+from lorakit.families.sd import ldm_keys
+from lorakit.families.sd.ldm_keys import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, UNET_PREFIX
+
+_CONFIG_DIR = resources.files("lorakit") / "families" / "sd" / "configs"
+_VERSION_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
+# Real text-encoder widths, used to tell SD 1.x (CLIP-L, 768) from SD 2.x (OpenCLIP-H, 1024) by shape.
+_CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bundled configs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def bundled_variant(v2: bool, v_parameterization: bool) -> str:
+    """The bundled config folder for the flags: SD 1.5, SD 2.x-base (512) or SD 2.x-v (768)."""
+    if not v2:
+        return "sd15"
+    return "sd2_v" if v_parameterization else "sd2_base"
+
+
+def bundled_config(variant: str, component: str) -> dict[str, Any]:
+    """One bundled diffusers/transformers config (`unet`, `vae`, `text_encoder` or `scheduler`)."""
+    return json.loads((_CONFIG_DIR / variant / f"{component}.json").read_text(encoding="utf-8"))
+
+
+def noise_scheduler_config(v2: bool, v_parameterization: bool) -> dict[str, Any]:
+    """The DDPM training schedule, with prediction_type = v_prediction iff v_parameterization (as sd-scripts)."""
+    config = bundled_config(bundled_variant(v2, v_parameterization), "scheduler")
+    config["prediction_type"] = "v_prediction" if v_parameterization else "epsilon"
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_sd_components(
+    path: str,
+    *,
+    v2: bool,
+    v_parameterization: bool,
+    vae_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Components:
+    """Load an SD 1.x/2.x model from a diffusers folder or a single `.safetensors`/`.ckpt` file.
+
+    `v2` selects SD 2.x (OpenCLIP text encoder) as sd-scripts' `--v2` does; `v_parameterization` selects the
+    v-prediction objective. `vae_path` replaces the VAE (`--vae`). Every problem with the user's files raises
+    `CheckpointError` naming the file.
+    """
+    source = Path(path)
+    if not source.exists():
+        raise CheckpointError(f"{path}: model file or folder not found")
+    if vae_path is not None and not Path(vae_path).exists():
+        raise CheckpointError(f"{vae_path}: VAE file or folder not found")  # before spending time on the model
+    version = "sd2" if v2 else "sd1"
+    if source.is_dir():
+        unet, vae, text_encoder, tokenizer = _load_diffusers_folder(source, version, dtype)
+    else:
+        unet, vae, text_encoder = _load_single_file(source, version, v_parameterization, dtype)
+        tokenizer = bundled_clip_tokenizer(CLIP_PAD_OPENCLIP if v2 else CLIP_PAD_END)
+    if vae_path is not None:
+        vae = load_vae(vae_path, dict(vae.config), dtype=dtype)
+    extras = {
+        "noise_scheduler_config": noise_scheduler_config(v2, v_parameterization),
+        "prediction_type": "v_prediction" if v_parameterization else "epsilon",
+        "version": version,
+        "source": str(path),
+    }
+    return Components(unet, vae, [text_encoder], [tokenizer], extras)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Diffusers folders
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _load_diffusers_folder(folder: Path, version: str, dtype: torch.dtype):
+    """unet/, vae/, text_encoder/ via from_pretrained on local files; tokenizer/ if present, else bundled."""
+    _check_diffusers_folder(folder, version)
+    unet = _from_pretrained(UNet2DConditionModel, folder, "unet", torch_dtype=dtype)
+    vae = _from_pretrained(AutoencoderKL, folder, "vae", torch_dtype=dtype)
+    text_encoder = _from_pretrained(CLIPTextModel, folder, "text_encoder", dtype=dtype)
+    if (folder / "tokenizer").is_dir():
+        tokenizer = folder_clip_tokenizer(folder / "tokenizer")
+    else:
+        tokenizer = bundled_clip_tokenizer(CLIP_PAD_OPENCLIP if version == "sd2" else CLIP_PAD_END)
+    return unet.eval(), vae.eval(), text_encoder.eval(), tokenizer
+
+
+def _check_diffusers_folder(folder: Path, version: str) -> None:
+    """Refuse folders that are not SD 1.x/2.x pipelines before loading any weight."""
+    index_file = folder / "model_index.json"
+    if not index_file.is_file() and not (folder / "unet").is_dir():
+        raise CheckpointError(
+            f"{folder}: not a diffusers model folder (expected model_index.json with unet/, vae/ and "
+            "text_encoder/ subfolders), nor a .safetensors/.ckpt file"
+        )
+    if index_file.is_file():
+        pipeline = _read_json(index_file).get("_class_name", "")
+        if "XL" in pipeline or "StableDiffusion3" in pipeline or "Flux" in pipeline:
+            raise CheckpointError(f"{folder}: this is a {pipeline} model, not SD 1.x/2.x; choose its family")
+    for sub in ("unet", "vae", "text_encoder"):
+        if not (folder / sub / "config.json").is_file():
+            raise CheckpointError(f"{folder}: the diffusers folder has no {sub}/config.json")
+    width = _read_json(folder / "unet" / "config.json").get("cross_attention_dim")
+    _check_version(str(folder), version, _CROSS_ATTENTION_WIDTH.get(width))
+
+
+def _from_pretrained(cls, folder: Path, subfolder: str, **kwargs) -> nn.Module:
+    try:
+        return cls.from_pretrained(str(folder), subfolder=subfolder, local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{folder / subfolder}: cannot load the {subfolder} ({_first_line(exc)})") from None
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({_first_line(exc)})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Single files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _load_single_file(file: Path, version: str, v_parameterization: bool, dtype: torch.dtype):
+    """An original-layout (LDM) checkpoint -> (unet, vae, text_encoder), converted with an explicit config."""
+    checkpoint = read_checkpoint(file)
+    _check_is_sd_checkpoint(checkpoint)
+    _check_version(str(file), version, _detect_version(checkpoint.state_dict))
+    configs = _embedded_configs(checkpoint) or _bundled_configs(version == "sd2", v_parameterization)
+    unet, vae, text_encoder = _empty_modules(configs)
+    weights = checkpoint.state_dict
+    converted = {
+        "unet": ldm_keys.ldm_to_unet(weights, configs["unet"]),
+        "vae": ldm_keys.ldm_to_vae(weights, configs["vae"]),
+        "text_encoder": (
+            ldm_keys.openclip_to_clip(weights, text_encoder)
+            if version == "sd2"
+            else ldm_keys.ldm_to_clip(weights)
+        ),
+    }
+    del weights, checkpoint  # the converted dicts hold the only references to the tensors now
+    hint = "" if configs.get("_embedded") else _bundled_hint(version, v_parameterization)
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        _assign_weights(module, converted.pop(name), file=str(file), component=name, dtype=dtype, hint=hint)
+    return unet.eval(), vae.eval(), text_encoder.eval()
+
+
+def _embedded_configs(checkpoint: LoadedCheckpoint) -> dict[str, Any] | None:
+    """The diffusers configs lorakit stores in its own single files, if this file has them."""
+    raw = checkpoint.metadata.get(ldm_keys.CONFIGS_METADATA_KEY) or checkpoint.metadata.get(ldm_keys.CONFIGS_CKPT_KEY)
+    if raw is None:
+        return None
+    try:
+        configs = json.loads(raw)
+        if not all(isinstance(configs.get(k), dict) for k in ("unet", "vae", "text_encoder")):
+            raise ValueError("needs 'unet', 'vae' and 'text_encoder' entries")
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{checkpoint.path}: its '{ldm_keys.CONFIGS_METADATA_KEY}' metadata is damaged ({_first_line(exc)})"
+        ) from None
+    return {**configs, "_embedded": True}
+
+
+def _bundled_configs(v2: bool, v_parameterization: bool) -> dict[str, Any]:
+    variant = bundled_variant(v2, v_parameterization)
+    return {name: bundled_config(variant, name) for name in ("unet", "vae", "text_encoder")}
+
+
+def _bundled_hint(version: str, v_parameterization: bool) -> str:
+    other = "sd1" if version == "sd2" else "sd2"
+    flag = "remove --v2" if version == "sd2" else "add --v2"
+    return (
+        f" The file was read as the real {_VERSION_NAMES[version]} architecture; if it is an "
+        f"{_VERSION_NAMES[other]} model, {flag}."
+    )
+
+
+def _empty_modules(configs: dict[str, Any]) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """UNet, VAE and text encoder with parameters on the meta device: allocating them costs nothing."""
+    with init_empty_weights(), _skip_weight_init():
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
+    return unet, vae, text_encoder
+
+
+# The torch.nn.init functions layers call from reset_parameters(); random init of meta tensors is wasted work
+# (and slow: each call goes through a Python decomposition), since every weight is replaced from the file.
+_INIT_FUNCTIONS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_",
+    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
+)
+
+
+@contextmanager
+def _skip_weight_init():
+    """Make torch.nn.init's initialisers no-ops while empty modules are built."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
+def _assign_weights(
+    module: nn.Module, weights: dict[str, torch.Tensor], *, file: str, component: str, dtype: torch.dtype, hint: str
+) -> None:
+    """Move `weights` into `module` (built on meta) after checking every name and shape matches.
+
+    Weights are popped as they are placed, so the loaded module ends up owning the only copy.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in weights and expected[k].is_meta]
+    if missing:
+        raise CheckpointError(
+            f"{file}: the {component} weights are incomplete: {len(missing)} missing (e.g. {missing[0]}).{hint}"
+        )
+    placed: dict[str, torch.Tensor] = {}
+    for key, target in expected.items():
+        if key not in weights:
+            placed[key] = target  # a real (non-meta) buffer the file does not store; keep its value
+            continue
+        value = weights.pop(key)
+        fitted = _fit_shape(value, tuple(target.shape))
+        if fitted is None:
+            raise CheckpointError(
+                f"{file}: the {component} weight {key} has shape {tuple(value.shape)} but the architecture "
+                f"needs {tuple(target.shape)}.{hint}"
+            )
+        placed[key] = fitted.to(dtype) if fitted.is_floating_point() else fitted
+    module.load_state_dict(placed, strict=True, assign=True)
+
+
+def _fit_shape(value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The value as `shape` if it only differs by trailing unit dims (1x1 conv vs linear: SD 2.x
+    proj_in/proj_out written by other tools, LDM VAE attention); None for a real mismatch."""
+    if tuple(value.shape) == shape:
+        return value
+    if _without_unit_tail(tuple(value.shape)) == _without_unit_tail(shape):
+        return value.reshape(shape)
+    return None
+
+
+def _without_unit_tail(shape: tuple[int, ...]) -> tuple[int, ...]:
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recognising what a file is
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _detect_version(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """sd1/sd2 from the text encoder's layout, else from the real cross-attention width; None if unknown."""
+    if any(k.startswith(SD2_TEXT_PREFIX) for k in state_dict):
+        return "sd2"
+    if any(k.startswith(SD1_TEXT_PREFIX) for k in state_dict):
+        return "sd1"
+    probe = state_dict.get(f"{UNET_PREFIX}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    return None if probe is None else _CROSS_ATTENTION_WIDTH.get(int(probe.shape[-1]))
+
+
+def _check_version(name: str, wanted: str, found: str | None) -> None:
+    if found is None or found == wanted:
+        return
+    flag = "add --v2" if found == "sd2" else "remove --v2"
+    raise CheckpointError(
+        f"{name}: this looks like an {_VERSION_NAMES[found]} checkpoint, but it was loaded as "
+        f"{_VERSION_NAMES[wanted]}: {flag}"
+    )
+
+
+# Key fragments of files that are not SD 1.x/2.x base models, and what to tell the user about each.
+_FOREIGN_KEY_HINTS = (
+    (("lora_unet_", "lora_te", ".lora_down.", ".lora_A.", "hada_w1", "lokr_w1", "oft_blocks"),
+     "this is a LoRA/adapter file, not a base model (pass base models with --pretrained_model_name_or_path "
+     "and LoRA files with --network_weights)"),
+    (("conditioner.embedders.",), "this is an SDXL checkpoint (use --family sdxl)"),
+    (("joint_blocks.",), "this is an SD3 checkpoint (use --family sd3)"),
+    (("double_blocks.", "single_blocks."), "this is a FLUX checkpoint (use --family flux)"),
+    (("encoder.down.", "decoder.up."), "this holds only a VAE (pass it with --vae)"),
+    (("down_blocks.", "transformer_blocks."), "these are diffusers-layout weights; pass the whole diffusers folder"),
+)
+
+
+def _check_is_sd_checkpoint(checkpoint: LoadedCheckpoint) -> None:
+    keys = list(checkpoint.state_dict)
+    if any(k.startswith(UNET_PREFIX) for k in keys) and not any(k.startswith("conditioner.") for k in keys):
+        return
+    expected = (
+        "expected a Stable Diffusion 1.x/2.x checkpoint in the original layout (model.diffusion_model.*, "
+        "first_stage_model.*, cond_stage_model.*) or a diffusers model folder"
+    )
+    if not keys:
+        raise CheckpointError(f"{checkpoint.path}: the file holds no tensors; {expected}")
+    for fragments, hint in _FOREIGN_KEY_HINTS:
+        if any(fragment in key for key in keys for fragment in fragments):
+            raise CheckpointError(f"{checkpoint.path}: {hint}; {expected}")
+    raise CheckpointError(f"{checkpoint.path}: unrecognised tensor names (e.g. {keys[0]}); {expected}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --vae
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_vae(path: str, config: dict[str, Any], *, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """A VAE from a diffusers VAE folder, or a single file in LDM layout (with or without the
+    `first_stage_model.` prefix, or inside a full checkpoint) or diffusers layout.
+
+    `config` (the base model's VAE config) describes the architecture of a single file unless the file
+    carries lorakit's own config metadata.
+    """
+    source = Path(path)
+    if not source.exists():
+        raise CheckpointError(f"{path}: VAE file or folder not found")
+    if source.is_dir():
+        return _load_vae_folder(source, dtype)
+    checkpoint = read_checkpoint(source)
+    embedded = _embedded_configs(checkpoint)
+    vae_config = embedded["vae"] if embedded else config
+    weights = _vae_weights(checkpoint, vae_config)
+    with init_empty_weights(), _skip_weight_init():
+        vae = AutoencoderKL.from_config(vae_config)
+    _assign_weights(vae, weights, file=str(source), component="VAE", dtype=dtype, hint="")
+    return vae.eval()
+
+
+def _load_vae_folder(folder: Path, dtype: torch.dtype) -> AutoencoderKL:
+    if (folder / "config.json").is_file():
+        return _from_pretrained(AutoencoderKL, folder, "", torch_dtype=dtype).eval()
+    if (folder / "vae" / "config.json").is_file():
+        return _from_pretrained(AutoencoderKL, folder, "vae", torch_dtype=dtype).eval()
+    raise CheckpointError(f"{folder}: not a diffusers VAE folder (no config.json or vae/config.json)")
+
+
+def _vae_weights(checkpoint: LoadedCheckpoint, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Diffusers-layout VAE keys from whichever layout the file uses."""
+    state = checkpoint.state_dict
+    for prefix in ("first_stage_model.", "vae."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    if any(k.startswith("encoder.down_blocks.") for k in state):
+        return state
+    if any(k.startswith("encoder.down.") for k in state):
+        return ldm_keys.ldm_to_vae(state, config)
+    raise CheckpointError(
+        f"{checkpoint.path}: not a VAE (expected encoder.*/decoder.* weights in the original or diffusers layout, "
+        "optionally under first_stage_model.)"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,127 @@
+"""Tiny Stable Diffusion 1.x/2.x models: the real architectures at toy widths, with random weights.
+
+They are built from the same config classes as the real models (diffusers `UNet2DConditionModel` and
+`AutoencoderKL`, transformers `CLIPTextModel`) and use the real 49,408-token CLIP vocabulary, so every code
+path that touches a real checkpoint (key conversion, adapters, tokenization, sampling) runs on them in
+milliseconds. 64 px images map to 8x8 latents, the same factor 8 as the real VAE.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from lorakit.families.base import Components
+from lorakit.families.common.tokenizers import CLIP_PAD_END, CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
+from lorakit.families.sd.loading import noise_scheduler_config
+
+TinyVersion = Literal["sd1", "sd2", "sd2v"]
+
+
+def tiny_unet_config(version: TinyVersion) -> dict[str, Any]:
+    """Two resolution levels, attention only at the first, as in the feasibility study's tiny SD."""
+    config: dict[str, Any] = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    if version != "sd1":
+        config["use_linear_projection"] = True  # SD 2.x's transformer blocks use Linear proj_in/proj_out
+    return config
+
+
+def tiny_vae_config() -> dict[str, Any]:
+    """Four levels (three downsamplings), so 64 px -> 8x8 latents like the real SD VAE."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+
+
+def tiny_text_config(version: TinyVersion) -> CLIPTextConfig:
+    """Hidden 32, 2 layers, the real vocabulary; quick_gelu as OpenAI CLIP (SD 1.x), gelu as OpenCLIP (SD 2.x)."""
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act="quick_gelu" if version == "sd1" else "gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407 if version == "sd1" else 0,
+    )
+
+
+def build_tiny_sd(version: TinyVersion = "sd1", seed: int = 0) -> Components:
+    """A tiny SD 1.x ("sd1"), SD 2.x-base ("sd2") or SD 2.x-v ("sd2v") model in eval mode."""
+    if version not in ("sd1", "sd2", "sd2v"):
+        raise ValueError(f"version must be 'sd1', 'sd2' or 'sd2v', not {version!r}")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config(version)).eval()
+    vae = AutoencoderKL(**tiny_vae_config()).eval()
+    text_encoder = CLIPTextModel(tiny_text_config(version)).eval()
+    tokenizer = bundled_clip_tokenizer(CLIP_PAD_END if version == "sd1" else CLIP_PAD_OPENCLIP)
+    prediction_type = "v_prediction" if version == "sd2v" else "epsilon"
+    extras = {
+        "noise_scheduler_config": noise_scheduler_config(version != "sd1", version == "sd2v"),
+        "prediction_type": prediction_type,
+        "version": "sd1" if version == "sd1" else "sd2",
+        "source": f"tiny-{version}",
+    }
+    return Components(unet, vae, [text_encoder], [tokenizer], extras)
+
+
+def save_sd_diffusers_folder(components: Components, path: str | os.PathLike[str]) -> None:
+    """Write a StableDiffusionPipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    scheduler/) that both lorakit and diffusers' `StableDiffusionPipeline.from_pretrained` load.
+
+    The folder is assembled beside the target and renamed into place, so an interrupted save never leaves a
+    half-written model where a complete one is expected.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scheduler = DDPMScheduler.from_config(components.extras["noise_scheduler_config"])
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoders[0],
+        tokenizer=components.tokenizers[0],
+        unet=components.denoiser,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        pipeline.save_pretrained(str(staging), safe_serialization=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
