@@ -1,0 +1,141 @@
+"""End-to-end training through the `lorakit train` command on tiny SD 1.5 and SD 2 (v-prediction) models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from helpers import write_dreambooth_folder, write_tiny_checkpoints
+from lorakit.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("models")
+    return {version: write_tiny_checkpoints(root, version) for version in ("sd1", "sd2v")}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_dreambooth_folder(tmp_path_factory.mktemp("data"))
+
+
+def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", "--resolution=64",
+        f"--output_dir={out}", "--output_name=tiny", "--network_module=networks.lora", "--network_dim=4",
+        "--network_alpha=2", "--max_train_steps=2", "--learning_rate=1e-3", "--seed=1",
+        "--max_data_loader_n_workers=0", *extra,
+    ]
+
+
+def read_lora(path: Path) -> tuple[dict, dict]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+@pytest.mark.parametrize(
+    "version,source,extra",
+    [
+        ("sd1", "folder", []),
+        ("sd1", "safetensors", ["--cache_latents"]),
+        ("sd2v", "folder", ["--v2", "--v_parameterization"]),
+        ("sd2v", "ckpt", ["--v2", "--v_parameterization", "--gradient_checkpointing"]),
+    ],
+)
+def test_two_steps_train_and_save(models, data_dir, tmp_path, version, source, extra):
+    out = tmp_path / "out"
+    assert main(train_args(models[version][source], data_dir, out, *extra)) == 0
+    tensors, meta = read_lora(out / "tiny.safetensors")
+    assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
+    ups = [v for k, v in tensors.items() if k.endswith(".lora_up.weight")]
+    assert any(v.abs().sum() > 0 for v in ups), "two optimizer steps must move the zero-initialised up weights"
+    assert meta["ss_v2"] == str("--v2" in extra)
+    expected_version = {"sd1": "sd_v1", "sd2v": "sd_v2_v"}[version]
+    assert meta["ss_base_model_version"] == expected_version
+    assert meta["modelspec.prediction_type"] == ("v" if "--v_parameterization" in extra else "epsilon")
+    assert meta["ss_steps"] == "2"
+
+
+def test_epoch_and_step_file_names(models, data_dir, tmp_path):
+    out = tmp_path / "out"
+    # 4 images x 2 repeats at batch 2 = 4 steps per epoch; 8 steps = 2 epochs
+    args = train_args(models["sd1"]["folder"], data_dir, out, "--train_batch_size=2", "--save_every_n_epochs=1", "--save_every_n_steps=3")
+    args[args.index("--max_train_steps=2")] = "--max_train_steps=8"
+    assert main(args) == 0
+    names = sorted(p.name for p in out.iterdir())
+    # the last epoch is only written as the final file, as sd-scripts does
+    assert names == ["tiny-000001.safetensors", "tiny-step00000003.safetensors", "tiny-step00000006.safetensors", "tiny.safetensors"]
+
+
+def test_unet_only_conv_network_and_ckpt_output(models, data_dir, tmp_path):
+    out = tmp_path / "out"
+    args = train_args(
+        models["sd1"]["folder"], data_dir, out, "--network_train_unet_only", "--network_args", "conv_dim=4", "conv_alpha=1",
+        "--save_model_as=ckpt", "--save_precision=fp16",
+    )
+    assert main(args) == 0
+    import torch
+
+    state = torch.load(out / "tiny.ckpt", weights_only=True)
+    assert not any(k.startswith("lora_te_") for k in state)
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in state
+    assert state["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[-2:] == (3, 3)
+    assert all(v.dtype == torch.float16 for v in state.values())
+
+
+def test_metadata_keys_of_the_reference_are_present(models, data_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(train_args(models["sd1"]["safetensors"], data_dir, out, "--training_comment=hello")) == 0
+    _, meta = read_lora(out / "tiny.safetensors")
+    always = """ss_session_id ss_training_started_at ss_output_name ss_learning_rate ss_text_encoder_lr ss_unet_lr
+    ss_num_train_images ss_num_validation_images ss_num_reg_images ss_num_batches_per_epoch ss_num_epochs
+    ss_gradient_checkpointing ss_gradient_accumulation_steps ss_max_train_steps ss_lr_warmup_steps ss_lr_scheduler
+    ss_network_module ss_network_dim ss_network_alpha ss_network_dropout ss_mixed_precision ss_full_fp16 ss_v2
+    ss_base_model_version ss_clip_skip ss_max_token_length ss_cache_latents ss_seed ss_lowram ss_noise_offset
+    ss_multires_noise_iterations ss_multires_noise_discount ss_adaptive_noise_scale ss_zero_terminal_snr
+    ss_training_comment ss_sd_scripts_commit_hash ss_optimizer ss_max_grad_norm ss_caption_dropout_rate
+    ss_caption_dropout_every_n_epochs ss_caption_tag_dropout_rate ss_face_crop_aug_range ss_prior_loss_weight
+    ss_min_snr_gamma ss_scale_weight_norms ss_ip_noise_gamma ss_debiased_estimation ss_noise_offset_random_strength
+    ss_ip_noise_gamma_random_strength ss_loss_type ss_huber_schedule ss_huber_scale ss_huber_c ss_fp8_base
+    ss_fp8_base_unet ss_validation_seed ss_validation_split ss_max_validation_steps ss_validate_every_n_epochs
+    ss_validate_every_n_steps ss_resize_interpolation ss_training_finished_at ss_steps ss_epoch
+    ss_batch_size_per_device ss_total_batch_size ss_resolution ss_color_aug ss_flip_aug ss_random_crop
+    ss_shuffle_caption ss_enable_bucket ss_bucket_no_upscale ss_min_bucket_reso ss_max_bucket_reso ss_keep_tokens
+    ss_dataset_dirs ss_reg_dataset_dirs ss_tag_frequency ss_bucket_info
+    ss_sd_model_hash ss_new_sd_model_hash ss_sd_model_name sshs_model_hash sshs_legacy_hash
+    modelspec.sai_model_spec modelspec.architecture modelspec.implementation modelspec.title modelspec.resolution
+    modelspec.date modelspec.prediction_type""".split()
+    missing = [k for k in always if k not in meta]
+    assert not missing, missing
+    assert meta["ss_training_comment"] == "hello"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["ss_sd_model_name"] == "sd1.safetensors"
+
+
+def test_network_weights_are_the_starting_point(models, data_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(train_args(models["sd1"]["folder"], data_dir, first)) == 0
+    tensors, _ = read_lora(first / "tiny.safetensors")
+    start = {k: (v.fill_(0.5) if k.endswith("lora_up.weight") else v) for k, v in tensors.items()}
+    save_file(start, str(tmp_path / "start.safetensors"))
+    args = train_args(models["sd1"]["folder"], data_dir, second, f"--network_weights={tmp_path / 'start.safetensors'}")
+    args[args.index("--learning_rate=1e-3")] = "--learning_rate=1e-7"
+    assert main(args) == 0
+    after, _ = read_lora(second / "tiny.safetensors")
+    assert after.keys() == start.keys()
+    for key, value in after.items():
+        assert (value - start[key]).abs().max() < 1e-4, key
+
+
+def test_dry_run_prints_plan_and_loads_nothing(data_dir, tmp_path, capsys):
+    missing_model = tmp_path / "not_there.safetensors"
+    args = train_args(missing_model, data_dir, tmp_path / "out", "--dry_run")
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "total steps       2" in printed and "64x64" in printed
+    assert not (tmp_path / "out").exists()
