@@ -178,7 +178,7 @@ def _load_single_file(file: Path, version: str, v_parameterization: bool, dtype:
         ),
     }
     del weights, checkpoint  # the converted dicts hold the only references to the tensors now
-    hint = "" if configs.get("_embedded") else _bundled_hint(version, v_parameterization)
+    hint = "" if configs.get("_embedded") else _bundled_hint(version)
     for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         _assign_weights(module, converted.pop(name), file=str(file), component=name, dtype=dtype, hint=hint)
     return unet.eval(), vae.eval(), text_encoder.eval()
@@ -205,7 +205,8 @@ def _bundled_configs(v2: bool, v_parameterization: bool) -> dict[str, Any]:
     return {name: bundled_config(variant, name) for name in ("unet", "vae", "text_encoder")}
 
 
-def _bundled_hint(version: str, v_parameterization: bool) -> str:
+def _bundled_hint(version: str) -> str:
+    """Appended to shape errors when the real bundled architecture was assumed: the --v2 flag may be wrong."""
     other = "sd1" if version == "sd2" else "sd2"
     flag = "remove --v2" if version == "sd2" else "add --v2"
     return (
