@@ -1,0 +1,76 @@
+"""User mistakes end with a short message naming the culprit: exit status 2, no traceback, no output file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import write_dreambooth_folder, write_tiny_checkpoints
+from lorakit.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("models"), "sd1")["safetensors"]
+
+
+def args_for(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", "--resolution=64",
+        f"--output_dir={out}", "--network_module=networks.lora", "--max_train_steps=1", "--max_data_loader_n_workers=0", *extra,
+    ]
+
+
+def assert_clean_failure(capsys, argv: list[str], *expected: str, out: Path) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in err, err
+    assert not out.exists() or not any(out.iterdir()), "no output file may be left behind"
+    return err
+
+
+def test_bad_options_are_reported_together(capsys, model, tmp_path):
+    data = write_dreambooth_folder(tmp_path / "data")
+    argv = args_for(model, data, tmp_path / "out", "--network_dimm=8", "--learning_rate=fast", "--network_train_unet_only", "--network_train_text_encoder_only")
+    assert_clean_failure(capsys, argv, "--network_dimm", "did you mean --network_dim", "--learning_rate", "network_train_text_encoder_only", out=tmp_path / "out")
+
+
+def test_missing_data_folder(capsys, model, tmp_path):
+    assert_clean_failure(capsys, args_for(model, tmp_path / "nowhere", tmp_path / "out"), str(tmp_path / "nowhere"), out=tmp_path / "out")
+
+
+def test_empty_data_folder(capsys, model, tmp_path):
+    (tmp_path / "data").mkdir()
+    assert_clean_failure(capsys, args_for(model, tmp_path / "data", tmp_path / "out"), str(tmp_path / "data"), out=tmp_path / "out")
+
+
+def test_unreadable_image(capsys, model, tmp_path):
+    data = write_dreambooth_folder(tmp_path / "data")
+    broken = next((data / "2_sks toy").glob("*.png"))
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    assert_clean_failure(capsys, args_for(model, data, tmp_path / "out"), broken.name, out=tmp_path / "out")
+
+
+def test_truncated_checkpoint(capsys, model, tmp_path):
+    data = write_dreambooth_folder(tmp_path / "data")
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    assert_clean_failure(capsys, args_for(truncated, data, tmp_path / "out"), "cut.safetensors", out=tmp_path / "out")
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    """The installed entry point, in a fresh process: status 2 and a message on stderr only."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", "--network_dim=0", f"--output_dir={tmp_path}"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "--network_dim: must be >= 1" in proc.stderr
