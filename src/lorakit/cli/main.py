@@ -48,6 +48,10 @@ def _configure_logging() -> None:
     # third-party libraries are chatty at INFO; their warnings still show
     for name in ("diffusers", "transformers", "accelerate", "torch", "PIL", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # transformers warns at import that torchvision is absent (only its image processors need it) and shows a
+    # progress bar for every small weight file; neither helps someone training a LoRA
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _train(argv: list[str]) -> int:

@@ -93,7 +93,7 @@ def _setup(cfg: Any, family: ModelFamily, accelerator: Accelerator) -> Session:
     for module in [comps.denoiser, comps.vae, *comps.text_encoders]:
         module.requires_grad_(False)
         module.eval()
-        module.to(device=device, dtype=weight_dtype)
+        _move(module, device, weight_dtype)
     train_text_encoder = bool(family.text_encoders_to_train(comps, cfg))
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(comps, train_text_encoder)
@@ -103,6 +103,12 @@ def _setup(cfg: Any, family: ModelFamily, accelerator: Accelerator) -> Session:
             encoder.train()  # LoRA dropout acts only in train mode; the frozen weights have no dropout of their own
     comps.denoiser.train()
     return Session(cfg, family, comps, network, family.objective(cfg, comps), accelerator, weight_dtype, train_text_encoder)
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a frozen module; cast only when the dtype changes (diffusers warns on every cast)."""
+    current = next(module.parameters()).dtype
+    module.to(device=device) if current == dtype else module.to(device=device, dtype=dtype)
 
 
 def _build_network(cfg: Any, family: ModelFamily, comps: Components, device: torch.device) -> LoRANetwork:
