@@ -386,11 +386,11 @@ def test_support_tables_cover_every_field_once():
 
 
 def test_unsupported_option_message():
-    problems = problems_of(BASE + ["--noise_offset", "0.05", "--cache_latents_to_disk"])
+    problems = problems_of(BASE + ["--scale_weight_norms", "1.0", "--cache_latents_to_disk"])
     assert sorted(problems) == [
         "--cache_latents_to_disk is recognised but not implemented yet in lorakit; "
         "use --cache_latents (latents kept in memory) for now",
-        "--noise_offset is recognised but not implemented yet in lorakit; remove it to train without it",
+        "--scale_weight_norms is recognised but not implemented yet in lorakit; remove it to train without it",
     ]
 
 

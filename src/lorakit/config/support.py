@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 _REMOVE = "remove it to train without it"
 _STATE = "remove it; resumable states are not written yet"
 
-#: Recognised but not implemented yet: option name -> what the user can do instead.
-UNSUPPORTED: dict[str, str] = {
+#: Hints for options sd-scripts has, for as long as lorakit lacks them. `UNSUPPORTED` (below) is this table minus
+#: `IMPLEMENTED`, so landing a feature means adding its names to `IMPLEMENTED` and nothing else.
+_HINTS: dict[str, str] = {
     # model components of other families
     **dict.fromkeys(("clip_l", "clip_g", "t5xxl", "ae", "model_type", "controlnet_model_name_or_path"), _REMOVE),
     **dict.fromkeys(
@@ -213,8 +214,16 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "metadata_trigger_phrase", "metadata_preprocessor", "metadata_is_negative_embedding",
         "logging_dir", "log_with", "log_prefix", "console_log_level",
         "dry_run", "config_file", "output_config",
+        # noise and loss (objectives/noise.py, objectives/losses.py)
+        "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
+        "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength", "zero_terminal_snr",
+        "min_timestep", "max_timestep", "min_snr_gamma", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
+        "debiased_estimation_loss", "loss_type", "huber_schedule", "huber_c", "huber_scale",
     }
 )  # fmt: skip
+
+#: Recognised but not implemented yet: option name -> what the user can do instead.
+UNSUPPORTED: dict[str, str] = {name: hint for name, hint in _HINTS.items() if name not in IMPLEMENTED}
 
 
 def check_supported(cfg: TrainConfig) -> tuple[list[str], list[str]]:
