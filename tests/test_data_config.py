@@ -96,13 +96,14 @@ shufle_caption = true
 [[datasets]]
 resolution = 512
 num_repaets = 3
-color_aug = true
+validation_split = 0.2
 
   [[datasets.subsets]]
   image_dir = "y"
   batch_size = 2
   flip_aug = "yes"
-  caption_dropout_rate = 0.1
+  is_reg = true
+  metadata_file = "meta.json"
 
   [[datasets.subsets]]
   num_repeats = 1
@@ -110,14 +111,15 @@ color_aug = true
     with pytest.raises(DataError) as info:
         plan_datasets(cli(dataset_config=str(config)))
     text = str(info.value)
-    assert str(config) in text and "8 problem(s)" in text
+    assert str(config) in text and "9 problem(s)" in text
     assert "[general]: image_dir is not allowed here; it belongs in [[datasets.subsets]]" in text
     assert "unknown key shufle_caption (did you mean shuffle_caption?)" in text
     assert "unknown key num_repaets (did you mean num_repeats?)" in text
-    assert "color_aug = true is not implemented yet" in text
+    assert "validation_split is not implemented yet" in text
     assert "batch_size is not allowed here; it belongs in [general] or [[datasets]]" in text
     assert "flip_aug = 'yes' must be a bool" in text
-    assert "caption_dropout_rate is not implemented yet" in text
+    assert "is_reg is not allowed in a fine-tuning (metadata_file) subset" in text
+    assert "mixes subset kinds" in text
     assert "subset #2: image_dir is required" in text
 
 

@@ -23,6 +23,7 @@ class Batch:
     original_sizes: list[tuple[int, int]] | None = None
     crop_top_lefts: list[tuple[int, int]] | None = None
     target_sizes: list[tuple[int, int]] | None = None
+    masks: torch.Tensor | None = None  # (B, 1, H, W) loss masks in [0, 1] at pixel size; see data.masks
 
     def __len__(self) -> int:
         return len(self.captions)

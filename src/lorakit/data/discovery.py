@@ -90,8 +90,11 @@ def caption_candidates(image: Path, caption_extension: str) -> list[Path]:
     return candidates
 
 
-def read_caption_file(path: Path) -> str:
-    """First line of a caption file, stripped. Empty or non-UTF-8 files are a `DataError` naming the file."""
+def read_caption_file(path: Path, all_lines: bool = False) -> str:
+    """First line of a caption file (or all non-empty lines joined by newlines), stripped.
+
+    Empty or non-UTF-8 files are a `DataError` naming the file.
+    """
     data = path.read_bytes()
     if not data:
         raise DataError(f"caption file {path} is empty (0 bytes); write a caption or delete the file")
@@ -100,19 +103,33 @@ def read_caption_file(path: Path) -> str:
     except UnicodeDecodeError as err:
         raise DataError(f"caption file {path} is not UTF-8 text (byte {err.start}); "
                         "save it with UTF-8 encoding") from None
+    if all_lines:
+        return "\n".join(line.strip() for line in text.splitlines() if line.strip())
     lines = text.splitlines()
     return lines[0].strip() if lines else ""
 
 
-def find_caption(image: Path, caption_extension: str) -> str | None:
+def find_caption(image: Path, caption_extension: str, all_lines: bool = False) -> str | None:
     """The caption for `image`, or None when no caption file exists."""
     for candidate in caption_candidates(image, caption_extension):
         if candidate.is_file():
-            return read_caption_file(candidate)
+            return read_caption_file(candidate, all_lines)
     return None
 
 
-def collect_images(image_dir: Path, caption_extension: str, class_tokens: str | None) -> list[ImageRecord]:
+def face_box_from_name(image: Path) -> tuple[int, int, int, int] | None:
+    """(centre x, centre y, width, height) of a face from a `name_cx_cy_w_h` file name, or None."""
+    tokens = image.stem.split("_")
+    if len(tokens) < 5:
+        return None
+    try:
+        return tuple(int(t) for t in tokens[-4:])  # type: ignore[return-value]
+    except ValueError:
+        return None
+
+
+def collect_images(image_dir: Path, caption_extension: str, class_tokens: str | None,
+                   all_lines: bool = False) -> list[ImageRecord]:
     """Images of one subset folder with their captions (class tokens where no caption file exists).
 
     Raises one `DataError` listing every bad caption file of the folder.
@@ -123,7 +140,7 @@ def collect_images(image_dir: Path, caption_extension: str, class_tokens: str | 
     problems: list[str] = []
     for image in list_images(image_dir):
         try:
-            caption = find_caption(image, caption_extension)
+            caption = find_caption(image, caption_extension, all_lines)
         except DataError as err:
             problems.append(str(err))
             continue

@@ -58,37 +58,85 @@ def image_size(path: str | Path) -> Size:
     return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image fully as RGB with EXIF orientation applied; alpha is dropped, as sd-scripts does."""
-    with _opened(Path(path)) as img:
+def _decode(path: Path) -> Image.Image:
+    """Decode fully with EXIF orientation applied; 16-bit greyscale is scaled down to 8 bits."""
+    with _opened(path) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16-bit greyscale: scale to 8 bits first, RGB conversion of these modes clips.
             array = np.asarray(img, dtype=np.float32) / (256.0 if np.asarray(img).max() > 255 else 1.0)
             img = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
-        return img.convert("RGB")
+        return img
 
 
-def resize_to(img: Image.Image, size: Size) -> Image.Image:
-    """Resize to `size`: box (area average) filter when shrinking, Lanczos when enlarging."""
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image fully as RGB with EXIF orientation applied; alpha is dropped, as sd-scripts does."""
+    return _decode(Path(path)).convert("RGB")
+
+
+def load_image_and_alpha(path: str | Path) -> tuple[Image.Image, Image.Image | None]:
+    """RGB image and its alpha channel ("L"), or None when the file has no transparency."""
+    img = _decode(Path(path))
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    alpha = img.convert("RGBA").getchannel("A") if has_alpha else None
+    return img.convert("RGB"), alpha
+
+
+_FILTERS = {
+    "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR, "linear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX, "box": Image.Resampling.BOX,
+}
+
+
+def resize_to(img: Image.Image, size: Size, interpolation: str | None = None) -> Image.Image:
+    """Resize to `size` with the named filter; by default box (area average) when shrinking, else Lanczos."""
     if img.size == tuple(size):
         return img
+    if interpolation:
+        return img.resize(size, _FILTERS[interpolation])
     shrinking = size[0] <= img.width and size[1] <= img.height
     method = Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
     return img.resize(size, method)
 
 
-def crop_to_bucket(img: Image.Image, bucket: Size, random_crop: bool,
-                   rng: random.Random | None = None) -> Image.Image:
-    """Crop an image that covers `bucket` down to it, centred or at a random offset."""
-    excess_w, excess_h = img.width - bucket[0], img.height - bucket[1]
+@dataclass(frozen=True)
+class Placement:
+    """How a source image maps onto its bucket: resize to `resized`, crop `box` (l, t, r, b), then flip.
+
+    Image and mask go through the same placement, so they stay aligned.
+    """
+
+    resized: Size
+    box: tuple[int, int, int, int]
+    flip: bool = False
+
+
+def bucket_placement(bucket: Size, resized_size: Size, random_crop: bool = False,
+                     rng: random.Random | None = None, flip: bool = False) -> Placement:
+    """Resize to cover `bucket` (never smaller than it) and crop, centred or at a random offset."""
+    target = (max(resized_size[0], bucket[0]), max(resized_size[1], bucket[1]))
+    excess_w, excess_h = target[0] - bucket[0], target[1] - bucket[1]
     if random_crop:
         rng = rng or random.Random()
         left, top = rng.randint(0, excess_w), rng.randint(0, excess_h)
     else:
         left, top = excess_w // 2, excess_h // 2
-    return img.crop((left, top, left + bucket[0], top + bucket[1]))
+    return Placement(target, (left, top, left + bucket[0], top + bucket[1]), flip)
+
+
+def apply_placement(img: Image.Image, placement: Placement, interpolation: str | None = None) -> Image.Image:
+    """Resize, crop and flip one image (or mask) as `placement` says."""
+    out = resize_to(img, placement.resized, interpolation).crop(placement.box)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if placement.flip else out
+
+
+def crop_to_bucket(img: Image.Image, bucket: Size, random_crop: bool,
+                   rng: random.Random | None = None) -> Image.Image:
+    """Crop an image that covers `bucket` down to it, centred or at a random offset."""
+    return img.crop(bucket_placement(bucket, img.size, random_crop, rng).box)
 
 
 def sdxl_crop_top_left(bucket: Size, original: Size, flipped: bool) -> tuple[int, int]:
@@ -117,10 +165,20 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def fit_image(img: Image.Image, bucket: Size, resized_size: Size, random_crop: bool = False,
-              rng: random.Random | None = None) -> Image.Image:
+              rng: random.Random | None = None, interpolation: str | None = None) -> Image.Image:
     """Resize to `resized_size` (never smaller than the bucket) and crop to `bucket`."""
-    target = (max(resized_size[0], bucket[0]), max(resized_size[1], bucket[1]))
-    return crop_to_bucket(resize_to(img, target), bucket, random_crop, rng)
+    return apply_placement(img, bucket_placement(bucket, resized_size, random_crop, rng), interpolation)
+
+
+def crop_ltrb(bucket: Size, original: Size, flipped: bool = False) -> tuple[int, int, int, int]:
+    """sd-scripts' `crop_ltrb` cache value: the image fitted inside the bucket, as (left, top, right, bottom)."""
+    top, left = sdxl_crop_top_left(bucket, original, flipped)
+    image_ar = original[0] / original[1]
+    if bucket[0] / bucket[1] > image_ar:
+        fitted = (int(bucket[1] * image_ar), bucket[1])
+    else:
+        fitted = (bucket[0], int(bucket[0] / image_ar))
+    return left, top, left + fitted[0], top + fitted[1]
 
 
 def load_for_bucket(path: str | Path, bucket: Size, resized_size: Size, *, random_crop: bool = False,
@@ -128,7 +186,5 @@ def load_for_bucket(path: str | Path, bucket: Size, resized_size: Size, *, rando
     """Load, fit to `bucket`, optionally flip, and convert to a [-1, 1] tensor with its size conditioning."""
     img = load_image(path)
     original = img.size
-    fitted = fit_image(img, bucket, resized_size, random_crop, rng)
-    if flip:
-        fitted = fitted.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    fitted = apply_placement(img, bucket_placement(bucket, resized_size, random_crop, rng, flip))
     return LoadedImage(to_tensor(fitted), original, sdxl_crop_top_left(bucket, original, flip))

@@ -25,7 +25,7 @@ def _dir_infos(rows: list[SubsetRow]) -> dict[str, dict[str, int]]:
     """{folder name: {n_repeats, img_count}}; a repeated name gets " (2)", " (3)" ... as sd-scripts does."""
     infos: dict[str, dict[str, int]] = {}
     for row in rows:
-        name = base = os.path.basename(row.image_dir)
+        name = base = os.path.basename(row.name)
         suffix = 2
         while name in infos:
             name, suffix = f"{base} ({suffix})", suffix + 1
@@ -34,19 +34,24 @@ def _dir_infos(rows: list[SubsetRow]) -> dict[str, dict[str, int]]:
 
 
 def _subset_entry(row: SubsetRow) -> dict[str, Any]:
-    return {
+    entry = {
         "img_count": row.image_count, "num_repeats": row.num_repeats, "color_aug": row.color_aug,
         "flip_aug": row.flip_aug, "random_crop": row.random_crop, "shuffle_caption": row.shuffle_caption,
-        "keep_tokens": row.keep_tokens, "keep_tokens_separator": "", "secondary_separator": None,
-        "enable_wildcard": False, "caption_prefix": row.caption_prefix, "caption_suffix": row.caption_suffix,
-        "resize_interpolation": None, "image_dir": os.path.basename(row.image_dir),
-        "class_tokens": row.class_tokens, "is_reg": row.is_reg,
+        "keep_tokens": row.keep_tokens, "keep_tokens_separator": row.keep_tokens_separator,
+        "secondary_separator": row.secondary_separator, "enable_wildcard": row.enable_wildcard,
+        "caption_prefix": row.caption_prefix, "caption_suffix": row.caption_suffix,
+        "resize_interpolation": row.resize_interpolation,
     }
+    if row.metadata_file:  # fine-tuning subsets name their metadata file instead of a folder
+        entry["metadata_file"] = os.path.basename(row.metadata_file)
+    else:
+        entry.update(image_dir=os.path.basename(row.image_dir), class_tokens=row.class_tokens, is_reg=row.is_reg)
+    return entry
 
 
 def _dataset_entry(part: DatasetPartSummary) -> dict[str, Any]:
     return {
-        "is_dreambooth": True, "batch_size_per_device": part.batch_size,
+        "is_dreambooth": part.kind != "fine_tuning", "batch_size_per_device": part.batch_size,
         "num_train_images": part.num_train_images, "num_reg_images": part.num_reg_images,
         "resolution": list(part.resolution), "enable_bucket": part.enable_bucket,
         "min_bucket_reso": part.min_bucket_reso, "max_bucket_reso": part.max_bucket_reso,

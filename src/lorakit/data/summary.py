@@ -24,6 +24,22 @@ class SubsetRow:
     keep_tokens: int = 0
     caption_prefix: str | None = None
     caption_suffix: str | None = None
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    resize_interpolation: str | None = None
+    metadata_file: str | None = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    face_crop_aug_range: tuple[float, float] | None = None
+    alpha_mask: bool = False
+    conditioning_data_dir: str | None = None
+
+    @property
+    def name(self) -> str:
+        """What the folder is shown as: the image folder, or the metadata file for fine-tuning."""
+        return self.metadata_file or self.image_dir
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,7 @@ class DatasetPartSummary:
     subsets: list[SubsetRow]
     buckets: list[BucketRow]
     tag_frequency: dict[str, dict[str, int]]
+    kind: str = "dreambooth"
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,13 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
+def _kind(row: SubsetRow) -> str:
+    kind = "reg" if row.is_reg else "train"
+    if row.conditioning_data_dir or row.alpha_mask:
+        kind += " +mask"
+    return kind
+
+
 def format_summary(summary: DatasetSummary) -> str:
     """A readable multi-line description of the dataset for the printed plan."""
     lines = [f"Images: {summary.num_train_images} training (with repeats), "
@@ -88,8 +112,8 @@ def format_summary(summary: DatasetSummary) -> str:
                          f"{part.min_bucket_reso}-{part.max_bucket_reso}") + f", steps {part.bucket_reso_steps}"
         lines.append(f"Dataset {part.index + 1}: resolution {part.resolution[0]}x{part.resolution[1]}, "
                      f"batch size {part.batch_size}, buckets {bucketing}, {part.batches_per_epoch} batches")
-        subset_rows = [[s.image_dir, str(s.num_repeats), str(s.image_count), s.class_tokens or "",
-                        "reg" if s.is_reg else "train"] for s in part.subsets]
+        subset_rows = [[s.name, str(s.num_repeats), str(s.image_count), s.class_tokens or "", _kind(s)]
+                       for s in part.subsets]
         lines += _table(["folder", "repeats", "images", "class tokens", "kind"], subset_rows)
         bucket_rows = [[f"{b.resolution[0]}x{b.resolution[1]}", str(b.count)] for b in part.buckets]
         lines += _table(["bucket (WxH)", "images x repeats"], bucket_rows)

@@ -1,0 +1,303 @@
+"""Building a `TrainDataset` from the options: read every subset, check every file, choose buckets.
+
+All problems (unreadable images, bad caption files, masks missing or of the wrong size, images missing from
+a metadata file) are collected and raised together in one `DataError`, before any model loads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorakit.data.buckets import BucketChoice, BucketManager, Size, adjust_bucket_limits
+from lorakit.data.captions import tag_counts
+from lorakit.data.dataset import ImageEntry, TrainDataset
+from lorakit.data.dataset_config import plan_datasets
+from lorakit.data.discovery import (
+    ImageRecord, collect_images, face_box_from_name, find_caption, list_images, missing_caption_message,
+)
+from lorakit.data.finetune import read_metadata_file
+from lorakit.data.images import image_size
+from lorakit.data.info_cache import read_info_cache, write_info_cache
+from lorakit.data.masks import check_mask_size, conditioning_files
+from lorakit.data.specs import DatasetSpec, SubsetSpec
+from lorakit.data.summary import BucketRow, DatasetPartSummary, DatasetSummary, SubsetRow
+from lorakit.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Part:
+    """Build-time state of one dataset (one resolution / batch-size group)."""
+
+    spec: DatasetSpec
+    manager: BucketManager
+    subset_indices: list[int]
+    image_counts: dict[int, int]  # subset index -> number of image files
+    num_train_images: int
+    num_reg_images: int
+    tag_frequency: dict[str, dict[str, int]]
+
+
+@dataclass
+class _SubsetImages:
+    """What reading one subset found: records with sizes and masks, and the problems."""
+
+    records: list[ImageRecord]
+    sizes: list[Size]
+    masks: dict[Path, Path]
+    problems: list[str]
+
+
+def balance_regularisation(train_count: int, reg_repeats: list[int]) -> list[int]:
+    """Effective repeats of each regularisation image so reg samples match the training samples.
+
+    sd-scripts' rule: a first pass registers reg images with their own repeats until the running count
+    reaches `train_count`; later passes add one repeat per image, cyclically, until it is reached. Images not
+    reached in the first pass get 0 (they are never used).
+    """
+    effective = [0] * len(reg_repeats)
+    if not reg_repeats or train_count <= 0:
+        return effective
+    count, first_pass = 0, True
+    while count < train_count:
+        for i, repeats in enumerate(reg_repeats):
+            if first_pass:
+                effective[i] = repeats
+                count += repeats
+            else:
+                effective[i] += 1
+                count += 1
+            if count >= train_count:
+                break
+        first_pass = False
+    return effective
+
+
+def _check_bucket_limits(spec: DatasetSpec, where: str) -> tuple[int, int]:
+    """Rounded bucket limits; a resolution outside them is a `DataError`."""
+    low, high = adjust_bucket_limits(spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps)
+    if spec.enable_bucket and not spec.bucket_no_upscale:
+        if min(spec.resolution) < low or max(spec.resolution) > high:
+            raise DataError(f"{where}: resolution {spec.resolution[0]}x{spec.resolution[1]} must lie within "
+                            f"min_bucket_reso {low} and max_bucket_reso {high}")
+    return low, high
+
+
+def _records(subset: SubsetSpec) -> tuple[list[ImageRecord], dict[Path, Size]]:
+    """Image records of a subset, plus any sizes known without opening the images."""
+    if subset.metadata_file is not None:
+        entries = read_metadata_file(subset.metadata_file, subset.image_dir, subset.caption_separator,
+                                     subset.enable_wildcard)
+        return ([ImageRecord(e.path, e.caption, e.has_caption) for e in entries],
+                {e.path: e.size for e in entries if e.size})
+    if subset.cache_info and subset.image_dir is not None and subset.image_dir.is_dir():
+        cached = read_info_cache(subset.image_dir)
+        if cached:  # listed images found in the cache skip their caption file and header reads
+            return _records_with_info_cache(subset, cached)
+    records = collect_images(subset.image_dir, subset.caption_extension, subset.class_tokens, subset.enable_wildcard)
+    return records, {}
+
+
+def _records_with_info_cache(subset: SubsetSpec, cached: dict[str, tuple[str, Size]]
+                             ) -> tuple[list[ImageRecord], dict[Path, Size]]:
+    records, sizes, problems = [], {}, []
+    for image in list_images(subset.image_dir):
+        if str(image) in cached:
+            caption, sizes[image] = cached[str(image)]
+            records.append(ImageRecord(image, caption, True))
+            continue
+        try:
+            caption = find_caption(image, subset.caption_extension, subset.enable_wildcard)
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        records.append(ImageRecord(image, caption if caption is not None else subset.class_tokens or "",
+                                   caption is not None))
+    if problems:
+        raise DataError("\n".join(problems))
+    return records, sizes
+
+
+def _read_subset(subset: SubsetSpec) -> _SubsetImages:
+    """Images, sizes, masks and problems of one subset."""
+    records, known = _records(subset)
+    sizes, problems, kept = [], [], []
+    for record in records:
+        try:
+            sizes.append(known.get(record.path) or image_size(record.path))
+            kept.append(record)
+        except DataError as err:
+            problems.append(str(err))
+    masks: dict[Path, Path] = {}
+    if subset.conditioning_data_dir is not None:
+        masks, mask_problems = conditioning_files([r.path for r in kept], subset.conditioning_data_dir)
+        problems += mask_problems
+        problems += [p for r, s in zip(kept, sizes) if r.path in masks
+                     if (p := check_mask_size(masks[r.path], r.path, s))]
+    if subset.cache_info and subset.metadata_file is None and kept and not problems:
+        write_info_cache(subset.image_dir, {str(r.path): (r.caption, s) for r, s in zip(kept, sizes)})
+    return _SubsetImages(kept, sizes, masks, problems)
+
+
+def build_train_dataset(cfg: Any, seed: int | None = None) -> TrainDataset:
+    """Find, check and bucket every image named by `cfg` (sd-scripts option names).
+
+    All unreadable images, bad caption files and bad masks are reported together in one `DataError`.
+    """
+    plan = plan_datasets(cfg)
+    seed = int(seed if seed is not None else getattr(cfg, "seed", None) or 0)
+    subsets: list[SubsetSpec] = []
+    images: list[ImageEntry] = []
+    parts: list[_Part] = []
+    problems: list[str] = []
+    missing: list[tuple[Path, int]] = []
+    for index, spec in enumerate(plan.datasets):
+        where = f"dataset config {plan.config_file} [[datasets]] #{index + 1}" if plan.config_file else "the options"
+        parts.append(_build_part(index, spec, where, subsets, images, problems, missing))
+    if problems:
+        raise DataError(f"{len(problems)} problem(s) with the training images:\n"
+                        + "\n".join(f"  - {p}" for p in problems))
+    message = missing_caption_message(missing, "/".join(sorted({s.caption_extension for s in subsets})))
+    if message:
+        logger.warning(message)
+    if not any(e.repeats for e in images):
+        source = plan.config_file or getattr(cfg, "train_data_dir", None)
+        raise DataError(f"no training images found in {source}; put .png/.jpg/.jpeg/.webp/.bmp images "
+                        "in a subfolder named like 10_mychar")
+    images = [e for e in images if e.repeats > 0]
+    prior = getattr(cfg, "prior_loss_weight", None)
+    dataset = TrainDataset(subsets, images, parts, seed, 1.0 if prior is None else float(prior),
+                           plan.from_config_file)
+    dataset.set_training_length(getattr(cfg, "max_train_steps", None) or 0,
+                                getattr(cfg, "gradient_accumulation_steps", None) or 1)
+    return dataset
+
+
+def _build_part(index: int, spec: DatasetSpec, where: str, subsets: list[SubsetSpec],
+                images: list[ImageEntry], problems: list[str], missing: list[tuple[Path, int]]) -> _Part:
+    """Read one dataset's subsets, balance its regularisation images and choose buckets."""
+    low, high = _check_bucket_limits(spec, where)
+    manager = BucketManager(spec.resolution, spec.enable_bucket, spec.bucket_no_upscale, low, high,
+                            spec.bucket_reso_steps)
+    part = _Part(spec, manager, [], {}, 0, 0, {})
+    reg_ids: list[int] = []
+    for subset in spec.subsets:
+        try:
+            found = _read_subset(subset)
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        problems += found.problems
+        subset_index = len(subsets)
+        subsets.append(subset)
+        part.subset_indices.append(subset_index)
+        part.image_counts[subset_index] = len(found.records)
+        if not found.records:
+            logger.warning("no images in %s; it is skipped", subset.source)
+            continue
+        missing.append((subset.source, sum(1 for r in found.records if not r.has_caption_file)))
+        _merge_tags(part.tag_frequency, _tag_key(subset), [r.caption for r in found.records])
+        count = subset.num_repeats * len(found.records)
+        if subset.is_reg:
+            part.num_reg_images += count
+        else:
+            part.num_train_images += count
+        for record, size in zip(found.records, found.sizes):
+            choice = _choose_bucket(manager, record.path, size, problems)
+            if subset.is_reg:
+                reg_ids.append(len(images))
+            images.append(ImageEntry(record.path, record.caption, subset_index, index, size, choice,
+                                     subset.num_repeats, found.masks.get(record.path),
+                                     face_box_from_name(record.path) if subset.face_crop_aug_range else None))
+    _apply_reg_balance(part, images, reg_ids)
+    return part
+
+
+def _tag_key(subset: SubsetSpec) -> str:
+    """The name tag counts are filed under: the folder name, or the metadata file's for fine-tuning."""
+    return subset.metadata_file.name if subset.metadata_file is not None else subset.source.name
+
+
+def _choose_bucket(manager: BucketManager, path: Path, size: Size, problems: list[str]) -> BucketChoice:
+    choice = manager.select(*size)
+    if min(choice.bucket) <= 0:
+        problems.append(f"image {path} ({size[0]}x{size[1]}) is smaller than bucket_reso_steps "
+                        f"{manager.steps}; enlarge it or remove it")
+    return choice
+
+
+def _apply_reg_balance(part: _Part, images: list[ImageEntry], reg_ids: list[int]) -> None:
+    """Set the effective repeats of regularisation images (sd-scripts' balancing rule)."""
+    if not reg_ids:
+        return
+    if part.num_train_images < part.num_reg_images:
+        logger.warning("more regularisation images (%d) than training images (%d): some are not used",
+                       part.num_reg_images, part.num_train_images)
+    repeats = balance_regularisation(part.num_train_images, [images[i].repeats for i in reg_ids])
+    for image_id, effective in zip(reg_ids, repeats):
+        images[image_id].repeats = effective
+
+
+def _merge_tags(frequency: dict[str, dict[str, int]], folder_name: str, captions: list[str]) -> None:
+    """Add a folder's tag counts into the dataset's tag frequency (same folder names merge)."""
+    target = frequency.setdefault(folder_name, {})
+    for tag, n in tag_counts(captions).items():
+        target[tag] = target.get(tag, 0) + n
+
+
+# ----- summary -----
+
+def summarize(dataset: TrainDataset) -> DatasetSummary:
+    """Counts, folders and buckets of a dataset, as printed in the plan and written into the metadata."""
+    members = dataset._bucket_members()
+    parts = [_part_summary(dataset, i, part, members) for i, part in enumerate(dataset.parts)]
+    image_errors = [abs(e.choice.ar_error) for e in dataset.images]
+    return DatasetSummary(
+        num_train_images=sum(p.num_train_images for p in parts),
+        num_reg_images=sum(p.num_reg_images for p in parts),
+        batches_per_epoch=len(dataset),
+        mean_ar_error=sum(image_errors) / len(image_errors) if image_errors else 0.0,
+        subsets=[row for p in parts for row in p.subsets],
+        buckets=[row for p in parts for row in p.buckets],
+        datasets=parts, from_config_file=dataset.from_config_file)
+
+
+def _part_summary(dataset: TrainDataset, index: int, part: _Part,
+                  members: list[tuple[int, Size, list[int]]]) -> DatasetPartSummary:
+    spec = part.spec
+    counts = {bucket: len(ids) for d, bucket, ids in members if d == index}
+    order = part.manager.bucket_order(set(counts))
+    buckets = [BucketRow(b, counts[b], i, index) for i, b in enumerate(order) if counts.get(b)]
+    errors = [abs(e.choice.ar_error) for e in dataset.images if e.dataset_index == index]
+    batches = sum(-(-n // spec.batch_size) for n in counts.values())
+    subsets = [_subset_row(dataset.subsets[s], part.image_counts[s], index) for s in part.subset_indices]
+    return DatasetPartSummary(
+        index=index, resolution=spec.resolution, batch_size=spec.batch_size,
+        enable_bucket=spec.enable_bucket, bucket_no_upscale=spec.bucket_no_upscale,
+        min_bucket_reso=spec.min_bucket_reso if spec.enable_bucket else None,
+        max_bucket_reso=spec.max_bucket_reso if spec.enable_bucket else None,
+        bucket_reso_steps=spec.bucket_reso_steps, num_train_images=part.num_train_images,
+        num_reg_images=part.num_reg_images, batches_per_epoch=batches,
+        mean_ar_error=sum(errors) / len(errors) if errors else 0.0,
+        subsets=subsets, buckets=buckets, tag_frequency=part.tag_frequency, kind=spec.kind)
+
+
+def _subset_row(subset: SubsetSpec, image_count: int, dataset_index: int) -> SubsetRow:
+    return SubsetRow(
+        image_dir=str(subset.image_dir or ""), num_repeats=subset.num_repeats, image_count=image_count,
+        class_tokens=subset.class_tokens, is_reg=subset.is_reg, dataset_index=dataset_index,
+        flip_aug=subset.flip_aug, random_crop=subset.random_crop, color_aug=subset.color_aug,
+        shuffle_caption=subset.shuffle_caption, keep_tokens=subset.keep_tokens,
+        caption_prefix=subset.caption_prefix, caption_suffix=subset.caption_suffix,
+        keep_tokens_separator=subset.keep_tokens_separator, secondary_separator=subset.secondary_separator,
+        enable_wildcard=subset.enable_wildcard, resize_interpolation=subset.resize_interpolation,
+        metadata_file=str(subset.metadata_file) if subset.metadata_file else None,
+        caption_dropout_rate=subset.caption_dropout_rate,
+        caption_dropout_every_n_epochs=subset.caption_dropout_every_n_epochs,
+        caption_tag_dropout_rate=subset.caption_tag_dropout_rate,
+        face_crop_aug_range=subset.face_crop_aug_range, alpha_mask=subset.alpha_mask,
+        conditioning_data_dir=str(subset.conditioning_data_dir) if subset.conditioning_data_dir else None)

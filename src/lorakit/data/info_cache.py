@@ -1,0 +1,45 @@
+"""`cache_info`: captions and image sizes of a folder kept in `<image_dir>/metadata_cache.json`.
+
+The file has sd-scripts' layout, `{image path: {"caption": str, "resolution": [w, h]}}`, so either tool can
+reuse the other's. Entries are trusted as sd-scripts trusts them; delete the file after editing captions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from lorakit.data.buckets import Size
+
+logger = logging.getLogger(__name__)
+INFO_CACHE_NAME = "metadata_cache.json"
+
+
+def read_info_cache(image_dir: Path) -> dict[str, tuple[str, Size]]:
+    """{image path: (caption, (w, h))} from the folder's cache file; empty when absent or unreadable."""
+    path = image_dir / INFO_CACHE_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {key: (str(v["caption"]), (int(v["resolution"][0]), int(v["resolution"][1])))
+                for key, v in data.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        logger.warning("ignoring unreadable %s (%s); it will be rewritten", path, err)
+        return {}
+
+
+def write_info_cache(image_dir: Path, entries: dict[str, tuple[str, Size]]) -> None:
+    """Write the cache file atomically (a temporary file renamed over it)."""
+    payload = {key: {"caption": caption, "resolution": list(size)} for key, (caption, size) in entries.items()}
+    fd, tmp = tempfile.mkstemp(prefix=".metadata_cache.", suffix=".tmp", dir=image_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, ensure_ascii=False, indent=1)
+        os.replace(tmp, image_dir / INFO_CACHE_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
