@@ -139,3 +139,12 @@ def test_dry_run_prints_plan_and_loads_nothing(data_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "total steps       2" in printed and "64x64" in printed
     assert not (tmp_path / "out").exists()
+
+
+def test_tensorboard_logging(models, data_dir, tmp_path):
+    logs = tmp_path / "logs"
+    args = train_args(models["sd1"]["folder"], data_dir, tmp_path / "out", f"--logging_dir={logs}", "--log_prefix=run_")
+    assert main(args) == 0
+    runs = list(logs.iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("run_")
+    assert list(runs[0].rglob("events.out.tfevents.*")), "TensorBoard event file expected"

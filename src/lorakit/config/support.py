@@ -212,7 +212,7 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "training_comment", "no_metadata", "metadata_title", "metadata_author", "metadata_description",
         "metadata_license", "metadata_tags", "metadata_usage_hint", "metadata_thumbnail", "metadata_merged_from",
         "metadata_trigger_phrase", "metadata_preprocessor", "metadata_is_negative_embedding",
-        "logging_dir", "log_with", "log_prefix", "console_log_level",
+        "logging_dir", "log_with", "log_prefix", "console_log_level", "log_tracker_name", "log_tracker_config",
         "dry_run", "config_file", "output_config",
         # noise and loss (objectives/noise.py, objectives/losses.py)
         "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",

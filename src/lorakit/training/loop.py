@@ -26,6 +26,7 @@ from lorakit.training.optim import build_optimizer
 from lorakit.training.plan import TrainingPlan, format_plan, make_plan
 from lorakit.training.saving import SavePolicy, epoch_file_name, final_file_name, output_path, save_dtype, step_file_name
 from lorakit.training.schedulers import build_lr_scheduler
+from lorakit.training.trackers import logging_dir, read_tracker_init_kwargs, tracker_config, tracker_names
 
 log = logging.getLogger("lorakit")
 
@@ -83,7 +84,17 @@ def _make_accelerator(cfg: Any) -> Accelerator:
     if precision == "fp16" and not torch.cuda.is_available():
         log.warning("--mixed_precision fp16 needs a CUDA GPU; training in bf16 on this machine instead")
         precision = "bf16"
-    return Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=precision)
+    trackers = tracker_names(cfg)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=precision,
+        log_with=trackers or None, project_dir=logging_dir(cfg),
+    )
+    if trackers:
+        init_kwargs = {}
+        if cfg.log_tracker_config:
+            init_kwargs = read_tracker_init_kwargs(cfg.log_tracker_config)
+        accelerator.init_trackers(cfg.log_tracker_name or "network_train", config=tracker_config(cfg), init_kwargs=init_kwargs)
+    return accelerator
 
 
 def _setup(cfg: Any, family: ModelFamily, accelerator: Accelerator) -> Session:
@@ -136,7 +147,7 @@ def _build_network(cfg: Any, family: ModelFamily, comps: Components, device: tor
 def _run(session: Session, dataset: Any, plan: TrainingPlan, seed: int) -> TrainResult:
     cfg, accelerator, network = session.cfg, session.accelerator, session.network
     te_lr = cfg.text_encoder_lr[0] if cfg.text_encoder_lr else None
-    groups, _ = network.prepare_optimizer_params(te_lr, cfg.unet_lr, cfg.learning_rate)
+    groups, group_names = network.prepare_optimizer_params(te_lr, cfg.unet_lr, cfg.learning_rate)
     optimizer, optimizer_text = build_optimizer(cfg, groups)
     lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=plan.warmup_steps, total_steps=plan.max_train_steps)
     optimizer = accelerator.prepare(optimizer)
@@ -177,6 +188,10 @@ def _run(session: Session, dataset: Any, plan: TrainingPlan, seed: int) -> Train
                 # reading the loss forces a device sync, so only every few steps
                 result.losses.append(running.mean())
                 progress.set_postfix(loss=f"{result.losses[-1]:.4f}", epoch=epoch, lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+                if accelerator.trackers:
+                    logs = {"loss/average": result.losses[-1]}
+                    logs.update({f"lr/{name}": lr for name, lr in zip(group_names, lr_scheduler.get_last_lr())})
+                    accelerator.log(logs, step=global_step)
             if policy.after_step(global_step) and global_step < plan.max_train_steps:
                 result.saved_files.append(_save(session, base_meta, step_file_name(cfg.output_name, global_step, cfg.save_model_as), epoch, global_step))
             if global_step >= plan.max_train_steps:
@@ -186,6 +201,7 @@ def _run(session: Session, dataset: Any, plan: TrainingPlan, seed: int) -> Train
         if global_step >= plan.max_train_steps:
             break
     progress.close()
+    accelerator.end_training()
     result.saved_files.append(_save(session, base_meta, final_file_name(cfg.output_name, cfg.save_model_as), epoch, global_step))
     accelerator.wait_for_everyone()
     return result
