@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -59,6 +60,7 @@ class PretrainConfig:
     threads: int | None = None
     log_every: int = 100
     preview: bool = False  # write preview.png of base prompts next to the weights
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def build_vae() -> AutoencoderKL:
@@ -118,8 +120,28 @@ def render_pool(cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
     """`pool_size` base-world images as a (N, 3, H, W) tensor in [-1, 1], with their captions."""
     items = sample_items(cfg.pool_size, concept=False, seed=cfg.seed, spec=DEFAULT_SPEC)
     arrays = np.stack([np.asarray(render(scene, cfg.resolution)) for scene, _ in items])
-    pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return pixels, [text for _, text in items]
+    return _to_pixels(arrays), [text for _, text in items]
+
+
+def render_hue_pool(cfg: PretrainConfig) -> torch.Tensor:
+    """Base-world images with their hue rotated at random: the VAE's training set.
+
+    The VAE is a general image codec, as SD's is (trained on every colour there is): it must be able to draw a
+    magenta shape, or no LoRA could ever produce one. What stays held out is the diffusion model's knowledge:
+    the UNet and the text encoder never see a magenta latent or the word.
+    """
+    rng = np.random.default_rng(cfg.seed + 7)
+    items = sample_items(cfg.pool_size, concept=False, seed=cfg.seed + 7, spec=DEFAULT_SPEC)
+    arrays = []
+    for scene, _ in items:
+        hsv = np.asarray(render(scene, cfg.resolution).convert("HSV")).copy()
+        hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(rng.integers(0, 256))) % 256
+        arrays.append(np.asarray(Image.fromarray(hsv, "HSV").convert("RGB")))
+    return _to_pixels(np.stack(arrays))
+
+
+def _to_pixels(arrays: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def _budget(steps: int | None, seconds: float) -> tuple[int, float]:
@@ -133,21 +155,22 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, cfg: PretrainConfig) -> 
     """Autoencoder training: reconstruction MSE + 1e-6 KL, as in the SD VAE recipe minus the GAN and LPIPS."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     max_steps, deadline = _budget(cfg.vae_steps, cfg.minutes * 60 * cfg.vae_fraction)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator(device=pixels.device).manual_seed(cfg.seed)
     losses: list[float] = []
     vae.train()
     step = 0
     while step < max_steps and time.monotonic() < deadline:
-        batch = pixels[torch.randint(0, len(pixels), (cfg.vae_batch,), generator=generator)]
+        batch = pixels[torch.randint(0, len(pixels), (cfg.vae_batch,), generator=generator, device=pixels.device)]
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
         loss = F.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())
         step += 1
         if step % cfg.log_every == 0:
+            losses[-cfg.log_every:] = [float(v) for v in losses[-cfg.log_every:]]
             print(f"vae step {step}: loss {np.mean(losses[-cfg.log_every:]):.4f}", flush=True)
     return losses
 
@@ -172,7 +195,8 @@ def encode_captions(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, capti
     """Hidden states of each distinct caption (the frozen encoder makes this exact) and each caption's index."""
     distinct = sorted(set(captions) | {""})
     ids = tokenizer(distinct, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    states = torch.cat([text_encoder(chunk)[0] for chunk in ids.split(256)])
+    device = next(text_encoder.parameters()).device
+    states = torch.cat([text_encoder(chunk.to(device))[0] for chunk in ids.split(256)])
     lookup = {text: i for i, text in enumerate(distinct)}
     return states, torch.tensor([lookup[c] for c in captions])
 
@@ -183,17 +207,19 @@ def train_unet(unet: UNet2DConditionModel, latents: tuple[torch.Tensor, torch.Te
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
     max_steps, deadline = _budget(cfg.unet_steps, cfg.minutes * 60 * (1 - cfg.vae_fraction))
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
     (means, stds), (states, caption_index) = latents, texts
+    device = means.device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    caption_index = caption_index.to(device)
     losses: list[float] = []
     unet.train()
     step = 0
     while step < max_steps and time.monotonic() < deadline:
-        pick = torch.randint(0, len(means), (cfg.unet_batch,), generator=generator)
-        x0 = means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=generator)
-        drop = torch.rand(cfg.unet_batch, generator=generator) < cfg.caption_dropout
+        pick = torch.randint(0, len(means), (cfg.unet_batch,), generator=generator, device=device)
+        x0 = means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=generator, device=device)
+        drop = torch.rand(cfg.unet_batch, generator=generator, device=device) < cfg.caption_dropout
         text = states[torch.where(drop, torch.full_like(pick, empty_index), caption_index[pick])]
-        noise = torch.randn(x0.shape, generator=generator)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
         t = sample_timesteps(cfg.unet_batch, schedule, None, None, x0.device)
         prediction = unet(add_noise(schedule, x0, noise, t), t, encoder_hidden_states=text).sample
         loss = F.mse_loss(prediction, training_target(schedule, x0, noise, t))
@@ -202,9 +228,10 @@ def train_unet(unet: UNet2DConditionModel, latents: tuple[torch.Tensor, torch.Te
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         warmup.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())
         step += 1
         if step % cfg.log_every == 0:
+            losses[-cfg.log_every:] = [float(v) for v in losses[-cfg.log_every:]]
             print(f"unet step {step}: loss {np.mean(losses[-cfg.log_every:]):.4f}", flush=True)
     return losses
 
@@ -255,14 +282,16 @@ def pretrain(cfg: PretrainConfig) -> StableDiffusionPipeline:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     started = time.monotonic()
+    device = torch.device(cfg.device)
     pixels, captions = render_pool(cfg)
     vae, unet, text_encoder, tokenizer = build_vae(), build_unet(), build_text_encoder(cfg.seed), load_tokenizer()
-    vae_losses = train_vae(vae, pixels, cfg)
-    latents = encode_pool(vae.requires_grad_(False), pixels)
+    vae, unet, text_encoder = vae.to(device), unet.to(device), text_encoder.to(device)
+    vae_losses = [float(v) for v in train_vae(vae, render_hue_pool(cfg).to(device), cfg)]
+    latents = encode_pool(vae.requires_grad_(False), pixels.to(device))
     states, caption_index = encode_captions(text_encoder, tokenizer, captions)
     empty_index = 0  # "" sorts first among the distinct captions
-    unet_losses = train_unet(unet, latents, (states, caption_index), empty_index, cfg)
-    pipeline = assemble_pipeline(vae, unet, text_encoder, tokenizer)
+    unet_losses = [float(v) for v in train_unet(unet, latents, (states, caption_index), empty_index, cfg)]
+    pipeline = assemble_pipeline(vae.cpu(), unet.cpu(), text_encoder.cpu(), tokenizer)
     cfg.out.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(cfg.out, safe_serialization=True)
     if cfg.preview:
@@ -287,11 +316,18 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--preview", action="store_true", help="also write preview.png of base prompts")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--vae_batch", type=int, default=16)
+    parser.add_argument("--unet_batch", type=int, default=32)
     args = parser.parse_args(argv)
-    return PretrainConfig(
+    cfg = PretrainConfig(
         out=args.out, minutes=args.minutes, vae_fraction=args.vae_fraction, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
         pool_size=args.pool_size, seed=args.seed, threads=args.threads, preview=args.preview,
+        vae_batch=args.vae_batch, unet_batch=args.unet_batch,
     )
+    if args.device:
+        cfg.device = args.device
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> None:
