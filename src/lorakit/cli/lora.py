@@ -1,0 +1,297 @@
+"""`lorakit lora <tool>`: resize, merge, extract, convert and inspect LoRA files.
+
+The options keep the names of sd-scripts' scripts (`networks/resize_lora.py`, `merge_lora.py`,
+`svd_merge_lora.py`, `extract_lora_from_models.py`), so their command lines work with the script replaced by
+`lorakit lora <tool>`. Every option is checked before a file is read, and every output is written to a
+temporary name and moved into place, so a mistake never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from lorakit.errors import ConfigError, LorakitError
+
+logger = logging.getLogger("lorakit.tools")
+
+USAGE = """usage: lorakit lora <tool> [options]
+
+tools:
+  resize    change the rank of a LoRA by SVD (fixed or dynamic: sv_ratio, sv_fro, sv_cumulative)
+  merge     merge LoRAs into a base model (--sd_model) or into one LoRA (--concat, --new_rank)
+  extract   extract a LoRA from an original and a tuned model (--model_org, --model_tuned)
+  convert   convert between the kohya and the diffusers/PEFT key layouts
+  inspect   show a LoRA's algorithm, family, ranks, alphas, metadata and which loaders accept it
+
+`lorakit lora <tool> --help` lists a tool's options.
+"""
+
+_PRECISION_CHOICES = ("float", "fp32", "fp16", "bf16")
+
+
+def main(argv: list[str]) -> int:
+    """Run one LoRA tool; returns the exit status (2 for a user mistake, printed without a traceback)."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    tools = {"resize": _resize, "merge": _merge, "extract": _extract, "convert": _convert, "inspect": _inspect}
+    tool, rest = argv[0], argv[1:]
+    if not logging.getLogger().handlers:  # run on its own (not through `lorakit`): show the tools' messages
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    if tool not in tools:
+        print(f"lorakit lora: unknown tool {tool!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return tools[tool](rest)
+    except SystemExit as exc:  # argparse's own errors and --help
+        return int(exc.code or 0)
+    except LorakitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser(tool: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"lorakit lora {tool}", description=description)
+
+
+def _require_file(path: str, option: str) -> None:
+    if not Path(path).exists():
+        raise ConfigError([f"{option} {path}: file not found"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resize
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _resize(argv: list[str]) -> int:
+    p = _parser("resize", "Change the rank of a LoRA by SVD (sd-scripts networks/resize_lora.py).")
+    p.add_argument("--model", required=True, help="the LoRA to resize")
+    p.add_argument("--save_to", required=True, help="output file (.safetensors, .ckpt, .pt, .pth)")
+    p.add_argument("--new_rank", type=int, default=4, help="rank (largest rank with --dynamic_method); default 4")
+    p.add_argument("--new_conv_rank", type=int, default=None, help="rank for 3x3 convs; default --new_rank")
+    p.add_argument("--dynamic_method", choices=("sv_ratio", "sv_fro", "sv_cumulative"), default=None)
+    p.add_argument("--dynamic_param", type=float, default=None, help="the dynamic method's parameter")
+    p.add_argument("--save_precision", choices=_PRECISION_CHOICES, default=None, help="default float")
+    p.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda")
+    p.add_argument("--verbose", action="store_true", help="print every module's new rank and retained norm")
+    args = p.parse_args(argv)
+
+    from lorakit.tools.common import check_output, load_lora, parse_precision, save_lora
+    from lorakit.tools.resize import resize_metadata, resize_modules
+
+    problems = []
+    if args.dynamic_method and args.dynamic_param is None:
+        problems.append(f"--dynamic_method {args.dynamic_method} needs --dynamic_param")
+    if args.new_rank < 1 or (args.new_conv_rank is not None and args.new_conv_rank < 1):
+        problems.append("--new_rank and --new_conv_rank must be at least 1")
+    if problems:
+        raise ConfigError(problems)
+    save_to, fmt = check_output(args.save_to)
+    save_dtype = parse_precision(args.save_precision, "--save_precision")
+    _require_file(args.model, "--model")
+    if args.verbose:
+        logger.setLevel(logging.INFO)
+    lora = load_lora(args.model)
+    modules, report = resize_modules(
+        lora.modules, args.new_rank, new_conv_rank=args.new_conv_rank, dynamic_method=args.dynamic_method,
+        dynamic_param=args.dynamic_param, device=args.device, verbose=args.verbose,
+    )
+    metadata = resize_metadata(lora.metadata, modules, report, dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param)
+    save_lora(modules, save_to, fmt, metadata, save_dtype)
+    print(f"saved {save_to} ({len(modules)} modules, Frobenius norm kept {100 * report.mean_fro_retained():.1f}% on average)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# merge
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _merge(argv: list[str]) -> int:
+    p = _parser("merge", "Merge LoRAs into a model (--sd_model) or into one LoRA (sd-scripts merge_lora.py, svd_merge_lora.py).")
+    p.add_argument("--sd_model", default=None, help="base model (single file or diffusers folder) to merge into")
+    p.add_argument("--save_to", required=True, help="output: a LoRA file, or a model file / diffusers folder with --sd_model")
+    p.add_argument("--models", nargs="+", required=True, help="LoRA files, merged in order")
+    p.add_argument("--ratios", nargs="+", type=float, default=None, help="one ratio per LoRA (default 1.0 each)")
+    p.add_argument("--precision", choices=_PRECISION_CHOICES, default="float", help="precision of the merge arithmetic")
+    p.add_argument("--save_precision", choices=_PRECISION_CHOICES, default=None, help="default: as loaded")
+    p.add_argument("--v2", action="store_true", help="the base model is SD 2.x")
+    p.add_argument("--v_parameterization", action="store_true", default=None, help="SD 2.x v-prediction model (default: --v2)")
+    p.add_argument("--concat", action="store_true", help="LoRA+LoRA: stack ranks (exact; output rank = sum of ranks)")
+    p.add_argument("--shuffle", action="store_true", help="with --concat: permute the rank axis (ΔW unchanged)")
+    p.add_argument("--new_rank", type=int, default=None, help="LoRA+LoRA: SVD of the summed ΔW to this rank")
+    p.add_argument("--new_conv_rank", type=int, default=None, help="rank of 3x3 convs for the SVD merge")
+    p.add_argument("--clamp_quantile", type=float, default=1.0, help="SVD merge: clip factors at this quantile (1 = off)")
+    p.add_argument("--device", default=None, help="where the arithmetic runs, e.g. cuda")
+    p.add_argument("--no_metadata", action="store_true", help="write only the minimal ss_* keys (LoRA output)")
+    args = p.parse_args(argv)
+
+    from lorakit.tools.common import check_output, load_lora, parse_precision
+    from lorakit.tools.merge import check_ratios
+
+    ratios = check_ratios(args.models, args.ratios)
+    parse_precision(args.save_precision, "--save_precision")
+    for model in args.models:
+        _require_file(model, "--models")
+    if args.sd_model is not None:
+        if args.concat or args.new_rank:
+            raise ConfigError(["--concat and --new_rank build a LoRA; they cannot be used with --sd_model"])
+        return _merge_into_model(args, ratios)
+    if args.concat and args.new_rank:
+        raise ConfigError(["--concat and --new_rank are two different merges; choose one"])
+    save_to, fmt = check_output(args.save_to)
+    loras = [load_lora(model) for model in args.models]
+    families = {lora.layout.family for lora in loras}
+    if len(families) > 1:
+        raise ConfigError([f"--models: the LoRAs are for different model families ({', '.join(sorted(families))})"])
+    return _merge_into_lora(args, ratios, loras, save_to, fmt)
+
+
+def _merge_into_model(args: argparse.Namespace, ratios: list[float]) -> int:
+    from lorakit.tools.common import load_lora, parse_precision
+    from lorakit.tools.merge import merge_into_model
+    from lorakit.tools.models import check_model_output, load_base_model, save_base_model
+
+    _require_file(args.sd_model, "--sd_model")
+    output = check_model_output(args.save_to, args.sd_model)
+    loras = [load_lora(model, "sd") for model in args.models]  # the files first: they are cheap to reject
+    components = load_base_model(args.sd_model, v2=args.v2, v_parameterization=args.v_parameterization)
+    changed = merge_into_model(
+        components, loras[0].layout, loras, ratios, dtype=parse_precision(args.precision, "--precision"), device=args.device
+    )
+    save_base_model(components, output, parse_precision(args.save_precision, "--save_precision"))
+    print(f"merged {len(loras)} LoRA(s) into {changed} layers; saved {output.path}")
+    return 0
+
+
+def _merge_into_lora(args, ratios, loras, save_to, fmt) -> int:
+    from lorakit.tools.common import merged_metadata, parse_precision, save_lora
+    from lorakit.tools.merge import merge_loras
+
+    mode = "concat" if args.concat else ("svd" if args.new_rank else "same")
+    modules = merge_loras(
+        loras, ratios, mode=mode, new_rank=args.new_rank, new_conv_rank=args.new_conv_rank, shuffle=args.shuffle,
+        clamp_quantile=args.clamp_quantile, device=args.device,
+    )
+    comment = "merged " + ", ".join(f"{Path(lora.path).name} x{ratio:g}" for lora, ratio in zip(loras, ratios)) + f" ({mode})"
+    metadata = merged_metadata(
+        loras, modules, title=save_to.stem, layout=loras[0].layout, extra={"ss_training_comment": comment},
+        with_modelspec=not args.no_metadata,
+    )
+    save_lora(modules, save_to, fmt, metadata, parse_precision(args.save_precision, "--save_precision"))
+    print(f"saved {save_to} ({len(modules)} modules, {mode} merge)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# extract
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _extract(argv: list[str]) -> int:
+    p = _parser("extract", "Extract a LoRA from two models by SVD (sd-scripts networks/extract_lora_from_models.py).")
+    p.add_argument("--model_org", required=True, help="the original model (single file or diffusers folder)")
+    p.add_argument("--model_tuned", required=True, help="the fine-tuned model")
+    p.add_argument("--save_to", required=True, help="output LoRA file")
+    p.add_argument("--v2", action="store_true", help="the models are SD 2.x")
+    p.add_argument("--v_parameterization", action="store_true", default=None, help="v-prediction (default: --v2)")
+    p.add_argument("--sdxl", action="store_true", help="SDXL models (not supported yet)")
+    p.add_argument("--dim", type=int, default=4, help="rank of linears and 1x1 convs (default 4)")
+    p.add_argument("--conv_dim", type=int, default=None, help="rank of 3x3 convs; without it they are skipped")
+    p.add_argument("--clamp_quantile", type=float, default=0.99, help="clip factors at this quantile (1 = off)")
+    p.add_argument("--min_diff", type=float, default=0.01, help="text encoder skipped when it moved by at most this")
+    p.add_argument("--load_precision", choices=_PRECISION_CHOICES, default=None, help="precision the models load in")
+    p.add_argument("--save_precision", choices=_PRECISION_CHOICES, default=None, help="default float")
+    p.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda")
+    p.add_argument("--no_metadata", action="store_true", help="write only the minimal ss_* keys")
+    args = p.parse_args(argv)
+
+    from lorakit.tools.common import check_output, merged_metadata, parse_precision, save_lora
+    from lorakit.tools.extract import ExtractOptions, extract_lora
+    from lorakit.tools.layouts import layout_for
+    from lorakit.tools.models import load_base_model
+
+    if args.sdxl:
+        raise ConfigError(["--sdxl: extraction from SDXL models is not supported yet"])
+    problems = [f"--{n} must be at least 1" for n in ("dim", "conv_dim") if getattr(args, n) is not None and getattr(args, n) < 1]
+    if not 0.0 < args.clamp_quantile <= 1.0:
+        problems.append(f"--clamp_quantile {args.clamp_quantile}: must be in (0, 1]")
+    if problems:
+        raise ConfigError(problems)
+    save_to, fmt = check_output(args.save_to)
+    save_dtype = parse_precision(args.save_precision, "--save_precision")
+    load_dtype = parse_precision(args.load_precision, "--load_precision") or __import__("torch").float32
+    _require_file(args.model_org, "--model_org")
+    _require_file(args.model_tuned, "--model_tuned")
+    v_param = args.v2 if args.v_parameterization is None else args.v_parameterization
+    original = load_base_model(args.model_org, v2=args.v2, v_parameterization=v_param, dtype=load_dtype)
+    tuned = load_base_model(args.model_tuned, v2=args.v2, v_parameterization=v_param, dtype=load_dtype)
+    options = ExtractOptions(args.dim, args.conv_dim, args.clamp_quantile, args.min_diff, args.device)
+    layout = layout_for("sd")
+    modules = extract_lora(original, tuned, layout, options)
+    version = ("sd_v2" if args.v2 else "sd_v1") + ("_v" if v_param else "")
+    metadata = merged_metadata([], modules, title=save_to.stem, layout=layout, version=version, with_modelspec=not args.no_metadata)
+    save_lora(modules, save_to, fmt, metadata, save_dtype)
+    print(f"saved {save_to} ({len(modules)} modules)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# convert
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _convert(argv: list[str]) -> int:
+    p = _parser("convert", "Convert a LoRA between the kohya and the diffusers/PEFT key layouts.")
+    p.add_argument("--model", "--src_path", dest="model", required=True, help="input LoRA")
+    p.add_argument("--save_to", "--dst_path", dest="save_to", required=True, help="output LoRA")
+    p.add_argument("--to", "--dst", dest="to", required=True, help="kohya (sd-scripts) or diffusers (peft)")
+    p.add_argument("--keep_alpha", action="store_true", help="diffusers: write .alpha tensors instead of folding alpha/rank into lora_B")
+    p.add_argument("--save_precision", choices=_PRECISION_CHOICES, default=None, help="default: as loaded")
+    args = p.parse_args(argv)
+
+    from lorakit.adapters.formats import save_lora_file
+    from lorakit.tools.common import check_output, load_lora, parse_precision, save_lora
+    from lorakit.tools.convert import normalise_format, to_diffusers, to_kohya_modules
+
+    target = normalise_format(args.to)
+    if target is None:
+        raise ConfigError([f"--to {args.to}: expected kohya (sd-scripts) or diffusers (peft)"])
+    save_to, fmt = check_output(args.save_to)
+    save_dtype = parse_precision(args.save_precision, "--save_precision")
+    _require_file(args.model, "--model")
+    lora = load_lora(args.model)
+    metadata = {k: v for k, v in lora.metadata.items() if not k.startswith("sshs_")}
+    if target == "kohya":
+        save_lora(to_kohya_modules(lora.modules), save_to, fmt, metadata, save_dtype)
+    else:
+        state = to_diffusers(lora.modules, lora.layout, keep_alpha=args.keep_alpha)
+        save_lora_file(state, save_to, metadata, save_dtype=save_dtype, model_format=fmt)
+    print(f"saved {save_to} ({len(lora.modules)} modules, {lora.style} -> {target})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _inspect(argv: list[str]) -> int:
+    p = _parser("inspect", "Describe LoRA files (sd-scripts check_lora_weights.py / show_metadata.py).")
+    p.add_argument("files", nargs="+", help="LoRA files")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--show_all_metadata", action="store_true", help="do not shorten long metadata values")
+    args = p.parse_args(argv)
+
+    from lorakit.adapters.formats import load_lora_file
+    from lorakit.tools.inspect_lora import describe, format_report, report_json
+
+    for path in args.files:
+        tensors, metadata = load_lora_file(path)
+        report = describe(tensors, metadata)
+        print(report_json(report) if args.json else format_report(path, report, show_all_metadata=args.show_all_metadata))
+    return 0

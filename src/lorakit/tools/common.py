@@ -1,0 +1,151 @@
+"""What every LoRA tool shares: precision names, output checks, reading LoRA files and writing them with
+fresh metadata and hashes.
+
+Outputs always go through `save_lora_file`, which casts to the save precision before it hashes, so the
+`sshs_*` hashes describe the bytes on disk even when the work was done in another precision.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from lorakit.adapters.formats import load_lora_file, save_lora_file
+from lorakit.adapters.modelspec import build_modelspec
+from lorakit.errors import CheckpointError, ConfigError
+from lorakit.tools.layouts import KeyLayout, guess_family, layout_for
+from lorakit.tools.lora_state import LoraFactors, read_modules, to_state_dict
+
+__all__ = [
+    "LoadedLora",
+    "check_output",
+    "load_lora",
+    "merged_metadata",
+    "parse_precision",
+    "save_lora",
+    "uniform_value",
+]
+
+PRECISIONS = {
+    None: None, "float": torch.float32, "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+LORA_SUFFIXES = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "pt", ".pth": "pt"}
+_HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
+
+
+def parse_precision(value: str | None, option: str) -> torch.dtype | None:
+    """`float`/`fp16`/`bf16` (and their long names) -> dtype; None stays None."""
+    if value not in PRECISIONS:
+        raise ConfigError([f"{option} {value}: expected one of float, fp16, bf16"])
+    return PRECISIONS[value]
+
+
+def check_output(path: str | Path, option: str = "--save_to") -> tuple[Path, str]:
+    """The output path and its file format, checked before any work is done."""
+    path = Path(path)
+    fmt = LORA_SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError([f"{option} {path}: the file name must end in .safetensors, .ckpt, .pt or .pth"])
+    if not path.parent.is_dir():
+        raise ConfigError([f"{option} {path}: the folder {path.parent} does not exist"])
+    return path, fmt
+
+
+class LoadedLora:
+    """A LoRA file read into modules: `modules` by kohya name, its `metadata`, the `style` of its keys."""
+
+    def __init__(self, path: str, modules: dict[str, LoraFactors], metadata: dict[str, str], style: str, layout: KeyLayout):
+        self.path = path
+        self.modules = modules
+        self.metadata = metadata
+        self.style = style
+        self.layout = layout
+
+    @property
+    def title(self) -> str:
+        return self.metadata.get("modelspec.title") or Path(self.path).stem
+
+
+def load_lora(path: str | Path, family: str | None = None) -> LoadedLora:
+    """Read a LoRA file and parse it with its family's key layout (guessed unless given)."""
+    tensors, metadata = load_lora_file(path)
+    if not tensors:
+        raise CheckpointError(f"{path}: the file holds no tensors")
+    modules_guess = [key.partition(".")[0] if key.startswith("lora_") else key for key in tensors]
+    family = family or guess_family(modules_guess, metadata)
+    if family is None:
+        raise CheckpointError(f"{path}: cannot tell which model family this LoRA is for (e.g. key {next(iter(tensors))})")
+    layout = layout_for(family)
+    modules, style = read_modules(tensors, layout, source=str(path))
+    return LoadedLora(str(path), modules, metadata, style, layout)
+
+
+def uniform_value(values: Sequence[float]) -> str:
+    """The value as sd-scripts writes ss_network_dim/alpha: the one value, or `Dynamic` when they differ."""
+    distinct = sorted(set(values))
+    if len(distinct) != 1:
+        return "Dynamic"
+    value = distinct[0]
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _version_of(metadata: Mapping[str, str]) -> str | None:
+    version = metadata.get("ss_base_model_version")
+    if version:
+        return version
+    if metadata.get("ss_v2") == "True":
+        return "sd_v2"
+    return None
+
+
+def merged_metadata(
+    sources: Sequence[LoadedLora],
+    modules: Mapping[str, LoraFactors],
+    *,
+    title: str,
+    layout: KeyLayout,
+    version: str | None = None,
+    extra: Mapping[str, str] | None = None,
+    with_modelspec: bool = True,
+) -> dict[str, str]:
+    """The minimal `ss_*` keys plus ModelSpec for a LoRA built from `sources` (merged, extracted...).
+
+    The base-model version comes from the argument, else from the first source that records one.
+    """
+    version = version or next((v for v in (_version_of(s.metadata) for s in sources) if v), None) or "sd_v1"
+    plain = [m for m in modules.values() if not m.is_spatial]
+    spatial = [m for m in modules.values() if m.is_spatial]
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_base_model_version": version,
+        "ss_v2": str(version.startswith("sd_v2")),
+        "ss_network_dim": uniform_value([m.rank for m in plain] or [m.rank for m in spatial]),
+        "ss_network_alpha": uniform_value([m.alpha_value for m in plain] or [m.alpha_value for m in spatial]),
+    }
+    if spatial:
+        conv = {"conv_dim": uniform_value([m.rank for m in spatial]), "conv_alpha": uniform_value([m.alpha_value for m in spatial])}
+        metadata["ss_network_args"] = json.dumps(conv)
+    metadata.update(extra or {})
+    if with_modelspec and version in layout.modelspec:
+        architecture, implementation, resolution = layout.modelspec[version]
+        prediction = "v" if version.endswith("_v") else "epsilon"
+        merged_from = ", ".join(s.title for s in sources) or None
+        spec_extra = {"merged_from": merged_from} if merged_from and len(sources) > 1 else None
+        metadata.update(build_modelspec(architecture, implementation, title, resolution, prediction, extra=spec_extra))
+    return metadata
+
+
+def save_lora(
+    modules: Mapping[str, LoraFactors],
+    path: Path,
+    fmt: str,
+    metadata: Mapping[str, str],
+    save_dtype: torch.dtype | None,
+) -> dict[str, str]:
+    """Write the modules in kohya layout (atomically, with fresh `sshs_*` hashes); returns the metadata."""
+    clean = {k: v for k, v in metadata.items() if k not in _HASH_KEYS}
+    return save_lora_file(to_state_dict(modules), path, clean, save_dtype=save_dtype, model_format=fmt)

@@ -1,0 +1,97 @@
+"""Extract a LoRA from a base model and a tuned model by SVD of their weight differences
+(sd-scripts' `networks/extract_lora_from_models.py`).
+
+The modules are exactly those the family's trainer targets (`adapter_targets`), so an extracted file has the
+same kohya names as a trained one. For each, ΔW = W_tuned − W_org is factorised with the truncated SVD at
+`dim` (3x3 convs at `conv_dim`, only when given) and stored with alpha = rank, i.e. scale 1. Singular values
+go with the up factor; both factors are clipped at the `clamp_quantile` of their absolute values as
+sd-scripts does (1.0 turns the clipping off and makes the extraction the best rank-r approximation).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.errors import CheckpointError
+from lorakit.families.base import AdapterTarget, Components
+from lorakit.tools.layouts import KeyLayout
+from lorakit.tools.lora_state import LoraFactors
+from lorakit.tools.svd import factorise
+
+__all__ = ["ExtractOptions", "extract_lora"]
+
+logger = logging.getLogger("lorakit.tools")
+
+
+@dataclass
+class ExtractOptions:
+    """The sizes and thresholds of an extraction (sd-scripts' defaults)."""
+
+    dim: int = 4
+    conv_dim: int | None = None
+    clamp_quantile: float = 0.99
+    min_diff: float = 0.01
+    device: str | None = None
+
+
+class _TargetOptions:
+    """The few training options `adapter_targets` reads, filled from the extraction options."""
+
+    def __init__(self, options: ExtractOptions):
+        self.network_dim = options.dim
+        self.network_alpha = float(options.dim)
+        self.network_train_unet_only = False
+        self.network_train_text_encoder_only = False
+        self._kwargs = {} if not options.conv_dim else {"conv_dim": str(options.conv_dim), "conv_alpha": str(options.conv_dim)}
+
+    def network_kwargs(self) -> dict[str, str]:
+        return dict(self._kwargs)
+
+
+def _targets(components: Components, options: ExtractOptions, family: str) -> list[AdapterTarget]:
+    from lorakit.families.registry import FAMILIES
+
+    return FAMILIES[family]().adapter_targets(components, _TargetOptions(options))
+
+
+def _difference(name: str, original: torch.Tensor, tuned: torch.Tensor, device: str | None) -> torch.Tensor:
+    if original.shape != tuned.shape:
+        raise CheckpointError(
+            f"--model_tuned: weight of {name} has shape {tuple(tuned.shape)} but --model_org has {tuple(original.shape)}; "
+            "the two models are not the same architecture"
+        )
+    return tuned.to(device=device, dtype=torch.float32) - original.to(device=device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def extract_lora(
+    original: Components, tuned: Components, layout: KeyLayout, options: ExtractOptions
+) -> dict[str, LoraFactors]:
+    """The LoRA modules that carry `original` towards `tuned` (float32, CPU).
+
+    The text-encoder part is dropped, as in sd-scripts, when no text-encoder weight moved by more than
+    `min_diff` (the tuned model's encoder was not trained).
+    """
+    tuned_index = layout.module_index(tuned)
+    diffs: dict[str, tuple[AdapterTarget, torch.Tensor]] = {}
+    for target in _targets(original, options, layout.family):
+        other = tuned_index.get(target.name)
+        if other is None:
+            raise CheckpointError(f"--model_tuned has no layer {target.name}; the two models are not the same architecture")
+        diffs[target.name] = (target, _difference(target.name, target.module.weight, other.weight, options.device))
+    text_moved = any(float(d.abs().max()) > options.min_diff for t, d in diffs.values() if t.component != "unet")
+    if not text_moved:
+        logger.info("the text encoders differ by at most %g: extracting the U-Net only", options.min_diff)
+    modules: dict[str, LoraFactors] = {}
+    for name, (target, delta) in diffs.items():
+        if target.component != "unet" and not text_moved:
+            continue
+        spatial = delta.dim() == 4 and tuple(delta.shape[2:]) != (1, 1)
+        rank = options.conv_dim if spatial else options.dim
+        rank = min(rank, delta.shape[0], delta.shape[1])
+        result = factorise(delta, rank, clamp_quantile=options.clamp_quantile)
+        modules[name] = LoraFactors(name, result.down.cpu(), result.up.cpu(), float(result.rank))
+    return modules
