@@ -15,7 +15,8 @@ USAGE = """usage: lorakit <command> [options]
 
 commands:
   train     train a LoRA (sd-scripts option names: lorakit train --help)
-  demo      build a tiny model and dataset, train a LoRA on the CPU and write before/after samples
+  demo      train a LoRA on the built-in toy model and dataset on the CPU, with before/after samples
+  lora      LoRA file tools: resize, merge, extract, convert, inspect (lorakit lora --help)
 
 Any sd-scripts train_network.py command line works after `lorakit train`.
 """
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "demo": _demo}
+    commands = {"train": _train, "demo": _demo, "lora": _lora}
     if command not in commands:
         print(f"lorakit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -80,3 +81,9 @@ def _demo(argv: list[str]) -> int:
     from lorakit.toy.demo import run_demo_cli
 
     return run_demo_cli(argv)
+
+
+def _lora(argv: list[str]) -> int:
+    from lorakit.cli.lora import main as lora_main
+
+    return lora_main(argv)

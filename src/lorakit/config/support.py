@@ -147,22 +147,10 @@ def _network_module(value: Any) -> str | None:
     return f"--network_module {value} is recognised but not implemented yet in lorakit; use networks.lora"
 
 
-def _optimizer_type(value: Any) -> str | None:
-    if str(value).lower() in ("", "adamw"):
-        return None
-    return f"--optimizer_type {value} is recognised but not implemented yet in lorakit; use AdamW (the default)"
-
-
-_SCHEDULERS_DONE = ("constant", "constant_with_warmup", "cosine", "linear")
-
-
 def _lr_scheduler(value: Any) -> str | None:
-    if value in _SCHEDULERS_DONE:
+    if value != "reduce_lr_on_plateau":
         return None
-    return (
-        f"--lr_scheduler {value} is recognised but not implemented yet in lorakit; "
-        f"use one of {', '.join(_SCHEDULERS_DONE)}"
-    )
+    return "--lr_scheduler reduce_lr_on_plateau needs a validation metric, which LoRA training does not produce; use cosine or constant"
 
 
 def _max_token_length(value: Any) -> str | None:
@@ -190,7 +178,6 @@ def _network_args(cfg: TrainConfig) -> list[str]:
 #: Implemented options whose values are only partly supported: option -> check of the value.
 PARTIAL: dict[str, Callable[[Any], str | None]] = {
     "network_module": _network_module,
-    "optimizer_type": _optimizer_type,
     "lr_scheduler": _lr_scheduler,
     "max_token_length": _max_token_length,
 }
@@ -219,6 +206,15 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength", "zero_terminal_snr",
         "min_timestep", "max_timestep", "min_snr_gamma", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
         "debiased_estimation_loss", "loss_type", "huber_schedule", "huber_c", "huber_scale",
+        # optimizers and schedules (training/optim.py, training/schedulers.py)
+        "use_8bit_adam", "use_lion_optimizer", "lr_decay_steps", "lr_scheduler_num_cycles", "lr_scheduler_power",
+        "lr_scheduler_timescale", "lr_scheduler_min_lr_ratio", "lr_scheduler_type", "lr_scheduler_args",
+        # datasets (data/)
+        "in_json", "dataset_repeats", "resize_interpolation", "caption_separator", "shuffle_caption", "keep_tokens",
+        "keep_tokens_separator", "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
+        "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min",
+        "token_warmup_step", "color_aug", "flip_aug", "random_crop", "face_crop_aug_range", "alpha_mask", "cache_info",
+        "skip_cache_check", "conditioning_data_dir", "masked_loss", "cache_latents_to_disk",
     }
 )  # fmt: skip
 

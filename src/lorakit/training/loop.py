@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from lorakit.adapters.formats import save_lora_file
 from lorakit.adapters.network import LoRANetwork
 from lorakit.data.batch import Batch
+from lorakit.data.masks import mask_to_latent
 from lorakit.data.dataset import build_train_dataset
 from lorakit.data.summary import format_summary
 from lorakit.families.base import Components, ModelFamily
@@ -60,6 +61,7 @@ def train(cfg: Any) -> TrainResult:
     seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1)
     dataset = build_train_dataset(cfg, seed)  # data problems surface before any model loads
     plan = make_plan(cfg, family.name, len(dataset), num_processes=_num_processes())
+    dataset.set_training_length(plan.max_train_steps, cfg.gradient_accumulation_steps)
     print(format_plan(cfg, plan, format_summary(dataset.summary())), flush=True)
     if cfg.dry_run:
         return TrainResult(plan)
@@ -67,9 +69,10 @@ def train(cfg: Any) -> TrainResult:
     accelerator = _make_accelerator(cfg)
     set_seed(seed)
     session = _setup(cfg, family, accelerator)
-    if cfg.cache_latents:
+    if cfg.cache_latents or cfg.cache_latents_to_disk:
+        disk = {"to_disk": True, "latent_format": family.name, "vae_id": str(cfg.vae or cfg.pretrained_model_name_or_path), "skip_check": cfg.skip_cache_check} if cfg.cache_latents_to_disk else {}
         with torch.no_grad():
-            dataset.cache_latents(lambda images: family.encode_images(session.comps, images), cfg.vae_batch_size or 1, True)
+            dataset.cache_latents(lambda images: family.encode_images(session.comps, images), cfg.vae_batch_size or 1, True, **disk)
     return _run(session, dataset, plan, seed)
 
 
@@ -148,9 +151,9 @@ def _run(session: Session, dataset: Any, plan: TrainingPlan, seed: int) -> Train
     cfg, accelerator, network = session.cfg, session.accelerator, session.network
     te_lr = cfg.text_encoder_lr[0] if cfg.text_encoder_lr else None
     groups, group_names = network.prepare_optimizer_params(te_lr, cfg.unet_lr, cfg.learning_rate)
-    optimizer, optimizer_text = build_optimizer(cfg, groups)
-    lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=plan.warmup_steps, total_steps=plan.max_train_steps)
-    optimizer = accelerator.prepare(optimizer)
+    handle = build_optimizer(cfg, groups)
+    lr_scheduler = build_lr_scheduler(cfg, handle, plan.max_train_steps)
+    optimizer, optimizer_text = accelerator.prepare(handle.optimizer), handle.description
     loader = dataset.make_loader(cfg.max_data_loader_n_workers, cfg.persistent_data_loader_workers)
 
     summary = dataset.summary()
@@ -190,19 +193,19 @@ def _run(session: Session, dataset: Any, plan: TrainingPlan, seed: int) -> Train
                 progress.set_postfix(loss=f"{result.losses[-1]:.4f}", epoch=epoch, lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
                 if accelerator.trackers:
                     logs = {"loss/average": result.losses[-1]}
-                    logs.update({f"lr/{name}": lr for name, lr in zip(group_names, lr_scheduler.get_last_lr())})
+                    logs.update(handle.lr_logs(lr_scheduler.get_last_lr(), group_names))
                     accelerator.log(logs, step=global_step)
             if policy.after_step(global_step) and global_step < plan.max_train_steps:
-                result.saved_files.append(_save(session, base_meta, step_file_name(cfg.output_name, global_step, cfg.save_model_as), epoch, global_step))
+                result.saved_files.append(_save(session, handle, base_meta, step_file_name(cfg.output_name, global_step, cfg.save_model_as), epoch, global_step))
             if global_step >= plan.max_train_steps:
                 break
         if policy.after_epoch(epoch):
-            result.saved_files.append(_save(session, base_meta, epoch_file_name(cfg.output_name, epoch, cfg.save_model_as), epoch, global_step))
+            result.saved_files.append(_save(session, handle, base_meta, epoch_file_name(cfg.output_name, epoch, cfg.save_model_as), epoch, global_step))
         if global_step >= plan.max_train_steps:
             break
     progress.close()
     accelerator.end_training()
-    result.saved_files.append(_save(session, base_meta, final_file_name(cfg.output_name, cfg.save_model_as), epoch, global_step))
+    result.saved_files.append(_save(session, handle, base_meta, final_file_name(cfg.output_name, cfg.save_model_as), epoch, global_step))
     accelerator.wait_for_everyone()
     return result
 
@@ -222,6 +225,9 @@ def _step_loss(session: Session, batch: Batch) -> torch.Tensor:
     with accelerator.autocast():
         prediction = family.predict(comps, noised.noisy, noised.timesteps, text, batch)
     elementwise = session.objective.elementwise_loss(prediction.float(), noised.target.float(), noised.timesteps)
+    if batch.masks is not None:
+        # --masked_loss / alpha_mask: weight each latent pixel by the mask, area-averaged to latent size
+        elementwise = elementwise * mask_to_latent(batch.masks.to(device), tuple(elementwise.shape[-2:]))
     per_sample = elementwise.mean(dim=tuple(range(1, elementwise.ndim)))
     weights = batch.loss_weights.to(device=device, dtype=per_sample.dtype)
     timestep_weights = session.objective.loss_weights(noised.timesteps)
@@ -279,11 +285,15 @@ def _base_metadata(session: Session, dataset: Any, facts: md.RunFacts) -> dict[s
 MODELSPEC_EXTRAS = ("author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from", "trigger_phrase", "preprocessor", "is_negative_embedding")
 
 
-def _save(session: Session, base_meta: dict[str, str], file_name: str, epoch: int, step: int) -> Path:
+def _save(session: Session, handle: Any, base_meta: dict[str, str], file_name: str, epoch: int, step: int) -> Path:
     accelerator = session.accelerator
     path = output_path(session.cfg, file_name)
     if accelerator.is_main_process:
         meta = md.per_save_metadata(base_meta, epoch=epoch, step=step)
-        save_lora_file(session.network.state_dict_kohya(), path, meta, save_dtype=save_dtype(session.cfg), model_format=session.cfg.save_model_as)
+        handle.eval_mode()  # schedule-free optimizers keep the weights to save in their averaged (eval) state
+        try:
+            save_lora_file(session.network.state_dict_kohya(), path, meta, save_dtype=save_dtype(session.cfg), model_format=session.cfg.save_model_as)
+        finally:
+            handle.train_mode()
         log.info("saved %s", path)
     return path
