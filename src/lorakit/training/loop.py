@@ -15,6 +15,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from lorakit.adapters.formats import save_lora_file
+from lorakit.adapters.factory import build_network
 from lorakit.adapters.network import LoRANetwork
 from lorakit.data.batch import Batch
 from lorakit.data.masks import mask_to_latent
@@ -111,7 +112,7 @@ def _setup(cfg: Any, family: ModelFamily, accelerator: Accelerator) -> Session:
     train_text_encoder = bool(family.text_encoders_to_train(comps, cfg))
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(comps, train_text_encoder)
-    network = _build_network(cfg, family, comps, device)
+    network = build_network(cfg, family, comps, device)
     if train_text_encoder:
         for encoder in family.text_encoders_to_train(comps, cfg):
             encoder.train()  # LoRA dropout acts only in train mode; the frozen weights have no dropout of their own
@@ -123,28 +124,6 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     """Move a frozen module; cast only when the dtype changes (diffusers warns on every cast)."""
     current = next(module.parameters()).dtype
     module.to(device=device) if current == dtype else module.to(device=device, dtype=dtype)
-
-
-def _build_network(cfg: Any, family: ModelFamily, comps: Components, device: torch.device) -> LoRANetwork:
-    kwargs = cfg.network_kwargs() if cfg.network_args else {}
-    targets = family.adapter_targets(comps, cfg)
-    network = LoRANetwork(
-        targets,
-        dropout=cfg.network_dropout,
-        rank_dropout=float(kwargs["rank_dropout"]) if "rank_dropout" in kwargs else None,
-        module_dropout=float(kwargs["module_dropout"]) if "module_dropout" in kwargs else None,
-    )
-    network.apply_to()
-    if cfg.network_weights:
-        from lorakit.adapters.formats import load_lora_file
-
-        state, _ = load_lora_file(cfg.network_weights)
-        for problem in network.load_kohya_state_dict(state, source=cfg.network_weights):
-            log.warning(problem)
-    network.to(device=device, dtype=torch.float32)
-    counts = network.num_modules_by_component()
-    log.info("LoRA modules: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
-    return network
 
 
 def _run(session: Session, dataset: Any, plan: TrainingPlan, seed: int) -> TrainResult:
