@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lorakit.families.base import Components
 
 BASE_WEIGHTS = "weights/toy_base"
 SAMPLE_SEED = 1234
@@ -56,22 +55,10 @@ def train_arguments(model: Path, data: Path, output_dir: Path, steps: int) -> li
 
 def sample_rows(model: Path, lora_file: Path | None, prompts: list[str], steps: int) -> list:
     """Images for `prompts` from the base model, with the LoRA merged when `lora_file` is given."""
-    from types import SimpleNamespace
-
-    from lorakit.adapters.formats import load_lora_file
-    from lorakit.adapters.network import LoRANetwork
-    from lorakit.families.sd.family import StableDiffusionFamily
-    from lorakit.families.sd.loading import load_sd_components
     from lorakit.sampling.generate import generate
+    from lorakit.toy.evaluate import load_with_lora
 
-    family = StableDiffusionFamily()
-    comps: Components = load_sd_components(str(model), v2=False, v_parameterization=False)
-    if lora_file is not None:
-        state, _ = load_lora_file(lora_file)
-        options = SimpleNamespace(network_dim=16, network_alpha=16.0, network_args=None, network_train_unet_only=True, network_train_text_encoder_only=False)
-        network = LoRANetwork(family.adapter_targets(comps, options))
-        network.load_kohya_state_dict(state, source=str(lora_file))
-        network.merge_to_base()
+    family, comps = load_with_lora(model, lora_file)
     return generate(family, comps, prompts, seed=SAMPLE_SEED, steps=steps, guidance_scale=4.0, width=64, height=64)
 
 
