@@ -17,6 +17,7 @@ commands:
   train     train a LoRA (sd-scripts option names: lorakit train --help)
   demo      train a LoRA on the built-in toy model and dataset on the CPU, with before/after samples
   lora      LoRA file tools: resize, merge, extract, convert, inspect (lorakit lora --help)
+  bench     step time of the trainer against the bare model step (lorakit bench --help)
 
 Any sd-scripts train_network.py command line works after `lorakit train`.
 """
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "demo": _demo, "lora": _lora}
+    commands = {"train": _train, "demo": _demo, "lora": _lora, "bench": _bench}
     if command not in commands:
         print(f"lorakit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -87,3 +88,9 @@ def _lora(argv: list[str]) -> int:
     from lorakit.cli.lora import main as lora_main
 
     return lora_main(argv)
+
+
+def _bench(argv: list[str]) -> int:
+    from lorakit.bench import main as bench_main
+
+    return bench_main(argv)
