@@ -37,6 +37,7 @@ def held_out_concept_set(count: int = 16, seed: int = 999, size: int = 64) -> He
 def denoising_loss(family, comps: Components, held_out: HeldOutSet, *, seed: int = 0, prediction_type: str = "epsilon") -> float:
     """Mean squared error of the denoiser on `held_out`, averaged over EVAL_TIMESTEPS with fixed noise."""
     schedule = DDPMSchedule.scaled_linear(prediction_type=prediction_type)
+    torch.manual_seed(seed)  # the VAE samples its posterior: the same draw for every model compared
     latents = family.encode_images(comps, held_out.pixels).float()
     text = family.encode_text(comps, held_out.captions)
     generator = torch.Generator().manual_seed(seed)
