@@ -1,0 +1,264 @@
+"""Load SDXL base models offline: diffusers folders (StableDiffusionXLPipeline layout) and SGM single files.
+
+Nothing here reaches a model hub. Single files are converted with diffusers' converters called with an
+explicit config: the `lorakit.configs` metadata lorakit writes into its own files (so tiny test models load),
+or else the real SDXL base configs bundled in `configs/sdxl_base/`. Modules are built on the meta device and
+the checkpoint's tensors assigned into them, so loading holds one copy of the weights. The module-building
+and weight-placing helpers are the SD family's, shared rather than copied.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import SafetensorError, safe_open
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from lorakit.errors import CheckpointError
+from lorakit.families.base import Components
+from lorakit.families.common.checkpoint_io import LoadedCheckpoint, read_checkpoint
+from lorakit.families.common.tokenizers import (
+    CLIP_PAD_END,
+    CLIP_PAD_OPENCLIP,
+    bundled_clip_tokenizer,
+    folder_clip_tokenizer,
+)
+from lorakit.families.sd import ldm_keys
+from lorakit.families.sd.loading import (
+    _assign_weights,
+    _first_line,
+    _from_pretrained,
+    _read_json,
+    _skip_weight_init,
+    load_vae,
+)
+from lorakit.families.sdxl import sgm_keys
+from lorakit.families.sdxl.sgm_keys import CONFIG_NAMES, TE1_PREFIX, TE2_PREFIX
+
+_CONFIG_DIR = resources.files("lorakit") / "families" / "sdxl" / "configs" / "sdxl_base"
+_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_BUNDLED_HINT = " The file was read as the real SDXL base architecture."
+
+
+def bundled_config(component: str) -> dict[str, Any]:
+    """One bundled SDXL base config: `unet`, `vae`, `text_encoder`, `text_encoder_2` or `scheduler`."""
+    return json.loads((_CONFIG_DIR / f"{component}.json").read_text(encoding="utf-8"))
+
+
+def noise_scheduler_config(v_parameterization: bool) -> dict[str, Any]:
+    """SDXL's training schedule (scaled_linear, as SD 1.x); v_prediction iff --v_parameterization."""
+    config = bundled_config("scheduler")
+    config["prediction_type"] = "v_prediction" if v_parameterization else "epsilon"
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_sdxl_components(
+    path: str, *, v_parameterization: bool = False, vae_path: str | None = None, dtype: torch.dtype = torch.float32
+) -> Components:
+    """Load SDXL from a diffusers folder or a single SGM-layout `.safetensors`/`.ckpt` file.
+
+    `vae_path` replaces the VAE (`--vae`). Every problem with the user's files raises `CheckpointError`
+    naming the file.
+    """
+    source = Path(path)
+    if not source.exists():
+        raise CheckpointError(f"{path}: model file or folder not found")
+    if vae_path is not None and not Path(vae_path).exists():
+        raise CheckpointError(f"{vae_path}: VAE file or folder not found")  # before spending time on the model
+    if source.is_dir():
+        unet, vae, te1, te2, tokenizers = _load_diffusers_folder(source, dtype)
+    else:
+        unet, vae, te1, te2 = _load_single_file(source, dtype)
+        tokenizers = [bundled_clip_tokenizer(CLIP_PAD_END), bundled_clip_tokenizer(CLIP_PAD_OPENCLIP)]
+    if vae_path is not None:
+        vae = load_vae(vae_path, dict(vae.config), dtype=dtype)
+    extras = {
+        "noise_scheduler_config": noise_scheduler_config(v_parameterization),
+        "prediction_type": "v_prediction" if v_parameterization else "epsilon",
+        "source": str(path),
+    }
+    return Components(unet, vae, [te1, te2], tokenizers, extras)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Diffusers folders
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _load_diffusers_folder(folder: Path, dtype: torch.dtype):
+    """unet/, vae/, text_encoder/, text_encoder_2/ from local files; tokenizer folders if present, else bundled."""
+    _check_diffusers_folder(folder)
+    unet = _from_pretrained(UNet2DConditionModel, folder, "unet", torch_dtype=dtype)
+    vae = _from_pretrained(AutoencoderKL, folder, "vae", torch_dtype=dtype)
+    te1 = _from_pretrained(CLIPTextModel, folder, "text_encoder", dtype=dtype)
+    te2 = _from_pretrained(CLIPTextModelWithProjection, folder, "text_encoder_2", dtype=dtype)
+    tokenizers = [
+        folder_clip_tokenizer(folder / sub) if (folder / sub).is_dir() else bundled_clip_tokenizer(pad)
+        for sub, pad in (("tokenizer", CLIP_PAD_END), ("tokenizer_2", CLIP_PAD_OPENCLIP))
+    ]
+    return unet.eval(), vae.eval(), te1.eval(), te2.eval(), tokenizers
+
+
+def _check_diffusers_folder(folder: Path) -> None:
+    """Refuse folders that are not SDXL pipelines before loading any weight."""
+    index_file = folder / "model_index.json"
+    if not index_file.is_file() and not (folder / "unet").is_dir():
+        raise CheckpointError(
+            f"{folder}: not a diffusers model folder (expected model_index.json with unet/, vae/, text_encoder/ "
+            "and text_encoder_2/ subfolders), nor a .safetensors/.ckpt file"
+        )
+    if index_file.is_file():
+        pipeline = _read_json(index_file).get("_class_name", "")
+        if pipeline and "XL" not in pipeline:
+            raise CheckpointError(f"{folder}: this is a {pipeline} model, not SDXL; {_family_hint(pipeline)}")
+    for sub in _SUBFOLDERS:
+        if not (folder / sub / "config.json").is_file():
+            hint = " (an SD 1.x/2.x folder? use --family sd)" if sub == "text_encoder_2" else ""
+            raise CheckpointError(f"{folder}: the diffusers folder has no {sub}/config.json{hint}")
+    unet_config = _read_json(folder / "unet" / "config.json")
+    if unet_config.get("addition_embed_type") != "text_time":
+        raise CheckpointError(f"{folder}: unet/config.json is not an SDXL UNet (no text_time addition embedding)")
+
+
+def _family_hint(pipeline: str) -> str:
+    if "StableDiffusion3" in pipeline:
+        return "use --family sd3"
+    if "Flux" in pipeline:
+        return "use --family flux"
+    return "use --family sd" if pipeline.startswith("StableDiffusion") else "choose its family"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Single files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _load_single_file(file: Path, dtype: torch.dtype):
+    """An SGM-layout checkpoint -> (unet, vae, te1, te2), converted with an explicit config."""
+    checkpoint = read_checkpoint(file)
+    _check_is_sdxl_checkpoint(checkpoint)
+    configs = _embedded_configs(checkpoint) or {name: bundled_config(name) for name in CONFIG_NAMES}
+    unet, vae, te1, te2 = _empty_modules(configs)
+    weights = checkpoint.state_dict
+    converted = {
+        "unet": sgm_keys.sgm_to_unet(weights, configs["unet"]),
+        "vae": ldm_keys.ldm_to_vae(weights, configs["vae"]),
+        "text_encoder": sgm_keys.sgm_to_te1(weights),
+        "text_encoder_2": sgm_keys.sgm_to_te2(weights, te2),
+    }
+    del weights, checkpoint  # the converted dicts hold the only references to the tensors now
+    hint = "" if configs.get("_embedded") else _BUNDLED_HINT
+    for name, module in zip(CONFIG_NAMES, (unet, vae, te1, te2)):
+        _assign_weights(module, converted.pop(name), file=str(file), component=name, dtype=dtype, hint=hint)
+    return unet.eval(), vae.eval(), te1.eval(), te2.eval()
+
+
+def _embedded_configs(checkpoint: LoadedCheckpoint) -> dict[str, Any] | None:
+    """The diffusers configs lorakit stores in its own SDXL single files, if this file has them."""
+    raw = checkpoint.metadata.get(ldm_keys.CONFIGS_METADATA_KEY) or checkpoint.metadata.get(ldm_keys.CONFIGS_CKPT_KEY)
+    if raw is None:
+        return None
+    try:
+        configs = json.loads(raw)
+        missing = [name for name in CONFIG_NAMES if not isinstance(configs.get(name), dict)]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)} entries")
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{checkpoint.path}: its '{ldm_keys.CONFIGS_METADATA_KEY}' metadata is damaged ({_first_line(exc)})"
+        ) from None
+    return {**configs, "_embedded": True}
+
+
+def _empty_modules(configs: dict[str, Any]):
+    """UNet, VAE and both text encoders with parameters on the meta device: allocating them costs nothing."""
+    with init_empty_weights(), _skip_weight_init():
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+        te1 = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"]))
+    return unet, vae, te1, te2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recognising what a file is
+# ---------------------------------------------------------------------------------------------------------
+
+_EXPECTED = (
+    "expected an SDXL checkpoint in the original SGM layout (model.diffusion_model.*, first_stage_model.*, "
+    "conditioner.embedders.0.transformer.*, conditioner.embedders.1.model.*) or a diffusers SDXL folder"
+)
+
+# Key fragments of files that are not SDXL base models, and what to tell the user about each.
+_FOREIGN_KEY_HINTS = (
+    (("lora_unet_", "lora_te", ".lora_down.", ".lora_A.", "hada_w1", "lokr_w1", "oft_blocks"),
+     "this is a LoRA/adapter file, not a base model (pass LoRA files with --network_weights)"),
+    (("cond_stage_model.",), "this is an SD 1.x/2.x checkpoint (use --family sd)"),
+    (("joint_blocks.",), "this is an SD3 checkpoint (use --family sd3)"),
+    (("double_blocks.", "single_blocks."), "this is a FLUX checkpoint (use --family flux)"),
+    (("encoder.down.", "decoder.up."), "this holds only a VAE (pass it with --vae)"),
+    (("down_blocks.", "transformer_blocks."), "these are diffusers-layout weights; pass the whole diffusers folder"),
+)
+
+
+def _check_is_sdxl_checkpoint(checkpoint: LoadedCheckpoint) -> None:
+    keys = list(checkpoint.state_dict)
+    if _keys_are_sdxl(keys):
+        missing = [p for p in (TE1_PREFIX, TE2_PREFIX, ldm_keys.VAE_PREFIX) if not any(k.startswith(p) for k in keys)]
+        if missing:
+            raise CheckpointError(
+                f"{checkpoint.path}: an SDXL UNet without {', '.join(p + '*' for p in missing)}; lorakit needs the "
+                "full checkpoint (UNet, VAE and both text encoders)"
+            )
+        return
+    if not keys:
+        raise CheckpointError(f"{checkpoint.path}: the file holds no tensors; {_EXPECTED}")
+    for fragments, hint in _FOREIGN_KEY_HINTS:
+        if any(fragment in key for key in keys for fragment in fragments):
+            raise CheckpointError(f"{checkpoint.path}: {hint}; {_EXPECTED}")
+    raise CheckpointError(f"{checkpoint.path}: unrecognised tensor names (e.g. {keys[0]}); {_EXPECTED}")
+
+
+def _keys_are_sdxl(keys: list[str]) -> bool:
+    """SGM files carry the OpenCLIP-G tower under conditioner.embedders.1, or at least the UNet's
+    size/pooled embedding (label_emb), which SD 1.x/2.x UNets lack."""
+    return any(k.startswith("conditioner.embedders.1.") for k in keys) or any(
+        k.startswith(ldm_keys.UNET_PREFIX + "label_emb.") for k in keys
+    )
+
+
+def is_sdxl_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is an SDXL base model, judged cheaply: a diffusers folder with text_encoder_2/ and a
+    text_time UNet, or a single file whose tensor names are SGM SDXL ones (safetensors: header only)."""
+    source = Path(path)
+    if source.is_dir():
+        unet_config = source / "unet" / "config.json"
+        if not (source / "text_encoder_2").is_dir() or not unet_config.is_file():
+            return False
+        try:
+            return json.loads(unet_config.read_text(encoding="utf-8")).get("addition_embed_type") == "text_time"
+        except (OSError, ValueError):
+            return False
+    if not source.is_file():
+        return False
+    if source.suffix.lower() == ".safetensors":
+        try:
+            with safe_open(str(source), framework="pt", device="cpu") as handle:
+                return _keys_are_sdxl(list(handle.keys()))
+        except (SafetensorError, OSError, ValueError):
+            return False
+    try:
+        return _keys_are_sdxl(list(read_checkpoint(source).state_dict))
+    except CheckpointError:
+        return False
