@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.adapters.base import AdapterModule, check_probability
+
 __all__ = ["LoRAModule", "lora_delta_weight", "lora_scale"]
 
 
@@ -106,14 +108,7 @@ def _make_factors(org_module: nn.Module, rank: int) -> tuple[nn.Module, nn.Modul
     raise TypeError(f"LoRA can wrap nn.Linear or nn.Conv2d, not {type(org_module).__name__}")
 
 
-def _check_probability(name: str, value: float | None) -> float:
-    p = float(value or 0.0)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return p
-
-
-class LoRAModule(nn.Module):
+class LoRAModule(AdapterModule):
     """A LoRA branch attached beside one frozen `nn.Linear` or `nn.Conv2d`.
 
     The original layer is not replaced: `apply_to()` swaps its `forward` for this module's, which calls the
@@ -121,6 +116,8 @@ class LoRAModule(nn.Module):
     `restore()` gives the original forward back. The wrapped layer is held outside this module's submodules
     so that the LoRA state dict holds only `lora_down.weight`, `lora_up.weight` and `alpha`.
     """
+
+    optional_tensors = ("alpha",)
 
     def __init__(
         self,
@@ -134,63 +131,46 @@ class LoRAModule(nn.Module):
         rank_dropout: float | None = None,
         module_dropout: float | None = None,
     ):
-        super().__init__()
+        super().__init__(name, org_module, multiplier)
         if rank <= 0:
             raise ValueError(f"{name}: LoRA rank must be positive, got {rank}")
-        self.lora_name = name
         self.rank = int(rank)
-        self.multiplier = float(multiplier)
-        self.dropout = _check_probability("dropout", dropout)
-        self.rank_dropout = _check_probability("rank_dropout", rank_dropout)
-        self.module_dropout = _check_probability("module_dropout", module_dropout)
+        self.dropout = check_probability("dropout", dropout)
+        self.rank_dropout = check_probability("rank_dropout", rank_dropout)
+        self.module_dropout = check_probability("module_dropout", module_dropout)
         self.is_conv = isinstance(org_module, nn.Conv2d)
         self.lora_down, self.lora_up = _make_factors(org_module, self.rank)
         weight = org_module.weight
         self.lora_down.to(device=weight.device)
         self.lora_up.to(device=weight.device)
-        # a = √5 is PyTorch's default for Linear/Conv weights; zero up makes ΔW = 0 at the start.
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
+        self.init_factors()
         alpha_value = float(alpha) if alpha else float(self.rank)
         self.register_buffer("alpha", torch.tensor(alpha_value, device=weight.device))
         self.scale = alpha_value / self.rank
-        # kept out of nn.Module's registry: it is the base model's layer, not part of the adapter.
-        object.__setattr__(self, "org_module", org_module)
-        object.__setattr__(self, "_org_forward", None)
-        object.__setattr__(self, "_patched_forward", None)
         self.register_load_state_dict_post_hook(lambda module, _incompatible: module.refresh_scale())
+
+    def init_factors(self) -> None:
+        """Random down, zero up: ΔW = 0 at the start (Hu et al. §4.1)."""
+        # a = √5 is PyTorch's default for Linear/Conv weights.
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
 
     def refresh_scale(self) -> None:
         """Recompute the cached scale after `alpha` changed (e.g. loaded from a file)."""
         self.scale = lora_scale(self.alpha, self.rank)
 
-    @property
-    def is_applied(self) -> bool:
-        return self._org_forward is not None
+    def after_load(self) -> None:
+        self.refresh_scale()
 
-    def apply_to(self) -> None:
-        """Route the wrapped layer's forward through this module (idempotent)."""
-        if self.is_applied:
-            return
-        # A forward already patched onto the instance (another adapter, a hook library) is kept and chained.
-        object.__setattr__(self, "_patched_forward", self.org_module.__dict__.get("forward"))
-        object.__setattr__(self, "_org_forward", self.org_module.forward)
-        self.org_module.forward = self.forward
+    def fill_missing(self, suffix: str) -> str:
+        self.alpha.fill_(self.rank)
+        return f"{self.lora_name} has no alpha; using alpha = rank ({self.rank})"
 
-    def restore(self) -> None:
-        """Give the wrapped layer its own forward back (idempotent)."""
-        if not self.is_applied:
-            return
-        if self._patched_forward is not None:
-            self.org_module.forward = self._patched_forward
-        else:
-            # apply_to set an instance attribute; deleting it re-exposes the class's forward.
-            del self.org_module.forward
-        object.__setattr__(self, "_org_forward", None)
+    def plus_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.lora_up.parameters() if p.requires_grad]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        original = self._org_forward if self._org_forward is not None else self.org_module.forward
-        out = original(x)
+        out = self.original_forward(x)
         if self.multiplier == 0.0:
             return out
         if self.training and self.module_dropout > 0.0 and torch.rand(()) < self.module_dropout:
@@ -207,23 +187,16 @@ class LoRAModule(nn.Module):
 
     def _rank_dropout_mask(self, hidden: torch.Tensor) -> torch.Tensor:
         """A (batch, rank) keep-mask shaped to broadcast over `hidden` (rank on dim 1 for convs, last otherwise)."""
-        keep = (torch.rand(hidden.shape[0], self.rank, device=hidden.device) >= self.rank_dropout).to(hidden.dtype)
+        rank = hidden.shape[1] if self.is_conv else hidden.shape[-1]
+        keep = (torch.rand(hidden.shape[0], rank, device=hidden.device) >= self.rank_dropout).to(hidden.dtype)
         if self.is_conv:
             return keep[:, :, None, None]
-        return keep.view(hidden.shape[0], *([1] * (hidden.dim() - 2)), self.rank)
+        return keep.view(hidden.shape[0], *([1] * (hidden.dim() - 2)), rank)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (without the multiplier) in the wrapped weight's shape, in float32 or wider."""
         kernel = self.org_module.weight.shape[2:] if self.is_conv else None
         return lora_delta_weight(self.lora_down.weight, self.lora_up.weight, self.alpha, conv_kernel=kernel)
-
-    @torch.no_grad()
-    def merge_to_base(self, multiplier: float = 1.0) -> None:
-        """Add multiplier·ΔW into the wrapped layer's weight and detach the branch (so it is not counted twice)."""
-        weight = self.org_module.weight
-        delta = self.delta_weight().to(device=weight.device)
-        weight.copy_((weight.to(delta.dtype) + multiplier * delta).to(weight.dtype))
-        self.restore()
 
     def extra_repr(self) -> str:
         return f"name={self.lora_name}, rank={self.rank}, alpha={float(self.alpha):g}, conv={self.is_conv}"

@@ -1,18 +1,21 @@
-"""A set of LoRA modules attached to a model, with kohya naming, parameter groups and strict loading.
+"""A set of adapter modules attached to a model, with kohya naming, parameter groups and strict loading.
 
 The network is built from the `AdapterTarget` list a model family hands over; it knows nothing about which
-architecture it adapts. Each LoRA module is registered under its kohya name (`lora_unet_…`, `lora_te…`), so
-`network.state_dict()` already is the kohya layout and `.to()` moves every adapter at once.
+architecture it adapts. Each module is registered under its kohya name (`lora_unet_…`, `lora_te…`,
+`oft_unet_…`), so `network.state_dict()` already is the kohya layout and `.to()` moves every adapter at once.
+Plain LoRA modules are made by default; any other algorithm comes in through `module_factory`, a callable
+that turns one `AdapterTarget` into an `AdapterModule` (see `factory.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from lorakit.adapters.base import AdapterModule
 from lorakit.adapters.lora import LoRAModule, lora_delta_weight
 from lorakit.errors import CheckpointError
 from lorakit.families.base import AdapterTarget
@@ -21,7 +24,7 @@ __all__ = ["COMPONENTS", "LoRANetwork"]
 
 COMPONENTS = ("text_encoder", "unet")
 _GROUP_NAMES = {"text_encoder": "textencoder", "unet": "unet"}
-_TENSOR_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+ModuleFactory = Callable[[AdapterTarget], AdapterModule]
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -31,7 +34,7 @@ def _split_key(key: str) -> tuple[str, str]:
 
 
 class LoRANetwork(nn.Module):
-    """LoRA modules for a list of targets; `apply_to()` attaches them, `restore()` detaches them."""
+    """Adapter modules for a list of targets; `apply_to()` attaches them, `restore()` detaches them."""
 
     def __init__(
         self,
@@ -41,38 +44,38 @@ class LoRANetwork(nn.Module):
         dropout: float | None = None,
         rank_dropout: float | None = None,
         module_dropout: float | None = None,
+        module_factory: ModuleFactory | None = None,
     ):
         super().__init__()
         self._components: dict[str, str] = {}
+        if module_factory is None:
+            def module_factory(target: AdapterTarget) -> AdapterModule:
+                return LoRAModule(
+                    target.name, target.module, target.rank, target.alpha, multiplier=multiplier,
+                    dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                )
         for target in targets:
-            self._add_target(target, multiplier, dropout, rank_dropout, module_dropout)
+            self._add_target(target, module_factory)
         self.multiplier = float(multiplier)
+        for module in self.lora_modules.values():
+            module.multiplier = self.multiplier
 
-    def _add_target(self, target: AdapterTarget, multiplier: float, dropout, rank_dropout, module_dropout) -> None:
+    def _add_target(self, target: AdapterTarget, module_factory: ModuleFactory) -> None:
         if target.component not in COMPONENTS:
             raise ValueError(f"{target.name}: component must be one of {COMPONENTS}, got {target.component!r}")
         if "." in target.name or not target.name:
             raise ValueError(f"invalid LoRA module name {target.name!r} (kohya names contain no dots)")
         if target.name in self._components:
             raise ValueError(f"two adapter targets share the name {target.name}")
-        module = LoRAModule(
-            target.name,
-            target.module,
-            target.rank,
-            target.alpha,
-            multiplier=multiplier,
-            dropout=dropout,
-            rank_dropout=rank_dropout,
-            module_dropout=module_dropout,
-        )
+        module = module_factory(target)
         self.add_module(target.name, module)
         self._components[target.name] = target.component
 
     # ------------------------------------------------------------------ access
 
     @property
-    def lora_modules(self) -> dict[str, LoRAModule]:
-        """Every LoRA module by kohya name, in target order."""
+    def lora_modules(self) -> dict[str, AdapterModule]:
+        """Every adapter module by kohya name, in target order."""
         return {name: getattr(self, name) for name in self._components}
 
     def component_of(self, name: str) -> str:
@@ -150,8 +153,9 @@ class LoRANetwork(nn.Module):
         modules = [getattr(self, n) for n in names]
         if not ratio:
             return [([p for m in modules for p in m.parameters() if p.requires_grad], "", 1.0)]
-        plain = [p for m in modules for p in m.lora_down.parameters() if p.requires_grad]
-        plus = [p for m in modules for p in m.lora_up.parameters() if p.requires_grad]
+        plus = [p for m in modules for p in m.plus_parameters()]
+        plus_ids = {id(p) for p in plus}
+        plain = [p for m in modules for p in m.parameters() if p.requires_grad and id(p) not in plus_ids]
         return [(plain, "", 1.0), (plus, " plus", float(ratio))]
 
     @torch.no_grad()
@@ -163,6 +167,8 @@ class LoRANetwork(nn.Module):
         """
         scaled, norms, largest = 0, [], 0.0
         for module in self.lora_modules.values():
+            if not isinstance(module, LoRAModule):
+                continue  # the rule is defined on the two LoRA factors only
             norm = float(lora_delta_weight(module.lora_down.weight, module.lora_up.weight, module.alpha).norm())
             largest = max(largest, norm)
             clipped = max(norm, max_norm / 2)
@@ -178,61 +184,32 @@ class LoRANetwork(nn.Module):
     # ------------------------------------------------------------------ kohya state dict
 
     def state_dict_kohya(self) -> dict[str, torch.Tensor]:
-        """`<name>.lora_down.weight`, `<name>.lora_up.weight` and the 0-d `<name>.alpha` of every module."""
-        return {key: value.detach() for key, value in self.state_dict().items()}
+        """Every module's tensors under `<name>.<tensor>` (`.lora_down.weight`, `.alpha`, `.oft_blocks`, ...)."""
+        return {
+            f"{name}.{suffix}": value
+            for name, module in self.lora_modules.items()
+            for suffix, value in module.adapter_state_dict().items()
+        }
 
     @torch.no_grad()
     def load_kohya_state_dict(self, state_dict: Mapping[str, torch.Tensor], *, source: str) -> list[str]:
         """Copy a kohya-format state dict into this network; returns warnings for modules the file lacks.
 
         Strict: a key for a module or tensor this network does not have, a shape mismatch, or a module with
-        only some of its factors raises `CheckpointError` naming `source`. A missing `alpha` means alpha = rank
+        only some of its tensors raises `CheckpointError` naming `source`. A missing `alpha` means alpha = rank
         (what every loader assumes).
         """
-        by_module = self._group_by_module(state_dict, source)
+        by_module: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state_dict.items():
+            name, suffix = _split_key(key)
+            if name not in self._components:
+                raise CheckpointError(f"{source}: key {key} is for a module this network does not have")
+            by_module.setdefault(name, {})[suffix] = value
         warnings: list[str] = []
         for name, module in self.lora_modules.items():
             tensors = by_module.get(name)
             if tensors is None:
                 warnings.append(f"{source}: no weights for {name}; it keeps its current values")
                 continue
-            missing = [s for s in ("lora_down.weight", "lora_up.weight") if s not in tensors]
-            if missing:
-                raise CheckpointError(f"{source}: {name} has no {' or '.join(missing)}")
-            self._copy_factors(module, tensors, source)
-            if "alpha" not in tensors:
-                warnings.append(f"{source}: {name} has no alpha; using alpha = rank ({module.rank})")
-                module.alpha.fill_(module.rank)
-            module.refresh_scale()
+            warnings += module.load_adapter_tensors(tensors, source)
         return warnings
-
-    def _group_by_module(self, state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
-        grouped: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in state_dict.items():
-            name, suffix = _split_key(key)
-            if name not in self._components:
-                raise CheckpointError(f"{source}: key {key} is for a module this network does not have")
-            if suffix not in _TENSOR_SUFFIXES:
-                raise CheckpointError(f"{source}: key {key} is not a LoRA tensor (expected {', '.join(_TENSOR_SUFFIXES)})")
-            if not isinstance(value, torch.Tensor):
-                raise CheckpointError(f"{source}: key {key} holds {type(value).__name__}, not a tensor")
-            grouped.setdefault(name, {})[suffix] = value
-        return grouped
-
-    @staticmethod
-    def _copy_factors(module: LoRAModule, tensors: dict[str, torch.Tensor], source: str) -> None:
-        targets = {
-            "lora_down.weight": module.lora_down.weight,
-            "lora_up.weight": module.lora_up.weight,
-            "alpha": module.alpha,
-        }
-        for suffix, value in tensors.items():
-            target = targets[suffix]
-            key = f"{module.lora_name}.{suffix}"
-            # some writers store alpha as shape (1,) instead of a 0-d scalar
-            fits = value.shape == target.shape or (suffix == "alpha" and value.numel() == 1)
-            if not fits:
-                raise CheckpointError(
-                    f"{source}: key {key} has shape {tuple(value.shape)} but this network expects {tuple(target.shape)}"
-                )
-            target.copy_(value.reshape(target.shape).to(device=target.device, dtype=target.dtype))

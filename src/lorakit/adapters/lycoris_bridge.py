@@ -1,0 +1,390 @@
+"""`--network_module lycoris.kohya`: the LyCORIS algorithms, behind lorakit's adapter interface.
+
+LyCORIS (Yeh et al., "Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to Model Evaluation",
+arXiv:2309.14859; pip package `lycoris-lora`) implements LoRA/LoCon, LoHa, LoKr, (IA)³, DyLoRA, GLoRA, native
+fine-tuning ("full"), Diag-OFT and BOFT, each with optional DoRA weight decomposition (`dora_wd`), Tucker
+factors for convs (`use_tucker`) and a learned output scalar (`use_scalar`). The algorithms' math is the
+package's own module classes; this file only chooses which layers get one and with which rank, and wraps each
+module in `AdapterModule` so the rest of lorakit (network, optimizer groups, files, merging) treats it like any
+other adapter.
+
+Layer selection follows `lycoris.kohya` exactly: a preset (`full`, `full-lin`, `attn-mlp`, `attn-only`,
+`unet-transformer-only`, `unet-convblock-only`, …) names module classes whose Linear/Conv children are adapted
+and module paths adapted themselves; linears and 1x1 convs get `network_dim`/`network_alpha`, larger kernels
+`conv_dim`/`conv_alpha` (0 switches them off). Two things differ, both on purpose:
+
+* the module walk is done here, over the roots the model family names (`lora_unet`, `lora_te`/`lora_te1`…),
+  and text-encoder names keep the `text_model_` level that transformers 5 dropped, so files carry the same
+  kohya names as sd-scripts + LyCORIS files have always had (and ComfyUI/Forge/A1111 map);
+* `block_dims`/`block_alphas` (and `conv_block_dims`/`conv_block_alphas`), which LyCORIS' own kohya entry
+  point no longer reads, set per-block ranks with sd-scripts' block indices (25 for SD 1/2).
+
+Files use the kohya prefixes `lora_unet_`/`lora_te_` (not the standalone `lycoris_` prefix) and the
+package's tensor names (`hada_w1_a`, `lokr_w1`, `oft_blocks`, `diff`, `dora_scale`, `alpha`, …).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.adapters.base import AdapterModule
+from lorakit.errors import CheckpointError, ConfigError
+from lorakit.families.base import AdapterTarget
+
+__all__ = [
+    "LYCORIS_ALGOS",
+    "LYCORIS_ARGS",
+    "LycorisAdapter",
+    "LycorisOptions",
+    "LycorisRoot",
+    "lycoris_targets",
+    "sd_block_index",
+]
+
+#: algorithm names accepted for `algo=` (those `lycoris-lora` implements for kohya networks)
+LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "glora", "full", "diag-oft", "boft")
+
+#: every --network_args key the bridge reads
+LYCORIS_ARGS = (
+    "algo", "preset", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "use_tucker",
+    "use_scalar", "rank_dropout_scale", "train_norm", "block_dims", "block_alphas", "conv_block_dims",
+    "conv_block_alphas", "dora_wd", "weight_decompose", "wd_on_output", "factor", "decompose_both", "full_matrix",
+    "unbalanced_factorization", "block_size", "constraint", "rescaled", "bypass_mode", "rs_lora", "train_on_input",
+    "use_cp", "use_conv_cp", "disable_conv_cp",
+)
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off", "none", ""}
+
+
+def _import_lycoris():
+    try:
+        import lycoris.modules  # noqa: F401
+        from lycoris.config import PRESET
+        from lycoris.wrapper import network_module_dict
+    except ImportError as exc:
+        raise ConfigError(
+            ["--network_module lycoris.kohya needs the lycoris-lora package: pip install lycoris-lora"]
+        ) from exc
+    return PRESET, network_module_dict
+
+
+# ---------------------------------------------------------------------- options
+
+
+def _bool(kwargs: Mapping[str, str], key: str, default: bool = False) -> bool:
+    if key not in kwargs:
+        return default
+    value = str(kwargs[key]).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError([f"--network_args {key}={kwargs[key]}: must be True or False"])
+
+
+def _number(kwargs: Mapping[str, str], key: str, kind: type, default: Any) -> Any:
+    if key not in kwargs or kwargs[key] in ("", "None", None):
+        return default
+    try:
+        return kind(float(kwargs[key])) if kind is int else kind(kwargs[key])
+    except ValueError as exc:
+        raise ConfigError([f"--network_args {key}={kwargs[key]}: must be a number"]) from exc
+
+
+def _number_list(kwargs: Mapping[str, str], key: str, kind: type, length: int | None) -> list | None:
+    if key not in kwargs:
+        return None
+    parts = [p.strip() for p in str(kwargs[key]).strip("[]").split(",")]
+    try:
+        values = [kind(float(p)) if kind is int else kind(p) for p in parts]
+    except ValueError as exc:
+        raise ConfigError([f"--network_args {key}: every entry must be a number (got {kwargs[key]})"]) from exc
+    if length is not None and len(values) != length:
+        raise ConfigError([f"--network_args {key}: needs exactly {length} values, got {len(values)}"])
+    return values
+
+
+@dataclass
+class LycorisOptions:
+    """The parsed `--network_args` of `lycoris.kohya`, with sd-scripts/LyCORIS defaults."""
+
+    algo: str = "lora"
+    preset: str = "full"
+    dim: int = 4
+    alpha: float = 1.0
+    conv_dim: int = 4
+    conv_alpha: float = 1.0
+    dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_tucker: bool = False
+    train_norm: bool = False
+    block_dims: list[int] | None = None
+    block_alphas: list[float] | None = None
+    conv_block_dims: list[int] | None = None
+    conv_block_alphas: list[float] | None = None
+    module_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, kwargs: Mapping[str, str], network_dim: int | None, network_alpha: float | None,
+              network_dropout: float | None, num_blocks: int | None = None) -> "LycorisOptions":
+        presets, modules = _import_lycoris()
+        unknown = sorted(set(kwargs) - set(LYCORIS_ARGS))
+        if unknown:
+            raise ConfigError([f"--network_args {k}: not a lycoris.kohya argument" for k in unknown])
+        algo = str(kwargs.get("algo", "lora")).lower()
+        if algo not in LYCORIS_ALGOS or algo not in modules:
+            raise ConfigError([f"--network_args algo={algo}: unknown (choose from {', '.join(LYCORIS_ALGOS)})"])
+        preset = str(kwargs.get("preset", "full"))
+        if preset not in presets:
+            raise ConfigError([f"--network_args preset={preset}: unknown (choose from {', '.join(presets)})"])
+        dim = int(network_dim or 4)
+        alpha = float(network_alpha) if network_alpha else float(dim)
+        # sd-scripts hands --network_dropout to LyCORIS as `dropout` (its "workaround for LyCORIS")
+        dropout = _number(kwargs, "dropout", float, network_dropout or 0.0)
+        weight_decompose = _bool(kwargs, "dora_wd") or _bool(kwargs, "weight_decompose")
+        tucker = any(_bool(kwargs, k) for k in ("use_tucker", "use_cp", "use_conv_cp")) or (
+            "disable_conv_cp" in kwargs and not _bool(kwargs, "disable_conv_cp")
+        )
+        module_kwargs = {
+            "use_scalar": _bool(kwargs, "use_scalar"),
+            "rank_dropout_scale": _bool(kwargs, "rank_dropout_scale"),
+            "weight_decompose": weight_decompose,
+            "wd_on_out": _bool(kwargs, "wd_on_output", True),
+            "factor": _number(kwargs, "factor", int, -1),
+            "decompose_both": _bool(kwargs, "decompose_both"),
+            "full_matrix": _bool(kwargs, "full_matrix"),
+            "unbalanced_factorization": _bool(kwargs, "unbalanced_factorization"),
+            "block_size": _number(kwargs, "block_size", int, 4),
+            "constraint": _number(kwargs, "constraint", float, 0.0),
+            "rescaled": _bool(kwargs, "rescaled"),
+            "bypass_mode": _bool(kwargs, "bypass_mode"),
+            "rs_lora": _bool(kwargs, "rs_lora"),
+            "train_on_input": _bool(kwargs, "train_on_input"),
+        }
+        return cls(
+            algo=algo,
+            preset=preset,
+            dim=dim,
+            alpha=alpha,
+            conv_dim=_number(kwargs, "conv_dim", int, dim),
+            conv_alpha=_number(kwargs, "conv_alpha", float, alpha),
+            dropout=dropout,
+            rank_dropout=_number(kwargs, "rank_dropout", float, 0.0),
+            module_dropout=_number(kwargs, "module_dropout", float, 0.0),
+            use_tucker=tucker,
+            train_norm=_bool(kwargs, "train_norm"),
+            block_dims=_number_list(kwargs, "block_dims", int, num_blocks),
+            block_alphas=_number_list(kwargs, "block_alphas", float, num_blocks),
+            conv_block_dims=_number_list(kwargs, "conv_block_dims", int, num_blocks),
+            conv_block_alphas=_number_list(kwargs, "conv_block_alphas", float, num_blocks),
+            module_kwargs=module_kwargs,
+        )
+
+
+# ---------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class LycorisRoot:
+    """One model part to walk: its kohya prefix, the module, the component, and a naming-only path prefix."""
+
+    prefix: str
+    module: nn.Module
+    component: str
+    path_prefix: str = ""
+    is_denoiser: bool = False
+
+
+_SD_BLOCK = re.compile(r"^(down_blocks|up_blocks)_(\d+)_(attentions|resnets|downsamplers|upsamplers)_(\d+)")
+
+
+def sd_block_index(path: str) -> int | None:
+    """sd-scripts' block index (0…24) of a diffusers SD 1/2 U-Net module path with `.` → `_`; None outside blocks.
+
+    IN00 is conv_in, IN01…IN11 the down blocks (3 per level: two layers and the downsampler), 12 the mid
+    block, OUT00…OUT11 (13…24) the up blocks (three layers per level, the upsampler sharing the last index).
+    """
+    if path.startswith("conv_in"):
+        return 0
+    if path.startswith("mid_block"):
+        return 12
+    match = _SD_BLOCK.match(path)
+    if match is None:
+        return None
+    side, level, kind, index = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
+    if side == "down_blocks":
+        return 1 + 3 * level + (2 if kind == "downsamplers" else index)
+    return 13 + 3 * level + (2 if kind == "upsamplers" else index)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm))
+
+
+def _is_conv_kxk(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def lycoris_targets(roots: Sequence[LycorisRoot], options: LycorisOptions) -> list[AdapterTarget]:
+    """The layers a `lycoris.kohya` network with this preset adapts, with their ranks (0-rank layers dropped)."""
+    presets, _ = _import_lycoris()
+    preset = presets[options.preset]
+    found: dict[str, AdapterTarget] = {}
+    for root in roots:
+        key = "unet" if root.is_denoiser else "text_encoder"
+        classes = set(preset.get(f"{key}_target_module", []))
+        names = list(preset.get(f"{key}_target_name", []))
+        for path, module in root.module.named_modules():
+            if type(module).__name__ in classes:
+                for child_path, child in module.named_modules():
+                    full = f"{path}.{child_path}" if child_path else path
+                    _add(found, root, full, child, options, preset)
+            elif path in names:
+                _add(found, root, path, module, options, preset)
+    return list(found.values())
+
+
+def _add(found: dict[str, AdapterTarget], root: LycorisRoot, path: str, module: nn.Module, options: LycorisOptions, preset: Mapping) -> None:
+    name = f"{root.prefix}_{(root.path_prefix + path).replace('.', '_')}"
+    if name in found:
+        return
+    if _is_norm(module):
+        if options.train_norm:
+            found[name] = AdapterTarget(name, module, root.component, 1, 1.0)
+        return
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return
+    spatial = _is_conv_kxk(module)
+    if spatial and not preset.get("enable_conv", True):
+        return
+    rank, alpha = _rank_for(path.replace(".", "_"), spatial, root.is_denoiser, options)
+    if rank > 0:
+        found[name] = AdapterTarget(name, module, root.component, rank, alpha)
+
+
+def _rank_for(path: str, spatial: bool, denoiser: bool, options: LycorisOptions) -> tuple[int, float]:
+    rank, alpha = (options.conv_dim, options.conv_alpha) if spatial else (options.dim, options.alpha)
+    block = sd_block_index(path) if denoiser else None
+    if block is None:
+        return rank, alpha
+    dims, alphas = (options.conv_block_dims, options.conv_block_alphas) if spatial else (options.block_dims, options.block_alphas)
+    if dims is None and spatial:
+        return rank, alpha
+    if dims is not None:
+        rank = dims[block]
+    if alphas is not None:
+        alpha = alphas[block]
+    return rank, alpha
+
+
+# ---------------------------------------------------------------------- the adapter
+
+
+class LycorisAdapter(AdapterModule):
+    """One LyCORIS module (LoCon, LoHa, LoKr, …) behind the `AdapterModule` interface.
+
+    The package module does the math and owns its tensors; its state dict already uses the file's names. Its
+    own `apply_to`/`restore` are used so that it keeps the original forward it chains to.
+    """
+
+    def __init__(self, target: AdapterTarget, options: LycorisOptions, multiplier: float = 1.0):
+        super().__init__(target.name, target.module, multiplier)
+        _, modules = _import_lycoris()
+        if _is_norm(target.module):
+            from lycoris.modules.norms import NormModule
+
+            self.lyco = NormModule(
+                target.name, target.module, multiplier, options.rank_dropout, options.module_dropout,
+                **options.module_kwargs,
+            )
+        else:
+            self.lyco = modules[options.algo](
+                target.name, target.module, multiplier, target.rank, target.alpha, options.dropout,
+                options.rank_dropout, options.module_dropout, options.use_tucker, **options.module_kwargs,
+            )
+        self.lyco.to(device=target.module.weight.device)
+
+    @property
+    def algorithm(self) -> str:
+        return type(self.lyco).__name__
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "multiplier" and "lyco" in self._modules:
+            self.lyco.multiplier = value
+
+    # patching is delegated: LyCORIS keeps a per-layer chain of wrappers
+    @property
+    def is_applied(self) -> bool:
+        return self.org_module.__dict__.get("forward") == self.lyco.forward
+
+    def apply_to(self) -> None:
+        if not self.is_applied:
+            self.lyco.apply_to()
+
+    def restore(self) -> None:
+        if self.is_applied:
+            self.lyco.restore()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lyco(x)
+
+    def merged_weight(self, multiplier: float = 1.0) -> torch.Tensor:
+        weight = self.org_module.weight
+        merged, _ = self.lyco.get_merged_weight(multiplier, weight.shape, weight.device)
+        return merged.float()
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.merged_weight(1.0) - self.org_module.weight.float()
+
+    @torch.no_grad()
+    def merge_to_base(self, multiplier: float = 1.0) -> None:
+        weight = self.org_module.weight
+        merged, bias = self.lyco.get_merged_weight(multiplier, weight.shape, weight.device)
+        weight.copy_(merged.to(weight.dtype))
+        if bias is not None and self.org_module.bias is not None:
+            self.org_module.bias.copy_(bias.to(self.org_module.bias.dtype))
+        self.restore()
+
+    def plus_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.lyco.named_parameters() if "lora_up" in n and p.requires_grad]
+
+    # files: the package's own names (its custom state dict), read back through its load hooks
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        return self.lyco.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.lyco.state_dict().items()}
+
+    @torch.no_grad()
+    def load_adapter_tensors(self, tensors: Mapping[str, torch.Tensor], source: str) -> list[str]:
+        expected = self.adapter_state_dict()
+        unknown = sorted(set(tensors) - set(expected))
+        if unknown:
+            raise CheckpointError(
+                f"{source}: key {self.lora_name}.{unknown[0]} is not a tensor of this {self.algorithm} "
+                f"(expected {', '.join(sorted(expected))})"
+            )
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise CheckpointError(f"{source}: {self.lora_name} has no {' or '.join(missing)}")
+        for suffix, value in tensors.items():
+            if value.numel() != expected[suffix].numel():
+                raise CheckpointError(
+                    f"{source}: key {self.lora_name}.{suffix} has shape {tuple(value.shape)} but this network "
+                    f"expects {tuple(expected[suffix].shape)}"
+                )
+        state = {k: v.reshape(expected[k].shape) for k, v in tensors.items()}
+        self.lyco.load_state_dict(state, strict=False)
+        return []
+
+    def extra_repr(self) -> str:
+        return f"name={self.lora_name}, algo={self.algorithm}"
