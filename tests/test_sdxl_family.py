@@ -125,6 +125,11 @@ def test_non_sdxl_checkpoints_are_refused(tmp_path):
     write_safetensors_atomic({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, lora)
     with pytest.raises(CheckpointError, match="LoRA/adapter file"):
         load_sdxl_components(str(lora))
+    unet_only = tmp_path / "unet_only.safetensors"
+    write_safetensors_atomic({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(2, 2)}, unet_only)
+    assert is_sdxl_checkpoint(unet_only)
+    with pytest.raises(CheckpointError, match=r"an SDXL UNet without conditioner\.embedders\.0\.transformer\.\*"):
+        load_sdxl_components(str(unet_only))
     with pytest.raises(CheckpointError, match="not found"):
         load_sdxl_components(str(tmp_path / "missing.safetensors"))
 

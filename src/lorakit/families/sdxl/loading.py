@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lorakit.errors import CheckpointError
@@ -39,6 +38,7 @@ from lorakit.families.sd.loading import (
     load_vae,
 )
 from lorakit.families.sdxl import sgm_keys
+from lorakit.families.sdxl.detect import is_sdxl_checkpoint, keys_are_sdxl  # noqa: F401 (re-exported)
 from lorakit.families.sdxl.sgm_keys import CONFIG_NAMES, TE1_PREFIX, TE2_PREFIX
 
 _CONFIG_DIR = resources.files("lorakit") / "families" / "sdxl" / "configs" / "sdxl_base"
@@ -214,7 +214,7 @@ _FOREIGN_KEY_HINTS = (
 
 def _check_is_sdxl_checkpoint(checkpoint: LoadedCheckpoint) -> None:
     keys = list(checkpoint.state_dict)
-    if _keys_are_sdxl(keys):
+    if keys_are_sdxl(keys):
         missing = [p for p in (TE1_PREFIX, TE2_PREFIX, ldm_keys.VAE_PREFIX) if not any(k.startswith(p) for k in keys)]
         if missing:
             raise CheckpointError(
@@ -228,37 +228,3 @@ def _check_is_sdxl_checkpoint(checkpoint: LoadedCheckpoint) -> None:
         if any(fragment in key for key in keys for fragment in fragments):
             raise CheckpointError(f"{checkpoint.path}: {hint}; {_EXPECTED}")
     raise CheckpointError(f"{checkpoint.path}: unrecognised tensor names (e.g. {keys[0]}); {_EXPECTED}")
-
-
-def _keys_are_sdxl(keys: list[str]) -> bool:
-    """SGM files carry the OpenCLIP-G tower under conditioner.embedders.1, or at least the UNet's
-    size/pooled embedding (label_emb), which SD 1.x/2.x UNets lack."""
-    return any(k.startswith("conditioner.embedders.1.") for k in keys) or any(
-        k.startswith(ldm_keys.UNET_PREFIX + "label_emb.") for k in keys
-    )
-
-
-def is_sdxl_checkpoint(path: str | Path) -> bool:
-    """Whether `path` is an SDXL base model, judged cheaply: a diffusers folder with text_encoder_2/ and a
-    text_time UNet, or a single file whose tensor names are SGM SDXL ones (safetensors: header only)."""
-    source = Path(path)
-    if source.is_dir():
-        unet_config = source / "unet" / "config.json"
-        if not (source / "text_encoder_2").is_dir() or not unet_config.is_file():
-            return False
-        try:
-            return json.loads(unet_config.read_text(encoding="utf-8")).get("addition_embed_type") == "text_time"
-        except (OSError, ValueError):
-            return False
-    if not source.is_file():
-        return False
-    if source.suffix.lower() == ".safetensors":
-        try:
-            with safe_open(str(source), framework="pt", device="cpu") as handle:
-                return _keys_are_sdxl(list(handle.keys()))
-        except (SafetensorError, OSError, ValueError):
-            return False
-    try:
-        return _keys_are_sdxl(list(read_checkpoint(source).state_dict))
-    except CheckpointError:
-        return False
