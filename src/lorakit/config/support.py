@@ -159,7 +159,13 @@ def _max_token_length(value: Any) -> str | None:
     return f"--max_token_length {value} is recognised but not implemented yet in lorakit; prompts use 75 tokens"
 
 
-_NETWORK_KEYS_DONE = ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout")
+_NETWORK_KEYS_DONE = (
+    "conv_dim", "conv_alpha", "rank_dropout", "module_dropout",
+    # block-wise ranks and learning rates (adapters/blocks.py), LoRA+, module listing
+    "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
+    "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+    "loraplus_text_encoder_lr_ratio", "verbose",
+)
 
 
 def _network_args(cfg: TrainConfig) -> list[str]:
@@ -215,6 +221,11 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min",
         "token_warmup_step", "color_aug", "flip_aug", "random_crop", "face_crop_aug_range", "alpha_mask", "cache_info",
         "skip_cache_check", "conditioning_data_dir", "masked_loss", "cache_latents_to_disk",
+        # network extras, saving, resume and sampling (training/trainer.py, training/state.py, sampling/)
+        "scale_weight_norms", "save_n_epoch_ratio", "save_last_n_epochs", "save_last_n_steps", "save_state",
+        "save_state_on_train_end", "save_last_n_epochs_state", "save_last_n_steps_state", "resume",
+        "initial_epoch", "initial_step", "skip_until_initial_step", "sample_prompts", "sample_every_n_steps",
+        "sample_every_n_epochs", "sample_at_first", "sample_sampler",
     }
 )  # fmt: skip
 

@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 from lorakit.families.base import Components, ModelFamily
+from lorakit.sampling.prompts import SamplePrompt
+from lorakit.sampling.weighting import encode_weighted_prompts, plain_text
 
 
 @torch.no_grad()
@@ -46,3 +48,47 @@ def image_grid(rows: list[list[Image.Image]], gap: int = 2, background: tuple[in
         for c, image in enumerate(row):
             grid.paste(image, (c * (width + gap), r * (height + gap)))
     return grid
+
+
+def takes_weighted_embeddings(pipe: Any) -> bool:
+    """Whether our weighted-prompt encoder fits the pipeline: one CLIP text encoder that accepts prompt_embeds.
+
+    Pipelines with a second encoder or pooled embeddings (SDXL, SD3, FLUX) get the prompt text without the
+    weighting syntax instead.
+    """
+    has_single_clip = getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None
+    has_more = any(getattr(pipe, name, None) is not None for name in ("text_encoder_2", "text_encoder_3"))
+    return has_single_clip and not has_more
+
+
+def _prompt_kwargs(pipe: Any, prompt: SamplePrompt, clip_skip: int | None) -> dict[str, Any]:
+    if takes_weighted_embeddings(pipe):
+        embeds = encode_weighted_prompts(pipe.text_encoder, pipe.tokenizer, [prompt.prompt, prompt.negative_prompt], clip_skip)
+        return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+    negative = plain_text(prompt.negative_prompt) if prompt.negative_prompt else None
+    return {"prompt": plain_text(prompt.prompt), "negative_prompt": negative}
+
+
+@torch.no_grad()
+def generate_sample(pipe: Any, prompt: SamplePrompt, *, clip_skip: int | None = None) -> Image.Image:
+    """One image for a sample prompt; a prompt with a seed gives the same image on every device."""
+    generator = torch.Generator(device="cpu").manual_seed(prompt.seed) if prompt.seed is not None else None
+    kwargs = _prompt_kwargs(pipe, prompt, clip_skip)
+    if prompt.guidance_scale is not None:
+        kwargs["guidance_scale_embedded"] = prompt.guidance_scale
+    return _call_pipeline(pipe, kwargs, prompt, generator)
+
+
+def _call_pipeline(pipe: Any, kwargs: dict[str, Any], prompt: SamplePrompt, generator: Any) -> Image.Image:
+    import inspect
+
+    accepted = inspect.signature(pipe.__call__).parameters
+    embedded = kwargs.pop("guidance_scale_embedded", None)
+    if embedded is not None and "guidance" in accepted:
+        kwargs["guidance"] = embedded  # FLUX-style embedded guidance (--g), where the pipeline has it
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    out = pipe(
+        **kwargs, num_inference_steps=prompt.sample_steps, guidance_scale=prompt.scale, width=prompt.width,
+        height=prompt.height, generator=generator, output_type="pil",
+    )
+    return out.images[0]

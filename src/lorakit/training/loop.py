@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,22 +11,17 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
-from lorakit.adapters.formats import save_lora_file
+from lorakit.adapters.blocks import apply_block_ranks, is_blockwise
 from lorakit.adapters.factory import build_network
 from lorakit.adapters.network import LoRANetwork
-from lorakit.data.batch import Batch
-from lorakit.data.masks import mask_to_latent
 from lorakit.data.dataset import build_train_dataset
 from lorakit.data.summary import format_summary
-from lorakit.families.base import Components, ModelFamily
+from lorakit.errors import ConfigError
+from lorakit.families.base import AdapterTarget, Components, ModelFamily
 from lorakit.families.registry import resolve_family
 from lorakit.training import metadata as md
-from lorakit.training.optim import build_optimizer
-from lorakit.training.plan import TrainingPlan, format_plan, make_plan
-from lorakit.training.saving import SavePolicy, epoch_file_name, final_file_name, output_path, save_dtype, step_file_name
-from lorakit.training.schedulers import build_lr_scheduler
+from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
 from lorakit.training.trackers import logging_dir, read_tracker_init_kwargs, tracker_config, tracker_names
 
 log = logging.getLogger("lorakit")
@@ -39,7 +33,10 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 class TrainResult:
     plan: TrainingPlan
     saved_files: list[Path] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # mean loss over each logging interval
+    step_losses: list[float] = field(default_factory=list)  # one per optimizer step run by this process
+    start_step: int = 0  # the global step the run started from (non-zero when resumed)
+    sample_files: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -54,6 +51,7 @@ class Session:
     accelerator: Accelerator
     weight_dtype: torch.dtype
     train_text_encoder: bool
+    noise_generator: torch.Generator | None = None  # set by the trainer; draws training noise and timesteps
 
 
 def train(cfg: Any) -> TrainResult:
@@ -64,6 +62,7 @@ def train(cfg: Any) -> TrainResult:
     plan = make_plan(cfg, family.name, len(dataset), num_processes=_num_processes())
     dataset.set_training_length(plan.max_train_steps, cfg.gradient_accumulation_steps)
     print(format_plan(cfg, plan, format_summary(dataset.summary())), flush=True)
+    check_before_loading(cfg, plan)
     if cfg.dry_run:
         return TrainResult(plan)
 
@@ -75,6 +74,29 @@ def train(cfg: Any) -> TrainResult:
         with torch.no_grad():
             dataset.cache_latents(lambda images: family.encode_images(session.comps, images), cfg.vae_batch_size or 1, True, **disk)
     return _run(session, dataset, plan, seed)
+
+
+def check_before_loading(cfg: Any, plan: TrainingPlan) -> None:
+    """Resume folder, start step and sample prompts: every problem at once, before any model loads."""
+    from lorakit.sampling.prompts import read_sample_prompts
+    from lorakit.training.state import check_state_folder, read_train_state
+
+    problems: list[str] = []
+    resumed_step = None
+    if cfg.resume:
+        problems += check_state_folder(cfg.resume)
+        if not problems:
+            resumed_step = read_train_state(cfg.resume).step
+    if not problems:
+        message = initial_step_problem(cfg, plan, resumed_step)
+        problems += [message] if message else []
+    if cfg.sample_prompts:
+        try:
+            read_sample_prompts(cfg.sample_prompts)
+        except ConfigError as error:
+            problems += error.problems
+    if problems:
+        raise ConfigError(problems)
 
 
 def _num_processes() -> int:
@@ -112,7 +134,8 @@ def _setup(cfg: Any, family: ModelFamily, accelerator: Accelerator) -> Session:
     train_text_encoder = bool(family.text_encoders_to_train(comps, cfg))
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(comps, train_text_encoder)
-    network = build_network(cfg, family, comps, device)
+    network = build_network(cfg, _BlockwiseTargets(family, cfg), comps, device)
+    _list_modules(cfg, network)
     if train_text_encoder:
         for encoder in family.text_encoders_to_train(comps, cfg):
             encoder.train()  # LoRA dropout acts only in train mode; the frozen weights have no dropout of their own
@@ -126,120 +149,44 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     module.to(device=device) if current == dtype else module.to(device=device, dtype=dtype)
 
 
-def _run(session: Session, dataset: Any, plan: TrainingPlan, seed: int) -> TrainResult:
-    cfg, accelerator, network = session.cfg, session.accelerator, session.network
-    te_lr = cfg.text_encoder_lr[0] if cfg.text_encoder_lr else None
-    groups, group_names = network.prepare_optimizer_params(te_lr, cfg.unet_lr, cfg.learning_rate)
-    handle = build_optimizer(cfg, groups)
-    lr_scheduler = build_lr_scheduler(cfg, handle, plan.max_train_steps)
-    optimizer, optimizer_text = accelerator.prepare(handle.optimizer), handle.description
-    loader = dataset.make_loader(cfg.max_data_loader_n_workers, cfg.persistent_data_loader_workers)
+class _BlockwiseTargets:
+    """The family as the network factory sees it, with block-wise ranks applied to its adapter targets.
 
-    summary = dataset.summary()
-    facts = md.RunFacts(
-        summary.num_train_images, summary.num_reg_images, plan.batches_per_epoch, plan.num_epochs,
-        plan.max_train_steps, plan.warmup_steps, optimizer_text, seed,
-    )
-    base_meta = _base_metadata(session, dataset, facts)
-    policy = SavePolicy(cfg.save_every_n_epochs, cfg.save_every_n_steps, plan.num_epochs)
-    result = TrainResult(plan)
-    params = network.trainable_parameters()
+    `block_dims`/`*_lr_weight` change which layers get a module and at what rank; the family's own targets
+    stay untouched, and nothing here depends on which family it is (blocks are read off the module names).
+    """
 
-    progress = tqdm(total=plan.max_train_steps, desc="steps", dynamic_ncols=True, disable=not accelerator.is_main_process)
-    global_step, epoch = 0, 0
-    running = RunningLoss()
-    for epoch in range(1, plan.num_epochs + 1):
-        dataset.set_epoch(epoch)
-        for batch in loader:
-            with accelerator.accumulate():
-                loss = _step_loss(session, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    _all_reduce_gradients(accelerator, params)
-                    if cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            running.add(loss.detach())
-            if not accelerator.sync_gradients:
-                continue
-            lr_scheduler.step()
-            global_step += 1
-            progress.update(1)
-            if global_step % 5 == 0 or global_step == plan.max_train_steps:
-                # reading the loss forces a device sync, so only every few steps
-                result.losses.append(running.mean())
-                progress.set_postfix(loss=f"{result.losses[-1]:.4f}", epoch=epoch, lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-                if accelerator.trackers:
-                    logs = {"loss/average": result.losses[-1]}
-                    logs.update(handle.lr_logs(lr_scheduler.get_last_lr(), group_names))
-                    accelerator.log(logs, step=global_step)
-            if policy.after_step(global_step) and global_step < plan.max_train_steps:
-                result.saved_files.append(_save(session, handle, base_meta, step_file_name(cfg.output_name, global_step, cfg.save_model_as), epoch, global_step))
-            if global_step >= plan.max_train_steps:
-                break
-        if policy.after_epoch(epoch):
-            result.saved_files.append(_save(session, handle, base_meta, epoch_file_name(cfg.output_name, epoch, cfg.save_model_as), epoch, global_step))
-        if global_step >= plan.max_train_steps:
-            break
-    progress.close()
-    accelerator.end_training()
-    result.saved_files.append(_save(session, handle, base_meta, final_file_name(cfg.output_name, cfg.save_model_as), epoch, global_step))
-    accelerator.wait_for_everyone()
-    return result
+    def __init__(self, family: ModelFamily, cfg: Any):
+        self._family, self._cfg = family, cfg
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._family, name)
+
+    def adapter_targets(self, comps: Components, cfg: Any) -> list[AdapterTarget]:
+        targets = self._family.adapter_targets(comps, cfg)
+        kwargs = cfg.network_kwargs() if cfg.network_args else {}
+        if not is_blockwise(kwargs):
+            return targets
+        alpha = cfg.network_alpha if cfg.network_alpha else float(cfg.network_dim or 4)
+        return apply_block_ranks(targets, kwargs, cfg.network_dim or 4, alpha)
 
 
-def _step_loss(session: Session, batch: Batch) -> torch.Tensor:
-    """Encode, noise, predict and compare: the loss of one micro-batch, weighted per sample."""
-    family, comps, accelerator = session.family, session.comps, session.accelerator
-    device = accelerator.device
-    with torch.no_grad():
-        if batch.latents is not None:
-            latents = batch.latents.to(device=device, dtype=session.weight_dtype)
-        else:
-            latents = family.encode_images(comps, batch.images.to(device)).to(session.weight_dtype)
-    with torch.set_grad_enabled(session.train_text_encoder), accelerator.autocast():
-        text = family.encode_text(comps, batch.captions, session.cfg.clip_skip)
-    noised = session.objective.noise(latents)
-    with accelerator.autocast():
-        prediction = family.predict(comps, noised.noisy, noised.timesteps, text, batch)
-    elementwise = session.objective.elementwise_loss(prediction.float(), noised.target.float(), noised.timesteps)
-    if batch.masks is not None:
-        # --masked_loss / alpha_mask: weight each latent pixel by the mask, area-averaged to latent size
-        elementwise = elementwise * mask_to_latent(batch.masks.to(device), tuple(elementwise.shape[-2:]))
-    per_sample = elementwise.mean(dim=tuple(range(1, elementwise.ndim)))
-    weights = batch.loss_weights.to(device=device, dtype=per_sample.dtype)
-    timestep_weights = session.objective.loss_weights(noised.timesteps)
-    if timestep_weights is not None:
-        weights = weights * timestep_weights
-    return (per_sample * weights).mean()
-
-
-def _all_reduce_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
-    """The LoRA modules live inside the frozen model, outside any DDP wrapper, so gradients are averaged here."""
-    if accelerator.num_processes <= 1:
+def _list_modules(cfg: Any, network: Any) -> None:
+    """`--network_args verbose=True`: every module with its rank and alpha (only the literal True counts)."""
+    kwargs = cfg.network_kwargs() if cfg.network_args else {}
+    if kwargs.get("verbose") != "True":
         return
-    for param in params:
-        if param.grad is not None:
-            param.grad = accelerator.reduce(param.grad, reduction="mean")
+    for name, module in getattr(network, "lora_modules", {}).items():
+        log.info("%s: dim %s, alpha %s", name, getattr(module, "rank", "?"), float(getattr(module, "alpha", 0.0)))
 
 
-class RunningLoss:
-    """Loss values kept on the device and averaged on demand (no sync per step)."""
+def _run(session: Session, dataset: Any, plan: TrainingPlan, seed: int) -> TrainResult:
+    from lorakit.training.trainer import Trainer
 
-    def __init__(self) -> None:
-        self.values: list[torch.Tensor] = []
-
-    def add(self, value: torch.Tensor) -> None:
-        self.values.append(value)
-
-    def mean(self) -> float:
-        value = torch.stack(self.values).float().mean().item()
-        self.values.clear()
-        return value if math.isfinite(value) else float("nan")
+    return Trainer(session, dataset, plan, seed).run()
 
 
-def _base_metadata(session: Session, dataset: Any, facts: md.RunFacts) -> dict[str, str]:
+def base_metadata(session: Session, dataset: Any, facts: md.RunFacts) -> dict[str, str]:
     from lorakit.adapters.modelspec import build_modelspec
     from lorakit.data.metadata import dataset_metadata
 
@@ -262,17 +209,3 @@ def _base_metadata(session: Session, dataset: Any, facts: md.RunFacts) -> dict[s
 
 
 MODELSPEC_EXTRAS = ("author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from", "trigger_phrase", "preprocessor", "is_negative_embedding")
-
-
-def _save(session: Session, handle: Any, base_meta: dict[str, str], file_name: str, epoch: int, step: int) -> Path:
-    accelerator = session.accelerator
-    path = output_path(session.cfg, file_name)
-    if accelerator.is_main_process:
-        meta = md.per_save_metadata(base_meta, epoch=epoch, step=step)
-        handle.eval_mode()  # schedule-free optimizers keep the weights to save in their averaged (eval) state
-        try:
-            save_lora_file(session.network.state_dict_kohya(), path, meta, save_dtype=save_dtype(session.cfg), model_format=session.cfg.save_model_as)
-        finally:
-            handle.train_mode()
-        log.info("saved %s", path)
-    return path

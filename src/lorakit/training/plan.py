@@ -46,3 +46,38 @@ def format_plan(cfg: Any, plan: TrainingPlan, dataset_text: str) -> str:
         f"  output            {cfg.output_dir}/{cfg.output_name or 'last'}.{cfg.save_model_as}",
     ]
     return "\n".join(lines)
+
+
+def start_position(cfg: Any, plan: TrainingPlan, resumed_step: int | None) -> "ResumePoint":
+    """Where training starts: step, epoch and batches to skip (inventory §8.3, without its step defect).
+
+    The step is --initial_step, else --initial_epoch's first step, else the resumed state's step. With --resume
+    or --skip_until_initial_step the run continues at exactly that batch; otherwise (sd-scripts' plain
+    --initial_step) it starts at the beginning of the epoch holding that step. The global step always stays
+    the absolute step.
+    """
+    from lorakit.data.resume import ResumePoint, initial_step_from_epoch, resume_point
+
+    accumulation = cfg.gradient_accumulation_steps
+    if cfg.initial_step is not None:
+        step = cfg.initial_step
+    elif cfg.initial_epoch is not None:
+        step = initial_step_from_epoch(cfg.initial_epoch, plan.batches_per_epoch, accumulation)
+    elif resumed_step is not None:
+        step = resumed_step
+    else:
+        return ResumePoint(1, 0, 0)
+    point = resume_point(step, plan.batches_per_epoch, accumulation)
+    if resumed_step is None and not cfg.skip_until_initial_step:
+        return ResumePoint(point.epoch, 0, step)
+    return point
+
+
+def initial_step_problem(cfg: Any, plan: TrainingPlan, resumed_step: int | None) -> str | None:
+    """A message when the run would start at or after its last step (sd-scripts asserts this)."""
+    point = start_position(cfg, plan, resumed_step)
+    if point.global_step < plan.max_train_steps:
+        return None
+    source = "--initial_step" if cfg.initial_step is not None else "--initial_epoch" if cfg.initial_epoch is not None else f"--resume {cfg.resume}"
+    return (f"{source}: training would start at step {point.global_step}, but the run has only "
+            f"{plan.max_train_steps} steps; raise --max_train_steps or --max_train_epochs")

@@ -1,0 +1,78 @@
+"""Writing LoRA files and training states during a run, and deleting the ones retention lets go."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from lorakit.adapters.formats import save_lora_file
+from lorakit.training import metadata as md
+from lorakit.training import saving
+from lorakit.training.state import TrainingState, save_state
+
+log = logging.getLogger("lorakit")
+
+
+class Checkpointer:
+    """Saves at epoch ends, at steps and at the end; with --save_state a state goes with each file."""
+
+    def __init__(self, session: Any, handle: Any, live: TrainingState, base_meta: dict[str, str], num_epochs: int):
+        cfg = session.cfg
+        self.session, self.handle, self.live, self.base_meta = session, handle, live, base_meta
+        self.folder = Path(cfg.output_dir)
+        self.keep_files = saving.retention_for(cfg, num_epochs, states=False)
+        self.keep_states = saving.retention_for(cfg, num_epochs, states=True)
+        self.saved: list[Path] = []
+
+    @property
+    def _main(self) -> bool:
+        return self.session.accelerator.is_main_process
+
+    def epoch(self, epoch: int, step: int) -> None:
+        cfg = self.session.cfg
+        self._lora(saving.epoch_file_name(cfg.output_name, epoch, cfg.save_model_as), epoch, step)
+        self._prune(cfg.save_model_as, self.keep_files, epoch=epoch)
+        if cfg.save_state:
+            self._state(saving.epoch_state_name(cfg.output_name, epoch), epoch, step)
+            self._prune(None, self.keep_states, epoch=epoch)
+
+    def step(self, epoch: int, step: int) -> None:
+        cfg = self.session.cfg
+        self._lora(saving.step_file_name(cfg.output_name, step, cfg.save_model_as), epoch, step)
+        self._prune(cfg.save_model_as, self.keep_files, step=step)
+        if cfg.save_state:
+            self._state(saving.step_state_name(cfg.output_name, step), epoch, step)
+            self._prune(None, self.keep_states, step=step)
+
+    def final(self, epoch: int, step: int) -> None:
+        cfg = self.session.cfg
+        self._lora(saving.final_file_name(cfg.output_name, cfg.save_model_as), epoch, step)
+        if cfg.save_state or cfg.save_state_on_train_end:
+            self._state(saving.final_state_name(cfg.output_name), epoch, step)
+
+    def _prune(self, ext: str | None, retention: saving.Retention, **at: int) -> None:
+        if self._main:
+            saving.prune(self.folder, self.session.cfg.output_name, ext, retention, **at)
+
+    def _lora(self, file_name: str, epoch: int, step: int) -> None:
+        session = self.session
+        path = saving.output_path(session.cfg, file_name)
+        if self._main:
+            meta = md.per_save_metadata(self.base_meta, epoch=epoch, step=step)
+            self.handle.eval_mode()  # schedule-free optimizers save their averaged (eval) weights
+            try:
+                save_lora_file(session.network.state_dict_kohya(), path, meta, save_dtype=saving.save_dtype(session.cfg),
+                               model_format=session.cfg.save_model_as)
+            finally:
+                self.handle.train_mode()
+            log.info("saved %s", path)
+        session.accelerator.wait_for_everyone()
+        self.saved.append(path)
+
+    def _state(self, name: str, epoch: int, step: int) -> None:
+        # the state keeps the optimizer's training-mode weights: that is what the next step continues from
+        path = saving.output_path(self.session.cfg, name)
+        if self._main:
+            save_state(path, self.live, epoch=epoch, step=step)
+        self.session.accelerator.wait_for_everyone()

@@ -1,0 +1,231 @@
+"""Resumable training states (`--save_state`, `--resume`): write crash-safely, read back exactly.
+
+A state folder holds what an interrupted run needs to continue bit for bit (names follow accelerate's
+`save_state`, which sd-scripts uses, plus sd-scripts' `train_state.json`):
+
+    model.safetensors      trainable network tensors, float32, exactly as in memory
+    optimizer.bin          optimizer state dict
+    scheduler.bin          LR scheduler state dict
+    scaler.pt              fp16 gradient scaler (only with one)
+    random_states_0.pkl    python, numpy, torch CPU and CUDA RNG states, and the training-noise generator
+    train_state.json       {"current_epoch": e, "current_step": s}
+
+Everything is written into `<name>.tmp` first and the folder is renamed when complete, so a crash during a save
+leaves the previous states untouched and never a half-written folder under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from lorakit.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("lorakit")
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.bin"
+SCHEDULER_FILE = "scheduler.bin"
+SCALER_FILE = "scaler.pt"
+RNG_FILE = "random_states_0.pkl"
+TRAIN_STATE_FILE = "train_state.json"
+REQUIRED = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAIN_STATE_FILE)
+
+
+@dataclass
+class TrainingState:
+    """The live objects a state captures; `noise_generator` draws the training noise and timesteps."""
+
+    network: torch.nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    noise_generator: torch.Generator
+    scaler: Any = None
+
+
+@dataclass(frozen=True)
+class ResumeInfo:
+    epoch: int
+    step: int
+
+
+# ------------------------------------------------------------------------------------------------ RNG
+
+
+def capture_rng(noise_generator: torch.Generator | None) -> dict[str, Any]:
+    """Every random-number state a training step reads."""
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["torch_cuda"] = torch.cuda.get_rng_state_all()
+    if noise_generator is not None:
+        states["noise_generator"] = noise_generator.get_state()
+    return states
+
+
+def restore_rng(states: dict[str, Any], noise_generator: torch.Generator | None) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch_cpu"])
+    if "torch_cuda" in states and torch.cuda.is_available():
+        cuda_states = states["torch_cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            log.warning("the state holds RNG states of %d GPUs, this machine has %d; CUDA RNG not restored",
+                        len(cuda_states), torch.cuda.device_count())
+    if noise_generator is not None and "noise_generator" in states:
+        noise_generator.set_state(states["noise_generator"])
+
+
+# ------------------------------------------------------------------------------------------------ save
+
+
+def _atomic_folder(final: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp)` into `<final>.tmp`, then put the folder in place with renames only."""
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash during an earlier save
+    tmp.mkdir(parents=True)
+    write(tmp)
+    _fsync_dir(tmp)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not possible on every platform (Windows); the renames are still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, write: Callable[[Any], None]) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def network_tensors(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The network's tensors (parameters and buffers) as contiguous CPU copies."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
+
+
+def save_state(folder: Path, state: TrainingState, *, epoch: int, step: int) -> Path:
+    """Write a complete state folder at `folder` (atomically); returns it."""
+
+    def write(tmp: Path) -> None:
+        data = safetensors.torch.save(network_tensors(state.network))
+        _write_file(tmp / MODEL_FILE, lambda f: f.write(data))
+        _write_file(tmp / OPTIMIZER_FILE, lambda f: torch.save(state.optimizer.state_dict(), f))
+        if hasattr(state.lr_scheduler, "state_dict"):
+            _write_file(tmp / SCHEDULER_FILE, lambda f: torch.save(state.lr_scheduler.state_dict(), f))
+        if state.scaler is not None:
+            _write_file(tmp / SCALER_FILE, lambda f: torch.save(state.scaler.state_dict(), f))
+        _write_file(tmp / RNG_FILE, lambda f: torch.save(capture_rng(state.noise_generator), f))
+        text = json.dumps({"current_epoch": epoch, "current_step": step}, indent=2).encode()
+        _write_file(tmp / TRAIN_STATE_FILE, lambda f: f.write(text))
+
+    _atomic_folder(folder, write)
+    log.info("saved state %s", folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+
+def check_state_folder(path: str | os.PathLike) -> list[str]:
+    """Problems with a --resume folder, found before any model loads."""
+    folder = Path(path)
+    if not folder.is_dir():
+        hint = " (an interrupted save leaves only a .tmp folder; resume from the state before it)" if \
+            folder.with_name(folder.name + ".tmp").exists() else ""
+        return [f"--resume {path}: no such state folder{hint}"]
+    missing = [name for name in REQUIRED if not (folder / name).is_file()]
+    if missing:
+        return [f"--resume {path}: not a complete lorakit state (missing {', '.join(missing)})"]
+    return []
+
+
+def read_train_state(path: str | os.PathLike) -> ResumeInfo:
+    file = Path(path) / TRAIN_STATE_FILE
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        return ResumeInfo(int(data.get("current_epoch", 0)), int(data["current_step"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{file}: cannot read the training position ({exc})") from None
+
+
+def load_state(path: str | os.PathLike, state: TrainingState) -> ResumeInfo:
+    """Restore network, optimizer, scheduler, scaler and RNG from a state folder."""
+    problems = check_state_folder(path)
+    if problems:
+        raise ConfigError(problems)
+    folder = Path(path)
+    _load_network(folder / MODEL_FILE, state.network)
+    state.optimizer.load_state_dict(_torch_load(folder / OPTIMIZER_FILE))
+    if (folder / SCHEDULER_FILE).is_file() and hasattr(state.lr_scheduler, "load_state_dict"):
+        state.lr_scheduler.load_state_dict(_torch_load(folder / SCHEDULER_FILE))
+    if state.scaler is not None and (folder / SCALER_FILE).is_file():
+        state.scaler.load_state_dict(_torch_load(folder / SCALER_FILE))
+    restore_rng(_torch_load(folder / RNG_FILE), state.noise_generator)
+    info = read_train_state(folder)
+    log.info("resumed from %s at epoch %d, step %d", folder, info.epoch, info.step)
+    return info
+
+
+def _torch_load(file: Path) -> Any:
+    # RNG states hold numpy arrays and Python tuples, which weights_only loading refuses; these files are
+    # written by this module into a folder the user chose, so the full unpickler is acceptable here.
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
+        raise CheckpointError(f"{file}: cannot be read ({exc})") from None
+
+
+@torch.no_grad()
+def _load_network(file: Path, network: torch.nn.Module) -> None:
+    try:
+        tensors = safetensors.torch.load_file(str(file))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{file}: cannot be read ({exc})") from None
+    own = network.state_dict()
+    extra = sorted(set(tensors) - set(own))
+    missing = sorted(set(own) - set(tensors))
+    if extra or missing:
+        raise CheckpointError(
+            f"{file}: the state was saved with a different network ({len(missing)} tensors missing, e.g. "
+            f"{(missing or ['-'])[0]}; {len(extra)} unexpected, e.g. {(extra or ['-'])[0]}); resume with the "
+            "same --network_dim, --network_args and model as the interrupted run"
+        )
+    for key, value in tensors.items():
+        if own[key].shape != value.shape:
+            raise CheckpointError(f"{file}: {key} has shape {tuple(value.shape)}, the network {tuple(own[key].shape)}")
+        own[key].copy_(value)

@@ -1,0 +1,187 @@
+"""The epoch/step loop: accumulation, optimizer steps, max-norm, logging, saving, sampling and resume.
+
+It works on a `Session` built by `loop.py` and never asks which model family it trains.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lorakit.adapters.blocks import blockwise_param_groups, loraplus_ratios
+from lorakit.training import metadata as md
+from lorakit.training.checkpoints import Checkpointer
+from lorakit.training.optim import build_optimizer
+from lorakit.training.plan import TrainingPlan, start_position
+from lorakit.training.sample_events import Sampler
+from lorakit.training.saving import SavePolicy, save_every_n_epochs
+from lorakit.training.schedulers import build_lr_scheduler
+from lorakit.training.state import TrainingState, load_state
+from lorakit.training.step import (
+    RunningLoss,
+    all_reduce_gradients,
+    ends_accumulation,
+    set_sync_gradients,
+    step_loss,
+)
+
+log = logging.getLogger("lorakit")
+
+LOG_EVERY = 5  # reading the loss forces a device sync, so the progress bar and trackers update every few steps
+
+
+def optimizer_groups(cfg: Any, network: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """Parameter groups: block-wise LR groups when *_lr_weight is given, else the network's own (with LoRA+)."""
+    kwargs = cfg.network_kwargs() if cfg.network_args else {}
+    ratios = loraplus_ratios(kwargs)
+    te_lr = cfg.text_encoder_lr[0] if cfg.text_encoder_lr else None
+    blockwise = blockwise_param_groups(network, kwargs, te_lr, cfg.unet_lr, cfg.learning_rate, ratios)
+    if blockwise is not None:
+        return blockwise
+    given = {k: v for k, v in ratios.items() if v is not None}
+    return network.prepare_optimizer_params(te_lr, cfg.unet_lr, cfg.learning_rate, **given)
+
+
+class Trainer:
+    """One run from its start position (fresh, --initial_step or --resume) to max_train_steps."""
+
+    def __init__(self, session: Any, dataset: Any, plan: TrainingPlan, seed: int):
+        cfg, accelerator = session.cfg, session.accelerator
+        self.session, self.dataset, self.plan, self.cfg, self.accelerator = session, dataset, plan, cfg, accelerator
+        groups, self.group_names = optimizer_groups(cfg, session.network)
+        self.handle = build_optimizer(cfg, groups)
+        self.lr_scheduler = build_lr_scheduler(cfg, self.handle, plan.max_train_steps)
+        self.optimizer = accelerator.prepare(self.handle.optimizer)
+        session.noise_generator = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
+        self.live = TrainingState(session.network, self.optimizer, self.lr_scheduler, session.noise_generator,
+                                  getattr(accelerator, "scaler", None))
+        self.params = session.network.trainable_parameters()
+        self.policy = SavePolicy(save_every_n_epochs(cfg, plan.num_epochs), cfg.save_every_n_steps, plan.num_epochs)
+        self.seed = seed
+        self.step_losses: list[torch.Tensor] = []
+        self.running = RunningLoss()
+        self.logged: list[float] = []
+        self.global_step = 0
+        self.max_norm_warned = False
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> Any:
+        from lorakit.training.loop import TrainResult
+
+        resumed = load_state(self.cfg.resume, self.live).step if self.cfg.resume else None
+        start = start_position(self.cfg, self.plan, resumed)
+        self.global_step = start.global_step
+        # building these reads no RNG, so they may come after the restored state
+        checkpoints = Checkpointer(self.session, self.handle, self.live, self._metadata(), self.plan.num_epochs)
+        sampler = Sampler(self.session, self.handle)
+        loader = self.dataset.make_loader(self.cfg.max_data_loader_n_workers, self.cfg.persistent_data_loader_workers)
+        self.progress = tqdm(total=self.plan.max_train_steps, initial=self.global_step, desc="steps", dynamic_ncols=True,
+                             disable=not self.accelerator.is_main_process)
+        sampler.at_first(self.global_step)
+        epoch = start.epoch
+        for epoch in range(start.epoch, self.plan.num_epochs + 1):
+            done = self._epoch(loader, epoch, start.skip_batches if epoch == start.epoch else 0, checkpoints, sampler)
+            if self.policy.after_epoch(epoch):
+                checkpoints.epoch(epoch, self.global_step)
+            sampler.after_epoch(epoch, self.global_step)
+            if done:
+                break
+        self.progress.close()
+        self.accelerator.end_training()
+        checkpoints.final(epoch, self.global_step)
+        self.accelerator.wait_for_everyone()
+        losses = torch.stack(self.step_losses).float().tolist() if self.step_losses else []
+        result = TrainResult(self.plan, saved_files=checkpoints.saved, losses=self.logged, step_losses=losses,
+                             start_step=start.global_step, sample_files=sampler.written)
+        return result
+
+    def _epoch(self, loader: Any, epoch: int, skip: int, checkpoints: Checkpointer, sampler: Sampler) -> bool:
+        """Train one epoch from batch `skip`; True when max_train_steps is reached."""
+        self.dataset.set_epoch(epoch)
+        if skip:
+            self.dataset.skip_batches(skip)
+        batches = len(self.dataset)
+        # the DataLoader iterator draws a base seed from the global RNG; keep that out of the training RNG so
+        # a run resumed mid-epoch draws the same numbers as one that went through the epoch boundary
+        with torch.random.fork_rng(devices=[]):
+            iterator = iter(loader)
+        micro: list[torch.Tensor] = []
+        for index, batch in enumerate(iterator, start=skip):
+            sync = ends_accumulation(index, batches, self.cfg.gradient_accumulation_steps)
+            micro.append(self._micro_step(batch, sync))
+            if not sync:
+                continue
+            self._after_update(torch.stack(micro).mean(), epoch, checkpoints, sampler)
+            micro = []
+            if self.global_step >= self.plan.max_train_steps:
+                return True
+        return False
+
+    def _micro_step(self, batch: Any, sync: bool) -> torch.Tensor:
+        set_sync_gradients(self.accelerator, sync)
+        loss = step_loss(self.session, batch)
+        self.accelerator.backward(loss)
+        if sync:
+            all_reduce_gradients(self.accelerator, self.params)
+            if self.cfg.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()  # the accelerate wrapper steps only when `sync` is set
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def _after_update(self, loss: torch.Tensor, epoch: int, checkpoints: Checkpointer, sampler: Sampler) -> None:
+        self.lr_scheduler.step()
+        self.global_step += 1
+        step = self.global_step
+        self.step_losses.append(loss)
+        self.running.add(loss)
+        logs = self._max_norm()
+        self.progress.update(1)
+        if step % LOG_EVERY == 0 or step == self.plan.max_train_steps:
+            self._log(epoch, logs)
+        sampler.after_step(step)
+        if self.policy.after_step(step) and step < self.plan.max_train_steps:
+            checkpoints.step(epoch, step)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _max_norm(self) -> dict[str, float]:
+        """--scale_weight_norms after the optimizer step (inventory §4.5), with its log values."""
+        limit = self.cfg.scale_weight_norms
+        if not limit:
+            return {}
+        apply = getattr(self.session.network, "apply_max_norm", None)
+        if apply is None:
+            if not self.max_norm_warned:
+                log.warning("--scale_weight_norms: this network type has no max-norm; training continues without it")
+                self.max_norm_warned = True
+            return {}
+        keys_scaled, mean_norm, max_norm = apply(limit)
+        return {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm, "norm/avg_key_norm": mean_norm}
+
+    def _log(self, epoch: int, extra: dict[str, float]) -> None:
+        loss = self.running.mean()
+        self.logged.append(loss)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        postfix = {"loss": f"{loss:.4f}", "epoch": epoch, "lr": f"{lr:.2e}"}
+        if extra:
+            postfix["keys_scaled"] = extra["max_norm/keys_scaled"]
+        self.progress.set_postfix(postfix)
+        if self.accelerator.trackers:
+            logs = {"loss/average": loss, **extra}
+            logs.update(self.handle.lr_logs(self.lr_scheduler.get_last_lr(), self.group_names))
+            self.accelerator.log(logs, step=self.global_step)
+
+    def _metadata(self) -> dict[str, str]:
+        from lorakit.training.loop import base_metadata
+
+        summary = self.dataset.summary()
+        facts = md.RunFacts(
+            summary.num_train_images, summary.num_reg_images, self.plan.batches_per_epoch, self.plan.num_epochs,
+            self.plan.max_train_steps, self.plan.warmup_steps, self.handle.description, self.seed,
+        )
+        return base_metadata(self.session, self.dataset, facts)
