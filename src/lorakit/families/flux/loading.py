@@ -1,0 +1,322 @@
+"""Load FLUX.1 offline: a diffusers folder, or BFL single files as sd-scripts takes them.
+
+sd-scripts' `flux_train_network.py` takes the transformer with `--pretrained_model_name_or_path`
+(`flux1-dev.safetensors`, BFL layout, optionally under ComfyUI's `model.diffusion_model.` prefix) and the other
+parts as separate files: `--clip_l` (CLIP-L text encoder, transformers layout), `--t5xxl` (T5-XXL encoder) and
+`--ae` (the autoencoder, LDM layout). A diffusers folder (`model_index.json` with transformer/, vae/,
+text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/) holds everything; the three flags then replace parts.
+
+Architectures come from the `lorakit.configs` metadata lorakit writes into its own files (so tiny test
+models load), else from the real configs bundled in `configs/`. Modules are built on the meta device and
+the file's tensors assigned into them, so loading holds one copy of the weights. Nothing reaches a hub.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, FluxTransformer2DModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
+
+from lorakit.errors import CheckpointError
+from lorakit.families.base import Components
+from lorakit.families.common.checkpoint_io import LoadedCheckpoint, read_checkpoint
+from lorakit.families.common.tokenizers import CLIP_PAD_END, bundled_clip_tokenizer, folder_clip_tokenizer
+from lorakit.families.flux import bfl_keys
+from lorakit.families.sd.ldm_keys import ldm_to_vae
+
+_PACKAGE = resources.files("lorakit") / "families" / "flux"
+CONFIGS_METADATA_KEY = "lorakit.configs"  # same key the SD writers use: {"<component>": diffusers config}
+REAL_AXES_DIMS_ROPE = (16, 56, 56)
+T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+_MISSING_T5_TOKENIZER = (
+    "no T5 tokenizer found. FLUX needs the real T5-XXL tokenizer, offline: put its files (tokenizer.json or "
+    "spiece.model, e.g. the tokenizer_2/ folder of the FLUX.1 diffusers repository) next to the --t5xxl file, "
+    "in a tokenizer_2/ folder beside it, or pass a diffusers FLUX folder"
+)
+
+
+def bundled_config(name: str) -> dict[str, Any]:
+    """One of the bundled real configs: transformer_dev, transformer_schnell, ae, clip_l, t5xxl."""
+    return json.loads((_PACKAGE / "configs" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def bundled_tiny_t5_tokenizer(max_length: int = 512) -> T5Tokenizer:
+    """The small (1,000-piece) Unigram tokenizer lorakit ships for its tiny test models; not the real T5's."""
+    return T5Tokenizer.from_pretrained(
+        str(_PACKAGE / "assets" / "t5_tokenizer"), model_max_length=max_length, local_files_only=True
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_flux_components(
+    path: str,
+    *,
+    clip_l: str | None = None,
+    t5xxl: str | None = None,
+    ae: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Components:
+    """transformer, AE, [CLIP-L, T5-XXL] and their tokenizers from a diffusers folder or BFL single files.
+
+    Every problem with the user's files raises `CheckpointError` naming the file (and the flag to fix).
+    """
+    source = Path(path)
+    if not source.exists():
+        raise CheckpointError(f"{path}: FLUX model file or folder not found (--pretrained_model_name_or_path)")
+    for flag, value in (("--clip_l", clip_l), ("--t5xxl", t5xxl), ("--ae", ae)):
+        if value is not None and not Path(value).exists():
+            raise CheckpointError(f"{value}: file not found ({flag})")
+    parts: dict[str, Any] = {}
+    if source.is_dir() and (source / "model_index.json").is_file():
+        parts = _load_pipeline_folder(source, dtype, skip={"clip_l": clip_l, "t5xxl": t5xxl, "ae": ae})
+    elif source.is_dir():
+        parts["transformer"] = _from_pretrained(FluxTransformer2DModel, source, "", torch_dtype=dtype)
+    else:
+        parts["transformer"] = load_transformer_file(source, dtype)
+    if clip_l:
+        parts["clip_l"], parts["clip_tokenizer"] = load_clip_l_file(Path(clip_l), dtype), bundled_clip_tokenizer(CLIP_PAD_END)
+    if t5xxl:
+        parts["t5xxl"], parts["t5_tokenizer"] = load_t5_file(Path(t5xxl), dtype), t5_tokenizer_near(Path(t5xxl))
+    if ae:
+        parts["ae"] = load_ae_file(Path(ae), dtype)
+    missing = [flag for flag, key in (("--clip_l", "clip_l"), ("--t5xxl", "t5xxl"), ("--ae", "ae")) if key not in parts]
+    if missing:
+        raise CheckpointError(
+            f"{path}: a FLUX transformer file holds only the transformer; also pass {', '.join(missing)} "
+            "(as with sd-scripts' flux_train_network.py), or pass a diffusers FLUX folder"
+        )
+    transformer = parts["transformer"].eval()
+    extras = {"source": str(path), "schnell": not transformer.config.guidance_embeds}
+    return Components(
+        transformer, parts["ae"].eval(), [parts["clip_l"].eval(), parts["t5xxl"].eval()],
+        [parts["clip_tokenizer"], parts["t5_tokenizer"]], extras,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Diffusers folders
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _load_pipeline_folder(folder: Path, dtype: torch.dtype, skip: dict[str, str | None]) -> dict[str, Any]:
+    pipeline = _read_json(folder / "model_index.json").get("_class_name", "")
+    if "Flux" not in pipeline:
+        raise CheckpointError(f"{folder}: this is a {pipeline or 'non-FLUX'} model folder, not FLUX.1; choose its family")
+    parts: dict[str, Any] = {"transformer": _from_pretrained(FluxTransformer2DModel, folder, "transformer", torch_dtype=dtype)}
+    if not skip["ae"]:
+        parts["ae"] = _from_pretrained(AutoencoderKL, folder, "vae", torch_dtype=dtype)
+    if not skip["clip_l"]:
+        parts["clip_l"] = _from_pretrained(CLIPTextModel, folder, "text_encoder", dtype=dtype)
+        tokenizer_dir = folder / "tokenizer"
+        parts["clip_tokenizer"] = folder_clip_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else bundled_clip_tokenizer()
+    if not skip["t5xxl"]:
+        parts["t5xxl"] = _from_pretrained(T5EncoderModel, folder, "text_encoder_2", dtype=dtype)
+        parts["t5_tokenizer"] = _t5_tokenizer_in(folder / "tokenizer_2")
+        if parts["t5_tokenizer"] is None:
+            raise CheckpointError(f"{folder / 'tokenizer_2'}: {_MISSING_T5_TOKENIZER}")
+    return parts
+
+
+def _from_pretrained(cls, folder: Path, subfolder: str, **kwargs) -> nn.Module:
+    try:
+        return cls.from_pretrained(str(folder), subfolder=subfolder, local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        where = folder / subfolder if subfolder else folder
+        raise CheckpointError(f"{where}: cannot load the FLUX {subfolder or 'transformer'} ({_first_line(exc)})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Single files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_transformer_file(file: Path, dtype: torch.dtype) -> FluxTransformer2DModel:
+    """A FLUX transformer from a BFL-layout (or diffusers-layout) single file."""
+    checkpoint = read_checkpoint(file)
+    state = checkpoint.state_dict
+    if bfl_keys.is_bfl_transformer(state):
+        config = _embedded(checkpoint, "transformer") or _real_transformer_config(state, checkpoint.path)
+        weights = bfl_keys.bfl_to_diffusers(state, checkpoint.path)
+    elif any(k.startswith("transformer_blocks.") for k in state):
+        config = _embedded(checkpoint, "transformer") or _real_transformer_config_from_diffusers(state)
+        weights = state
+    else:
+        raise CheckpointError(_not_a_flux_file(checkpoint))
+    del state, checkpoint
+    with init_empty_weights():
+        model = FluxTransformer2DModel.from_config(config)
+    assign_weights(model, weights, file=str(file), component="FLUX transformer", dtype=dtype)
+    return model
+
+
+def _real_transformer_config(state: dict[str, torch.Tensor], path: str) -> dict[str, Any]:
+    derived = bfl_keys.transformer_config_from_bfl(state, None)
+    if derived["attention_head_dim"] != sum(REAL_AXES_DIMS_ROPE):
+        raise CheckpointError(
+            f"{path}: a FLUX transformer with head width {derived['attention_head_dim']} (FLUX.1 has 128) and no "
+            "lorakit.configs metadata; its rotary-embedding axes cannot be inferred"
+        )
+    derived["axes_dims_rope"] = list(REAL_AXES_DIMS_ROPE)
+    return derived
+
+
+def _real_transformer_config_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    guidance = "time_text_embed.guidance_embedder.linear_1.weight" in state
+    return bundled_config("transformer_dev" if guidance else "transformer_schnell")
+
+
+def load_clip_l_file(file: Path, dtype: torch.dtype) -> CLIPTextModel:
+    """CLIP-L from `clip_l.safetensors` (transformers layout, with or without the `text_model.` level)."""
+    checkpoint = read_checkpoint(file)
+    config = CLIPTextConfig.from_dict(_embedded(checkpoint, "clip_l") or bundled_config("clip_l"))
+    with init_empty_weights():
+        model = CLIPTextModel(config)
+    keep_level = hasattr(model, "text_model")  # transformers 5 dropped it; older files still carry it
+    weights = {}
+    for key, value in checkpoint.state_dict.items():
+        key = key.removeprefix("text_encoders.clip_l.transformer.")
+        if not keep_level and key.startswith("text_model."):
+            key = key[len("text_model.") :]
+        weights[key] = value
+    if not any(k.startswith(("encoder.layers.", "text_model.encoder.layers.")) for k in weights):
+        raise CheckpointError(f"{file}: not a CLIP-L text encoder (no encoder.layers.* weights) (--clip_l)")
+    assign_weights(model, weights, file=str(file), component="CLIP-L", dtype=dtype, extra_ok=True)
+    return model
+
+
+def load_t5_file(file: Path, dtype: torch.dtype) -> T5EncoderModel:
+    """The T5-XXL encoder from `t5xxl_fp16.safetensors` (transformers T5EncoderModel layout)."""
+    checkpoint = read_checkpoint(file)
+    config = T5Config.from_dict(_embedded(checkpoint, "t5xxl") or bundled_config("t5xxl"))
+    with init_empty_weights():
+        model = T5EncoderModel(config)
+    weights = {k.removeprefix("text_encoders.t5xxl.transformer."): v for k, v in checkpoint.state_dict.items()}
+    if not any(k.startswith("encoder.block.") for k in weights):
+        raise CheckpointError(f"{file}: not a T5 encoder (no encoder.block.* weights) (--t5xxl)")
+    # the token embedding is shared: files store it as `shared.weight`, `encoder.embed_tokens.weight` or both
+    embedding = weights.get("shared.weight", weights.get("encoder.embed_tokens.weight"))
+    if embedding is not None:
+        weights["shared.weight"] = weights["encoder.embed_tokens.weight"] = embedding
+    assign_weights(model, weights, file=str(file), component="T5-XXL", dtype=dtype, extra_ok=True)
+    return model
+
+
+def load_ae_file(file: Path, dtype: torch.dtype) -> AutoencoderKL:
+    """The FLUX autoencoder from `ae.safetensors` (LDM layout) or a diffusers-layout VAE file."""
+    checkpoint = read_checkpoint(file)
+    config = _embedded(checkpoint, "ae") or bundled_config("ae")
+    state = checkpoint.state_dict
+    if any(k.startswith("encoder.down.") for k in state) or any(".encoder.down." in k for k in state):
+        weights = ldm_to_vae(state, config)
+    elif any(k.startswith("encoder.down_blocks.") for k in state):
+        weights = state
+    else:
+        raise CheckpointError(f"{file}: not an autoencoder (no encoder.down.* weights) (--ae)")
+    with init_empty_weights():
+        model = AutoencoderKL.from_config(config)
+    assign_weights(model, weights, file=str(file), component="autoencoder", dtype=dtype)
+    return model
+
+
+def t5_tokenizer_near(t5_file: Path) -> T5Tokenizer:
+    """The T5 tokenizer beside a `--t5xxl` file: in its folder or a `tokenizer_2/`/`tokenizer/` folder there."""
+    for folder in (t5_file.parent, t5_file.parent / "tokenizer_2", t5_file.parent / "t5_tokenizer"):
+        tokenizer = _t5_tokenizer_in(folder)
+        if tokenizer is not None:
+            return tokenizer
+    raise CheckpointError(f"{t5_file}: {_MISSING_T5_TOKENIZER}")
+
+
+def _t5_tokenizer_in(folder: Path) -> T5Tokenizer | None:
+    if not any((folder / name).is_file() for name in T5_TOKENIZER_FILES):
+        return None
+    try:
+        return T5Tokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: cannot read the T5 tokenizer in this folder ({_first_line(exc)})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _embedded(checkpoint: LoadedCheckpoint, component: str) -> dict[str, Any] | None:
+    raw = checkpoint.metadata.get(CONFIGS_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw).get(component)
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{checkpoint.path}: its '{CONFIGS_METADATA_KEY}' metadata is damaged") from None
+
+
+def assign_weights(
+    module: nn.Module, weights: dict[str, torch.Tensor], *, file: str, component: str, dtype: torch.dtype, extra_ok: bool = False
+) -> None:
+    """Place `weights` into `module` (built on meta) after checking names and shapes; popped as placed."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in weights and expected[k].is_meta]
+    if missing:
+        raise CheckpointError(f"{file}: the {component} weights are incomplete: {len(missing)} missing (e.g. {missing[0]})")
+    if not extra_ok:
+        unexpected = [k for k in weights if k not in expected]
+        if unexpected:
+            raise CheckpointError(f"{file}: unexpected {component} weights (e.g. {unexpected[0]}); is this the right file?")
+    placed: dict[str, torch.Tensor] = {}
+    for key, target in expected.items():
+        if key not in weights:
+            placed[key] = target
+            continue
+        value = weights.pop(key)
+        if tuple(value.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{file}: the {component} weight {key} has shape {tuple(value.shape)}, the architecture needs "
+                f"{tuple(target.shape)}"
+            )
+        placed[key] = value.to(dtype) if value.is_floating_point() else value
+    module.load_state_dict(placed, strict=True, assign=True)
+    _materialise_meta_buffers(module)
+
+
+def _materialise_meta_buffers(module: nn.Module) -> None:
+    """Non-persistent buffers (e.g. CLIP's position ids) stay on meta after an assign-load; rebuild them."""
+    for name, buffer in list(module.named_buffers()):
+        if buffer.is_meta:
+            raise CheckpointError(f"{name}: buffer left uninitialised while loading")
+
+
+def _not_a_flux_file(checkpoint: LoadedCheckpoint) -> str:
+    keys = list(checkpoint.state_dict)
+    if not keys:
+        return f"{checkpoint.path}: the file holds no tensors; expected a FLUX.1 transformer (double_blocks.*)"
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        return f"{checkpoint.path}: this is a LoRA file; pass base models with --pretrained_model_name_or_path and LoRA files with --network_weights"
+    if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys):
+        return f"{checkpoint.path}: this is a Stable Diffusion checkpoint, not FLUX.1 (use --family sd or sdxl)"
+    if any("joint_blocks." in k for k in keys):
+        return f"{checkpoint.path}: this is an SD3 checkpoint, not FLUX.1 (use --family sd3)"
+    return f"{checkpoint.path}: not a FLUX.1 transformer (expected double_blocks.*/single_blocks.*; found e.g. {keys[0]})"
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]

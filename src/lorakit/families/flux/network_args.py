@@ -1,0 +1,106 @@
+"""sd-scripts' `networks.lora_flux` `--network_args`: which FLUX layers get LoRA, and at which rank.
+
+Values arrive as strings, as in sd-scripts. Per-type ranks (`img_attn_dim`, …, `single_mod_dim`) override
+`--network_dim` (0 skips that type); `train_blocks` and `train_*_block_indices` choose blocks; `in_dims` adds
+the input embedders. Only the literal `True` turns on boolean keys, as there.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorakit.errors import ConfigError
+
+TYPE_DIM_KEYS = ("img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim", "img_mod_dim", "txt_mod_dim", "single_dim", "single_mod_dim")
+#: keys this module reads; others that lora_flux knows are refused with a message, unknown ones too
+KNOWN_KEYS = frozenset(
+    {*TYPE_DIM_KEYS, "train_blocks", "train_double_block_indices", "train_single_block_indices", "in_dims",
+     "train_t5xxl", "verbose", "rank_dropout", "module_dropout", "conv_dim", "conv_alpha"}
+)
+NOT_YET = {
+    "split_qkv": "separate q/k/v LoRA is not implemented; the fused layers get one LoRA each (sd-scripts' default)",
+    "network_reg_dims": "regex ranks are not implemented yet",
+    "network_reg_lrs": "regex learning rates are not implemented yet",
+    "ggpo_sigma": "LoRA-GGPO is not implemented yet",
+    "ggpo_beta": "LoRA-GGPO is not implemented yet",
+    "loraplus_lr_ratio": "LoRA+ is not implemented for FLUX yet",
+    "loraplus_unet_lr_ratio": "LoRA+ is not implemented for FLUX yet",
+    "loraplus_text_encoder_lr_ratio": "LoRA+ is not implemented for FLUX yet",
+}
+
+
+@dataclass(frozen=True)
+class FluxNetworkArgs:
+    network_dim: int = 4
+    type_dims: dict[str, int] = field(default_factory=dict)
+    train_blocks: str = "all"
+    double_indices: frozenset[int] | None = None  # None: all
+    single_indices: frozenset[int] | None = None
+    in_dims: tuple[int, ...] | None = None
+    train_t5xxl: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "FluxNetworkArgs":
+        kwargs = cfg.network_kwargs() if getattr(cfg, "network_args", None) else {}
+        problems = [f"--network_args {k}: {NOT_YET[k]}" for k in kwargs if k in NOT_YET]
+        problems += [f"--network_args {k}: not a networks.lora_flux option" for k in kwargs if k not in KNOWN_KEYS and k not in NOT_YET]
+        type_dims: dict[str, int] = {}
+        for key in TYPE_DIM_KEYS:
+            if key in kwargs:
+                type_dims[key.removesuffix("_dim")] = _int(key, kwargs[key], problems)
+        train_blocks = kwargs.get("train_blocks", "all")
+        if train_blocks not in ("all", "single", "double"):
+            problems.append(f"--network_args train_blocks={train_blocks}: expected all, single or double")
+        in_dims = None
+        if "in_dims" in kwargs:
+            values = [v for v in kwargs["in_dims"].strip("[] ").split(",") if v.strip()]
+            in_dims = tuple(_int("in_dims", v.strip(), problems) for v in values)
+            if len(in_dims) != 5:
+                problems.append(f"--network_args in_dims={kwargs['in_dims']}: needs 5 numbers [img, time, vector, guidance, txt]")
+        double = _indices("train_double_block_indices", kwargs.get("train_double_block_indices"), problems)
+        single = _indices("train_single_block_indices", kwargs.get("train_single_block_indices"), problems)
+        if problems:
+            raise ConfigError(problems)
+        return cls(cfg.network_dim or 4, type_dims, train_blocks, double, single, in_dims, kwargs.get("train_t5xxl") == "True")
+
+    def rank_for(self, bfl_path: str, kind: str) -> int:
+        """The rank of one block layer (0: no LoRA) from train_blocks, block indices and per-type dims."""
+        block, index = bfl_path.split(".")[:2]
+        is_double = block == "double_blocks"
+        if self.train_blocks == ("single" if is_double else "double"):
+            return 0
+        chosen = self.double_indices if is_double else self.single_indices
+        if chosen is not None and int(index) not in chosen:
+            return 0
+        return self.type_dims.get(kind, self.network_dim)
+
+
+def _int(key: str, value: str, problems: list[str]) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        problems.append(f"--network_args {key}={value}: must be a whole number")
+        return 0
+    if number < 0:
+        problems.append(f"--network_args {key}={value}: must not be negative")
+    return number
+
+
+def _indices(key: str, value: str | None, problems: list[str]) -> frozenset[int] | None:
+    """`all`, `none` or ranges such as `0-5,10` (sd-scripts' syntax)."""
+    if value is None or value.strip() == "all":
+        return None
+    if value.strip() == "none":
+        return frozenset()
+    chosen: set[int] = set()
+    for item in value.split(","):
+        item = item.strip()
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if not match:
+            problems.append(f"--network_args {key}={value}: {item!r} is not an index or a range like 3-7")
+            continue
+        start, end = int(match[1]), int(match[2] or match[1])
+        chosen.update(range(start, end + 1))
+    return frozenset(chosen)
