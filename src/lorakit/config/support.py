@@ -226,6 +226,8 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "save_state_on_train_end", "save_last_n_epochs_state", "save_last_n_steps_state", "resume",
         "initial_epoch", "initial_step", "skip_until_initial_step", "sample_prompts", "sample_every_n_steps",
         "sample_every_n_epochs", "sample_at_first", "sample_sampler",
+        # SDXL (families/sdxl/)
+        "no_half_vae", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
     }
 )  # fmt: skip
 

@@ -14,14 +14,29 @@ def _sd() -> ModelFamily:
     return StableDiffusionFamily()
 
 
-FAMILIES = {"sd": _sd}
+def _sdxl() -> ModelFamily:
+    from lorakit.families.sdxl.family import StableDiffusionXLFamily
+
+    return StableDiffusionXLFamily()
+
+
+FAMILIES = {"sd": _sd, "sdxl": _sdxl}
 
 
 def resolve_family(cfg: Any) -> ModelFamily:
-    """The family named by --family, or detected from the options (SD 1.x/2.x is the only one so far)."""
+    """The family named by --family, or detected from the checkpoint's keys or folder layout."""
     name = getattr(cfg, "family", "auto")
     if name == "auto":
-        name = "sd"
+        name = detect_family(getattr(cfg, "pretrained_model_name_or_path", None))
     if name not in FAMILIES:
         raise ConfigError([f"--family {name}: not supported yet (available: {', '.join(sorted(FAMILIES))})"])
     return FAMILIES[name]()
+
+
+def detect_family(path: str | None) -> str:
+    """The family of a checkpoint, read from its header or folder layout only (cheap, safe for --dry_run)."""
+    from lorakit.families.sdxl.detect import is_sdxl_checkpoint
+
+    if path and is_sdxl_checkpoint(path):
+        return "sdxl"
+    return "sd"
