@@ -386,10 +386,10 @@ def test_support_tables_cover_every_field_once():
 
 
 def test_unsupported_option_message():
-    problems = problems_of(BASE + ["--scale_weight_norms", "1.0", "--debug_dataset"])
+    problems = problems_of(BASE + ["--weighted_captions", "--debug_dataset"])
     assert sorted(problems) == [
         "--debug_dataset is recognised but not implemented yet in lorakit; remove it to train without it",
-        "--scale_weight_norms is recognised but not implemented yet in lorakit; remove it to train without it",
+        "--weighted_captions is recognised but not implemented yet in lorakit; remove it to train without it",
     ]
 
 
