@@ -22,7 +22,7 @@ from lorakit.families.flux.family import (
 )
 from lorakit.families.flux.layers import FP8_DTYPE, to_fp8
 from lorakit.families.flux.loading import load_flux_components
-from lorakit.families.flux.tiny import build_tiny_flux, flow_scheduler, save_bfl_files, save_pipeline_folder
+from lorakit.families.flux.tiny import build_tiny_flux, save_bfl_files, save_pipeline_folder
 
 
 def options(**overrides):
@@ -162,10 +162,8 @@ def test_diffusers_reads_our_double_block_lora(tmp_path):
     network.apply_to()
     ours = _forward(comps.denoiser)
     network.restore()
-    pipe = FluxPipeline(
-        scheduler=flow_scheduler(), vae=comps.vae, text_encoder=comps.text_encoders[0], tokenizer=comps.tokenizers[0],
-        text_encoder_2=comps.text_encoders[1], tokenizer_2=comps.tokenizers[1], transformer=comps.denoiser,
-    )
+    pipe = FluxFamily().pipeline(comps)
+    assert isinstance(pipe, FluxPipeline)
     base = _forward(pipe.transformer)
     pipe.load_lora_weights(str(path), adapter_name="ours")
     theirs = _forward(pipe.transformer)

@@ -76,8 +76,10 @@ def bfl_flags(files: dict[str, Path]) -> list[str]:
 def test_seed_guide_command_from_bfl_files(flux_files, data_dir, tmp_path):
     """The FLUX guide's recommended flags (raw prediction, shift sampling, guidance 1.0) on BFL files."""
     out = tmp_path / "out"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("sks toy --w 64 --h 64 --s 2 --d 1 --g 1.0\n", encoding="utf-8")
     extra = [
-        *bfl_flags(flux_files), "--timestep_sampling=shift", "--discrete_flow_shift=3.1582",
+        *bfl_flags(flux_files), f"--sample_prompts={prompts}", "--sample_every_n_steps=2", "--timestep_sampling=shift", "--discrete_flow_shift=3.1582",
         "--model_prediction_type=raw", "--guidance_scale=1.0", "--gradient_checkpointing", "--save_precision=bf16",
     ]
     assert main(train_args(flux_files["flux1"], data_dir, out, *extra)) == 0
@@ -92,6 +94,7 @@ def test_seed_guide_command_from_bfl_files(flux_files, data_dir, tmp_path):
     assert meta["ss_timestep_sampling"] == "shift" and meta["ss_model_prediction_type"] == "raw"
     assert meta["modelspec.architecture"] == "flux-1-dev/lora"
     assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
+    assert list((out / "sample").glob("*.png")), "a sample image through FluxPipeline with the LoRA attached"
 
 
 @pytest.mark.parametrize(

@@ -249,6 +249,19 @@ class FluxFamily:
             for encoder in comps.text_encoders[: 2 if comps.extras.get("train_t5xxl") else 1]:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def pipeline(self, comps: Components, sampler: str = "euler") -> Any:
+        """A diffusers FluxPipeline over these very modules (an attached LoRA shows in its images). FLUX samples
+        with the flow Euler scheduler whatever `sampler` says, as sd-scripts does."""
+        from diffusers import FluxPipeline
+
+        from lorakit.families.flux.loading import flow_scheduler
+
+        clip, t5 = comps.text_encoders
+        return FluxPipeline(
+            scheduler=flow_scheduler(), vae=comps.vae, text_encoder=clip, tokenizer=comps.tokenizers[0],
+            text_encoder_2=t5, tokenizer_2=comps.tokenizers[1], transformer=comps.denoiser,
+        )
+
     # ----------------------------------------------------------------------------------------- metadata
 
     def metadata(self, cfg: Any) -> dict[str, str]:
@@ -268,6 +281,10 @@ class FluxFamily:
             "ss_model_prediction_type": str(cfg.model_prediction_type),
             "ss_discrete_flow_shift": str(cfg.discrete_flow_shift),
         }
+
+    def modelspec_prediction_type(self, cfg: Any) -> str | None:
+        """FLUX files carry no modelspec.prediction_type (sd-scripts omits it)."""
+        return None
 
     def modelspec_architecture(self, cfg: Any) -> tuple[str, str, tuple[int, int]]:
         """FLUX.1-dev unless the loaded model has no guidance embedding (schnell)."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
@@ -51,6 +51,14 @@ def bundled_tiny_t5_tokenizer(max_length: int = 512) -> T5Tokenizer:
     """The small (1,000-piece) Unigram tokenizer lorakit ships for its tiny test models; not the real T5's."""
     return T5Tokenizer.from_pretrained(
         str(_PACKAGE / "assets" / "t5_tokenizer"), model_max_length=max_length, local_files_only=True
+    )
+
+
+def flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """The sampling scheduler of FLUX.1-dev: Euler on the flow, shift growing with the image token count."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
     )
 
 

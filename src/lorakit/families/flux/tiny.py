@@ -15,14 +15,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from lorakit.families.base import Components
 from lorakit.families.common.checkpoint_io import write_safetensors_atomic
 from lorakit.families.common.tokenizers import bundled_clip_tokenizer
 from lorakit.families.flux import bfl_keys
-from lorakit.families.flux.loading import _PACKAGE, CONFIGS_METADATA_KEY, bundled_tiny_t5_tokenizer
+from lorakit.families.flux.loading import _PACKAGE, CONFIGS_METADATA_KEY, bundled_tiny_t5_tokenizer, flow_scheduler
 from lorakit.families.sd.ldm_keys import vae_to_ldm
 
 TINY_T5_MAX_LENGTH = 32
@@ -58,14 +58,6 @@ def build_tiny_flux(seed: int = 0, *, guidance_embeds: bool = True) -> Component
     tokenizers = [bundled_clip_tokenizer(), bundled_tiny_t5_tokenizer(TINY_T5_MAX_LENGTH)]
     modules = [m.eval() for m in (transformer, vae, clip, t5)]
     return Components(modules[0], modules[1], modules[2:], tokenizers, {"schnell": not guidance_embeds})
-
-
-def flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
-    """The sampling scheduler of FLUX.1-dev (resolution-dependent shift)."""
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
-    )
 
 
 def save_pipeline_folder(comps: Components, folder: str | Path) -> Path:
