@@ -59,6 +59,13 @@ def test_folder_and_bfl_files_load_the_same_model(saved):
     assert folder.tokenizers[1]("a cat").input_ids == single.tokenizers[1]("a cat").input_ids
 
 
+def test_detection(saved):
+    from lorakit.families.flux.loading import is_flux_source
+
+    assert is_flux_source(str(saved["folder"])) and is_flux_source(str(saved["flux1"]))
+    assert not is_flux_source(str(saved["ae"])) and not is_flux_source(str(saved["clip_l"]))
+
+
 def test_bfl_layout_round_trip_and_fused_shapes():
     model = build_tiny_flux(1).denoiser
     state = model.state_dict()

@@ -328,3 +328,25 @@ def _read_json(file: Path) -> dict[str, Any]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:200]
+
+
+def is_flux_source(path: str) -> bool:
+    """Whether `path` is a FLUX.1 model (for family detection): a diffusers folder whose pipeline or transformer
+    class is FLUX's, or a file with BFL/diffusers FLUX transformer keys (safetensors: only the header is read)."""
+    source = Path(path)
+    if source.is_dir():
+        for file, needle in ((source / "model_index.json", "Flux"), (source / "transformer" / "config.json", "Flux"),
+                             (source / "config.json", "FluxTransformer2DModel")):
+            if file.is_file() and needle in str(_read_json(file).get("_class_name", "")):
+                return True
+        return False
+    if not source.is_file() or source.suffix.lower() != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(source), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception:  # an unreadable file is reported by the family that loads it
+        return False
+    return bfl_keys.is_bfl_transformer(dict.fromkeys(keys)) or any(k.startswith("single_transformer_blocks.") for k in keys)
