@@ -48,7 +48,12 @@ __all__ = [
 ]
 
 #: algorithm names accepted for `algo=` (those `lycoris-lora` implements for kohya networks)
-LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "glora", "full", "diag-oft", "boft")
+LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "glora", "diag-oft", "boft")
+#: algorithms the package has but this bridge refuses, with the reason given to the user
+LYCORIS_REFUSED = {
+    "full": "it moves the layer's weight into the adapter, which lorakit's frozen-base network cannot hold",
+    "dylora": "its state dict does not load back exactly; use --network_module networks.dylora",
+}
 
 #: every --network_args key the bridge reads
 LYCORIS_ARGS = (
@@ -140,6 +145,8 @@ class LycorisOptions:
         if unknown:
             raise ConfigError([f"--network_args {k}: not a lycoris.kohya argument" for k in unknown])
         algo = str(kwargs.get("algo", "lora")).lower()
+        if algo in LYCORIS_REFUSED:
+            raise ConfigError([f"--network_args algo={algo}: not supported by lorakit's LyCORIS bridge: {LYCORIS_REFUSED[algo]}"])
         if algo not in LYCORIS_ALGOS or algo not in modules:
             raise ConfigError([f"--network_args algo={algo}: unknown (choose from {', '.join(LYCORIS_ALGOS)})"])
         preset = str(kwargs.get("preset", "full"))
@@ -321,21 +328,49 @@ class LycorisAdapter(AdapterModule):
         if name == "multiplier" and "lyco" in self._modules:
             self.lyco.multiplier = value
 
-    # patching is delegated: LyCORIS keeps a per-layer chain of wrappers
+    # LyCORIS keeps a per-layer chain of wrappers: let it record the original forward, then route through us
     @property
     def is_applied(self) -> bool:
-        return self.org_module.__dict__.get("forward") == self.lyco.forward
+        return self.org_module.__dict__.get("forward") == self.forward
 
     def apply_to(self) -> None:
         if not self.is_applied:
             self.lyco.apply_to()
+            self.org_module.forward = self.forward
 
     def restore(self) -> None:
         if self.is_applied:
+            self.org_module.forward = self.lyco.forward
             self.lyco.restore()
 
+    def original_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lyco.org_forward(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lyco(x)
+        lyco = self.lyco
+        if _is_norm(self.org_module):
+            return lyco.forward(x)  # norm layers have no weight-rebuild op taking a weight difference
+        if type(lyco).__name__ == "LoConModule" and x.dtype == lyco.dtype and not getattr(lyco, "wd", False):
+            return lyco.forward(x)
+        return self._rebuild_forward(x)
+
+    def _rebuild_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """W x + (W' − W) x with the weight difference cast to the activation's dtype.
+
+        Used for every algorithm but plain LoCon: lycoris-lora 4.1.3's own forwards multiply the activation
+        by adapter tensors of their own dtype (and by the float32 weight its DoRA epilogue returns), which
+        fails when a half-precision base model carries float32 adapters, and its LoHa forward does not agree
+        with its own `get_merged_weight`, the function every offline merge uses. This is the package's
+        "rebuild" forward (rank dropout lives in the rebuilt weight, module dropout skips the branch);
+        neuron dropout is not applied on this path.
+        """
+        lyco = self.lyco
+        if self.training and lyco.module_dropout and torch.rand(()) < lyco.module_dropout:
+            return self.original_forward(x)
+        weight = self.org_module.weight
+        merged, _ = lyco.get_merged_weight(self.multiplier, weight.shape, weight.device)
+        delta = (merged.float() - weight.float()).to(x.dtype)
+        return self.original_forward(x) + lyco.op(x, delta, None, **lyco.kw_dict)
 
     def merged_weight(self, multiplier: float = 1.0) -> torch.Tensor:
         weight = self.org_module.weight
@@ -383,7 +418,9 @@ class LycorisAdapter(AdapterModule):
                     f"expects {tuple(expected[suffix].shape)}"
                 )
         state = {k: v.reshape(expected[k].shape) for k, v in tensors.items()}
-        self.lyco.load_state_dict(state, strict=False)
+        result = self.lyco.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise CheckpointError(f"{source}: {self.lora_name}: the {self.algorithm} module did not take {', '.join(result.unexpected_keys)}")
         return []
 
     def extra_repr(self) -> str:
