@@ -91,8 +91,10 @@ def check_before_loading(cfg: Any, plan: TrainingPlan) -> None:
         message = initial_step_problem(cfg, plan, resumed_step)
         problems += [message] if message else []
     if cfg.sample_prompts:
+        from lorakit.training.sample_events import sampling_problems
+
         try:
-            read_sample_prompts(cfg.sample_prompts)
+            problems += sampling_problems(cfg, read_sample_prompts(cfg.sample_prompts))
         except ConfigError as error:
             problems += error.problems
     if problems:

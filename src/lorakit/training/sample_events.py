@@ -28,6 +28,28 @@ from lorakit.sampling.prompts import SampleDefaults, SamplePrompt, read_sample_p
 log = logging.getLogger("lorakit")
 
 
+def sampler_problem(name: str, where: str) -> str | None:
+    """A message when the sampler cannot be built here (LMS needs scipy, which is optional)."""
+    from lorakit.sampling.samplers import SAMPLERS, build_sampler
+
+    if name.lower() not in SAMPLERS:
+        log.warning("%s: unknown sampler %s; DDIM is used (as in sd-scripts)", where, name)
+    try:
+        build_sampler(name, "epsilon")
+    except (ImportError, ValueError) as exc:
+        return f"{where}: sampler {name} cannot be used here ({' '.join(str(exc).split())})"
+    return None
+
+
+def sampling_problems(cfg: Any, prompts: list[SamplePrompt]) -> list[str]:
+    """Problems with the samplers a run would use, found before any model loads."""
+    names = {(cfg.sample_sampler or "ddim"): f"--sample_sampler {cfg.sample_sampler}"}
+    for prompt in prompts:
+        if prompt.sample_sampler:
+            names.setdefault(prompt.sample_sampler, f"--sample_prompts {cfg.sample_prompts} (prompt {prompt.index + 1})")
+    return [p for p in (sampler_problem(name, where) for name, where in names.items()) if p]
+
+
 @dataclass(frozen=True)
 class SampleSchedule:
     every_n_steps: int | None
