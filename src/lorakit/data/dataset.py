@@ -25,6 +25,7 @@ from lorakit.data.captions import CaptionContext, process_caption
 from lorakit.data.images import Placement, apply_placement, bucket_placement, load_image, sdxl_crop_top_left, to_tensor
 from lorakit.data.latent_files import read_entry
 from lorakit.data.masks import load_alpha_mask, load_conditioning_mask
+from lorakit.data.sharding import shard_batch_plans
 from lorakit.data.specs import SubsetSpec
 from lorakit.errors import DataError
 
@@ -77,6 +78,7 @@ class TrainDataset(Dataset):
         self.epoch = 0
         self._skip = 0
         self._plans: list[BatchPlan] = []
+        self.rank, self.world_size = 0, 1  # this process's share of each epoch (see `shard`)
         self.set_epoch(0)
 
     # ----- epochs, steps and batches -----
@@ -101,7 +103,13 @@ class TrainDataset(Dataset):
             size = self.parts[dataset_index].spec.batch_size
             plans += [(bucket, tuple(ids[i:i + size])) for i in range(0, len(ids), size)]
         rng.shuffle(plans)
-        self._plans = [BatchPlan(bucket, ids, rng.getrandbits(63), epoch, i) for i, (bucket, ids) in enumerate(plans)]
+        epoch_plans = [BatchPlan(bucket, ids, rng.getrandbits(63), epoch, i) for i, (bucket, ids) in enumerate(plans)]
+        self._plans = shard_batch_plans(epoch_plans, self.rank, self.world_size)
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Keep only process `rank`'s share of every epoch's batches (see `lorakit.data.sharding`)."""
+        self.rank, self.world_size = rank, world_size
+        self.set_epoch(self.epoch)
 
     def set_training_length(self, max_train_steps: int, gradient_accumulation_steps: int = 1) -> None:
         """Steps of the run, for token warm-up (a token_warmup_step below 1 is a fraction of them)."""

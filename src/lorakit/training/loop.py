@@ -20,6 +20,7 @@ from lorakit.data.summary import format_summary
 from lorakit.errors import ConfigError
 from lorakit.families.base import AdapterTarget, Components, ModelFamily
 from lorakit.families.registry import resolve_family
+from lorakit.training import distributed
 from lorakit.training import metadata as md
 from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
 from lorakit.training.trackers import logging_dir, read_tracker_init_kwargs, tracker_config, tracker_names
@@ -61,18 +62,22 @@ def train(cfg: Any) -> TrainResult:
     dataset = build_train_dataset(cfg, seed)  # data problems surface before any model loads
     plan = make_plan(cfg, family.name, len(dataset), num_processes=_num_processes())
     dataset.set_training_length(plan.max_train_steps, cfg.gradient_accumulation_steps)
-    print(format_plan(cfg, plan, format_summary(dataset.summary())), flush=True)
+    if distributed.rank_from_env() == 0:
+        batch = distributed.effective_batch_message(dataset, plan.num_processes, cfg.gradient_accumulation_steps)
+        print(format_plan(cfg, plan, format_summary(dataset.summary())) + "\n" + batch, flush=True)
+    plan = distributed.per_process_plan(plan)  # resume positions count this process's batches
     check_before_loading(cfg, plan)
     if cfg.dry_run:
         return TrainResult(plan)
 
     accelerator = _make_accelerator(cfg)
+    distributed.shard_dataset(dataset, accelerator)
     set_seed(seed)
     session = _setup(cfg, family, accelerator)
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         disk = {"to_disk": True, "latent_format": family.name, "vae_id": str(cfg.vae or cfg.pretrained_model_name_or_path), "skip_check": cfg.skip_cache_check} if cfg.cache_latents_to_disk else {}
         with torch.no_grad():
-            dataset.cache_latents(lambda images: family.encode_images(session.comps, images), cfg.vae_batch_size or 1, True, **disk)
+            distributed.cache_latents(dataset, accelerator, lambda images: family.encode_images(session.comps, images), cfg.vae_batch_size or 1, **disk)
     return _run(session, dataset, plan, seed)
 
 
@@ -81,7 +86,7 @@ def check_before_loading(cfg: Any, plan: TrainingPlan) -> None:
     from lorakit.sampling.prompts import read_sample_prompts
     from lorakit.training.state import check_state_folder, read_train_state
 
-    problems: list[str] = []
+    problems: list[str] = distributed.config_problems(cfg)
     resumed_step = None
     if cfg.resume:
         problems += check_state_folder(cfg.resume)
@@ -115,8 +120,9 @@ def _make_accelerator(cfg: Any) -> Accelerator:
     trackers = tracker_names(cfg)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=precision,
-        log_with=trackers or None, project_dir=logging_dir(cfg),
+        log_with=trackers or None, project_dir=logging_dir(cfg), **distributed.accelerator_kwargs(cfg),
     )
+    distributed.check_process_count(accelerator)
     if trackers:
         init_kwargs = {}
         if cfg.log_tracker_config:
