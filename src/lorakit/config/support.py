@@ -141,10 +141,20 @@ FALLBACKS: dict[str, str] = {
 NO_EFFECT: frozenset[str] = frozenset({"lowram", "highvram", "disable_mmap_load_safetensors", "tokenizer_cache_dir"})
 
 
+#: Network modules lorakit builds (adapters/factory.py); each family module checks its own --network_args.
+NETWORK_MODULES_DONE = (
+    "networks.lora", "networks.lora_flux", "networks.lora_fa", "networks.dylora", "networks.oft", "networks.oft_flux",
+    "lycoris.kohya",
+)
+
+
 def _network_module(value: Any) -> str | None:
-    if value in (None, "networks.lora"):
+    if value is None or value in NETWORK_MODULES_DONE:
         return None
-    return f"--network_module {value} is recognised but not implemented yet in lorakit; use networks.lora"
+    return (
+        f"--network_module {value} is recognised but not implemented yet in lorakit; "
+        f"use one of {', '.join(NETWORK_MODULES_DONE)}"
+    )
 
 
 def _lr_scheduler(value: Any) -> str | None:
@@ -161,6 +171,8 @@ def _max_token_length(value: Any) -> str | None:
 
 _NETWORK_KEYS_DONE = (
     "conv_dim", "conv_alpha", "rank_dropout", "module_dropout",
+    # DoRA (adapters/dora.py)
+    "dora_wd", "wd_on_output",
     # block-wise ranks and learning rates (adapters/blocks.py), LoRA+, module listing
     "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
     "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
@@ -169,6 +181,8 @@ _NETWORK_KEYS_DONE = (
 
 
 def _network_args(cfg: TrainConfig) -> list[str]:
+    if cfg.network_module not in (None, "networks.lora"):
+        return []  # other modules validate their own keys (e.g. families/flux/network_args.py)
     try:
         keys = cfg.network_kwargs()
     except ConfigError:
@@ -228,6 +242,11 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "sample_every_n_epochs", "sample_at_first", "sample_sampler",
         # SDXL (families/sdxl/)
         "no_half_vae", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
+        # FLUX.1 (families/flux/, objectives/flow.py)
+        "clip_l", "t5xxl", "ae", "model_type", "fp8_base", "fp8_base_unet", "weighting_scheme", "logit_mean",
+        "logit_std", "mode_scale", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
+        "guidance_scale", "t5xxl_max_token_length", "apply_t5_attn_mask", "blocks_to_swap", "cpu_offload_checkpointing",
+        "split_mode",
     }
 )  # fmt: skip
 

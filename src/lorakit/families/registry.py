@@ -20,7 +20,13 @@ def _sdxl() -> ModelFamily:
     return StableDiffusionXLFamily()
 
 
-FAMILIES = {"sd": _sd, "sdxl": _sdxl}
+def _flux() -> ModelFamily:
+    from lorakit.families.flux.family import FluxFamily
+
+    return FluxFamily()
+
+
+FAMILIES = {"sd": _sd, "sdxl": _sdxl, "flux": _flux}
 
 
 def resolve_family(cfg: Any) -> ModelFamily:
@@ -35,8 +41,11 @@ def resolve_family(cfg: Any) -> ModelFamily:
 
 def detect_family(path: str | None) -> str:
     """The family of a checkpoint, read from its header or folder layout only (cheap, safe for --dry_run)."""
+    from lorakit.families.flux.loading import is_flux_source
     from lorakit.families.sdxl.detect import is_sdxl_checkpoint
 
+    if path and is_flux_source(path):
+        return "flux"
     if path and is_sdxl_checkpoint(path):
         return "sdxl"
     return "sd"
