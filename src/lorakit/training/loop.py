@@ -115,8 +115,9 @@ def _num_processes() -> int:
 def _make_accelerator(cfg: Any) -> Accelerator:
     precision = cfg.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
-        log.warning("--mixed_precision fp16 needs a CUDA GPU; training in bf16 on this machine instead")
-        precision = "bf16"
+        # fp16 autocast needs a GPU, and bf16 convolutions on most CPUs are many times slower than fp32
+        log.warning("--mixed_precision fp16 needs a CUDA GPU; training in fp32 on this machine instead")
+        precision = "no"
     trackers = tracker_names(cfg)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=precision,
