@@ -6,7 +6,6 @@ It works on a `Session` built by `loop.py` and never asks which model family it 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import torch
@@ -63,7 +62,6 @@ class Trainer:
         self.policy = SavePolicy(save_every_n_epochs(cfg, plan.num_epochs), cfg.save_every_n_steps, plan.num_epochs)
         self.seed = seed
         self.step_losses: list[torch.Tensor] = []
-        self.step_end_times: list[float] = []  # perf_counter after each optimizer step (for `lorakit bench`)
         self.running = RunningLoss()
         self.logged: list[float] = []
         self.global_step = 0
@@ -98,8 +96,7 @@ class Trainer:
         self.accelerator.end_training()  # last: it also destroys the process group the final save waits on
         losses = torch.stack(self.step_losses).float().tolist() if self.step_losses else []
         result = TrainResult(self.plan, saved_files=checkpoints.saved, losses=self.logged, step_losses=losses,
-                             start_step=start.global_step, sample_files=sampler.written,
-                             step_end_times=self.step_end_times)
+                             start_step=start.global_step, sample_files=sampler.written)
         return result
 
     def _epoch(self, loader: Any, epoch: int, skip: int, checkpoints: Checkpointer, sampler: Sampler) -> bool:
@@ -149,7 +146,6 @@ class Trainer:
         sampler.after_step(step)
         if self.policy.after_step(step) and step < self.plan.max_train_steps:
             checkpoints.step(epoch, step)
-        self.step_end_times.append(time.perf_counter())
 
     # ------------------------------------------------------------------ helpers
 
