@@ -1,0 +1,290 @@
+"""Load SD3 / SD3.5 offline: SAI single files (text encoders and VAE inside or not), diffusers folders, overrides.
+
+sd-scripts' `sd3_train_network.py` takes one `.safetensors` in Stability AI's layout: the MMDiT under
+`model.diffusion_model.`, the VAE under `first_stage_model.` (LDM layout) and, in the "incl_clips(_t5xxl)"
+releases, the text encoders under `text_encoders.{clip_l,clip_g,t5xxl}.transformer.` (transformers layout).
+Whatever the file lacks comes from `--clip_l`, `--clip_g`, `--t5xxl` and `--vae`, which also replace what it
+has. A diffusers folder (StableDiffusion3Pipeline layout) works the same way.
+
+Architectures come from the `lorakit.configs` metadata lorakit writes into its own files (tiny test models),
+else the transformer's is read off its tensor shapes and the others are the real ones bundled in `configs/`.
+Tokenizers: CLIP's BPE ships with lorakit; the T5 tokenizer is read from the folder (`tokenizer_3/`) or from
+beside the checkpoint or the `--t5xxl` file. Nothing reaches a model hub.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
+
+from lorakit.errors import CheckpointError
+from lorakit.families.base import Components
+from lorakit.families.common.checkpoint_io import LoadedCheckpoint, read_checkpoint
+from lorakit.families.common.tokenizers import CLIP_PAD_END, CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
+from lorakit.families.flux.loading import assign_weights
+from lorakit.families.sd.ldm_keys import ldm_to_vae
+from lorakit.families.sd3 import sai_keys
+
+_PACKAGE = resources.files("lorakit") / "families" / "sd3"
+CONFIGS_METADATA_KEY = "lorakit.configs"
+TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl")
+T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+T5_TOKENIZER_DIRS = ("", "tokenizer_3", "t5_tokenizer", "tokenizer_2")
+_MISSING_T5_TOKENIZER = (
+    "no T5 tokenizer found. SD3 needs the T5-XXL tokenizer, offline: put its files (tokenizer.json or spiece.model, "
+    "e.g. the tokenizer_3/ folder of an SD3 diffusers repository) beside the model or the --t5xxl file, or in a "
+    "tokenizer_3/ folder there"
+)
+
+
+def bundled_config(name: str) -> dict[str, Any]:
+    """A bundled real config: vae, clip_l, clip_g, t5xxl, or `<variant>/transformer` (sd3-medium, …)."""
+    return json.loads((_PACKAGE / "configs" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_sd3_components(
+    path: str, *, clip_l: str | None = None, clip_g: str | None = None, t5xxl: str | None = None,
+    vae: str | None = None, dtype: torch.dtype = torch.float32,
+) -> Components:
+    """MMDiT, VAE, [CLIP-L, CLIP-G, T5-XXL] and their tokenizers; every problem names the file and the flag."""
+    source = Path(path)
+    if not source.exists():
+        raise CheckpointError(f"{path}: SD3 model file or folder not found (--pretrained_model_name_or_path)")
+    overrides = {"clip_l": clip_l, "clip_g": clip_g, "t5xxl": t5xxl, "vae": vae}
+    for name, value in overrides.items():
+        if value is not None and not Path(value).exists():
+            raise CheckpointError(f"{value}: file or folder not found (--{name})")
+    if source.is_dir():
+        parts = _load_pipeline_folder(source, dtype, skip={k for k, v in overrides.items() if v})
+    else:
+        parts = _load_single_file(source, dtype, skip={k for k, v in overrides.items() if v})
+    for name in TEXT_ENCODERS:
+        if overrides[name]:
+            parts[name] = load_text_encoder_file(Path(overrides[name]), name, dtype)
+    if vae:
+        parts["vae"] = load_vae_source(Path(vae), dtype)
+    missing = [f"--{name}" for name in (*TEXT_ENCODERS, "vae") if name not in parts]
+    if missing:
+        raise CheckpointError(
+            f"{path}: this SD3 checkpoint does not contain {', '.join(m[2:] for m in missing)}; pass "
+            f"{', '.join(missing)} (as with sd-scripts' sd3_train_network.py)"
+        )
+    if "t5_tokenizer" not in parts:
+        parts["t5_tokenizer"] = find_t5_tokenizer([Path(t5xxl)] if t5xxl else [source])
+    transformer = parts["transformer"].eval()
+    encoders = [parts[name].eval() for name in TEXT_ENCODERS]
+    tokenizers = [bundled_clip_tokenizer(CLIP_PAD_END), bundled_clip_tokenizer(CLIP_PAD_OPENCLIP), parts["t5_tokenizer"]]
+    extras = {"source": str(path), "model_type": sai_keys.model_type(dict(transformer.config))}
+    return Components(transformer, parts["vae"].eval(), encoders, tokenizers, extras)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Diffusers folders
+# ---------------------------------------------------------------------------------------------------------
+
+_FOLDER_PARTS = {  # name -> (class, subfolder, kwargs key for the dtype)
+    "vae": (AutoencoderKL, "vae", "torch_dtype"),
+    "clip_l": (CLIPTextModelWithProjection, "text_encoder", "dtype"),
+    "clip_g": (CLIPTextModelWithProjection, "text_encoder_2", "dtype"),
+    "t5xxl": (T5EncoderModel, "text_encoder_3", "dtype"),
+}
+
+
+def _load_pipeline_folder(folder: Path, dtype: torch.dtype, skip: set[str]) -> dict[str, Any]:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        if (folder / "config.json").is_file():
+            return {"transformer": _from_pretrained(SD3Transformer2DModel, folder, "", "torch_dtype", dtype)}
+        raise CheckpointError(f"{folder}: not a diffusers SD3 folder (no model_index.json)")
+    pipeline = _read_json(index).get("_class_name", "")
+    if "StableDiffusion3" not in pipeline:
+        raise CheckpointError(f"{folder}: this is a {pipeline or 'non-SD3'} folder, not SD3; choose its family with --family")
+    parts: dict[str, Any] = {"transformer": _from_pretrained(SD3Transformer2DModel, folder, "transformer", "torch_dtype", dtype)}
+    for name, (cls, subfolder, dtype_key) in _FOLDER_PARTS.items():
+        if name not in skip and (folder / subfolder).is_dir():
+            parts[name] = _from_pretrained(cls, folder, subfolder, dtype_key, dtype)
+    if "t5xxl" not in skip:
+        tokenizer = t5_tokenizer_in(folder / "tokenizer_3")
+        if tokenizer is not None:
+            parts["t5_tokenizer"] = tokenizer
+    return parts
+
+
+def _from_pretrained(cls, folder: Path, subfolder: str, dtype_key: str, dtype: torch.dtype) -> nn.Module:
+    try:
+        return cls.from_pretrained(str(folder), subfolder=subfolder, local_files_only=True, **{dtype_key: dtype})
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{folder / subfolder}: cannot load the SD3 {subfolder or 'transformer'} ({_first_line(exc)})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Single files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _load_single_file(file: Path, dtype: torch.dtype, skip: set[str]) -> dict[str, Any]:
+    """Split an SAI file into its parts; parts named in `skip` come from flags and are not built."""
+    checkpoint = read_checkpoint(file)
+    state = checkpoint.state_dict
+    if not sai_keys.is_sai_transformer(state):
+        raise CheckpointError(_not_an_sd3_file(checkpoint))
+    parts: dict[str, Any] = {"transformer": _transformer_from(checkpoint, dtype)}
+    if "vae" not in skip and any(k.startswith(sai_keys.VAE_PREFIX) for k in state):
+        config = _embedded(checkpoint, "vae") or bundled_config("vae")
+        parts["vae"] = _vae_from_state({k: v for k, v in state.items() if k.startswith(sai_keys.VAE_PREFIX)}, config, file, dtype)
+    for name in TEXT_ENCODERS:
+        prefix = sai_keys.TE_PREFIXES[name]
+        if name not in skip and any(k.startswith(prefix) for k in state):
+            weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            parts[name] = _text_encoder_from(weights, name, _embedded(checkpoint, name), file, dtype)
+    return parts
+
+
+def _transformer_from(checkpoint: LoadedCheckpoint, dtype: torch.dtype) -> SD3Transformer2DModel:
+    state = sai_keys.strip_transformer_prefix(checkpoint.state_dict)
+    config = _embedded(checkpoint, "transformer") or sai_keys.transformer_config_from_sai(state, checkpoint.path)
+    weights = sai_keys.sai_to_diffusers(state, config, checkpoint.path)
+    with init_empty_weights():
+        model = SD3Transformer2DModel.from_config(config)
+    assign_weights(model, weights, file=checkpoint.path, component="SD3 MMDiT", dtype=dtype)
+    return model
+
+
+def load_text_encoder_file(file: Path, name: str, dtype: torch.dtype) -> nn.Module:
+    """CLIP-L, CLIP-G or T5-XXL from its own file (`--clip_l` …), transformers layout, SAI prefix optional."""
+    if file.is_dir():
+        cls = T5EncoderModel if name == "t5xxl" else CLIPTextModelWithProjection
+        return _from_pretrained(cls, file, "", "dtype", dtype)
+    checkpoint = read_checkpoint(file)
+    prefix = sai_keys.TE_PREFIXES[name]
+    weights = {k.removeprefix(prefix): v for k, v in checkpoint.state_dict.items()}
+    return _text_encoder_from(weights, name, _embedded(checkpoint, name), file, dtype)
+
+
+def _text_encoder_from(weights: dict[str, torch.Tensor], name: str, config: dict | None, file: Path, dtype: torch.dtype) -> nn.Module:
+    flag = f"--{name}"
+    if name == "t5xxl":
+        if not any(k.startswith("encoder.block.") for k in weights):
+            raise CheckpointError(f"{file}: not a T5 encoder (no encoder.block.* weights) ({flag})")
+        with init_empty_weights():
+            model = T5EncoderModel(T5Config.from_dict(config or bundled_config("t5xxl")))
+        # the token embedding is shared: files store it as `shared.weight`, `encoder.embed_tokens.weight` or both
+        embedding = weights.get("shared.weight", weights.get("encoder.embed_tokens.weight"))
+        if embedding is not None:
+            weights["shared.weight"] = weights["encoder.embed_tokens.weight"] = embedding
+        assign_weights(model, weights, file=str(file), component="T5-XXL", dtype=dtype, extra_ok=True)
+        return model
+    weights = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in weights.items()}
+    if not any(k.startswith("text_model.encoder.layers.") for k in weights):
+        raise CheckpointError(f"{file}: not a CLIP text encoder (no encoder.layers.* weights) ({flag})")
+    if "text_projection.weight" not in weights:
+        raise CheckpointError(f"{file}: this CLIP has no text_projection, which SD3's pooled conditioning needs ({flag})")
+    with init_empty_weights():
+        model = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config or bundled_config(name)))
+    weights.pop("text_model.embeddings.position_ids", None)
+    assign_weights(model, weights, file=str(file), component=name.replace("_", "-").upper(), dtype=dtype, extra_ok=True)
+    _fill_position_ids(model)
+    return model
+
+
+def _fill_position_ids(model: nn.Module) -> None:
+    """CLIP's position ids are a non-persistent buffer; after a meta build they must be made again."""
+    embeddings = model.text_model.embeddings
+    if getattr(embeddings, "position_ids", None) is not None and embeddings.position_ids.is_meta:
+        count = embeddings.position_embedding.weight.shape[0]
+        embeddings.register_buffer("position_ids", torch.arange(count).unsqueeze(0), persistent=False)
+
+
+def load_vae_source(source: Path, dtype: torch.dtype) -> AutoencoderKL:
+    """`--vae`: a diffusers VAE folder, or a file in LDM (`first_stage_model.` or bare) or diffusers layout."""
+    if source.is_dir():
+        return _from_pretrained(AutoencoderKL, source, "vae" if (source / "vae").is_dir() else "", "torch_dtype", dtype)
+    checkpoint = read_checkpoint(source)
+    config = _embedded(checkpoint, "vae") or bundled_config("vae")
+    return _vae_from_state(checkpoint.state_dict, config, source, dtype)
+
+
+def _vae_from_state(state: dict[str, torch.Tensor], config: dict[str, Any], file: Path, dtype: torch.dtype) -> AutoencoderKL:
+    if any(".down.0." in k or k.startswith("encoder.down.") for k in state):
+        weights = ldm_to_vae(state, config)
+    elif any(k.startswith("encoder.down_blocks.") for k in state):
+        weights = dict(state)
+    else:
+        raise CheckpointError(f"{file}: not an SD3 VAE (no encoder.down.* weights) (--vae)")
+    with init_empty_weights():
+        model = AutoencoderKL.from_config(config)
+    assign_weights(model, weights, file=str(file), component="VAE", dtype=dtype, extra_ok=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer and helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def find_t5_tokenizer(near: list[Path]) -> T5Tokenizer:
+    """The T5 tokenizer in a folder beside one of `near` (the checkpoint, or the --t5xxl file)."""
+    for anchor in near:
+        base = anchor if anchor.is_dir() else anchor.parent
+        for sub in T5_TOKENIZER_DIRS:
+            tokenizer = t5_tokenizer_in(base / sub if sub else base)
+            if tokenizer is not None:
+                return tokenizer
+    raise CheckpointError(f"{near[0]}: {_MISSING_T5_TOKENIZER}")
+
+
+def t5_tokenizer_in(folder: Path) -> T5Tokenizer | None:
+    if not any((folder / name).is_file() for name in T5_TOKENIZER_FILES):
+        return None
+    try:
+        return T5Tokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: cannot read the T5 tokenizer in this folder ({_first_line(exc)})") from None
+
+
+def _embedded(checkpoint: LoadedCheckpoint, component: str) -> dict[str, Any] | None:
+    raw = checkpoint.metadata.get(CONFIGS_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw).get(component)
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{checkpoint.path}: its '{CONFIGS_METADATA_KEY}' metadata is damaged") from None
+
+
+def _not_an_sd3_file(checkpoint: LoadedCheckpoint) -> str:
+    keys = list(checkpoint.state_dict)
+    if not keys:
+        return f"{checkpoint.path}: the file holds no tensors; expected an SD3 MMDiT (joint_blocks.*)"
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        return f"{checkpoint.path}: this is a LoRA file; pass base models with --pretrained_model_name_or_path and LoRA files with --network_weights"
+    if any("double_blocks." in k for k in keys):
+        return f"{checkpoint.path}: this is a FLUX.1 checkpoint, not SD3 (use --family flux)"
+    if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys):
+        return f"{checkpoint.path}: this is a Stable Diffusion 1.x/2.x/XL checkpoint, not SD3 (use --family sd or sdxl)"
+    return f"{checkpoint.path}: not an SD3 MMDiT (expected model.diffusion_model.joint_blocks.*; found e.g. {keys[0]})"
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
