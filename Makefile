@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/lorakit demo --output_dir demo_output
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py

@@ -41,9 +41,10 @@ def config(*network_args: str, extra: tuple[str, ...] = ()):
 
 
 def network_for(comps, cfg) -> LoRANetwork:
-    from lorakit.training.loop import _BlockwiseTargets
+    from lorakit.adapters.factory import lora_targets
 
-    return LoRANetwork(_BlockwiseTargets(StableDiffusionFamily(), cfg).adapter_targets(comps, cfg))
+    kwargs = cfg.network_kwargs() if cfg.network_args else {}
+    return LoRANetwork(lora_targets(cfg, StableDiffusionFamily(), comps, kwargs))
 
 
 # --------------------------------------------------------------------------------------------- max-norm

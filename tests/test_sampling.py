@@ -100,13 +100,10 @@ def test_schedule_and_names():
 def test_every_sampler_name_builds_or_says_what_is_missing():
     from lorakit.training.sample_events import sampler_problem
 
-    # dpmsolver: samplers.py passes diffusers' default final_sigmas_type="zero", which DPMSolverMultistepScheduler
-    # rejects for algorithm_type="dpmsolver"; it needs final_sigmas_type="sigma_min" there (a fix in samplers.py)
-    known_broken = {"dpmsolver"}
     for name in SAMPLERS:
         problem = sampler_problem(name, "--sample_sampler")
         # LMS needs scipy, an optional package; the message says how to install it
-        assert problem is None or ("scipy" in problem and "lms" in name) or name in known_broken, problem
+        assert problem is None or ("scipy" in problem and "lms" in name), problem
 
 
 # --------------------------------------------------------------------------------------------- during training

@@ -145,13 +145,21 @@ def trainer_run(checkpoint: Path, work: Path, resolution: int, batch: int, rank:
     return [b - a for a, b in zip(ends, ends[1:])], ends[0] - started
 
 
+def steady_step_seconds(step_times: list[float]) -> float:
+    """Mean seconds per step after the first 4 (warm-up, caches); the loss is read every 5 steps, which
+    synchronises the device, so a mean over whole 5-step windows is exact on a GPU too."""
+    steady = step_times[4:] or step_times
+    usable = len(steady) - len(steady) % 5 or len(steady)
+    return sum(steady[:usable]) / usable
+
+
 def run(size: str, resolution: int, batch: int, rank: int, precision: str, checkpointing: bool, steps: int) -> BenchResult:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = Path(os.environ.get("LORAKIT_BENCH_CACHE", Path(tempfile.gettempdir()) / "lorakit-bench"))
     checkpoint = checkpoint_for(size, cache)
     with tempfile.TemporaryDirectory() as tmp:
         step_times, first = trainer_run(checkpoint, Path(tmp), resolution, batch, rank, precision, checkpointing, steps)
-    trainer = statistics.median(step_times[2:] or step_times)
+    trainer = steady_step_seconds(step_times)
     bare = bare_step_seconds(size, resolution, batch, rank, precision, checkpointing, device, max(3, min(steps, 10)))
     return BenchResult(size, device.type, resolution, batch, rank, precision, checkpointing, round(bare, 5), round(trainer, 5),
                        round(trainer / bare, 3), round(first, 2), round(peak_memory_gib(device), 2))

@@ -111,7 +111,18 @@ def _plain_network(cfg: Any, family: Any, comps: Components, kwargs: dict[str, s
         "module_dropout": _float(kwargs, "module_dropout"),
     }
     factory = None if make is None else (lambda target: make(target, **options))
-    return LoRANetwork(family.adapter_targets(comps, cfg), module_factory=factory, **options)
+    return LoRANetwork(lora_targets(cfg, family, comps, kwargs), module_factory=factory, **options)
+
+
+def lora_targets(cfg: Any, family: Any, comps: Components, kwargs: dict[str, str]) -> list:
+    """The family's layers, with sd-scripts' block-wise ranks (`block_dims`, `*_lr_weight`, …) applied."""
+    from lorakit.adapters.blocks import apply_block_ranks, is_blockwise
+
+    targets = family.adapter_targets(comps, cfg)
+    if not is_blockwise(kwargs):
+        return targets
+    alpha = cfg.network_alpha if cfg.network_alpha else float(cfg.network_dim or 4)
+    return apply_block_ranks(targets, kwargs, cfg.network_dim or 4, alpha)
 
 
 # ---------------------------------------------------------------------- OFT

@@ -35,6 +35,8 @@ def build_sampler(name: str, prediction_type: str) -> Any:
     kwargs = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type)
     if class_name in ("DDIMScheduler", "DDPMScheduler"):
         kwargs["clip_sample"] = False
+    if extra.get("algorithm_type") == "dpmsolver":
+        kwargs["final_sigmas_type"] = "sigma_min"  # diffusers refuses its default "zero" for first-order dpmsolver
     if class_name == "DDIMScheduler":
         kwargs["set_alpha_to_one"] = False
         kwargs["steps_offset"] = 1

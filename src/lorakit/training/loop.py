@@ -12,13 +12,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from lorakit.adapters.blocks import apply_block_ranks, is_blockwise
 from lorakit.adapters.factory import build_network
 from lorakit.adapters.network import LoRANetwork
 from lorakit.data.dataset import build_train_dataset
 from lorakit.data.summary import format_summary
 from lorakit.errors import ConfigError
-from lorakit.families.base import AdapterTarget, Components, ModelFamily
+from lorakit.families.base import Components, ModelFamily
 from lorakit.families.registry import resolve_family
 from lorakit.training import distributed
 from lorakit.training import metadata as md
@@ -38,6 +37,7 @@ class TrainResult:
     step_losses: list[float] = field(default_factory=list)  # one per optimizer step run by this process
     start_step: int = 0  # the global step the run started from (non-zero when resumed)
     sample_files: list[Path] = field(default_factory=list)
+    step_end_times: list[float] = field(default_factory=list)  # perf_counter after each optimizer step
 
 
 @dataclass
@@ -143,7 +143,7 @@ def _setup(cfg: Any, family: ModelFamily, accelerator: Accelerator) -> Session:
     train_text_encoder = bool(family.text_encoders_to_train(comps, cfg))
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(comps, train_text_encoder)
-    network = build_network(cfg, _BlockwiseTargets(family, cfg), comps, device)
+    network = build_network(cfg, family, comps, device)
     _list_modules(cfg, network)
     if train_text_encoder:
         for encoder in family.text_encoders_to_train(comps, cfg):
@@ -156,28 +156,6 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     """Move a frozen module; cast only when the dtype changes (diffusers warns on every cast)."""
     current = next(module.parameters()).dtype
     module.to(device=device) if current == dtype else module.to(device=device, dtype=dtype)
-
-
-class _BlockwiseTargets:
-    """The family as the network factory sees it, with block-wise ranks applied to its adapter targets.
-
-    `block_dims`/`*_lr_weight` change which layers get a module and at what rank; the family's own targets
-    stay untouched, and nothing here depends on which family it is (blocks are read off the module names).
-    """
-
-    def __init__(self, family: ModelFamily, cfg: Any):
-        self._family, self._cfg = family, cfg
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._family, name)
-
-    def adapter_targets(self, comps: Components, cfg: Any) -> list[AdapterTarget]:
-        targets = self._family.adapter_targets(comps, cfg)
-        kwargs = cfg.network_kwargs() if cfg.network_args else {}
-        if not is_blockwise(kwargs):
-            return targets
-        alpha = cfg.network_alpha if cfg.network_alpha else float(cfg.network_dim or 4)
-        return apply_block_ranks(targets, kwargs, cfg.network_dim or 4, alpha)
 
 
 def _list_modules(cfg: Any, network: Any) -> None:

@@ -6,6 +6,7 @@ It works on a `Session` built by `loop.py` and never asks which model family it 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -62,6 +63,7 @@ class Trainer:
         self.policy = SavePolicy(save_every_n_epochs(cfg, plan.num_epochs), cfg.save_every_n_steps, plan.num_epochs)
         self.seed = seed
         self.step_losses: list[torch.Tensor] = []
+        self.step_end_times: list[float] = []  # perf_counter after each optimizer step (for `lorakit bench`)
         self.running = RunningLoss()
         self.logged: list[float] = []
         self.global_step = 0
@@ -96,7 +98,8 @@ class Trainer:
         self.accelerator.end_training()  # last: it also destroys the process group the final save waits on
         losses = torch.stack(self.step_losses).float().tolist() if self.step_losses else []
         result = TrainResult(self.plan, saved_files=checkpoints.saved, losses=self.logged, step_losses=losses,
-                             start_step=start.global_step, sample_files=sampler.written)
+                             start_step=start.global_step, sample_files=sampler.written,
+                             step_end_times=self.step_end_times)
         return result
 
     def _epoch(self, loader: Any, epoch: int, skip: int, checkpoints: Checkpointer, sampler: Sampler) -> bool:
@@ -146,6 +149,7 @@ class Trainer:
         sampler.after_step(step)
         if self.policy.after_step(step) and step < self.plan.max_train_steps:
             checkpoints.step(epoch, step)
+        self.step_end_times.append(time.perf_counter())
 
     # ------------------------------------------------------------------ helpers
 
