@@ -398,10 +398,10 @@ def test_partially_supported_values():
     assert parse("--network_module", "networks.lora").network_module == "networks.lora"
     problems = problems_of(
         BASE
-        + ["--network_module", "networks.lora_sd3", "--lr_scheduler", "reduce_lr_on_plateau"]
+        + ["--network_module", "networks.lora_lumina", "--lr_scheduler", "reduce_lr_on_plateau"]
         + ["--network_args", "conv_dim=4", "algo=locon"]
     )
-    assert any(p.startswith("--network_module networks.lora_sd3 is recognised but not implemented") for p in problems)
+    assert any(p.startswith("--network_module networks.lora_lumina is recognised but not implemented") for p in problems)
     assert any(p.startswith("--lr_scheduler reduce_lr_on_plateau needs a validation metric") for p in problems)
     assert len(problems) == 2
     # networks.lora itself rejects keys of other modules, naming them

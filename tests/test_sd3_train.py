@@ -11,38 +11,13 @@ from helpers import write_dreambooth_folder
 from lorakit.cli.main import main
 from lorakit.families.sd3.tiny import build_tiny_sd3, save_pipeline_folder, save_sai_file, save_text_encoder_files
 
-SD3_OPTIONS = (
-    "clip_l", "clip_g", "t5xxl", "t5xxl_max_token_length", "apply_lg_attn_mask", "apply_t5_attn_mask",
-    "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate", "pos_emb_random_crop_rate", "training_shift",
-    "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "blocks_to_swap", "fp8_base", "fp8_base_unet",
-    "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
-)
 
 
 @pytest.fixture(autouse=True)
-def sd3_enabled(monkeypatch):
-    """Until the SD3 registry line and support-table entries land in files outside the SD3 family, add them here
-    (a no-op once they are there): the CLI path under test is otherwise unchanged."""
-    from lorakit.config import support
-    from lorakit.families import registry
-
-    if "sd3" not in registry.FAMILIES:
-        from lorakit.families.sd3.family import StableDiffusion3Family
-
-        monkeypatch.setitem(registry.FAMILIES, "sd3", StableDiffusion3Family)
-        from lorakit.families.sd3.detect import is_sd3_checkpoint
-
-        detect = registry.detect_family
-        monkeypatch.setattr(registry, "detect_family", lambda path: "sd3" if path and is_sd3_checkpoint(path) else detect(path))
-    for name in SD3_OPTIONS:
-        if name in support.UNSUPPORTED:
-            monkeypatch.delitem(support.UNSUPPORTED, name)
-    monkeypatch.setattr(support, "_network_args", lambda cfg: [])
+def fresh_accelerator_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    check_module = support.PARTIAL["network_module"]
-    monkeypatch.setitem(support.PARTIAL, "network_module", lambda v: None if v == "networks.lora_sd3" else check_module(v))
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +123,9 @@ def test_sd_only_options_are_refused(models, data_dir, tmp_path, capsys):
     ]
     assert main(args) != 0
     assert "--clip_skip" in capsys.readouterr().err
+
+
+def test_save_format_diffusers_writes_the_peft_layout(models, data_dir, tmp_path):
+    state, _ = train(models["sd3_folder"], data_dir, tmp_path, "--network_train_unet_only", "--save_format=diffusers")
+    assert state and all(k.startswith("transformer.") for k in state)
+    assert any(k.endswith("attn.to_q.lora_A.weight") for k in state)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Literal, ClassVar
 
 from pydantic import Field
 
@@ -17,6 +17,9 @@ class SavingOptions(OptionSection):
     output_name: str | None = Field(None, description="base name of the trained files")
     save_precision: SavePrecision | None = Field(None, description="float, fp16 or bf16")
     save_model_as: SaveModelAs = Field("safetensors", description="safetensors, ckpt or pt")
+    save_format: Literal["kohya", "diffusers"] = Field(
+        "kohya", description="LoRA key layout: kohya (every loader of SD/SDXL/FLUX) or diffusers (what diffusers and A1111 read for SD3)"
+    )
     save_every_n_epochs: int | None = Field(None, ge=1, description="save every N epochs")
     save_every_n_steps: int | None = Field(None, ge=1, description="save every N steps")
     save_n_epoch_ratio: int | None = Field(None, ge=1, description="save about N times during training")

@@ -143,7 +143,7 @@ NO_EFFECT: frozenset[str] = frozenset({"lowram", "highvram", "disable_mmap_load_
 
 #: Network modules lorakit builds (adapters/factory.py); each family module checks its own --network_args.
 NETWORK_MODULES_DONE = (
-    "networks.lora", "networks.lora_flux", "networks.lora_fa", "networks.dylora", "networks.oft", "networks.oft_flux",
+    "networks.lora", "networks.lora_flux", "networks.lora_sd3", "networks.lora_fa", "networks.dylora", "networks.oft", "networks.oft_flux",
     "lycoris.kohya",
 )
 
@@ -247,6 +247,11 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "logit_std", "mode_scale", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
         "guidance_scale", "t5xxl_max_token_length", "apply_t5_attn_mask", "blocks_to_swap", "cpu_offload_checkpointing",
         "split_mode",
+        # SD 3 / 3.5 (families/sd3/, objectives/sd3_flow.py)
+        "clip_g", "apply_lg_attn_mask", "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate",
+        "pos_emb_random_crop_rate", "training_shift", "save_format",
+        # several processes (training/distributed.py)
+        "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph",
     }
 )  # fmt: skip
 

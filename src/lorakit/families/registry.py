@@ -26,7 +26,13 @@ def _flux() -> ModelFamily:
     return FluxFamily()
 
 
-FAMILIES = {"sd": _sd, "sdxl": _sdxl, "flux": _flux}
+def _sd3() -> ModelFamily:
+    from lorakit.families.sd3.family import StableDiffusion3Family
+
+    return StableDiffusion3Family()
+
+
+FAMILIES = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
 
 
 def resolve_family(cfg: Any) -> ModelFamily:
@@ -42,8 +48,11 @@ def resolve_family(cfg: Any) -> ModelFamily:
 def detect_family(path: str | None) -> str:
     """The family of a checkpoint, read from its header or folder layout only (cheap, safe for --dry_run)."""
     from lorakit.families.flux.loading import is_flux_source
+    from lorakit.families.sd3.detect import is_sd3_checkpoint
     from lorakit.families.sdxl.detect import is_sdxl_checkpoint
 
+    if path and is_sd3_checkpoint(path):  # checked first: `joint_blocks` appears in no other family
+        return "sd3"
     if path and is_flux_source(path):
         return "flux"
     if path and is_sdxl_checkpoint(path):

@@ -62,8 +62,12 @@ class Checkpointer:
             meta = md.per_save_metadata(self.base_meta, epoch=epoch, step=step)
             self.handle.eval_mode()  # schedule-free optimizers save their averaged (eval) weights
             try:
-                save_lora_file(session.network.state_dict_kohya(), path, meta, save_dtype=saving.save_dtype(session.cfg),
-                               model_format=session.cfg.save_model_as)
+                state = session.network.state_dict_kohya()
+                # a family may write another key layout (SD3: --save_format diffusers)
+                convert = getattr(session.family, "lora_file_state", None)
+                if convert is not None:
+                    state, meta = convert(state, meta, session.cfg)
+                save_lora_file(state, path, meta, save_dtype=saving.save_dtype(session.cfg), model_format=session.cfg.save_model_as)
             finally:
                 self.handle.train_mode()
             log.info("saved %s", path)

@@ -133,6 +133,9 @@ def _make_accelerator(cfg: Any) -> Accelerator:
 
 
 def _setup(cfg: Any, family: ModelFamily, accelerator: Accelerator) -> Session:
+    if getattr(cfg, "save_format", "kohya") != "kohya" and not hasattr(family, "lora_file_state"):
+        raise ConfigError([f"--save_format {cfg.save_format}: the {family.name} family writes the kohya layout only "
+                           "(convert afterwards with `lorakit lora convert --to diffusers`)"])
     comps = family.load(cfg)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     device = accelerator.device
