@@ -72,7 +72,7 @@ class DatasetOptions(OptionSection):
     train_data_dir: str | None = Field(None, description="folder of N_name image folders")
     reg_data_dir: str | None = Field(None, description="folder of N_name regularisation folders")
     in_json: str | None = Field(None, description="fine-tuning metadata JSON")
-    dataset_repeats: int = Field(1, ge=1, description="repeats of the --in_json dataset")
+    dataset_repeats: int = Field(1, ge=0, description="repeats of the --in_json dataset (sd-scripts accepts 0; only --in_json datasets read it)")
     resolution: tuple[int, int] | None = Field(None, description="'SIZE' or 'WIDTH,HEIGHT'")
     train_batch_size: int = Field(1, ge=1, description="batch size per device")
     enable_bucket: bool = Field(False, description="aspect-ratio bucketing")
