@@ -15,6 +15,7 @@ USAGE = """usage: lorakit <command> [options]
 
 commands:
   train     train a LoRA (sd-scripts option names: lorakit train --help)
+  cache     encode the dataset's latents to sd-scripts' .npz cache files, without training (train options)
   demo      train a LoRA on the built-in toy model and dataset on the CPU, with before/after samples
   lora      LoRA file tools: resize, merge, extract, convert, inspect (lorakit lora --help)
   bench     step time of the trainer against the bare model step (lorakit bench --help)
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "demo": _demo, "lora": _lora, "bench": _bench}
+    commands = {"train": _train, "cache": _cache, "demo": _demo, "lora": _lora, "bench": _bench}
     if command not in commands:
         print(f"lorakit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -94,3 +95,25 @@ def _bench(argv: list[str]) -> int:
     from lorakit.bench import main as bench_main
 
     return bench_main(argv)
+
+
+def _cache(argv: list[str]) -> int:
+    """`lorakit cache`: the train command's options; the VAE encodes every image once, nothing is trained."""
+    import torch
+
+    from lorakit.config import parse_train_args
+    from lorakit.data.cache import run_cache
+    from lorakit.families.registry import resolve_family
+
+    cfg, warnings = parse_train_args(argv)
+    for warning in warnings:
+        logging.getLogger("lorakit").warning(warning)
+    family = resolve_family(cfg)
+    comps = family.load(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    comps.vae.to(device)
+    with torch.no_grad():
+        report = run_cache(cfg, lambda images: family.encode_images(comps, images), latent_format=family.name,
+                           vae_id=str(cfg.vae or cfg.pretrained_model_name_or_path))
+    print(f"latent cache: {report.encoded} encoded now, {report.reused} already cached and valid")
+    return 0
