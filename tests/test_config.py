@@ -443,3 +443,11 @@ def test_output_config_accepts_a_partial_config(tmp_path):
     cfg, _ = parse_train_args(["--network_dim", "8", "--config_file", str(target), "--output_config"])
     assert cfg.output_config and cfg.pretrained_model_name_or_path is None
     assert target.read_text(encoding="utf-8") == "[network]\nnetwork_dim = 8\n"
+
+
+def test_text_encoder_cache_refuses_captions_that_change():
+    problems = problems_of(BASE + ["--cache_text_encoder_outputs", "--shuffle_caption", "--caption_dropout_rate=0.1"])
+    assert problems == [
+        "--cache_text_encoder_outputs cannot be used with --shuffle_caption, --caption_dropout_rate "
+        "(a cached caption encoding cannot change per step)"
+    ]

@@ -16,6 +16,8 @@ Errors:
   * v_pred_like_loss excludes v_parameterization; scale_v_pred_loss_like_noise_pred needs it
   * adaptive_noise_scale needs noise_offset
   * cache_latents (or _to_disk) excludes color_aug and random_crop
+  * cache_text_encoder_outputs (or _to_disk) excludes captions that change per step (shuffle, dropout, warm-up,
+    wildcards) given on the command line; dataset-file subsets are checked when the dataset is built
   * min_bucket_reso <= max_bucket_reso, and the resolution must fit between them when bucketing
   * bucket_reso_steps must divide by 64 (SD, FLUX) or 32 (SDXL, SD3) when the family is given
   * min_timestep < max_timestep
@@ -187,6 +189,20 @@ def _latent_cache_vs_augmentation(c: TrainConfig) -> str | None:
     if blocking:
         flag = "--cache_latents_to_disk" if c.cache_latents_to_disk else "--cache_latents"
         return f"{flag} cannot be used with {' or '.join(blocking)} (cached latents cannot change per epoch)"
+    return None
+
+
+@_error("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "shuffle_caption", "caption_dropout_rate",
+        "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_step", "enable_wildcard")
+def _text_cache_vs_varying_captions(c: TrainConfig) -> str | None:
+    if not (c.cache_text_encoder_outputs or c.cache_text_encoder_outputs_to_disk):
+        return None
+    varying = [f"--{name}" for name in ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                                        "caption_tag_dropout_rate", "token_warmup_step", "enable_wildcard")
+               if getattr(c, name)]
+    if varying:
+        flag = "--cache_text_encoder_outputs_to_disk" if c.cache_text_encoder_outputs_to_disk else "--cache_text_encoder_outputs"
+        return f"{flag} cannot be used with {', '.join(varying)} (a cached caption encoding cannot change per step)"
     return None
 
 

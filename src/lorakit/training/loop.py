@@ -60,6 +60,9 @@ def train(cfg: Any) -> TrainResult:
     family = resolve_family(cfg)
     seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1)
     dataset = build_train_dataset(cfg, seed)  # data problems surface before any model loads
+    if (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk) and dataset.captions_vary():
+        raise ConfigError(["--cache_text_encoder_outputs: a dataset subset changes its captions per step (shuffle, "
+                           "dropout, tag dropout, token warm-up or wildcards); remove one or the other"])
     plan = make_plan(cfg, family.name, len(dataset), num_processes=_num_processes())
     dataset.set_training_length(plan.max_train_steps, cfg.gradient_accumulation_steps)
     if distributed.rank_from_env() == 0:
