@@ -1,1 +1,1 @@
-"""Helpers shared by the model families: checkpoint reading/writing and bundled tokenizers."""
+"""Helpers shared by the model families: checkpoint reading/writing, module building and bundled tokenizers."""

@@ -72,7 +72,7 @@ def _read_safetensors(file: Path) -> LoadedCheckpoint:
             state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
-            f"{file}: not a readable safetensors file, it may be truncated or corrupt ({_first_line(exc)})"
+            f"{file}: not a readable safetensors file, it may be truncated or corrupt ({first_line(exc)})"
         ) from None
     return LoadedCheckpoint(str(file), state_dict, metadata)
 
@@ -93,10 +93,10 @@ def _read_pickled(file: Path) -> LoadedCheckpoint:
                 "arbitrary objects because that can run code from the file. Convert it to .safetensors with a "
                 "tool you trust, then pass the .safetensors file."
             ) from None
-        raise CheckpointError(f"{file}: not a readable checkpoint, it may be corrupt ({_first_line(exc)})") from None
+        raise CheckpointError(f"{file}: not a readable checkpoint, it may be corrupt ({first_line(exc)})") from None
     except (zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as exc:
         raise CheckpointError(
-            f"{file}: not a readable .ckpt/.pt file, it may be truncated or corrupt ({_first_line(exc)})"
+            f"{file}: not a readable .ckpt/.pt file, it may be truncated or corrupt ({first_line(exc)})"
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{file}: expected a dict of tensors, found a {type(obj).__name__}")
@@ -122,7 +122,8 @@ def _torch_load_weights_only(file: Path) -> Any:
     return torch.load(str(file), map_location="cpu", weights_only=True, mmap=is_zip)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's message for a one-line error: its first line, at most 200 characters."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:200]
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5Tokenizer
 
 from lorakit.errors import CheckpointError
+from lorakit.families.common.checkpoint_io import first_line
 
 # OpenAI's CLIP BPE vocabulary (49,408 tokens): vocab.json + merges.txt.
 _CLIP_TOKENIZER_DIR = resources.files("lorakit") / "assets" / "clip_tokenizer"
@@ -16,6 +17,9 @@ _CLIP_TOKENIZER_DIR = resources.files("lorakit") / "assets" / "clip_tokenizer"
 # OpenCLIP (SD 2.x, SDXL's second encoder) pads with "!" (id 0).
 CLIP_PAD_END = "<|endoftext|>"
 CLIP_PAD_OPENCLIP = "!"
+
+# The files a saved T5 (SentencePiece) tokenizer is read from: either one will do.
+T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 
 
 def bundled_clip_tokenizer(pad_token: str = CLIP_PAD_END, max_length: int = 77) -> CLIPTokenizer:
@@ -31,3 +35,13 @@ def folder_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: cannot read the tokenizer in this folder ({exc})") from None
+
+
+def t5_tokenizer_in(folder: Path) -> T5Tokenizer | None:
+    """The T5 tokenizer saved in `folder`, or None if the folder holds no T5 tokenizer files."""
+    if not any((folder / name).is_file() for name in T5_TOKENIZER_FILES):
+        return None
+    try:
+        return T5Tokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: cannot read the T5 tokenizer in this folder ({first_line(exc)})") from None

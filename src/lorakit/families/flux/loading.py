@@ -27,14 +27,24 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
 from lorakit.families.common.checkpoint_io import LoadedCheckpoint, read_checkpoint
-from lorakit.families.common.tokenizers import CLIP_PAD_END, bundled_clip_tokenizer, folder_clip_tokenizer
+from lorakit.families.common.module_io import CONFIGS_METADATA_KEY  # noqa: F401 (the tiny models import it here)
+from lorakit.families.common.module_io import (
+    assign_weights,
+    embedded_config,
+    from_pretrained,
+    read_json,
+)
+from lorakit.families.common.tokenizers import (
+    CLIP_PAD_END,
+    bundled_clip_tokenizer,
+    folder_clip_tokenizer,
+    t5_tokenizer_in,
+)
 from lorakit.families.flux import bfl_keys
 from lorakit.families.sd.ldm_keys import ldm_to_vae
 
 _PACKAGE = resources.files("lorakit") / "families" / "flux"
-CONFIGS_METADATA_KEY = "lorakit.configs"  # same key the SD writers use: {"<component>": diffusers config}
 REAL_AXES_DIMS_ROPE = (16, 56, 56)
-T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 _MISSING_T5_TOKENIZER = (
     "no T5 tokenizer found. FLUX needs the real T5-XXL tokenizer, offline: put its files (tokenizer.json or "
     "spiece.model, e.g. the tokenizer_2/ folder of the FLUX.1 diffusers repository) next to the --t5xxl file, "
@@ -118,7 +128,7 @@ def load_flux_components(
 
 
 def _load_pipeline_folder(folder: Path, dtype: torch.dtype, skip: dict[str, str | None]) -> dict[str, Any]:
-    pipeline = _read_json(folder / "model_index.json").get("_class_name", "")
+    pipeline = read_json(folder / "model_index.json").get("_class_name", "")
     if "Flux" not in pipeline:
         raise CheckpointError(f"{folder}: this is a {pipeline or 'non-FLUX'} model folder, not FLUX.1; choose its family")
     parts: dict[str, Any] = {"transformer": _from_pretrained(FluxTransformer2DModel, folder, "transformer", torch_dtype=dtype)}
@@ -130,18 +140,14 @@ def _load_pipeline_folder(folder: Path, dtype: torch.dtype, skip: dict[str, str 
         parts["clip_tokenizer"] = folder_clip_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else bundled_clip_tokenizer()
     if not skip["t5xxl"]:
         parts["t5xxl"] = _from_pretrained(T5EncoderModel, folder, "text_encoder_2", dtype=dtype)
-        parts["t5_tokenizer"] = _t5_tokenizer_in(folder / "tokenizer_2")
+        parts["t5_tokenizer"] = t5_tokenizer_in(folder / "tokenizer_2")
         if parts["t5_tokenizer"] is None:
             raise CheckpointError(f"{folder / 'tokenizer_2'}: {_MISSING_T5_TOKENIZER}")
     return parts
 
 
 def _from_pretrained(cls, folder: Path, subfolder: str, **kwargs) -> nn.Module:
-    try:
-        return cls.from_pretrained(str(folder), subfolder=subfolder, local_files_only=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
-        where = folder / subfolder if subfolder else folder
-        raise CheckpointError(f"{where}: cannot load the FLUX {subfolder or 'transformer'} ({_first_line(exc)})") from None
+    return from_pretrained(cls, folder, subfolder, what=f"FLUX {subfolder or 'transformer'}", **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,10 +160,10 @@ def load_transformer_file(file: Path, dtype: torch.dtype) -> FluxTransformer2DMo
     checkpoint = read_checkpoint(file)
     state = checkpoint.state_dict
     if bfl_keys.is_bfl_transformer(state):
-        config = _embedded(checkpoint, "transformer") or _real_transformer_config(state, checkpoint.path)
+        config = embedded_config(checkpoint, "transformer") or _real_transformer_config(state, checkpoint.path)
         weights = bfl_keys.bfl_to_diffusers(state, checkpoint.path)
     elif any(k.startswith("transformer_blocks.") for k in state):
-        config = _embedded(checkpoint, "transformer") or _real_transformer_config_from_diffusers(state)
+        config = embedded_config(checkpoint, "transformer") or _real_transformer_config_from_diffusers(state)
         weights = state
     else:
         raise CheckpointError(_not_a_flux_file(checkpoint))
@@ -187,7 +193,7 @@ def _real_transformer_config_from_diffusers(state: dict[str, torch.Tensor]) -> d
 def load_clip_l_file(file: Path, dtype: torch.dtype) -> CLIPTextModel:
     """CLIP-L from `clip_l.safetensors` (transformers layout, with or without the `text_model.` level)."""
     checkpoint = read_checkpoint(file)
-    config = CLIPTextConfig.from_dict(_embedded(checkpoint, "clip_l") or bundled_config("clip_l"))
+    config = CLIPTextConfig.from_dict(embedded_config(checkpoint, "clip_l") or bundled_config("clip_l"))
     with init_empty_weights():
         model = CLIPTextModel(config)
     keep_level = hasattr(model, "text_model")  # transformers 5 dropped it; older files still carry it
@@ -206,7 +212,7 @@ def load_clip_l_file(file: Path, dtype: torch.dtype) -> CLIPTextModel:
 def load_t5_file(file: Path, dtype: torch.dtype) -> T5EncoderModel:
     """The T5-XXL encoder from `t5xxl_fp16.safetensors` (transformers T5EncoderModel layout)."""
     checkpoint = read_checkpoint(file)
-    config = T5Config.from_dict(_embedded(checkpoint, "t5xxl") or bundled_config("t5xxl"))
+    config = T5Config.from_dict(embedded_config(checkpoint, "t5xxl") or bundled_config("t5xxl"))
     with init_empty_weights():
         model = T5EncoderModel(config)
     weights = {k.removeprefix("text_encoders.t5xxl.transformer."): v for k, v in checkpoint.state_dict.items()}
@@ -223,7 +229,7 @@ def load_t5_file(file: Path, dtype: torch.dtype) -> T5EncoderModel:
 def load_ae_file(file: Path, dtype: torch.dtype) -> AutoencoderKL:
     """The FLUX autoencoder from `ae.safetensors` (LDM layout) or a diffusers-layout VAE file."""
     checkpoint = read_checkpoint(file)
-    config = _embedded(checkpoint, "ae") or bundled_config("ae")
+    config = embedded_config(checkpoint, "ae") or bundled_config("ae")
     state = checkpoint.state_dict
     if any(k.startswith("encoder.down.") for k in state) or any(".encoder.down." in k for k in state):
         weights = ldm_to_vae(state, config)
@@ -240,69 +246,15 @@ def load_ae_file(file: Path, dtype: torch.dtype) -> AutoencoderKL:
 def t5_tokenizer_near(t5_file: Path) -> T5Tokenizer:
     """The T5 tokenizer beside a `--t5xxl` file: in its folder or a `tokenizer_2/`/`tokenizer/` folder there."""
     for folder in (t5_file.parent, t5_file.parent / "tokenizer_2", t5_file.parent / "t5_tokenizer"):
-        tokenizer = _t5_tokenizer_in(folder)
+        tokenizer = t5_tokenizer_in(folder)
         if tokenizer is not None:
             return tokenizer
     raise CheckpointError(f"{t5_file}: {_MISSING_T5_TOKENIZER}")
 
 
-def _t5_tokenizer_in(folder: Path) -> T5Tokenizer | None:
-    if not any((folder / name).is_file() for name in T5_TOKENIZER_FILES):
-        return None
-    try:
-        return T5Tokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: cannot read the T5 tokenizer in this folder ({_first_line(exc)})") from None
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _embedded(checkpoint: LoadedCheckpoint, component: str) -> dict[str, Any] | None:
-    raw = checkpoint.metadata.get(CONFIGS_METADATA_KEY)
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw).get(component)
-    except (ValueError, AttributeError):
-        raise CheckpointError(f"{checkpoint.path}: its '{CONFIGS_METADATA_KEY}' metadata is damaged") from None
-
-
-def assign_weights(
-    module: nn.Module, weights: dict[str, torch.Tensor], *, file: str, component: str, dtype: torch.dtype, extra_ok: bool = False
-) -> None:
-    """Place `weights` into `module` (built on meta) after checking names and shapes; popped as placed."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in weights and expected[k].is_meta]
-    if missing:
-        raise CheckpointError(f"{file}: the {component} weights are incomplete: {len(missing)} missing (e.g. {missing[0]})")
-    if not extra_ok:
-        unexpected = [k for k in weights if k not in expected]
-        if unexpected:
-            raise CheckpointError(f"{file}: unexpected {component} weights (e.g. {unexpected[0]}); is this the right file?")
-    placed: dict[str, torch.Tensor] = {}
-    for key, target in expected.items():
-        if key not in weights:
-            placed[key] = target
-            continue
-        value = weights.pop(key)
-        if tuple(value.shape) != tuple(target.shape):
-            raise CheckpointError(
-                f"{file}: the {component} weight {key} has shape {tuple(value.shape)}, the architecture needs "
-                f"{tuple(target.shape)}"
-            )
-        placed[key] = value.to(dtype) if value.is_floating_point() else value
-    module.load_state_dict(placed, strict=True, assign=True)
-    _materialise_meta_buffers(module)
-
-
-def _materialise_meta_buffers(module: nn.Module) -> None:
-    """Non-persistent buffers (e.g. CLIP's position ids) stay on meta after an assign-load; rebuild them."""
-    for name, buffer in list(module.named_buffers()):
-        if buffer.is_meta:
-            raise CheckpointError(f"{name}: buffer left uninitialised while loading")
 
 
 def _not_a_flux_file(checkpoint: LoadedCheckpoint) -> str:
@@ -318,18 +270,6 @@ def _not_a_flux_file(checkpoint: LoadedCheckpoint) -> str:
     return f"{checkpoint.path}: not a FLUX.1 transformer (expected double_blocks.*/single_blocks.*; found e.g. {keys[0]})"
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: not valid JSON ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
-
-
 def is_flux_source(path: str) -> bool:
     """Whether `path` is a FLUX.1 model (for family detection): a diffusers folder whose pipeline or transformer
     class is FLUX's, or a file with BFL/diffusers FLUX transformer keys (safetensors: only the header is read)."""
@@ -337,7 +277,7 @@ def is_flux_source(path: str) -> bool:
     if source.is_dir():
         for file, needle in ((source / "model_index.json", "Flux"), (source / "transformer" / "config.json", "Flux"),
                              (source / "config.json", "FluxTransformer2DModel")):
-            if file.is_file() and needle in str(_read_json(file).get("_class_name", "")):
+            if file.is_file() and needle in str(read_json(file).get("_class_name", "")):
                 return True
         return False
     if not source.is_file() or source.suffix.lower() != ".safetensors":

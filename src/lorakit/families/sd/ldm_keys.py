@@ -32,14 +32,12 @@ from diffusers.loaders.single_file_utils import (
 
 from lorakit.families.base import Components
 from lorakit.families.common.checkpoint_io import write_safetensors_atomic, write_torch_atomic
+from lorakit.families.common.module_io import CONFIGS_CKPT_KEY, CONFIGS_METADATA_KEY
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
-
-CONFIGS_METADATA_KEY = "lorakit.configs"  # safetensors metadata
-CONFIGS_CKPT_KEY = "lorakit_configs"  # top-level entry of a .ckpt, beside "state_dict"
 
 # ---------------------------------------------------------------------------------------------------------
 # Rename tables (diffusers name -> original name)

@@ -10,7 +10,6 @@ them, so loading holds one copy of the weights, not two.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,14 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
 from lorakit.families.common.checkpoint_io import LoadedCheckpoint, read_checkpoint
+from lorakit.families.common.module_io import (
+    assign_weights,
+    embedded_configs,
+    from_pretrained,
+    read_json,
+    reject_checkpoint,
+    skip_weight_init,
+)
 from lorakit.families.common.tokenizers import (
     CLIP_PAD_END,
     CLIP_PAD_OPENCLIP,
@@ -37,6 +44,7 @@ _CONFIG_DIR = resources.files("lorakit") / "families" / "sd" / "configs"
 _VERSION_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
 # Real text-encoder widths, used to tell SD 1.x (CLIP-L, 768) from SD 2.x (OpenCLIP-H, 1024) by shape.
 _CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2"}
+CONFIG_NAMES = ("unet", "vae", "text_encoder")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -112,9 +120,9 @@ def load_sd_components(
 def _load_diffusers_folder(folder: Path, version: str, dtype: torch.dtype):
     """unet/, vae/, text_encoder/ via from_pretrained on local files; tokenizer/ if present, else bundled."""
     _check_diffusers_folder(folder, version)
-    unet = _from_pretrained(UNet2DConditionModel, folder, "unet", torch_dtype=dtype)
-    vae = _from_pretrained(AutoencoderKL, folder, "vae", torch_dtype=dtype)
-    text_encoder = _from_pretrained(CLIPTextModel, folder, "text_encoder", dtype=dtype)
+    unet = from_pretrained(UNet2DConditionModel, folder, "unet", torch_dtype=dtype)
+    vae = from_pretrained(AutoencoderKL, folder, "vae", torch_dtype=dtype)
+    text_encoder = from_pretrained(CLIPTextModel, folder, "text_encoder", dtype=dtype)
     if (folder / "tokenizer").is_dir():
         tokenizer = folder_clip_tokenizer(folder / "tokenizer")
     else:
@@ -131,28 +139,14 @@ def _check_diffusers_folder(folder: Path, version: str) -> None:
             "text_encoder/ subfolders), nor a .safetensors/.ckpt file"
         )
     if index_file.is_file():
-        pipeline = _read_json(index_file).get("_class_name", "")
+        pipeline = read_json(index_file).get("_class_name", "")
         if "XL" in pipeline or "StableDiffusion3" in pipeline or "Flux" in pipeline:
             raise CheckpointError(f"{folder}: this is a {pipeline} model, not SD 1.x/2.x; choose its family")
     for sub in ("unet", "vae", "text_encoder"):
         if not (folder / sub / "config.json").is_file():
             raise CheckpointError(f"{folder}: the diffusers folder has no {sub}/config.json")
-    width = _read_json(folder / "unet" / "config.json").get("cross_attention_dim")
+    width = read_json(folder / "unet" / "config.json").get("cross_attention_dim")
     _check_version(str(folder), version, _CROSS_ATTENTION_WIDTH.get(width))
-
-
-def _from_pretrained(cls, folder: Path, subfolder: str, **kwargs) -> nn.Module:
-    try:
-        return cls.from_pretrained(str(folder), subfolder=subfolder, local_files_only=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{folder / subfolder}: cannot load the {subfolder} ({_first_line(exc)})") from None
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: not valid JSON ({_first_line(exc)})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,7 +159,7 @@ def _load_single_file(file: Path, version: str, v_parameterization: bool, dtype:
     checkpoint = read_checkpoint(file)
     _check_is_sd_checkpoint(checkpoint)
     _check_version(str(file), version, _detect_version(checkpoint.state_dict))
-    configs = _embedded_configs(checkpoint) or _bundled_configs(version == "sd2", v_parameterization)
+    configs = embedded_configs(checkpoint, CONFIG_NAMES) or _bundled_configs(version == "sd2", v_parameterization)
     unet, vae, text_encoder = _empty_modules(configs)
     weights = checkpoint.state_dict
     converted = {
@@ -180,29 +174,16 @@ def _load_single_file(file: Path, version: str, v_parameterization: bool, dtype:
     del weights, checkpoint  # the converted dicts hold the only references to the tensors now
     hint = "" if configs.get("_embedded") else _bundled_hint(version)
     for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
-        _assign_weights(module, converted.pop(name), file=str(file), component=name, dtype=dtype, hint=hint)
+        assign_weights(
+            module, converted.pop(name), file=str(file), component=name, dtype=dtype, hint=hint, extra_ok=True,
+            fit_unit_dims=True,
+        )
     return unet.eval(), vae.eval(), text_encoder.eval()
-
-
-def _embedded_configs(checkpoint: LoadedCheckpoint) -> dict[str, Any] | None:
-    """The diffusers configs lorakit stores in its own single files, if this file has them."""
-    raw = checkpoint.metadata.get(ldm_keys.CONFIGS_METADATA_KEY) or checkpoint.metadata.get(ldm_keys.CONFIGS_CKPT_KEY)
-    if raw is None:
-        return None
-    try:
-        configs = json.loads(raw)
-        if not all(isinstance(configs.get(k), dict) for k in ("unet", "vae", "text_encoder")):
-            raise ValueError("needs 'unet', 'vae' and 'text_encoder' entries")
-    except ValueError as exc:
-        raise CheckpointError(
-            f"{checkpoint.path}: its '{ldm_keys.CONFIGS_METADATA_KEY}' metadata is damaged ({_first_line(exc)})"
-        ) from None
-    return {**configs, "_embedded": True}
 
 
 def _bundled_configs(v2: bool, v_parameterization: bool) -> dict[str, Any]:
     variant = bundled_variant(v2, v_parameterization)
-    return {name: bundled_config(variant, name) for name in ("unet", "vae", "text_encoder")}
+    return {name: bundled_config(variant, name) for name in CONFIG_NAMES}
 
 
 def _bundled_hint(version: str) -> str:
@@ -217,77 +198,11 @@ def _bundled_hint(version: str) -> str:
 
 def _empty_modules(configs: dict[str, Any]) -> tuple[nn.Module, nn.Module, nn.Module]:
     """UNet, VAE and text encoder with parameters on the meta device: allocating them costs nothing."""
-    with init_empty_weights(), _skip_weight_init():
+    with init_empty_weights(), skip_weight_init():
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
     return unet, vae, text_encoder
-
-
-# The torch.nn.init functions layers call from reset_parameters(); random init of meta tensors is wasted work
-# (and slow: each call goes through a Python decomposition), since every weight is replaced from the file.
-_INIT_FUNCTIONS = (
-    "uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_",
-    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
-)
-
-
-@contextmanager
-def _skip_weight_init():
-    """Make torch.nn.init's initialisers no-ops while empty modules are built."""
-    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
-    for name in _INIT_FUNCTIONS:
-        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(nn.init, name, function)
-
-
-def _assign_weights(
-    module: nn.Module, weights: dict[str, torch.Tensor], *, file: str, component: str, dtype: torch.dtype, hint: str
-) -> None:
-    """Move `weights` into `module` (built on meta) after checking every name and shape matches.
-
-    Weights are popped as they are placed, so the loaded module ends up owning the only copy.
-    """
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in weights and expected[k].is_meta]
-    if missing:
-        raise CheckpointError(
-            f"{file}: the {component} weights are incomplete: {len(missing)} missing (e.g. {missing[0]}).{hint}"
-        )
-    placed: dict[str, torch.Tensor] = {}
-    for key, target in expected.items():
-        if key not in weights:
-            placed[key] = target  # a real (non-meta) buffer the file does not store; keep its value
-            continue
-        value = weights.pop(key)
-        fitted = _fit_shape(value, tuple(target.shape))
-        if fitted is None:
-            raise CheckpointError(
-                f"{file}: the {component} weight {key} has shape {tuple(value.shape)} but the architecture "
-                f"needs {tuple(target.shape)}.{hint}"
-            )
-        placed[key] = fitted.to(dtype) if fitted.is_floating_point() else fitted
-    module.load_state_dict(placed, strict=True, assign=True)
-
-
-def _fit_shape(value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """The value as `shape` if it only differs by trailing unit dims (1x1 conv vs linear: SD 2.x
-    proj_in/proj_out written by other tools, LDM VAE attention); None for a real mismatch."""
-    if tuple(value.shape) == shape:
-        return value
-    if _without_unit_tail(tuple(value.shape)) == _without_unit_tail(shape):
-        return value.reshape(shape)
-    return None
-
-
-def _without_unit_tail(shape: tuple[int, ...]) -> tuple[int, ...]:
-    while len(shape) > 2 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -336,12 +251,7 @@ def _check_is_sd_checkpoint(checkpoint: LoadedCheckpoint) -> None:
         "expected a Stable Diffusion 1.x/2.x checkpoint in the original layout (model.diffusion_model.*, "
         "first_stage_model.*, cond_stage_model.*) or a diffusers model folder"
     )
-    if not keys:
-        raise CheckpointError(f"{checkpoint.path}: the file holds no tensors; {expected}")
-    for fragments, hint in _FOREIGN_KEY_HINTS:
-        if any(fragment in key for key in keys for fragment in fragments):
-            raise CheckpointError(f"{checkpoint.path}: {hint}; {expected}")
-    raise CheckpointError(f"{checkpoint.path}: unrecognised tensor names (e.g. {keys[0]}); {expected}")
+    reject_checkpoint(checkpoint, _FOREIGN_KEY_HINTS, expected)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -362,20 +272,20 @@ def load_vae(path: str, config: dict[str, Any], *, dtype: torch.dtype = torch.fl
     if source.is_dir():
         return _load_vae_folder(source, dtype)
     checkpoint = read_checkpoint(source)
-    embedded = _embedded_configs(checkpoint)
+    embedded = embedded_configs(checkpoint, CONFIG_NAMES)
     vae_config = embedded["vae"] if embedded else config
     weights = _vae_weights(checkpoint, vae_config)
-    with init_empty_weights(), _skip_weight_init():
+    with init_empty_weights(), skip_weight_init():
         vae = AutoencoderKL.from_config(vae_config)
-    _assign_weights(vae, weights, file=str(source), component="VAE", dtype=dtype, hint="")
+    assign_weights(vae, weights, file=str(source), component="VAE", dtype=dtype, extra_ok=True, fit_unit_dims=True)
     return vae.eval()
 
 
 def _load_vae_folder(folder: Path, dtype: torch.dtype) -> AutoencoderKL:
     if (folder / "config.json").is_file():
-        return _from_pretrained(AutoencoderKL, folder, "", torch_dtype=dtype).eval()
+        return from_pretrained(AutoencoderKL, folder, "", torch_dtype=dtype).eval()
     if (folder / "vae" / "config.json").is_file():
-        return _from_pretrained(AutoencoderKL, folder, "vae", torch_dtype=dtype).eval()
+        return from_pretrained(AutoencoderKL, folder, "vae", torch_dtype=dtype).eval()
     raise CheckpointError(f"{folder}: not a diffusers VAE folder (no config.json or vae/config.json)")
 
 
@@ -395,7 +305,3 @@ def _vae_weights(checkpoint: LoadedCheckpoint, config: dict[str, Any]) -> dict[s
         "optionally under first_stage_model.)"
     )
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]

@@ -28,15 +28,24 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, 
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
 from lorakit.families.common.checkpoint_io import LoadedCheckpoint, read_checkpoint
-from lorakit.families.common.tokenizers import CLIP_PAD_END, CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
-from lorakit.families.flux.loading import assign_weights
+from lorakit.families.common.module_io import CONFIGS_METADATA_KEY  # noqa: F401 (the tiny models import it here)
+from lorakit.families.common.module_io import (
+    assign_weights,
+    embedded_config,
+    from_pretrained,
+    read_json,
+)
+from lorakit.families.common.tokenizers import (
+    CLIP_PAD_END,
+    CLIP_PAD_OPENCLIP,
+    bundled_clip_tokenizer,
+    t5_tokenizer_in,
+)
 from lorakit.families.sd.ldm_keys import ldm_to_vae
 from lorakit.families.sd3 import sai_keys
 
 _PACKAGE = resources.files("lorakit") / "families" / "sd3"
-CONFIGS_METADATA_KEY = "lorakit.configs"
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl")
-T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 T5_TOKENIZER_DIRS = ("", "tokenizer_3", "t5_tokenizer", "tokenizer_2")
 _MISSING_T5_TOKENIZER = (
     "no T5 tokenizer found. SD3 needs the T5-XXL tokenizer, offline: put its files (tokenizer.json or spiece.model, "
@@ -109,7 +118,7 @@ def _load_pipeline_folder(folder: Path, dtype: torch.dtype, skip: set[str]) -> d
         if (folder / "config.json").is_file():
             return {"transformer": _from_pretrained(SD3Transformer2DModel, folder, "", "torch_dtype", dtype)}
         raise CheckpointError(f"{folder}: not a diffusers SD3 folder (no model_index.json)")
-    pipeline = _read_json(index).get("_class_name", "")
+    pipeline = read_json(index).get("_class_name", "")
     if "StableDiffusion3" not in pipeline:
         raise CheckpointError(f"{folder}: this is a {pipeline or 'non-SD3'} folder, not SD3; choose its family with --family")
     parts: dict[str, Any] = {"transformer": _from_pretrained(SD3Transformer2DModel, folder, "transformer", "torch_dtype", dtype)}
@@ -124,10 +133,7 @@ def _load_pipeline_folder(folder: Path, dtype: torch.dtype, skip: set[str]) -> d
 
 
 def _from_pretrained(cls, folder: Path, subfolder: str, dtype_key: str, dtype: torch.dtype) -> nn.Module:
-    try:
-        return cls.from_pretrained(str(folder), subfolder=subfolder, local_files_only=True, **{dtype_key: dtype})
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{folder / subfolder}: cannot load the SD3 {subfolder or 'transformer'} ({_first_line(exc)})") from None
+    return from_pretrained(cls, folder, subfolder, what=f"SD3 {subfolder or 'transformer'}", **{dtype_key: dtype})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,19 +149,19 @@ def _load_single_file(file: Path, dtype: torch.dtype, skip: set[str]) -> dict[st
         raise CheckpointError(_not_an_sd3_file(checkpoint))
     parts: dict[str, Any] = {"transformer": _transformer_from(checkpoint, dtype)}
     if "vae" not in skip and any(k.startswith(sai_keys.VAE_PREFIX) for k in state):
-        config = _embedded(checkpoint, "vae") or bundled_config("vae")
+        config = embedded_config(checkpoint, "vae") or bundled_config("vae")
         parts["vae"] = _vae_from_state({k: v for k, v in state.items() if k.startswith(sai_keys.VAE_PREFIX)}, config, file, dtype)
     for name in TEXT_ENCODERS:
         prefix = sai_keys.TE_PREFIXES[name]
         if name not in skip and any(k.startswith(prefix) for k in state):
             weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            parts[name] = _text_encoder_from(weights, name, _embedded(checkpoint, name), file, dtype)
+            parts[name] = _text_encoder_from(weights, name, embedded_config(checkpoint, name), file, dtype)
     return parts
 
 
 def _transformer_from(checkpoint: LoadedCheckpoint, dtype: torch.dtype) -> SD3Transformer2DModel:
     state = sai_keys.strip_transformer_prefix(checkpoint.state_dict)
-    config = _embedded(checkpoint, "transformer") or sai_keys.transformer_config_from_sai(state, checkpoint.path)
+    config = embedded_config(checkpoint, "transformer") or sai_keys.transformer_config_from_sai(state, checkpoint.path)
     weights = sai_keys.sai_to_diffusers(state, config, checkpoint.path)
     with init_empty_weights():
         model = SD3Transformer2DModel.from_config(config)
@@ -171,7 +177,7 @@ def load_text_encoder_file(file: Path, name: str, dtype: torch.dtype) -> nn.Modu
     checkpoint = read_checkpoint(file)
     prefix = sai_keys.TE_PREFIXES[name]
     weights = {k.removeprefix(prefix): v for k, v in checkpoint.state_dict.items()}
-    return _text_encoder_from(weights, name, _embedded(checkpoint, name), file, dtype)
+    return _text_encoder_from(weights, name, embedded_config(checkpoint, name), file, dtype)
 
 
 def _text_encoder_from(weights: dict[str, torch.Tensor], name: str, config: dict | None, file: Path, dtype: torch.dtype) -> nn.Module:
@@ -213,7 +219,7 @@ def load_vae_source(source: Path, dtype: torch.dtype) -> AutoencoderKL:
     if source.is_dir():
         return _from_pretrained(AutoencoderKL, source, "vae" if (source / "vae").is_dir() else "", "torch_dtype", dtype)
     checkpoint = read_checkpoint(source)
-    config = _embedded(checkpoint, "vae") or bundled_config("vae")
+    config = embedded_config(checkpoint, "vae") or bundled_config("vae")
     return _vae_from_state(checkpoint.state_dict, config, source, dtype)
 
 
@@ -246,25 +252,6 @@ def find_t5_tokenizer(near: list[Path]) -> T5Tokenizer:
     raise CheckpointError(f"{near[0]}: {_MISSING_T5_TOKENIZER}")
 
 
-def t5_tokenizer_in(folder: Path) -> T5Tokenizer | None:
-    if not any((folder / name).is_file() for name in T5_TOKENIZER_FILES):
-        return None
-    try:
-        return T5Tokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: cannot read the T5 tokenizer in this folder ({_first_line(exc)})") from None
-
-
-def _embedded(checkpoint: LoadedCheckpoint, component: str) -> dict[str, Any] | None:
-    raw = checkpoint.metadata.get(CONFIGS_METADATA_KEY)
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw).get(component)
-    except (ValueError, AttributeError):
-        raise CheckpointError(f"{checkpoint.path}: its '{CONFIGS_METADATA_KEY}' metadata is damaged") from None
-
-
 def _not_an_sd3_file(checkpoint: LoadedCheckpoint) -> str:
     keys = list(checkpoint.state_dict)
     if not keys:
@@ -277,14 +264,3 @@ def _not_an_sd3_file(checkpoint: LoadedCheckpoint) -> str:
         return f"{checkpoint.path}: this is a Stable Diffusion 1.x/2.x/XL checkpoint, not SD3 (use --family sd or sdxl)"
     return f"{checkpoint.path}: not an SD3 MMDiT (expected model.diffusion_model.joint_blocks.*; found e.g. {keys[0]})"
 
-
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: not valid JSON ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]

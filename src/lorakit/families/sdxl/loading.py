@@ -4,7 +4,7 @@ Nothing here reaches a model hub. Single files are converted with diffusers' con
 explicit config: the `lorakit.configs` metadata lorakit writes into its own files (so tiny test models load),
 or else the real SDXL base configs bundled in `configs/sdxl_base/`. Modules are built on the meta device and
 the checkpoint's tensors assigned into them, so loading holds one copy of the weights. The module-building
-and weight-placing helpers are the SD family's, shared rather than copied.
+and weight-placing helpers are shared with the other families (`families/common/module_io.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
 from lorakit.families.common.checkpoint_io import LoadedCheckpoint, read_checkpoint
+from lorakit.families.common.module_io import (
+    assign_weights,
+    embedded_configs,
+    from_pretrained,
+    read_json,
+    reject_checkpoint,
+    skip_weight_init,
+)
 from lorakit.families.common.tokenizers import (
     CLIP_PAD_END,
     CLIP_PAD_OPENCLIP,
@@ -29,14 +37,7 @@ from lorakit.families.common.tokenizers import (
     folder_clip_tokenizer,
 )
 from lorakit.families.sd import ldm_keys
-from lorakit.families.sd.loading import (
-    _assign_weights,
-    _first_line,
-    _from_pretrained,
-    _read_json,
-    _skip_weight_init,
-    load_vae,
-)
+from lorakit.families.sd.loading import load_vae
 from lorakit.families.sdxl import sgm_keys
 from lorakit.families.sdxl.detect import is_sdxl_checkpoint, keys_are_sdxl  # noqa: F401 (re-exported)
 from lorakit.families.sdxl.sgm_keys import CONFIG_NAMES, TE1_PREFIX, TE2_PREFIX
@@ -99,10 +100,10 @@ def load_sdxl_components(
 def _load_diffusers_folder(folder: Path, dtype: torch.dtype):
     """unet/, vae/, text_encoder/, text_encoder_2/ from local files; tokenizer folders if present, else bundled."""
     _check_diffusers_folder(folder)
-    unet = _from_pretrained(UNet2DConditionModel, folder, "unet", torch_dtype=dtype)
-    vae = _from_pretrained(AutoencoderKL, folder, "vae", torch_dtype=dtype)
-    te1 = _from_pretrained(CLIPTextModel, folder, "text_encoder", dtype=dtype)
-    te2 = _from_pretrained(CLIPTextModelWithProjection, folder, "text_encoder_2", dtype=dtype)
+    unet = from_pretrained(UNet2DConditionModel, folder, "unet", torch_dtype=dtype)
+    vae = from_pretrained(AutoencoderKL, folder, "vae", torch_dtype=dtype)
+    te1 = from_pretrained(CLIPTextModel, folder, "text_encoder", dtype=dtype)
+    te2 = from_pretrained(CLIPTextModelWithProjection, folder, "text_encoder_2", dtype=dtype)
     tokenizers = [
         folder_clip_tokenizer(folder / sub) if (folder / sub).is_dir() else bundled_clip_tokenizer(pad)
         for sub, pad in (("tokenizer", CLIP_PAD_END), ("tokenizer_2", CLIP_PAD_OPENCLIP))
@@ -119,14 +120,14 @@ def _check_diffusers_folder(folder: Path) -> None:
             "and text_encoder_2/ subfolders), nor a .safetensors/.ckpt file"
         )
     if index_file.is_file():
-        pipeline = _read_json(index_file).get("_class_name", "")
+        pipeline = read_json(index_file).get("_class_name", "")
         if pipeline and "XL" not in pipeline:
             raise CheckpointError(f"{folder}: this is a {pipeline} model, not SDXL; {_family_hint(pipeline)}")
     for sub in _SUBFOLDERS:
         if not (folder / sub / "config.json").is_file():
             hint = " (an SD 1.x/2.x folder? use --family sd)" if sub == "text_encoder_2" else ""
             raise CheckpointError(f"{folder}: the diffusers folder has no {sub}/config.json{hint}")
-    unet_config = _read_json(folder / "unet" / "config.json")
+    unet_config = read_json(folder / "unet" / "config.json")
     if unet_config.get("addition_embed_type") != "text_time":
         raise CheckpointError(f"{folder}: unet/config.json is not an SDXL UNet (no text_time addition embedding)")
 
@@ -148,7 +149,7 @@ def _load_single_file(file: Path, dtype: torch.dtype):
     """An SGM-layout checkpoint -> (unet, vae, te1, te2), converted with an explicit config."""
     checkpoint = read_checkpoint(file)
     _check_is_sdxl_checkpoint(checkpoint)
-    configs = _embedded_configs(checkpoint) or {name: bundled_config(name) for name in CONFIG_NAMES}
+    configs = embedded_configs(checkpoint, CONFIG_NAMES) or {name: bundled_config(name) for name in CONFIG_NAMES}
     unet, vae, te1, te2 = _empty_modules(configs)
     weights = checkpoint.state_dict
     converted = {
@@ -160,30 +161,16 @@ def _load_single_file(file: Path, dtype: torch.dtype):
     del weights, checkpoint  # the converted dicts hold the only references to the tensors now
     hint = "" if configs.get("_embedded") else _BUNDLED_HINT
     for name, module in zip(CONFIG_NAMES, (unet, vae, te1, te2)):
-        _assign_weights(module, converted.pop(name), file=str(file), component=name, dtype=dtype, hint=hint)
+        assign_weights(
+            module, converted.pop(name), file=str(file), component=name, dtype=dtype, hint=hint, extra_ok=True,
+            fit_unit_dims=True,
+        )
     return unet.eval(), vae.eval(), te1.eval(), te2.eval()
-
-
-def _embedded_configs(checkpoint: LoadedCheckpoint) -> dict[str, Any] | None:
-    """The diffusers configs lorakit stores in its own SDXL single files, if this file has them."""
-    raw = checkpoint.metadata.get(ldm_keys.CONFIGS_METADATA_KEY) or checkpoint.metadata.get(ldm_keys.CONFIGS_CKPT_KEY)
-    if raw is None:
-        return None
-    try:
-        configs = json.loads(raw)
-        missing = [name for name in CONFIG_NAMES if not isinstance(configs.get(name), dict)]
-        if missing:
-            raise ValueError(f"no {', '.join(missing)} entries")
-    except ValueError as exc:
-        raise CheckpointError(
-            f"{checkpoint.path}: its '{ldm_keys.CONFIGS_METADATA_KEY}' metadata is damaged ({_first_line(exc)})"
-        ) from None
-    return {**configs, "_embedded": True}
 
 
 def _empty_modules(configs: dict[str, Any]):
     """UNet, VAE and both text encoders with parameters on the meta device: allocating them costs nothing."""
-    with init_empty_weights(), _skip_weight_init():
+    with init_empty_weights(), skip_weight_init():
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
         te1 = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
@@ -222,9 +209,4 @@ def _check_is_sdxl_checkpoint(checkpoint: LoadedCheckpoint) -> None:
                 "full checkpoint (UNet, VAE and both text encoders)"
             )
         return
-    if not keys:
-        raise CheckpointError(f"{checkpoint.path}: the file holds no tensors; {_EXPECTED}")
-    for fragments, hint in _FOREIGN_KEY_HINTS:
-        if any(fragment in key for key in keys for fragment in fragments):
-            raise CheckpointError(f"{checkpoint.path}: {hint}; {_EXPECTED}")
-    raise CheckpointError(f"{checkpoint.path}: unrecognised tensor names (e.g. {keys[0]}); {_EXPECTED}")
+    reject_checkpoint(checkpoint, _FOREIGN_KEY_HINTS, _EXPECTED)
