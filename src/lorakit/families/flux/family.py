@@ -18,15 +18,20 @@ import torch
 from lorakit.errors import ConfigError
 from lorakit.families.base import AdapterTarget, Components, TextConditioning
 from lorakit.families.flux import bfl_keys
-from lorakit.families.flux.layers import FusedLinearView, checkpoint_offloading_to_cpu, to_fp8
+from lorakit.families.common.layers import FusedLinearView, to_fp8
+from lorakit.families.common.transformer_family import (
+    CLIP_PARENTS,
+    T5_PARENTS,
+    ShiftScaleLatents,
+    warn_block_swap_not_done,
+)
+from lorakit.families.flux.layers import checkpoint_offloading_to_cpu
 from lorakit.families.flux.network_args import FluxNetworkArgs
 from lorakit.families.targeting import RankChoice, collect_targets
 from lorakit.objectives.flow import FlowObjective, apply_model_prediction_type, timesteps_to_sigmas
 
 log = logging.getLogger("lorakit")
 
-CLIP_PARENTS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
-T5_PARENTS = ("T5Attention", "T5DenseGatedActDense")
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}  # sd-scripts' defaults for --t5xxl_max_token_length
 PATCH = 2  # latents are packed into 2x2 patches
@@ -82,7 +87,7 @@ def max_blocks_to_swap(num_double: int, num_single: int) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class FluxFamily:
+class FluxFamily(ShiftScaleLatents):
     """FLUX.1-dev and -schnell with CLIP-L and T5-XXL."""
 
     name = "flux"
@@ -131,23 +136,10 @@ class FluxFamily:
                 f"--blocks_to_swap {swap}: this model ({config.num_layers} double, {config.num_single_layers} single "
                 f"blocks) allows at most {most}; FLUX.1 allows 35"
             ])
-        if torch.cuda.is_available():
-            log.warning("--blocks_to_swap %d: block swapping is not implemented yet; every block stays on the GPU", swap)
-        else:
-            log.warning("--blocks_to_swap %d: accepted; it only saves GPU memory, and this run uses the CPU", swap)
+        warn_block_swap_not_done(swap)
 
     def objective(self, cfg: Any, comps: Components) -> FlowObjective:
         return FlowObjective.from_options(cfg, patch_size=PATCH)
-
-    def encode_images(self, comps: Components, images: torch.Tensor) -> torch.Tensor:
-        vae = comps.vae
-        latents = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample()
-        latents = torch.nan_to_num(latents, nan=0.0)
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
-    def decode_latents(self, comps: Components, latents: torch.Tensor) -> torch.Tensor:
-        vae = comps.vae
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor).sample
 
     def encode_text(self, comps: Components, captions: list[str], clip_skip: int | None = None) -> TextConditioning:
         """CLIP-L pooled output and T5 hidden states (`clip_skip` does not apply to FLUX, as in sd-scripts)."""

@@ -7,11 +7,11 @@ the input embedders. Only the literal `True` turns on boolean keys, as there.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.errors import ConfigError
+from lorakit.families.common.network_args import parse_indices, parse_int, parse_int_list
 
 TYPE_DIM_KEYS = ("img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim", "img_mod_dim", "txt_mod_dim", "single_dim", "single_mod_dim")
 #: keys this module reads; others that lora_flux knows are refused with a message, unknown ones too
@@ -49,18 +49,17 @@ class FluxNetworkArgs:
         type_dims: dict[str, int] = {}
         for key in TYPE_DIM_KEYS:
             if key in kwargs:
-                type_dims[key.removesuffix("_dim")] = _int(key, kwargs[key], problems)
+                type_dims[key.removesuffix("_dim")] = parse_int(key, kwargs[key], problems)
         train_blocks = kwargs.get("train_blocks", "all")
         if train_blocks not in ("all", "single", "double"):
             problems.append(f"--network_args train_blocks={train_blocks}: expected all, single or double")
         in_dims = None
         if "in_dims" in kwargs:
-            values = [v for v in kwargs["in_dims"].strip("[] ").split(",") if v.strip()]
-            in_dims = tuple(_int("in_dims", v.strip(), problems) for v in values)
+            in_dims = parse_int_list("in_dims", kwargs["in_dims"], problems)
             if len(in_dims) != 5:
                 problems.append(f"--network_args in_dims={kwargs['in_dims']}: needs 5 numbers [img, time, vector, guidance, txt]")
-        double = _indices("train_double_block_indices", kwargs.get("train_double_block_indices"), problems)
-        single = _indices("train_single_block_indices", kwargs.get("train_single_block_indices"), problems)
+        double = parse_indices("train_double_block_indices", kwargs.get("train_double_block_indices"), problems)
+        single = parse_indices("train_single_block_indices", kwargs.get("train_single_block_indices"), problems)
         if problems:
             raise ConfigError(problems)
         return cls(cfg.network_dim or 4, type_dims, train_blocks, double, single, in_dims, kwargs.get("train_t5xxl") == "True")
@@ -76,31 +75,3 @@ class FluxNetworkArgs:
             return 0
         return self.type_dims.get(kind, self.network_dim)
 
-
-def _int(key: str, value: str, problems: list[str]) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        problems.append(f"--network_args {key}={value}: must be a whole number")
-        return 0
-    if number < 0:
-        problems.append(f"--network_args {key}={value}: must not be negative")
-    return number
-
-
-def _indices(key: str, value: str | None, problems: list[str]) -> frozenset[int] | None:
-    """`all`, `none` or ranges such as `0-5,10` (sd-scripts' syntax)."""
-    if value is None or value.strip() == "all":
-        return None
-    if value.strip() == "none":
-        return frozenset()
-    chosen: set[int] = set()
-    for item in value.split(","):
-        item = item.strip()
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
-        if not match:
-            problems.append(f"--network_args {key}={value}: {item!r} is not an index or a range like 3-7")
-            continue
-        start, end = int(match[1]), int(match[2] or match[1])
-        chosen.update(range(start, end + 1))
-    return frozenset(chosen)

@@ -23,7 +23,13 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.families.base import AdapterTarget, Components, TextConditioning
-from lorakit.families.flux.layers import FusedLinearView, to_fp8
+from lorakit.families.common.layers import FusedLinearView, to_fp8
+from lorakit.families.common.transformer_family import (
+    CLIP_PARENTS,
+    T5_PARENTS,
+    ShiftScaleLatents,
+    warn_block_swap_not_done,
+)
 from lorakit.families.sd3 import sai_keys
 from lorakit.families.sd3.layers import SplitQKVView, SwappedRowsView
 from lorakit.families.sd3.network_args import SD3NetworkArgs
@@ -32,8 +38,6 @@ from lorakit.objectives.sd3_flow import SD3FlowObjective, precondition_to_x0
 
 log = logging.getLogger("lorakit")
 
-CLIP_PARENTS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
-T5_PARENTS = ("T5Attention", "T5DenseGatedActDense")
 TEXT_PREFIXES = ("lora_te1", "lora_te2", "lora_te3")
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 256  # sd-scripts' SD3 default for --t5xxl_max_token_length
@@ -41,7 +45,7 @@ SD_ONLY_OPTIONS = ("v2", "v_parameterization", "clip_skip")
 MODELSPEC_IMPLEMENTATION = "diffusers"  # what sd-scripts writes for SD3 LoRAs
 
 
-class StableDiffusion3Family:
+class StableDiffusion3Family(ShiftScaleLatents):
     """SD3 Medium, SD3.5 Medium (MMDiT-X) and SD3.5 Large, with CLIP-L, CLIP-G and T5-XXL."""
 
     name = "sd3"
@@ -110,25 +114,10 @@ class StableDiffusion3Family:
         blocks = comps.denoiser.config.num_layers
         if swap > blocks - 2:
             raise ConfigError([f"--blocks_to_swap {swap}: this model has {blocks} joint blocks, so at most {blocks - 2} can be swapped"])
-        if torch.cuda.is_available():
-            log.warning("--blocks_to_swap %d: block swapping is not implemented yet; every block stays on the GPU", swap)
-        else:
-            log.warning("--blocks_to_swap %d: accepted; it only saves GPU memory, and this run uses the CPU", swap)
+        warn_block_swap_not_done(swap)
 
     def objective(self, cfg: Any, comps: Components) -> SD3FlowObjective:
         return SD3FlowObjective.from_options(cfg)
-
-    # ----------------------------------------------------------------------------------------- images
-
-    def encode_images(self, comps: Components, images: torch.Tensor) -> torch.Tensor:
-        vae = comps.vae
-        latents = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample()
-        latents = torch.nan_to_num(latents, nan=0.0)
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
-    def decode_latents(self, comps: Components, latents: torch.Tensor) -> torch.Tensor:
-        vae = comps.vae
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor).sample
 
     # ----------------------------------------------------------------------------------------- text
 

@@ -4,7 +4,7 @@ kohya-format SD3 LoRAs are shaped after the SAI MMDiT: one factor pair per fused
 SAI's half order. diffusers' model keeps q/k/v apart and stores two modulations as (scale, shift). These views
 stand for the SAI layer, so the adapter's tensors have exactly the shapes (and row order) of the file:
 
-* `FusedLinearView` (shared with FLUX) stacks q, k and v;
+* `FusedLinearView` (shared with FLUX, in `families/common/layers.py`) stacks q, k and v;
 * `SwappedRowsView` presents one Linear with its two output halves exchanged;
 * `SplitQKVView` is a fused view whose adapter trains three independent rank-r LoRAs (sd-scripts'
   `split_qkv=True`): the adapter is built at rank 3r with its up matrix kept block-diagonal (gradients outside
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.families.flux.layers import FusedLinearView
+from lorakit.families.common.layers import FusedLinearView
 from lorakit.families.sd3.sai_keys import swap_halves
 
 

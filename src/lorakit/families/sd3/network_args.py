@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.errors import ConfigError
-from lorakit.families.flux.network_args import _indices, _int
+from lorakit.families.common.network_args import parse_indices, parse_int, parse_int_list
 
 TYPE_DIM_KEYS = ("context_attn_dim", "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim", "x_mod_dim")
 KNOWN_KEYS = frozenset(
@@ -46,17 +46,16 @@ class SD3NetworkArgs:
             f"--network_args {k}: not a networks.lora_sd3 option (known: {', '.join(sorted(KNOWN_KEYS))})"
             for k in kwargs if k not in KNOWN_KEYS and k not in FOREIGN_KEYS
         ]
-        type_dims = {key.removesuffix("_dim"): _int(key, kwargs[key], problems) for key in TYPE_DIM_KEYS if key in kwargs}
+        type_dims = {key.removesuffix("_dim"): parse_int(key, kwargs[key], problems) for key in TYPE_DIM_KEYS if key in kwargs}
         emb_dims = None
         if "emb_dims" in kwargs:
-            values = [v.strip() for v in kwargs["emb_dims"].strip("[] ").split(",") if v.strip()]
-            emb_dims = tuple(_int("emb_dims", v, problems) for v in values)
+            emb_dims = parse_int_list("emb_dims", kwargs["emb_dims"], problems)
             if len(emb_dims) != 6:
                 problems.append(
                     f"--network_args emb_dims={kwargs['emb_dims']}: needs 6 numbers "
                     "[context_embedder, t_embedder, x_embedder, y_embedder, final_mod, final_linear]"
                 )
-        blocks = _indices("train_block_indices", kwargs.get("train_block_indices"), problems)
+        blocks = parse_indices("train_block_indices", kwargs.get("train_block_indices"), problems)
         if problems:
             raise ConfigError(problems)
         return cls(

@@ -1,0 +1,118 @@
+"""Layer stand-ins shared by the transformer families (FLUX, SD3).
+
+`FusedLinearView`: BFL's FLUX and SAI's SD3 fuse q/k/v (and, in FLUX single blocks, the MLP input) into one
+Linear, and LoRA files name and shape their factors after that fused layer: one `lora_down` (r, in) and one
+`lora_up` (3·d or 3·d + mlp, r). diffusers keeps the parts apart. The view stands for the fused layer so a
+standard LoRA module can attach to it; each part then adds its rows of the fused LoRA output. The parts read
+the same input tensor, so the LoRA branch runs once per block call and its output is shared (released after
+the last part took its rows), which is exactly a LoRA on the fused layer.
+
+`to_fp8` (sd-scripts' `--fp8_base`): Linear weights stored as float8_e4m3fn and upcast per layer in forward,
+halving the frozen model's memory against bf16. It works on the CPU as well, which the tests use.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+class FusedLinearView(nn.Linear):
+    """A weightless stand-in for several Linears that read the same input, as one Linear over their stacked rows.
+
+    Its own forward returns a zero the parts' outputs broadcast against, so with no adapter attached every part
+    computes exactly what it did before; with a LoRA patched onto the view, the view's output is the LoRA delta.
+    """
+
+    def __init__(self, parts: Sequence[nn.Linear]):
+        nn.Module.__init__(self)
+        inputs = {part.in_features for part in parts}
+        if len(inputs) != 1:
+            raise ValueError(f"fused parts must share their input width, got {sorted(inputs)}")
+        self.in_features = inputs.pop()
+        self.out_features = sum(part.out_features for part in parts)
+        self.bias = None
+        object.__setattr__(self, "parts", list(parts))  # the model owns them; not submodules of the view
+        object.__setattr__(self, "_cache", None)
+        starts = [0]
+        for part in parts:
+            starts.append(starts[-1] + part.out_features)
+        self.slices = [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
+        for index, part in enumerate(parts):
+            _route_part(part, self, index)
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        """The fused weight (a fresh concatenation: read it, never write into it)."""
+        return torch.cat([part.weight.to(self.parts[0].weight.dtype) for part in self.parts], dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(())
+
+    def delta_for(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """The rows of the (possibly adapted) view's output that belong to part `index`, computed once per input."""
+        cache = self._cache
+        if cache is None or cache[0] is not x:
+            cache = [x, self(x), len(self.parts)]
+        cache[2] -= 1
+        object.__setattr__(self, "_cache", cache if cache[2] > 0 else None)
+        delta = cache[1]
+        return delta if delta.ndim == 0 else delta[..., self.slices[index]]
+
+    @torch.no_grad()
+    def add_to_parts(self, delta_weight: torch.Tensor) -> None:
+        """Merge a fused ΔW into the parts' weights, each taking its rows."""
+        for part, rows in zip(self.parts, self.slices):
+            weight = part.weight
+            weight.copy_((weight.float() + delta_weight[rows].to(weight.device).float()).to(weight.dtype))
+
+
+def _route_part(part: nn.Linear, view: FusedLinearView, index: int) -> None:
+    """Make `part` add its rows of the view's output; any forward already patched on it is kept and chained."""
+    inner = part.__dict__.get("forward", part.forward)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = inner(x)
+        return out + view.delta_for(x, index).to(out.dtype)
+
+    part.forward = forward
+
+
+class Fp8Linear(nn.Linear):
+    """nn.Linear whose weight is stored in float8 and cast to the compute dtype for each call.
+
+    `.to(dtype)` on the model (the trainer casts frozen modules to the mixed-precision dtype) would upcast the
+    weight for good; `_apply` puts it back into float8, which is exact because every e4m3 value is
+    representable in fp16, bf16 and fp32.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.weight.dtype != FP8_DTYPE:
+            self.weight.data = self.weight.data.to(FP8_DTYPE)
+        return self
+
+
+def to_fp8(root: nn.Module) -> int:
+    """Store every plain nn.Linear weight under `root` in float8_e4m3fn; returns how many layers changed.
+
+    Biases, norms and embeddings keep their dtype (sd-scripts keeps norms and embeddings out of fp8 too).
+    """
+    count = 0
+    for module in root.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = Fp8Linear
+            module.weight.requires_grad_(False)
+            module.weight.data = module.weight.data.to(FP8_DTYPE)
+            count += 1
+    return count
