@@ -9,8 +9,10 @@ Three instruments, none touching the model: every micro-batch's random draws (tr
 VAE posterior sample) are seeded from its captions, so a batch gets the same noise whichever process and
 whichever run trains it (the loop itself seeds noise per process, which is right for training but makes
 runs with different process counts incomparable); and the trainer's per-step hook is wrapped to copy the
-LoRA weights (and, at the first step, a digest of the latent cache) after each optimizer step. The
-process group outlives each run (a run's end would destroy it) so one launch can hold several runs.
+LoRA weights (and, at the first step, a digest of the latent cache) after each optimizer step, with the
+random states a saved state would hold at that point; the state loader is wrapped to record the random
+states it restored. The process group outlives each run (a run's end would destroy it) so one launch can
+hold several runs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def instrumented(record: dict[str, Any]) -> Iterator[None]:
     from lorakit.training import trainer
 
     real_step_loss, real_after_update = trainer.step_loss, trainer.Trainer._after_update
+    real_load_state = trainer.load_state
     real_destroy = PartialState.destroy_process_group
 
     def seeded_step_loss(session: Any, batch: Any) -> torch.Tensor:
@@ -47,16 +50,29 @@ def instrumented(record: dict[str, Any]) -> Iterator[None]:
     def recording_after_update(self: Any, *args: Any, **kwargs: Any) -> None:
         real_after_update(self, *args, **kwargs)
         record["weights"].append(torch.cat([p.detach().float().flatten().cpu() for p in self.params]))
+        record["rng"].append(rng_digest(self.session.noise_generator))
         if "cache" not in record:
             record["cache"] = cache_digest(self.dataset)
 
+    def recording_load_state(path: Any, live: Any) -> Any:
+        info = real_load_state(path, live)
+        record["restored_rng"] = rng_digest(live.noise_generator)
+        return info
+
     trainer.step_loss, trainer.Trainer._after_update = seeded_step_loss, recording_after_update
+    trainer.load_state = recording_load_state
     PartialState.destroy_process_group = lambda self, group=None: None
     try:
         yield
     finally:
         trainer.step_loss, trainer.Trainer._after_update = real_step_loss, real_after_update
+        trainer.load_state = real_load_state
         PartialState.destroy_process_group = real_destroy
+
+
+def rng_digest(noise_generator: torch.Generator) -> dict[str, Any]:
+    """The training-noise generator's and torch's CPU random states (what a step draws from)."""
+    return {"noise": noise_generator.get_state().clone(), "torch_cpu": torch.get_rng_state()}
 
 
 def cache_digest(dataset: Any) -> dict[str, float]:
@@ -72,12 +88,13 @@ def recorded_run(argv: list[str]) -> dict[str, Any]:
     from lorakit.config import parse_train_args
     from lorakit.training.loop import train
 
-    record: dict[str, Any] = {"weights": []}
+    record: dict[str, Any] = {"weights": [], "rng": []}
     cfg, _ = parse_train_args(argv)
     with instrumented(record):
         result = train(cfg)
     record["losses"] = result.step_losses
     record["start_step"] = result.start_step
+    record["samples"] = sorted(path.name for path in result.sample_files)
     record["weights"] = torch.stack(record["weights"]) if record["weights"] else torch.empty(0)
     return record
 

@@ -1,6 +1,7 @@
 """Multi-process training on the CPU: 2 processes under `accelerate launch --multi_gpu` (gloo) stay in sync,
-equal one process that accumulates the same two batches per step, write each file once and resume exactly;
-plus the sharding, plan, launcher-check and option helpers on their own."""
+equal one process that accumulates the same two batches per step, write each file once, resume exactly (each
+process with its own random states) and divide the sample prompts; plus the sharding, plan, launcher-check
+and option helpers on their own."""
 
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 def world(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ddp")
     save_sd_diffusers_folder(build_tiny_sd("sd1", seed=0), root / "model")
-    return {"root": root, "model": root / "model", "data": write_dreambooth_folder(root / "data")}
+    prompts = root / "prompts.txt"  # 3 prompts over 2 processes: process 0 makes #0 and #2, process 1 makes #1
+    prompts.write_text("".join(f"sks toy {i} --w 64 --h 64 --s 2 --d {i}\n" for i in range(3)), encoding="utf-8")
+    return {"root": root, "model": root / "model", "data": write_dreambooth_folder(root / "data"), "prompts": prompts}
 
 
 def train_args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
@@ -54,13 +57,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def two_processes(world) -> dict[str, dict]:
-    """One launch of 2 processes: a run with a state at step 2, its resumption, and two caching runs."""
+    """One launch of 2 processes: a run with a state at step 2, its resumption, and two caching runs (one samples)."""
     root = world["root"]
     runs = {
         "full": train_args(world, root / "full", "--max_train_steps=4", "--save_every_n_steps=2", "--save_state"),
         "resumed": train_args(world, root / "resumed", "--max_train_steps=4",
                               f"--resume={root / 'full' / 'tiny-step00000002-state'}"),
-        "memory": train_args(world, root / "memory", "--max_train_steps=1", "--cache_latents"),
+        "memory": train_args(world, root / "memory", "--max_train_steps=1", "--cache_latents",
+                             f"--sample_prompts={world['prompts']}", "--sample_every_n_steps=1"),
         "disk": train_args(world, root / "disk", "--max_train_steps=1", "--cache_latents_to_disk"),
     }
     command = [
@@ -76,7 +80,7 @@ def two_processes(world) -> dict[str, dict]:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     ranks = torch.load(root / "result.pt", weights_only=False)
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world"] for r in ranks} == {2}
-    return {"ranks": [r["records"] for r in ranks], "stdout": done.stdout}
+    return {"ranks": [r["records"] for r in ranks], "stdout": done.stdout, "stderr": done.stderr}
 
 
 def test_ranks_hold_identical_weights_after_every_step(two_processes):
@@ -120,6 +124,28 @@ def test_resume_under_two_processes_continues_where_it_stopped(world, two_proces
     root = world["root"]
     a, b = load_file(root / "full" / "tiny.safetensors"), load_file(root / "resumed" / "tiny.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_each_process_saves_and_restores_its_own_random_states(world, two_processes):
+    state = world["root"] / "full" / "tiny-step00000002-state"
+    assert sorted(p.name for p in state.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    at_save = [ranks["full"]["rng"][1] for ranks in two_processes["ranks"]]  # after step 2, when the state was saved
+    restored = [ranks["resumed"]["restored_rng"] for ranks in two_processes["ranks"]]
+    assert not torch.equal(at_save[0]["noise"], at_save[1]["noise"]), "the processes draw different noise"
+    for rank in range(2):
+        assert torch.equal(restored[rank]["noise"], at_save[rank]["noise"]), rank
+        assert torch.equal(restored[rank]["torch_cpu"], at_save[rank]["torch_cpu"]), rank
+        saved = torch.load(state / f"random_states_{rank}.pkl", weights_only=False)
+        assert torch.equal(saved["noise_generator"], at_save[rank]["noise"])
+
+
+def test_sample_prompts_are_divided_among_the_processes(world, two_processes):
+    rank0, rank1 = (ranks["memory"]["samples"] for ranks in two_processes["ranks"])
+    numbers = [[name.split("_")[2] for name in names] for names in (rank0, rank1)]
+    assert numbers == [["00", "02"], ["01"]], (rank0, rank1)  # each image keeps its prompt's number
+    assert sorted(p.name for p in (world["root"] / "memory" / "sample").iterdir()) == sorted(rank0 + rank1)
+    assert all(name.startswith("tiny_000001_") for name in rank0 + rank1)
+    assert two_processes["stderr"].count("3 sample prompts over 2 processes") == 1, "the main process warns once"
 
 
 def test_latent_caching_is_shared_by_the_processes(world, two_processes):
@@ -216,6 +242,47 @@ def test_sample_prompts_divided_among_processes():
     assert [distributed.prompts_for_process(prompts, r, 2) for r in range(2)] == [["p0", "p2", "p4"], ["p1", "p3"]]
     assert "5 sample prompts over 2 processes" in distributed.uneven_prompts_warning(5, 2)
     assert distributed.uneven_prompts_warning(4, 2) is None and distributed.uneven_prompts_warning(5, 1) is None
+
+
+def test_state_from_fewer_processes_gives_rank_0_random_states_but_keeps_own_noise(tmp_path, caplog):
+    from lorakit.training.state import TrainingState, load_state, save_state
+
+    network = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    live = TrainingState(network, optimizer, None, torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    saved_cpu = torch.get_rng_state()
+    folder = save_state(tmp_path / "state", live, epoch=1, step=2)  # one process: rank 0's file only
+    assert sorted(p.name for p in folder.glob("random_states_*")) == ["random_states_0.pkl"]
+    own = torch.Generator().manual_seed(6)  # process 1's noise seed
+    torch.manual_seed(0)
+    load_state(folder, TrainingState(network, optimizer, None, own), rank=1)
+    assert torch.equal(torch.get_rng_state(), saved_cpu)
+    assert torch.equal(own.get_state(), torch.Generator().manual_seed(6).get_state())
+    assert "no random states of process 1" in caplog.text
+
+
+def test_deepspeed_leaves_gradient_averaging_to_the_engine(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from lorakit.training.step import all_reduce_gradients
+
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.ones(2)
+
+    def reduce(*_args, **_kwargs):
+        raise AssertionError("reduced under DeepSpeed")
+
+    fake = SimpleNamespace(num_processes=2, reduce=reduce)
+    monkeypatch.setattr(distributed, "uses_deepspeed", lambda accelerator: True)
+    all_reduce_gradients(fake, [param])
+    monkeypatch.undo()
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    assert not distributed.uses_deepspeed(accelerator)
+    assert distributed.prepare_optimizer(accelerator, torch.nn.Linear(1, 1), optimizer).optimizer is optimizer
 
 
 def _importable(name: str) -> bool:

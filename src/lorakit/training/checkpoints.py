@@ -77,6 +77,6 @@ class Checkpointer:
     def _state(self, name: str, epoch: int, step: int) -> None:
         # the state keeps the optimizer's training-mode weights: that is what the next step continues from
         path = saving.output_path(self.session.cfg, name)
-        if self._main:
-            save_state(path, self.live, epoch=epoch, step=step)
+        # every process takes part: each contributes its random states, the main process writes the folder
+        save_state(path, self.live, epoch=epoch, step=step, accelerator=self.session.accelerator)
         self.session.accelerator.wait_for_everyone()

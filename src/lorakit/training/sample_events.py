@@ -8,6 +8,10 @@ When (inventory §7.1): at step 0 with --sample_at_first; after an optimizer ste
 Sampling must not change training: every RNG state is saved before and restored after, the network and the
 models are put in eval mode (no LoRA dropout) and back, and schedule-free optimizers switch to their averaged
 weights for the images and back.
+
+With several processes the prompts are divided among them (process r makes prompts r, r+N, ..., as in
+sd-scripts); each image keeps its prompt's number in its name, and the processes wait for each other after
+an event so that none runs ahead into the next step.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from lorakit.sampling.prompts import SampleDefaults, SamplePrompt, read_sample_prompts
+from lorakit.training import distributed
 
 log = logging.getLogger("lorakit")
 
@@ -131,6 +136,10 @@ class Sampler:
         )
         self.folder = Path(cfg.output_dir) / "sample"
         self.written: list[Path] = []
+        accelerator = session.accelerator
+        warning = distributed.uneven_prompts_warning(len(self.prompts), accelerator.num_processes)
+        if warning and self.enabled and accelerator.is_main_process:
+            log.warning(warning)
 
     @property
     def enabled(self) -> bool:
@@ -149,10 +158,12 @@ class Sampler:
             self.run(epoch=epoch, step=step)
 
     def run(self, *, epoch: int | None, step: int) -> list[Path]:
-        """Write one image per prompt (main process only); training RNG and modes are left as they were."""
-        session = self.session
-        if not session.accelerator.is_main_process:
-            return []
+        """Write this process's share of the images (one per prompt); training RNG and modes are left as they were.
+
+        Every process loads the whole model (`loop._setup`), so each builds its pipelines from its own modules.
+        """
+        session, acc = self.session, self.session.accelerator
+        prompts = distributed.prompts_for_process(self.prompts, acc.process_index, acc.num_processes)
         from lorakit.sampling.generate import generate_sample
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -160,16 +171,20 @@ class Sampler:
         modules = [comps.denoiser, comps.vae, *comps.text_encoders, session.network]
         paths = []
         pipelines: dict[str, Any] = {}
-        with preserved_rng(), eval_mode(modules, self.handle), session.accelerator.autocast():
-            for prompt in self.prompts:
+        with preserved_rng(), eval_mode(modules, self.handle), acc.autocast():
+            for prompt in prompts:
                 sampler = (prompt.sample_sampler or session.cfg.sample_sampler or "ddim").lower()
                 if sampler not in pipelines:
                     pipelines[sampler] = session.family.pipeline(comps, sampler)
                     pipelines[sampler].set_progress_bar_config(disable=True)
                 image = generate_sample(pipelines[sampler], prompt, clip_skip=session.cfg.clip_skip)
                 paths.append(self._write(image, prompt, epoch=epoch, step=step))
-        log.info("wrote %d sample images to %s", len(paths), self.folder)
+        if acc.num_processes > 1:
+            log.info("process %d wrote %d sample images to %s", acc.process_index, len(paths), self.folder)
+        else:
+            log.info("wrote %d sample images to %s", len(paths), self.folder)
         self.written += paths
+        acc.wait_for_everyone()  # a process with fewer prompts waits here, not at the next gradient reduction
         return paths
 
     def _write(self, image: Any, prompt: SamplePrompt, *, epoch: int | None, step: int) -> Path:

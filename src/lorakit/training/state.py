@@ -8,10 +8,15 @@ A state folder holds what an interrupted run needs to continue bit for bit (name
     scheduler.bin          LR scheduler state dict
     scaler.pt              fp16 gradient scaler (only with one)
     random_states_0.pkl    python, numpy, torch CPU and CUDA RNG states, and the training-noise generator
+    random_states_1.pkl    ... of process 1, and so on (only with several processes)
     train_state.json       {"current_epoch": e, "current_step": s}
 
 Everything is written into `<name>.tmp` first and the folder is renamed when complete, so a crash during a save
 leaves the previous states untouched and never a half-written folder under the final name.
+
+With several processes every process calls `save_state`: the main process gathers their random states
+(one `random_states_{rank}.pkl` each, as accelerate names them) and writes the whole folder, so only it needs
+to reach `--output_dir`. On resume each process reads its own file, or rank 0's when the state has none for it.
 """
 
 from __future__ import annotations
@@ -37,9 +42,14 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.bin"
 SCHEDULER_FILE = "scheduler.bin"
 SCALER_FILE = "scaler.pt"
-RNG_FILE = "random_states_0.pkl"
+RNG_FILE = "random_states_0.pkl"  # the main process's; required in every state
 TRAIN_STATE_FILE = "train_state.json"
 REQUIRED = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAIN_STATE_FILE)
+
+
+def rng_file(rank: int) -> str:
+    """The random-state file of process `rank` (accelerate's name)."""
+    return f"random_states_{rank}.pkl"
 
 
 @dataclass
@@ -138,8 +148,26 @@ def network_tensors(network: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
 
 
-def save_state(folder: Path, state: TrainingState, *, epoch: int, step: int) -> Path:
-    """Write a complete state folder at `folder` (atomically); returns it."""
+def save_state(folder: Path, state: TrainingState, *, epoch: int, step: int, accelerator: Any = None) -> Path:
+    """Write a complete state folder at `folder` (atomically); returns it.
+
+    Without an accelerator (or with one process) the caller is the only writer. With several processes every
+    process must call this at the same point: each captures its random states, the main process gathers them
+    and writes the folder, and all return once it is in place.
+    """
+    world = accelerator.num_processes if accelerator is not None else 1
+    rng = capture_rng(state.noise_generator)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        # the collective orders the captures before the main process writes; it draws no random numbers
+        states = gather_object([(accelerator.process_index, rng)])
+        if not accelerator.is_main_process:
+            accelerator.wait_for_everyone()  # until the folder is renamed into place
+            return folder
+        rngs = dict(states)
+    else:
+        rngs = {0: rng}
 
     def write(tmp: Path) -> None:
         data = safetensors.torch.save(network_tensors(state.network))
@@ -149,12 +177,15 @@ def save_state(folder: Path, state: TrainingState, *, epoch: int, step: int) -> 
             _write_file(tmp / SCHEDULER_FILE, lambda f: torch.save(state.lr_scheduler.state_dict(), f))
         if state.scaler is not None:
             _write_file(tmp / SCALER_FILE, lambda f: torch.save(state.scaler.state_dict(), f))
-        _write_file(tmp / RNG_FILE, lambda f: torch.save(capture_rng(state.noise_generator), f))
+        for rank, states in sorted(rngs.items()):
+            _write_file(tmp / rng_file(rank), lambda f, states=states: torch.save(states, f))
         text = json.dumps({"current_epoch": epoch, "current_step": step}, indent=2).encode()
         _write_file(tmp / TRAIN_STATE_FILE, lambda f: f.write(text))
 
     _atomic_folder(folder, write)
     log.info("saved state %s", folder)
+    if world > 1:
+        accelerator.wait_for_everyone()
     return folder
 
 
@@ -183,8 +214,13 @@ def read_train_state(path: str | os.PathLike) -> ResumeInfo:
         raise CheckpointError(f"{file}: cannot read the training position ({exc})") from None
 
 
-def load_state(path: str | os.PathLike, state: TrainingState) -> ResumeInfo:
-    """Restore network, optimizer, scheduler, scaler and RNG from a state folder."""
+def load_state(path: str | os.PathLike, state: TrainingState, rank: int | None = None) -> ResumeInfo:
+    """Restore network, optimizer, scheduler, scaler and RNG from a state folder.
+
+    Process `rank` (the launcher's RANK when not given) restores its own random states; from a state saved
+    with fewer processes it takes rank 0's, except for the training-noise generator, which keeps its own
+    per-process seed so that the processes do not all draw the same noise.
+    """
     problems = check_state_folder(path)
     if problems:
         raise ConfigError(problems)
@@ -195,10 +231,23 @@ def load_state(path: str | os.PathLike, state: TrainingState) -> ResumeInfo:
         state.lr_scheduler.load_state_dict(_torch_load(folder / SCHEDULER_FILE))
     if state.scaler is not None and (folder / SCALER_FILE).is_file():
         state.scaler.load_state_dict(_torch_load(folder / SCALER_FILE))
-    restore_rng(_torch_load(folder / RNG_FILE), state.noise_generator)
+    rank = _rank() if rank is None else rank
+    own = folder / rng_file(rank)
+    if own.is_file():
+        restore_rng(_torch_load(own), state.noise_generator)
+    else:
+        log.warning("%s has no random states of process %d (saved with fewer processes); it uses those of "
+                    "process 0 with its own noise seed, so the run continues, but not exactly", folder, rank)
+        restore_rng(_torch_load(folder / RNG_FILE), None)
     info = read_train_state(folder)
     log.info("resumed from %s at epoch %d, step %d", folder, info.epoch, info.step)
     return info
+
+
+def _rank() -> int:
+    from lorakit.training.distributed import rank_from_env
+
+    return rank_from_env()
 
 
 def _torch_load(file: Path) -> Any:

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 
 from lorakit.data.batch import Batch
 from lorakit.data.masks import mask_to_latent
+from lorakit.training import distributed
 
 
 def step_loss(session: Any, batch: Batch) -> torch.Tensor:
@@ -58,8 +59,11 @@ def ends_accumulation(index: int, batches_in_epoch: int, accumulation: int) -> b
 
 
 def all_reduce_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
-    """The LoRA modules live inside the frozen model, outside any DDP wrapper, so gradients are averaged here."""
-    if accelerator.num_processes <= 1:
+    """The LoRA modules live inside the frozen model, outside any DDP wrapper, so gradients are averaged here.
+
+    Under DeepSpeed the engine that holds the network reduces them itself (in `accelerator.backward`).
+    """
+    if accelerator.num_processes <= 1 or distributed.uses_deepspeed(accelerator):
         return
     for param in params:
         if param.grad is not None:

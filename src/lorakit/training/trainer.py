@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorakit.adapters.blocks import blockwise_param_groups, loraplus_ratios
+from lorakit.training import distributed
 from lorakit.training import metadata as md
 from lorakit.training.checkpoints import Checkpointer
 from lorakit.training.optim import build_optimizer
@@ -55,7 +56,7 @@ class Trainer:
         groups, self.group_names = optimizer_groups(cfg, session.network)
         self.handle = build_optimizer(cfg, groups)
         self.lr_scheduler = build_lr_scheduler(cfg, self.handle, plan.max_train_steps)
-        self.optimizer = accelerator.prepare(self.handle.optimizer)
+        self.optimizer = distributed.prepare_optimizer(accelerator, session.network, self.handle.optimizer)
         session.noise_generator = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
         self.live = TrainingState(session.network, self.optimizer, self.lr_scheduler, session.noise_generator,
                                   getattr(accelerator, "scaler", None))
