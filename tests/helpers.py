@@ -31,3 +31,75 @@ def write_dreambooth_folder(root: Path, *, count: int = 4, size: int = 64, repea
         image.save(folder / f"img_{index:03d}.png")
         (folder / f"img_{index:03d}.caption").write_text(f"sks toy, a square number {index}", encoding="utf-8")
     return root
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diffusers as an independent reader of our LoRA files
+# ---------------------------------------------------------------------------------------------------------
+
+CONSUMER_PROMPT = "a red square on a blue background"
+
+
+def lora_options(conv: bool, unet_only: bool = False, te_only: bool = False):
+    """The `networks.lora` options a family's adapter_targets reads: LierLa, or C3Lier with `conv`."""
+    from types import SimpleNamespace
+
+    args = ["conv_dim=4", "conv_alpha=2"] if conv else None
+    return SimpleNamespace(
+        network_dim=4, network_alpha=2.0, network_args=args,
+        network_kwargs=lambda: dict(a.split("=", 1) for a in (args or [])),
+        network_train_unet_only=unet_only, network_train_text_encoder_only=te_only,
+    )
+
+
+def random_network(family, comps, cfg, seed: int):
+    """A LoRANetwork on `family`'s targets with random factors, large enough that a dropped or mis-mapped
+    module changes the image visibly."""
+    import torch
+
+    from lorakit.adapters.network import LoRANetwork
+
+    network = LoRANetwork(family.adapter_targets(comps, cfg))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in network.named_parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return network
+
+
+def render(pipe, prompt: str = CONSUMER_PROMPT):
+    """Two seeded 64x64 steps of a diffusers pipeline, as a tensor."""
+    import torch
+
+    out = pipe(prompt, num_inference_steps=2, guidance_scale=5.0, width=64, height=64,
+               generator=torch.Generator().manual_seed(0), output_type="pt")
+    return out.images
+
+
+def load_local_pipeline(pipeline_class, path, **kwargs):
+    pipe = pipeline_class.from_pretrained(path, local_files_only=True, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_round_trip(load_pipeline, pipeline_dir, family, text_encoders: tuple[str, ...], cfg, lora_file, metadata):
+    """The same random LoRA merged by us and loaded by diffusers' `load_lora_weights` from our kohya file.
+
+    Returns a namespace with `state` (the kohya tensors saved), `theirs` (the diffusers pipeline with the file
+    loaded) and the images `base`, `merged` (ours) and `loaded` (diffusers')."""
+    from types import SimpleNamespace
+
+    from lorakit.adapters.formats import save_lora_file
+
+    ours = load_pipeline(pipeline_dir)
+    comps = SimpleNamespace(denoiser=ours.unet, text_encoders=[getattr(ours, name) for name in text_encoders])
+    network = random_network(family, comps, cfg, seed=3)
+    state = network.state_dict_kohya()
+    save_lora_file(state, lora_file, metadata)
+    base = render(ours)
+    network.merge_to_base()
+    merged = render(ours)
+
+    theirs = load_pipeline(pipeline_dir)
+    theirs.load_lora_weights(str(lora_file), adapter_name="ours")
+    return SimpleNamespace(state=state, theirs=theirs, base=base, merged=merged, loaded=render(theirs))
