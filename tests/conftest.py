@@ -12,3 +12,14 @@ import torch  # noqa: E402
 
 # Tiny models run fastest on one thread: with more, thread start-up and contention cost more than the math.
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state (e.g. the mixed precision); each in-process run starts afresh."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -148,3 +148,41 @@ def test_tensorboard_logging(models, data_dir, tmp_path):
     runs = list(logs.iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("run_")
     assert list(runs[0].rglob("events.out.tfevents.*")), "TensorBoard event file expected"
+
+
+def test_full_bf16_trains_the_network_in_bf16(models, data_dir, tmp_path):
+    import torch
+
+    out = tmp_path / "out"
+    assert main(train_args(models["sd1"]["folder"], data_dir, out, "--mixed_precision=bf16", "--full_bf16")) == 0
+    tensors, _ = read_lora(out / "tiny.safetensors")
+    # without --save_precision the file keeps the training dtype, as sd-scripts writes it
+    assert {v.dtype for k, v in tensors.items() if k.endswith(".weight")} == {torch.bfloat16}
+    assert any(v.abs().sum() > 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))
+
+
+def test_console_log_file_and_logged_config(models, data_dir, tmp_path):
+    import logging
+
+    from lorakit.config import parse_train_args
+    from lorakit.training.trackers import tracker_config
+
+    log_file = tmp_path / "train.log"
+    args = train_args(models["sd1"]["folder"], data_dir, tmp_path / "out", f"--console_log_file={log_file}",
+                      "--console_log_simple", "--console_log_level=INFO", "--log_config", "--wandb_api_key=not-a-real-key")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        assert main(args) == 0
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+    text = log_file.read_text(encoding="utf-8")
+    assert "prefer the WANDB_API_KEY environment variable" in text and "saved" in text
+    cfg, _ = parse_train_args(args[1:])
+    logged = tracker_config(cfg)
+    assert "wandb_api_key" not in logged and logged["pretrained_model_name_or_path"] == "sd1_diffusers"

@@ -57,6 +57,19 @@ def _configure_logging() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def apply_console_options(cfg) -> None:
+    """--console_log_level, --console_log_file (instead of stderr) and --console_log_simple (bare messages)."""
+    root = logging.getLogger()
+    if cfg.console_log_level:
+        root.setLevel(cfg.console_log_level)
+    if cfg.console_log_file or cfg.console_log_simple:
+        handler = logging.FileHandler(cfg.console_log_file, encoding="utf-8") if cfg.console_log_file else logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s" if cfg.console_log_simple else "%(asctime)s %(levelname)s: %(message)s"))
+        for old in list(root.handlers):
+            root.removeHandler(old)
+        root.addHandler(handler)
+
+
 def _train(argv: list[str]) -> int:
     from lorakit.config import build_train_parser, parse_train_args
 
@@ -64,6 +77,7 @@ def _train(argv: list[str]) -> int:
         build_train_parser().print_help()
         return 0
     cfg, warnings = parse_train_args(argv)
+    apply_console_options(cfg)
     for warning in warnings:
         logging.getLogger("lorakit").warning(warning)
     if cfg.output_config:
@@ -71,8 +85,6 @@ def _train(argv: list[str]) -> int:
         return 0
     from lorakit.training.loop import train  # heavy imports only once the options are known to be good
 
-    if cfg.console_log_level:
-        logging.getLogger().setLevel(cfg.console_log_level)
     result = train(cfg)
     if result.saved_files:
         print(f"saved {result.saved_files[-1]}")

@@ -32,7 +32,7 @@ Errors:
     cpu_offload_checkpointing; huber_schedule snr is not available for SD3/FLUX
   * output_config needs config_file; initial_step below max_train_steps
 Warnings: dataset_config overrides the folder options; zero_terminal_snr without v-parameterisation;
-v2 with clip_skip; *_to_disk caches imply the in-memory cache; sampling frequencies <= 0 disable sampling;
+v2 with clip_skip; secrets given as options; *_to_disk caches imply the in-memory cache; sampling frequencies <= 0 disable sampling;
 max_token_length is ignored by SD3/FLUX.
 """
 
@@ -414,6 +414,13 @@ def _v2_clip_skip(c: TrainConfig) -> str | None:
     if c.v2 and c.clip_skip is not None:
         return "--clip_skip with --v2: SD 2.x models were not trained with clip skip"
     return None
+
+
+@_warning("wandb_api_key", "huggingface_token")
+def _secrets_on_the_command_line(c: TrainConfig) -> list[str]:
+    from lorakit.training.trackers import secret_warnings
+
+    return secret_warnings(c)
 
 
 @_warning("cache_latents_to_disk", "cache_text_encoder_outputs_to_disk")

@@ -252,6 +252,9 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "pos_emb_random_crop_rate", "training_shift", "save_format",
         # several processes (training/distributed.py)
         "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph",
+        # logging and precision (cli/main.py, training/trackers.py, training/loop.py)
+        "console_log_file", "console_log_simple", "log_config", "wandb_run_name", "wandb_api_key", "full_fp16",
+        "full_bf16",
     }
 )  # fmt: skip
 

@@ -22,7 +22,7 @@ from lorakit.families.registry import resolve_family
 from lorakit.training import distributed
 from lorakit.training import metadata as md
 from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
-from lorakit.training.trackers import logging_dir, read_tracker_init_kwargs, tracker_config, tracker_names
+from lorakit.training.trackers import logging_dir, tracker_config, tracker_init_kwargs, tracker_names, wandb_login
 
 log = logging.getLogger("lorakit")
 
@@ -128,10 +128,8 @@ def _make_accelerator(cfg: Any) -> Accelerator:
     )
     distributed.check_process_count(accelerator)
     if trackers:
-        init_kwargs = {}
-        if cfg.log_tracker_config:
-            init_kwargs = read_tracker_init_kwargs(cfg.log_tracker_config)
-        accelerator.init_trackers(cfg.log_tracker_name or "network_train", config=tracker_config(cfg), init_kwargs=init_kwargs)
+        wandb_login(cfg)
+        accelerator.init_trackers(cfg.log_tracker_name or "network_train", config=tracker_config(cfg), init_kwargs=tracker_init_kwargs(cfg))
     return accelerator
 
 
@@ -150,12 +148,26 @@ def _setup(cfg: Any, family: ModelFamily, accelerator: Accelerator) -> Session:
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(comps, train_text_encoder)
     network = build_network(cfg, family, comps, device)
+    _full_precision_network(cfg, network, accelerator)
     _list_modules(cfg, network)
     if train_text_encoder:
         for encoder in family.text_encoders_to_train(comps, cfg):
             encoder.train()  # LoRA dropout acts only in train mode; the frozen weights have no dropout of their own
     comps.denoiser.train()
     return Session(cfg, family, comps, network, family.objective(cfg, comps), accelerator, weight_dtype, train_text_encoder)
+
+
+def _full_precision_network(cfg: Any, network: torch.nn.Module, accelerator: Accelerator) -> None:
+    """--full_bf16 / --full_fp16: the adapter weights themselves in half precision (less memory, less exact)."""
+    if cfg.full_bf16:
+        network.to(dtype=torch.bfloat16)
+    elif cfg.full_fp16:
+        network.to(dtype=torch.float16)
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None:
+            # the gradient scaler refuses to unscale fp16 gradients unless told that they are meant to be fp16
+            original = scaler._unscale_grads_
+            scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: original(optimizer, inv_scale, found_inf, True)
 
 
 def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

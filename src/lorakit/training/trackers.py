@@ -33,10 +33,48 @@ def logging_dir(cfg: Any) -> str | None:
     return str(Path(cfg.logging_dir) / f"{cfg.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
 
 
-def tracker_config(cfg: Any) -> dict[str, Any]:
-    """The run's options as tracker hyper-parameters (plain values only; secrets left out)."""
-    secret = {"wandb_api_key", "huggingface_token"}
-    return {k: v for k, v in cfg.model_dump().items() if k not in secret and isinstance(v, (int, float, str, bool))}
+SECRETS = ("wandb_api_key", "huggingface_token")
+#: paths that may reveal a user's folders; --log_config keeps only their last component, as sd-scripts drops them
+PATH_OPTIONS = ("pretrained_model_name_or_path", "vae", "train_data_dir", "reg_data_dir", "output_dir", "logging_dir",
+                "dataset_config", "config_file", "network_weights", "resume", "sample_prompts", "clip_l", "clip_g",
+                "t5xxl", "ae", "in_json", "console_log_file")
+
+
+def tracker_config(cfg: Any) -> dict[str, Any] | None:
+    """--log_config: the run's options as tracker hyper-parameters, without secrets and with paths cut to
+    their last component; None (nothing logged) without --log_config, as in sd-scripts."""
+    if not cfg.log_config:
+        return None
+    config: dict[str, Any] = {}
+    for key, value in cfg.model_dump().items():
+        if key in SECRETS or value is None:
+            continue
+        if key in PATH_OPTIONS and isinstance(value, str):
+            value = Path(value).name
+        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return config
+
+
+def secret_warnings(cfg: Any) -> list[str]:
+    """A secret typed on the command line ends up in the shell history and in process listings."""
+    env = {"wandb_api_key": "WANDB_API_KEY", "huggingface_token": "HF_TOKEN"}
+    return [f"--{name} is a secret; prefer the {env[name]} environment variable (never written to files or logs)"
+            for name in SECRETS if getattr(cfg, name, None)]
+
+
+def tracker_init_kwargs(cfg: Any) -> dict[str, Any]:
+    """Per-tracker init arguments: --log_tracker_config's tables, plus --wandb_run_name."""
+    kwargs = read_tracker_init_kwargs(cfg.log_tracker_config) if cfg.log_tracker_config else {}
+    if cfg.wandb_run_name:
+        kwargs.setdefault("wandb", {})["name"] = cfg.wandb_run_name
+    return kwargs
+
+
+def wandb_login(cfg: Any) -> None:
+    if cfg.wandb_api_key and "wandb" in tracker_names(cfg):
+        import wandb
+
+        wandb.login(key=cfg.wandb_api_key)
 
 
 def read_tracker_init_kwargs(path: str) -> dict[str, Any]:
