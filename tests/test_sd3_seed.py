@@ -10,7 +10,6 @@ from safetensors import safe_open
 from helpers import write_dreambooth_folder
 from lorakit.cli.main import main
 from lorakit.families.sd3.tiny import build_tiny_sd3, save_sai_file
-from test_sd3_train import sd3_enabled  # noqa: F401 (autouse fixture)
 
 
 def test_seed_guide_command(tmp_path):
