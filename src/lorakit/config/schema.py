@@ -27,26 +27,6 @@ from lorakit.config.schema_train import (
 from lorakit.config.types import literal_or_string, split_key_values, steps_from
 from lorakit.errors import ConfigError
 
-#: Sections in the order they are shown in `--help` and written by `--output_config`.
-SECTIONS: tuple[type[OptionSection], ...] = (
-    ModelOptions,
-    DatasetOptions,
-    NetworkOptions,
-    OptimizerOptions,
-    TrainingLoopOptions,
-    NoiseLossOptions,
-    TextEncoderOptions,
-    MemoryOptions,
-    SavingOptions,
-    SamplingOptions,
-    MetadataOptions,
-    ValidationOptions,
-    DeepSpeedOptions,
-    LoggingOptions,
-    LorakitOptions,
-)
-
-
 class TrainConfig(
     ModelOptions,
     DatasetOptions,
@@ -118,6 +98,10 @@ class TrainConfig(
             for name, field in type(self).model_fields.items()
             if getattr(self, name) != field.get_default(call_default_factory=True)
         }
+
+
+#: Sections in the order they are shown in `--help` and written by `--output_config`.
+SECTIONS: tuple[type[OptionSection], ...] = TrainConfig.__bases__
 
 
 def section_of(name: str) -> str:

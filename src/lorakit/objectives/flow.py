@@ -265,14 +265,7 @@ class FlowObjective:
         return apply_model_prediction_type(output, noisy, timesteps_to_sigmas(timesteps), self.options.model_prediction_type)
 
     def elementwise_loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        options = self.loss_options
-        threshold = None
-        if options.uses_huber:
-            # the `snr` schedule needs a DDPM schedule; config rules reject it for flow models
-            threshold = huber_threshold(
-                timesteps, options.huber_schedule, options.huber_c, options.huber_scale, None, NUM_TRAIN_TIMESTEPS
-            )
-        return elementwise_loss(prediction, target, options.loss_type, threshold)
+        return flow_elementwise_loss(self.loss_options, prediction, target, timesteps)
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         """The weighting scheme's σ weight, applied (as in sd-scripts) only with `sigma_scaled` predictions."""
@@ -281,3 +274,14 @@ class FlowObjective:
         if self.options.weighting_scheme not in ("sigma_sqrt", "cosmap"):
             return None
         return loss_weighting(self.options.weighting_scheme, timesteps_to_sigmas(timesteps))
+
+
+def flow_elementwise_loss(options: Any, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """--loss_type per element for flow models; Huber thresholds from the timesteps (σ·1000).
+
+    The `snr` Huber schedule needs a DDPM schedule; the config rules reject it for flow models.
+    """
+    threshold = None
+    if options.uses_huber:
+        threshold = huber_threshold(timesteps, options.huber_schedule, options.huber_c, options.huber_scale, None, NUM_TRAIN_TIMESTEPS)
+    return elementwise_loss(prediction, target, options.loss_type, threshold)

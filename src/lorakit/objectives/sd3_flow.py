@@ -21,8 +21,10 @@ from typing import Any
 import torch
 
 from lorakit.objectives.ddpm import NoisedBatch
-from lorakit.objectives.flow import NUM_TRAIN_TIMESTEPS, WEIGHTING_SCHEMES, add_flow_noise, density_samples, loss_weighting, shift_sigmas
-from lorakit.objectives.losses import LossOptions, elementwise_loss, huber_threshold
+from lorakit.objectives.flow import (
+    NUM_TRAIN_TIMESTEPS, WEIGHTING_SCHEMES, add_flow_noise, density_samples, flow_elementwise_loss, loss_weighting, shift_sigmas,
+)
+from lorakit.objectives.losses import LossOptions
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,7 @@ class SD3FlowObjective:
         return NoisedBatch(noisy, timesteps, latents)
 
     def elementwise_loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        options = self.loss_options
-        threshold = None
-        if options.uses_huber:
-            threshold = huber_threshold(
-                timesteps, options.huber_schedule, options.huber_c, options.huber_scale, None, NUM_TRAIN_TIMESTEPS
-            )
-        return elementwise_loss(prediction, target, options.loss_type, threshold)
+        return flow_elementwise_loss(self.loss_options, prediction, target, timesteps)
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         """`sigma_sqrt` σ⁻² or `cosmap`; the other schemes only change how σ is drawn.
