@@ -9,6 +9,7 @@ that turns one `AdapterTarget` into an `AdapterModule` (see `factory.py`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,10 +28,71 @@ _GROUP_NAMES = {"text_encoder": "textencoder", "unet": "unet"}
 ModuleFactory = Callable[[AdapterTarget], AdapterModule]
 
 
+_TE_PREFIX = re.compile(r"^lora_te\d*_")
+_DENOISER_PREFIX = re.compile(
+    r"^(?:lora|oft)_unet_(?:down_blocks|up_blocks|mid_block|input_blocks|middle_block|output_blocks|"
+    r"joint_blocks|double_blocks|single_blocks)_"
+)
+
+
+def _name_prefixes(names: Iterable[str]) -> list[str]:
+    """The kohya prefixes that tell model families apart (`lora_te_`, `lora_te1_`, `lora_unet_input_blocks_`, ...)."""
+    found: set[str] = set()
+    for name in names:
+        match = _TE_PREFIX.match(name) or _DENOISER_PREFIX.match(name)
+        if match:
+            found.add(match.group(0))
+    return sorted(found, key=lambda p: (not p.startswith("lora_te"), p))
+
+
+def _family_of(prefixes: Sequence[str]) -> str | None:
+    """The model family whose LoRA files use these prefixes, when they say."""
+    joined = " ".join(prefixes)
+    if "joint_blocks_" in joined:
+        return "SD3"
+    if "double_blocks_" in joined or "single_blocks_" in joined:
+        return "FLUX.1"
+    if "lora_te_" in prefixes:
+        return "SD 1.x/2.x"
+    if "lora_te2_" in prefixes or "input_blocks_" in joined:
+        return "SDXL"
+    if "down_blocks_" in joined or "up_blocks_" in joined or "mid_block_" in joined:
+        return "SD 1.x/2.x"
+    return None
+
+
+def _family_hint(file_names: Iterable[str], own_names: Iterable[str]) -> str:
+    """`; this file has lora_te_ keys (an SD 1.x/2.x LoRA); this model's LoRA uses lora_te1_, lora_te2_ ...`
+    when the file's names come from another model family than this network's, else ''."""
+    theirs, ours = _name_prefixes(file_names), _name_prefixes(own_names)
+    if not theirs or set(theirs) <= set(ours):
+        return ""
+    family, own_family = _family_of(theirs), _family_of(ours)
+    what = f" ({'an' if family and family[0] in 'S' else 'a'} {family} LoRA)" if family else ""
+    own = f" ({own_family})" if own_family and own_family != family else ""
+    return f"; this file has {', '.join(theirs)} keys{what}; this model's LoRA uses {', '.join(ours)} keys{own}"
+
+
 def _split_key(key: str) -> tuple[str, str]:
     """`lora_unet_x.lora_down.weight` -> (`lora_unet_x`, `lora_down.weight`)."""
     name, _, suffix = key.partition(".")
     return name, suffix
+
+
+def _split_by_prefix(names: Sequence[str], lrs: Mapping[str, float | None], fallback_lr: float | None
+                     ) -> list[tuple[str, list[str], float | None]]:
+    """(description, module names, LR) per prefix of `lrs` (`lora_te2` -> `textencoder2`), then the rest."""
+    parts: list[tuple[str, list[str], float | None]] = []
+    taken: set[str] = set()
+    for prefix, lr in lrs.items():
+        stem = prefix.rstrip("_")
+        members = [n for n in names if n.startswith(stem + "_") and n not in taken]
+        taken.update(members)
+        number = stem[len("lora_te"):] if stem.startswith("lora_te") else stem
+        parts.append((_GROUP_NAMES["text_encoder"] + number, members, fallback_lr if lr is None else lr))
+    rest = [n for n in names if n not in taken]
+    parts.append((_GROUP_NAMES["text_encoder"], rest, fallback_lr))
+    return parts
 
 
 class LoRANetwork(nn.Module):
@@ -120,6 +182,7 @@ class LoRANetwork(nn.Module):
         unet_lr: float | None,
         default_lr: float,
         *,
+        text_encoder_lrs: Mapping[str, float | None] | None = None,
         loraplus_lr_ratio: float | None = None,
         loraplus_unet_lr_ratio: float | None = None,
         loraplus_text_encoder_lr_ratio: float | None = None,
@@ -130,6 +193,13 @@ class LoRANetwork(nn.Module):
         0 or None is dropped, so `text_encoder_lr=0` leaves the text-encoder LoRA untrained. With a LoRA+
         ratio (Hayou et al., "LoRA+", arXiv:2402.12354) the `lora_up` weights form a separate "… plus" group
         at lr·ratio; the component-specific ratio overrides the general one.
+
+        `text_encoder_lrs` (kohya name prefix -> LR, in encoder order, e.g. `{"lora_te1": 1e-5, "lora_te2":
+        2e-5, "lora_te3": None}`) splits the text-encoder modules into one group per prefix, described
+        `textencoder1`, `textencoder2`, ... after the prefix's number (sd-scripts'
+        `prepare_optimizer_params_with_multiple_te_lrs`). A prefix whose LR is None uses `text_encoder_lr`
+        (or `default_lr`), and 0 drops that group, as above. Text-encoder modules under no listed prefix keep
+        the plain `textencoder` group.
         """
         settings = {
             "text_encoder": (text_encoder_lr, loraplus_text_encoder_lr_ratio or loraplus_lr_ratio),
@@ -141,12 +211,16 @@ class LoRANetwork(nn.Module):
             own_lr, ratio = settings[component]
             lr = default_lr if own_lr is None else own_lr
             names = [n for n, c in self._components.items() if c == component]
-            if not names or not lr:
-                continue
-            for params, suffix, factor in self._split_for_loraplus(names, ratio):
-                if params:
-                    groups.append({"params": params, "lr": lr * factor})
-                    descriptions.append(_GROUP_NAMES[component] + suffix)
+            parts = [(_GROUP_NAMES[component], names, lr)]
+            if component == "text_encoder" and text_encoder_lrs:
+                parts = _split_by_prefix(names, text_encoder_lrs, lr)
+            for description, part_names, part_lr in parts:
+                if not part_names or not part_lr:
+                    continue
+                for params, suffix, factor in self._split_for_loraplus(part_names, ratio):
+                    if params:
+                        groups.append({"params": params, "lr": part_lr * factor})
+                        descriptions.append(description + suffix)
         return groups, descriptions
 
     def _split_for_loraplus(self, names: Iterable[str], ratio: float | None) -> list[tuple[list, str, float]]:
@@ -203,7 +277,8 @@ class LoRANetwork(nn.Module):
         for key, value in state_dict.items():
             name, suffix = _split_key(key)
             if name not in self._components:
-                raise CheckpointError(f"{source}: key {key} is for a module this network does not have")
+                hint = _family_hint((_split_key(k)[0] for k in state_dict), self._components)
+                raise CheckpointError(f"{source}: key {key} is for a module this network does not have{hint}")
             by_module.setdefault(name, {})[suffix] = value
         warnings: list[str] = []
         for name, module in self.lora_modules.items():
