@@ -94,8 +94,8 @@ def test_network_args_errors_name_the_key():
     with pytest.raises(ConfigError, match="train_block_indices"):
         SD3NetworkArgs.from_config(net_cfg("train_block_indices=5")).check_blocks(2)
     family = StableDiffusion3Family()
-    assert family.text_encoder_lr_groups(SimpleNamespace(text_encoder_lr=[1e-5, 2e-5])) == {
-        "lora_te1": 1e-5, "lora_te2": 2e-5, "lora_te3": 1e-5}
+    assert family.text_encoder_lr_groups(SimpleNamespace(text_encoder_lr=[1e-5, 2e-5])) == {  # [a, b, b]
+        "lora_te1": 1e-5, "lora_te2": 2e-5, "lora_te3": 2e-5}
 
 
 def _trained_network(comps, *args: str) -> LoRANetwork:

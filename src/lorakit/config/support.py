@@ -249,7 +249,7 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "split_mode",
         # SD 3 / 3.5 (families/sd3/, objectives/sd3_flow.py)
         "clip_g", "apply_lg_attn_mask", "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate",
-        "pos_emb_random_crop_rate", "training_shift", "save_format",
+        "pos_emb_random_crop_rate", "training_shift", "save_format", "enable_scaled_pos_embed",
         # several processes (training/distributed.py)
         "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph",
         # logging and precision (cli/main.py, training/trackers.py, training/loop.py)

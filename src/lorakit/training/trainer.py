@@ -35,15 +35,22 @@ log = logging.getLogger("lorakit")
 LOG_EVERY = 5  # reading the loss forces a device sync, so the progress bar and trackers update every few steps
 
 
-def optimizer_groups(cfg: Any, network: Any) -> tuple[list[dict[str, Any]], list[str]]:
-    """Parameter groups: block-wise LR groups when *_lr_weight is given, else the network's own (with LoRA+)."""
+def optimizer_groups(cfg: Any, network: Any, family: Any = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Parameter groups: block-wise LR groups when *_lr_weight is given, else the network's own (with LoRA+).
+
+    A family with several text encoders may map `--text_encoder_lr`'s values to its encoders through
+    `text_encoder_lr_groups(cfg)` (kohya name prefix -> LR); the network then gives each encoder its own group.
+    """
     kwargs = cfg.network_kwargs() if cfg.network_args else {}
     ratios = loraplus_ratios(kwargs)
     te_lr = cfg.text_encoder_lr[0] if cfg.text_encoder_lr else None
     blockwise = blockwise_param_groups(network, kwargs, te_lr, cfg.unet_lr, cfg.learning_rate, ratios)
     if blockwise is not None:
         return blockwise
-    given = {k: v for k, v in ratios.items() if v is not None}
+    given: dict[str, Any] = {k: v for k, v in ratios.items() if v is not None}
+    per_encoder = getattr(family, "text_encoder_lr_groups", None)
+    if per_encoder is not None:
+        given["text_encoder_lrs"] = per_encoder(cfg)
     return network.prepare_optimizer_params(te_lr, cfg.unet_lr, cfg.learning_rate, **given)
 
 
@@ -53,7 +60,7 @@ class Trainer:
     def __init__(self, session: Any, dataset: Any, plan: TrainingPlan, seed: int):
         cfg, accelerator = session.cfg, session.accelerator
         self.session, self.dataset, self.plan, self.cfg, self.accelerator = session, dataset, plan, cfg, accelerator
-        groups, self.group_names = optimizer_groups(cfg, session.network)
+        groups, self.group_names = optimizer_groups(cfg, session.network, session.family)
         self.handle = build_optimizer(cfg, groups)
         self.lr_scheduler = build_lr_scheduler(cfg, self.handle, plan.max_train_steps)
         self.optimizer = distributed.prepare_optimizer(accelerator, session.network, self.handle.optimizer)

@@ -232,6 +232,17 @@ class FluxFamily(ShiftScaleLatents):
         clip, t5 = comps.text_encoders
         return [clip, t5] if FluxNetworkArgs.from_config(cfg).train_t5xxl else [clip]
 
+    def text_encoder_lr_groups(self, cfg: Any) -> dict[str, float | None]:
+        """Up to two --text_encoder_lr values, for lora_te1 (CLIP-L) and lora_te3 (T5-XXL), as sd-scripts'
+        `lora_flux.prepare_optimizer_params_with_multiple_te_lrs`: one value applies to both encoders."""
+        prefixes = ("lora_te1", "lora_te3")  # CLIP-L, T5-XXL
+        values = list(cfg.text_encoder_lr or [])
+        if len(values) > 2:
+            raise ConfigError([f"--text_encoder_lr: FLUX takes at most 2 values (CLIP-L, T5), got {len(values)}"])
+        if not values:
+            return dict.fromkeys(prefixes)
+        return dict(zip(prefixes, values + values[:1] * (2 - len(values))))
+
     def enable_gradient_checkpointing(self, comps: Components, train_text_encoder: bool) -> None:
         if comps.extras.get("cpu_offload_checkpointing"):
             comps.denoiser.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_offloading_to_cpu)

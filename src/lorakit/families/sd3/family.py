@@ -30,6 +30,7 @@ from lorakit.families.common.transformer_family import (
     ShiftScaleLatents,
     warn_block_swap_not_done,
 )
+from lorakit.families.sd3 import pos_embed as scaled_pos_embed
 from lorakit.families.sd3 import sai_keys
 from lorakit.families.sd3.layers import SplitQKVView, SwappedRowsView
 from lorakit.families.sd3.network_args import SD3NetworkArgs
@@ -65,6 +66,9 @@ class StableDiffusion3Family(ShiftScaleLatents):
         )
         self.model_type = comps.extras["model_type"]
         comps.extras.update(self._conditioning_options(cfg, comps))
+        if cfg.enable_scaled_pos_embed:
+            scaled_pos_embed.enable_scaled_pos_embed(
+                comps.denoiser, comps.vae, scaled_pos_embed.dataset_resolutions(cfg), self.model_type)
         self._check_block_swap(cfg, comps)
         if cfg.fp8_base or cfg.fp8_base_unet:
             layers = to_fp8(comps.denoiser)
@@ -196,13 +200,14 @@ class StableDiffusion3Family(ShiftScaleLatents):
 
     def text_encoder_lr_groups(self, cfg: Any) -> dict[str, float | None]:
         """Up to three --text_encoder_lr values for lora_te1 / lora_te2 / lora_te3 (sd-scripts'
-        `prepare_optimizer_params_with_multiple_te_lrs`): one value applies to all, two leave T5 at the first."""
+        `lora_sd3.prepare_optimizer_params_with_multiple_te_lrs`): one value applies to all three encoders,
+        two are [CLIP-L, CLIP-G] with T5 at the second (CLIP-G's), three are one each."""
         values = list(cfg.text_encoder_lr or [])
         if not values:
             return dict.fromkeys(TEXT_PREFIXES)
         if len(values) > 3:
             raise ConfigError([f"--text_encoder_lr: SD3 takes at most 3 values (CLIP-L, CLIP-G, T5), got {len(values)}"])
-        padded = values + [values[0]] * (3 - len(values))
+        padded = values + [values[-1]] * (3 - len(values))
         return dict(zip(TEXT_PREFIXES, padded))
 
     def enable_gradient_checkpointing(self, comps: Components, train_text_encoder: bool) -> None:
@@ -299,19 +304,26 @@ class random_position_crop:
     """`--pos_emb_random_crop_rate`: with that probability, the positional-embedding window is taken at a random
     place of the max-size grid instead of its centre (SD3.5 Medium was trained so; it helps other resolutions).
 
-    diffusers' PatchEmbed crops the centre; for one call its `cropped_pos_embed` is replaced by a random crop.
+    diffusers' PatchEmbed crops the centre; for one call its `cropped_pos_embed` is replaced by a random crop, of
+    the scaled table for the latent's size under `--enable_scaled_pos_embed` (as sd-scripts), else of the fixed one.
     """
 
     def __init__(self, transformer: torch.nn.Module, rate: float):
         self.embed = transformer.pos_embed
-        self.active = rate > 0 and getattr(self.embed, "pos_embed_max_size", None) and bool(torch.rand(()) < rate)
+        self.scaled = getattr(self.embed, "scaled_pos_embeds", None)
+        croppable = self.scaled is not None or getattr(self.embed, "pos_embed_max_size", None)
+        self.active = rate > 0 and croppable and bool(torch.rand(()) < rate)
+        self.previous = None
 
     def __enter__(self) -> None:
         if not self.active:
             return
-        embed, size = self.embed, self.embed.pos_embed_max_size
+        embed, size, scaled = self.embed, self.embed.pos_embed_max_size, self.scaled
+        self.previous = embed.__dict__.get("cropped_pos_embed")
 
         def cropped(height: int, width: int) -> torch.Tensor:
+            if scaled is not None:
+                return scaled.window(height, width, random_crop=True, device=embed.proj.weight.device)
             h, w = height // embed.patch_size, width // embed.patch_size
             top = int(torch.randint(0, size - h + 1, ()))
             left = int(torch.randint(0, size - w + 1, ()))
@@ -321,7 +333,11 @@ class random_position_crop:
         embed.cropped_pos_embed = cropped
 
     def __exit__(self, *exc: object) -> None:
-        if self.active:
+        if not self.active:
+            return
+        if self.previous is not None:
+            self.embed.cropped_pos_embed = self.previous  # the scaled tables' centre window
+        else:
             del self.embed.cropped_pos_embed
 
 
