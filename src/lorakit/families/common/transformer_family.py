@@ -1,11 +1,13 @@
 """Pieces the flow-matching transformer families (FLUX, SD3) share: text-encoder LoRA parents, latents
-normalised as (z − shift)·scale, and the `--blocks_to_swap` notice."""
+normalised as (z − shift)·scale, and the `--blocks_to_swap` installation (`common/block_swap.py`)."""
 
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import torch
+from torch import nn
 
 from lorakit.families.base import Components
 
@@ -29,9 +31,34 @@ class ShiftScaleLatents:
         return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor).sample
 
 
-def warn_block_swap_not_done(swap: int) -> None:
-    """An accepted --blocks_to_swap only saves GPU memory, and the swap itself is not implemented yet."""
+BLOCK_SWAP_PLAN = "block_swap_plan"  # comps.extras: [(list name, attribute of the denoiser, blocks to swap)]
+BLOCK_SWAPPERS = "block_swappers"  # comps.extras: the installed BlockSwapper objects
+
+
+def note_block_swap(comps: Components, plan: Sequence[tuple[str, str, int]]) -> None:
+    """Record which block lists of the denoiser swap how many blocks; `ensure_block_swap` installs it."""
+    if getattr(comps, "extras", None) is None:
+        comps.extras = {}
+    comps.extras[BLOCK_SWAP_PLAN] = [(name, attribute, int(n)) for name, attribute, n in plan]
+    summary = ", ".join(f"{n} of {len(getattr(comps.denoiser, attribute))} {name}" for name, attribute, n in plan)
     if torch.cuda.is_available():
-        log.warning("--blocks_to_swap %d: block swapping is not implemented yet; every block stays on the GPU", swap)
+        log.info("--blocks_to_swap: %s kept on the CPU and streamed to the GPU", summary)
     else:
-        log.warning("--blocks_to_swap %d: accepted; it only saves GPU memory, and this run uses the CPU", swap)
+        log.info("--blocks_to_swap: %s swapped (it only saves GPU memory; on the CPU the moves are plain copies)", summary)
+
+
+def ensure_block_swap(comps: Components, device: torch.device | str) -> list:
+    """Install the recorded block swap on `device` once (a no-op without `--blocks_to_swap`). From then on the
+    swapped weights live on the CPU, and every forward of the denoiser starts from the prepared placement."""
+    swappers = comps.extras.get(BLOCK_SWAPPERS)
+    plan = comps.extras.get(BLOCK_SWAP_PLAN)
+    if swappers is not None or not plan:
+        return swappers or []
+    from lorakit.families.common.block_swap import install_block_swap
+
+    lists: list[tuple[str, Sequence[nn.Module], int]] = [
+        (name, list(getattr(comps.denoiser, attribute)), n) for name, attribute, n in plan
+    ]
+    swappers = install_block_swap(comps.denoiser, lists, device)
+    comps.extras[BLOCK_SWAPPERS] = swappers
+    return swappers

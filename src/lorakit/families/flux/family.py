@@ -23,7 +23,8 @@ from lorakit.families.common.transformer_family import (
     CLIP_PARENTS,
     T5_PARENTS,
     ShiftScaleLatents,
-    warn_block_swap_not_done,
+    ensure_block_swap,
+    note_block_swap,
 )
 from lorakit.families.flux.layers import checkpoint_offloading_to_cpu
 from lorakit.families.flux.network_args import FluxNetworkArgs
@@ -125,7 +126,8 @@ class FluxFamily(ShiftScaleLatents):
 
     @staticmethod
     def _check_block_swap(cfg: Any, comps: Components) -> None:
-        """sd-scripts' limits on --blocks_to_swap; the swap itself only saves GPU memory and is not done yet."""
+        """sd-scripts' limits on --blocks_to_swap, then the plan: N//2 double and 2·(N − N//2) single blocks
+        on the CPU (`common/block_swap.py`; installed on the device by the first `predict`)."""
         swap = cfg.blocks_to_swap or (18 if getattr(cfg, "split_mode", False) else 0)
         if not swap:
             return
@@ -136,7 +138,16 @@ class FluxFamily(ShiftScaleLatents):
                 f"--blocks_to_swap {swap}: this model ({config.num_layers} double, {config.num_single_layers} single "
                 f"blocks) allows at most {most}; FLUX.1 allows 35"
             ])
-        warn_block_swap_not_done(swap)
+        double, single = swapped_blocks(swap)
+        note_block_swap(comps, [("double blocks", "transformer_blocks", double), ("single blocks", "single_transformer_blocks", single)])
+
+    def prepare_block_swap(self, comps: Components, cfg: Any, device: torch.device | str | None) -> None:
+        """--blocks_to_swap: check and record the plan when `cfg` is given, and install it on `device` once
+        (the swapped weights go to the CPU; every later forward of the transformer starts from that placement)."""
+        if cfg is not None:
+            self._check_block_swap(cfg, comps)
+        if device is not None:
+            ensure_block_swap(comps, device)
 
     def objective(self, cfg: Any, comps: Components) -> FlowObjective:
         return FlowObjective.from_options(cfg, patch_size=PATCH)
@@ -157,6 +168,7 @@ class FluxFamily(ShiftScaleLatents):
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: Any) -> torch.Tensor:
         """The transformer's velocity for the noisy latents, turned per --model_prediction_type."""
+        self.prepare_block_swap(comps, None, noisy.device)  # once, with --blocks_to_swap
         transformer = comps.denoiser
         _, _, height, width = noisy.shape
         dtype = noisy.dtype

@@ -28,7 +28,8 @@ from lorakit.families.common.transformer_family import (
     CLIP_PARENTS,
     T5_PARENTS,
     ShiftScaleLatents,
-    warn_block_swap_not_done,
+    ensure_block_swap,
+    note_block_swap,
 )
 from lorakit.families.sd3 import pos_embed as scaled_pos_embed
 from lorakit.families.sd3 import sai_keys
@@ -111,14 +112,23 @@ class StableDiffusion3Family(ShiftScaleLatents):
 
     @staticmethod
     def _check_block_swap(cfg: Any, comps: Components) -> None:
-        """sd-scripts' limit (N ≤ blocks − 2); the swap itself only saves GPU memory and is not done yet."""
+        """sd-scripts' limit (N ≤ blocks − 2), then the plan: the last N joint blocks on the CPU
+        (`common/block_swap.py`; installed on the device by the first `predict`)."""
         swap = cfg.blocks_to_swap or 0
         if not swap:
             return
         blocks = comps.denoiser.config.num_layers
         if swap > blocks - 2:
             raise ConfigError([f"--blocks_to_swap {swap}: this model has {blocks} joint blocks, so at most {blocks - 2} can be swapped"])
-        warn_block_swap_not_done(swap)
+        note_block_swap(comps, [("joint blocks", "transformer_blocks", swap)])
+
+    def prepare_block_swap(self, comps: Components, cfg: Any, device: torch.device | str | None) -> None:
+        """--blocks_to_swap: check and record the plan when `cfg` is given, and install it on `device` once
+        (the swapped weights go to the CPU; every later forward of the MMDiT starts from that placement)."""
+        if cfg is not None:
+            self._check_block_swap(cfg, comps)
+        if device is not None:
+            ensure_block_swap(comps, device)
 
     def objective(self, cfg: Any, comps: Components) -> SD3FlowObjective:
         return SD3FlowObjective.from_options(cfg)
@@ -164,6 +174,7 @@ class StableDiffusion3Family(ShiftScaleLatents):
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: Any) -> torch.Tensor:
         """The x₀ estimate x_σ − σ·v from the MMDiT's velocity v (timesteps on the 0..1000 scale, as trained)."""
+        self.prepare_block_swap(comps, None, noisy.device)  # once, with --blocks_to_swap
         transformer = comps.denoiser
         dtype = noisy.dtype
         crop_rate = comps.extras.get("pos_emb_random_crop_rate", 0.0) if transformer.training else 0.0
