@@ -140,10 +140,15 @@ def _setup(cfg: Any, family: ModelFamily, accelerator: Accelerator) -> Session:
     comps = family.load(cfg)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     device = accelerator.device
+    swap_blocks = bool(getattr(cfg, "blocks_to_swap", None)) and hasattr(family, "prepare_block_swap")
     for module in [comps.denoiser, comps.vae, *comps.text_encoders]:
         module.requires_grad_(False)
         module.eval()
-        _move(module, device, weight_dtype)
+        # with --blocks_to_swap the denoiser never goes to the device whole: the family places it, keeping the
+        # swapped blocks' weights on the CPU, so loading needs no more device memory than training
+        _move(module, torch.device("cpu") if swap_blocks and module is comps.denoiser else device, weight_dtype)
+    if swap_blocks:
+        family.prepare_block_swap(comps, cfg, device)
     train_text_encoder = bool(family.text_encoders_to_train(comps, cfg))
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(comps, train_text_encoder)
