@@ -32,7 +32,7 @@ LAYERS = {
 ALGORITHMS = {
     "lora": lambda layer: LoRAModule("lora_unet_x", layer, 4, 2.0),
     "dora": lambda layer: DoRAModule("lora_unet_x", layer, 4, 2.0),
-    "dora-input-axis": lambda layer: DoRAModule("lora_unet_x", layer, 4, 2.0, wd_on_output=False),
+    "dora-output-axis": lambda layer: DoRAModule("lora_unet_x", layer, 4, 2.0, wd_on_output=True),
     "lora_fa": lambda layer: LoRAFAModule("lora_unet_x", layer, 4, 2.0),
     "dylora": lambda layer: DyLoRAModule("lora_unet_x", layer, 4, 2.0, unit=2),
     "oft": lambda layer: OFTModule("oft_unet_x", layer, 4, 1e-2),
@@ -117,22 +117,24 @@ def test_merge_to_base_matches_bypass_and_multiplier(algo):
     assert torch.allclose(layer(x), half, atol=1e-5)
 
 
-def test_dora_matches_the_paper_formula_and_peft_axis():
+def test_dora_matches_the_paper_formula_on_both_axes():
     layer = make_layer("linear", torch.float32)
     adapter = DoRAModule("lora_unet_x", layer, 4, 2.0)
-    assert adapter.dora_scale.shape == (32, 1), "one magnitude per output channel (LyCORIS / PEFT layout)"
-    assert torch.allclose(adapter.dora_scale.flatten(), layer.weight.norm(dim=1))
+    assert adapter.dora_scale.shape == (1, 16), "one magnitude per input channel (kohya dora_scale layout)"
+    assert torch.allclose(adapter.dora_scale.flatten(), layer.weight.norm(dim=0))
     randomise(adapter)
-    w = layer.weight + adapter.delta_weight()
-    expected = adapter.dora_scale * w / w.norm(dim=1, keepdim=True)
+    w = layer.weight + adapter.delta_weight()  # the norm is over W + (alpha/r)·up·down
+    expected = adapter.dora_scale * w / w.norm(dim=0, keepdim=True)
     assert torch.allclose(adapter.merged_weight(), expected, atol=1e-6)
-    # the merged weight's row norms are the magnitudes: the definition of the decomposition
-    assert torch.allclose(adapter.merged_weight().norm(dim=1), adapter.dora_scale.flatten(), atol=1e-5)
+    # the merged weight's column norms are the magnitudes: the definition of the decomposition
+    assert torch.allclose(adapter.merged_weight().norm(dim=0), adapter.dora_scale.flatten(), atol=1e-5)
 
-    inputs = DoRAModule("lora_unet_x", layer, 4, 2.0, wd_on_output=False)
-    assert inputs.dora_scale.shape == (1, 16)
-    randomise(inputs)
-    assert torch.allclose(inputs.merged_weight().norm(dim=0), inputs.dora_scale.flatten(), atol=1e-5)
+    outputs = DoRAModule("lora_unet_x", layer, 4, 2.0, wd_on_output=True)
+    assert outputs.dora_scale.shape == (32, 1), "PEFT / DoRA reference code axis"
+    randomise(outputs)
+    w = layer.weight + outputs.delta_weight()
+    assert torch.allclose(outputs.merged_weight(), outputs.dora_scale * w / w.norm(dim=1, keepdim=True), atol=1e-6)
+    assert torch.allclose(outputs.merged_weight().norm(dim=1), outputs.dora_scale.flatten(), atol=1e-5)
 
 
 def test_dora_norm_is_detached_and_neuron_dropout_ignored():
@@ -146,19 +148,49 @@ def test_dora_norm_is_detached_and_neuron_dropout_ignored():
     assert adapter.dora_scale.grad is not None and adapter.lora_up.weight.grad is not None
 
 
-def test_dora_reads_the_other_axis_from_a_file():
+@pytest.mark.parametrize("written_on_output", [False, True], ids=["input-axis", "output-axis"])
+def test_dora_reads_the_other_axis_from_a_file(written_on_output):
     layer = make_layer("conv3x3", torch.float32)
-    written = DoRAModule("lora_unet_x", layer, 4, 2.0, wd_on_output=False)
+    written = DoRAModule("lora_unet_x", layer, 4, 2.0, wd_on_output=written_on_output)
     randomise(written)
-    reader = DoRAModule("lora_unet_x", layer, 4, 2.0)
+    reader = DoRAModule("lora_unet_x", layer, 4, 2.0, wd_on_output=not written_on_output)
     reader.load_adapter_tensors(written.adapter_state_dict(), source="in.safetensors")
-    assert reader.magnitude_axis == 1
+    assert reader.magnitude_axis == (0 if written_on_output else 1)
+    assert reader.adapter_state_dict()["dora_scale"].shape == written.dora_scale.shape
     assert torch.allclose(reader.merged_weight(), written.merged_weight())
     assert torch.allclose(
         dora_merged_weight(layer.weight, written.delta_weight(), written.dora_scale),
         written.merged_weight(),
     )
     assert dora_weight_norm(layer.weight, 1).shape == (1, 16, 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["linear-square", "conv1x1"])
+def test_dora_axis_from_the_shape_of_other_tools_files(kind):
+    """(out, 1, ...) / (1, in, ...) decide the axis even on square layers; 1-D vectors follow ComfyUI's rule."""
+    torch.manual_seed(0)
+    layer = (nn.Linear(16, 16) if kind == "linear-square" else nn.Conv2d(16, 32, 1)).requires_grad_(False)
+    out_ch, in_ch = layer.weight.shape[:2]
+    source = DoRAModule("lora_unet_x", layer, 4, 2.0)
+    randomise(source)
+    tensors = source.adapter_state_dict()
+    for magnitude, axis in [
+        (torch.rand(in_ch) + 1, 1 if in_ch != out_ch else 0),  # 1-D: output when its length is `out`
+        (torch.rand(out_ch) + 1, 0),
+        (torch.rand(1, in_ch) + 1, 1),  # a 2-D row also for a conv
+        (torch.rand(out_ch, 1) + 1, 0),
+    ]:
+        reader = DoRAModule("lora_unet_x", layer, 4, 2.0)
+        reader.load_adapter_tensors({**tensors, "dora_scale": magnitude}, source="other.safetensors")
+        assert reader.magnitude_axis == axis, tuple(magnitude.shape)
+        expected_shape = [1] * layer.weight.dim()
+        expected_shape[axis] = layer.weight.shape[axis]
+        assert tuple(reader.adapter_state_dict()["dora_scale"].shape) == tuple(expected_shape)
+        assert torch.equal(reader.dora_scale.flatten(), magnitude.flatten())
+    with pytest.raises(CheckpointError, match="dora_scale"):
+        DoRAModule("lora_unet_x", layer, 4, 2.0).load_adapter_tensors(
+            {**tensors, "dora_scale": torch.ones(3, 5)}, source="bad.safetensors"
+        )
 
 
 def test_lora_fa_freezes_down():

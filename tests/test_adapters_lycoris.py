@@ -6,7 +6,10 @@
   `rank_dropout_scale`, `train_norm`, `block_dims`/`block_alphas`) trains two steps on a tiny SD 1.5;
 * every saved key is one ComfyUI's loader maps (a re-statement of `comfy/lora.py`'s key map for SD 1.x and
   of the tensor names its weight adapters read, peers.md §4.2);
-* LoCon and DoRA files load in diffusers and give the images our own merge gives (1e-4).
+* LoCon files load in diffusers and give the images our own merge gives (1e-4);
+* DoRA files (`dora_scale`, per input channel by default) merge in ComfyUI (a re-statement of
+  `comfy/weight_adapter/base.py` `weight_decompose`) and in LyCORIS exactly as in lorakit, weights and images;
+  diffusers drops `dora_scale` and renders the plain LoRA, which a test pins down.
 """
 
 from __future__ import annotations
@@ -303,15 +306,11 @@ def render(pipe) -> torch.Tensor:
 DIFFUSERS_CASES = {
     "lycoris-locon": ("lycoris.kohya", ["algo=locon", "preset=attn-mlp"]),
     "lycoris-locon-conv": ("lycoris.kohya", ["algo=locon", "preset=unet-convblock-only", "conv_dim=4", "conv_alpha=2"]),
-    "lora-dora": ("networks.lora", ["dora_wd=True"]),
-    "lora-dora-conv": ("networks.lora", ["dora_wd=True", "conv_dim=4", "conv_alpha=2"]),
 }
 
 
 @pytest.mark.parametrize("case", list(DIFFUSERS_CASES))
 def test_diffusers_loads_our_file_and_matches_our_merge(family, pipeline_dir, tmp_path, case):
-    if "dora" in case:
-        pytest.xfail("diffusers 0.42 loads the dora_scale file but its images differ from our merge (open)")
     module, args = DIFFUSERS_CASES[case]
     ours = load_pipeline(pipeline_dir)
     comps = SimpleNamespace(denoiser=ours.unet, text_encoders=[ours.text_encoder])
@@ -330,3 +329,181 @@ def test_diffusers_loads_our_file_and_matches_our_merge(family, pipeline_dir, tm
     loaded = render(theirs)
     assert (merged - base).abs().max() > 1e-2, "the adapter must change the image for the comparison to mean anything"
     assert (loaded - merged).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------- DoRA in other programs
+
+
+def comfy_weight_decompose(dora_scale, weight, lora_diff, alpha, strength=1.0):
+    """ComfyUI's DoRA merge (`comfy/weight_adapter/base.py` `weight_decompose`, v0.3.77), float32.
+
+    `lora_diff` is up·down, `alpha` the file's alpha/rank. The axis comes from the shape of `dora_scale`; on the
+    output axis ComfyUI divides by the row norms of the base weight W, on the input axis by the column norms of
+    W + ΔW.
+    """
+    weight = weight.float().clone()
+    weight_calc = weight + lora_diff * alpha
+    if dora_scale.shape[0] == weight_calc.shape[0]:
+        weight_norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True)
+        weight_norm = weight_norm.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    else:
+        weight_norm = (
+            weight_calc.transpose(0, 1)
+            .reshape(weight_calc.shape[1], -1)
+            .norm(dim=1, keepdim=True)
+            .reshape(weight_calc.shape[1], *[1] * (weight_calc.dim() - 1))
+            .transpose(0, 1)
+        )
+    weight_norm = weight_norm + torch.finfo(weight.dtype).eps
+    weight_calc = weight_calc * (dora_scale.float() / weight_norm)
+    return weight + strength * (weight_calc - weight)
+
+
+def comfy_merge_file_tensors(tensors: dict[str, torch.Tensor], weight: torch.Tensor, strength: float = 1.0):
+    """ComfyUI's LoRA adapter for one module of a kohya file: up·down (reshaped to W), alpha/rank, DoRA."""
+    up, down = tensors["lora_up.weight"].float(), tensors["lora_down.weight"].float()
+    diff = torch.mm(up.flatten(start_dim=1), down.flatten(start_dim=1)).reshape(weight.shape)
+    alpha = float(tensors["alpha"]) / down.shape[0]
+    return comfy_weight_decompose(tensors["dora_scale"], weight, diff, alpha, strength)
+
+
+def lycoris_merge_file_tensors(tensors: dict[str, torch.Tensor], layer: nn.Module, wd_on_out: bool):
+    """LyCORIS' LoCon module with weight_decompose, given the file's tensors, merged at multiplier 1."""
+    from lycoris.modules.locon import LoConModule
+
+    module = LoConModule("lycoris_x", layer, 1.0, lora_dim=tensors["lora_down.weight"].shape[0],
+                         alpha=float(tensors["alpha"]), weight_decompose=True, wd_on_out=wd_on_out)
+    with torch.no_grad():
+        module.lora_up.weight.copy_(tensors["lora_up.weight"])
+        module.lora_down.weight.copy_(tensors["lora_down.weight"])
+        module.dora_scale.copy_(tensors["dora_scale"])
+    return module.get_merged_weight(multiplier=1)[0]
+
+
+def dora_module(kind: str, wd_on_output: bool):
+    from lorakit.adapters.dora import DoRAModule
+
+    layer = make_layer(kind, torch.float32)
+    adapter = DoRAModule("lora_unet_x", layer, 4, 2.0, wd_on_output=wd_on_output)
+    randomise(adapter, seed=5)
+    return layer, adapter
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_dora_file_merges_in_comfyui_and_lycoris_like_ours(kind):
+    """The default layout, dora_scale (1, in[, 1, 1]): ComfyUI, LyCORIS (wd_on_out=False) and lorakit agree."""
+    layer, adapter = dora_module(kind, wd_on_output=False)
+    tensors = adapter.adapter_state_dict()
+    assert tensors["dora_scale"].shape == (1, 16) + (1, 1) * (kind != "linear")
+    ours = adapter.merged_weight()
+    assert (ours - layer.weight).abs().max() > 1e-2
+    assert (comfy_merge_file_tensors(tensors, layer.weight) - ours).abs().max() < 1e-5
+    assert (comfy_merge_file_tensors(tensors, layer.weight, 0.6) - adapter.merged_weight(0.6)).abs().max() < 1e-5
+    assert (lycoris_merge_file_tensors(tensors, layer, wd_on_out=False) - ours).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_output_axis_dora_file_agrees_with_lycoris_but_not_comfyui(kind, caplog):
+    """dora_scale (out, 1[, 1, 1]): LyCORIS' own file loader merges it like lorakit; ComfyUI/Forge divide by ‖W‖."""
+    from lycoris.modules import get_module, make_module
+
+    from lorakit.adapters.dora import dora_weight_norm
+
+    layer, adapter = dora_module(kind, wd_on_output=True)
+    with caplog.at_level("WARNING", logger="lorakit.adapters.dora"):
+        import lorakit.adapters.dora as dora
+
+        dora._warned_output_axis = False
+        tensors = adapter.adapter_state_dict()
+    assert "ComfyUI" in caplog.text
+    ours = adapter.merged_weight()
+    file = {f"lycoris_x.{k}": v for k, v in tensors.items()}
+    kind_of, params = get_module(file, "lycoris_x")
+    lyco = make_module(kind_of, params, "lycoris_x", layer)
+    assert (lyco.get_merged_weight(multiplier=1)[0] - ours).abs().max() < 1e-5
+    assert (lycoris_merge_file_tensors(tensors, layer, wd_on_out=True) - ours).abs().max() < 1e-5
+
+    comfy = comfy_merge_file_tensors(tensors, layer.weight)
+    assert (comfy - ours).abs().max() > 1e-3, "ComfyUI normalises output-axis files by the base weight's norm"
+    combined = layer.weight + adapter.delta_weight()
+    assert torch.allclose(comfy, tensors["dora_scale"] * combined / dora_weight_norm(layer.weight, 0), atol=1e-5)
+
+
+def _named_kohya_modules(pipe) -> dict[str, nn.Module]:
+    names = {"lora_unet_" + n.replace(".", "_"): m for n, m in pipe.unet.named_modules()}
+    # ComfyUI's CLIP key map: lora_te_text_model_encoder_layers_<i>_<proj> (the HF CLIPTextModel's own paths)
+    for n, m in pipe.text_encoder.named_modules():
+        path = n if n.startswith("text_model.") else "text_model." + n
+        names["lora_te_" + path.replace(".", "_")] = m
+    return names
+
+
+def _dora_file(family, pipe, tmp_path, args):
+    comps = SimpleNamespace(denoiser=pipe.unet, text_encoders=[pipe.text_encoder])
+    network = build_network(options("dora_wd=True", *args, network_module="networks.lora"), family, comps,
+                            torch.device("cpu"))
+    randomise(network, seed=3)
+    state = network.state_dict_kohya()
+    lora_file = tmp_path / "dora.safetensors"
+    save_lora_file(state, lora_file, {"ss_network_module": "networks.lora"})
+    return network, state, lora_file
+
+
+DORA_IMAGE_CASES = {
+    "dora": [],
+    "dora-conv": ["conv_dim=4", "conv_alpha=2"],
+}
+
+
+@pytest.mark.parametrize("case", list(DORA_IMAGE_CASES))
+def test_comfyui_renders_our_dora_file_like_our_merge(family, pipeline_dir, tmp_path, case):
+    ours = load_pipeline(pipeline_dir)
+    network, state, _ = _dora_file(family, ours, tmp_path, DORA_IMAGE_CASES[case] + ["wd_on_output=False"])
+    assert all(v.shape[0] == 1 for k, v in state.items() if k.endswith(".dora_scale")), "input-axis layout"
+    network.restore()
+    base = render(ours)
+    network.apply_to()
+    network.merge_to_base()
+    merged = render(ours)
+
+    theirs = load_pipeline(pipeline_dir)
+    modules = _named_kohya_modules(theirs)
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        name, _, tensor = key.partition(".")
+        by_module.setdefault(name, {})[tensor] = value
+    with torch.no_grad():
+        for name, tensors in by_module.items():
+            weight = modules[name].weight
+            weight.copy_(comfy_merge_file_tensors(tensors, weight).to(weight.dtype))
+    loaded = render(theirs)
+    assert (merged - base).abs().max() > 1e-2, "the adapter must change the image for the comparison to mean anything"
+    assert (loaded - merged).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("wd_on_output", [False, True], ids=["input-axis", "output-axis"])
+@pytest.mark.parametrize("case", list(DORA_IMAGE_CASES))
+def test_diffusers_drops_dora_scale_and_renders_the_plain_lora(family, pipeline_dir, tmp_path, case, wd_on_output):
+    """diffusers 0.42's SD loader filters out every `dora_scale` key (huggingface/diffusers#9547), whatever the
+    axis, and applies W + (alpha/r)·up·down: its images equal our plain-LoRA merge, not our DoRA merge."""
+    ours = load_pipeline(pipeline_dir)
+    args = DORA_IMAGE_CASES[case] + [f"wd_on_output={wd_on_output}"]
+    network, _, lora_file = _dora_file(family, ours, tmp_path, args)
+    network.restore()
+    with torch.no_grad():
+        for module in network.lora_modules.values():
+            module.org_module.weight += module.delta_weight().to(module.org_module.weight.dtype)
+    plain = render(ours)
+    for module in network.lora_modules.values():
+        with torch.no_grad():
+            module.org_module.weight -= module.delta_weight().to(module.org_module.weight.dtype)
+    network.apply_to()
+    network.merge_to_base()
+    dora_merged = render(ours)
+
+    theirs = load_pipeline(pipeline_dir)
+    theirs.load_lora_weights(str(lora_file), adapter_name="ours")
+    assert not any("lora_magnitude_vector" in k for k in theirs.unet.state_dict()), "no DoRA magnitude loaded"
+    loaded = render(theirs)
+    assert (dora_merged - plain).abs().max() > 1e-2, "the magnitudes must matter for the comparison to mean anything"
+    assert (loaded - plain).abs().max() < 1e-4
