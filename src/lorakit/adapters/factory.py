@@ -82,7 +82,8 @@ def _lora_network(cfg: Any, family: Any, comps: Components, kwargs: dict[str, st
 
     if cfg.network_dropout:
         log.warning("--network_dropout %s is ignored with dora_wd=True; rank and module dropout still apply", cfg.network_dropout)
-    on_output = _bool(kwargs, "wd_on_output", True)
+    # per input channel by default: the layout ComfyUI, Forge, A1111 and LyCORIS all merge exactly (docs/adapters.md)
+    on_output = _bool(kwargs, "wd_on_output", False)
     return _plain_network(cfg, family, comps, kwargs, lambda t, **kw: DoRAModule(t.name, t.module, t.rank, t.alpha, wd_on_output=on_output, **kw))
 
 
