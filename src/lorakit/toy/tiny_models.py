@@ -9,8 +9,6 @@ milliseconds. 64 px images map to 8x8 latents, the same factor 8 as the real VAE
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +17,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lorakit.families.base import Components
+from lorakit.families.common.checkpoint_io import save_pipeline_atomic
 from lorakit.families.common.tokenizers import CLIP_PAD_END, CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
 from lorakit.families.sd.loading import noise_scheduler_config
 
@@ -116,12 +115,4 @@ def save_sd_diffusers_folder(components: Components, path: str | os.PathLike[str
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        pipeline.save_pretrained(str(staging), safe_serialization=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    save_pipeline_atomic(pipeline, target)

@@ -152,3 +152,22 @@ def _write_atomic(target: Path, write) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_pipeline_atomic(pipeline: Any, path: str | os.PathLike[str]) -> Path:
+    """`pipeline.save_pretrained` into a staging folder beside `path`, then renamed into place: a crash never
+    leaves a half-written model folder under the final name."""
+    import shutil
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        pipeline.save_pretrained(str(staging), safe_serialization=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -10,8 +10,6 @@ tells them apart by width, and equal widths would hide a swapped-encoder bug.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lorakit.families.base import Components
+from lorakit.families.common.checkpoint_io import save_pipeline_atomic
 from lorakit.families.common.tokenizers import CLIP_PAD_END, CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
 from lorakit.families.sdxl.loading import bundled_config, noise_scheduler_config
 from lorakit.toy.tiny_models import tiny_vae_config
@@ -95,12 +94,4 @@ def save_sdxl_diffusers_folder(components: Components, path: str | os.PathLike[s
         vae=components.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
         unet=components.denoiser, scheduler=EulerDiscreteScheduler.from_config(components.extras["noise_scheduler_config"]),
     )
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        pipeline.save_pretrained(str(staging), safe_serialization=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    save_pipeline_atomic(pipeline, target)
