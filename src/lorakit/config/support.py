@@ -17,103 +17,11 @@ if TYPE_CHECKING:
     from lorakit.config.schema import TrainConfig
 
 _REMOVE = "remove it to train without it"
-_STATE = "remove it; resumable states are not written yet"
 
 #: Hints for options sd-scripts has, for as long as lorakit lacks them. `UNSUPPORTED` (below) is this table minus
 #: `IMPLEMENTED`, so landing a feature means adding its names to `IMPLEMENTED` and nothing else.
 _HINTS: dict[str, str] = {
-    # model components of other families
-    **dict.fromkeys(("clip_l", "clip_g", "t5xxl", "ae", "model_type", "controlnet_model_name_or_path"), _REMOVE),
-    **dict.fromkeys(
-        ("save_clip", "save_t5xxl", "t5xxl_device", "t5xxl_dtype"), "remove it (it never worked in sd-scripts either)"
-    ),
-    # dataset and captions
-    "in_json": "use --train_data_dir with N_name folders or a --dataset_config",
-    "dataset_repeats": "use N_name folders or num_repeats in a --dataset_config",
-    **dict.fromkeys(
-        (
-            "resize_interpolation", "caption_separator", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
-            "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix", "caption_dropout_rate",
-            "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step",
-            "color_aug", "flip_aug", "random_crop", "face_crop_aug_range", "alpha_mask", "cache_info",
-            "skip_cache_check", "debug_dataset", "dataset_class", "weighted_captions", "conditioning_data_dir",
-            "masked_loss",
-        ),
-        _REMOVE,
-    ),
-    "cache_latents_to_disk": "use --cache_latents (latents kept in memory) for now",
-    # network
-    **dict.fromkeys(("dim_from_weights", "scale_weight_norms", "base_weights", "base_weights_multiplier"), _REMOVE),
-    # optimizer and schedule
-    "use_8bit_adam": "use the default AdamW optimizer for now",
-    "use_lion_optimizer": "use the default AdamW optimizer for now",
-    **dict.fromkeys(
-        (
-            "lr_decay_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_timescale",
-            "lr_scheduler_min_lr_ratio", "lr_scheduler_type", "lr_scheduler_args",
-        ),
-        "use --lr_scheduler constant, constant_with_warmup, cosine or linear for now",
-    ),
-    "fused_backward_pass": _REMOVE,
-    # precision and performance
-    **dict.fromkeys(("full_fp16", "full_bf16"), "use --mixed_precision alone for now"),
-    **dict.fromkeys(("fp8_base", "fp8_base_unet"), "use --mixed_precision fp16 or bf16 for now"),
-    "no_half_vae": _REMOVE,
-    **dict.fromkeys(("torch_compile", "dynamo_backend", "dynamo_mode", "dynamo_fullgraph", "dynamo_dynamic"), _REMOVE),
-    **dict.fromkeys(("ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph"), "train on one process for now"),
-    # noise and loss
-    **dict.fromkeys(
-        (
-            "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
-            "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength", "zero_terminal_snr",
-            "min_timestep", "max_timestep", "min_snr_gamma", "scale_v_pred_loss_like_noise_pred",
-            "v_pred_like_loss", "debiased_estimation_loss", "loss_type", "huber_schedule", "huber_c", "huber_scale",
-            "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "timestep_sampling", "sigmoid_scale",
-            "discrete_flow_shift", "model_prediction_type", "guidance_scale", "training_shift",
-        ),
-        _REMOVE,
-    ),
-    # text encoders and memory
-    **dict.fromkeys(
-        (
-            "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "text_encoder_batch_size",
-            "t5xxl_max_token_length", "apply_t5_attn_mask", "apply_lg_attn_mask", "clip_l_dropout_rate",
-            "clip_g_dropout_rate", "t5_dropout_rate", "pos_emb_random_crop_rate", "enable_scaled_pos_embed",
-        ),
-        _REMOVE,
-    ),
-    **dict.fromkeys(("blocks_to_swap", "cpu_offload_checkpointing", "split_mode"), _REMOVE),
-    # saving, resume, upload
-    **dict.fromkeys(
-        ("save_n_epoch_ratio", "save_last_n_epochs", "save_last_n_steps"),
-        "use --save_every_n_epochs or --save_every_n_steps and delete old files yourself",
-    ),
-    **dict.fromkeys(
-        ("save_state", "save_state_on_train_end", "save_last_n_epochs_state", "save_last_n_steps_state"), _STATE
-    ),
-    **dict.fromkeys(
-        ("resume", "initial_epoch", "initial_step", "skip_until_initial_step"),
-        "continue from a LoRA file with --network_weights",
-    ),
-    **dict.fromkeys(
-        (
-            "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
-            "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
-        ),
-        "remove it and upload the files from --output_dir yourself",
-    ),
-    # sampling, validation, distributed training, logging
-    **dict.fromkeys(
-        ("sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first", "sample_sampler"),
-        "remove it; sample images during training are not available yet",
-    ),
-    **dict.fromkeys(
-        (
-            "validation_split", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
-            "max_validation_steps",
-        ),
-        _REMOVE,
-    ),
+    # deepspeed
     **dict.fromkeys(
         (
             "deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",
@@ -122,12 +30,54 @@ _HINTS: dict[str, str] = {
         ),
         _REMOVE,
     ),
+    # validation
     **dict.fromkeys(
         (
-            "console_log_file", "console_log_simple", "log_tracker_name", "log_tracker_config", "wandb_run_name",
-            "wandb_api_key", "log_config",
+            "validation_split", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
+            "max_validation_steps",
         ),
         _REMOVE,
+    ),
+    # saving
+    **dict.fromkeys(
+        (
+            "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+            "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
+        ),
+        "remove it and upload the files from --output_dir yourself",
+    ),
+    # text_encoder
+    "text_encoder_batch_size": _REMOVE,
+    # training
+    **dict.fromkeys(
+        (
+            "torch_compile", "dynamo_backend", "dynamo_mode", "dynamo_fullgraph", "dynamo_dynamic",
+        ),
+        _REMOVE,
+    ),
+    # optimizer
+    "fused_backward_pass": _REMOVE,
+    # network
+    **dict.fromkeys(
+        (
+            "dim_from_weights", "base_weights", "base_weights_multiplier",
+        ),
+        _REMOVE,
+    ),
+    # dataset
+    **dict.fromkeys(
+        (
+            "debug_dataset", "dataset_class", "weighted_captions",
+        ),
+        _REMOVE,
+    ),
+    # model
+    "controlnet_model_name_or_path": _REMOVE,
+    **dict.fromkeys(
+        (
+            "save_clip", "save_t5xxl", "t5xxl_device", "t5xxl_dtype",
+        ),
+        "remove it (it never worked in sd-scripts either)",
     ),
 }  # fmt: skip
 
