@@ -202,6 +202,11 @@ def test_seed_000_command(tmp_path):
     assert conv and all(tensors[k].shape[0] == 256 for k in conv)
     assert all(tensors[k.replace("lora_down.weight", "alpha")].item() == 4 for k in conv)
     assert list(image_dir.glob("*_sdxl.npz")), "--cache_latents_to_disk writes the latents beside the image"
+    # U-Net modules carry SGM names, as sd-scripts' SDXL LyCORIS files do (and ComfyUI/Forge expect)
+    unet = [k for k in tensors if k.startswith("lora_unet_")]
+    assert any(k.startswith("lora_unet_input_blocks_") for k in unet)
+    assert any(k.startswith("lora_unet_output_blocks_") for k in unet)
+    assert not any(k.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_")) for k in unet)
 
 
 # -- 4. files of another family --------------------------------------------------------------------------------

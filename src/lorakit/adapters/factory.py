@@ -204,7 +204,9 @@ def lycoris_roots(family: Any, comps: Components, cfg: Any) -> list:
             path_prefix = "text_model." if type(encoder).__name__.startswith("CLIPText") and not hasattr(encoder, "text_model") else ""
             roots.append(LycorisRoot(prefix, encoder, "text_encoder", path_prefix))
     if not cfg.network_train_text_encoder_only:
-        roots.append(LycorisRoot("lora_unet", comps.denoiser, "unet", is_denoiser=True))
+        # a family whose kohya names follow another module layout (SDXL: SGM paths) says how to rename
+        rename = family.kohya_module_path(comps) if hasattr(family, "kohya_module_path") else None
+        roots.append(LycorisRoot("lora_unet", comps.denoiser, "unet", is_denoiser=True, rename=rename))
     return roots
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -208,6 +208,7 @@ class LycorisRoot:
     component: str
     path_prefix: str = ""
     is_denoiser: bool = False
+    rename: Callable[[str], str] | None = None  # module path -> the path kohya names use; ValueError = no name
 
 
 _SD_BLOCK = re.compile(r"^(down_blocks|up_blocks)_(\d+)_(attentions|resnets|downsamplers|upsamplers)_(\d+)")
@@ -260,7 +261,11 @@ def lycoris_targets(roots: Sequence[LycorisRoot], options: LycorisOptions) -> li
 
 
 def _add(found: dict[str, AdapterTarget], root: LycorisRoot, path: str, module: nn.Module, options: LycorisOptions, preset: Mapping) -> None:
-    name = f"{root.prefix}_{(root.path_prefix + path).replace('.', '_')}"
+    try:
+        named_path = root.rename(path) if root.rename else path
+    except ValueError:
+        return  # no module of that name in the reference layout: a file entry for it would load nowhere
+    name = f"{root.prefix}_{(root.path_prefix + named_path).replace('.', '_')}"
     if name in found:
         return
     if _is_norm(module):

@@ -144,6 +144,10 @@ class StableDiffusionXLFamily:
 
     # -- adapters ----------------------------------------------------------------------------------------
 
+    def kohya_module_path(self, comps: Components):
+        """How U-Net module paths are renamed in file names (SGM layout), for adapters that walk the model."""
+        return sgm_module_path(comps)
+
     def adapter_targets(self, comps: Components, cfg: Any) -> list[AdapterTarget]:
         ranks = rank_choice(cfg)
         targets: list[AdapterTarget] = []
@@ -189,6 +193,13 @@ class StableDiffusionXLFamily:
     def modelspec_architecture(self, cfg: Any) -> tuple[str, str, tuple[int, int]]:
         """(architecture, implementation, default resolution) for the modelspec.* keys."""
         return MODELSPEC_ARCHITECTURE, MODELSPEC_IMPLEMENTATION, DEFAULT_RESOLUTION
+
+
+def sgm_module_path(comps: Components):
+    """diffusers U-Net module path -> SGM path, the layout SDXL kohya/LyCORIS file names use."""
+    from lorakit.families.sdxl.sgm_keys import SgmUnetNames
+
+    return SgmUnetNames(dict(comps.denoiser.config)).module
 
 
 def unet_targets(unet: torch.nn.Module, ranks: RankChoice) -> list[AdapterTarget]:
