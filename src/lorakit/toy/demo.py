@@ -14,7 +14,6 @@ import time
 from importlib import resources
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 
@@ -101,6 +100,5 @@ def run_demo_cli(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=300, help="LoRA training steps")
     parser.add_argument("--images", type=int, default=20, help="training images of the held-out concept")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run_demo(args.output_dir, images=args.images, steps=args.steps)
     return 0

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lorakit.adapters.formats import save_lora_file
+from lorakit.adapters.formats import lora_file_name, save_lora_file, state_dir_name
 from lorakit.training import metadata as md
 from lorakit.training import saving
 from lorakit.training.state import TrainingState, save_state
@@ -31,25 +31,25 @@ class Checkpointer:
 
     def epoch(self, epoch: int, step: int) -> None:
         cfg = self.session.cfg
-        self._lora(saving.epoch_file_name(cfg.output_name, epoch, cfg.save_model_as), epoch, step)
+        self._lora(lora_file_name(cfg.output_name, cfg.save_model_as, epoch=epoch), epoch, step)
         self._prune(cfg.save_model_as, self.keep_files, epoch=epoch)
         if cfg.save_state:
-            self._state(saving.epoch_state_name(cfg.output_name, epoch), epoch, step)
+            self._state(state_dir_name(cfg.output_name, epoch=epoch), epoch, step)
             self._prune(None, self.keep_states, epoch=epoch)
 
     def step(self, epoch: int, step: int) -> None:
         cfg = self.session.cfg
-        self._lora(saving.step_file_name(cfg.output_name, step, cfg.save_model_as), epoch, step)
+        self._lora(lora_file_name(cfg.output_name, cfg.save_model_as, step=step), epoch, step)
         self._prune(cfg.save_model_as, self.keep_files, step=step)
         if cfg.save_state:
-            self._state(saving.step_state_name(cfg.output_name, step), epoch, step)
+            self._state(state_dir_name(cfg.output_name, step=step), epoch, step)
             self._prune(None, self.keep_states, step=step)
 
     def final(self, epoch: int, step: int) -> None:
         cfg = self.session.cfg
-        self._lora(saving.final_file_name(cfg.output_name, cfg.save_model_as), epoch, step)
+        self._lora(lora_file_name(cfg.output_name, cfg.save_model_as), epoch, step)
         if cfg.save_state or cfg.save_state_on_train_end:
-            self._state(saving.final_state_name(cfg.output_name), epoch, step)
+            self._state(state_dir_name(cfg.output_name), epoch, step)
 
     def _prune(self, ext: str | None, retention: saving.Retention, **at: int) -> None:
         if self._main:

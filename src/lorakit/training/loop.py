@@ -63,7 +63,7 @@ def train(cfg: Any) -> TrainResult:
     if (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk) and dataset.captions_vary():
         raise ConfigError(["--cache_text_encoder_outputs: a dataset subset changes its captions per step (shuffle, "
                            "dropout, tag dropout, token warm-up or wildcards); remove one or the other"])
-    plan = make_plan(cfg, family.name, len(dataset), num_processes=_num_processes())
+    plan = make_plan(cfg, family.name, len(dataset), num_processes=distributed.world_size_from_env())
     dataset.set_training_length(plan.max_train_steps, cfg.gradient_accumulation_steps)
     if distributed.rank_from_env() == 0:
         batch = distributed.effective_batch_message(dataset, plan.num_processes, cfg.gradient_accumulation_steps)
@@ -107,12 +107,6 @@ def check_before_loading(cfg: Any, plan: TrainingPlan) -> None:
             problems += error.problems
     if problems:
         raise ConfigError(problems)
-
-
-def _num_processes() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _make_accelerator(cfg: Any) -> Accelerator:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lorakit.data.resume import ResumePoint
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ def format_plan(cfg: Any, plan: TrainingPlan, dataset_text: str) -> str:
     return "\n".join(lines)
 
 
-def start_position(cfg: Any, plan: TrainingPlan, resumed_step: int | None) -> "ResumePoint":
+def start_position(cfg: Any, plan: TrainingPlan, resumed_step: int | None) -> ResumePoint:
     """Where training starts: step, epoch and batches to skip (inventory §8.3, without its step defect).
 
     The step is --initial_step, else --initial_epoch's first step, else the resumed state's step. With --resume

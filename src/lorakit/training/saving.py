@@ -1,6 +1,7 @@
 """When to save, what the files and state folders are called, and which old ones to delete.
 
-Names follow sd-scripts (inventory §8.1) so existing scripts find them:
+Names follow sd-scripts (inventory §8.1) so existing scripts find them (built by
+`lorakit.adapters.formats.lora_file_name` / `state_dir_name`):
 `NAME-000004.safetensors`, `NAME-step00000100.safetensors`, `NAME.safetensors`, and the state folders
 `NAME-000004-state`, `NAME-step00000100-state`, `NAME-state`.
 """
@@ -19,30 +20,6 @@ import torch
 log = logging.getLogger("lorakit")
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def epoch_file_name(output_name: str | None, epoch: int, ext: str) -> str:
-    return f"{output_name or 'epoch'}-{epoch:06d}.{ext}"
-
-
-def step_file_name(output_name: str | None, step: int, ext: str) -> str:
-    return f"{output_name or 'at'}-step{step:08d}.{ext}"
-
-
-def final_file_name(output_name: str | None, ext: str) -> str:
-    return f"{output_name or 'last'}.{ext}"
-
-
-def epoch_state_name(output_name: str | None, epoch: int) -> str:
-    return f"{output_name or 'epoch'}-{epoch:06d}-state"
-
-
-def step_state_name(output_name: str | None, step: int) -> str:
-    return f"{output_name or 'at'}-step{step:08d}-state"
-
-
-def final_state_name(output_name: str | None) -> str:
-    return f"{output_name or 'last'}-state"
 
 
 @dataclass(frozen=True)
