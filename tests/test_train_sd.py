@@ -186,3 +186,18 @@ def test_console_log_file_and_logged_config(models, data_dir, tmp_path):
     cfg, _ = parse_train_args(args[1:])
     logged = tracker_config(cfg)
     assert "wandb_api_key" not in logged and logged["pretrained_model_name_or_path"] == "sd1_diffusers"
+
+
+def test_accelerate_launch_module_form(models, data_dir, tmp_path):
+    """`accelerate launch -m lorakit train …`, the form that replaces `accelerate launch train_network.py …`."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--num_machines=1",
+              "--mixed_precision=no", "--dynamo_backend=no", "-m", "lorakit"]
+    proc = subprocess.run(launch + train_args(models["sd1"]["folder"], data_dir, out), capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "tiny.safetensors").exists()
