@@ -1,0 +1,145 @@
+"""LoRA tool recipes: block weights in merges (`--lbws`), DyLoRA splits and the base-relative resize recipe
+(`fro_ckpt=1,thr=-3.55`), on LoRAs of a tiny real SD 1.x model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lorakit.adapters.formats import save_lora_file
+from lorakit.adapters.network import LoRANetwork
+from lorakit.errors import ConfigError
+from lorakit.families.sd.family import StableDiffusionFamily
+from lorakit.toy.tiny_models import build_tiny_sd
+from lorakit.tools.common import LoadedLora, load_lora
+from lorakit.tools.extract import ExtractOptions, _TargetOptions
+from lorakit.tools.layouts import SD_LAYOUT
+from lorakit.tools.lbw import LBW_SLOTS, apply_block_weights, lbw_slot, parse_lbws
+from lorakit.tools.lora_state import LoraFactors
+from lorakit.tools.merge import merge_loras
+
+
+def random_network(components, *, rank=4, conv_rank=2, alpha=2.0, seed=0, make=None) -> LoRANetwork:
+    """A LoRA network on every SD target (3x3 convs included) with non-zero up weights."""
+    options = _TargetOptions(ExtractOptions(dim=rank, conv_dim=conv_rank))
+    targets = StableDiffusionFamily().adapter_targets(components, options)
+    network = LoRANetwork(targets) if make is None else LoRANetwork(targets, module_factory=make)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in network.lora_modules.values():
+            module.lora_up.weight.normal_(0.0, 0.1, generator=generator)
+            module.alpha.fill_(alpha)
+    return network
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_sd("sd1")
+
+
+@pytest.fixture(scope="module")
+def lora_files(tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    paths = []
+    for seed, rank in ((0, 4), (1, 4)):
+        path = folder / f"lora{seed}.safetensors"
+        state = random_network(tiny, rank=rank, seed=seed).state_dict_kohya()
+        save_lora_file(state, path, {"ss_base_model_version": "sd_v1", "ss_network_dim": str(rank)})
+        paths.append(path)
+    return paths
+
+
+def deltas(modules) -> dict[str, torch.Tensor]:
+    return {name: m.delta() for name, m in modules.items()}
+
+
+# ---------------------------------------------------------------------------------------------- block weights
+
+
+def test_lbw_slots_follow_the_lora_block_weight_numbering():
+    sd = {
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": "BASE",
+        "lora_unet_down_blocks_0_attentions_0_proj_in": "IN01",
+        "lora_unet_down_blocks_0_downsamplers_0_conv": "IN03",
+        "lora_unet_down_blocks_1_attentions_1_proj_out": "IN05",
+        "lora_unet_mid_block_attentions_0_proj_in": "MID",
+        "lora_unet_up_blocks_0_upsamplers_0_conv": "OUT02",
+        "lora_unet_up_blocks_1_attentions_0_proj_in": "OUT03",
+        "lora_unet_up_blocks_3_resnets_2_conv1": "OUT11",
+    }
+    sdxl = {
+        "lora_te2_text_model_encoder_layers_3_self_attn_q_proj": "BASE",
+        "lora_unet_time_embed_0": "IN00",
+        "lora_unet_input_blocks_4_1_proj_in": "IN04",
+        "lora_unet_input_blocks_8_1_transformer_blocks_9_ff_net_2": "IN08",
+        "lora_unet_middle_block_1_proj_out": "MID",
+        "lora_unet_middle_block_2_in_layers_2": "MID",
+        "lora_unet_output_blocks_0_1_proj_in": "OUT00",
+        "lora_unet_output_blocks_5_1_proj_out": "OUT05",
+        "lora_unet_out_2": "OUT09",
+    }
+    for family, table in (("sd", sd), ("sdxl", sdxl)):
+        for name, slot in table.items():
+            assert LBW_SLOTS[lbw_slot(name, family)] == slot, name
+    assert lbw_slot("lora_unet_conv_in", "sd") is None
+
+
+def test_lbws_of_the_wrong_length_or_family_are_refused_by_name():
+    with pytest.raises(ConfigError, match=r"--lbws \(for a.safetensors\): 12 entries; a SD 1.x/2.x LoRA takes 17 or 26"):
+        parse_lbws(["[" + ",".join(["1"] * 12) + "]"], ["a.safetensors"], "sd")
+    with pytest.raises(ConfigError, match="SDXL LoRA takes 12 or 20 entries"):
+        parse_lbws(["[" + ",".join(["1"] * 17) + "]"], ["a.safetensors"], "sdxl")
+    with pytest.raises(ConfigError, match="FLUX LoRAs; block weights exist for"):
+        parse_lbws(["[1]"], ["a.safetensors"], "flux")
+    with pytest.raises(ConfigError, match="one list per file"):
+        parse_lbws(["[1]"], ["a.safetensors", "b.safetensors"], "sd")
+    with pytest.raises(ConfigError, match="JSON list of numbers"):
+        parse_lbws(["[1, 'x']"], ["a.safetensors"], "sd")
+    assert parse_lbws(["[" + ",".join(["0.5"] * 26) + "]"], ["a"], "sd") == [[0.5] * 26]
+
+
+def _lbw17(**slots: float) -> list[float]:
+    """A 17-entry SD list, 1 everywhere except the named slots."""
+    filled = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID", *(f"OUT{i:02d}" for i in range(3, 12)))
+    return [slots.get(name, 1.0) for name in filled]
+
+
+def test_lbw_zero_removes_exactly_that_block_and_ones_change_nothing(lora_files):
+    first, second = (load_lora(p) for p in lora_files)
+    plain = merge_loras([first, second], [1.0, 0.5], mode="svd", new_rank=8, new_conv_rank=4)
+    ones = [apply_block_weights(lora, _lbw17()) for lora in (first, second)]
+    same = merge_loras(ones, [1.0, 0.5], mode="svd", new_rank=8, new_conv_rank=4)
+    assert same.keys() == plain.keys()
+    assert all(torch.equal(same[n].down, plain[n].down) and torch.equal(same[n].up, plain[n].up) for n in plain)
+
+    # IN01 off in both files: its modules are gone, nothing else changes
+    off = [apply_block_weights(lora, _lbw17(IN01=0.0)) for lora in (first, second)]
+    merged = merge_loras(off, [1.0, 0.5], mode="svd", new_rank=8, new_conv_rank=4)
+    in01 = {n for n in plain if lbw_slot(n, "sd") == LBW_SLOTS.index("IN01")}
+    assert in01 and merged.keys() == plain.keys() - in01
+    assert all(torch.equal(merged[n].up, plain[n].up) for n in merged)
+
+    # IN01 off in the first file only: those modules are the second file's alone (rank 8 ≥ 4 keeps it exact)
+    mixed = merge_loras([off[0], second], [1.0, 0.5], mode="svd", new_rank=8, new_conv_rank=4)
+    for name in in01:
+        assert torch.allclose(mixed[name].delta(), 0.5 * second.modules[name].delta(), atol=1e-6), name
+
+
+def test_lbw_scales_block_deltas_exactly_in_sdxl_names():
+    generator = torch.Generator().manual_seed(5)
+
+    def module(name: str) -> LoraFactors:
+        return LoraFactors(name, torch.randn(2, 6, generator=generator), torch.randn(5, 2, generator=generator), 1.0)
+
+    names = ["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_unet_input_blocks_4_1_proj_in",
+             "lora_unet_middle_block_1_proj_out", "lora_unet_output_blocks_2_1_proj_in", "lora_unet_out_2"]
+    lora = LoadedLora("x.safetensors", {n: module(n) for n in names}, {}, "kohya", SD_LAYOUT)
+    # 12 entries: BASE, IN04, IN05, IN07, IN08, MID, OUT00..OUT05
+    weighted = apply_block_weights(lora, [0.5, 2.0, 1, 1, 1, 0.0, 1, 1, -1.0, 1, 1, 1], family="sdxl")
+    merged = merge_loras([weighted], [1.0], mode="concat")
+    factor = {names[0]: 0.5, names[1]: 2.0, names[3]: -1.0, names[4]: 1.0}
+    assert merged.keys() == factor.keys()  # the middle block (weight 0) is left out
+    for name, w in factor.items():
+        assert torch.allclose(merged[name].delta(), w * lora.modules[name].delta(), atol=1e-6), name
