@@ -82,8 +82,6 @@ def plain_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> to
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("algo", list(ALGOS))
 def test_lycoris_invariants(algo, kind, dtype):
-    if dtype == torch.bfloat16 and algo == "glora":
-        pytest.xfail("lycoris-lora 4.1.3's GLoRA merge multiplies a bfloat16 weight by float32 factors")
     options = parse(ALGOS[algo])
     layer, x = make_layer(kind, dtype), make_input(kind, dtype)
     base = layer(x)
@@ -107,6 +105,35 @@ def test_lycoris_invariants(algo, kind, dtype):
     assert torch.allclose(fresh.delta_weight(), adapter.delta_weight(), atol=1e-6)
     adapter.restore()
     assert torch.equal(layer(x), base)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_glora_delta_matches_the_package_and_works_on_bf16(kind):
+    """lorakit forms GLoRA's ΔW itself (the package's merge fails on a bfloat16 weight): on float32 it equals the
+    package's `get_diff_weight`, and on a bfloat16 layer it equals the package's ΔW over the same weight in float32."""
+    options = parse(["algo=glora", "use_scalar=True"])
+    layer = make_layer(kind, torch.float32)
+    adapter = LycorisAdapter(AdapterTarget("lora_unet_x", layer, "unet", 4, 2.0), options)
+    randomise(adapter)
+    with torch.no_grad():
+        adapter.lyco.scalar.fill_(0.7)
+    package, _ = adapter.lyco.get_diff_weight(1.0, layer.weight.shape)
+    assert package.abs().max() > 1e-2
+    assert torch.allclose(adapter.delta_weight(), package.float(), atol=1e-6)
+
+    half = make_layer(kind, torch.bfloat16)
+    on_half = LycorisAdapter(AdapterTarget("lora_unet_x", half, "unet", 4, 2.0), options)
+    on_half.load_adapter_tensors(adapter.adapter_state_dict(), source="file.safetensors")
+    with torch.no_grad():  # the file holds a2, b2 times the scalar (the package's custom state dict)
+        layer.weight.copy_(half.weight.float())
+    reference, _ = adapter.lyco.get_diff_weight(1.0, layer.weight.shape)
+    assert on_half.delta_weight().dtype == torch.float32
+    assert torch.allclose(on_half.delta_weight(), reference, atol=1e-5)
+    before = half.weight.clone()
+    on_half.apply_to()
+    on_half.merge_to_base(0.5)
+    assert half.weight.dtype == torch.bfloat16
+    assert torch.allclose(half.weight.float(), (before.float() + 0.5 * reference).bfloat16().float())
 
 
 def test_options_are_checked():

@@ -300,6 +300,24 @@ def _rank_for(path: str, spatial: bool, denoiser: bool, options: LycorisOptions)
 # ---------------------------------------------------------------------- the adapter
 
 
+def glora_delta_weight(glora: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """GLoRA's ΔW = (alpha/r)·scalar·(W·a1·a2 + b1·b2) at multiplier 1, in float32 whatever W's dtype.
+
+    Chavan et al., "One-for-All: Generalized LoRA" (arXiv:2306.07967), as lycoris-lora lays it out: a2 (r, in)
+    and a1 (in, r) act on the input side of W, b1·b2 is a plain low-rank term shaped like W (for a conv, b2
+    carries the kernel and a1, a2 are 1x1). The package never builds its Tucker variant for GLoRA.
+    """
+    if getattr(glora, "tucker", False):
+        raise NotImplementedError(f"{glora.lora_name}: GLoRA with a Tucker core is not supported")
+    w = weight.float()
+    a1 = glora.a1.weight.float().flatten(1)  # (in, r)
+    a2 = glora.a2.weight.float().flatten(1)  # (r, in)
+    b = glora.b1.weight.float().flatten(1) @ glora.b2.weight.float().flatten(1)
+    w_a = torch.einsum("or...,ri->oi...", torch.einsum("oi...,ir->or...", w, a1), a2)  # (W·a1)·a2 on the inputs
+    return (w_a + b.reshape(w.shape)) * (float(glora.scale) * glora.scalar.float())
+
+
+
 class LycorisAdapter(AdapterModule):
     """One LyCORIS module (LoCon, LoHa, LoKr, …) behind the `AdapterModule` interface.
 
@@ -359,6 +377,19 @@ class LycorisAdapter(AdapterModule):
             return lyco.forward(x)
         return self._rebuild_forward(x)
 
+    def _merged(self, multiplier: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W' in float32, the new bias or None) at `multiplier`.
+
+        GLoRA's weight depends on W itself (ΔW = W·A + B), and lycoris-lora 4.1.3 multiplies the layer's
+        weight by its float32 factors as they are, which fails on a half-precision base: its ΔW is formed
+        here in float32 instead. Every other algorithm uses the package's own `get_merged_weight`.
+        """
+        weight = self.org_module.weight
+        if type(self.lyco).__name__ == "GLoRAModule":
+            return weight.float() + multiplier * glora_delta_weight(self.lyco, weight), None
+        merged, bias = self.lyco.get_merged_weight(multiplier, weight.shape, weight.device)
+        return merged.float(), bias
+
     def _rebuild_forward(self, x: torch.Tensor) -> torch.Tensor:
         """W x + (W' − W) x with the weight difference cast to the activation's dtype.
 
@@ -372,15 +403,12 @@ class LycorisAdapter(AdapterModule):
         lyco = self.lyco
         if self.training and lyco.module_dropout and torch.rand(()) < lyco.module_dropout:
             return self.original_forward(x)
-        weight = self.org_module.weight
-        merged, _ = lyco.get_merged_weight(self.multiplier, weight.shape, weight.device)
-        delta = (merged.float() - weight.float()).to(x.dtype)
+        merged, _ = self._merged(self.multiplier)
+        delta = (merged - self.org_module.weight.float()).to(x.dtype)
         return self.original_forward(x) + lyco.op(x, delta, None, **lyco.kw_dict)
 
     def merged_weight(self, multiplier: float = 1.0) -> torch.Tensor:
-        weight = self.org_module.weight
-        merged, _ = self.lyco.get_merged_weight(multiplier, weight.shape, weight.device)
-        return merged.float()
+        return self._merged(multiplier)[0]
 
     def delta_weight(self) -> torch.Tensor:
         return self.merged_weight(1.0) - self.org_module.weight.float()
@@ -388,7 +416,7 @@ class LycorisAdapter(AdapterModule):
     @torch.no_grad()
     def merge_to_base(self, multiplier: float = 1.0) -> None:
         weight = self.org_module.weight
-        merged, bias = self.lyco.get_merged_weight(multiplier, weight.shape, weight.device)
+        merged, bias = self._merged(multiplier)
         weight.copy_(merged.to(weight.dtype))
         if bias is not None and self.org_module.bias is not None:
             self.org_module.bias.copy_(bias.to(self.org_module.bias.dtype))
