@@ -128,6 +128,7 @@ def _merge(argv: list[str]) -> int:
     p.add_argument("--clamp_quantile", type=float, default=1.0, help="SVD merge: clip factors at this quantile (1 = off)")
     p.add_argument("--device", default=None, help="where the arithmetic runs, e.g. cuda")
     p.add_argument("--no_metadata", action="store_true", help="write only the minimal ss_* keys (LoRA output)")
+    _add_model_merge_options(p)
     args = p.parse_args(argv)
 
     from lorakit.tools.common import check_output, load_lora, parse_precision
@@ -137,9 +138,11 @@ def _merge(argv: list[str]) -> int:
     parse_precision(args.save_precision, "--save_precision")
     for model in args.models:
         _require_file(model, "--models")
-    if args.sd_model is not None:
+    if args.sd_model is not None and args.flux_model is not None:
+        raise ConfigError(["--sd_model and --flux_model: give one base model"])
+    if args.sd_model is not None or args.flux_model is not None:
         if args.concat or args.new_rank:
-            raise ConfigError(["--concat and --new_rank build a LoRA; they cannot be used with --sd_model"])
+            raise ConfigError(["--concat and --new_rank build a LoRA; they cannot be used with --sd_model/--flux_model"])
         return _merge_into_model(args, ratios)
     if args.concat and args.new_rank:
         raise ConfigError(["--concat and --new_rank are two different merges; choose one"])
@@ -151,19 +154,79 @@ def _merge(argv: list[str]) -> int:
     return _merge_into_lora(args, ratios, loras, save_to, fmt)
 
 
+def _add_model_merge_options(p: argparse.ArgumentParser) -> None:
+    """The options of sd-scripts' sdxl_merge_lora.py and flux_merge_lora.py for merging into a model."""
+    p.add_argument("--family", choices=("auto", "sd", "sdxl", "sd3", "flux"), default="auto", help="base model family (default: detected)")
+    p.add_argument("--sdxl", action="store_true", help="the base model is SDXL (detected anyway)")
+    p.add_argument("--flux_model", default=None, help="FLUX: the BFL transformer file (or diffusers folder) to merge into")
+    p.add_argument("--clip_l", default=None, help="FLUX: CLIP-L file, for LoRAs with lora_te1 modules")
+    p.add_argument("--clip_l_save_to", default=None, help="FLUX: where the merged CLIP-L goes")
+    p.add_argument("--t5xxl", default=None, help="FLUX: T5-XXL file, for LoRAs with lora_te3 modules")
+    p.add_argument("--t5xxl_save_to", default=None, help="FLUX: where the merged T5-XXL goes")
+    p.add_argument("--mem_eff_load_save", action="store_true", help="accepted; the model is held once in memory either way")
+    p.add_argument("--loading_device", default="cpu", help="where the model is loaded (the CPU; accepted for sd-scripts)")
+    p.add_argument("--working_device", default=None, help="where the arithmetic runs (as --device)")
+
+
+def _model_family(args: argparse.Namespace) -> str:
+    from lorakit.tools.models import detect_model_family
+
+    if args.flux_model is not None:
+        if args.family not in ("auto", "flux"):
+            raise ConfigError([f"--family {args.family}: --flux_model is a FLUX model"])
+        return "flux"
+    family = args.family if args.family != "auto" else detect_model_family(args.sd_model)
+    if args.sdxl and family != "sdxl":
+        raise ConfigError([f"--sdxl: {args.sd_model} is not an SDXL model (it reads as {family})"])
+    return family
+
+
+def _check_encoder_files(args: argparse.Namespace, family: str, loras: list) -> None:
+    """FLUX: text-encoder modules need the encoder file and an output for it; nothing else takes them."""
+    problems = []
+    for option, prefix in (("clip_l", "lora_te1_"), ("t5xxl", "lora_te3_")):
+        given, save_to = getattr(args, option), getattr(args, f"{option}_save_to")
+        if family != "flux" and (given or save_to):
+            problems.append(f"--{option}: only FLUX models take their text encoders from separate files")
+            continue
+        if given:
+            _require_file(given, f"--{option}")
+        if given and not save_to:
+            problems.append(f"--{option} {given}: also give --{option}_save_to, where the merged encoder is written")
+        if save_to and not given:
+            problems.append(f"--{option}_save_to: also give --{option}, the encoder to merge into")
+        if save_to and not Path(save_to).parent.is_dir():
+            problems.append(f"--{option}_save_to {save_to}: the folder {Path(save_to).parent} does not exist")
+        user = next((f"{lora.path} (key {n})" for lora in loras for n in lora.modules if n.startswith(prefix)), None)
+        if family == "flux" and user and not given and args.flux_model and not Path(args.flux_model).is_dir():
+            problems.append(f"--{option}: {user} has text-encoder modules; pass --{option} and --{option}_save_to")
+    if problems:
+        raise ConfigError(problems)
+
+
 def _merge_into_model(args: argparse.Namespace, ratios: list[float]) -> int:
     from lorakit.tools.common import load_lora, parse_precision
     from lorakit.tools.merge import merge_into_model
-    from lorakit.tools.models import check_model_output, load_base_model, save_base_model
+    from lorakit.tools.models import check_model_output, load_base_model, save_base_model, save_module_file
 
-    _require_file(args.sd_model, "--sd_model")
-    output = check_model_output(args.save_to, args.sd_model)
-    loras = [load_lora(model, "sd") for model in args.models]  # the files first: they are cheap to reject
-    components = load_base_model(args.sd_model, v2=args.v2, v_parameterization=args.v_parameterization)
-    changed = merge_into_model(
-        components, loras[0].layout, loras, ratios, dtype=parse_precision(args.precision, "--precision"), device=args.device
+    option, source = ("--flux_model", args.flux_model) if args.flux_model is not None else ("--sd_model", args.sd_model)
+    _require_file(source, option)
+    output = check_model_output(args.save_to, source, option)
+    family = _model_family(args)
+    loras = [load_lora(model, family) for model in args.models]  # the files first: they are cheap to reject
+    _check_encoder_files(args, family, loras)
+    dtype = parse_precision(args.precision, "--precision")
+    save_dtype = parse_precision(args.save_precision, "--save_precision")
+    components = load_base_model(
+        source, family=family, v2=args.v2, v_parameterization=args.v_parameterization, clip_l=args.clip_l, t5xxl=args.t5xxl,
+        dtype=dtype,
     )
-    save_base_model(components, output, parse_precision(args.save_precision, "--save_precision"))
+    changed = merge_into_model(components, loras[0].layout, loras, ratios, dtype=dtype, device=args.working_device or args.device)
+    save_base_model(components, output, save_dtype, family)
+    if family == "flux" and output.kind != "folder":
+        for index, option_name in ((0, "clip_l"), (1, "t5xxl")):
+            if getattr(args, option_name):
+                save_module_file(components.text_encoders[index], getattr(args, f"{option_name}_save_to"), option_name, save_dtype)
     print(f"merged {len(loras)} LoRA(s) into {changed} layers; saved {output.path}")
     return 0
 

@@ -34,6 +34,7 @@ PRECISIONS = {
     "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
 LORA_SUFFIXES = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "pt", ".pth": "pt"}
+NETWORK_MODULES = {"sd3": "networks.lora_sd3", "flux": "networks.lora_flux"}  # what sd-scripts trains them with
 _HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 
 
@@ -71,17 +72,37 @@ class LoadedLora:
 
 
 def load_lora(path: str | Path, family: str | None = None) -> LoadedLora:
-    """Read a LoRA file and parse it with its family's key layout (guessed unless given)."""
+    """Read a LoRA file and parse it with its family's key layout (guessed unless given).
+
+    When `family` is given (the base model's), a file that reads as another family's LoRA is refused by name.
+    diffusers/PEFT files of SD3 and FLUX (q/k/v apart) are converted to the kohya modules (fused) first.
+    """
     tensors, metadata = load_lora_file(path)
     if not tensors:
         raise CheckpointError(f"{path}: the file holds no tensors")
     modules_guess = [key.partition(".")[0] if key.startswith("lora_") else key for key in tensors]
-    family = family or guess_family(modules_guess, metadata)
+    guessed = guess_family(modules_guess, metadata)
+    if family is not None and guessed is not None and guessed != family:
+        raise CheckpointError(
+            f"{path}: this is a {guessed.upper()} LoRA (e.g. key {next(iter(tensors))}), but the base model is {family.upper()}"
+        )
+    family = family or guessed
     if family is None:
         raise CheckpointError(f"{path}: cannot tell which model family this LoRA is for (e.g. key {next(iter(tensors))})")
     layout = layout_for(family)
+    converted = layout.peft_reader is not None and any(".lora_A." in k or ".lora_B." in k for k in tensors)
+    if converted:
+        tensors, metadata = _read_peft(tensors, metadata, layout, str(path))
     modules, style = read_modules(tensors, layout, source=str(path))
-    return LoadedLora(str(path), modules, metadata, style, layout)
+    return LoadedLora(str(path), modules, metadata, "peft" if converted else style, layout)
+
+
+def _read_peft(tensors: dict, metadata: dict, layout: KeyLayout, source: str) -> tuple[dict, dict]:
+    """A PEFT-layout file of a family with fused kohya modules, as kohya tensors (errors name the file)."""
+    try:
+        return layout.peft_reader(tensors, metadata)
+    except (CheckpointError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{source}: {exc}") from exc
 
 
 def uniform_value(values: Sequence[float]) -> str:
@@ -116,11 +137,11 @@ def merged_metadata(
 
     The base-model version comes from the argument, else from the first source that records one.
     """
-    version = version or next((v for v in (_version_of(s.metadata) for s in sources) if v), None) or "sd_v1"
+    version = version or next((v for v in (_version_of(s.metadata) for s in sources) if v), None) or layout.default_version
     plain = [m for m in modules.values() if not m.is_spatial]
     spatial = [m for m in modules.values() if m.is_spatial]
     metadata = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": NETWORK_MODULES.get(layout.family, "networks.lora"),
         "ss_base_model_version": version,
         "ss_v2": str(version.startswith("sd_v2")),
         "ss_network_dim": uniform_value([m.rank for m in plain] or [m.rank for m in spatial]),
@@ -132,7 +153,7 @@ def merged_metadata(
     metadata.update(extra or {})
     if with_modelspec and version in layout.modelspec:
         architecture, implementation, resolution = layout.modelspec[version]
-        prediction = "v" if version.endswith("_v") else "epsilon"
+        prediction = None if layout.family in ("sd3", "flux") else ("v" if version.endswith("_v") else "epsilon")
         merged_from = ", ".join(s.title for s in sources) or None
         spec_extra = {"merged_from": merged_from} if merged_from and len(sources) > 1 else None
         metadata.update(build_modelspec(architecture, implementation, title, resolution, prediction, extra=spec_extra))

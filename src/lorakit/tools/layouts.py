@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from torch import nn
 
@@ -34,8 +35,15 @@ class KeyLayout:
     family: str
     components: dict[str, str]
     segments: frozenset[str]
-    model_roots: Callable[[Components], dict[str, tuple[nn.Module, str]]]
+    model_roots: Callable[[Components], dict[str, tuple[nn.Module, str]]] | None = None
     modelspec: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    # file-side denoiser path <-> diffusers path, where they differ (SDXL: SGM names in kohya files)
+    denoiser_to_diffusers: Callable[[str], str | None] | None = None
+    denoiser_from_diffusers: Callable[[str], str | None] | None = None
+    # families whose kohya modules are fused layers (SD3, FLUX) convert whole state dicts instead
+    peft_writer: Callable[..., dict] | None = None
+    peft_reader: Callable[..., dict] | None = None
+    default_version: str = "sd_v1"
 
     # ------------------------------------------------------------------ names
 
@@ -61,9 +69,20 @@ class KeyLayout:
             return None
         return f"{self.components[prefix]}.{'.'.join(segments)}"
 
+    def kohya_to_diffusers_path(self, module_name: str) -> str | None:
+        """The diffusers module path of a kohya name (SGM U-Net paths renamed for SDXL), else None."""
+        path = self.kohya_to_path(module_name)
+        if path is None or self.denoiser_to_diffusers is None or not module_name.startswith("lora_unet_"):
+            return path
+        component, _, rest = path.partition(".")
+        renamed = self.denoiser_to_diffusers(rest)
+        return None if renamed is None else f"{component}.{renamed}"
+
     def path_to_kohya(self, path: str) -> str | None:
         """`text_encoder.text_model.encoder.layers.0.mlp.fc1` -> `lora_te_text_model_encoder_layers_0_mlp_fc1`."""
         component, _, rest = path.partition(".")
+        if self.denoiser_from_diffusers is not None and component == self.components.get("lora_unet") and rest:
+            rest = self.denoiser_from_diffusers(rest) or ""
         for prefix, name in self.components.items():
             if name == component and rest:
                 if self._split_segments(rest.replace(".", "_").split("_")) != rest.split("."):
@@ -92,6 +111,8 @@ class KeyLayout:
     def module_index(self, components: Components) -> dict[str, nn.Module]:
         """Every Linear and Conv2d of the model by its kohya name: what a LoRA key can refer to."""
         index: dict[str, nn.Module] = {}
+        if self.model_roots is None:
+            return index
         for prefix, (root, path_prefix) in self.model_roots(components).items():
             for path, module in root.named_modules():
                 if path and isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -140,7 +161,125 @@ SD_LAYOUT = KeyLayout(
     },
 )
 
-LAYOUTS: dict[str, KeyLayout] = {"sd": SD_LAYOUT}
+# ---------------------------------------------------------------------------------------------------------
+# SDXL: SGM U-Net paths under lora_unet (`input_blocks_4_1_...`), CLIP-L under lora_te1, CLIP-G under lora_te2
+# ---------------------------------------------------------------------------------------------------------
+
+_SGM_SEGMENTS = (
+    "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers", "skip_connection",
+    "op", "time_embed", "label_emb", "out",
+)
+
+
+@lru_cache(maxsize=1)
+def _sgm_names():
+    from lorakit.families.sdxl.loading import bundled_config
+    from lorakit.families.sdxl.sgm_keys import SgmUnetNames
+
+    # the block numbering of SDXL's U-Net; smaller test U-Nets with the same levels-per-block share it
+    return SgmUnetNames(bundled_config("unet"))
+
+
+def _sgm_from_diffusers(path: str) -> str | None:
+    try:
+        return _sgm_names().module(path)
+    except ValueError:
+        return None
+
+
+def _sgm_to_diffusers(path: str) -> str | None:
+    """`input_blocks.4.1.proj_in` -> `down_blocks.1.attentions.0.proj_in` (the inverse of `SgmUnetNames`)."""
+    from lorakit.families.sd.ldm_keys import UNET_RESNET
+    from lorakit.families.sdxl.sgm_keys import SGM_UNET_TOP_LEVEL
+
+    key = path + "."
+    for diffusers, sgm in SGM_UNET_TOP_LEVEL.items():
+        if key.startswith(sgm):
+            return (diffusers + key[len(sgm):])[:-1]
+    for diffusers_prefix, sgm_prefix, kind in sorted(_sgm_names().blocks, key=lambda row: -len(row[1])):
+        if key.startswith(sgm_prefix):
+            rest = key[len(sgm_prefix):]
+            if kind == "resnet":
+                for old, new in UNET_RESNET.items():
+                    if rest.startswith(new):
+                        rest = old + rest[len(new):]
+                        break
+            return (diffusers_prefix + rest)[:-1]
+    return None
+
+
+SDXL_LAYOUT = KeyLayout(
+    family="sdxl",
+    components={"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"},
+    segments=frozenset(_SD_UNET_SEGMENTS + _SGM_SEGMENTS + _SD_TEXT_SEGMENTS),
+    modelspec={"sdxl_base_v1-0": ("stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models", 1024)},
+    denoiser_to_diffusers=_sgm_to_diffusers,
+    denoiser_from_diffusers=_sgm_from_diffusers,
+    default_version="sdxl_base_v1-0",
+)
+
+# ---------------------------------------------------------------------------------------------------------
+# SD3 (SAI MMDiT paths) and FLUX (BFL paths) under lora_unet; CLIPs and T5 under lora_te1/2/3
+# ---------------------------------------------------------------------------------------------------------
+
+_T5_SEGMENTS = ("encoder", "block", "layer", "SelfAttention", "q", "k", "v", "o", "DenseReluDense", "wi", "wi_0", "wi_1", "wo")
+_SD3_SEGMENTS = (
+    "joint_blocks", "x_block", "context_block", "attn", "attn2", "qkv", "proj", "mlp", "fc1", "fc2",
+    "adaLN_modulation", "context_embedder", "t_embedder", "x_embedder", "y_embedder", "final_layer", "linear",
+)
+_FLUX_SEGMENTS = (
+    "double_blocks", "single_blocks", "img_attn", "txt_attn", "qkv", "proj", "img_mlp", "txt_mlp", "img_mod",
+    "txt_mod", "lin", "linear1", "linear2", "modulation", "img_in", "txt_in", "time_in", "vector_in",
+    "guidance_in", "in_layer", "out_layer", "final_layer", "linear",
+)
+
+
+def _sd3_peft_writer(state: dict, metadata: dict) -> tuple[dict, dict]:
+    from lorakit.families.sd3.lora_convert import kohya_to_diffusers
+
+    return kohya_to_diffusers(state, metadata)
+
+
+def _sd3_peft_reader(state: dict, metadata: dict) -> tuple[dict, dict]:
+    from lorakit.families.sd3.lora_convert import diffusers_to_kohya
+
+    return diffusers_to_kohya(state, metadata)
+
+
+def _flux_peft_writer(state: dict, metadata: dict) -> tuple[dict, dict]:
+    from lorakit.tools.flux_lora import kohya_to_diffusers
+
+    return kohya_to_diffusers(state, metadata)
+
+
+def _flux_peft_reader(state: dict, metadata: dict) -> tuple[dict, dict]:
+    from lorakit.tools.flux_lora import diffusers_to_kohya
+
+    return diffusers_to_kohya(state, metadata)
+
+
+_SD3_VERSIONS = ("medium", "5-medium", "5-large")
+SD3_LAYOUT = KeyLayout(
+    family="sd3",
+    components={"lora_unet": "transformer", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"},
+    segments=frozenset(_SD3_SEGMENTS + _SD_TEXT_SEGMENTS + _T5_SEGMENTS),
+    modelspec={v: (f"stable-diffusion-3-{v}", "diffusers", 1024) for v in _SD3_VERSIONS},
+    peft_writer=_sd3_peft_writer,
+    peft_reader=_sd3_peft_reader,
+    default_version="medium",
+)
+
+FLUX_LAYOUT = KeyLayout(
+    family="flux",
+    components={"lora_unet": "transformer", "lora_te1": "text_encoder", "lora_te3": "text_encoder_2"},
+    segments=frozenset(_FLUX_SEGMENTS + _SD_TEXT_SEGMENTS + _T5_SEGMENTS),
+    modelspec={"flux1": ("flux-1-dev", "https://github.com/black-forest-labs/flux", 1024)},
+    peft_writer=_flux_peft_writer,
+    peft_reader=_flux_peft_reader,
+    default_version="flux1",
+)
+
+LAYOUTS: dict[str, KeyLayout] = {"sd": SD_LAYOUT, "sdxl": SDXL_LAYOUT, "sd3": SD3_LAYOUT, "flux": FLUX_LAYOUT}
 
 
 def layout_for(family: str) -> KeyLayout:

@@ -15,10 +15,10 @@ sd-scripts' plain LoRA+LoRA merge instead sums the scaled factors, which multipl
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
-from torch import nn
 
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.families.base import Components
@@ -26,6 +26,7 @@ from lorakit.tools.common import LoadedLora
 from lorakit.tools.layouts import KeyLayout
 from lorakit.tools.lora_state import LoraFactors
 from lorakit.tools.svd import factorise
+from lorakit.tools.targets import ToolTarget, model_targets
 
 __all__ = ["MERGE_MODES", "check_ratios", "merge_into_model", "merge_loras"]
 
@@ -55,18 +56,30 @@ def _fits(delta_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> bool:
     return squeeze(tuple(delta_shape)) == squeeze(tuple(weight_shape))
 
 
-def _check_against_model(lora: LoadedLora, index: dict[str, nn.Module]) -> None:
+def _check_against_model(lora: LoadedLora, index: dict[str, ToolTarget]) -> None:
     """Every module of the LoRA exists in the model with a matching shape; checked before any weight changes."""
     for name, module in lora.modules.items():
         target = index.get(name)
         if target is None:
             raise CheckpointError(f"{lora.path}: key {name}.lora_down.weight names a module the base model does not have")
         delta_shape = (module.up.shape[0], *module.down.shape[1:])
-        if not _fits(delta_shape, tuple(target.weight.shape)):
+        weight_shape = tuple(target.weight().shape)
+        if not _fits(delta_shape, weight_shape):
             raise CheckpointError(
                 f"{lora.path}: key {name}.lora_down.weight has shape {tuple(module.down.shape)} (up "
-                f"{tuple(module.up.shape)}), which does not fit the base model's weight {tuple(target.weight.shape)}"
+                f"{tuple(module.up.shape)}), which does not fit the base model's weight {weight_shape}"
             )
+
+
+@contextmanager
+def _model_index(components: Components, layout: KeyLayout) -> Iterator[dict[str, ToolTarget]]:
+    """The family's LoRA targets by kohya name; for layouts whose names are plain module paths (SD), also
+    every other Linear/Conv2d, which LyCORIS-style presets may name."""
+    plain = layout.module_index(components) if layout.model_roots is not None else {}
+    with model_targets(layout.family, components) as targets:
+        index = {name: ToolTarget(name, module, "") for name, module in plain.items()}
+        index.update(targets)
+        yield index
 
 
 @torch.no_grad()
@@ -81,20 +94,22 @@ def merge_into_model(
 ) -> int:
     """Add ratio_i · ΔW_i of every LoRA into the model's weights (in place); returns the modules changed.
 
-    The sum is formed in `dtype` (at least float32 for the LoRA product) and cast back to each weight's own
-    dtype once. Every LoRA is checked against the model first, so a bad file leaves the model untouched.
+    The layers come from the family's own LoRA targets (`tools.targets`), so a fused SD3/FLUX qkv or a
+    swapped modulation receives its ΔW rows exactly where a trained network would put them. The sum is formed
+    in `dtype` (at least float32) and cast back to each weight's own dtype once. Every LoRA is checked against
+    the model first, so a bad file leaves the model untouched.
     """
-    index = layout.module_index(components)
-    for lora in loras:
-        _check_against_model(lora, index)
-    changed = set()
-    for lora, ratio in zip(loras, ratios):
-        for name, module in lora.modules.items():
-            weight = index[name].weight
-            delta = module.delta(device=device or weight.device)
-            merged = weight.to(device=delta.device, dtype=dtype) + (ratio * delta).to(dtype).reshape(weight.shape)
-            weight.copy_(merged.to(device=weight.device, dtype=weight.dtype))
-            changed.add(name)
+    with _model_index(components, layout) as index:
+        for lora in loras:
+            _check_against_model(lora, index)
+        changed = set()
+        for lora, ratio in zip(loras, ratios):
+            for name, module in lora.modules.items():
+                target = index[name]
+                weight = target.weight()
+                delta = (ratio * module.delta(device=device or weight.device)).reshape(weight.shape)
+                target.add(delta, dtype)
+                changed.add(name)
     return len(changed)
 
 

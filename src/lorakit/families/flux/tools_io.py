@@ -1,0 +1,61 @@
+"""FLUX files as the LoRA tools read and write them (sd-scripts' `flux_merge_lora.py` inputs and outputs).
+
+The tools work on whichever parts they were given: the BFL transformer file (`--flux_model`) and, only when
+a LoRA has text-encoder modules, `--clip_l` and `--t5xxl`. Each part is written back in the layout it came
+in: the transformer in BFL names (fused q/k/v, (shift, scale) final modulation), CLIP-L with the
+`text_model.` level, T5 without the tied `encoder.embed_tokens` copy. Every file carries its architecture in
+the `lorakit.configs` metadata (as the tiny models' files do) and is written to a temporary name first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.families.base import Components
+from lorakit.families.common.checkpoint_io import write_safetensors_atomic
+from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
+from lorakit.families.flux import bfl_keys
+from lorakit.families.flux.loading import load_clip_l_file, load_t5_file, load_transformer_file
+
+__all__ = ["load_flux_parts", "save_clip_l_file", "save_t5_file", "save_transformer_file"]
+
+
+def load_flux_parts(flux_model: str, *, clip_l: str | None = None, t5xxl: str | None = None, dtype: torch.dtype = torch.float32) -> Components:
+    """The transformer and, when given, CLIP-L and T5 (None where not given); no VAE, no tokenizers."""
+    transformer = load_transformer_file(Path(flux_model), dtype).eval()
+    clip = load_clip_l_file(Path(clip_l), dtype).eval() if clip_l else None
+    t5 = load_t5_file(Path(t5xxl), dtype).eval() if t5xxl else None
+    return Components(transformer, None, [clip, t5], [], {"source": flux_model, "schnell": not transformer.config.guidance_embeds})
+
+
+def _metadata(component: str, config: dict) -> dict[str, str]:
+    clean = {k: v for k, v in dict(config).items() if not k.startswith("_") or k == "_class_name"}
+    return {CONFIGS_METADATA_KEY: json.dumps({component: clean}, default=list)}
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def save_transformer_file(transformer: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """The transformer as one BFL-layout `.safetensors` (what `flux1-dev.safetensors` holds)."""
+    state = _cast(bfl_keys.diffusers_to_bfl(transformer.state_dict()), dtype)
+    write_safetensors_atomic(state, path, _metadata("transformer", transformer.config))
+
+
+def save_clip_l_file(clip: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """CLIP-L in the transformers layout with the `text_model.` level (`clip_l.safetensors`)."""
+    state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in clip.state_dict().items()}
+    write_safetensors_atomic(_cast(state, dtype), path, _metadata("clip_l", clip.config.to_dict()))
+
+
+def save_t5_file(t5: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """The T5 encoder in the transformers layout (`t5xxl_fp16.safetensors`); the tied embedding stored once."""
+    state = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    write_safetensors_atomic(_cast(state, dtype), path, _metadata("t5xxl", t5.config.to_dict()))

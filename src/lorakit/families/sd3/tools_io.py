@@ -1,0 +1,55 @@
+"""SD3 single files as the LoRA tools write them: the MMDiT in SAI names plus the VAE and text encoders the
+model was loaded with, in the layout of `sd3_medium_incl_clips_t5xxlfp16.safetensors`.
+
+The architecture goes into the `lorakit.configs` metadata so any size (the tiny test models included) loads
+back; the file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lorakit.families.base import Components
+from lorakit.families.common.checkpoint_io import write_safetensors_atomic
+from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
+from lorakit.families.sd.ldm_keys import vae_to_ldm
+from lorakit.families.sd3 import sai_keys
+from lorakit.families.sd3.tiny import _clean, text_encoder_state
+
+__all__ = ["load_sai_parts", "save_sai_single_file"]
+
+ENCODER_NAMES = ("clip_l", "clip_g", "t5xxl")
+
+
+def load_sai_parts(path: str | Path, dtype: torch.dtype = torch.float32) -> Components:
+    """The parts an SAI file holds (the MMDiT always; VAE and encoders when present, else None); no tokenizers
+    are needed to merge into or extract from weights."""
+    from lorakit.families.sd3.loading import _load_single_file
+
+    parts = _load_single_file(Path(path), dtype, skip=set())
+    encoders = [parts[name].eval() if name in parts else None for name in ENCODER_NAMES]
+    transformer = parts["transformer"].eval()
+    vae = parts["vae"].eval() if "vae" in parts else None
+    return Components(transformer, vae, encoders, [], {"source": str(path), "model_type": sai_keys.model_type(dict(transformer.config))})
+
+
+def save_sai_single_file(comps: Components, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """MMDiT (SAI layout), VAE (LDM layout) and CLIP-L, CLIP-G, T5-XXL under their SAI prefixes (the parts
+    that are None are left out, as in SAI's transformer-only files)."""
+    configs = {"transformer": _clean(comps.denoiser.config)}
+    state = sai_keys.diffusers_to_sai(comps.denoiser.state_dict(), configs["transformer"])
+    if comps.vae is not None:
+        configs["vae"] = _clean(comps.vae.config)
+        state.update(vae_to_ldm(comps.vae.state_dict(), configs["vae"], prefix=sai_keys.VAE_PREFIX))
+    for name, encoder in zip(ENCODER_NAMES, comps.text_encoders):
+        if encoder is None:
+            continue
+        configs[name] = encoder.config.to_dict()
+        prefix = sai_keys.TE_PREFIXES[name]
+        state.update({prefix + k: v for k, v in text_encoder_state(encoder).items()})
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    write_safetensors_atomic(state, path, {CONFIGS_METADATA_KEY: json.dumps(configs, default=list)})

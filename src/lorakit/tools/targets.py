@@ -1,0 +1,112 @@
+"""The LoRA targets of a loaded model, by kohya name, for the tools that read or change base weights.
+
+A family's trainer already knows which kohya name lives where (`adapter_targets`): SD/SDXL names map onto one
+diffusers layer each (SGM paths for SDXL), while SD3 and FLUX names stand for SAI/BFL layers that diffusers
+keeps apart (`FusedLinearView` over q/k/v, `SwappedRowsView` over a modulation stored in the other half
+order). The tools reuse that list instead of re-deriving it: `ToolTarget.weight()` reads the weight in the
+file's shape and row order and `ToolTarget.add()` adds a ΔW given in that order to the real layers.
+
+Views install forward hooks on the parts they stand for; `model_targets` removes them again on exit, so a
+model the tools touched behaves exactly as before (the merged weights aside).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from lorakit.families.base import Components
+
+__all__ = ["ALL_TARGETS", "ToolTarget", "model_targets"]
+
+# --network_args that make each family list every layer a LoRA file of it may name (ranks are irrelevant here)
+ALL_TARGETS = {
+    "sd": {"conv_dim": "1", "conv_alpha": "1"},
+    "sdxl": {"conv_dim": "1", "conv_alpha": "1"},
+    "sd3": {"emb_dims": "[1,1,1,1,1,1]", "train_t5xxl": "True"},
+    "flux": {"in_dims": "[1,1,1,1,1]", "train_t5xxl": "True"},
+}
+
+
+@dataclass
+class ToolTarget:
+    """One LoRA-able layer: `module` is the layer itself or the family's view standing for a fused/swapped one."""
+
+    name: str
+    module: nn.Module
+    component: str
+
+    def weight(self) -> torch.Tensor:
+        """The weight in the LoRA file's shape and row order (views build it from their parts)."""
+        return self.module.weight
+
+    @torch.no_grad()
+    def add(self, delta: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+        """W ← W + ΔW, summed in `dtype` (at least float32) and cast back to the weight's own dtype once."""
+        if hasattr(self.module, "add_to_parts"):
+            self.module.add_to_parts(delta)
+            return
+        weight = self.module.weight
+        work = torch.promote_types(dtype, torch.float32)
+        merged = weight.to(device=delta.device, dtype=work) + delta.to(work).reshape(weight.shape)
+        weight.copy_(merged.to(device=weight.device, dtype=weight.dtype))
+
+
+class _Options:
+    """The few training options a family's `adapter_targets` reads."""
+
+    def __init__(self, network_args: dict[str, str], *, unet_only: bool, dim: int = 1):
+        self.network_dim = dim
+        self.network_alpha = float(dim)
+        self.network_args = [f"{k}={v}" for k, v in network_args.items()] or None
+        self._kwargs = dict(network_args)
+        self.network_train_unet_only = unet_only
+        self.network_train_text_encoder_only = False
+
+    def network_kwargs(self) -> dict[str, str]:
+        return dict(self._kwargs)
+
+
+def _forwards(roots: list[nn.Module]) -> list[tuple[nn.Module, object]]:
+    """Every module's instance-level `forward` (a patched one, or the marker that there is none)."""
+    return [(m, m.__dict__.get("forward", _NONE)) for root in roots for m in root.modules()]
+
+
+_NONE = object()
+
+
+def _restore(saved: list[tuple[nn.Module, object]]) -> None:
+    for module, forward in saved:
+        if forward is _NONE:
+            module.__dict__.pop("forward", None)
+        else:
+            module.__dict__["forward"] = forward
+
+
+@contextmanager
+def model_targets(
+    family: str, components: Components, network_args: dict[str, str] | None = None
+) -> Iterator[dict[str, ToolTarget]]:
+    """The model's LoRA targets by kohya name. With `network_args` None, every layer a file of the family may
+    name (the embedders, T5 and 3x3 convs included); otherwise the targets a training run with those
+    `--network_args` would create. Text encoders missing from `components` (None) are simply not listed."""
+    from lorakit.families.registry import FAMILIES
+
+    encoders = list(components.text_encoders)
+    present = [e for e in encoders if e is not None]
+    # a missing encoder stands as an empty module: the family then finds no layers in it
+    view = SimpleNamespace(**{**vars(components), "text_encoders": [e if e is not None else nn.Module() for e in encoders]})
+    args = dict(ALL_TARGETS[family] if network_args is None else network_args)
+    options = _Options(args, unet_only=not present)
+    roots = [components.denoiser, *present]
+    saved = _forwards(roots)
+    try:
+        targets = FAMILIES[family]().adapter_targets(view, options)
+        yield {t.name: ToolTarget(t.name, t.module, t.component) for t in targets}
+    finally:
+        _restore(saved)

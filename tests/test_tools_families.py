@@ -1,0 +1,168 @@
+"""The LoRA tools on SDXL, SD3 and FLUX: merge into a model, extract, resize, LoRA+LoRA merge, convert and the
+bad-input errors, on tiny models of the real architectures.
+
+The references are independent of the tools: the trainer's own network attached beside the base model (bypass)
+for merges, the LoRA's own ΔW for extraction, and diffusers' `load_lora_weights` for converted files.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lorakit.adapters.formats import load_lora_file, save_lora_file
+from lorakit.adapters.network import LoRANetwork
+from lorakit.cli.lora import main
+from lorakit.families.flux.family import FluxFamily, image_position_ids
+from lorakit.families.flux.tiny import build_tiny_flux, save_bfl_files
+from lorakit.families.sd3.family import StableDiffusion3Family
+from lorakit.families.sd3.tiny import build_tiny_sd3, save_sai_file
+from lorakit.families.sdxl.family import StableDiffusionXLFamily
+from lorakit.families.sdxl.sgm_keys import save_sdxl_single_file
+from lorakit.families.sdxl.tiny import TE1_WIDTH, TE2_WIDTH, build_tiny_sdxl
+from lorakit.tools.common import load_lora
+from lorakit.tools.models import load_base_model
+from lorakit.tools.targets import model_targets
+
+RATIO = 0.7
+CLIP_IDS = torch.tensor([[49406, 320, 1125, 539, 49407] + [49407] * 72])
+
+
+def net_cfg(*args: str, unet_only: bool = False):
+    kwargs = dict(a.split("=", 1) for a in args)
+    return SimpleNamespace(
+        network_dim=4, network_alpha=2.0, network_args=list(args) or None, network_kwargs=lambda: dict(kwargs),
+        network_train_unet_only=unet_only, network_train_text_encoder_only=False, text_encoder_lr=None,
+    )
+
+
+def random_network(family, comps, cfg, seed=3) -> LoRANetwork:
+    network = LoRANetwork(family.adapter_targets(comps, cfg))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in network.lora_modules.values():
+            module.lora_up.weight.copy_(torch.randn(module.lora_up.weight.shape, generator=generator) * 0.2)
+    return network
+
+
+def bypass(family, comps, cfg, lora_file) -> LoRANetwork:
+    """The trainer's network over `comps`, loaded from the file, attached beside the weights at RATIO."""
+    network = LoRANetwork(family.adapter_targets(comps, cfg))
+    assert not network.load_kohya_state_dict(load_lora_file(lora_file)[0], source=str(lora_file))
+    network.set_multiplier(RATIO)
+    network.apply_to()
+    return network
+
+
+# ------------------------------------------------------------------------------------------ forwards
+
+
+def sdxl_forward(comps):
+    gen = torch.Generator().manual_seed(0)
+    added = {"text_embeds": torch.randn(2, TE2_WIDTH, generator=gen), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    with torch.no_grad():
+        unet = comps.denoiser(torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([10, 500]),
+                              encoder_hidden_states=torch.randn(2, 77, TE1_WIDTH + TE2_WIDTH, generator=gen), added_cond_kwargs=added).sample
+        texts = [encoder(CLIP_IDS).last_hidden_state for encoder in comps.text_encoders]
+    return [unet, *texts]
+
+
+def sd3_forward(comps):
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = comps.denoiser(
+            hidden_states=torch.randn(1, 16, 8, 8, generator=gen), encoder_hidden_states=torch.randn(1, 12, 128, generator=gen),
+            pooled_projections=torch.randn(1, 96, generator=gen), timestep=torch.tensor([500.0]), return_dict=False,
+        )[0]
+        texts = [encoder(CLIP_IDS).last_hidden_state for encoder in comps.text_encoders[:2]]
+    return [out, *texts]
+
+
+def flux_forward(comps):
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = comps.denoiser(
+            hidden_states=torch.randn(1, 16, 64, generator=gen), encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
+            pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.4]),
+            img_ids=image_position_ids(8, 8, torch.device("cpu"), torch.float32), txt_ids=torch.zeros(8, 3),
+            guidance=torch.tensor([3.5]), return_dict=False,
+        )[0]
+        clip = comps.text_encoders[0](CLIP_IDS).last_hidden_state
+    return [out, clip]
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+def _sdxl(root):
+    comps = build_tiny_sdxl(0)
+    base = root / "sdxl.safetensors"
+    save_sdxl_single_file(comps, base)
+    return SimpleNamespace(family=StableDiffusionXLFamily(), name="sdxl", cfg=net_cfg("conv_dim=2", "conv_alpha=1"),
+                           base=base, forward=sdxl_forward, comps=comps, model_args=["--sd_model", str(base)], load={})
+
+
+def _sd3(root):
+    comps = build_tiny_sd3(0, "sd3.5m")
+    base = save_sai_file(comps, root / "sd3.safetensors")
+    return SimpleNamespace(family=StableDiffusion3Family(), name="sd3", cfg=net_cfg(), base=base, forward=sd3_forward,
+                           comps=comps, model_args=["--sd_model", str(base)], load={})
+
+
+def _flux(root):
+    comps = build_tiny_flux(0)
+    files = save_bfl_files(comps, root / "flux")
+    out_clip = root / "flux" / "clip_l_merged.safetensors"
+    return SimpleNamespace(
+        family=FluxFamily(), name="flux", cfg=net_cfg(), base=files["flux1"], forward=flux_forward, comps=comps,
+        model_args=["--flux_model", str(files["flux1"]), "--clip_l", str(files["clip_l"]), "--clip_l_save_to", str(out_clip)],
+        load={"clip_l": str(files["clip_l"])}, merged_load={"clip_l": str(out_clip)}, files=files,
+    )
+
+
+@pytest.fixture(scope="module", params=["sdxl", "sd3", "flux"])
+def case(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    case = {"sdxl": _sdxl, "sd3": _sd3, "flux": _flux}[request.param](root)
+    case.root = root
+    case.lora = root / "lora.safetensors"
+    network = random_network(case.family, case.comps, case.cfg)
+    save_lora_file(network.state_dict_kohya(), case.lora, {"ss_network_module": "networks.lora"})
+    case.merged = root / f"merged_{request.param}.safetensors"
+    args = ["merge", *case.model_args, "--save_to", str(case.merged), "--models", str(case.lora), "--ratios", str(RATIO)]
+    assert main(args) == 0
+    return case
+
+
+def _load(case, path, merged=False):
+    extra = getattr(case, "merged_load", {}) if merged else case.load
+    return load_base_model(str(path), family=case.name, **extra)
+
+
+# ------------------------------------------------------------------------------------------ merge into a model
+
+
+def test_merged_weights_are_base_plus_ratio_delta(case):
+    """Per module, in the file's own shape and row order (fused q/k/v, swapped modulation halves)."""
+    lora = load_lora(case.lora)
+    base, merged = _load(case, case.base), _load(case, case.merged, merged=True)
+    with model_targets(case.name, base) as before, model_targets(case.name, merged) as after:
+        assert lora.modules.keys() <= before.keys()
+        for name, module in lora.modules.items():
+            change = after[name].weight() - before[name].weight()
+            expected = RATIO * module.delta().reshape(change.shape)
+            assert torch.allclose(change, expected, atol=1e-5), name
+
+
+def test_merged_model_forward_equals_bypass(case):
+    merged = _load(case, case.merged, merged=True)
+    base = _load(case, case.base)
+    plain = case.forward(base)
+    network = bypass(case.family, base, case.cfg, case.lora)
+    adapted = case.forward(base)
+    for ours, reference, untouched in zip(case.forward(merged), adapted, plain):
+        assert (reference - untouched).abs().max() > 1e-3  # the LoRA changes every part compared
+        assert torch.allclose(ours, reference, atol=1e-4), (ours - reference).abs().max()
+    network.restore()
