@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -27,6 +26,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from lorakit.atomic import staged_file
 from lorakit.errors import CheckpointError
 
 __all__ = [
@@ -95,25 +95,13 @@ def _prepared_tensors(state_dict: Mapping[str, torch.Tensor], save_dtype: torch.
 
 def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through a temporary file in the same folder, then `os.replace` it over `path`."""
-    folder = path.parent
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with staged_file(path) as tmp, open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
-        raise
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def save_lora_file(

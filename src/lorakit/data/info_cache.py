@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
+from lorakit.atomic import staged_file
 from lorakit.data.buckets import Size
 
 logger = logging.getLogger(__name__)
@@ -35,11 +34,5 @@ def read_info_cache(image_dir: Path) -> dict[str, tuple[str, Size]]:
 def write_info_cache(image_dir: Path, entries: dict[str, tuple[str, Size]]) -> None:
     """Write the cache file atomically (a temporary file renamed over it)."""
     payload = {key: {"caption": caption, "resolution": list(size)} for key, (caption, size) in entries.items()}
-    fd, tmp = tempfile.mkstemp(prefix=".metadata_cache.", suffix=".tmp", dir=image_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, ensure_ascii=False, indent=1)
-        os.replace(tmp, image_dir / INFO_CACHE_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(image_dir / INFO_CACHE_NAME, prefix=".metadata_cache.") as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, ensure_ascii=False, indent=1)

@@ -13,8 +13,6 @@ keys (written by sd-scripts) are checked by shape and keys only.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lorakit.atomic import staged_file
 from lorakit.data.buckets import Size
 
 
@@ -150,14 +149,8 @@ def write_entry(path: Path, request: CacheRequest, fmt: LatentFileFormat, latent
     arrays["lorakit_image_stat"] = np.array(image_stat(request.image))
     arrays["lorakit_image_sha256"] = np.array(image_sha256(request.image))
     arrays["lorakit_vae"] = np.array(request.vae_id)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
 
 
 def read_entry(path: Path, bucket: Size, fmt: LatentFileFormat, flip: bool

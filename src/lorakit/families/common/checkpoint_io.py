@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lorakit.atomic import staged_file, staged_folder
 from lorakit.errors import CheckpointError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -143,31 +143,15 @@ def write_torch_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
 
 def _write_atomic(target: Path, write) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with staged_file(target) as tmp:
         write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_pipeline_atomic(pipeline: Any, path: str | os.PathLike[str]) -> Path:
     """`pipeline.save_pretrained` into a staging folder beside `path`, then renamed into place: a crash never
     leaves a half-written model folder under the final name."""
-    import shutil
-
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         pipeline.save_pretrained(str(staging), safe_serialization=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
