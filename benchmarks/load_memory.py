@@ -50,10 +50,10 @@ def child(path: str) -> None:
 
 
 def main() -> None:
-    from lorakit.bench import checkpoint_for
+    from lorakit.bench_models import bench_model
 
     cache = Path(os.environ.get("LORAKIT_BENCH_CACHE", Path(tempfile.gettempdir()) / "lorakit-bench"))
-    path = checkpoint_for("sd15", cache)
+    path = bench_model("sd", "real", cache).model_args[0].split("=", 1)[1]
     subprocess.run([sys.executable, __file__, "--child", str(path)], check=True)
 
 

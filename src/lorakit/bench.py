@@ -1,12 +1,15 @@
 """`lorakit bench`: the trainer's step time against the physical limit, the bare model step.
 
-The bare step is the same U-Net with the same LoRA modules: forward on latents of the same shape with a fixed
-text context, MSE loss, backward, AdamW step — nothing else. The trainer's step is measured inside a real
-`lorakit train` run (data loading, text encoding, noising, logging included) on cached latents. Their ratio is
-what the trainer adds; 1.0 is the limit.
+The bare step is the same model with the same LoRA modules, set up by the trainer's own code (`_setup`: loading,
+placement, `--fp8_base`, `--blocks_to_swap`, checkpointing, the network): the family's forward on random latents
+noised by the family's objective with a fixed text conditioning, MSE loss, backward, AdamW step — nothing else.
+The trainer's step is measured inside a real `lorakit train` run (data loading, text encoding or its cache,
+noising, loss weighting, logging included) on cached latents. Their ratio is what the trainer adds; 1.0 is the
+limit.
 
-Sizes: `tiny` (the test model), `sd15` (real SD 1.5 shapes, random weights, written once as an LDM single file so
-model loading is measured from a real file).
+Models (`--family sd|sdxl|flux`, `--size tiny|real`; `--size sd15` is `--family sd --size real`): the test models,
+or real shapes with random weights written once in the family's single-file layout (`bench_models.py`), so model
+loading is measured from a real file.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-SIZES = ("tiny", "sd15")
+from lorakit.bench_models import FAMILIES, FLUX_REAL_BLOCKS, SIZES, BenchModel, bench_model
 
 
 @dataclass
 class BenchResult:
+    family: str
     size: str
     device: str
     resolution: int
@@ -36,11 +40,15 @@ class BenchResult:
     rank: int
     precision: str
     gradient_checkpointing: bool
+    fp8_base: bool
+    blocks_to_swap: int
     bare_step_s: float
     trainer_step_s: float
     ratio: float
     time_to_first_step_s: float
+    trainer_peak_memory_gib: float
     peak_memory_gib: float
+    notes: list[str]
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -49,70 +57,63 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
 
 
-def checkpoint_for(size: str, cache: Path) -> Path:
-    """A single-file LDM checkpoint of the requested size, written once and reused."""
-    from lorakit.families.sd.ldm_keys import save_sd_single_file
+@dataclass
+class BenchOptions:
+    resolution: int
+    batch: int
+    rank: int
+    precision: str
+    checkpointing: bool
+    steps: int
+    fp8_base: bool = False
+    blocks_to_swap: int = 0
 
-    path = cache / f"bench_{size}.safetensors"
-    if path.exists():
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    save_sd_single_file(build_components(size), path)
-    return path
-
-
-def build_components(size: str):
-    from lorakit.toy.tiny_models import build_tiny_sd
-
-    if size == "tiny":
-        return build_tiny_sd("sd1", seed=0)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from lorakit.families.base import Components
-    from lorakit.families.common.tokenizers import bundled_clip_tokenizer
-    from lorakit.families.sd.loading import bundled_config
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**_config("unet", bundled_config("sd15", "unet")))
-    vae = AutoencoderKL(**_config("vae", bundled_config("sd15", "vae")))
-    text = CLIPTextModel(CLIPTextConfig(**_config("text", bundled_config("sd15", "text_encoder"))))
-    return Components(unet.eval(), vae.eval(), [text.eval()], [bundled_clip_tokenizer()], {"prediction_type": "epsilon"})
+    def train_args(self) -> list[str]:
+        args = [
+            f"--resolution={self.resolution}", f"--network_dim={self.rank}", f"--network_alpha={self.rank}",
+            "--network_train_unet_only", f"--train_batch_size={self.batch}", "--cache_latents",
+            f"--mixed_precision={self.precision}", "--max_data_loader_n_workers=0", "--seed=0", "--learning_rate=1e-4",
+        ]
+        args += ["--gradient_checkpointing"] if self.checkpointing else []
+        args += ["--fp8_base"] if self.fp8_base else []
+        return args + ([f"--blocks_to_swap={self.blocks_to_swap}"] if self.blocks_to_swap else [])
 
 
-def _config(kind: str, config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "transformers_version", "model_type")}
+def write_dataset(work: Path, resolution: int, count: int) -> Path:
+    data = work / "data" / "1_bench"
+    data.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (resolution, resolution), (40 * (i % 6), 90, 160)).save(data / f"{i}.png")
+        (data / f"{i}.caption").write_text("a benchmark image of a square")
+    return work / "data"
 
 
-def bare_step_seconds(size: str, resolution: int, batch: int, rank: int, precision: str, checkpointing: bool, device: torch.device, steps: int) -> float:
-    """Median seconds of forward + backward + AdamW on the U-Net with LoRA attached, nothing else."""
-    from types import SimpleNamespace
+def bare_step_seconds(model: BenchModel, options: BenchOptions, work: Path) -> float:
+    """Median seconds of the model's forward + MSE + backward + AdamW with the trainer's LoRA attached."""
+    from lorakit.config import parse_train_args
+    from lorakit.families.registry import resolve_family
+    from lorakit.training.loop import _make_accelerator, _setup
 
-    from lorakit.adapters.network import LoRANetwork
-    from lorakit.families.sd.family import StableDiffusionFamily
-
-    comps = build_components(size)
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    unet = comps.denoiser.to(device=device, dtype=dtype).requires_grad_(False)
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    options = SimpleNamespace(network_dim=rank, network_alpha=float(rank), network_args=None, network_kwargs=dict,
-                              network_train_unet_only=True, network_train_text_encoder_only=False)
-    network = LoRANetwork(StableDiffusionFamily().adapter_targets(comps, options))
-    network.apply_to()
-    network.to(device)
-    unet.train()
-    optimizer = torch.optim.AdamW(network.trainable_parameters(), lr=1e-4)
-    latent = resolution // 8
-    x = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype)
-    context = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
-    t = torch.randint(0, 1000, (batch,), device=device)
+    cfg, _ = parse_train_args([
+        *model.train_args(), *options.train_args(), f"--train_data_dir={work / 'data'}", f"--output_dir={work / 'bare'}",
+        "--max_train_steps=1",
+    ])
+    family = resolve_family(cfg)
+    session = _setup(cfg, family, _make_accelerator(cfg))
+    comps, accelerator, device = session.comps, session.accelerator, session.accelerator.device
+    with torch.no_grad(), accelerator.autocast():
+        text = family.encode_text(comps, ["a benchmark image of a square"] * options.batch)
+    scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    side = options.resolution // scale
+    latents = torch.randn(options.batch, comps.vae.config.latent_channels, side, side, device=device, dtype=session.weight_dtype)
+    noised = session.objective.noise(latents, generator=torch.Generator(device=device).manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in session.network.parameters() if p.requires_grad], lr=1e-4)
     times = []
-    for _ in range(steps + 2):
+    for _ in range(max(3, min(options.steps, 10)) + 2):
         started = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = unet(x, t, encoder_hidden_states=context).sample
-        loss = torch.nn.functional.mse_loss(out.float(), x.float())
+        with accelerator.autocast():
+            prediction = family.predict(comps, noised.noisy, noised.timesteps, text, None)
+        loss = torch.nn.functional.mse_loss(prediction.float(), noised.target.float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -122,23 +123,15 @@ def bare_step_seconds(size: str, resolution: int, batch: int, rank: int, precisi
     return statistics.median(times[2:])
 
 
-def trainer_run(checkpoint: Path, work: Path, resolution: int, batch: int, rank: int, precision: str, checkpointing: bool, steps: int) -> tuple[list[float], float]:
+def trainer_run(model: BenchModel, options: BenchOptions, work: Path) -> tuple[list[float], float]:
     """(seconds per step, seconds from the call to the end of the first step) of a real `lorakit train` run."""
     from lorakit.config import parse_train_args
     from lorakit.training.loop import train
 
-    data = work / "data" / "1_bench"
-    data.mkdir(parents=True, exist_ok=True)
-    for i in range(max(batch * 4, 8)):
-        Image.new("RGB", (resolution, resolution), (40 * (i % 6), 90, 160)).save(data / f"{i}.png")
-        (data / f"{i}.caption").write_text("a benchmark image of a square")
-    argv = [
-        f"--pretrained_model_name_or_path={checkpoint}", f"--train_data_dir={work / 'data'}", f"--resolution={resolution}",
-        f"--output_dir={work / 'out'}", "--network_module=networks.lora", f"--network_dim={rank}", f"--network_alpha={rank}",
-        "--network_train_unet_only", f"--train_batch_size={batch}", f"--max_train_steps={steps}", "--cache_latents",
-        f"--mixed_precision={precision}", "--max_data_loader_n_workers=0", "--seed=0", "--learning_rate=1e-4",
-    ] + (["--gradient_checkpointing"] if checkpointing else [])
-    cfg, _ = parse_train_args(argv)
+    cfg, _ = parse_train_args([
+        *model.train_args(), *options.train_args(), f"--train_data_dir={work / 'data'}", f"--output_dir={work / 'out'}",
+        f"--max_train_steps={options.steps}",
+    ])
     started = time.perf_counter()
     result = train(cfg)
     ends = result.step_end_times
@@ -153,33 +146,75 @@ def steady_step_seconds(step_times: list[float]) -> float:
     return sum(steady[:usable]) / usable
 
 
-def run(size: str, resolution: int, batch: int, rank: int, precision: str, checkpointing: bool, steps: int) -> BenchResult:
+def run(family: str, size: str, options: BenchOptions, flux_blocks: tuple[int, int] = FLUX_REAL_BLOCKS) -> BenchResult:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = Path(os.environ.get("LORAKIT_BENCH_CACHE", Path(tempfile.gettempdir()) / "lorakit-bench"))
-    checkpoint = checkpoint_for(size, cache)
+    model = bench_model(family, size, cache, flux_blocks)
     with tempfile.TemporaryDirectory() as tmp:
-        step_times, first = trainer_run(checkpoint, Path(tmp), resolution, batch, rank, precision, checkpointing, steps)
+        work = Path(tmp)
+        write_dataset(work, options.resolution, max(options.batch * 4, 8))
+        step_times, first = trainer_run(model, options, work)
+        trainer_peak = peak_memory_gib(device)
+        _release(device)
+        bare = bare_step_seconds(model, options, work)
     trainer = steady_step_seconds(step_times)
-    bare = bare_step_seconds(size, resolution, batch, rank, precision, checkpointing, device, max(3, min(steps, 10)))
-    return BenchResult(size, device.type, resolution, batch, rank, precision, checkpointing, round(bare, 5), round(trainer, 5),
-                       round(trainer / bare, 3), round(first, 2), round(peak_memory_gib(device), 2))
+    return BenchResult(
+        family, size, device.type, options.resolution, options.batch, options.rank, options.precision, options.checkpointing,
+        options.fp8_base, options.blocks_to_swap, round(bare, 5), round(trainer, 5), round(trainer / bare, 3), round(first, 2),
+        round(trainer_peak, 2), round(peak_memory_gib(device), 2), model.notes,
+    )
+
+
+def _release(device: torch.device) -> None:
+    """Free the trainer's model before the bare step builds its own (the GPU peak is reset in between)."""
+    import gc
+
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=SIZES, default="tiny")
+    parser.add_argument("--family", choices=FAMILIES, default="sd")
+    parser.add_argument("--size", choices=(*SIZES, "sd15"), default="tiny", help="tiny test model or real shapes (sd15 = --family sd --size real)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--precision", choices=("no", "fp16", "bf16"), default="no")
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--fp8_base", action="store_true", help="weights stored as float8_e4m3fn (FLUX)")
+    parser.add_argument("--blocks_to_swap", type=int, default=0, help="FLUX blocks streamed from the CPU")
+    parser.add_argument("--flux_blocks", default=f"{FLUX_REAL_BLOCKS[0]},{FLUX_REAL_BLOCKS[1]}",
+                        help="double,single blocks of the real-size FLUX transformer (default 19,38 = FLUX.1)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
-    result = run(args.size, args.resolution, args.batch, args.rank, args.precision, args.gradient_checkpointing, args.steps)
-    print(f"{'size':6} {'device':6} {'reso':>5} {'batch':>5} {'bare s/step':>12} {'trainer s/step':>15} {'ratio':>6} {'first step s':>12} {'peak GiB':>9}")
-    print(f"{result.size:6} {result.device:6} {result.resolution:5} {result.batch:5} {result.bare_step_s:12.4f} {result.trainer_step_s:15.4f} "
-          f"{result.ratio:6.3f} {result.time_to_first_step_s:12.1f} {result.peak_memory_gib:9.2f}")
+    family, size = ("sd", "real") if args.size == "sd15" else (args.family, args.size)
+    try:
+        flux_blocks = tuple(int(n) for n in args.flux_blocks.split(","))
+        assert len(flux_blocks) == 2 and min(flux_blocks) >= 1
+    except (ValueError, AssertionError):
+        parser.error(f"--flux_blocks {args.flux_blocks}: expected two positive numbers, double,single (e.g. 19,38)")
+    options = BenchOptions(args.resolution, args.batch, args.rank, args.precision, args.gradient_checkpointing, args.steps,
+                           args.fp8_base, args.blocks_to_swap)
+    result = run(family, size, options, flux_blocks)
+    print(format_table(result))
     if args.json:
         args.json.write_text(json.dumps(asdict(result), indent=2))
     return 0
+
+
+def format_table(result: BenchResult) -> str:
+    header = (f"{'model':11} {'device':6} {'reso':>5} {'batch':>5} {'bare s/step':>12} {'trainer s/step':>15} {'ratio':>6} "
+              f"{'first step s':>12} {'train peak GiB':>14}")
+    row = (f"{result.family + '/' + result.size:11} {result.device:6} {result.resolution:5} {result.batch:5} "
+           f"{result.bare_step_s:12.4f} {result.trainer_step_s:15.4f} {result.ratio:6.3f} {result.time_to_first_step_s:12.1f} "
+           f"{result.trainer_peak_memory_gib:14.2f}")
+    return "\n".join([header, row, *(f"note: {note}" for note in result.notes)])

@@ -1,0 +1,36 @@
+"""`lorakit bench` end to end on a tiny model: the model files are written once and reused, the trainer run and
+the bare step both happen, and the JSON carries consistent numbers (speed itself is measured in benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit import bench
+from lorakit.bench_models import NETWORK_MODULES, bench_model
+
+
+def test_bench_flux_tiny_writes_consistent_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_BENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "result.json"
+    assert bench.main(["--family", "flux", "--size", "tiny", "--steps", "5", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["family"], result["size"], result["device"]) == ("flux", "tiny", "cpu")
+    assert result["bare_step_s"] > 0 and result["trainer_step_s"] > 0
+    assert result["ratio"] == pytest.approx(result["trainer_step_s"] / result["bare_step_s"], rel=1e-2)
+    assert result["time_to_first_step_s"] > 0 and result["trainer_peak_memory_gib"] > 0
+    files = sorted((tmp_path / "cache" / "flux_tiny").glob("*.safetensors"))
+    assert [f.name for f in files] == ["ae.safetensors", "clip_l.safetensors", "flux1.safetensors", "t5xxl.safetensors"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = bench_model("flux", "tiny", tmp_path / "cache")  # reused, not rewritten
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert f"--network_module={NETWORK_MODULES['flux']}" in again.train_args()
+    assert "--cache_text_encoder_outputs" in again.train_args()
+
+
+def test_bench_rejects_bad_flux_blocks(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--family", "flux", "--size", "real", "--flux_blocks", "19"])
+    assert exc.value.code == 2
+    assert "--flux_blocks 19" in capsys.readouterr().err
