@@ -166,3 +166,27 @@ def test_merged_model_forward_equals_bypass(case):
         assert (reference - untouched).abs().max() > 1e-3  # the LoRA changes every part compared
         assert torch.allclose(ours, reference, atol=1e-4), (ours - reference).abs().max()
     network.restore()
+
+
+# ------------------------------------------------------------------------------------------ extract
+
+
+def test_extract_recovers_the_merged_lora(case):
+    """extract(base, merge(base, LoRA)) at dim ≥ the LoRA's rank and no clipping gives ratio·ΔW back, under the
+    names a trained LoRA of the family has (fused qkv for SD3/FLUX)."""
+    out = case.root / "extracted.safetensors"
+    args = ["extract", "--model_org", str(case.base), "--model_tuned", str(case.merged), "--save_to", str(out),
+            "--dim", "4", "--conv_dim", "2", "--clamp_quantile", "1"]
+    if case.name == "flux":
+        args.append("--flux")
+    assert main(args) == 0
+    original, extracted = load_lora(case.lora), load_lora(out)
+    # a FLUX transformer file carries no text encoder, so only the transformer part can be extracted from it
+    expected_names = {n for n in original.modules if case.name != "flux" or n.startswith("lora_unet_")}
+    assert extracted.modules.keys() == expected_names
+    for name in expected_names:
+        recovered, module = extracted.modules[name], original.modules[name]
+        assert recovered.rank <= 4 and recovered.alpha == recovered.rank
+        expected = RATIO * module.delta()
+        assert torch.allclose(recovered.delta().reshape(expected.shape), expected, atol=2e-5), name
+    assert extracted.metadata["ss_base_model_version"] == {"sdxl": "sdxl_base_v1-0", "sd3": "5-medium", "flux": "flux1"}[case.name]

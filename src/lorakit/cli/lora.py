@@ -262,7 +262,9 @@ def _extract(argv: list[str]) -> int:
     p.add_argument("--save_to", required=True, help="output LoRA file")
     p.add_argument("--v2", action="store_true", help="the models are SD 2.x")
     p.add_argument("--v_parameterization", action="store_true", default=None, help="v-prediction (default: --v2)")
-    p.add_argument("--sdxl", action="store_true", help="SDXL models (not supported yet)")
+    p.add_argument("--sdxl", action="store_true", help="the models are SDXL (detected anyway)")
+    p.add_argument("--flux", action="store_true", help="the models are FLUX transformers (detected anyway)")
+    p.add_argument("--family", choices=("auto", "sd", "sdxl", "sd3", "flux"), default="auto", help="model family (default: detected)")
     p.add_argument("--dim", type=int, default=4, help="rank of linears and 1x1 convs (default 4)")
     p.add_argument("--conv_dim", type=int, default=None, help="rank of 3x3 convs; without it they are skipped")
     p.add_argument("--clamp_quantile", type=float, default=0.99, help="clip factors at this quantile (1 = off)")
@@ -278,8 +280,6 @@ def _extract(argv: list[str]) -> int:
     from lorakit.tools.layouts import layout_for
     from lorakit.tools.models import load_base_model
 
-    if args.sdxl:
-        raise ConfigError(["--sdxl: extraction from SDXL models is not supported yet"])
     problems = [f"--{n} must be at least 1" for n in ("dim", "conv_dim") if getattr(args, n) is not None and getattr(args, n) < 1]
     if not 0.0 < args.clamp_quantile <= 1.0:
         problems.append(f"--clamp_quantile {args.clamp_quantile}: must be in (0, 1]")
@@ -290,17 +290,35 @@ def _extract(argv: list[str]) -> int:
     load_dtype = parse_precision(args.load_precision, "--load_precision") or __import__("torch").float32
     _require_file(args.model_org, "--model_org")
     _require_file(args.model_tuned, "--model_tuned")
+    family = _extract_family(args)
     v_param = args.v2 if args.v_parameterization is None else args.v_parameterization
-    original = load_base_model(args.model_org, v2=args.v2, v_parameterization=v_param, dtype=load_dtype)
-    tuned = load_base_model(args.model_tuned, v2=args.v2, v_parameterization=v_param, dtype=load_dtype)
+    original = load_base_model(args.model_org, family=family, v2=args.v2, v_parameterization=v_param, dtype=load_dtype)
+    tuned = load_base_model(args.model_tuned, family=family, v2=args.v2, v_parameterization=v_param, dtype=load_dtype)
     options = ExtractOptions(args.dim, args.conv_dim, args.clamp_quantile, args.min_diff, args.device)
-    layout = layout_for("sd")
+    layout = layout_for(family)
     modules = extract_lora(original, tuned, layout, options)
-    version = ("sd_v2" if args.v2 else "sd_v1") + ("_v" if v_param else "")
+    version = {
+        "sd": ("sd_v2" if args.v2 else "sd_v1") + ("_v" if v_param else ""),
+        "sd3": original.extras.get("model_type", layout.default_version),
+    }.get(family, layout.default_version)
     metadata = merged_metadata([], modules, title=save_to.stem, layout=layout, version=version, with_modelspec=not args.no_metadata)
     save_lora(modules, save_to, fmt, metadata, save_dtype)
     print(f"saved {save_to} ({len(modules)} modules)")
     return 0
+
+
+def _extract_family(args: argparse.Namespace) -> str:
+    """The models' family: --family, else detected from --model_org; --sdxl/--flux must agree with it."""
+    from lorakit.tools.models import detect_model_family
+
+    family = args.family if args.family != "auto" else detect_model_family(args.model_org)
+    for flag, expected in (("sdxl", "sdxl"), ("flux", "flux")):
+        if getattr(args, flag) and family != expected:
+            raise ConfigError([f"--{flag}: {args.model_org} is not a {expected.upper()} model (it reads as {family})"])
+    tuned = detect_model_family(args.model_tuned) if args.family == "auto" else family
+    if tuned != family:
+        raise ConfigError([f"--model_tuned {args.model_tuned}: a {tuned} model, but --model_org is {family}"])
+    return family
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Extract a LoRA from a base model and a tuned model by SVD of their weight differences
 (sd-scripts' `networks/extract_lora_from_models.py`).
 
-The modules are exactly those the family's trainer targets (`adapter_targets`), so an extracted file has the
+The modules are exactly those the family's trainer targets (`adapter_targets`, via `tools.targets`), so an extracted file has the
 same kohya names as a trained one. For each, ΔW = W_tuned − W_org is factorised with the truncated SVD at
 `dim` (3x3 convs at `conv_dim`, only when given) and stored with alpha = rank, i.e. scale 1. Singular values
 go with the up factor; both factors are clipped at the `clamp_quantile` of their absolute values as
@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.errors import CheckpointError
-from lorakit.families.base import AdapterTarget, Components
+from lorakit.families.base import Components
 from lorakit.tools.layouts import KeyLayout
 from lorakit.tools.lora_state import LoraFactors
 from lorakit.tools.svd import factorise
+from lorakit.tools.targets import model_targets
 
 __all__ = ["ExtractOptions", "extract_lora"]
 
@@ -51,10 +52,11 @@ class _TargetOptions:
         return dict(self._kwargs)
 
 
-def _targets(components: Components, options: ExtractOptions, family: str) -> list[AdapterTarget]:
-    from lorakit.families.registry import FAMILIES
-
-    return FAMILIES[family]().adapter_targets(components, _TargetOptions(options))
+def _target_args(family: str, options: ExtractOptions) -> dict[str, str]:
+    """The `--network_args` whose targets a trained LoRA of the family has (3x3 convs only with conv_dim)."""
+    if options.conv_dim and family in ("sd", "sdxl"):
+        return {"conv_dim": str(options.conv_dim), "conv_alpha": str(options.conv_dim)}
+    return {}
 
 
 def _difference(name: str, original: torch.Tensor, tuned: torch.Tensor, device: str | None) -> torch.Tensor:
@@ -72,22 +74,24 @@ def extract_lora(
 ) -> dict[str, LoraFactors]:
     """The LoRA modules that carry `original` towards `tuned` (float32, CPU).
 
-    The text-encoder part is dropped, as in sd-scripts, when no text-encoder weight moved by more than
-    `min_diff` (the tuned model's encoder was not trained).
+    The modules are the family's training targets (`tools.targets`), read in the file's shape and row order,
+    so SD3/FLUX get one factor pair per fused q/k/v as kohya files have. The text-encoder part is dropped, as
+    in sd-scripts, when no text-encoder weight moved by more than `min_diff` (the encoder was not trained).
     """
-    tuned_index = layout.module_index(tuned)
-    diffs: dict[str, tuple[AdapterTarget, torch.Tensor]] = {}
-    for target in _targets(original, options, layout.family):
-        other = tuned_index.get(target.name)
-        if other is None:
-            raise CheckpointError(f"--model_tuned has no layer {target.name}; the two models are not the same architecture")
-        diffs[target.name] = (target, _difference(target.name, target.module.weight, other.weight, options.device))
-    text_moved = any(float(d.abs().max()) > options.min_diff for t, d in diffs.values() if t.component != "unet")
+    args = _target_args(layout.family, options)
+    diffs: dict[str, tuple[str, torch.Tensor]] = {}
+    with model_targets(layout.family, original, args) as org, model_targets(layout.family, tuned, args) as tun:
+        for name, target in org.items():
+            other = tun.get(name)
+            if other is None:
+                raise CheckpointError(f"--model_tuned has no layer {name}; the two models are not the same architecture")
+            diffs[name] = (target.component, _difference(name, target.weight(), other.weight(), options.device))
+    text_moved = any(float(d.abs().max()) > options.min_diff for c, d in diffs.values() if c != "unet")
     if not text_moved:
         logger.info("the text encoders differ by at most %g: extracting the U-Net only", options.min_diff)
     modules: dict[str, LoraFactors] = {}
-    for name, (target, delta) in diffs.items():
-        if target.component != "unet" and not text_moved:
+    for name, (component, delta) in diffs.items():
+        if component != "unet" and not text_moved:
             continue
         spatial = delta.dim() == 4 and tuple(delta.shape[2:]) != (1, 1)
         rank = options.conv_dim if spatial else options.dim
