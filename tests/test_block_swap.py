@@ -3,7 +3,9 @@ where the "device" is the CPU itself and every move is a plain copy, so results 
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +17,12 @@ from helpers import write_dreambooth_folder
 from lorakit.cli.main import main
 from lorakit.families.common import block_swap
 from lorakit.families.common.block_swap import BlockSwapper, install_block_swap
+from lorakit.families.common.layers import to_fp8
+from lorakit.families.flux.network_args import FluxNetworkArgs
+
+
+def flux_network_args(cfg) -> FluxNetworkArgs:
+    return FluxNetworkArgs.from_config(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,6 +153,113 @@ def test_forward_only_passes_are_put_back_by_prepare():
     assert not [e for e in swapper.schedule_log if e[0] == "fallback"]
     swapper.prepare()
     assert [i for i in range(5) if swapper.weights_on_device(i)] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the device holds: only the resident blocks' weights, at every moment of forward and backward
+# ---------------------------------------------------------------------------------------------------------
+
+
+class DeviceLedger:
+    """Bytes of weight-shaped storage on the "device" (on the CPU: every storage that is not one of the
+    swapper's host buffers): the swappable weights themselves plus whatever autograd saved for backward that is
+    shaped like a weight (a transposed view of an old storage, an upcast copy). A storage counts once however
+    many tensors share it, and for as long as anything keeps it alive."""
+
+    def __init__(self, swappers: list[BlockSwapper]):
+        self.swappers = swappers
+        self.weights = [w for s in swappers for block in s.weights for w in block.values()]
+        self.shapes = {tuple(w.shape) for w in self.weights} | {tuple(w.shape)[::-1] for w in self.weights}
+        self.saved: list[weakref.ref] = []
+        self.seen: list[int] = []
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tuple(tensor.shape) in self.shapes:
+            self.saved.append(weakref.ref(tensor))
+        return tensor
+
+    def device_bytes(self) -> int:
+        host = {b.untyped_storage().data_ptr() for s in self.swappers for b in s.host.values()}
+        alive = self.weights + [t for t in (ref() for ref in self.saved) if t is not None]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}
+        return sum(size for ptr, size in storages.items() if ptr not in host)
+
+    def record(self, *_):
+        self.seen.append(self.device_bytes())
+
+    def watch(self, blocks) -> None:
+        """Record after every block's forward and before every block's backward (after the swapper's hooks)."""
+        for block in blocks:
+            block.register_forward_hook(lambda m, a, o: None if block_swap._in_backward() else self.record())
+            block.register_full_backward_pre_hook(self.record)
+
+
+def resident_bytes(swapper: BlockSwapper) -> int:
+    keep = swapper.n - swapper.num_swap
+    return sum(w.untyped_storage().nbytes() for block in swapper.weights[:keep] for w in block.values())
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
+def test_device_holds_only_the_resident_blocks(fp8, checkpointed):
+    """Swapped-out blocks must free their device storage: nothing (no saved upcast, no old view) keeps it."""
+    torch.manual_seed(0)
+    model = Chain(6, checkpointed)
+    model.blocks.requires_grad_(False)
+    if fp8:
+        to_fp8(model.blocks)
+    x = torch.randn(3, 8, requires_grad=True)
+    reference = model(x)
+    reference.backward()
+    ref_grad = model.adapter.weight.grad.clone()
+    model.adapter.weight.grad = None
+    swapper = install_block_swap(model, [("blocks", model.blocks, 3)], "cpu")[0]
+    ledger = DeviceLedger([swapper])
+    ledger.watch(model.blocks)
+    for _ in range(2):
+        with ledger.hooks():
+            loss = model(x)
+        loss.backward()
+        assert torch.equal(loss, reference) and torch.equal(model.adapter.weight.grad, ref_grad)
+        model.adapter.weight.grad = None
+    assert len(ledger.seen) == 2 * 2 * 6
+    assert max(ledger.seen) == resident_bytes(swapper), ledger.seen
+
+
+def test_flux_fp8_with_lora_holds_only_the_resident_blocks():
+    """The real transformer, fp8 base and a LoRA on every block layer (fused views included)."""
+    from diffusers import FluxTransformer2DModel
+
+    from lorakit.adapters.network import LoRANetwork
+    from lorakit.families.flux.family import FluxFamily, image_position_ids
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=4, num_single_layers=6, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    ).requires_grad_(False)
+    to_fp8(model)
+    cfg = SimpleNamespace(network_dim=4, network_args=None, network_alpha=2.0)
+    network = LoRANetwork(FluxFamily._transformer_targets(model, flux_network_args(cfg), 2.0))
+    network.apply_to()
+    plan = [("double", model.transformer_blocks, 2), ("single", model.single_transformer_blocks, 4)]
+    swappers = install_block_swap(model, plan, "cpu")
+    ledger = DeviceLedger(swappers)
+    ledger.watch([*model.transformer_blocks, *model.single_transformer_blocks])
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 64, generator=gen), encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
+        pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.4]), guidance=torch.tensor([3.5]),
+        img_ids=image_position_ids(8, 8, torch.device("cpu"), torch.float32), txt_ids=torch.zeros(8, 3), return_dict=False,
+    )
+    with ledger.hooks():
+        out = model(**inputs)[0]
+    out.square().mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in network.parameters())
+    assert max(ledger.seen) == sum(resident_bytes(s) for s in swappers), ledger.seen
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -94,13 +94,42 @@ class Fp8Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+        if self.weight.requires_grad:  # never for --fp8_base; kept correct for a weight someone unfroze
+            return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+        return _LinearRecastingWeight.apply(x.to(dtype), self.weight, bias)
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         if self.weight.dtype != FP8_DTYPE:
             self.weight.data = self.weight.data.to(FP8_DTYPE)
         return self
+
+
+class _LinearRecastingWeight(torch.autograd.Function):
+    """F.linear with a frozen low-precision weight that saves the stored weight for backward, not its upcast.
+
+    Plain autograd would keep every layer's compute-dtype copy of the weight until backward (twice the float8
+    bytes for the whole model), and, with --blocks_to_swap, keep the copies of swapped-out blocks on the
+    device. Saving the Parameter itself means backward reads whatever storage it has then: the block swap has
+    brought the block back by that time, and a block on the CPU holds nothing on the device meanwhile.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.compute_dtype = x.dtype
+        ctx.bias_shape = None if bias is None else bias.shape
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_output.matmul(weight.to(device=grad_output.device, dtype=grad_output.dtype))
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).reshape(ctx.bias_shape)
+        return grad_x, None, grad_bias
 
 
 def to_fp8(root: nn.Module) -> int:
