@@ -24,6 +24,7 @@ import torch
 from lorakit.errors import ConfigError
 from lorakit.families.base import AdapterTarget, Components, TextConditioning
 from lorakit.families.common.layers import FusedLinearView, to_fp8
+from lorakit.families.common.text_cache import CaptionCache
 from lorakit.families.common.transformer_family import (
     CLIP_PARENTS,
     T5_PARENTS,
@@ -54,7 +55,7 @@ class StableDiffusion3Family(ShiftScaleLatents):
 
     def __init__(self) -> None:
         self.model_type = "medium"
-        self.text_cache: dict[str, dict[str, torch.Tensor]] | None = None
+        self.text_cache: CaptionCache | None = None
 
     # ----------------------------------------------------------------------------------------- loading
 
@@ -95,7 +96,7 @@ class StableDiffusion3Family(ShiftScaleLatents):
             problems.append("--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs")
         if problems:
             raise ConfigError(problems)
-        self.text_cache = {} if caching else None
+        self.text_cache = CaptionCache() if caching else None
 
     @staticmethod
     def _conditioning_options(cfg: Any, comps: Components) -> dict[str, Any]:
@@ -144,13 +145,7 @@ class StableDiffusion3Family(ShiftScaleLatents):
         if self.text_cache is None:
             parts = self._run_encoders(comps, captions)
         else:
-            missing = sorted({c for c in captions if c not in self.text_cache})
-            if missing:
-                with torch.no_grad():
-                    fresh = self._run_encoders(comps, missing)
-                for index, caption in enumerate(missing):
-                    self.text_cache[caption] = {k: v[index] for k, v in fresh.items()}
-            parts = {k: torch.stack([self.text_cache[c][k] for c in captions]) for k in ("l", "g", "l_pooled", "g_pooled", "t5")}
+            parts = self.text_cache.outputs(captions, lambda texts: self._run_encoders(comps, texts))
         return TextConditioning(assemble_conditioning(parts, comps.extras["dropout_rates"], self.training_dropout))
 
     training_dropout = True  # the sampling pipeline turns it off

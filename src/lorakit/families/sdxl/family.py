@@ -19,6 +19,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.families.base import AdapterTarget, Components, TextConditioning
+from lorakit.families.common.text_cache import CaptionCache
 from lorakit.families.sd.family import TEXT_ENCODER_PARENTS, UNET_ATTENTION_PARENTS, UNET_CONV_PARENTS, rank_choice
 from lorakit.families.targeting import RankChoice, collect_targets, kohya_name
 from lorakit.objectives.ddpm import DDPMObjective
@@ -40,7 +41,7 @@ class StableDiffusionXLFamily:
 
     def __init__(self) -> None:
         self.vae_in_float32 = False
-        self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.text_cache: CaptionCache | None = None
 
     # -- loading -----------------------------------------------------------------------------------------
 
@@ -67,7 +68,7 @@ class StableDiffusionXLFamily:
                 "--cache_text_encoder_outputs needs --network_train_unet_only: cached outputs cannot carry gradients "
                 "to text-encoder LoRA modules"
             ])
-        self.text_cache = {} if caching else None
+        self.text_cache = CaptionCache() if caching else None
 
     def objective(self, cfg: Any, comps: Components) -> DDPMObjective:
         return DDPMObjective.from_options(cfg, "v_prediction" if cfg.v_parameterization else "epsilon")
@@ -108,20 +109,11 @@ class StableDiffusionXLFamily:
         `clip_skip` is ignored: SDXL was trained on the penultimate layers. With --cache_text_encoder_outputs
         each distinct caption is encoded once and reused (the encoders are frozen then).
         """
-        if self.text_cache is None:
-            hidden, pooled = self._run_encoders(comps, captions)
-            return TextConditioning({"encoder_hidden_states": hidden, "text_embeds": pooled})
-        missing = sorted({c for c in captions if c not in self.text_cache})
-        if missing:
-            with torch.no_grad():
-                hidden, pooled = self._run_encoders(comps, missing)
-            for index, caption in enumerate(missing):
-                self.text_cache[caption] = (hidden[index], pooled[index])
-        entries = [self.text_cache[c] for c in captions]
-        return TextConditioning({
-            "encoder_hidden_states": torch.stack([e[0] for e in entries]),
-            "text_embeds": torch.stack([e[1] for e in entries]),
-        })
+        def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+            hidden, pooled = self._run_encoders(comps, texts)
+            return {"encoder_hidden_states": hidden, "text_embeds": pooled}
+
+        return TextConditioning(encode(captions) if self.text_cache is None else self.text_cache.outputs(captions, encode))
 
     def _run_encoders(self, comps: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         te1, te2 = comps.text_encoders
