@@ -56,6 +56,14 @@ def bypass(family, comps, cfg, lora_file) -> LoRANetwork:
     return network
 
 
+def file_metadata(path) -> dict[str, str]:
+    # read directly: the metadata is what is checked, whatever the format sniffing of the loaders does
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
 # ------------------------------------------------------------------------------------------ forwards
 
 
@@ -189,4 +197,50 @@ def test_extract_recovers_the_merged_lora(case):
         assert recovered.rank <= 4 and recovered.alpha == recovered.rank
         expected = RATIO * module.delta()
         assert torch.allclose(recovered.delta().reshape(expected.shape), expected, atol=2e-5), name
-    assert extracted.metadata["ss_base_model_version"] == {"sdxl": "sdxl_base_v1-0", "sd3": "5-medium", "flux": "flux1"}[case.name]
+    assert file_metadata(out)["ss_base_model_version"] == {"sdxl": "sdxl_base_v1-0", "sd3": "5-medium", "flux": "flux1"}[case.name]
+
+
+# ------------------------------------------------------------------------------------------ LoRA-only tools
+
+
+@pytest.mark.parametrize("name,build", [("sdxl", build_tiny_sdxl), ("sd3", lambda: build_tiny_sd3(0, "sd3.5m")), ("flux", build_tiny_flux)])
+def test_every_layer_a_file_may_name_is_a_known_module_name(name, build):
+    """The key layouts accept every kohya name the family's trainer can produce (embedders, T5, convs included)."""
+    from lorakit.tools.layouts import guess_family, layout_for
+
+    layout = layout_for(name)
+    with model_targets(name, build()) as targets:
+        assert len(targets) > 20
+        unknown = [n for n in targets if layout.kohya_to_path(n) is None]
+    assert not unknown
+    assert guess_family(list(targets)) == name
+
+
+def test_resize_is_the_best_lower_rank_fit(case):
+    out = case.root / "resized.safetensors"
+    assert main(["resize", "--model", str(case.lora), "--save_to", str(out), "--new_rank", "2", "--new_conv_rank", "1"]) == 0
+    original, resized = load_lora(case.lora), load_lora(out)
+    assert resized.modules.keys() == original.modules.keys()
+    for name, module in original.modules.items():
+        target = 1 if module.is_spatial else 2
+        assert resized.modules[name].rank == target
+        full = module.delta().reshape(module.up.shape[0], -1)
+        u, s, vh = torch.linalg.svd(full, full_matrices=False)
+        best = (u[:, :target] * s[:target]) @ vh[:target]
+        assert torch.allclose(resized.modules[name].delta().reshape(best.shape), best, atol=1e-5), name
+    assert file_metadata(out)["ss_network_dim"] == "2"
+
+
+def test_concat_merge_of_two_loras_is_the_exact_sum(case):
+    other = case.root / "other.safetensors"
+    save_lora_file(random_network(case.family, case.comps, case.cfg, seed=9).state_dict_kohya(), other)
+    out = case.root / "concat.safetensors"
+    args = ["merge", "--save_to", str(out), "--models", str(case.lora), str(other), "--ratios", "0.6", "-0.3", "--concat"]
+    assert main(args) == 0
+    a, b, merged = load_lora(case.lora), load_lora(other), load_lora(out)
+    assert merged.modules.keys() == a.modules.keys()
+    for name, module in merged.modules.items():
+        expected = 0.6 * a.modules[name].delta() - 0.3 * b.modules[name].delta()
+        assert torch.allclose(module.delta().reshape(expected.shape), expected, atol=1e-5), name
+    expected_module = {"sdxl": "networks.lora", "sd3": "networks.lora_sd3", "flux": "networks.lora_flux"}[case.name]
+    assert file_metadata(out)["ss_network_module"] == expected_module

@@ -295,10 +295,12 @@ def layout_for(family: str) -> KeyLayout:
 # Guessing the family of a file from its module names and metadata
 # ---------------------------------------------------------------------------------------------------------
 
-# (family, fragments of module names only that family's files contain); checked in order
+# (family, fragments of module names only that family's files contain); checked in order (SD3 also has
+# lora_te3_ and FLUX diffusers files also have transformer.transformer_blocks., so the order matters)
 _FAMILY_HINTS = (
+    ("sd3", ("lora_unet_joint_blocks_", "lora_unet_context_embedder", "lora_unet_x_embedder_")),
     ("flux", ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.single_transformer_blocks.", "lora_te3_")),
-    ("sd3", ("lora_unet_joint_blocks_", "transformer.transformer_blocks.")),
+    ("sd3", ("transformer.transformer_blocks.",)),
     ("sdxl", ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_", "text_encoder_2.")),
     ("sd", ("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_", "lora_te_", "unet.", "text_encoder.")),
 )
