@@ -205,3 +205,116 @@ def test_metadata_and_modelspec():
     meta = family.metadata(options(timestep_sampling="shift", guidance_scale=1.0))
     assert meta["ss_base_model_version"] == "flux1" and meta["ss_guidance_scale"] == "1.0"
     assert family.modelspec_architecture(options()) == ("flux-1-dev", "https://github.com/black-forest-labs/flux", (1024, 1024))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# split_qkv=True: one LoRA per part of the fused qkv / linear1 layers
+# ---------------------------------------------------------------------------------------------------------
+
+SPLIT = options(network_train_unet_only=True, network_args=["split_qkv=True"])  # network_dim 4, alpha 2
+FUSED_PARTS = {"img_attn_qkv": 3, "txt_attn_qkv": 3, "linear1": 4}
+
+
+def test_split_qkv_targets_rank_and_alpha():
+    comps = build_tiny_flux(0)
+    targets = {t.name: t for t in FluxFamily().adapter_targets(comps, SPLIT)}
+    assert (targets["lora_unet_double_blocks_0_img_attn_qkv"].rank, targets["lora_unet_double_blocks_0_img_attn_qkv"].alpha) == (12, 6.0)
+    assert (targets["lora_unet_single_blocks_1_linear1"].rank, targets["lora_unet_single_blocks_1_linear1"].alpha) == (16, 8.0)
+    assert (targets["lora_unet_single_blocks_1_linear2"].rank, targets["lora_unet_single_blocks_1_linear2"].alpha) == (4, 2.0)
+
+
+def test_split_qkv_starts_as_the_base_model_and_trains():
+    comps = build_tiny_flux(0)
+    base = _forward(comps.denoiser)
+    network = LoRANetwork(FluxFamily().adapter_targets(comps, SPLIT))
+    network.apply_to()
+    assert torch.equal(_forward(comps.denoiser), base)  # zero-initialised up: the output is unchanged
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2, weight_decay=0.1)
+    target = torch.randn(base.shape, generator=torch.Generator().manual_seed(9))
+    losses = []
+    for _ in range(3):
+        loss = (_forward(comps.denoiser) - target).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[2] < losses[0]
+    for name, module in network.lora_modules.items():
+        parts = FUSED_PARTS.get(name.split("blocks_")[1].split("_", 1)[1])
+        if parts:
+            up = module.lora_up.weight
+            mask = up._lorakit_block_mask
+            assert up.abs().sum() > 0 and torch.equal(up * (1 - mask), torch.zeros_like(up)), name
+
+
+def _split_network(comps, cfg=SPLIT, seed=3):
+    network = _random_network(comps, cfg, seed)
+    network.apply_to()  # masks the random up matrices to their block-diagonal form
+    return network
+
+
+def test_split_qkv_file_holds_each_part_as_its_own_lora(tmp_path):
+    """In the saved file, ΔW = up·down·alpha/rank of each fused layer, read row-block by row-block, is the
+    part's own rank-4 LoRA at scale α/r = 2/4; and the live forward adds exactly that to each part."""
+    comps = build_tiny_flux(0)
+    network = _split_network(comps)
+    path = tmp_path / "split.safetensors"
+    save_lora_file(network.state_dict_kohya(), path, {}, save_dtype=torch.float32, model_format="safetensors")
+    from lorakit.adapters.formats import load_lora_file
+
+    state, _ = load_lora_file(path)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(4))
+    for name, module in network.lora_modules.items():
+        parts = FUSED_PARTS.get(name.split("blocks_")[1].split("_", 1)[1])
+        if not parts:
+            continue
+        up, down, alpha = (state[f"{name}.{k}"] for k in ("lora_up.weight", "lora_down.weight", "alpha"))
+        assert down.shape[0] == up.shape[1] == 4 * parts and float(alpha) == 2.0 * parts
+        delta = up @ down * (float(alpha) / down.shape[0])  # what any kohya reader computes
+        view = module.org_module
+        live = view(x)
+        for j, rows in enumerate(view.slices):
+            own_up, own_down = module.lora_up.weight[rows, 4 * j:4 * (j + 1)], module.lora_down.weight[4 * j:4 * (j + 1)]
+            own = own_up @ own_down * (2.0 / 4)
+            assert own.abs().max() > 0
+            torch.testing.assert_close(delta[rows], own, rtol=0, atol=1e-6)
+            torch.testing.assert_close(live[:, rows], x @ own.T, rtol=0, atol=1e-5)
+            others = [c for c in range(up.shape[1]) if not 4 * j <= c < 4 * (j + 1)]
+            assert up[rows][:, others].abs().sum() == 0  # block-diagonal, as sd-scripts writes it
+
+
+def test_split_qkv_file_reloads_to_the_same_delta(tmp_path):
+    """--network_weights and resume read the file into a split network: the same ΔW and the same output."""
+    comps = build_tiny_flux(0)
+    network = _split_network(comps)
+    ours = _forward(comps.denoiser)
+    path = tmp_path / "split.safetensors"
+    save_lora_file(network.state_dict_kohya(), path, {}, save_dtype=torch.float32, model_format="safetensors")
+    from lorakit.adapters.formats import load_lora_file
+
+    fresh = build_tiny_flux(0)
+    reloaded = LoRANetwork(FluxFamily().adapter_targets(fresh, SPLIT))
+    reloaded.apply_to()
+    state, _ = load_lora_file(path)
+    assert reloaded.load_kohya_state_dict(state, source=str(path)) == []
+    for name, module in network.lora_modules.items():
+        torch.testing.assert_close(reloaded.lora_modules[name].delta_weight(), module.delta_weight(), rtol=0, atol=0)
+    torch.testing.assert_close(_forward(fresh.denoiser), ours, rtol=0, atol=1e-6)
+
+
+def test_diffusers_reads_our_split_qkv_double_blocks(tmp_path):
+    """diffusers recognises the block-diagonal up of a split qkv and gives each of q, k, v its own LoRA; its
+    output matches ours. (linear1 at width 3072: tests/test_flux_real_width.py.)"""
+    comps = build_tiny_flux(0)
+    network = _split_network(comps, options(network_train_unet_only=True, network_args=["split_qkv=True", "train_blocks=double"]))
+    path = tmp_path / "split_double.safetensors"
+    save_lora_file(network.state_dict_kohya(), path, {"ss_network_module": "networks.lora_flux"}, save_dtype=torch.float32, model_format="safetensors")
+    ours = _forward(comps.denoiser)
+    network.restore()
+    pipe = FluxFamily().pipeline(comps)
+    base = _forward(pipe.transformer)
+    pipe.load_lora_weights(str(path), adapter_name="ours")
+    theirs = _forward(pipe.transformer)
+    assert (theirs - base).abs().max() > 1e-3
+    assert (theirs - ours).abs().max() < 1e-4
+    assert pipe.transformer.transformer_blocks[0].attn.to_q.lora_A["ours"].weight.shape == (4, 32)  # its own rank-4 part

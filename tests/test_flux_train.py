@@ -121,3 +121,22 @@ def test_blocks_to_swap_beyond_the_model_is_a_clear_error(flux_files, data_dir, 
     """The tiny model has 1 double and 2 single blocks, so no block may be swapped (sd-scripts' limit)."""
     assert main(train_args(flux_files["folder"], data_dir, tmp_path / "out", "--blocks_to_swap=1")) == 2
     assert "--blocks_to_swap 1" in capsys.readouterr().err
+
+
+def test_split_qkv_trains_block_diagonal_factors(flux_files, data_dir, tmp_path):
+    """`--network_args split_qkv=True`: one rank-4 LoRA per q/k/v (and the MLP part of linear1), saved as
+    sd-scripts saves them (block-diagonal up) but with alpha × parts so every part keeps its α/r."""
+    out = tmp_path / "out"
+    assert main(train_args(flux_files["folder"], data_dir, out, "--network_train_unet_only", "--network_args", "split_qkv=True")) == 0
+    tensors, _ = read_lora(out / "tiny.safetensors")
+    qkv = tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
+    linear1 = tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"]
+    assert qkv.shape == (3 * 32, 12) and linear1.shape == (3 * 32 + 4 * 32, 16)
+    assert float(tensors["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 6.0
+    assert float(tensors["lora_unet_single_blocks_0_linear1.alpha"]) == 8.0
+    assert float(tensors["lora_unet_single_blocks_0_linear2.alpha"]) == 2.0
+    for up, starts in ((qkv, (0, 32, 64, 96)), (linear1, (0, 32, 64, 96, 224))):
+        for j in range(len(starts) - 1):
+            rows = slice(starts[j], starts[j + 1])
+            assert up[rows, 4 * j:4 * (j + 1)].abs().sum() > 0  # it trained
+            assert up[rows, :4 * j].abs().sum() == 0 and up[rows, 4 * (j + 1):].abs().sum() == 0

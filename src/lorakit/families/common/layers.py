@@ -7,6 +7,8 @@ standard LoRA module can attach to it; each part then adds its rows of the fused
 the same input tensor, so the LoRA branch runs once per block call and its output is shared (released after
 the last part took its rows), which is exactly a LoRA on the fused layer.
 
+`SplitQKVView` is the same view with one LoRA per part (sd-scripts' `split_qkv=True`), saved block-diagonally.
+
 `to_fp8` (sd-scripts' `--fp8_base`): Linear weights stored as float8_e4m3fn and upcast per layer in forward,
 halving the frozen model's memory against bf16. It works on the CPU as well, which the tests use.
 """
@@ -70,6 +72,53 @@ class FusedLinearView(nn.Linear):
         for part, rows in zip(self.parts, self.slices):
             weight = part.weight
             weight.copy_((weight.float() + delta_weight[rows].to(weight.device).float()).to(weight.dtype))
+
+
+class SplitQKVView(FusedLinearView):
+    """A fused view whose attached LoRA is one independent rank-r LoRA per part (sd-scripts' `split_qkv=True`).
+
+    The adapter is built at rank (parts·r) with alpha (parts·α). Its up matrix is kept block-diagonal — part j's
+    rows read only columns [j·r, (j+1)·r) — by zeroing the other entries as it attaches and masking their
+    gradients, so its down rows [j·r, (j+1)·r) and that up block are part j's own LoRA and its scale
+    parts·α / (parts·r) is each part's α/r. Saved as it is, this is the block-diagonal layout sd-scripts writes
+    and kohya readers split (diffusers recognises it by its zero blocks); sd-scripts keeps alpha at α instead,
+    which makes its files load at 1/parts of their trained strength. Parts may differ in width (FLUX's linear1:
+    q, k, v, then the 4× wider MLP input).
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        adapter = getattr(value, "__self__", None)
+        if name == "forward" and isinstance(getattr(adapter, "lora_up", None), nn.Module):
+            self._keep_block_diagonal(adapter.lora_up.weight)
+
+    def _keep_block_diagonal(self, up: torch.Tensor) -> None:
+        if getattr(up, "_lorakit_block_mask", None) is not None:
+            return
+        mask = block_diagonal_mask(self.slices, up.shape[1]).to(up.device)
+        with torch.no_grad():
+            up.mul_(mask.to(up.dtype))
+        up._lorakit_block_mask = mask
+        # zero gradients keep zero entries zero under every Adam/Lion/SGD-style update and decoupled decay
+        up.register_hook(lambda grad: grad * mask.to(device=grad.device, dtype=grad.dtype))
+
+
+def block_diagonal_mask(row_slices: Sequence[slice], rank: int) -> torch.Tensor:
+    """(rows, rank) ones on the diagonal blocks: the rows of part j read only the j-th rank/parts columns."""
+    parts = len(row_slices)
+    if rank % parts:
+        raise ValueError(f"a split LoRA needs a rank divisible by its {parts} parts, got {rank}")
+    cols = rank // parts
+    mask = torch.zeros(row_slices[-1].stop, rank)
+    for j, rows in enumerate(row_slices):
+        mask[rows, j * cols:(j + 1) * cols] = 1.0
+    return mask
+
+
+def split_lora_parts(up: torch.Tensor, down: torch.Tensor, row_slices: Sequence[slice]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The per-part (up, down) pairs of a block-diagonal split LoRA, in the order of `row_slices`."""
+    cols = up.shape[1] // len(row_slices)
+    return [(up[rows, j * cols:(j + 1) * cols], down[j * cols:(j + 1) * cols]) for j, rows in enumerate(row_slices)]
 
 
 def _route_part(part: nn.Linear, view: FusedLinearView, index: int) -> None:

@@ -18,7 +18,7 @@ import torch
 from lorakit.errors import ConfigError
 from lorakit.families.base import AdapterTarget, Components, TextConditioning
 from lorakit.families.flux import bfl_keys
-from lorakit.families.common.layers import FusedLinearView, to_fp8
+from lorakit.families.common.layers import FusedLinearView, SplitQKVView, to_fp8
 from lorakit.families.common.transformer_family import (
     CLIP_PARENTS,
     T5_PARENTS,
@@ -228,8 +228,13 @@ class FluxFamily(ShiftScaleLatents):
             if not rank:
                 continue
             modules = [transformer.get_submodule(p) for p in parts]
-            module = modules[0] if len(modules) == 1 else FusedLinearView(modules)
-            targets.append(AdapterTarget(name, module, "unet", rank, alpha or float(rank)))
+            layer_alpha = alpha or float(rank)
+            if len(modules) > 1 and args.split_qkv:
+                # one rank-r LoRA per part, saved block-diagonally at rank k·r with alpha k·α: each part keeps α/r
+                module, rank, layer_alpha = SplitQKVView(modules), len(modules) * rank, len(modules) * layer_alpha
+            else:
+                module = modules[0] if len(modules) == 1 else FusedLinearView(modules)
+            targets.append(AdapterTarget(name, module, "unet", rank, layer_alpha))
         for group, rank in zip(bfl_keys.EMBEDDER_GROUPS, args.in_dims or ()):
             for bfl_path in group:
                 diffusers_path = bfl_keys.TOP_LEVEL[bfl_path]

@@ -1,14 +1,16 @@
 """Layer tricks the FLUX family needs on top of diffusers' FluxTransformer2DModel.
 
-`FusedLinearView` (BFL's fused q/k/v and single-block linear1) and `to_fp8` (`--fp8_base`) are shared with SD3
-and live in `families/common/layers.py`; `checkpoint_offloading_to_cpu` is `--cpu_offload_checkpointing`.
+`FusedLinearView` (BFL's fused q/k/v and single-block linear1), `SplitQKVView` (`split_qkv=True`) and `to_fp8`
+(`--fp8_base`) are shared with SD3 and live in `families/common/layers.py`; `checkpoint_offloading_to_cpu` is `--cpu_offload_checkpointing`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lorakit.families.common.layers import FP8_DTYPE, Fp8Linear, FusedLinearView, to_fp8  # noqa: F401 (re-exported)
+from lorakit.families.common.layers import FP8_DTYPE, Fp8Linear, FusedLinearView, SplitQKVView, to_fp8
+
+__all__ = ["FP8_DTYPE", "Fp8Linear", "FusedLinearView", "SplitQKVView", "to_fp8", "checkpoint_offloading_to_cpu"]
 
 
 def checkpoint_offloading_to_cpu(function, *args):

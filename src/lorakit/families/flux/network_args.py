@@ -2,7 +2,8 @@
 
 Values arrive as strings, as in sd-scripts. Per-type ranks (`img_attn_dim`, …, `single_mod_dim`) override
 `--network_dim` (0 skips that type); `train_blocks` and `train_*_block_indices` choose blocks; `in_dims` adds
-the input embedders. Only the literal `True` turns on boolean keys, as there.
+the input embedders; `split_qkv=True` trains one LoRA per part of the fused layers. Only the literal `True`
+turns on boolean keys, as there.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ TYPE_DIM_KEYS = ("img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim", "
 #: keys this module reads; others that lora_flux knows are refused with a message, unknown ones too
 KNOWN_KEYS = frozenset(
     {*TYPE_DIM_KEYS, "train_blocks", "train_double_block_indices", "train_single_block_indices", "in_dims",
-     "train_t5xxl", "verbose", "rank_dropout", "module_dropout", "conv_dim", "conv_alpha"}
+     "train_t5xxl", "split_qkv", "verbose", "rank_dropout", "module_dropout", "conv_dim", "conv_alpha"}
 )
 NOT_YET = {
-    "split_qkv": "separate q/k/v LoRA is not implemented; the fused layers get one LoRA each (sd-scripts' default)",
     "network_reg_dims": "regex ranks are not implemented yet",
     "network_reg_lrs": "regex learning rates are not implemented yet",
     "ggpo_sigma": "LoRA-GGPO is not implemented yet",
@@ -40,6 +40,7 @@ class FluxNetworkArgs:
     single_indices: frozenset[int] | None = None
     in_dims: tuple[int, ...] | None = None
     train_t5xxl: bool = False
+    split_qkv: bool = False  # one LoRA per part of the fused qkv / linear1 layers
 
     @classmethod
     def from_config(cls, cfg: Any) -> "FluxNetworkArgs":
@@ -62,7 +63,8 @@ class FluxNetworkArgs:
         single = parse_indices("train_single_block_indices", kwargs.get("train_single_block_indices"), problems)
         if problems:
             raise ConfigError(problems)
-        return cls(cfg.network_dim or 4, type_dims, train_blocks, double, single, in_dims, kwargs.get("train_t5xxl") == "True")
+        return cls(cfg.network_dim or 4, type_dims, train_blocks, double, single, in_dims, kwargs.get("train_t5xxl") == "True",
+                   kwargs.get("split_qkv") == "True")
 
     def rank_for(self, bfl_path: str, kind: str) -> int:
         """The rank of one block layer (0: no LoRA) from train_blocks, block indices and per-type dims."""

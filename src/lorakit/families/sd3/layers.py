@@ -6,9 +6,10 @@ stand for the SAI layer, so the adapter's tensors have exactly the shapes (and r
 
 * `FusedLinearView` (shared with FLUX, in `families/common/layers.py`) stacks q, k and v;
 * `SwappedRowsView` presents one Linear with its two output halves exchanged;
-* `SplitQKVView` is a fused view whose adapter trains three independent rank-r LoRAs (sd-scripts'
-  `split_qkv=True`): the adapter is built at rank 3r with its up matrix kept block-diagonal (gradients outside
-  the q/k/v blocks are zeroed as it attaches), which is exactly the block-diagonal form sd-scripts saves.
+* `SplitQKVView` (shared with FLUX, in `families/common/layers.py`) is a fused view whose adapter trains three
+  independent rank-r LoRAs (sd-scripts' `split_qkv=True`): the adapter is built at rank 3r with its up matrix
+  kept block-diagonal (gradients outside the q/k/v blocks are zeroed as it attaches), which is exactly the
+  block-diagonal form sd-scripts saves.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.families.common.layers import FusedLinearView
+from lorakit.families.common.layers import SplitQKVView
 from lorakit.families.sd3.sai_keys import swap_halves
+
+__all__ = ["SplitQKVView", "SwappedRowsView"]  # SplitQKVView lives with the other shared views
 
 
 class SwappedRowsView(nn.Linear):
@@ -50,32 +53,3 @@ class SwappedRowsView(nn.Linear):
         """Merge a ΔW given in the view's (SAI) row order into the diffusers weight."""
         weight = self.parts[0].weight
         weight.copy_((weight.float() + swap_halves(delta_weight).to(weight.device).float()).to(weight.dtype))
-
-
-class SplitQKVView(FusedLinearView):
-    """A fused q/k/v view whose attached adapter keeps a block-diagonal up matrix (one LoRA per q, k, v)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        super().__setattr__(name, value)
-        adapter = getattr(value, "__self__", None)
-        if name == "forward" and isinstance(getattr(adapter, "lora_up", None), nn.Module):
-            self._keep_block_diagonal(adapter.lora_up.weight)
-
-    def _keep_block_diagonal(self, up: torch.Tensor) -> None:
-        if getattr(up, "_lorakit_block_mask", None) is not None:
-            return
-        mask = block_diagonal_mask(self.out_features, up.shape[1], len(self.parts)).to(up.device)
-        with torch.no_grad():
-            up.mul_(mask.to(up.dtype))
-        up._lorakit_block_mask = mask
-        # zero gradients keep zero entries zero under every Adam/Lion/SGD-style update and decoupled decay
-        up.register_hook(lambda grad: grad * mask.to(device=grad.device, dtype=grad.dtype))
-
-
-def block_diagonal_mask(out_features: int, rank: int, parts: int) -> torch.Tensor:
-    """(out, rank) ones on the `parts` diagonal blocks: rows of part j read only rank columns of part j."""
-    mask = torch.zeros(out_features, rank)
-    rows, cols = out_features // parts, rank // parts
-    for j in range(parts):
-        mask[j * rows:(j + 1) * rows, j * cols:(j + 1) * cols] = 1.0
-    return mask
