@@ -244,3 +244,82 @@ def test_concat_merge_of_two_loras_is_the_exact_sum(case):
         assert torch.allclose(module.delta().reshape(expected.shape), expected, atol=1e-5), name
     expected_module = {"sdxl": "networks.lora", "sd3": "networks.lora_sd3", "flux": "networks.lora_flux"}[case.name]
     assert file_metadata(out)["ss_network_module"] == expected_module
+
+
+# ------------------------------------------------------------------------------------------ convert
+
+
+def test_convert_round_trips_exactly(case):
+    """kohya -> diffusers -> kohya: bit for bit with --keep_alpha; the same ΔW when alpha is folded into lora_B."""
+    original, _ = load_lora_file(case.lora)
+    kept, folded = case.root / "peft_kept.safetensors", case.root / "peft_folded.safetensors"
+    back_kept, back_folded = case.root / "back_kept.safetensors", case.root / "back_folded.safetensors"
+    assert main(["convert", "--model", str(case.lora), "--save_to", str(kept), "--to", "diffusers", "--keep_alpha"]) == 0
+    assert main(["convert", "--model", str(case.lora), "--save_to", str(folded), "--to", "peft"]) == 0
+    peft, _ = load_lora_file(folded)
+    assert all(".lora_A." in k or ".lora_B." in k for k in peft)
+    expected_key = {
+        "sdxl": "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
+        "sd3": "transformer.transformer_blocks.0.attn.to_k.lora_B.weight",
+        "flux": "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight",
+    }[case.name]
+    assert expected_key in peft
+    assert any(k.endswith(".alpha") for k in load_lora_file(kept)[0])
+    assert main(["convert", "--model", str(kept), "--save_to", str(back_kept), "--to", "kohya"]) == 0
+    assert main(["convert", "--model", str(folded), "--save_to", str(back_folded), "--to", "kohya"]) == 0
+    restored, _ = load_lora_file(back_kept)
+    assert restored.keys() == original.keys()
+    assert all(torch.equal(restored[k], original[k]) for k in original), [k for k in original if not torch.equal(restored[k], original[k])]
+    a, b = load_lora(case.lora), load_lora(back_folded)
+    assert a.modules.keys() == b.modules.keys()
+    for name, module in a.modules.items():
+        expected = module.delta()
+        got = b.modules[name].delta().reshape(expected.shape)
+        assert float((got - expected).norm() / expected.norm()) < 1e-6, name
+
+
+def _pipeline(case, comps):
+    if case.name == "sdxl":
+        return case.family.pipeline(comps)
+    if case.name == "sd3":
+        from lorakit.families.sd3.tiny import pipeline_of
+
+        return pipeline_of(comps)
+    return case.family.pipeline(comps)
+
+
+def test_diffusers_loads_the_converted_file_and_matches_our_merge(case):
+    from lorakit.tools.merge import merge_into_model
+
+    folded = case.root / "consumer.safetensors"
+    assert main(["convert", "--model", str(case.lora), "--save_to", str(folded), "--to", "diffusers"]) == 0
+    ours = {"sdxl": build_tiny_sdxl, "sd3": lambda: build_tiny_sd3(0, "sd3.5m"), "flux": build_tiny_flux}[case.name]()
+    lora = load_lora(case.lora)
+    merge_into_model(ours, lora.layout, [lora], [1.0])
+    theirs = {"sdxl": build_tiny_sdxl, "sd3": lambda: build_tiny_sd3(0, "sd3.5m"), "flux": build_tiny_flux}[case.name]()
+    base = case.forward(theirs)
+    pipe = _pipeline(case, theirs)
+    pipe.load_lora_weights(str(folded), adapter_name="converted")
+    denoiser = pipe.unet if case.name == "sdxl" else pipe.transformer
+    encoders = [pipe.text_encoder, pipe.text_encoder_2] if case.name != "flux" else [pipe.text_encoder, None]
+    loaded = case.forward(SimpleNamespace(denoiser=denoiser, text_encoders=encoders))
+    for theirs_out, ours_out, plain in zip(loaded, case.forward(ours), base):
+        assert (ours_out - plain).abs().max() > 1e-3
+        assert (theirs_out - ours_out).abs().max() < 1e-4
+
+
+def test_flux_diffusers_folder_to_bfl_file(tmp_path):
+    from safetensors.torch import load_file
+
+    from lorakit.families.flux.tiny import save_pipeline_folder
+
+    comps = build_tiny_flux(0)
+    folder = save_pipeline_folder(comps, tmp_path / "diffusers")
+    reference = save_bfl_files(comps, tmp_path / "bfl")["flux1"]
+    out = tmp_path / "flux1_converted.safetensors"
+    assert main(["convert", "--flux_diffusers_to_bfl", str(folder), "--save_to", str(out)]) == 0
+    ours, theirs = load_file(str(out)), load_file(str(reference))
+    assert ours.keys() == theirs.keys() and "double_blocks.0.img_attn.qkv.weight" in ours
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert main(["convert", "--flux_diffusers_to_bfl", str(tmp_path / "nowhere"), "--save_to", str(tmp_path / "x.safetensors")]) == 2
+    assert not (tmp_path / "x.safetensors").exists()

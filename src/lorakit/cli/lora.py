@@ -328,17 +328,24 @@ def _extract_family(args: argparse.Namespace) -> str:
 
 def _convert(argv: list[str]) -> int:
     p = _parser("convert", "Convert a LoRA between the kohya and the diffusers/PEFT key layouts.")
-    p.add_argument("--model", "--src_path", dest="model", required=True, help="input LoRA")
-    p.add_argument("--save_to", "--dst_path", dest="save_to", required=True, help="output LoRA")
-    p.add_argument("--to", "--dst", dest="to", required=True, help="kohya (sd-scripts) or diffusers (peft)")
+    p.add_argument("--model", "--src_path", dest="model", default=None, help="input LoRA")
+    p.add_argument("--save_to", "--dst_path", dest="save_to", required=True, help="output LoRA (or model file)")
+    p.add_argument("--to", "--dst", dest="to", default=None, help="kohya (sd-scripts) or diffusers (peft)")
     p.add_argument("--keep_alpha", action="store_true", help="diffusers: write .alpha tensors instead of folding alpha/rank into lora_B")
     p.add_argument("--save_precision", choices=_PRECISION_CHOICES, default=None, help="default: as loaded")
+    p.add_argument("--flux_diffusers_to_bfl", default=None, metavar="FOLDER",
+                   help="instead of a LoRA: write a diffusers FLUX transformer folder as one BFL-layout file (sd-scripts convert_diffusers_to_flux.py)")
     args = p.parse_args(argv)
 
+    if args.flux_diffusers_to_bfl is not None:
+        return _flux_diffusers_to_bfl(args)
     from lorakit.adapters.formats import save_lora_file
     from lorakit.tools.common import check_output, load_lora, parse_precision, save_lora
-    from lorakit.tools.convert import normalise_format, to_diffusers, to_kohya_modules
+    from lorakit.tools.convert import convert_to_diffusers, normalise_format, to_kohya_modules
 
+    missing = [f"--{name}" for name in ("model", "to") if getattr(args, name) is None]
+    if missing:
+        raise ConfigError([f"{option} is required (or give --flux_diffusers_to_bfl)" for option in missing])
     target = normalise_format(args.to)
     if target is None:
         raise ConfigError([f"--to {args.to}: expected kohya (sd-scripts) or diffusers (peft)"])
@@ -350,9 +357,28 @@ def _convert(argv: list[str]) -> int:
     if target == "kohya":
         save_lora(to_kohya_modules(lora.modules), save_to, fmt, metadata, save_dtype)
     else:
-        state = to_diffusers(lora.modules, lora.layout, keep_alpha=args.keep_alpha)
+        state, metadata = convert_to_diffusers(lora.modules, lora.layout, metadata, keep_alpha=args.keep_alpha)
         save_lora_file(state, save_to, metadata, save_dtype=save_dtype, model_format=fmt)
     print(f"saved {save_to} ({len(lora.modules)} modules, {lora.style} -> {target})")
+    return 0
+
+
+def _flux_diffusers_to_bfl(args: argparse.Namespace) -> int:
+    """A diffusers FLUX transformer (a pipeline folder or its transformer/ folder) as one BFL-layout file."""
+    from lorakit.tools.common import parse_precision
+    from lorakit.tools.models import check_model_output, load_flux_transformer_folder, save_base_model
+
+    if args.model or args.to:
+        raise ConfigError(["--flux_diffusers_to_bfl converts a model; it takes no --model or --to"])
+    source = args.flux_diffusers_to_bfl
+    if not Path(source).is_dir():
+        raise ConfigError([f"--flux_diffusers_to_bfl {source}: not a folder (give a diffusers FLUX folder)"])
+    output = check_model_output(args.save_to, source, "--flux_diffusers_to_bfl")
+    if output.kind != "safetensors":
+        raise ConfigError([f"--save_to {args.save_to}: the BFL file is written as .safetensors"])
+    components = load_flux_transformer_folder(source)
+    save_base_model(components, output, parse_precision(args.save_precision, "--save_precision"), "flux")
+    print(f"saved {output.path} (FLUX transformer, BFL layout)")
     return 0
 
 

@@ -234,22 +234,22 @@ _FLUX_SEGMENTS = (
 )
 
 
-def _sd3_peft_writer(state: dict, metadata: dict) -> tuple[dict, dict]:
-    from lorakit.families.sd3.lora_convert import kohya_to_diffusers
+def _sd3_peft_writer(state: dict, metadata: dict, *, keep_alpha: bool = False) -> tuple[dict, dict]:
+    from lorakit.tools.convert import sd3_to_peft
 
-    return kohya_to_diffusers(state, metadata)
+    return sd3_to_peft(state, metadata, keep_alpha=keep_alpha)
 
 
 def _sd3_peft_reader(state: dict, metadata: dict) -> tuple[dict, dict]:
-    from lorakit.families.sd3.lora_convert import diffusers_to_kohya
+    from lorakit.tools.convert import sd3_from_peft
 
-    return diffusers_to_kohya(state, metadata)
+    return sd3_from_peft(state, metadata)
 
 
-def _flux_peft_writer(state: dict, metadata: dict) -> tuple[dict, dict]:
+def _flux_peft_writer(state: dict, metadata: dict, *, keep_alpha: bool = False) -> tuple[dict, dict]:
     from lorakit.tools.flux_lora import kohya_to_diffusers
 
-    return kohya_to_diffusers(state, metadata)
+    return kohya_to_diffusers(state, metadata, keep_alpha=keep_alpha)
 
 
 def _flux_peft_reader(state: dict, metadata: dict) -> tuple[dict, dict]:

@@ -17,7 +17,10 @@ import torch
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.families.base import Components
 
-__all__ = ["ModelOutput", "check_model_output", "detect_model_family", "load_base_model", "save_base_model", "save_module_file"]
+__all__ = [
+    "ModelOutput", "check_model_output", "detect_model_family", "load_base_model", "load_flux_transformer_folder",
+    "save_base_model", "save_module_file",
+]
 
 SINGLE_FILE_SUFFIXES = {".safetensors": "safetensors", ".ckpt": "ckpt"}
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
@@ -79,6 +82,20 @@ def _load_flux(path: str, clip_l: str | None, t5xxl: str | None, dtype: torch.dt
     from lorakit.families.flux.tools_io import load_flux_parts
 
     return load_flux_parts(path, clip_l=clip_l, t5xxl=t5xxl, dtype=dtype)
+
+
+def load_flux_transformer_folder(path: str, dtype: torch.dtype = torch.float32) -> Components:
+    """Only the transformer of a diffusers FLUX folder (the pipeline folder or its `transformer/`)."""
+    from diffusers import FluxTransformer2DModel
+
+    from lorakit.families.common.module_io import from_pretrained
+
+    folder = Path(path)
+    subfolder = "transformer" if (folder / "transformer" / "config.json").is_file() else ""
+    if not (folder / subfolder / "config.json").is_file():
+        raise CheckpointError(f"{path}: not a diffusers FLUX transformer folder (no config.json, no transformer/config.json)")
+    transformer = from_pretrained(FluxTransformer2DModel, folder, subfolder, what="FLUX transformer", torch_dtype=dtype)
+    return Components(transformer.eval(), None, [None, None], [], {"source": path})
 
 
 class ModelOutput:
