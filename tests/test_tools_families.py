@@ -323,3 +323,29 @@ def test_flux_diffusers_folder_to_bfl_file(tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert main(["convert", "--flux_diffusers_to_bfl", str(tmp_path / "nowhere"), "--save_to", str(tmp_path / "x.safetensors")]) == 2
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------ inspect
+
+
+def test_inspect_names_the_family_and_its_loaders(case, capsys):
+    import json
+
+    peft = case.root / "inspect_peft.safetensors"
+    assert main(["convert", "--model", str(case.lora), "--save_to", str(peft), "--to", "diffusers"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(case.lora), str(peft), "--json"]) == 0
+    out = capsys.readouterr().out
+    decoder = json.JSONDecoder()
+    kohya, end = decoder.raw_decode(out)
+    diffusers, _ = decoder.raw_decode(out[end:].lstrip())
+    assert kohya["family"] == diffusers["family"] == case.name
+    assert (kohya["layout"], diffusers["layout"]) == ("kohya", "diffusers")
+    expected = {  # peers.md §4.2
+        "sdxl": ("yes", "yes (converted on load)", "no", "text encoder only (U-Net PEFT keys are not mapped)"),
+        "sd3": ("no (A1111 1.10+ reads SD3 only in the diffusers layout; Forge has no SD3)", "no (convert: lorakit lora convert --to diffusers)",
+                "A1111 1.10+ only (Forge has no SD3)", "yes"),
+        "flux": ("Forge only (A1111 has no FLUX)", "yes (converted on load)", "Forge only (A1111 has no FLUX)", "yes"),
+    }[case.name]
+    got = (kohya["loaders"]["A1111/Forge"], kohya["loaders"]["diffusers"], diffusers["loaders"]["A1111/Forge"], diffusers["loaders"]["ComfyUI"])
+    assert got == expected

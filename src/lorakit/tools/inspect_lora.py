@@ -2,8 +2,9 @@
 loaders accept its keys.
 
 This works on raw keys and shapes only, so it also describes files the other tools refuse (LoHa, LoKr,
-other families). The loader table follows what each loader's key mapping accepts for SD-family files
-(ComfyUI `comfy/lora.py`, A1111/Forge `extensions-builtin/Lora`, diffusers `lora_conversion_utils`).
+other families). The loader table follows what each loader's key mapping accepts per family and layout
+(ComfyUI `comfy/lora.py`, A1111 `extensions-builtin/Lora`, Forge `backend/patcher/lora.py`, diffusers
+`lora_conversion_utils`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ __all__ = ["describe", "format_report", "loader_support", "report_json"]
 _COMPONENT_PREFIXES = (
     ("lora_unet_", "unet"), ("lora_te1_", "text_encoder_1"), ("lora_te2_", "text_encoder_2"),
     ("lora_te3_", "text_encoder_3"), ("lora_te_", "text_encoder"), ("unet.", "unet"),
-    ("transformer.", "transformer"), ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
+    ("transformer.", "transformer"), ("text_encoder_3.", "text_encoder_3"), ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
     ("lycoris_", "unet"),
 )
 _DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora_A.default.weight")
@@ -87,24 +88,40 @@ def loader_support(style: str, algorithm: str, family: str | None, keys: list[st
     """For each loader, `yes`, `no` or a short qualification, for this layout, algorithm and family."""
     plain = algorithm.startswith(("lora", "locon"))
     has_alpha = any(k.endswith(".alpha") for k in keys)
+    has_t5 = any(k.startswith(("lora_te3_", "text_encoder_3.")) or (family == "flux" and k.startswith("text_encoder_2.")) for k in keys)
     if style == "kohya":
         table = {
             "sd-scripts": "yes" if plain or algorithm == "oft" else "no (LyCORIS module needed)",
             "ComfyUI": "yes",
-            "A1111/Forge": "yes" if family != "sd3" else "A1111 1.10+ only (Forge has no SD3)",
-            "diffusers": "yes (converted on load)" if plain and family in ("sd", "sdxl", "flux", None) else "no",
+            "A1111/Forge": _webui_kohya(family),
+            "diffusers": _diffusers_kohya(plain, family, has_t5),
         }
     elif style == "diffusers":
         unet_only_text = family in ("sd", "sdxl")
         table = {
             "sd-scripts": "no (convert to kohya: lorakit lora convert --to kohya)",
             "ComfyUI": "text encoder only (U-Net PEFT keys are not mapped)" if unet_only_text else "yes",
-            "A1111/Forge": "no" if family != "sd3" else "A1111 1.10+ only",
+            "A1111/Forge": {"sd3": "A1111 1.10+ only (Forge has no SD3)", "flux": "Forge only (A1111 has no FLUX)"}.get(family or "", "no"),
             "diffusers": "yes" if plain and not has_alpha else ("yes, but .alpha keys are ignored" if plain else "no"),
         }
     else:
         table = {loader: "unknown layout" for loader in _LOADERS}
     return table
+
+
+def _webui_kohya(family: str | None) -> str:
+    """A1111 reads kohya SD/SDXL files (SD3 only as diffusers names, no FLUX); Forge reads SD/SDXL/FLUX, no SD3."""
+    return {"sd3": "no (A1111 1.10+ reads SD3 only in the diffusers layout; Forge has no SD3)",
+            "flux": "Forge only (A1111 has no FLUX)"}.get(family or "", "yes")
+
+
+def _diffusers_kohya(plain: bool, family: str | None, has_t5: bool) -> str:
+    """diffusers converts kohya SD/SDXL/FLUX files on load (FLUX without T5 modules); it has no SD3 kohya reader."""
+    if not plain or family == "sd3":
+        return "no (convert: lorakit lora convert --to diffusers)" if family == "sd3" and plain else "no"
+    if family == "flux" and has_t5:
+        return "yes (converted on load), but its T5 (lora_te3) modules are ignored"
+    return "yes (converted on load)"
 
 
 def format_report(path: str, report: dict, *, show_all_metadata: bool = False) -> str:
