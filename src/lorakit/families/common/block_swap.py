@@ -19,6 +19,13 @@ block's linears (held outside the block) and their trainable parameters never le
 copies run on a side stream ordered by events; on the CPU the "device" is the CPU itself and a move is a plain
 copy between the block's storage and its host buffer, so the whole schedule (and its `schedule_log`) runs and
 can be tested without a GPU.
+
+Memory: the device holds the resident blocks' weights and nothing of a swapped-out block, provided nothing
+else keeps its old storage alive. Autograd's saved tensors are the risk: a layer's backward keeps a view of the
+weight storage it ran with, which is harmless here because the incoming block takes over exactly that storage
+and the block comes back into it before its backward (name, shape and dtype must match; an unmatched weight's
+storage stays allocated until its backward); and upcast copies must not be saved at all (`Fp8Linear` saves its
+float8 Parameter instead). `tests/test_block_swap.py` counts the live weight-shaped storages at every step.
 """
 
 from __future__ import annotations
