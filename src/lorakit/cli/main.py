@@ -18,6 +18,7 @@ commands:
   cache     encode the dataset's latents to sd-scripts' .npz cache files, without training (train options)
   demo      train a LoRA on the built-in toy model and dataset on the CPU, with before/after samples
   lora      LoRA file tools: resize, merge, extract, convert, inspect (lorakit lora --help)
+  sample    generate images with LoRAs merged into a base model, any family (lorakit sample --help)
   bench     step time of the trainer against the bare model step (lorakit bench --help)
 
 Any sd-scripts train_network.py command line works after `lorakit train`.
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "cache": _cache, "demo": _demo, "lora": _lora, "bench": _bench}
+    commands = {"train": _train, "cache": _cache, "demo": _demo, "lora": _lora, "sample": _sample, "bench": _bench}
     if command not in commands:
         print(f"lorakit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -101,6 +102,12 @@ def _lora(argv: list[str]) -> int:
     from lorakit.cli.lora import main as lora_main
 
     return lora_main(argv)
+
+
+def _sample(argv: list[str]) -> int:
+    from lorakit.cli.sample import main as sample_main
+
+    return sample_main(argv)
 
 
 def _bench(argv: list[str]) -> int:

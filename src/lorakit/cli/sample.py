@@ -1,0 +1,86 @@
+"""`lorakit sample` (also `lorakit lora sample`): images from a base model with LoRAs, for every family.
+
+The options keep the names of sd-scripts' minimal inference scripts (`sdxl_minimal_inference.py`,
+`sd3_minimal_inference.py`, `flux_minimal_inference.py`) and of `gen_img.py` where they differ, so their command
+lines work with the script replaced by `lorakit sample`. The work is done by `lorakit.sampling.minimal`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("lorakit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorakit sample",
+        description="Generate images with LoRAs merged into a base model (SD 1.x/2.x, SDXL, SD3, FLUX.1).",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument("--ckpt_path", "--ckpt", "--pretrained_model_name_or_path", dest="model", required=True,
+                       help="base model: a single file or a diffusers folder (family detected as in training)")
+    model.add_argument("--family", choices=("auto", "sd", "sdxl", "sd3", "flux"), default="auto", help="default: detected")
+    model.add_argument("--v2", action="store_true", help="SD 2.x model")
+    model.add_argument("--v_parameterization", action="store_true", help="v-prediction model (SD 2.x 768-v)")
+    for name, what in (("vae", "VAE"), ("clip_l", "CLIP-L text encoder (SD3, FLUX)"), ("clip_g", "CLIP-G text encoder (SD3)"),
+                       ("t5xxl", "T5-XXL text encoder (SD3, FLUX)"), ("ae", "FLUX autoencoder")):
+        model.add_argument(f"--{name}", default=None, help=f"{what} from its own file")
+
+    lora = p.add_argument_group("LoRA")
+    lora.add_argument("--lora", "--lora_weights", dest="loras", action="extend", nargs="+", default=[],
+                      metavar="PATH[;MULTIPLIER]",
+                      help="a LoRA file and its multiplier (default 1.0); repeat the option or give several. "
+                           "Quote the value in a shell: ';' ends a command")
+    lora.add_argument("--merge_lora_weights", action="store_true", help="accepted: LoRAs are always merged")
+
+    image = p.add_argument_group("image")
+    image.add_argument("--prompt", default=None, help="the prompt")
+    image.add_argument("--negative_prompt", default="", help="the negative prompt")
+    image.add_argument("--prompt_file", "--from_file", dest="prompt_file", default=None,
+                       help=".txt/.toml/.json prompts with --n --w --h --s --d --l --ss line options, as training's --sample_prompts")
+    image.add_argument("--width", type=int, default=None, help="default: the model's resolution (512, 768 with v-param, 1024)")
+    image.add_argument("--height", type=int, default=None, help="default: the model's resolution")
+    image.add_argument("--steps", "--sample_steps", dest="steps", type=int, default=None, help="default 30")
+    image.add_argument("--guidance_scale", "--cfg_scale", "--scale", "--guidance", dest="guidance_scale", type=float,
+                       default=None, help="CFG scale (FLUX: embedded guidance); default 7.5, SD3 5.0, FLUX 3.5")
+    image.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    image.add_argument("--sampler", "--sample_sampler", dest="sampler", default=None,
+                       help="a --sample_sampler name (ddim, euler_a, dpmsolver++, ...); SD3/FLUX use their flow sampler")
+    image.add_argument("--clip_skip", type=int, default=None, help="SD: use the n-th text-encoder layer from the end")
+    image.add_argument("--output", "--out", "--outdir", "-o", dest="output", default=".",
+                       help="a .png file, or a folder for <time>_<prompt#>_<seed>.png files (default: .)")
+
+    run = p.add_argument_group("precision and device")
+    run.add_argument("--dtype", "--precision", dest="dtype", default=None,
+                     help="fp32, fp16 or bf16 (default fp32 on the CPU, bf16 on CUDA where supported, else fp16)")
+    run.add_argument("--flux_dtype", "--denoiser_dtype", dest="denoiser_dtype", default=None,
+                     help="the denoiser's precision if it differs from --dtype; fp8 stores its linear weights in float8")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cuda if available, else cpu)")
+    run.add_argument("--offload", action="store_true", help="accepted and ignored: the whole model stays on --device")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """Parse, run, print where each image went. A LorakitError reaches the caller, which prints it (exit 2)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse's own errors (status 2) and --help (0)
+        return int(exc.code or 0)
+    from lorakit.sampling.minimal import SampleOptions, run_sample
+
+    if args.offload:
+        log.warning("--offload: not implemented; the whole model stays on --device")
+    model_files = {name: getattr(args, name) for name in ("vae", "clip_l", "clip_g", "t5xxl", "ae") if getattr(args, name)}
+    options = SampleOptions(
+        model=args.model, loras=list(args.loras), prompt=args.prompt, negative_prompt=args.negative_prompt,
+        prompt_file=args.prompt_file, width=args.width, height=args.height, steps=args.steps,
+        guidance_scale=args.guidance_scale, seed=args.seed, sampler=args.sampler, clip_skip=args.clip_skip,
+        output=args.output, dtype=args.dtype, denoiser_dtype=args.denoiser_dtype, device=args.device,
+        family=args.family, v2=args.v2, v_parameterization=args.v_parameterization, model_files=model_files,
+    )
+    for path in run_sample(options):
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,283 @@
+"""Merge LoRA files into a loaded model for inference: `W ← W + m·ΔW` per layer, exact and free at sampling time.
+
+Nothing here knows a module naming: the layers come from the family's own `adapter_targets` (the ones training
+attaches to, fused FLUX/SD3 views included), the file's tensors are loaded by the trainer's strict
+`LoRANetwork.load_kohya_state_dict`, and ΔW comes from each adapter module's own math (`merged_weight`). A file
+written by any trainer network therefore merges the way it trained.
+
+Ranks and alphas are read from each file's tensors, so several files of different ranks (or one file with
+per-layer ranks, e.g. after `lora resize --dynamic_method`) merge one after the other. Which adapter algorithm a
+file holds is read from its tensors (`dora_scale`, `oft_blocks`, `hada_w1`, ...) and its `ss_network_module`:
+
+* plain LoRA (`networks.lora`, `lora_sd3`, `lora_flux`, `lora_fa`, `dylora`; LoCon tensors too), DoRA and
+  OFT (`networks.oft`, `oft_flux`) are rebuilt per layer from the file;
+* `lycoris.kohya` files are rebuilt by the trainer's network factory from their `ss_network_args`;
+* anything else is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lorakit.adapters.base import AdapterModule
+from lorakit.adapters.network import LoRANetwork
+from lorakit.errors import CheckpointError, ConfigError
+from lorakit.families.base import AdapterTarget, Components
+
+log = logging.getLogger("lorakit")
+
+#: --network_args that make each family list every layer a file of its trainer networks can name: the 3x3
+#: convs (SD, SDXL), the embedders and T5 (FLUX, SD3). The ranks they carry are replaced by the file's.
+_ALL_LAYERS_ARGS = {
+    "sd": ["conv_dim=1"],
+    "sdxl": ["conv_dim=1"],
+    "flux": ["in_dims=[1,1,1,1,1]", "train_t5xxl=True"],
+    "sd3": ["emb_dims=[1,1,1,1,1,1]", "train_t5xxl=True"],
+}
+_PER_LAYER_MODULES = ("networks.lora", "networks.lora_sd3", "networks.lora_flux", "networks.lora_fa", "networks.dylora",
+                      "networks.oft", "networks.oft_flux")
+#: tensor names of algorithms only `lycoris.kohya` builds
+_LYCORIS_MARKERS = (("hada_w1", "LoHa"), ("lokr_w1", "LoKr"), ("lora_mid", "LoCon with Tucker decomposition"),
+                    ("oft_diag", "LyCORIS OFT/BOFT"), ("a1.weight", "GLoRA"), ("on_input", "IA3"), (".diff", "full diff"))
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One `--lora path;multiplier` value."""
+
+    path: str
+    multiplier: float = 1.0
+
+
+def parse_lora_spec(text: str, option: str = "--lora") -> LoraSpec:
+    """`path;multiplier` (sd-scripts' syntax; `;` because `:` is part of Windows paths), or a bare path (1.0)."""
+    path, separator, value = text.rpartition(";")
+    if not separator:
+        path, value = text, ""
+    path = path.strip()
+    if not path:
+        raise ConfigError([f"{option} {text!r}: no file before ';' (expected path;multiplier)"])
+    if not separator:
+        return LoraSpec(path)
+    try:
+        multiplier = float(value)
+    except ValueError:
+        raise ConfigError([f"{option} {text!r}: the multiplier after ';' must be a number, got {value!r}"]) from None
+    if multiplier != multiplier or multiplier in (float("inf"), float("-inf")):
+        raise ConfigError([f"{option} {text!r}: the multiplier must be a finite number"])
+    return LoraSpec(path, multiplier)
+
+
+@dataclass
+class LoraFile:
+    """A LoRA file read and classified, before any model is loaded."""
+
+    spec: LoraSpec
+    state: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    network_module: str
+    algorithm: str  # lora, dora, oft or lycoris
+
+    @property
+    def module_names(self) -> list[str]:
+        return sorted({key.partition(".")[0] for key in self.state})
+
+
+def read_lora_file(spec: LoraSpec, option: str = "--lora") -> LoraFile:
+    """Read and classify one file; every refusal names the file (and the key that decided it)."""
+    from lorakit.adapters.formats import load_lora_file
+
+    if not Path(spec.path).is_file():
+        raise ConfigError([f"{option} {spec.path}: file not found"])
+    state, metadata = load_lora_file(spec.path)
+    if not state:
+        raise CheckpointError(f"{spec.path}: holds no tensors")
+    peft = next((k for k in state if ".lora_A." in k or ".lora_B." in k), None)
+    if peft is not None:
+        raise CheckpointError(
+            f"{spec.path}: key {peft} is in the diffusers/PEFT layout; convert it first with "
+            "`lorakit lora convert --to kohya` (SD 1.x/2.x) or use the kohya file"
+        )
+    module = metadata.get("ss_network_module") or "networks.lora"
+    algorithm = _algorithm(spec.path, state, module)
+    return LoraFile(spec, state, metadata, module, algorithm)
+
+
+def _algorithm(path: str, state: dict[str, torch.Tensor], module: str) -> str:
+    if module == "lycoris.kohya":
+        return "lycoris"
+    for marker, name in _LYCORIS_MARKERS:
+        key = next((k for k in state if marker in k), None)
+        if key is not None:
+            raise CheckpointError(
+                f"{path}: key {key} is a {name} tensor, and the file's ss_network_module is {module}, not "
+                "lycoris.kohya; lorakit sample merges only what its trainer networks write"
+            )
+    if module not in _PER_LAYER_MODULES:
+        raise CheckpointError(
+            f"{path}: ss_network_module {module} is not a network lorakit can load "
+            f"(supported: {', '.join(_PER_LAYER_MODULES)}, lycoris.kohya)"
+        )
+    if any(k.endswith(".oft_blocks") for k in state):
+        return "oft"
+    if any(k.endswith(".dora_scale") for k in state):
+        return "dora"
+    return "lora"
+
+
+def check_family(lora: LoraFile, family_name: str) -> None:
+    """Refuse a file whose metadata names another model family (its keys are checked when it loads)."""
+    from lorakit.tools.layouts import guess_family
+
+    theirs = guess_family([], lora.metadata)
+    if theirs is not None and theirs != family_name:
+        version = lora.metadata.get("ss_base_model_version") or lora.metadata.get("modelspec.architecture")
+        raise CheckpointError(
+            f"{lora.spec.path}: a LoRA for the {theirs} family (metadata: {version}); the model is {family_name}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# merging
+# ---------------------------------------------------------------------------------------------------------
+
+
+class LoraMerger:
+    """Merges files into one loaded model; the family's layers are listed once and shared by every file."""
+
+    def __init__(self, family: Any, comps: Components, model_cfg: Any):
+        self.family, self.comps, self.model_cfg = family, comps, model_cfg
+        self._layers: dict[str, AdapterTarget] | None = None
+
+    @property
+    def layers(self) -> dict[str, AdapterTarget]:
+        """Every layer the family's trainer networks can adapt, by kohya name (built on first use: FLUX/SD3
+        fused views route their parts when they are made, so they are made once)."""
+        if self._layers is None:
+            query = _network_config(self.model_cfg, self.family.name, "networks.lora", _ALL_LAYERS_ARGS.get(self.family.name))
+            self._layers = {t.name: t for t in self.family.adapter_targets(self.comps, query)}
+        return self._layers
+
+    @torch.no_grad()
+    def merge(self, lora: LoraFile) -> int:
+        """Merge one file at its multiplier; returns how many layers changed."""
+        network = self._network_for(lora)
+        source = lora.spec.path
+        if lora.algorithm != "lycoris":  # the factory loaded it already
+            for warning in network.load_kohya_state_dict(lora.state, source=source):
+                log.debug(warning)
+        for module in network.lora_modules.values():
+            merge_module(module, lora.spec.multiplier)
+        return len(network.lora_modules)
+
+    def _network_for(self, lora: LoraFile) -> LoRANetwork:
+        if lora.algorithm == "lycoris":
+            return self._lycoris_network(lora)
+        by_module = _tensors_by_module(lora.state)
+        targets = []
+        for name, tensors in by_module.items():
+            layer = self.layers.get(name.replace("oft_", "lora_", 1) if lora.algorithm == "oft" else name)
+            if layer is None:
+                continue  # load_kohya_state_dict names the key (with a family hint)
+            targets.append(AdapterTarget(name, layer.module, layer.component, *_rank_alpha(lora, name, tensors)))
+        if len(targets) < len(by_module):
+            # the strict loader over every layer gives the message: the key, the file, and which family's
+            # names the file holds against this model's
+            LoRANetwork(list(self.layers.values())).load_kohya_state_dict(lora.state, source=lora.spec.path)
+        return LoRANetwork(targets, module_factory=_module_factory(lora))
+
+    def _lycoris_network(self, lora: LoraFile) -> LoRANetwork:
+        from lorakit.adapters.factory import build_network
+
+        meta = lora.metadata
+        args = [f"{k}={v}" for k, v in _json_dict(meta.get("ss_network_args"), lora.spec.path).items()]
+        cfg = _network_config(self.model_cfg, self.family.name, "lycoris.kohya", args or None, weights=lora.spec.path,
+                              dim=_number(meta.get("ss_network_dim")), alpha=_number(meta.get("ss_network_alpha")))
+        network = build_network(cfg, self.family, self.comps, self.comps.denoiser.device)
+        network.restore()  # merged below; the factory attached it for training
+        return network
+
+
+@torch.no_grad()
+def merge_module(module: AdapterModule, multiplier: float) -> None:
+    """W ← the module's merged weight at `multiplier`. A fused view (FLUX/SD3 q/k/v, SAI row order) has no weight
+    of its own: the difference goes to its parts, each taking its rows."""
+    layer = module.org_module
+    if hasattr(layer, "add_to_parts"):
+        delta = module.merged_weight(multiplier) - layer.weight.float()
+        layer.add_to_parts(delta)
+        module.restore()
+    else:
+        module.merge_to_base(multiplier)
+
+
+def _module_factory(lora: LoraFile) -> Callable[[AdapterTarget], AdapterModule] | None:
+    if lora.algorithm == "dora":
+        from lorakit.adapters.dora import DoRAModule
+
+        # the file's dora_scale shape decides the axis when it loads
+        return lambda t: DoRAModule(t.name, t.module, t.rank, t.alpha)
+    if lora.algorithm == "oft":
+        from lorakit.adapters.oft import OFTModule
+
+        return lambda t: OFTModule(t.name, t.module, t.rank, t.alpha)
+    return None  # plain LoRA modules
+
+
+def _tensors_by_module(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        name, _, suffix = key.partition(".")
+        grouped.setdefault(name, {})[suffix] = value
+    return grouped
+
+
+def _rank_alpha(lora: LoraFile, name: str, tensors: dict[str, torch.Tensor]) -> tuple[int, float]:
+    """The module's size as the file stores it: LoRA rank = rows of lora_down, OFT blocks = oft_blocks' first axis."""
+    key = "oft_blocks" if lora.algorithm == "oft" else "lora_down.weight"
+    if key not in tensors:
+        raise CheckpointError(f"{lora.spec.path}: {name} has no {key}")
+    rank = int(tensors[key].shape[0])
+    alpha = tensors.get("alpha")
+    if lora.algorithm == "oft":
+        return rank, float(alpha) if alpha is not None else 0.0
+    return rank, float(alpha) if alpha is not None and float(alpha) != 0.0 else float(rank)
+
+
+def _network_config(model_cfg: Any, family: str, module: str, args: list[str] | None, *, weights: str | None = None,
+                    dim: float | None = None, alpha: float | None = None) -> Any:
+    """The model's options plus the network options a family's targets (or the network factory) read."""
+    from lorakit.config.validate import build_config
+
+    options = dict(model_cfg.model_dump(exclude_unset=True))
+    options.update(network_module=module, network_args=args, network_weights=weights, family=family)
+    if dim:
+        options["network_dim"] = int(dim)
+    if alpha:
+        options["network_alpha"] = alpha
+    return build_config(options, skip_requirements=True)
+
+
+def _json_dict(text: str | None, path: str) -> dict[str, str]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: metadata ss_network_args is not JSON: {text!r}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: metadata ss_network_args is not a table: {text!r}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "", "None", "Dynamic") else None
+    except ValueError:
+        return None

@@ -1,0 +1,314 @@
+"""`lorakit sample`: images from a base model with LoRAs merged, for every family (sd-scripts' minimal inference).
+
+The model loads the way training loads it (family detected by `families/registry.py`), the LoRAs are merged into
+its weights (`apply_lora.py`), and the images come from the family's own pipeline through `generate_sample`, the
+code that makes training's sample images. Every option, prompt, sampler and LoRA file is checked before the
+model loads; an image is written to a temporary name and renamed, so a failed run leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.errors import ConfigError
+from lorakit.sampling.apply_lora import LoraFile, LoraMerger, check_family, parse_lora_spec, read_lora_file
+from lorakit.sampling.prompts import SampleDefaults, SamplePrompt
+
+log = logging.getLogger("lorakit")
+
+#: (steps, guidance scale) when not given: sd-scripts' sample defaults; SD3 and FLUX use their own scales
+#: (SD3 minimal inference: CFG 5.0; FLUX: embedded guidance 3.5)
+_FAMILY_DEFAULTS = {"sd": (30, 7.5), "sdxl": (30, 7.5), "sd3": (30, 5.0), "flux": (30, 3.5)}
+DTYPES = {"fp32": torch.float32, "float": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_MODEL_FILE_OPTIONS = ("vae", "clip_l", "clip_g", "t5xxl", "ae")
+
+
+@dataclass
+class SampleOptions:
+    """What `lorakit sample` was asked for (see cli/sample.py for the option names)."""
+
+    model: str
+    loras: list[str] = field(default_factory=list)
+    prompt: str | None = None
+    negative_prompt: str = ""
+    prompt_file: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    sampler: str | None = None
+    clip_skip: int | None = None
+    output: str = "."
+    dtype: str | None = None
+    denoiser_dtype: str | None = None
+    device: str | None = None
+    family: str = "auto"
+    v2: bool = False
+    v_parameterization: bool = False
+    model_files: dict[str, str] = field(default_factory=dict)  # vae, clip_l, clip_g, t5xxl, ae
+
+
+@dataclass
+class Plan:
+    """Everything checked before the model loads."""
+
+    options: SampleOptions
+    loras: list[LoraFile]
+    device: torch.device
+    dtype: torch.dtype
+    denoiser_dtype: torch.dtype | str | None
+
+
+def run_sample(options: SampleOptions) -> list[Path]:
+    """Check everything, load the model, merge the LoRAs, write one PNG per prompt; returns the files written."""
+    plan = check_options(options)
+    model_cfg = _model_config(options)
+    from lorakit.families.registry import resolve_family
+
+    family = resolve_family(model_cfg)
+    for lora in plan.loras:
+        check_family(lora, family.name)
+    prompts = _prompts(options, family.name)  # the prompt file is read before the model loads
+    targets = _output_paths(options.output, prompts)
+    comps = family.load(model_cfg)
+    merger = LoraMerger(family, comps, model_cfg)
+    for lora in plan.loras:
+        layers = merger.merge(lora)
+        log.info("merged %s x%g into %d layers", lora.spec.path, lora.spec.multiplier, layers)
+    _place(comps, plan)
+    return _generate(family, comps, prompts, targets, options)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checks (no model loaded yet)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_options(options: SampleOptions) -> Plan:
+    """Every problem with the options at once, then the LoRA files read (each refusal names its file)."""
+    problems: list[str] = []
+    if not Path(options.model).exists():
+        problems.append(f"--ckpt_path {options.model}: model file or folder not found")
+    for name, path in options.model_files.items():
+        if not Path(path).exists():
+            problems.append(f"--{name} {path}: file not found")
+    if not options.prompt and not options.prompt_file:
+        problems.append("--prompt or --prompt_file is needed")
+    if options.prompt and options.prompt_file:
+        problems.append("--prompt and --prompt_file: give one of them")
+    if options.prompt_file:
+        problems += _prompt_file_problems(options.prompt_file)
+    for name in ("width", "height"):
+        value = getattr(options, name)
+        if value is not None and (value < 64 or value % 8):
+            problems.append(f"--{name} {value}: must be a multiple of 8, at least 64")
+    if options.steps is not None and not 1 <= options.steps <= 1000:
+        problems.append(f"--steps {options.steps}: must be between 1 and 1000")
+    if options.sampler:
+        problems += [p for p in [sampler_problem(options.sampler, f"--sampler {options.sampler}")] if p]
+    problems += _output_problems(options.output)
+    specs = []
+    for text in options.loras:
+        try:
+            specs.append(parse_lora_spec(text))
+        except ConfigError as exc:
+            problems += exc.problems
+    problems += [f"--lora {s.path}: file not found" for s in specs if not Path(s.path).is_file()]
+    device, dtype, denoiser_dtype = _device_and_dtypes(options, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Plan(options, [read_lora_file(spec) for spec in specs], device, dtype, denoiser_dtype)
+
+
+def sampler_problem(name: str, where: str) -> str | None:
+    """Unknown names are an error here (training falls back to DDIM as sd-scripts does, a one-off run should not)."""
+    from lorakit.sampling.samplers import SAMPLERS, build_sampler
+
+    if name.lower() not in SAMPLERS:
+        return f"{where}: unknown sampler (known: {', '.join(SAMPLERS)})"
+    try:
+        build_sampler(name, "epsilon")
+    except (ImportError, ValueError) as exc:
+        return f"{where}: sampler {name} cannot be used here ({' '.join(str(exc).split())})"
+    return None
+
+
+def _prompt_file_problems(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        return [f"--prompt_file {path}: file not found"]
+    if file.suffix.lower() not in (".txt", ".toml", ".json"):
+        return [f"--prompt_file {path}: the file must end in .txt, .toml or .json"]
+    return []
+
+
+def _output_problems(output: str) -> list[str]:
+    path = Path(output)
+    if path.suffix and path.suffix.lower() != ".png" and not path.is_dir():
+        return [f"--output {output}: images are written as PNG; give a .png file or a folder"]
+    if path.suffix.lower() == ".png" and path.is_dir():
+        return [f"--output {output}: is a folder; give a file name or the folder without .png"]
+    return []
+
+
+def _device_and_dtypes(options: SampleOptions, problems: list[str]) -> tuple[torch.device, torch.dtype, Any]:
+    device_name = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        problems.append(f"--device {device_name}: not a device name (cpu, cuda, cuda:1, mps)")
+        device = torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        problems.append(f"--device {device_name}: CUDA is not available on this machine")
+    default = "bf16" if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cuda" and default == "fp32":
+        default = "fp16"
+    dtype_name = (options.dtype or default).lower()
+    if dtype_name not in DTYPES:
+        problems.append(f"--dtype {options.dtype}: expected one of {', '.join(DTYPES)}")
+    denoiser: Any = None
+    if options.denoiser_dtype:
+        name = options.denoiser_dtype.lower()
+        if name == "fp8":
+            denoiser = "fp8"
+        elif name in DTYPES:
+            denoiser = DTYPES[name]
+        else:
+            problems.append(f"--flux_dtype {options.denoiser_dtype}: expected fp8 or one of {', '.join(DTYPES)}")
+    return device, DTYPES.get(dtype_name, torch.float32), denoiser
+
+
+def _model_config(options: SampleOptions) -> Any:
+    """The training options that describe the model, so it loads exactly as `lorakit train` loads it."""
+    from lorakit.config.validate import build_config
+
+    values: dict[str, Any] = {"pretrained_model_name_or_path": options.model, "family": options.family}
+    if options.v2:
+        values["v2"] = True
+    if options.v_parameterization:
+        values["v_parameterization"] = True
+    values.update({k: v for k, v in options.model_files.items() if k in _MODEL_FILE_OPTIONS})
+    return build_config(values, skip_requirements=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prompts and outputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _prompts(options: SampleOptions, family: str) -> list[SamplePrompt]:
+    """The prompts with every value filled in: the command line's, or a prompt file's lines over them."""
+    from lorakit.sampling.prompts import read_sample_prompts
+
+    steps, scale = _FAMILY_DEFAULTS.get(family, (30, 7.5))
+    size = 1024 if family in ("sdxl", "sd3", "flux") else (768 if options.v_parameterization else 512)
+    defaults = SampleDefaults(
+        width=options.width or size, height=options.height or size, sample_steps=options.steps or steps,
+        scale=scale if options.guidance_scale is None else options.guidance_scale,
+    )
+    if options.prompt_file:
+        prompts = read_sample_prompts(options.prompt_file, defaults)
+        if not prompts:
+            raise ConfigError([f"--prompt_file {options.prompt_file}: holds no prompts"])
+        for prompt in prompts:
+            if prompt.sample_sampler:
+                problem = sampler_problem(prompt.sample_sampler, f"--prompt_file {options.prompt_file} (prompt {prompt.index + 1}) --ss")
+                if problem:
+                    raise ConfigError([problem])
+    else:
+        prompts = [SamplePrompt(0, options.prompt or "", options.negative_prompt, defaults.width, defaults.height,
+                                None, defaults.sample_steps, defaults.scale)]
+    base_seed = options.seed if options.seed is not None else random.randrange(2**31)
+    if options.seed is None and any(p.seed is None for p in prompts):
+        log.info("seed %d (pass --seed %d to make the same images again)", base_seed, base_seed)
+    return [p if p.seed is not None else replace(p, seed=base_seed + p.index) for p in prompts]
+
+
+def _output_paths(output: str, prompts: list[SamplePrompt]) -> list[Path]:
+    """A .png output names the image (several prompts: NAME_00.png, NAME_01.png, ...); a folder gets
+    `<time>_<prompt#>_<seed>.png` files, as training names its samples."""
+    path = Path(output)
+    if path.suffix.lower() == ".png":
+        if len(prompts) == 1:
+            return [path]
+        return [path.with_name(f"{path.stem}_{p.index:02d}{path.suffix}") for p in prompts]
+    stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
+    return [path / f"{stamp}_{p.index:02d}_{p.seed}.png" for p in prompts]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# placing and generating
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _place(comps: Any, plan: Plan) -> None:
+    """Move the model to the device in the asked precision (after merging, which ran in float32 or wider)."""
+    from lorakit.families.common.layers import to_fp8
+
+    for module in (comps.vae, *comps.text_encoders):
+        _move(module, plan.device, plan.dtype)
+    denoiser_dtype = plan.denoiser_dtype or plan.dtype
+    if denoiser_dtype == "fp8":
+        _move(comps.denoiser, plan.device, plan.dtype)
+        layers = to_fp8(comps.denoiser)
+        log.info("denoiser: %d linear layers store float8_e4m3fn weights", layers)
+    else:
+        _move(comps.denoiser, plan.device, denoiser_dtype)
+    for module in (comps.denoiser, comps.vae, *comps.text_encoders):
+        module.eval()
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    # a cast only where needed: diffusers warns about every `.to(dtype)`, even to the dtype a model already has
+    current = next(module.parameters(), None)
+    if current is not None and current.dtype != dtype:
+        module.to(dtype=dtype)
+    module.to(device=device)
+
+
+def _generate(family: Any, comps: Any, prompts: list[SamplePrompt], targets: list[Path], options: SampleOptions) -> list[Path]:
+    from lorakit.sampling.generate import generate_sample
+
+    pipelines: dict[str | None, Any] = {}
+    written = []
+    for prompt, target in zip(prompts, targets):
+        sampler = (prompt.sample_sampler or options.sampler or "").lower() or None
+        if sampler not in pipelines:
+            pipelines[sampler] = _pipeline(family, comps, sampler)
+        image = generate_sample(pipelines[sampler], prompt, clip_skip=options.clip_skip)
+        if image.size != (prompt.width, prompt.height):
+            log.warning("%s: the pipeline made a %dx%d image (asked for %dx%d)", target, *image.size, prompt.width, prompt.height)
+        written.append(write_png(image, target))
+    return written
+
+
+def _pipeline(family: Any, comps: Any, sampler: str | None) -> Any:
+    from lorakit.sampling.samplers import SAMPLERS
+
+    pipe = family.pipeline(comps, sampler) if sampler else family.pipeline(comps)
+    pipe.set_progress_bar_config(disable=True)
+    used = type(pipe.scheduler).__name__
+    if sampler and SAMPLERS[sampler][0] != used:
+        log.warning("--sampler %s: this model samples with its own %s (as sd-scripts does)", sampler, used)
+    return pipe
+
+
+def write_png(image: Any, path: Path) -> Path:
+    """Write to a temporary name in the same folder, then rename: an interrupted run leaves no partial image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,215 @@
+"""`lorakit sample`: images from tiny models of every family with LoRAs merged into the weights.
+
+The merged result is checked against an independent path: the same file loaded into the trainer's network and
+attached at the same multiplier (the bypass forward, no weight changes), images made by the same pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lorakit.adapters.formats import save_lora_file
+from lorakit.adapters.network import LoRANetwork
+from lorakit.cli.main import main
+from lorakit.config.validate import build_config
+from lorakit.families.registry import resolve_family
+from lorakit.sampling.generate import generate_sample
+from lorakit.sampling.prompts import SamplePrompt
+
+PROMPT = "a red square on a blue background"
+SIZE = {"sd": 64, "sdxl": 64, "sd3": 64, "flux": 64}
+VERSIONS = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "sd3"}
+
+
+def lora_cfg(conv: bool = False, dim: int = 4, alpha: float = 2.0):
+    """The network options a family's adapter_targets reads."""
+    args = ["conv_dim=2", "conv_alpha=1"] if conv else None
+    return SimpleNamespace(
+        network_dim=dim, network_alpha=alpha, network_args=args,
+        network_kwargs=lambda: dict(a.split("=", 1) for a in (args or [])),
+        network_train_unet_only=False, network_train_text_encoder_only=False,
+    )
+
+
+def load_model(path: Path):
+    cfg = build_config({"pretrained_model_name_or_path": str(path)}, skip_requirements=True)
+    family = resolve_family(cfg)
+    return family, family.load(cfg)
+
+
+def write_random_lora(model: Path, file: Path, *, seed: int, conv: bool = False, dim: int = 4, scale: float = 0.15) -> Path:
+    """A LoRA on every layer the family's trainer network adapts, with random factors, saved as training saves it."""
+    family, comps = load_model(model)
+    network = LoRANetwork(family.adapter_targets(comps, lora_cfg(conv, dim)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in network.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    module = {"sd3": "networks.lora_sd3", "flux": "networks.lora_flux"}.get(family.name, "networks.lora")
+    save_lora_file(network.state_dict_kohya(), file, {"ss_network_module": module, "ss_base_model_version": VERSIONS[family.name]})
+    return file
+
+
+def attached_image(model: Path, loras: list[tuple[Path, float, SimpleNamespace]], *, seed: int, steps: int = 2, scale: float = 5.0):
+    """The independent path: each file loaded into the trainer network it was written from (same options),
+    attached (not merged) at its multiplier."""
+    from lorakit.adapters.formats import load_lora_file
+
+    family, comps = load_model(model)
+    for file, multiplier, cfg in loras:
+        state, _ = load_lora_file(file)
+        network = LoRANetwork(family.adapter_targets(comps, cfg))
+        network.load_kohya_state_dict(state, source=str(file))
+        network.set_multiplier(multiplier)
+        network.apply_to()
+    pipe = family.pipeline(comps)
+    pipe.set_progress_bar_config(disable=True)
+    size = SIZE[family.name]
+    prompt = SamplePrompt(0, PROMPT, "", size, size, seed, steps, scale)
+    return np.asarray(generate_sample(pipe, prompt), dtype=np.int16)
+
+
+def sample(model: Path, out: Path, *extra: str, seed: int = 1, scale: float = 5.0) -> np.ndarray:
+    argv = ["sample", "--ckpt_path", str(model), "--prompt", PROMPT, "--width", "64", "--height", "64", "--steps", "2",
+            "--seed", str(seed), "--guidance_scale", str(scale), "--output", str(out), *extra]
+    assert main(argv) == 0
+    with Image.open(out) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def assert_close(a: np.ndarray, b: np.ndarray) -> None:
+    """PNG bytes: float differences between a merged and an attached LoRA may move a value by one step."""
+    diff = np.abs(a - b)
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------------------
+
+
+def write_sd_model(folder: Path) -> Path:
+    """The tiny SD 1.x with a non-zero bias in the text encoder's final LayerNorm, as real CLIP models have: with
+    a zero bias every token's features average to ~0, and the weighted-prompt encoder's mean rescaling divides
+    0 by 0 whenever the rounding lands on exactly zero (`sampling/weighting.py`)."""
+    from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder
+
+    comps = build_tiny_sd("sd1", seed=0)
+    encoder = comps.text_encoders[0]
+    norm = getattr(encoder, "text_model", encoder).final_layer_norm
+    with torch.no_grad():
+        norm.bias.copy_(torch.linspace(-0.2, 0.3, norm.bias.numel()))
+    save_sd_diffusers_folder(comps, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    from lorakit.families.flux.tiny import build_tiny_flux
+    from lorakit.families.flux.tiny import save_pipeline_folder as save_flux
+    from lorakit.families.sd3.tiny import build_tiny_sd3
+    from lorakit.families.sd3.tiny import save_pipeline_folder as save_sd3
+    from lorakit.families.sdxl.tiny import build_tiny_sdxl, save_sdxl_diffusers_folder
+
+    root = tmp_path_factory.mktemp("sample_models")
+    paths = {"sd": write_sd_model(root / "sd1"), "sdxl": root / "sdxl"}
+    save_sdxl_diffusers_folder(build_tiny_sdxl(seed=0), paths["sdxl"])
+    paths["sd3"] = save_sd3(build_tiny_sd3(0, "sd3"), root / "sd3")
+    paths["flux"] = save_flux(build_tiny_flux(0), root / "flux")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def loras(models, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sample_loras")
+    # the tiny FLUX answers weakly to small factors; larger ones make its LoRA show in the pixels
+    files = {name: write_random_lora(path, root / f"{name}.safetensors", seed=3, conv=name in ("sd", "sdxl"),
+                                     scale=0.5 if name == "flux" else 0.15)
+             for name, path in models.items()}
+    files["sd_rank8"] = write_random_lora(models["sd"], root / "sd_rank8.safetensors", seed=5, dim=8)
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every family
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_lora_merge_equals_the_attached_network(models, loras, tmp_path, family):
+    base = sample(models[family], tmp_path / "base.png")
+    assert Image.open(tmp_path / "base.png").size == (64, 64)
+    zero = sample(models[family], tmp_path / "zero.png", "--lora", f"{loras[family]};0")
+    assert np.array_equal(zero, base)
+    merged = sample(models[family], tmp_path / "merged.png", "--lora", f"{loras[family]};0.8")
+    assert np.abs(merged - base).mean() > 1.0  # the LoRA shows
+    assert_close(merged, attached_image(models[family], [(loras[family], 0.8, lora_cfg(conv=family in ("sd", "sdxl")))], seed=1))
+
+
+def test_same_seed_same_image_other_seed_differs(models, tmp_path):
+    first = sample(models["sd"], tmp_path / "a.png", seed=7)
+    assert np.array_equal(sample(models["sd"], tmp_path / "b.png", seed=7), first)
+    assert not np.array_equal(sample(models["sd"], tmp_path / "c.png", seed=8), first)
+
+
+def test_two_loras_of_different_ranks(models, loras, tmp_path):
+    """A rank-4 C3Lier file at 0.6 and a rank-8 LierLa file (given by the sd-scripts spelling) at -0.5."""
+    merged = sample(models["sd"], tmp_path / "two.png", "--lora", f"{loras['sd']};0.6", "--lora_weights", f"{loras['sd_rank8']};-0.5")
+    expected = attached_image(models["sd"], [(loras["sd"], 0.6, lora_cfg(conv=True)), (loras["sd_rank8"], -0.5, lora_cfg(dim=8))], seed=1)
+    assert_close(merged, expected)
+    single = sample(models["sd"], tmp_path / "one.png", "--lora", f"{loras['sd']};0.6")
+    assert np.abs(merged - single).mean() > 1.0
+
+
+def test_prompt_file_options_and_folder_output(models, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --w 96 --h 64 --d 5 --s 2\n# comment\na blue circle --n green --l 3 --d 9 --s 1\n", encoding="utf-8")
+    out = tmp_path / "images"
+    assert main(["sample", "--ckpt_path", str(models["sd"]), "--prompt_file", str(prompts), "--output", str(out),
+                 "--width", "64", "--height", "64"]) == 0
+    files = sorted(out.glob("*.png"))
+    assert [f.name.split("_", 1)[1] for f in files] == ["00_5.png", "01_9.png"]
+    assert [Image.open(f).size for f in files] == [(96, 64), (64, 64)]
+    assert not list(out.glob(".*"))  # no temporary files left
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mistakes: exit 2, a message naming the problem, no image
+# ---------------------------------------------------------------------------------------------------------
+
+
+def write_foreign_lora(file: Path, *, metadata: dict[str, str]) -> Path:
+    state = {"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 32),
+             "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(32, 4)}
+    save_lora_file(state, file, metadata)
+    return file
+
+
+@pytest.mark.parametrize("case", ["missing", "family_metadata", "family_keys", "syntax", "sampler", "prompt"])
+def test_mistakes_exit_2_with_a_message(models, loras, tmp_path, capsys, case):
+    out = tmp_path / "out.png"
+    extra, expected = {
+        "missing": (["--lora", f"{tmp_path / 'nope.safetensors'};1"], "nope.safetensors: file not found"),
+        "family_metadata": (["--lora", str(write_foreign_lora(tmp_path / "xl.safetensors", metadata={"ss_base_model_version": "sdxl_base_v1-0"}))],
+                            "xl.safetensors: a LoRA for the sdxl family"),
+        "family_keys": (["--lora", str(write_foreign_lora(tmp_path / "bare.safetensors", metadata={}))],
+                        "key lora_unet_input_blocks_4_1_proj_in.lora_down.weight is for a module this network does not have; "
+                        "this file has lora_unet_input_blocks_ keys (an SDXL LoRA)"),
+        "syntax": (["--lora", f"{loras['sd']};strong"], "the multiplier after ';' must be a number"),
+        "sampler": (["--sampler", "warp_drive"], "--sampler warp_drive: unknown sampler"),
+        "prompt": (["--prompt_file", str(tmp_path / "none.txt")], "--prompt_file"),
+    }[case]
+    argv = ["sample", "--ckpt_path", str(models["sd"]), "--width", "64", "--height", "64", "--steps", "1",
+            "--output", str(out), *extra]
+    if case != "prompt":
+        argv += ["--prompt", PROMPT]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and expected in err, err
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
