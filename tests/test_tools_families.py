@@ -349,3 +349,49 @@ def test_inspect_names_the_family_and_its_loaders(case, capsys):
     }[case.name]
     got = (kohya["loaders"]["A1111/Forge"], kohya["loaders"]["diffusers"], diffusers["loaders"]["A1111/Forge"], diffusers["loaders"]["ComfyUI"])
     assert got == expected
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+
+def test_bad_inputs_name_the_file_and_key_and_write_nothing(case, tmp_path, capsys):
+    out = tmp_path / "out.safetensors"
+    model_args = list(case.model_args)
+    if case.name == "flux":  # the merged CLIP-L would go here
+        model_args[-1] = str(tmp_path / "clip.safetensors")
+    base = ["merge", *model_args, "--save_to", str(out)]
+
+    def refused(tensors, *fragments, metadata=None, extra=()):
+        path = tmp_path / "bad.safetensors"
+        save_lora_file(tensors, path, metadata or {})
+        assert main([*base, "--models", str(path), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "bad.safetensors" in err and all(f in err for f in fragments), err
+        assert len(err.strip().splitlines()) == 1
+
+    tensors, _ = load_lora_file(case.lora)
+    # a LoRA of another family than the model
+    other = "lora_unet_double_blocks_0_img_attn_qkv" if case.name == "sdxl" else "lora_unet_input_blocks_4_1_proj_in"
+    version = "flux1" if case.name == "sdxl" else "sdxl_base_v1-0"
+    refused({f"{other}.lora_down.weight": torch.zeros(2, 8), f"{other}.lora_up.weight": torch.zeros(8, 2)}, other,
+            metadata={"ss_base_model_version": version})
+    # a module with a valid name the model does not have, and a factor shape that does not fit
+    fused = {"sdxl": "lora_unet_input_blocks_4_1_proj_in", "sd3": "lora_unet_joint_blocks_0_x_block_attn_qkv",
+             "flux": "lora_unet_double_blocks_0_img_attn_qkv"}[case.name]
+    missing = {"sdxl": "lora_unet_input_blocks_7_1_proj_in", "sd3": "lora_unet_joint_blocks_9_x_block_attn_qkv",
+               "flux": "lora_unet_double_blocks_7_img_attn_qkv"}[case.name]
+    renamed = {k.replace(fused, missing): v for k, v in tensors.items()}
+    refused(renamed, missing, "does not have")
+    wrong = dict(tensors)
+    wrong[f"{fused}.lora_up.weight"] = torch.zeros(wrong[f"{fused}.lora_up.weight"].shape[0] + 1, 4)
+    refused(wrong, fused, "does not fit")
+    # an unknown key
+    refused({**tensors, "lora_unet_no_such_layer.lora_down.weight": torch.zeros(4, 8)}, "lora_unet_no_such_layer")
+    # ratios that do not match the files
+    assert main([*base, "--models", str(case.lora), "--ratios", "0.5", "0.5"]) == 2
+    assert "--ratios" in capsys.readouterr().err
+    if case.name == "flux":  # a text-encoder LoRA needs --clip_l
+        assert main(["merge", case.model_args[0], case.model_args[1], "--save_to", str(out), "--models", str(case.lora)]) == 2
+        assert "--clip_l" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "clip.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name != "bad.safetensors"]
