@@ -395,3 +395,63 @@ def test_bad_inputs_name_the_file_and_key_and_write_nothing(case, tmp_path, caps
         assert "--clip_l" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "clip.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name != "bad.safetensors"]
+
+
+# ------------------------------------------------------------------------------------------ FLUX specifics
+
+
+def test_flux_fp8_transformer_merges_in_float32(tmp_path):
+    """A float8_e4m3fn BFL file (as distributed) is read, merged in --precision and saved in --save_precision."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from lorakit.families.common.checkpoint_io import write_safetensors_atomic
+
+    comps = build_tiny_flux(0)
+    files = save_bfl_files(comps, tmp_path)
+    with safe_open(str(files["flux1"]), "pt") as f:
+        metadata = f.metadata()
+    state = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in load_file(str(files["flux1"])).items()}
+    fp8 = tmp_path / "flux1_fp8.safetensors"
+    write_safetensors_atomic(state, fp8, metadata)
+    lora = tmp_path / "lora.safetensors"
+    save_lora_file(random_network(FluxFamily(), comps, net_cfg(unet_only=True)).state_dict_kohya(), lora)
+    out = tmp_path / "merged.safetensors"
+    args = ["merge", "--flux_model", str(fp8), "--save_to", str(out), "--models", str(lora), "--ratios", str(RATIO),
+            "--save_precision", "bf16", "--mem_eff_load_save", "--loading_device", "cpu", "--working_device", "cpu"]
+    assert main(args) == 0
+    assert load_file(str(out))["double_blocks.0.img_attn.qkv.weight"].dtype == torch.bfloat16
+    base, merged = load_base_model(str(fp8), family="flux"), load_base_model(str(out), family="flux")
+    with model_targets("flux", base) as before, model_targets("flux", merged) as after:
+        for name, module in load_lora(lora).modules.items():
+            expected = (before[name].weight() + RATIO * module.delta()).to(torch.bfloat16).float()
+            assert torch.allclose(after[name].weight(), expected, atol=1e-6), name
+
+
+def test_flux_converter_splits_and_fuses_independent_pairs():
+    """Three independent q/k/v pairs fuse into a block-diagonal rank-3r module (exact ΔW per part) and split back."""
+    from lorakit.tools.flux_lora import diffusers_to_kohya, kohya_to_diffusers
+
+    gen = torch.Generator().manual_seed(0)
+    width, rank = 8, 2
+    parts = ("to_q", "to_k", "to_v")
+    state = {}
+    for index, part in enumerate(parts):
+        state[f"transformer.transformer_blocks.0.attn.{part}.lora_A.weight"] = torch.randn(rank, width, generator=gen)
+        state[f"transformer.transformer_blocks.0.attn.{part}.lora_B.weight"] = torch.randn(width, rank, generator=gen)
+        state[f"transformer.transformer_blocks.0.attn.{part}.alpha"] = torch.tensor(float(index + 1))
+    kohya, _ = diffusers_to_kohya(state)
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    down, up, alpha = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"], float(kohya[f"{name}.alpha"])
+    assert down.shape == (3 * rank, width) and up.shape == (3 * width, 3 * rank)
+    fused_delta = (alpha / (3 * rank)) * up @ down
+    for index, part in enumerate(parts):
+        a, b = state[f"transformer.transformer_blocks.0.attn.{part}.lora_A.weight"], state[f"transformer.transformer_blocks.0.attn.{part}.lora_B.weight"]
+        expected = ((index + 1) / rank) * b @ a
+        assert torch.allclose(fused_delta[index * width:(index + 1) * width], expected, atol=1e-5)
+    split, _ = kohya_to_diffusers(kohya)
+    for index, part in enumerate(parts):
+        path = f"transformer.transformer_blocks.0.attn.{part}"
+        assert split[f"{path}.lora_A.weight"].shape == (rank, width)  # the block-diagonal form splits into the small pairs
+        expected = ((index + 1) / rank) * state[f"{path}.lora_B.weight"] @ state[f"{path}.lora_A.weight"]
+        assert torch.allclose(split[f"{path}.lora_B.weight"] @ split[f"{path}.lora_A.weight"], expected, atol=1e-5)
