@@ -67,7 +67,7 @@ def inputs(args, device):
 
 
 def run(args, swap: int, device) -> dict:
-    """One setup and training run; peaks are measured from what was allocated before it (nothing, see `release`)."""
+    """One setup and training run; peaks are measured from what was allocated before it (nothing, see `unlink`)."""
     gib = 2**30
     base = torch.cuda.memory_allocated(device)
     model, loras = build(args, device)  # on the CPU: the weights go from there straight to their final place
