@@ -240,6 +240,24 @@ def test_oft_rotation_is_orthogonal_constrained_and_keeps_bias():
         OFTModule("oft_unet_x", nn.Linear(16, 30), 4, 1e-3)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_oft_merge_is_the_readers_block_product(kind):
+    """A file's oft_blocks mean what sd-scripts (`networks.oft`), ComfyUI and LyCORIS read: per block k,
+    W'[k] = Σ_n R[k, n, m] W[k, n] (`einsum("k n m, k n ... -> k m ...")`, i.e. Rᵀ·W), R the Cayley transform."""
+    layer = make_layer(kind, torch.float32)
+    adapter = OFTModule("oft_unet_x", layer, 4, 1e-1)
+    randomise(adapter, scale=0.1)
+    b = adapter.oft_blocks.detach()
+    q = b - b.transpose(1, 2)
+    q = q * min(1.0, 1e-1 * 32 / float(q.flatten().norm()))
+    eye = torch.eye(8).expand(4, 8, 8)
+    r = (eye + q) @ torch.linalg.inv(eye - q)
+    blocks = layer.weight.reshape(4, 8, *layer.weight.shape[1:])
+    reference = blocks + torch.einsum("knm,kn...->km...", 0.5 * (r - eye), blocks)  # ComfyUI at strength 0.5
+    assert torch.allclose(adapter.merged_weight(0.5), reference.reshape(layer.weight.shape), atol=1e-5)
+    assert not torch.allclose(r, r.transpose(1, 2), atol=1e-3), "the test tells R from Rᵀ"
+
+
 def test_network_loads_dora_and_rejects_foreign_keys():
     layer = make_layer("linear", torch.float32)
     targets = [AdapterTarget("lora_unet_x", layer, "unet", 4, 2.0)]

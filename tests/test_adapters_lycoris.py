@@ -260,6 +260,34 @@ def test_seed_options_ranks_and_names(family):
     assert all(re.search(r"(resnets|samplers)_|conv_(in|out)$", n) for n in unet_only.lora_modules)
 
 
+def test_sdxl_block_dims_follow_sdxl_23_blocks(caplog):
+    """lycoris-lora 4.1.3's kohya entry ignores block_dims; lorakit reads them with sd-scripts' SDXL numbering (23
+    blocks: 0 time/label embedding, 1 + N input_blocks_N, 10 + N middle_block, 13 + N output_blocks_N, 22 out)."""
+    from lorakit.families.sdxl.family import StableDiffusionXLFamily
+    from lorakit.families.sdxl.tiny import build_tiny_sdxl
+
+    family, comps = StableDiffusionXLFamily(), build_tiny_sdxl(seed=0)
+    dims = [str(i + 1) for i in range(23)]
+    network = build_network(options("algo=locon", "block_dims=" + ",".join(dims), network_train_unet_only=True),
+                            family, comps, torch.device("cpu"))
+    modules = network.lora_modules
+    assert modules["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"].lyco.lora_dim == 6  # IN04 = block 5
+    assert modules["lora_unet_output_blocks_0_1_proj_in"].lyco.lora_dim == 14  # OUT00 = block 13
+    assert modules["lora_unet_time_embed_0"].lyco.lora_dim == 1  # block 0
+    network.restore()
+    with pytest.raises(ConfigError, match="block_dims: needs exactly 23 values for this SDXL U-Net"):
+        build_network(options("block_dims=" + ",".join(dims[:-1])), family, comps, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="block_alphas: needs exactly 23"):
+        build_network(options("block_dims=" + ",".join(dims), "block_alphas=1,2"), family, comps, torch.device("cpu"))
+    # the users' guides' 25 SD values: SD 1.x's indices over the diffusers block paths, with a warning
+    with caplog.at_level("WARNING", logger="lorakit"):
+        sd_layout = build_network(options("block_dims=" + ",".join(str(i + 1) for i in range(25)), network_train_unet_only=True),
+                                  family, comps, torch.device("cpu"))
+    assert "SDXL has 23 blocks" in caplog.text
+    # diffusers down_blocks.1.attentions.0 (SGM input_blocks_4_1) is SD's IN04 = index 4
+    assert sd_layout.lora_modules["lora_unet_input_blocks_4_1_proj_in"].lyco.lora_dim == 5
+
+
 # ---------------------------------------------------------------------- ComfyUI's key map
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from lorakit.errors import CheckpointError
 
-__all__ = ["AdapterModule", "check_probability"]
+__all__ = ["AdapterModule", "check_probability", "is_fused_view", "write_merged_weight"]
 
 
 def check_probability(name: str, value: float | None) -> float:
@@ -30,6 +30,26 @@ def check_probability(name: str, value: float | None) -> float:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
     return p
+
+
+def is_fused_view(layer: nn.Module) -> bool:
+    """True for a weightless stand-in over layers the model keeps apart (FLUX/SD3 fused q/k/v, SAI row order).
+
+    Such a view (`families/common/layers.py`) returns zero from its own forward and its parts add the view's
+    patched output to theirs, so an adapter on it must return only its change of the output; a merge goes to
+    the parts through `add_to_parts`.
+    """
+    return hasattr(layer, "add_to_parts")
+
+
+@torch.no_grad()
+def write_merged_weight(layer: nn.Module, merged: torch.Tensor) -> None:
+    """Store W' in `layer` (in its dtype); a fused view hands W' − W to its parts, each taking its rows."""
+    if is_fused_view(layer):
+        layer.add_to_parts(merged.float() - layer.weight.float())
+        return
+    weight = layer.weight
+    weight.copy_(merged.to(device=weight.device, dtype=weight.dtype))
 
 
 class AdapterModule(nn.Module):
@@ -91,8 +111,7 @@ class AdapterModule(nn.Module):
     @torch.no_grad()
     def merge_to_base(self, multiplier: float = 1.0) -> None:
         """Write the merged weight into the wrapped layer and detach the branch (so it is not counted twice)."""
-        weight = self.org_module.weight
-        weight.copy_(self.merged_weight(multiplier).to(device=weight.device, dtype=weight.dtype))
+        write_merged_weight(self.org_module, self.merged_weight(multiplier))
         self.restore()
 
     def plus_parameters(self) -> list[nn.Parameter]:

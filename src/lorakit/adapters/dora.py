@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.adapters.base import is_fused_view
 from lorakit.adapters.lora import LoRAModule
 
 __all__ = [
@@ -137,7 +138,10 @@ class DoRAModule(LoRAModule):
             return out
         gain = self._gain()  # m / ‖W + ΔW‖, detached norm
         bias = self.org_module.bias
-        base = out if bias is None else out - self._channel_view(bias.to(out.dtype), out)
+        if is_fused_view(self.org_module):  # its own output is zero; its parts add W x + b themselves
+            base = self._base_op(x.float())
+        else:
+            base = out if bias is None else out - self._channel_view(bias.to(out.dtype), out)
         if self.magnitude_axis == 0:
             decomposed = self._channel_view(gain, out) * (base.float() + self._branch(x))
         else:

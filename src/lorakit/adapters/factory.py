@@ -77,14 +77,15 @@ def build_network(cfg: Any, family: Any, comps: Components, device: torch.device
 
 def _lora_network(cfg: Any, family: Any, comps: Components, kwargs: dict[str, str]) -> LoRANetwork:
     if not _bool(kwargs, "dora_wd"):
-        return _plain_network(cfg, family, comps, kwargs, None)
+        return _plain_network(cfg, family, comps, kwargs, None, DORA_ARGS)
     from lorakit.adapters.dora import DoRAModule
 
     if cfg.network_dropout:
         log.warning("--network_dropout %s is ignored with dora_wd=True; rank and module dropout still apply", cfg.network_dropout)
     # per input channel by default: the layout ComfyUI, Forge, A1111 and LyCORIS all merge exactly (docs/adapters.md)
     on_output = _bool(kwargs, "wd_on_output", False)
-    return _plain_network(cfg, family, comps, kwargs, lambda t, **kw: DoRAModule(t.name, t.module, t.rank, t.alpha, wd_on_output=on_output, **kw))
+    return _plain_network(cfg, family, comps, kwargs, lambda t, **kw: DoRAModule(t.name, t.module, t.rank, t.alpha, wd_on_output=on_output, **kw),
+                          DORA_ARGS)
 
 
 def _lora_fa_network(cfg: Any, family: Any, comps: Components, kwargs: dict[str, str]) -> LoRANetwork:
@@ -102,23 +103,39 @@ def _dylora_network(cfg: Any, family: Any, comps: Components, kwargs: dict[str, 
         raise ConfigError([f"--network_args conv_dim={kwargs['conv_dim']}: DyLoRA needs conv_dim equal to --network_dim ({rank})"])
     if rank % unit:
         raise ConfigError([f"--network_args unit={unit}: --network_dim {rank} must be a multiple of it"])
-    return _plain_network(cfg, family, comps, kwargs, lambda t, **kw: DyLoRAModule(t.name, t.module, t.rank, t.alpha, unit=unit, **kw))
+    if str(kwargs.get("split_qkv", "")) == "True":
+        # a split LoRA is one rank-3r module with a block-diagonal up matrix; DyLoRA's truncation to the first
+        # b components would train q's block only
+        raise ConfigError(["--network_args split_qkv=True: not available with networks.dylora (its rank truncation "
+                           "does not apply to the per-part LoRAs of a split layer)"])
+    return _plain_network(cfg, family, comps, kwargs, lambda t, **kw: DyLoRAModule(t.name, t.module, t.rank, t.alpha, unit=unit, **kw),
+                          DYLORA_ARGS)
 
 
-def _plain_network(cfg: Any, family: Any, comps: Components, kwargs: dict[str, str], make: Callable[..., AdapterModule] | None) -> LoRANetwork:
+def _plain_network(cfg: Any, family: Any, comps: Components, kwargs: dict[str, str], make: Callable[..., AdapterModule] | None,
+                   own_args: tuple[str, ...] = ()) -> LoRANetwork:
     options = {
         "dropout": cfg.network_dropout,
         "rank_dropout": _float(kwargs, "rank_dropout"),
         "module_dropout": _float(kwargs, "module_dropout"),
     }
     factory = None if make is None else (lambda target: make(target, **options))
-    return LoRANetwork(lora_targets(cfg, family, comps, kwargs), module_factory=factory, **options)
+    return LoRANetwork(lora_targets(cfg, family, comps, kwargs, own_args), module_factory=factory, **options)
 
 
-def lora_targets(cfg: Any, family: Any, comps: Components, kwargs: dict[str, str]) -> list:
-    """The family's layers, with sd-scripts' block-wise ranks (`block_dims`, `*_lr_weight`, …) applied."""
+#: --network_args an algorithm reads itself; the family's target selection does not see them (FLUX and SD3
+#: check their network_args against sd-scripts' lora_flux/lora_sd3 keys, which have no DoRA or DyLoRA)
+DORA_ARGS = ("dora_wd", "wd_on_output")
+DYLORA_ARGS = ("unit",)
+
+
+def lora_targets(cfg: Any, family: Any, comps: Components, kwargs: dict[str, str], own_args: tuple[str, ...] = ()) -> list:
+    """The family's layers, with sd-scripts' block-wise ranks (`block_dims`, `*_lr_weight`, …) applied;
+    `own_args` are the algorithm's own keys, kept from the family."""
     from lorakit.adapters.blocks import apply_block_ranks, is_blockwise
 
+    if any(key in kwargs for key in own_args):
+        cfg = _TargetQuery(cfg, {k: v for k, v in kwargs.items() if k not in own_args})
     targets = family.adapter_targets(comps, cfg)
     if not is_blockwise(kwargs):
         return targets
@@ -179,16 +196,31 @@ def _oft_network(cfg: Any, family: Any, comps: Components, kwargs: dict[str, str
             "leaves the rotations unconstrained)", alpha, low, high,
         )
 
+    split = cfg.network_module == "networks.oft_flux"
+
     def make(target: AdapterTarget) -> AdapterModule:
         try:
-            return OFTModule(target.name, target.module, num_blocks, alpha)
+            return OFTModule(target.name, target.module, num_blocks, alpha, parts=_oft_parts(target.module) if split else None)
         except ValueError as exc:
             raise ConfigError([f"--network_dim {num_blocks}: {exc}"]) from exc
 
     return LoRANetwork(targets, module_factory=make)
 
 
+def _oft_parts(layer: torch.nn.Module) -> list[int]:
+    """`networks.oft_flux`'s parts of a layer: a fused view's q, k, v (and MLP) row counts, else the whole layer."""
+    slices = getattr(layer, "slices", None)
+    if slices is None:
+        return [layer.weight.shape[0]]
+    return [s.stop - s.start for s in slices]
+
+
 # ---------------------------------------------------------------------- LyCORIS
+
+
+#: families whose denoiser layers come from the family's own target list (BFL names over fused views)
+#: rather than from LyCORIS' walk over the diffusers model
+FAMILY_TARGET_DENOISERS = ("flux",)
 
 
 def lycoris_roots(family: Any, comps: Components, cfg: Any) -> list:
@@ -203,7 +235,7 @@ def lycoris_roots(family: Any, comps: Components, cfg: Any) -> list:
             # transformers 5 dropped the `text_model.` level from CLIP text models; kohya names keep it
             path_prefix = "text_model." if type(encoder).__name__.startswith("CLIPText") and not hasattr(encoder, "text_model") else ""
             roots.append(LycorisRoot(prefix, encoder, "text_encoder", path_prefix))
-    if not cfg.network_train_text_encoder_only:
+    if not cfg.network_train_text_encoder_only and getattr(family, "name", None) not in FAMILY_TARGET_DENOISERS:
         # a family whose kohya names follow another module layout (SDXL: SGM paths) says how to rename
         rename = family.kohya_module_path(comps) if hasattr(family, "kohya_module_path") else None
         roots.append(LycorisRoot("lora_unet", comps.denoiser, "unet", is_denoiser=True, rename=rename))
@@ -211,16 +243,32 @@ def lycoris_roots(family: Any, comps: Components, cfg: Any) -> list:
 
 
 def _lycoris_network(cfg: Any, family: Any, comps: Components, kwargs: dict[str, str]) -> LoRANetwork:
-    from lorakit.adapters.lycoris_bridge import LycorisAdapter, LycorisOptions, lycoris_targets
+    from lorakit.adapters.lycoris_bridge import (
+        LycorisAdapter, LycorisOptions, block_layout, lycoris_family_targets, lycoris_targets,
+    )
 
-    blocks = 25 if getattr(family, "name", None) == "sd" else None
-    options = LycorisOptions.parse(kwargs, cfg.network_dim, cfg.network_alpha, cfg.network_dropout, blocks)
+    family_name = getattr(family, "name", None)
+    blocks, layout = block_layout(family_name, kwargs)
+    options = LycorisOptions.parse(kwargs, cfg.network_dim, cfg.network_alpha, cfg.network_dropout, blocks, layout)
     if options.module_kwargs["weight_decompose"] and options.dropout:
         log.warning("dropout/--network_dropout is ignored with dora_wd=True; rank and module dropout still apply")
     targets = lycoris_targets(lycoris_roots(family, comps, cfg), options)
+    if family_name in FAMILY_TARGET_DENOISERS and not cfg.network_train_text_encoder_only:
+        query = _TargetQuery(cfg, {}, network_train_unet_only=True, network_train_text_encoder_only=False)
+        denoiser = [t for t in family.adapter_targets(comps, query) if t.component == "unet"]
+        targets += lycoris_family_targets(denoiser, options)
     if not targets:
         raise ConfigError([f"--network_args preset={options.preset}: selects no layer of this model"])
-    return LoRANetwork(targets, module_factory=lambda target: LycorisAdapter(target, options))
+
+    def make(target: AdapterTarget) -> AdapterModule:
+        try:
+            return LycorisAdapter(target, options)
+        except ValueError as exc:  # e.g. BOFT: the layer's width has no factorisation for this --network_dim
+            raise ConfigError([
+                f"--network_args algo={options.algo} (--network_dim {options.dim}): cannot adapt {target.name}: {exc}"
+            ]) from exc
+
+    return LoRANetwork(targets, module_factory=make)
 
 
 # ---------------------------------------------------------------------- parsing

@@ -16,8 +16,12 @@ and module paths adapted themselves; linears and 1x1 convs get `network_dim`/`ne
 * the module walk is done here, over the roots the model family names (`lora_unet`, `lora_te`/`lora_te1`…),
   and text-encoder names keep the `text_model_` level that transformers 5 dropped, so files carry the same
   kohya names as sd-scripts + LyCORIS files have always had (and ComfyUI/Forge/A1111 map);
-* `block_dims`/`block_alphas` (and `conv_block_dims`/`conv_block_alphas`), which LyCORIS' own kohya entry
-  point no longer reads, set per-block ranks with sd-scripts' block indices (25 for SD 1/2).
+* `block_dims`/`block_alphas` (and `conv_block_dims`/`conv_block_alphas`), which lycoris-lora 4.1.3's kohya
+  entry point does not read at all (any list is accepted and ignored there), set per-block ranks with
+  sd-scripts' `networks.lora` block indices: 25 for SD 1/2 and 23 for SDXL (a 25-value list on SDXL, as
+  users' guides copy from SD 1.5, is read with SD's indices over the diffusers block paths, with a warning);
+* on FLUX the transformer's layers are the family's own targets (BFL names, fused q/k/v views) chosen by the
+  preset's BFL classes, since LyCORIS' presets name BFL's modules and diffusers' FLUX has other classes.
 
 Files use the kohya prefixes `lora_unet_`/`lora_te_` (not the standalone `lycoris_` prefix) and the
 package's tensor names (`hada_w1_a`, `lokr_w1`, `oft_blocks`, `diff`, `dora_scale`, `alpha`, …).
@@ -25,6 +29,7 @@ package's tensor names (`hada_w1_a`, `lokr_w1`, `oft_blocks`, `diff`, `dora_scal
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,9 +38,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lorakit.adapters.base import AdapterModule
+from lorakit.adapters.base import AdapterModule, write_merged_weight
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.families.base import AdapterTarget
+
+log = logging.getLogger("lorakit")
 
 __all__ = [
     "LYCORIS_ALGOS",
@@ -43,6 +50,8 @@ __all__ = [
     "LycorisAdapter",
     "LycorisOptions",
     "LycorisRoot",
+    "block_layout",
+    "lycoris_family_targets",
     "lycoris_targets",
     "sd_block_index",
 ]
@@ -103,17 +112,54 @@ def _number(kwargs: Mapping[str, str], key: str, kind: type, default: Any) -> An
         raise ConfigError([f"--network_args {key}={kwargs[key]}: must be a number"]) from exc
 
 
-def _number_list(kwargs: Mapping[str, str], key: str, kind: type, length: int | None) -> list | None:
+def _list_items(kwargs: Mapping[str, str], key: str) -> list[str]:
+    return [p.strip() for p in str(kwargs[key]).strip("[]").split(",")]
+
+
+def _number_list(kwargs: Mapping[str, str], key: str, kind: type, length: int | None, layout: str = "") -> list | None:
     if key not in kwargs:
         return None
-    parts = [p.strip() for p in str(kwargs[key]).strip("[]").split(",")]
+    parts = _list_items(kwargs, key)
     try:
         values = [kind(float(p)) if kind is int else kind(p) for p in parts]
     except ValueError as exc:
         raise ConfigError([f"--network_args {key}: every entry must be a number (got {kwargs[key]})"]) from exc
     if length is not None and len(values) != length:
-        raise ConfigError([f"--network_args {key}: needs exactly {length} values, got {len(values)}"])
+        where = f" for this {layout} U-Net" if layout else ""
+        raise ConfigError([f"--network_args {key}: needs exactly {length} values{where} (one per block), got {len(values)}"])
     return values
+
+
+#: the block-wise options, read with sd-scripts' block indices
+BLOCK_OPTIONS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
+#: family name -> (number of blocks, layout of the indices)
+BLOCK_LAYOUTS = {"sd": (25, "sd"), "sdxl": (23, "sdxl")}
+
+
+def block_layout(family: str | None, kwargs: Mapping[str, str]) -> tuple[int | None, str]:
+    """(number of blocks the block-wise lists must have, "sd" or "sdxl" indices) for this model family.
+
+    SD 1/2 has 25 blocks (IN00…IN11, MID, OUT00…OUT11), SDXL 23 (sd-scripts' SDXL numbering over the SGM
+    layout). On SDXL, lists of SD's 25 values are read with SD's indices over the diffusers block paths: the
+    users' guides pass such lists to `lycoris.kohya`, whose own entry point ignores them.
+    """
+    given = {key: len(_list_items(kwargs, key)) for key in BLOCK_OPTIONS if key in kwargs}
+    if not given:
+        return None, "sd"
+    if family not in BLOCK_LAYOUTS:
+        raise ConfigError([
+            f"--network_args {key}: block-wise LyCORIS ranks need an SD 1.x/2.x (25 blocks) or SDXL (23 blocks) "
+            "U-Net; this model's denoiser has no such blocks" for key in given
+        ])
+    count, layout = BLOCK_LAYOUTS[family]
+    if family == "sdxl" and set(given.values()) == {25}:
+        log.warning(
+            "--network_args %s: 25 values are SD 1.x's block layout; SDXL has 23 blocks. Reading them with SD 1.x's "
+            "block indices over the U-Net's down/mid/up blocks (lycoris.kohya itself ignores these options)",
+            "/".join(given),
+        )
+        return 25, "sd"
+    return count, layout
 
 
 @dataclass
@@ -135,11 +181,12 @@ class LycorisOptions:
     block_alphas: list[float] | None = None
     conv_block_dims: list[int] | None = None
     conv_block_alphas: list[float] | None = None
+    block_layout: str = "sd"  # which block indices the lists follow: "sd" (25) or "sdxl" (23)
     module_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, kwargs: Mapping[str, str], network_dim: int | None, network_alpha: float | None,
-              network_dropout: float | None, num_blocks: int | None = None) -> "LycorisOptions":
+              network_dropout: float | None, num_blocks: int | None = None, layout: str = "sd") -> "LycorisOptions":
         presets, modules = _import_lycoris()
         unknown = sorted(set(kwargs) - set(LYCORIS_ARGS))
         if unknown:
@@ -188,10 +235,11 @@ class LycorisOptions:
             module_dropout=_number(kwargs, "module_dropout", float, 0.0),
             use_tucker=tucker,
             train_norm=_bool(kwargs, "train_norm"),
-            block_dims=_number_list(kwargs, "block_dims", int, num_blocks),
-            block_alphas=_number_list(kwargs, "block_alphas", float, num_blocks),
-            conv_block_dims=_number_list(kwargs, "conv_block_dims", int, num_blocks),
-            conv_block_alphas=_number_list(kwargs, "conv_block_alphas", float, num_blocks),
+            block_dims=_number_list(kwargs, "block_dims", int, num_blocks, layout.upper()),
+            block_alphas=_number_list(kwargs, "block_alphas", float, num_blocks, layout.upper()),
+            conv_block_dims=_number_list(kwargs, "conv_block_dims", int, num_blocks, layout.upper()),
+            conv_block_alphas=_number_list(kwargs, "conv_block_alphas", float, num_blocks, layout.upper()),
+            block_layout=layout,
             module_kwargs=module_kwargs,
         )
 
@@ -277,14 +325,23 @@ def _add(found: dict[str, AdapterTarget], root: LycorisRoot, path: str, module: 
     spatial = _is_conv_kxk(module)
     if spatial and not preset.get("enable_conv", True):
         return
-    rank, alpha = _rank_for(path.replace(".", "_"), spatial, root.is_denoiser, options)
+    block = _block_of(path, name, options) if root.is_denoiser else None
+    rank, alpha = _rank_for(block, spatial, options)
     if rank > 0:
         found[name] = AdapterTarget(name, module, root.component, rank, alpha)
 
 
-def _rank_for(path: str, spatial: bool, denoiser: bool, options: LycorisOptions) -> tuple[int, float]:
+def _block_of(path: str, kohya_name: str, options: LycorisOptions) -> int | None:
+    """The module's block index: SD's from its diffusers path, SDXL's from its SGM kohya name."""
+    if options.block_layout == "sdxl":
+        from lorakit.adapters.blocks import sdxl_block_index
+
+        return sdxl_block_index(kohya_name)
+    return sd_block_index(path.replace(".", "_"))
+
+
+def _rank_for(block: int | None, spatial: bool, options: LycorisOptions) -> tuple[int, float]:
     rank, alpha = (options.conv_dim, options.conv_alpha) if spatial else (options.dim, options.alpha)
-    block = sd_block_index(path) if denoiser else None
     if block is None:
         return rank, alpha
     dims, alphas = (options.conv_block_dims, options.conv_block_alphas) if spatial else (options.block_dims, options.block_alphas)
@@ -295,6 +352,35 @@ def _rank_for(path: str, spatial: bool, denoiser: bool, options: LycorisOptions)
     if alphas is not None:
         alpha = alphas[block]
     return rank, alpha
+
+
+#: LyCORIS preset classes of BFL's FLUX model: every Linear of the double and single blocks, or the attention
+_BFL_BLOCKS = {"DoubleStreamBlock", "SingleStreamBlock"}
+_BFL_ATTENTION = re.compile(r"_attn_(qkv|proj)$")
+
+
+def lycoris_family_targets(targets: Sequence[AdapterTarget], options: LycorisOptions) -> list[AdapterTarget]:
+    """LyCORIS layers among a family's own denoiser targets (FLUX: BFL names over fused q/k/v views).
+
+    The preset decides as LyCORIS' walk over BFL's model would: classes `DoubleStreamBlock`/`SingleStreamBlock`
+    (full, full-lin, attn-mlp, unet-only, unet-transformer-only) take every block linear, `SelfAttention`
+    (attn-only) the double blocks' qkv and proj, any other preset none. Ranks are `--network_dim`/alpha.
+    """
+    presets, _ = _import_lycoris()
+    classes = set(presets[options.preset].get("unet_target_module", []))
+    if classes & _BFL_BLOCKS:
+        chosen = list(targets)
+    elif "SelfAttention" in classes:
+        chosen = [t for t in targets if _BFL_ATTENTION.search(t.name)]
+    else:
+        chosen = []
+    found = []
+    for target in chosen:
+        spatial = _is_conv_kxk(target.module)
+        rank, alpha = (options.conv_dim, options.conv_alpha) if spatial else (options.dim, options.alpha)
+        if rank > 0:
+            found.append(AdapterTarget(target.name, target.module, target.component, rank, alpha))
+    return found
 
 
 # ---------------------------------------------------------------------- the adapter
@@ -415,9 +501,8 @@ class LycorisAdapter(AdapterModule):
 
     @torch.no_grad()
     def merge_to_base(self, multiplier: float = 1.0) -> None:
-        weight = self.org_module.weight
         merged, bias = self._merged(multiplier)
-        weight.copy_(merged.to(weight.dtype))
+        write_merged_weight(self.org_module, merged)
         if bias is not None and self.org_module.bias is not None:
             self.org_module.bias.copy_(bias.to(self.org_module.bias.dtype))
         self.restore()

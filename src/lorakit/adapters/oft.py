@@ -13,21 +13,31 @@ so B = 0 gives R = I and training starts from the base model. The constrained va
 has alpha·out²), which is why `--network_alpha` is the constraint here and 1e-4 … 1e-2 is the recommended range.
 At multiplier m the rotation is R_m = m·(R − I) + I (no longer orthogonal for m ≠ 1, but linear in m).
 
-Computation order (sd-scripts' corrected version): R is applied to the weight, W' = R·W with the output
+Computation order (sd-scripts' corrected version): the rotation is applied to the weight, with the output
 channels grouped into blocks, and the layer runs once with W' and its *unrotated* bias — a rotation of the
-output (R·(Wx + b)) would wrongly rotate the bias too. The product is formed in float32 and cast back.
+output (R·(Wx + b)) would wrongly rotate the bias too. The product is formed in float32 and cast back. Which
+side of the block the file's B sits on follows every reader of OFT files (sd-scripts `networks.oft` and
+`oft_flux`, ComfyUI, A1111, LyCORIS: `einsum("k n m, k n ... -> k m ...", R, W)`): W' = Rᵀ·W per block.
 
 Files hold `<name>.oft_blocks` of shape (num_blocks, b, b) and the 0-d `<name>.alpha`, with the module prefix
 `oft_unet_` (sd-scripts' name; A1111 ≥ 1.5 maps it onto `lora_unet_`).
+
+`networks.oft_flux` (sd-scripts) splits a layer into parts: BFL's fused `qkv` into q, k, v and a single
+block's `linear1` into q, k, v and the MLP input. Each part is rotated on its own rows with `num_blocks`
+blocks (every part must divide by it) and the constraint alpha·(part size), and the file holds one tensor per
+part, `<name>.oft_blocks.<i>` (an unfused layer has the one part `oft_blocks.0`). The parts' rotations
+together are one block-diagonal rotation of the fused layer's output rows whose blocks do not cross the parts.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import AdapterModule
+from lorakit.adapters.base import AdapterModule, is_fused_view
 
 __all__ = ["OFTModule", "oft_merged_weight", "oft_rotation", "RECOMMENDED_CONSTRAINT"]
 
@@ -49,44 +59,65 @@ def oft_rotation(blocks: torch.Tensor, constraint: float | None, multiplier: flo
 
 
 def oft_merged_weight(weight: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal R applied to the output channels of W (any trailing shape), in float32."""
+    """The block-diagonal rotation applied to the output channels of W (any trailing shape), in float32:
+    W'[k, m] = Σ_n R[k, n, m]·W[k, n] (Rᵀ·W per block, the readers' convention)."""
     num_blocks, block_size, _ = rotation.shape
     grouped = weight.float().reshape(num_blocks, block_size, -1)
-    return torch.einsum("kij,kjn->kin", rotation.float(), grouped).reshape(weight.shape)
+    return torch.einsum("knm,knp->kmp", rotation.float(), grouped).reshape(weight.shape)
 
 
 class OFTModule(AdapterModule):
-    """Orthogonal finetuning of one `nn.Linear` or `nn.Conv2d`: `num_blocks` Cayley rotations of its outputs."""
+    """Orthogonal finetuning of one `nn.Linear` or `nn.Conv2d`: `num_blocks` Cayley rotations of its outputs.
 
-    def __init__(self, name: str, org_module: nn.Module, num_blocks: int, alpha: float | None, *, multiplier: float = 1.0):
+    With `parts` (output sizes summing to the layer's, `networks.oft_flux`) each part gets its own
+    `num_blocks` rotations, stored as `oft_blocks.<i>`; without, one `oft_blocks` tensor (`networks.oft`).
+    """
+
+    def __init__(self, name: str, org_module: nn.Module, num_blocks: int, alpha: float | None, *,
+                 parts: Sequence[int] | None = None, multiplier: float = 1.0):
         super().__init__(name, org_module, multiplier)
         if not isinstance(org_module, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"{name}: OFT can wrap nn.Linear or nn.Conv2d, not {type(org_module).__name__}")
         out_dim = org_module.weight.shape[0]
-        if num_blocks <= 0 or out_dim % num_blocks:
-            raise ValueError(
-                f"{name}: OFT needs the output size {out_dim} to be divisible by the number of blocks "
-                f"(--network_dim {num_blocks})"
-            )
+        sizes = [out_dim] if parts is None else [int(p) for p in parts]
+        if sum(sizes) != out_dim:
+            raise ValueError(f"{name}: the parts {sizes} do not add up to the output size {out_dim}")
+        if num_blocks <= 0 or any(size % num_blocks for size in sizes):
+            what = f"the output size {out_dim}" if len(sizes) == 1 else f"every part of this fused layer (sizes {', '.join(map(str, sizes))})"
+            raise ValueError(f"{name}: OFT needs {what} to be divisible by the number of blocks (--network_dim {num_blocks})")
         self.num_blocks = int(num_blocks)
-        self.block_size = out_dim // self.num_blocks
+        self.part_sizes = sizes
+        self.block_size = sizes[0] // self.num_blocks
         self.out_dim = out_dim
         self.is_conv = isinstance(org_module, nn.Conv2d)
         device = org_module.weight.device
-        self.oft_blocks = nn.Parameter(torch.zeros(self.num_blocks, self.block_size, self.block_size, device=device))
+        blocks = [nn.Parameter(torch.zeros(self.num_blocks, s // self.num_blocks, s // self.num_blocks, device=device)) for s in sizes]
+        self.oft_blocks = blocks[0] if parts is None else nn.ParameterList(blocks)
         self.register_buffer("alpha", torch.tensor(float(alpha or 0.0), device=device))
 
     @property
     def constraint(self) -> float:
-        """ε = alpha · out (0 switches the constraint off)."""
+        """ε = alpha · out (0 switches the constraint off); per part with `parts`, alpha · part size."""
         return float(self.alpha) * self.out_dim
 
+    def _blocks_by_part(self) -> list[tuple[torch.Tensor, int]]:
+        if isinstance(self.oft_blocks, nn.ParameterList):
+            return list(zip(self.oft_blocks, self.part_sizes))
+        return [(self.oft_blocks, self.out_dim)]
+
     def rotation(self, multiplier: float | None = None) -> torch.Tensor:
+        """R_m of the (first) part: (num_blocks, b, b)."""
+        return self.rotations(multiplier)[0]
+
+    def rotations(self, multiplier: float | None = None) -> list[torch.Tensor]:
         m = self.multiplier if multiplier is None else multiplier
-        return oft_rotation(self.oft_blocks, self.constraint, m)
+        return [oft_rotation(blocks, float(self.alpha) * size, m) for blocks, size in self._blocks_by_part()]
 
     def merged_weight(self, multiplier: float = 1.0) -> torch.Tensor:
-        return oft_merged_weight(self.org_module.weight, self.rotation(multiplier))
+        weight = self.org_module.weight
+        rows = torch.split(weight, self.part_sizes, dim=0)
+        merged = [oft_merged_weight(w, r) for w, r in zip(rows, self.rotations(multiplier))]
+        return merged[0] if len(merged) == 1 else torch.cat(merged, dim=0)
 
     def delta_weight(self) -> torch.Tensor:
         weight = self.org_module.weight
@@ -96,7 +127,10 @@ class OFTModule(AdapterModule):
         if self.multiplier == 0.0:
             return self.original_forward(x)
         layer = self.org_module
-        weight = oft_merged_weight(layer.weight, self.rotation()).to(x.dtype)
+        merged = self.merged_weight(self.multiplier)
+        if is_fused_view(layer):  # the parts compute W x + b themselves: add only (W' − W) x
+            return F.linear(x, (merged - layer.weight.float()).to(x.dtype))
+        weight = merged.to(x.dtype)
         bias = None if layer.bias is None else layer.bias.to(x.dtype)
         if self.is_conv:
             if layer.padding_mode != "zeros":
@@ -105,4 +139,5 @@ class OFTModule(AdapterModule):
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
-        return f"name={self.lora_name}, blocks={self.num_blocks}x{self.block_size}, alpha={float(self.alpha):g}"
+        parts = "" if len(self.part_sizes) == 1 else f", parts={self.part_sizes}"
+        return f"name={self.lora_name}, blocks={self.num_blocks}x{self.block_size}{parts}, alpha={float(self.alpha):g}"
