@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -143,3 +144,72 @@ def test_lbw_scales_block_deltas_exactly_in_sdxl_names():
     assert merged.keys() == factor.keys()  # the middle block (weight 0) is left out
     for name, w in factor.items():
         assert torch.allclose(merged[name].delta(), w * lora.modules[name].delta(), atol=1e-6), name
+
+
+# ---------------------------------------------------------------------------------------------- DyLoRA split
+
+
+@pytest.fixture(scope="module")
+def dylora(tiny, tmp_path_factory):
+    """A DyLoRA network (rank 4, unit 2, 3x3 convs at the same rank) saved as networks.dylora saves it."""
+    from lorakit.adapters.dylora import DyLoRAModule
+
+    make = lambda t: DyLoRAModule(t.name, t.module, t.rank, t.alpha, unit=2)  # noqa: E731
+    network = random_network(tiny, rank=4, conv_rank=4, alpha=3.0, seed=2, make=make)
+    with torch.no_grad():  # DyLoRA starts with random down factors too; make them distinct per component
+        for module in network.lora_modules.values():
+            module.lora_down.weight.mul_(1.0 + torch.arange(4.0).reshape(-1, *[1] * (module.lora_down.weight.dim() - 1)))
+    path = tmp_path_factory.mktemp("dylora") / "dy.safetensors"
+    metadata = {"ss_base_model_version": "sd_v1", "ss_network_module": "networks.dylora", "ss_network_dim": "4",
+                "ss_network_alpha": "3.0", "ss_network_args": json.dumps({"unit": "2", "conv_dim": "4"})}
+    save_lora_file(network.state_dict_kohya(), path, metadata)
+    return network, path
+
+
+def _rank_r_output_change(module, x: torch.Tensor, rank: int) -> torch.Tensor:
+    """What the trained DyLoRA module adds to its layer's output when it runs at sub-rank `rank`."""
+    module.train()
+    module.sample_rank = lambda: rank  # the rank DyLoRA would otherwise draw at random for this step
+    with torch.no_grad():
+        return module(x) - module.original_forward(x)
+
+
+def test_dylora_split_equals_the_module_evaluated_at_that_rank(dylora):
+    from lorakit.tools.dylora_split import dylora_unit, truncate_modules
+
+    network, path = dylora
+    lora = load_lora(path)
+    assert dylora_unit(lora.metadata, str(path)) == 2
+    split = truncate_modules(lora.modules, 2)
+    linear = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    conv = next(n for n, m in split.items() if m.is_spatial)
+    generator = torch.Generator().manual_seed(0)
+    for name in (linear, conv, "lora_te_text_model_encoder_layers_0_mlp_fc1"):
+        module, factors = network.lora_modules[name], split[name]
+        assert factors.rank == 2 and factors.alpha == 3.0  # alpha unchanged: the scale becomes alpha / 2
+        delta = factors.delta()
+        if delta.dim() == 4:
+            x = torch.randn(1, delta.shape[1], 8, 8, generator=generator)
+            layer = module.org_module
+            expected = torch.nn.functional.conv2d(x, delta, None, layer.stride, layer.padding, layer.dilation)
+        else:
+            x = torch.randn(3, delta.shape[1], generator=generator)
+            expected = x @ delta.T
+        assert torch.allclose(_rank_r_output_change(module, x, 2), expected, atol=1e-5), name
+        # and at the full rank the file is the ordinary LoRA
+        assert torch.allclose(truncate_modules(lora.modules, 4)[name].delta(), lora.modules[name].delta())
+
+
+def test_dylora_split_refuses_plain_loras_and_untrained_ranks(lora_files, dylora):
+    from lorakit.errors import CheckpointError
+    from lorakit.tools.dylora_split import check_rank, split_ranks
+
+    with pytest.raises(CheckpointError, match="ss_network_module is networks.lora, not networks.dylora"):
+        from lorakit.tools.dylora_split import dylora_unit
+
+        dylora_unit({"ss_network_module": "networks.lora"}, "plain.safetensors")
+    with pytest.raises(ConfigError, match="unit=2, so only multiples of 2"):
+        check_rank(3, 4, 2, "dy.safetensors")
+    with pytest.raises(ConfigError, match="has rank 4; a split can only lower"):
+        check_rank(8, 4, 2, "dy.safetensors")
+    assert split_ranks(8, 2) == [2, 4, 6] and split_ranks(4, 4) == []
