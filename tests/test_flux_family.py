@@ -318,3 +318,35 @@ def test_diffusers_reads_our_split_qkv_double_blocks(tmp_path):
     assert (theirs - base).abs().max() > 1e-3
     assert (theirs - ours).abs().max() < 1e-4
     assert pipe.transformer.transformer_blocks[0].attn.to_q.lora_A["ours"].weight.shape == (4, 32)  # its own rank-4 part
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("unet_only", [True, False])
+def test_cached_text_outputs_equal_fresh_ones_and_t5_runs_once_per_caption(saved, unet_only):
+    """--cache_text_encoder_outputs: T5 encodes each caption once; CLIP-L too unless its LoRA trains (then it
+    runs every step, sd-scripts' partial caching); the outputs are those of the uncached encoders."""
+    fresh_family, cached_family = FluxFamily(), FluxFamily()
+    fresh = fresh_family.load(options(pretrained_model_name_or_path=str(saved["folder"])))
+    comps = cached_family.load(options(pretrained_model_name_or_path=str(saved["folder"]), cache_text_encoder_outputs=True,
+                                       network_train_unet_only=unet_only))
+    clip_calls, t5_calls = _count_calls(comps.text_encoders[0]), _count_calls(comps.text_encoders[1])
+    captions = ["a red square", "a blue circle"]
+    with torch.no_grad():
+        first = cached_family.encode_text(comps, captions)
+        again = cached_family.encode_text(comps, captions[::-1])
+        reference = fresh_family.encode_text(fresh, captions)
+    assert t5_calls[0] == 1 and clip_calls[0] == (1 if unet_only else 2)
+    for name in ("pooled", "t5", "t5_mask"):
+        torch.testing.assert_close(first.tensors[name], reference.tensors[name])
+        torch.testing.assert_close(again.tensors[name], reference.tensors[name].flip(0))
+
+
+def test_training_t5_with_cached_outputs_is_refused(saved):
+    with pytest.raises(ConfigError, match="train_t5xxl=True cannot be used with --cache_text_encoder_outputs"):
+        FluxFamily().load(options(pretrained_model_name_or_path=str(saved["folder"]), cache_text_encoder_outputs=True,
+                                  network_args=["train_t5xxl=True"]))

@@ -11,36 +11,6 @@ from helpers import write_dreambooth_folder
 from lorakit.cli.main import main
 from lorakit.families.flux.tiny import build_tiny_flux, save_bfl_files, save_pipeline_folder
 
-FLUX_OPTIONS = (
-    "clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "discrete_flow_shift", "model_prediction_type",
-    "t5xxl_max_token_length", "apply_t5_attn_mask", "fp8_base", "fp8_base_unet", "weighting_scheme", "sigmoid_scale",
-    "blocks_to_swap", "cpu_offload_checkpointing",
-)
-
-
-@pytest.fixture(autouse=True)
-def flux_enabled(monkeypatch):
-    """Until the FLUX registry line and support-table entries land in files outside the FLUX family, add them
-    here (a no-op once they are there): the CLI path under test is otherwise unchanged."""
-    from lorakit.config import support
-    from lorakit.families import registry
-
-    if "flux" not in registry.FAMILIES:
-        from lorakit.families.flux.family import FluxFamily
-
-        monkeypatch.setitem(registry.FAMILIES, "flux", FluxFamily)
-    for name in FLUX_OPTIONS:
-        if name in support.UNSUPPORTED:
-            monkeypatch.delitem(support.UNSUPPORTED, name)
-    monkeypatch.setattr(support, "_network_args", lambda cfg: [])
-    # one process runs trainings with different --mixed_precision; accelerate keeps its state per process
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    check_module = support.PARTIAL["network_module"]
-    monkeypatch.setitem(support.PARTIAL, "network_module", lambda v: None if v == "networks.lora_flux" else check_module(v))
-
-
 @pytest.fixture(scope="module")
 def flux_files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("flux")
@@ -81,12 +51,14 @@ def test_seed_guide_command_from_bfl_files(flux_files, data_dir, tmp_path):
     extra = [
         *bfl_flags(flux_files), f"--sample_prompts={prompts}", "--sample_every_n_steps=2", "--timestep_sampling=shift", "--discrete_flow_shift=3.1582",
         "--model_prediction_type=raw", "--guidance_scale=1.0", "--gradient_checkpointing", "--save_precision=bf16",
+        "--cache_text_encoder_outputs", "--cache_text_encoder_outputs_to_disk",  # T5 cached while CLIP-L trains
     ]
     assert main(train_args(flux_files["flux1"], data_dir, out, *extra)) == 0
     tensors, meta = read_lora(out / "tiny.safetensors")
     names = {k.rsplit(".", 2)[0] for k in tensors}
     assert "lora_unet_double_blocks_0_img_attn_qkv" in names and "lora_unet_single_blocks_1_linear1" in names
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in names
+    assert tensors["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"].abs().sum() > 0
     assert tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].shape == (3 * 32, 4)
     assert tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (3 * 32 + 4 * 32, 4)
     assert any(v.abs().sum() > 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))

@@ -107,6 +107,22 @@ def test_separate_component_files_and_cached_text(models, data_dir, tmp_path):
     assert modules(state)
 
 
+def test_cached_t5_outputs_while_clip_loras_train(models, data_dir, tmp_path, capsys):
+    """Seed 001: "T5XXL output can be cached for CLIP-L and G LoRA training" — the CLIPs run every step and learn."""
+    state, _ = train(models["sd3_folder"], data_dir, tmp_path / "partial", "--cache_text_encoder_outputs")
+    for prefix in ("lora_te1_", "lora_te2_"):
+        ups = [v for k, v in state.items() if k.startswith(prefix) and k.endswith("lora_up.weight")]
+        assert ups and any(v.abs().sum() > 0 for v in ups), f"{prefix} modules trained"
+    assert not any(k.startswith("lora_te3_") for k in state)
+    args = [
+        "train", f"--pretrained_model_name_or_path={models['sd3_folder']}", f"--train_data_dir={data_dir}", "--resolution=64",
+        f"--output_dir={tmp_path / 't5'}", "--network_module=networks.lora_sd3", "--max_train_steps=1",
+        "--cache_text_encoder_outputs", "--network_args", "train_t5xxl=True",
+    ]
+    assert main(args) == 2
+    assert "train_t5xxl=True cannot be used with --cache_text_encoder_outputs" in capsys.readouterr().err
+
+
 def test_missing_text_encoder_is_named(models, data_dir, tmp_path, capsys):
     args = [
         "train", f"--pretrained_model_name_or_path={models['sd35m_bare']}", f"--train_data_dir={data_dir}",

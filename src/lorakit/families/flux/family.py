@@ -19,6 +19,7 @@ from lorakit.errors import ConfigError
 from lorakit.families.base import AdapterTarget, Components, TextConditioning
 from lorakit.families.flux import bfl_keys
 from lorakit.families.common.layers import FusedLinearView, SplitQKVView, to_fp8
+from lorakit.families.common.text_cache import CaptionCache
 from lorakit.families.common.transformer_family import (
     CLIP_PARENTS,
     T5_PARENTS,
@@ -101,6 +102,7 @@ class FluxFamily(ShiftScaleLatents):
         comps = load_flux_components(cfg.pretrained_model_name_or_path, clip_l=cfg.clip_l, t5xxl=cfg.t5xxl, ae=cfg.ae)
         comps.extras.update(self._conditioning_options(cfg, comps))
         self._variant = comps.extras["variant"]  # modelspec says dev or schnell
+        self.text_cache = self._text_cache_for(cfg)
         self._check_block_swap(cfg, comps)
         if cfg.fp8_base or cfg.fp8_base_unet:
             layers = to_fp8(comps.denoiser)
@@ -152,19 +154,46 @@ class FluxFamily(ShiftScaleLatents):
     def objective(self, cfg: Any, comps: Components) -> FlowObjective:
         return FlowObjective.from_options(cfg, patch_size=PATCH)
 
+    text_cache: CaptionCache | None = None
+    cache_clip: bool = False  # CLIP-L's pooled output is cached too (no CLIP-L LoRA is trained)
+
+    def _text_cache_for(self, cfg: Any) -> CaptionCache | None:
+        """--cache_text_encoder_outputs: T5's outputs always, CLIP-L's too unless CLIP-L trains (sd-scripts' "partial"
+        caching: a trained encoder runs every step); a trained T5 cannot be cached."""
+        if not (getattr(cfg, "cache_text_encoder_outputs", False) or getattr(cfg, "cache_text_encoder_outputs_to_disk", False)):
+            return None
+        if FluxNetworkArgs.from_config(cfg).train_t5xxl and not cfg.network_train_unet_only:
+            raise ConfigError(["--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
+                               "cached outputs carry no gradients to T5's LoRA modules"])
+        self.cache_clip = bool(cfg.network_train_unet_only)
+        return CaptionCache()
+
     def encode_text(self, comps: Components, captions: list[str], clip_skip: int | None = None) -> TextConditioning:
         """CLIP-L pooled output and T5 hidden states (`clip_skip` does not apply to FLUX, as in sd-scripts)."""
-        clip, t5 = comps.text_encoders
-        clip_tok, t5_tok = comps.tokenizers
+        if self.text_cache is None:
+            return TextConditioning({**self._clip_outputs(comps, captions), **self._t5_outputs(comps, captions)})
+        if self.cache_clip:
+            cached = self.text_cache.outputs(captions, lambda texts: {**self._clip_outputs(comps, texts), **self._t5_outputs(comps, texts)})
+            return TextConditioning(cached)
+        cached = self.text_cache.outputs(captions, lambda texts: self._t5_outputs(comps, texts))
+        return TextConditioning({**self._clip_outputs(comps, captions), **cached})
+
+    @staticmethod
+    def _clip_outputs(comps: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        clip, clip_tok = comps.text_encoders[0], comps.tokenizers[0]
         clip_ids = clip_tok(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-        pooled = clip(clip_ids.to(clip.device)).pooler_output
+        return {"pooled": clip(clip_ids.to(clip.device)).pooler_output}
+
+    @staticmethod
+    def _t5_outputs(comps: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        t5, t5_tok = comps.text_encoders[1], comps.tokenizers[1]
         tokens = t5_tok(
             captions, padding="max_length", max_length=comps.extras["t5_max_length"], truncation=True, return_tensors="pt"
         )
         mask = tokens.attention_mask.to(t5.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and comps.extras.get("train_t5xxl", False)):
             hidden = t5(tokens.input_ids.to(t5.device), attention_mask=mask if comps.extras["apply_t5_attn_mask"] else None).last_hidden_state
-        return TextConditioning({"pooled": pooled, "t5": hidden, "t5_mask": mask})
+        return {"t5": hidden, "t5_mask": mask}
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: Any) -> torch.Tensor:
         """The transformer's velocity for the noisy latents, turned per --model_prediction_type."""

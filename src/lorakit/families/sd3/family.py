@@ -56,6 +56,7 @@ class StableDiffusion3Family(ShiftScaleLatents):
     def __init__(self) -> None:
         self.model_type = "medium"
         self.text_cache: CaptionCache | None = None
+        self.cache_clip = False
 
     # ----------------------------------------------------------------------------------------- loading
 
@@ -87,16 +88,14 @@ class StableDiffusion3Family(ShiftScaleLatents):
         ]
         caching = bool(cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk)
         args = SD3NetworkArgs.from_config(cfg)
-        if caching and not cfg.network_train_unet_only:
-            problems.append(
-                "--cache_text_encoder_outputs needs --network_train_unet_only: cached outputs cannot carry gradients "
-                "to text-encoder LoRA modules"
-            )
-        if caching and args.train_t5xxl:
-            problems.append("--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs")
+        if caching and args.train_t5xxl and not cfg.network_train_unet_only:
+            problems.append("--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
+                            "cached outputs carry no gradients to T5's LoRA modules")
         if problems:
             raise ConfigError(problems)
         self.text_cache = CaptionCache() if caching else None
+        # with CLIP-L/G LoRAs training, only T5's outputs are cached and the CLIPs run every step (sd-scripts' partial caching)
+        self.cache_clip = bool(cfg.network_train_unet_only)
 
     @staticmethod
     def _conditioning_options(cfg: Any, comps: Components) -> dict[str, Any]:
@@ -143,19 +142,26 @@ class StableDiffusion3Family(ShiftScaleLatents):
         the per-encoder dropout still draws anew every step, as sd-scripts applies it to cached outputs too.
         """
         if self.text_cache is None:
-            parts = self._run_encoders(comps, captions)
+            parts = {**self._clip_parts(comps, captions), **self._t5_part(comps, captions)}
+        elif self.cache_clip:
+            parts = self.text_cache.outputs(captions, lambda texts: {**self._clip_parts(comps, texts), **self._t5_part(comps, texts)})
         else:
-            parts = self.text_cache.outputs(captions, lambda texts: self._run_encoders(comps, texts))
+            parts = {**self._clip_parts(comps, captions), **self.text_cache.outputs(captions, lambda texts: self._t5_part(comps, texts))}
         return TextConditioning(assemble_conditioning(parts, comps.extras["dropout_rates"], self.training_dropout))
 
     training_dropout = True  # the sampling pipeline turns it off
 
-    def _run_encoders(self, comps: Components, captions: list[str]) -> dict[str, torch.Tensor]:
-        clip_l, clip_g, t5 = comps.text_encoders
-        tok_l, tok_g, tok_t5 = comps.tokenizers
-        extras = comps.extras
-        l_hidden, l_pooled = _clip_outputs(clip_l, tok_l, captions, extras["apply_lg_attn_mask"])
-        g_hidden, g_pooled = _clip_outputs(clip_g, tok_g, captions, extras["apply_lg_attn_mask"])
+    @staticmethod
+    def _clip_parts(comps: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        (clip_l, clip_g, _), (tok_l, tok_g, _) = comps.text_encoders, comps.tokenizers
+        mask = comps.extras["apply_lg_attn_mask"]
+        l_hidden, l_pooled = _clip_outputs(clip_l, tok_l, captions, mask)
+        g_hidden, g_pooled = _clip_outputs(clip_g, tok_g, captions, mask)
+        return {"l": l_hidden, "g": g_hidden, "l_pooled": l_pooled, "g_pooled": g_pooled}
+
+    @staticmethod
+    def _t5_part(comps: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        t5, tok_t5, extras = comps.text_encoders[2], comps.tokenizers[2], comps.extras
         tokens = tok_t5(captions, padding="max_length", max_length=extras["t5_max_length"], truncation=True, return_tensors="pt")
         mask = tokens.attention_mask.to(t5.device)
         use_mask = extras["apply_t5_attn_mask"]
@@ -163,7 +169,7 @@ class StableDiffusion3Family(ShiftScaleLatents):
             hidden = t5(tokens.input_ids.to(t5.device), attention_mask=mask if use_mask else None).last_hidden_state
         if use_mask:
             hidden = hidden * mask[..., None].to(hidden.dtype)
-        return {"l": l_hidden, "g": g_hidden, "l_pooled": l_pooled, "g_pooled": g_pooled, "t5": hidden}
+        return {"t5": hidden}
 
     # ----------------------------------------------------------------------------------------- prediction
 
