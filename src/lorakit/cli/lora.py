@@ -163,7 +163,7 @@ def _add_model_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip_l_save_to", default=None, help="FLUX: where the merged CLIP-L goes")
     p.add_argument("--t5xxl", default=None, help="FLUX: T5-XXL file, for LoRAs with lora_te3 modules")
     p.add_argument("--t5xxl_save_to", default=None, help="FLUX: where the merged T5-XXL goes")
-    p.add_argument("--mem_eff_load_save", action="store_true", help="accepted; the model is held once in memory either way")
+    p.add_argument("--mem_eff_load_save", action="store_true", help="accepted; always on (the model is held once; FLUX files are written block by block)")
     p.add_argument("--loading_device", default="cpu", help="where the model is loaded (the CPU; accepted for sd-scripts)")
     p.add_argument("--working_device", default=None, help="where the arithmetic runs (as --device)")
 

@@ -10,12 +10,16 @@ the `lorakit.configs` metadata (as the tiny models' files do) and is written to 
 from __future__ import annotations
 
 import json
+import math
+import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lorakit.families.base import Components
+from lorakit.atomic import staged_file
 from lorakit.families.common.checkpoint_io import write_safetensors_atomic
 from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
 from lorakit.families.flux import bfl_keys
@@ -44,9 +48,61 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str
 
 
 def save_transformer_file(transformer: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """The transformer as one BFL-layout `.safetensors` (what `flux1-dev.safetensors` holds)."""
-    state = _cast(bfl_keys.diffusers_to_bfl(transformer.state_dict()), dtype)
-    write_safetensors_atomic(state, path, _metadata("transformer", transformer.config))
+    """The transformer as one BFL-layout `.safetensors` (what `flux1-dev.safetensors` holds), streamed: the
+    fused BFL weights are built one block at a time and written at once, so saving adds about one block to the
+    memory the loaded model takes (sd-scripts' `--mem_eff_load_save`)."""
+    state = transformer.state_dict()
+    meta_state = {k: torch.empty(v.shape, dtype=dtype if dtype and v.is_floating_point() else v.dtype, device="meta") for k, v in state.items()}
+    layout = {k: (v.shape, v.dtype) for piece in _bfl_pieces(meta_state) for k, v in piece.items()}
+    pieces = (_cast(piece, dtype) for piece in _bfl_pieces(state))
+    with staged_file(Path(path)) as tmp:
+        write_safetensors_streaming(tmp, layout, pieces, _metadata("transformer", transformer.config))
+
+
+def _bfl_pieces(state: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """`diffusers_to_bfl` of the top-level layers, then of one block at a time (each renamed to block 0 for the
+    conversion and back), in file order."""
+    blocks = (bfl_keys.DOUBLE_PREFIX, bfl_keys.SINGLE_PREFIX)
+    final = {f"{bfl_keys.FINAL_MODULATION[1]}.{leaf}": state[f"{bfl_keys.FINAL_MODULATION[1]}.{leaf}"] for leaf in ("weight", "bias")}
+    yield bfl_keys.diffusers_to_bfl({k: v for k, v in state.items() if not k.startswith(tuple(f"{d}." for _, d in blocks))})
+    for bfl_prefix, diff_prefix in blocks:
+        for index in range(bfl_keys.block_count(state, diff_prefix)):
+            source = f"{diff_prefix}.{index}."
+            block = {f"{diff_prefix}.0.{k[len(source):]}": v for k, v in state.items() if k.startswith(source)}
+            converted = bfl_keys.diffusers_to_bfl({**final, **block})
+            first = f"{bfl_prefix}.0."
+            yield {f"{bfl_prefix}.{index}.{k[len(first):]}": v for k, v in converted.items() if k.startswith(first)}
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def write_safetensors_streaming(
+    path: Path, layout: dict[str, tuple[torch.Size, torch.dtype]], pieces: Iterable[dict[str, torch.Tensor]], metadata: dict[str, str]
+) -> None:
+    """A safetensors file whose header is written from `layout` first and whose tensors then arrive in pieces
+    (in the order of `layout`), so no more than one piece is ever held beside the model."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, (shape, dtype) in layout.items():
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    names = iter(layout)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for piece in pieces:
+            for name, tensor in piece.items():
+                expected = next(names)
+                if name != expected or tensor.shape != layout[name][0] or tensor.dtype != layout[name][1]:
+                    raise RuntimeError(f"streamed tensor {name} does not match the planned header entry {expected}")
+                f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def save_clip_l_file(clip: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
