@@ -213,3 +213,81 @@ def test_dylora_split_refuses_plain_loras_and_untrained_ranks(lora_files, dylora
     with pytest.raises(ConfigError, match="has rank 4; a split can only lower"):
         check_rank(8, 4, 2, "dy.safetensors")
     assert split_ranks(8, 2) == [2, 4, 6] and split_ranks(4, 4) == []
+
+
+# ---------------------------------------------------------------------------------------------- score recipes
+
+
+def test_score_recipe_parsing_normalises_weights_and_names_mistakes():
+    from lorakit.tools.resize_recipe import parse_recipe
+
+    recipe = parse_recipe("fro_ckpt=1,thr=-3.55")
+    assert recipe.weights["fro_ckpt"] == 1.0 and recipe.threshold == -3.55 and recipe.size_mib is None
+    assert parse_recipe("fro_ckpt=2,spn_lora,size=3").weights == pytest.approx(
+        {"fro_ckpt": 2 / 3, "spn_lora": 1 / 3, "spn_ckpt": 0, "subspace": 0, "fro_lora": 0, "params": 0}
+    )
+    for text, message in (("fro_ckpt=1", "exactly one of thr"), ("thr=-1", "at least one score key"),
+                          ("fro_ckpt=1,thr=x", "thr=x is not a number"), ("frob=1,thr=-1", "unknown or valueless key 'frob=1'"),
+                          ("fro_ckpt=1,thr=-1:spn_lora=1,thr=-1", "one recipe per run")):
+        with pytest.raises(ConfigError, match=message):
+            parse_recipe(text)
+
+
+def _base_weight(components, name: str) -> torch.Tensor:
+    """The base layer of a kohya module name, found through its diffusers path (not through the tools' index)."""
+    component, _, path = SD_LAYOUT.kohya_to_path(name).partition(".")
+    root = components.denoiser if component == "unet" else components.text_encoders[0]
+    path = path if component == "unet" or hasattr(root, "text_model") else path.removeprefix("text_model.")
+    return root.get_submodule(path).weight
+
+
+@pytest.fixture(scope="module")
+def spread_lora(tiny, tmp_path_factory):
+    """A LoRA whose modules' ΔW sit from far below to far above 10^-3.55 of their base layers' norms."""
+    network = random_network(tiny, rank=4, conv_rank=2, seed=3)
+    with torch.no_grad():
+        for index, module in enumerate(network.lora_modules.values()):
+            module.lora_up.weight.mul_(10.0 ** (-2.5 - (index % 7) * 0.35))  # the spread: 2.4 decades
+    path = tmp_path_factory.mktemp("spread") / "spread.safetensors"
+    save_lora_file(network.state_dict_kohya(), path, {"ss_base_model_version": "sd_v1", "ss_network_dim": "4"})
+    return path
+
+
+def test_fro_ckpt_recipe_keeps_components_above_the_threshold_times_the_base_norm(tiny, spread_lora):
+    from lorakit.tools.resize_recipe import parse_recipe, resize_by_recipe
+
+    lora = load_lora(spread_lora)
+    index = SD_LAYOUT.module_index(tiny)
+    base = {name: index[name].weight for name in lora.modules}
+    resized, report, threshold = resize_by_recipe(lora.modules, parse_recipe("fro_ckpt=1,thr=-3.55"), base)
+    assert threshold == -3.55
+    outcomes = set()
+    for name, module in lora.modules.items():
+        # independent: the full SVD of ΔW against 10^-3.55 · ‖W_base‖_F
+        delta = module.delta().reshape(module.up.shape[0], -1)
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        limit = 10.0 ** -3.55 * float(_base_weight(tiny, name).detach().float().norm())
+        keep = int((s > limit).sum())
+        assert report.ranks[name] == (module.rank, keep), name
+        outcomes.add("removed" if keep == 0 else "full" if keep == module.rank else "cut")
+        if keep == 0:
+            assert name not in resized
+            continue
+        expected = (u[:, :keep] * s[:keep]) @ vh[:keep]
+        assert torch.allclose(resized[name].delta().reshape(expected.shape), expected, atol=1e-9, rtol=1e-4), name
+        assert resized[name].scale == pytest.approx(module.scale)  # alpha' = scale · r'
+    assert outcomes == {"removed", "full", "cut"}  # the file exercises every case
+
+
+def test_size_recipe_fits_the_budget_and_spn_lora_is_relative_to_the_largest_value(spread_lora):
+    from lorakit.tools.resize_recipe import parse_recipe, resize_by_recipe
+
+    lora = load_lora(spread_lora)
+    budget_mib = 0.05
+    resized, report, threshold = resize_by_recipe(lora.modules, parse_recipe("fro_lora=1,size=0.05"), None, element_size=2)
+    used = sum(m.rank * (m.up.shape[0] + m.down[0].numel()) * 2 for m in resized.values())
+    assert 0 < used <= budget_mib * 2**20 and math.isfinite(threshold)
+    relative, _, _ = resize_by_recipe(lora.modules, parse_recipe("spn_lora=1,thr=-0.5"), None, max_rank=2)
+    for name, module in lora.modules.items():
+        s = torch.linalg.svdvals(module.delta().reshape(module.up.shape[0], -1))
+        assert relative[name].rank == min(2, int((s > s[0] * 10**-0.5).sum())), name
