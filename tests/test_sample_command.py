@@ -180,6 +180,66 @@ def test_prompt_file_options_and_folder_output(models, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# other algorithms the trainer writes: DoRA, OFT, LyCORIS
+# ---------------------------------------------------------------------------------------------------------
+
+
+def network_config(model: Path, module: str, args: list[str], dim: int, alpha: float, weights: Path | None = None):
+    options = {"pretrained_model_name_or_path": str(model), "network_module": module, "network_args": args,
+               "network_dim": dim, "network_alpha": alpha, "network_weights": str(weights) if weights else None}
+    return build_config(options, skip_requirements=True)
+
+
+def write_trained_like_lora(model: Path, file: Path, module: str, args: list[str], dim: int, alpha: float, scale: float,
+                            version: str) -> Path:
+    """The trainer's own network (`build_network`), moved off its initial values by seeded noise, saved with the
+    metadata keys training writes for it."""
+    import json
+
+    from lorakit.adapters.factory import build_network
+
+    cfg = network_config(model, module, args, dim, alpha)
+    family, comps = load_model(model)
+    network = build_network(cfg, family, comps, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for param in network.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    metadata = {"ss_network_module": module, "ss_network_dim": str(dim), "ss_network_alpha": str(alpha),
+                "ss_network_args": json.dumps(cfg.network_kwargs()), "ss_base_model_version": version}
+    save_lora_file(network.state_dict_kohya(), file, metadata)
+    return file
+
+
+def factory_attached_image(model: Path, file: Path, module: str, args: list[str], dim: int, alpha: float, multiplier: float):
+    from lorakit.adapters.factory import build_network
+
+    family, comps = load_model(model)
+    network = build_network(network_config(model, module, args, dim, alpha, file), family, comps, torch.device("cpu"))
+    network.set_multiplier(multiplier)
+    pipe = family.pipeline(comps)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = SamplePrompt(0, PROMPT, "", 64, 64, 1, 2, 5.0)
+    return np.asarray(generate_sample(pipe, prompt), dtype=np.int16)
+
+
+@pytest.mark.parametrize("family,module,args,dim,alpha,scale", [
+    ("sd", "networks.lora", ["dora_wd=True", "conv_dim=2", "conv_alpha=1"], 4, 2.0, 0.1),
+    ("sd", "networks.oft", ["enable_all_linear=True"], 4, 1.0, 0.1),  # a loose constraint, so the rotations show
+    ("sd", "lycoris.kohya", ["algo=loha", "conv_dim=2", "conv_alpha=1"], 4, 2.0, 0.1),
+    ("flux", "networks.oft_flux", ["enable_all_linear=True"], 4, 1.0, 0.3),  # OFT per part of fused q/k/v views
+    ("flux", "networks.lora_flux", ["dora_wd=True"], 4, 2.0, 0.3),  # DoRA on fused views
+], ids=["dora", "oft", "loha", "flux-oft", "flux-dora"])
+def test_other_algorithms_merge_as_their_networks_run(models, tmp_path, family, module, args, dim, alpha, scale):
+    model = models[family]
+    file = write_trained_like_lora(model, tmp_path / "net.safetensors", module, args, dim, alpha, scale, VERSIONS[family])
+    base = sample(model, tmp_path / "base.png")
+    merged = sample(model, tmp_path / "merged.png", "--lora", f"{file};0.7")
+    assert np.abs(merged - base).mean() > 1.0
+    assert_close(merged, factory_attached_image(model, file, module, args, dim, alpha, 0.7))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # mistakes: exit 2, a message naming the problem, no image
 # ---------------------------------------------------------------------------------------------------------
 

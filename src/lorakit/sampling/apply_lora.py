@@ -9,10 +9,13 @@ Ranks and alphas are read from each file's tensors, so several files of differen
 per-layer ranks, e.g. after `lora resize --dynamic_method`) merge one after the other. Which adapter algorithm a
 file holds is read from its tensors (`dora_scale`, `oft_blocks`, `hada_w1`, ...) and its `ss_network_module`:
 
-* plain LoRA (`networks.lora`, `lora_sd3`, `lora_flux`, `lora_fa`, `dylora`; LoCon tensors too), DoRA and
-  OFT (`networks.oft`, `oft_flux`) are rebuilt per layer from the file;
-* `lycoris.kohya` files are rebuilt by the trainer's network factory from their `ss_network_args`;
+* plain LoRA (`networks.lora`, `lora_sd3`, `lora_flux`, `lora_fa`, `dylora`; LoCon tensors too) and DoRA are
+  rebuilt per layer from the file, at each layer's own rank;
+* OFT (`networks.oft`, `oft_flux`) and `lycoris.kohya` files are rebuilt by the trainer's network factory from
+  their metadata (`ss_network_args`, dim, alpha), so per-part rotations, presets and block layouts are its own;
 * anything else is refused by name.
+
+Only the layers a file names are merged; a merge at multiplier 0 leaves every weight bit for bit as it was.
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ def _algorithm(path: str, state: dict[str, torch.Tensor], module: str) -> str:
             f"{path}: ss_network_module {module} is not a network lorakit can load "
             f"(supported: {', '.join(_PER_LAYER_MODULES)}, lycoris.kohya)"
         )
-    if any(k.endswith(".oft_blocks") for k in state):
+    if any(".oft_blocks" in k for k in state):  # oft_flux: one `oft_blocks.<i>` per fused part
         return "oft"
     if any(k.endswith(".dora_scale") for k in state):
         return "dora"
@@ -167,54 +170,50 @@ class LoraMerger:
     @torch.no_grad()
     def merge(self, lora: LoraFile) -> int:
         """Merge one file at its multiplier; returns how many layers changed."""
-        network = self._network_for(lora)
-        source = lora.spec.path
-        if lora.algorithm != "lycoris":  # the factory loaded it already
-            for warning in network.load_kohya_state_dict(lora.state, source=source):
-                log.debug(warning)
-        for module in network.lora_modules.values():
-            merge_module(module, lora.spec.multiplier)
-        return len(network.lora_modules)
+        network = self._factory_network(lora) if lora.algorithm in ("oft", "lycoris") else self._per_layer_network(lora)
+        for warning in network.load_kohya_state_dict(lora.state, source=lora.spec.path):
+            log.debug(warning)  # a layer the file leaves out is not merged (below)
+        in_file = {key.partition(".")[0] for key in lora.state}
+        merged = 0
+        for name, module in network.lora_modules.items():
+            if name in in_file:
+                # W ← W' at the multiplier; a fused view (FLUX/SD3 q/k/v) hands W' − W to its parts
+                module.merge_to_base(lora.spec.multiplier)
+                merged += 1
+        return merged
 
-    def _network_for(self, lora: LoraFile) -> LoRANetwork:
-        if lora.algorithm == "lycoris":
-            return self._lycoris_network(lora)
+    def _per_layer_network(self, lora: LoraFile) -> LoRANetwork:
+        """LoRA and DoRA: one module per file module on the family's layer of that name, at the file's rank."""
         by_module = _tensors_by_module(lora.state)
         targets = []
         for name, tensors in by_module.items():
-            layer = self.layers.get(name.replace("oft_", "lora_", 1) if lora.algorithm == "oft" else name)
-            if layer is None:
-                continue  # load_kohya_state_dict names the key (with a family hint)
-            targets.append(AdapterTarget(name, layer.module, layer.component, *_rank_alpha(lora, name, tensors)))
+            layer = self.layers.get(name)
+            if layer is not None:
+                targets.append(AdapterTarget(name, layer.module, layer.component, *_rank_alpha(lora.spec.path, name, tensors)))
         if len(targets) < len(by_module):
             # the strict loader over every layer gives the message: the key, the file, and which family's
             # names the file holds against this model's
             LoRANetwork(list(self.layers.values())).load_kohya_state_dict(lora.state, source=lora.spec.path)
         return LoRANetwork(targets, module_factory=_module_factory(lora))
 
-    def _lycoris_network(self, lora: LoraFile) -> LoRANetwork:
+    def _factory_network(self, lora: LoraFile) -> LoRANetwork:
+        """OFT and LyCORIS: the trainer's network factory, configured from the file's metadata (OFT: every linear
+        and conv the family offers, sized from the file's tensors), so parts, presets and block layouts are its own."""
         from lorakit.adapters.factory import build_network
 
         meta = lora.metadata
-        args = [f"{k}={v}" for k, v in _json_dict(meta.get("ss_network_args"), lora.spec.path).items()]
-        cfg = _network_config(self.model_cfg, self.family.name, "lycoris.kohya", args or None, weights=lora.spec.path,
-                              dim=_number(meta.get("ss_network_dim")), alpha=_number(meta.get("ss_network_alpha")))
+        args = _json_dict(meta.get("ss_network_args"), lora.spec.path)
+        dim, alpha = _number(meta.get("ss_network_dim")), _number(meta.get("ss_network_alpha"))
+        unet_only = False
+        if lora.algorithm == "oft":
+            args.update(enable_all_linear="True", enable_conv="True")
+            dim, alpha = _oft_size(lora)
+            unet_only = True
+        cfg = _network_config(self.model_cfg, self.family.name, lora.network_module, [f"{k}={v}" for k, v in args.items()] or None,
+                              dim=dim, alpha=alpha, unet_only=unet_only)
         network = build_network(cfg, self.family, self.comps, self.comps.denoiser.device)
-        network.restore()  # merged below; the factory attached it for training
+        network.restore()  # the factory attached it for training; it is merged instead
         return network
-
-
-@torch.no_grad()
-def merge_module(module: AdapterModule, multiplier: float) -> None:
-    """W ← the module's merged weight at `multiplier`. A fused view (FLUX/SD3 q/k/v, SAI row order) has no weight
-    of its own: the difference goes to its parts, each taking its rows."""
-    layer = module.org_module
-    if hasattr(layer, "add_to_parts"):
-        delta = module.merged_weight(multiplier) - layer.weight.float()
-        layer.add_to_parts(delta)
-        module.restore()
-    else:
-        module.merge_to_base(multiplier)
 
 
 def _module_factory(lora: LoraFile) -> Callable[[AdapterTarget], AdapterModule] | None:
@@ -223,11 +222,14 @@ def _module_factory(lora: LoraFile) -> Callable[[AdapterTarget], AdapterModule] 
 
         # the file's dora_scale shape decides the axis when it loads
         return lambda t: DoRAModule(t.name, t.module, t.rank, t.alpha)
-    if lora.algorithm == "oft":
-        from lorakit.adapters.oft import OFTModule
-
-        return lambda t: OFTModule(t.name, t.module, t.rank, t.alpha)
     return None  # plain LoRA modules
+
+
+def _oft_size(lora: LoraFile) -> tuple[int, float]:
+    """(blocks per layer, constraint alpha) of an OFT file, from its first module's tensors."""
+    blocks = next(v for k, v in lora.state.items() if ".oft_blocks" in k)
+    alpha = next((float(v) for k, v in lora.state.items() if k.endswith(".alpha")), 0.0)
+    return int(blocks.shape[0]), alpha
 
 
 def _tensors_by_module(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -238,25 +240,22 @@ def _tensors_by_module(state: dict[str, torch.Tensor]) -> dict[str, dict[str, to
     return grouped
 
 
-def _rank_alpha(lora: LoraFile, name: str, tensors: dict[str, torch.Tensor]) -> tuple[int, float]:
-    """The module's size as the file stores it: LoRA rank = rows of lora_down, OFT blocks = oft_blocks' first axis."""
-    key = "oft_blocks" if lora.algorithm == "oft" else "lora_down.weight"
-    if key not in tensors:
-        raise CheckpointError(f"{lora.spec.path}: {name} has no {key}")
-    rank = int(tensors[key].shape[0])
+def _rank_alpha(path: str, name: str, tensors: dict[str, torch.Tensor]) -> tuple[int, float]:
+    """The module's rank (rows of lora_down) and alpha (missing or 0: alpha = rank, as every loader reads it)."""
+    if "lora_down.weight" not in tensors:
+        raise CheckpointError(f"{path}: {name} has no lora_down.weight")
+    rank = int(tensors["lora_down.weight"].shape[0])
     alpha = tensors.get("alpha")
-    if lora.algorithm == "oft":
-        return rank, float(alpha) if alpha is not None else 0.0
     return rank, float(alpha) if alpha is not None and float(alpha) != 0.0 else float(rank)
 
 
-def _network_config(model_cfg: Any, family: str, module: str, args: list[str] | None, *, weights: str | None = None,
-                    dim: float | None = None, alpha: float | None = None) -> Any:
+def _network_config(model_cfg: Any, family: str, module: str, args: list[str] | None, *, dim: float | None = None,
+                    alpha: float | None = None, unet_only: bool = False) -> Any:
     """The model's options plus the network options a family's targets (or the network factory) read."""
     from lorakit.config.validate import build_config
 
     options = dict(model_cfg.model_dump(exclude_unset=True))
-    options.update(network_module=module, network_args=args, network_weights=weights, family=family)
+    options.update(network_module=module, network_args=args, family=family, network_train_unet_only=unet_only)
     if dim:
         options["network_dim"] = int(dim)
     if alpha:
