@@ -25,6 +25,7 @@ tools:
   extract   extract a LoRA from an original and a tuned model (--model_org, --model_tuned)
   convert   convert between the kohya and the diffusers/PEFT key layouts
   inspect   show a LoRA's algorithm, family, ranks, alphas, metadata and which loaders accept it
+  sample    generate images with LoRAs merged into a base model, any family (same as `lorakit sample`)
 
 `lorakit lora <tool> --help` lists a tool's options.
 """
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    tools = {"resize": _resize, "merge": _merge, "extract": _extract, "convert": _convert, "inspect": _inspect}
+    tools = {"resize": _resize, "merge": _merge, "extract": _extract, "convert": _convert, "inspect": _inspect, "sample": _sample}
     tool, rest = argv[0], argv[1:]
     if not logging.getLogger().handlers:  # run on its own (not through `lorakit`): show the tools' messages
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
@@ -402,3 +403,9 @@ def _inspect(argv: list[str]) -> int:
         report = describe(tensors, metadata)
         print(report_json(report) if args.json else format_report(path, report, show_all_metadata=args.show_all_metadata))
     return 0
+
+
+def _sample(argv: list[str]) -> int:
+    from lorakit.cli.sample import main as sample_main
+
+    return sample_main(argv)
