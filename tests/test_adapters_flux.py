@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.adapters.factory import build_network
+from lorakit.adapters.factory import build_network, family_network_kwargs
 from lorakit.adapters.oft import OFTModule
 from lorakit.errors import ConfigError
 from lorakit.families.base import Components
@@ -164,6 +164,11 @@ def test_lycoris_algorithms_lorakit_refuses_are_named(flux, algo):
 
 def test_algorithm_keys_stay_with_their_algorithm(flux):
     """DoRA's and DyLoRA's keys are kept from FLUX's lora_flux check only for the module that reads them."""
+    assert family_network_kwargs(options("networks.lora_flux", "dora_wd=True", "train_blocks=single")) == {"train_blocks": "single"}
+    assert family_network_kwargs(options("networks.dylora", "unit=2", "split_qkv=True")) == {"split_qkv": "True"}
+    assert family_network_kwargs(options("networks.lora_flux", "unit=2")) == {"unit": "2"}
+    assert family_network_kwargs(options("lycoris.kohya", "algo=loha", "preset=full")) == {}
+    assert family_network_kwargs(options("networks.oft_flux", "enable_all_linear=True")) == {}
     with pytest.raises(ConfigError, match="unit: not a networks.lora_flux option"):
         build_network(options("networks.lora_flux", "unit=2"), *fresh(flux), CPU)
     with pytest.raises(ConfigError, match="split_qkv=True: not available with networks.dylora"):

@@ -129,6 +129,21 @@ DORA_ARGS = ("dora_wd", "wd_on_output")
 DYLORA_ARGS = ("unit",)
 
 
+def family_network_kwargs(cfg: Any) -> dict[str, str]:
+    """The --network_args a model family should read and check for this run's --network_module.
+
+    A family checks its network_args against sd-scripts' LoRA module for it (FLUX: `networks.lora_flux`), which
+    knows neither DoRA's and DyLoRA's keys nor OFT's and LyCORIS' (those modules choose their layers and check
+    their keys here): the algorithm's own keys are left out, and OFT and LyCORIS leave the family none.
+    """
+    kwargs = cfg.network_kwargs() if getattr(cfg, "network_args", None) else {}
+    module = cfg.network_module or "networks.lora"
+    if module in OFT_MODULES or module == "lycoris.kohya":
+        return {}
+    own = DORA_ARGS if module in KOHYA_LORA_MODULES else DYLORA_ARGS if module == "networks.dylora" else ()
+    return {k: v for k, v in kwargs.items() if k not in own}
+
+
 def lora_targets(cfg: Any, family: Any, comps: Components, kwargs: dict[str, str], own_args: tuple[str, ...] = ()) -> list:
     """The family's layers, with sd-scripts' block-wise ranks (`block_dims`, `*_lr_weight`, …) applied;
     `own_args` are the algorithm's own keys, kept from the family."""
