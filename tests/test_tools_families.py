@@ -455,3 +455,28 @@ def test_flux_converter_splits_and_fuses_independent_pairs():
         assert split[f"{path}.lora_A.weight"].shape == (rank, width)  # the block-diagonal form splits into the small pairs
         expected = ((index + 1) / rank) * state[f"{path}.lora_B.weight"] @ state[f"{path}.lora_A.weight"]
         assert torch.allclose(split[f"{path}.lora_B.weight"] @ split[f"{path}.lora_A.weight"], expected, atol=1e-5)
+
+
+def test_folders_are_merged_into_folders(tmp_path):
+    """SDXL and FLUX diffusers folders in, diffusers folders out, equal to the single-file merge."""
+    from lorakit.families.flux.tiny import save_pipeline_folder
+    from lorakit.families.sdxl.tiny import save_sdxl_diffusers_folder
+
+    for name, comps, save, family, cfg, option in (
+        ("sdxl", build_tiny_sdxl(0), save_sdxl_diffusers_folder, StableDiffusionXLFamily(), net_cfg(), "--sd_model"),
+        ("flux", build_tiny_flux(0), save_pipeline_folder, FluxFamily(), net_cfg(), "--flux_model"),
+    ):
+        folder, out = tmp_path / f"{name}_in", tmp_path / f"{name}_out"
+        save(comps, folder)
+        lora = tmp_path / f"{name}_lora.safetensors"
+        save_lora_file(random_network(family, comps, cfg).state_dict_kohya(), lora)
+        assert main(["merge", option, str(folder), "--save_to", str(out), "--models", str(lora), "--ratios", str(RATIO)]) == 0
+        assert (out / "model_index.json").is_file()
+        merged, base = load_base_model(str(out), family=name), load_base_model(str(folder), family=name)
+        forward = sdxl_forward if name == "sdxl" else flux_forward
+        expected = forward(base)
+        network = bypass(family, base, cfg, lora)
+        for ours, reference, plain in zip(forward(merged), forward(base), expected):
+            assert (reference - plain).abs().max() > 1e-3
+            assert torch.allclose(ours, reference, atol=1e-4), name
+        network.restore()
