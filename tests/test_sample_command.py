@@ -167,6 +167,16 @@ def test_two_loras_of_different_ranks(models, loras, tmp_path):
     assert np.abs(merged - single).mean() > 1.0
 
 
+def test_lora_sample_is_the_same_command(models, loras, tmp_path):
+    lora = f"{loras['sd']};0.5"
+    expected = sample(models["sd"], tmp_path / "a.png", "--lora", lora)
+    argv = ["lora", "sample", "--pretrained_model_name_or_path", str(models["sd"]), "--prompt", PROMPT, "--width", "64",
+            "--height", "64", "--steps", "2", "--seed", "1", "--cfg_scale", "5", "--out", str(tmp_path / "b.png"),
+            "--lora_weights", lora]
+    assert main(argv) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png").convert("RGB"), dtype=np.int16), expected)
+
+
 def test_prompt_file_options_and_folder_output(models, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square --w 96 --h 64 --d 5 --s 2\n# comment\na blue circle --n green --l 3 --d 9 --s 1\n", encoding="utf-8")
