@@ -480,3 +480,28 @@ def test_folders_are_merged_into_folders(tmp_path):
             assert (reference - plain).abs().max() > 1e-3
             assert torch.allclose(ours, reference, atol=1e-4), name
         network.restore()
+
+
+def test_flux_diffusers_named_file_merges_like_the_bfl_file(tmp_path, capsys):
+    """`--diffusers` (sd-scripts' flux_merge_lora.py): a diffusers-named transformer file in and out."""
+    from safetensors.torch import load_file
+
+    from lorakit.families.flux.tools_io import save_transformer_file
+
+    comps = build_tiny_flux(0)
+    files = save_bfl_files(comps, tmp_path)
+    named = tmp_path / "flux1_diffusers_names.safetensors"
+    save_transformer_file(comps.denoiser, named, layout="diffusers")
+    lora = tmp_path / "lora.safetensors"
+    save_lora_file(random_network(FluxFamily(), comps, net_cfg(unet_only=True)).state_dict_kohya(), lora)
+    outs = {}
+    for name, source, extra in (("bfl", files["flux1"], []), ("diffusers", named, ["--diffusers"])):
+        outs[name] = tmp_path / f"merged_{name}.safetensors"
+        assert main(["merge", "--flux_model", str(source), "--save_to", str(outs[name]), "--models", str(lora), *extra]) == 0
+    assert "transformer_blocks.0.attn.to_q.weight" in load_file(str(outs["diffusers"]))
+    a = load_base_model(str(outs["bfl"]), family="flux").denoiser.state_dict()
+    b = load_base_model(str(outs["diffusers"]), family="flux").denoiser.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # convert's --src is checked against the file
+    assert main(["convert", "--model", str(lora), "--src", "ai-toolkit", "--to", "kohya", "--save_to", str(tmp_path / "x.safetensors")]) == 2
+    assert "kohya layout" in capsys.readouterr().err

@@ -165,6 +165,7 @@ def _add_model_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--t5xxl", default=None, help="FLUX: T5-XXL file, for LoRAs with lora_te3 modules")
     p.add_argument("--t5xxl_save_to", default=None, help="FLUX: where the merged T5-XXL goes")
     p.add_argument("--mem_eff_load_save", action="store_true", help="accepted; always on (the model is held once; FLUX files are written block by block)")
+    p.add_argument("--diffusers", action="store_true", help="FLUX: the --flux_model file uses diffusers names; the output keeps them")
     p.add_argument("--loading_device", default="cpu", help="where the model is loaded (the CPU; accepted for sd-scripts)")
     p.add_argument("--working_device", default=None, help="where the arithmetic runs (as --device)")
 
@@ -223,7 +224,13 @@ def _merge_into_model(args: argparse.Namespace, ratios: list[float]) -> int:
         dtype=dtype,
     )
     changed = merge_into_model(components, loras[0].layout, loras, ratios, dtype=dtype, device=args.working_device or args.device)
-    save_base_model(components, output, save_dtype, family)
+    if args.diffusers and family == "flux" and output.kind != "folder":
+        from lorakit.families.flux.tools_io import save_transformer_file
+
+        components.denoiser.to(save_dtype or components.denoiser.dtype)
+        save_transformer_file(components.denoiser, output.path, layout="diffusers")
+    else:
+        save_base_model(components, output, save_dtype, family)
     if family == "flux" and output.kind != "folder":
         for index, option_name in ((0, "clip_l"), (1, "t5xxl")):
             if getattr(args, option_name):
@@ -274,6 +281,8 @@ def _extract(argv: list[str]) -> int:
     p.add_argument("--save_precision", choices=_PRECISION_CHOICES, default=None, help="default float")
     p.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda")
     p.add_argument("--no_metadata", action="store_true", help="write only the minimal ss_* keys")
+    for accepted in ("--mem_eff_safe_open", "--load_original_model_to", "--load_tuned_model_to"):
+        p.add_argument(accepted, nargs="?", const=True, default=None, help="accepted for sd-scripts; models load on the CPU")
     args = p.parse_args(argv)
 
     from lorakit.tools.common import check_output, merged_metadata, parse_precision, save_lora
@@ -332,6 +341,7 @@ def _convert(argv: list[str]) -> int:
     p.add_argument("--model", "--src_path", dest="model", default=None, help="input LoRA")
     p.add_argument("--save_to", "--dst_path", dest="save_to", required=True, help="output LoRA (or model file)")
     p.add_argument("--to", "--dst", dest="to", default=None, help="kohya (sd-scripts) or diffusers (peft)")
+    p.add_argument("--src", default=None, help="the input's layout (kohya/sd-scripts or diffusers/peft/ai-toolkit); checked, the file says it anyway")
     p.add_argument("--keep_alpha", action="store_true", help="diffusers: write .alpha tensors instead of folding alpha/rank into lora_B")
     p.add_argument("--save_precision", choices=_PRECISION_CHOICES, default=None, help="default: as loaded")
     p.add_argument("--flux_diffusers_to_bfl", default=None, metavar="FOLDER",
@@ -354,6 +364,9 @@ def _convert(argv: list[str]) -> int:
     save_dtype = parse_precision(args.save_precision, "--save_precision")
     _require_file(args.model, "--model")
     lora = load_lora(args.model)
+    source = normalise_format(args.src) if args.src else None
+    if args.src and source != ("kohya" if lora.style == "kohya" else "diffusers"):
+        raise ConfigError([f"--src {args.src}: {args.model} is in the {lora.style} layout"])
     metadata = {k: v for k, v in lora.metadata.items() if not k.startswith("sshs_")}
     if target == "kohya":
         save_lora(to_kohya_modules(lora.modules), save_to, fmt, metadata, save_dtype)

@@ -47,11 +47,15 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
-def save_transformer_file(transformer: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
+def save_transformer_file(transformer: nn.Module, path: str | Path, dtype: torch.dtype | None = None, *, layout: str = "bfl") -> None:
     """The transformer as one BFL-layout `.safetensors` (what `flux1-dev.safetensors` holds), streamed: the
     fused BFL weights are built one block at a time and written at once, so saving adds about one block to the
-    memory the loaded model takes (sd-scripts' `--mem_eff_load_save`)."""
+    memory the loaded model takes (sd-scripts' `--mem_eff_load_save`). `layout="diffusers"` keeps diffusers'
+    names (sd-scripts' `flux_merge_lora.py --diffusers`)."""
     state = transformer.state_dict()
+    if layout == "diffusers":
+        write_safetensors_atomic(_cast(state, dtype), path, _metadata("transformer", transformer.config))
+        return
     meta_state = {k: torch.empty(v.shape, dtype=dtype if dtype and v.is_floating_point() else v.dtype, device="meta") for k, v in state.items()}
     layout = {k: (v.shape, v.dtype) for piece in _bfl_pieces(meta_state) for k, v in piece.items()}
     pieces = (_cast(piece, dtype) for piece in _bfl_pieces(state))
