@@ -291,3 +291,58 @@ def test_size_recipe_fits_the_budget_and_spn_lora_is_relative_to_the_largest_val
     for name, module in lora.modules.items():
         s = torch.linalg.svdvals(module.delta().reshape(module.up.shape[0], -1))
         assert relative[name].rank == min(2, int((s > s[0] * 10**-0.5).sum())), name
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def test_cli_merge_with_lbws(lora_files, tmp_path, capsys):
+    from lorakit.cli.lora import main
+
+    out = tmp_path / "lbw.safetensors"
+    weights = "[" + ",".join(map(str, _lbw17(IN01=0))) + "]"
+    args = ["merge", "--save_to", str(out), "--models", *map(str, lora_files), "--new_rank", "8", "--lbws", weights, weights]
+    assert main(args) == 0
+    names = load_lora(out).modules.keys()
+    assert names and not any(lbw_slot(n, "sd") == LBW_SLOTS.index("IN01") for n in names)
+    bad = tmp_path / "bad.safetensors"
+    assert main(["merge", "--save_to", str(bad), "--models", str(lora_files[0]), "--new_rank", "4", "--lbws", "[1,1,1]"]) == 2
+    assert "--lbws" in capsys.readouterr().err and not bad.exists()
+
+
+def test_cli_dylora_writes_one_rank_or_every_unit(dylora, tmp_path, capsys):
+    from lorakit.cli.lora import main
+    from lorakit.tools.dylora_split import truncate_modules
+
+    _, path = dylora
+    one = tmp_path / "r2.safetensors"
+    assert main(["dylora", "--model", str(path), "--save_to", str(one), "--new_rank", "2"]) == 0
+    expected = deltas(truncate_modules(load_lora(path).modules, 2))
+    written = load_lora(one)
+    assert written.metadata["ss_network_dim"] == "2" and written.metadata["ss_training_comment"].startswith("split from DyLoRA")
+    assert all(torch.allclose(written.modules[n].delta(), d) for n, d in expected.items())
+    assert main(["dylora", "--model", str(path), "--save_to", str(tmp_path / "all.safetensors"), "--unit", "2"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("all-*")) == ["all-0002.safetensors"]
+    assert main(["dylora", "--model", str(path), "--save_to", str(tmp_path / "x.safetensors"), "--new_rank", "3"]) == 2
+    assert "multiples of 2" in capsys.readouterr().err
+
+
+def test_cli_resize_by_recipe_against_a_base_model_folder(tiny, spread_lora, tmp_path, capsys):
+    from lorakit.cli.lora import main
+    from lorakit.toy.tiny_models import save_sd_diffusers_folder
+    from lorakit.tools.resize_recipe import parse_recipe, resize_by_recipe
+
+    base = tmp_path / "base"
+    save_sd_diffusers_folder(tiny, base)
+    out = tmp_path / "small.safetensors"
+    recipe = "fro_ckpt=1,thr=-3.55"
+    assert main(["resize", "--model", str(spread_lora), "--save_to", str(out), "--score_recipes", recipe, "--base_model", str(base)]) == 0
+    lora = load_lora(spread_lora)
+    index = SD_LAYOUT.module_index(tiny)
+    expected, _, _ = resize_by_recipe(lora.modules, parse_recipe(recipe), {n: index[n].weight for n in lora.modules})
+    written = load_lora(out)
+    assert {n: m.rank for n, m in written.modules.items()} == {n: m.rank for n, m in expected.items()}
+    assert written.metadata["ss_network_dim"] == "Dynamic" and recipe in written.metadata["ss_training_comment"]
+    missing = tmp_path / "none.safetensors"
+    assert main(["resize", "--model", str(spread_lora), "--save_to", str(missing), "--score_recipes", recipe]) == 2
+    assert "need --base_model" in capsys.readouterr().err and not missing.exists()

@@ -26,6 +26,7 @@ tools:
   convert   convert between the kohya and the diffusers/PEFT key layouts
   inspect   show a LoRA's algorithm, family, ranks, alphas, metadata and which loaders accept it
   sample    generate images with LoRAs merged into a base model, any family (same as `lorakit sample`)
+  dylora    split a DyLoRA file into fixed-rank LoRAs (--new_rank r, or every multiple of --unit)
 
 `lorakit lora <tool> --help` lists a tool's options.
 """
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    tools = {"resize": _resize, "merge": _merge, "extract": _extract, "convert": _convert, "inspect": _inspect, "sample": _sample}
+    tools = {"resize": _resize, "merge": _merge, "extract": _extract, "convert": _convert, "inspect": _inspect, "dylora": _dylora, "sample": _sample}
     tool, rest = argv[0], argv[1:]
     if not logging.getLogger().handlers:  # run on its own (not through `lorakit`): show the tools' messages
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
@@ -72,14 +73,21 @@ def _resize(argv: list[str]) -> int:
     p = _parser("resize", "Change the rank of a LoRA by SVD (sd-scripts networks/resize_lora.py).")
     p.add_argument("--model", required=True, help="the LoRA to resize")
     p.add_argument("--save_to", required=True, help="output file (.safetensors, .ckpt, .pt, .pth)")
-    p.add_argument("--new_rank", type=int, default=4, help="rank (largest rank with --dynamic_method); default 4")
+    p.add_argument("--new_rank", type=int, default=None, help="rank (largest rank with --dynamic_method or --score_recipes); default 4")
     p.add_argument("--new_conv_rank", type=int, default=None, help="rank for 3x3 convs; default --new_rank")
     p.add_argument("--dynamic_method", choices=("sv_ratio", "sv_fro", "sv_cumulative"), default=None)
     p.add_argument("--dynamic_param", type=float, default=None, help="the dynamic method's parameter")
     p.add_argument("--save_precision", choices=_PRECISION_CHOICES, default=None, help="default float")
     p.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda")
     p.add_argument("--verbose", action="store_true", help="print every module's new rank and retained norm")
+    p.add_argument("--score_recipes", default=None, help="resize_lora recipe, e.g. fro_ckpt=1,thr=-3.55 (docs/tools.md, Recipes)")
+    p.add_argument("--base_model", default=None, help="with --score_recipes: the model the LoRA applies to")
     args = p.parse_args(argv)
+    if args.score_recipes is not None:
+        from lorakit.tools.recipe_cli import resize_by_recipe_command
+
+        return resize_by_recipe_command(args)
+    args.new_rank = 4 if args.new_rank is None else args.new_rank
 
     from lorakit.tools.common import check_output, load_lora, parse_precision, save_lora
     from lorakit.tools.resize import resize_metadata, resize_modules
@@ -129,6 +137,7 @@ def _merge(argv: list[str]) -> int:
     p.add_argument("--clamp_quantile", type=float, default=1.0, help="SVD merge: clip factors at this quantile (1 = off)")
     p.add_argument("--device", default=None, help="where the arithmetic runs, e.g. cuda")
     p.add_argument("--no_metadata", action="store_true", help="write only the minimal ss_* keys (LoRA output)")
+    p.add_argument("--lbws", nargs="+", default=None, help='block weights, one JSON list per LoRA, e.g. "[1,0,1,...]" (17/26 SD, 12/20 SDXL)')
     _add_model_merge_options(p)
     args = p.parse_args(argv)
 
@@ -152,7 +161,18 @@ def _merge(argv: list[str]) -> int:
     families = {lora.layout.family for lora in loras}
     if len(families) > 1:
         raise ConfigError([f"--models: the LoRAs are for different model families ({', '.join(sorted(families))})"])
-    return _merge_into_lora(args, ratios, loras, save_to, fmt)
+    return _merge_into_lora(args, ratios, _block_weighted(args, loras), save_to, fmt)
+
+
+def _block_weighted(args: argparse.Namespace, loras: list) -> list:
+    """The LoRAs with --lbws applied (unchanged without it)."""
+    if not args.lbws:
+        return loras
+    from lorakit.tools.lbw import apply_block_weights, parse_lbws
+
+    family = loras[0].layout.family
+    lists = parse_lbws(args.lbws, [lora.path for lora in loras], family)
+    return [apply_block_weights(lora, lbw, family) for lora, lbw in zip(loras, lists)]
 
 
 def _add_model_merge_options(p: argparse.ArgumentParser) -> None:
@@ -215,7 +235,7 @@ def _merge_into_model(args: argparse.Namespace, ratios: list[float]) -> int:
     _require_file(source, option)
     output = check_model_output(args.save_to, source, option)
     family = _model_family(args)
-    loras = [load_lora(model, family) for model in args.models]  # the files first: they are cheap to reject
+    loras = _block_weighted(args, [load_lora(model, family) for model in args.models])  # the files first: cheap to reject
     _check_encoder_files(args, family, loras)
     dtype = parse_precision(args.precision, "--precision")
     save_dtype = parse_precision(args.save_precision, "--save_precision")
@@ -422,3 +442,22 @@ def _sample(argv: list[str]) -> int:
     from lorakit.cli.sample import main as sample_main
 
     return sample_main(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dylora
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _dylora(argv: list[str]) -> int:
+    p = _parser("dylora", "Split a DyLoRA file into fixed-rank LoRAs (sd-scripts networks/extract_lora_from_dylora.py).")
+    p.add_argument("--model", required=True, help="the DyLoRA file (networks.dylora)")
+    p.add_argument("--save_to", required=True, help="output file; with --unit, NAME-0004.safetensors etc. next to it")
+    p.add_argument("--new_rank", type=int, default=None, help="write this one rank to --save_to")
+    p.add_argument("--unit", type=int, default=None, help="write every rank unit, 2·unit, … below the file's rank")
+    p.add_argument("--save_precision", choices=_PRECISION_CHOICES, default=None, help="default: float")
+    args = p.parse_args(argv)
+
+    from lorakit.tools.recipe_cli import split_dylora_command
+
+    return split_dylora_command(args)
