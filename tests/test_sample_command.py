@@ -177,6 +177,13 @@ def test_lora_sample_is_the_same_command(models, loras, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png").convert("RGB"), dtype=np.int16), expected)
 
 
+def test_flux_fp8_transformer(models, loras, tmp_path):
+    """sd-scripts' `--flux_dtype fp8`: the transformer's linears in float8 (loaded so, the LoRA merged into them)."""
+    image = sample(models["flux"], tmp_path / "fp8.png", "--lora", f"{loras['flux']};0.8", "--flux_dtype", "fp8", "--offload")
+    full = sample(models["flux"], tmp_path / "full.png", "--lora", f"{loras['flux']};0.8")
+    assert image.shape == (64, 64, 3) and 0 < np.abs(image - full).mean() < 20
+
+
 def test_prompt_file_options_and_folder_output(models, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square --w 96 --h 64 --d 5 --s 2\n# comment\na blue circle --n green --l 3 --d 9 --s 1\n", encoding="utf-8")

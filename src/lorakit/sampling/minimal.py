@@ -71,7 +71,7 @@ class Plan:
 def run_sample(options: SampleOptions) -> list[Path]:
     """Check everything, load the model, merge the LoRAs, write one PNG per prompt; returns the files written."""
     plan = check_options(options)
-    model_cfg = _model_config(options)
+    model_cfg = _model_config(options, fp8=plan.denoiser_dtype == "fp8")
     from lorakit.families.registry import resolve_family
 
     family = resolve_family(model_cfg)
@@ -187,11 +187,17 @@ def _device_and_dtypes(options: SampleOptions, problems: list[str]) -> tuple[tor
     return device, DTYPES.get(dtype_name, torch.float32), denoiser
 
 
-def _model_config(options: SampleOptions) -> Any:
-    """The training options that describe the model, so it loads exactly as `lorakit train` loads it."""
+def _model_config(options: SampleOptions, fp8: bool) -> Any:
+    """The training options that describe the model, so it loads exactly as `lorakit train` loads it.
+
+    With fp8, FLUX and SD3 store the transformer's linears in float8 as they load (training's `--fp8_base_unet`),
+    before their fused q/k/v views are made, and the LoRAs merge into those weights; SD and SDXL are stored in
+    float8 after merging (`_place`)."""
     from lorakit.config.validate import build_config
 
     values: dict[str, Any] = {"pretrained_model_name_or_path": options.model, "family": options.family}
+    if fp8:
+        values.update(fp8_base_unet=True, mixed_precision="bf16")  # the rule: fp8 storage computes in a wider dtype
     if options.v2:
         values["v2"] = True
     if options.v_parameterization:
@@ -252,15 +258,15 @@ def _output_paths(output: str, prompts: list[SamplePrompt]) -> list[Path]:
 
 def _place(comps: Any, plan: Plan) -> None:
     """Move the model to the device in the asked precision (after merging, which ran in float32 or wider)."""
-    from lorakit.families.common.layers import to_fp8
+    from lorakit.families.common.layers import Fp8Linear, to_fp8
 
     for module in (comps.vae, *comps.text_encoders):
         _move(module, plan.device, plan.dtype)
     denoiser_dtype = plan.denoiser_dtype or plan.dtype
     if denoiser_dtype == "fp8":
-        _move(comps.denoiser, plan.device, plan.dtype)
-        layers = to_fp8(comps.denoiser)
-        log.info("denoiser: %d linear layers store float8_e4m3fn weights", layers)
+        _move(comps.denoiser, plan.device, plan.dtype)  # Fp8Linear keeps its float8 weights through the cast
+        if not any(isinstance(m, Fp8Linear) for m in comps.denoiser.modules()):  # the family left it to us
+            log.info("denoiser: %d linear layers store float8_e4m3fn weights", to_fp8(comps.denoiser))
     else:
         _move(comps.denoiser, plan.device, denoiser_dtype)
     for module in (comps.denoiser, comps.vae, *comps.text_encoders):
