@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,6 +28,37 @@ def _require_file(path: str, option: str) -> None:
 
 def _is_v2(metadata: dict[str, str]) -> bool:
     return metadata.get("ss_v2") == "True" or metadata.get("ss_base_model_version", "").startswith("sd_v2")
+
+
+class _TargetWeights(Mapping):
+    """The base model's weight of each LoRA module name, read on access in the LoRA file's shape and row
+    order (fused q/k/v and swapped modulations are assembled by the family's views only when asked for)."""
+
+    def __init__(self, targets):
+        self._targets = targets
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._targets[name].weight()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._targets)
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+
+@contextmanager
+def _base_weights(path: str | None, lora) -> Iterator[Mapping[str, torch.Tensor] | None]:
+    if path is None:
+        yield None
+        return
+    from lorakit.tools.models import load_base_model
+    from lorakit.tools.targets import model_targets
+
+    family = lora.layout.family
+    components = load_base_model(path, family=family, v2=_is_v2(lora.metadata))
+    with model_targets(family, components) as targets:
+        yield _TargetWeights(targets)
 
 
 def resize_by_recipe_command(args: argparse.Namespace) -> int:
@@ -54,14 +87,9 @@ def resize_by_recipe_command(args: argparse.Namespace) -> int:
     if args.verbose:
         logger.setLevel(logging.INFO)
     lora = load_lora(args.model)
-    base = None
-    if recipe.needs_base:
-        from lorakit.tools.models import load_base_model
-
-        components = load_base_model(args.base_model, family=lora.layout.family, v2=_is_v2(lora.metadata))
-        base = {name: module.weight for name, module in lora.layout.module_index(components).items()}
     element_size = torch.empty((), dtype=save_dtype or torch.float32).element_size()
-    modules, report, threshold = resize_by_recipe(lora.modules, recipe, base, max_rank=args.new_rank, element_size=element_size)
+    with _base_weights(args.base_model if recipe.needs_base else None, lora) as base:
+        modules, report, threshold = resize_by_recipe(lora.modules, recipe, base, max_rank=args.new_rank, element_size=element_size)
     if not modules:
         raise ConfigError([f"--score_recipes {recipe.text}: no module keeps any rank (threshold {threshold:.3f}); nothing to save"])
     metadata = resize_metadata(lora.metadata, modules, report, dynamic_method="score_recipes", dynamic_param=recipe.text)
