@@ -136,15 +136,28 @@ def loras(models, tmp_path_factory) -> dict[str, Path]:
     return files
 
 
+@pytest.fixture(scope="module")
+def base_image(models, tmp_path_factory):
+    """Each family's image without a LoRA (seed 1), made once by the command and shared by the tests."""
+    folder, made = tmp_path_factory.mktemp("base_images"), {}
+
+    def get(family: str) -> np.ndarray:
+        if family not in made:
+            made[family] = sample(models[family], folder / f"{family}.png")
+            assert Image.open(folder / f"{family}.png").size == (64, 64)
+        return made[family]
+
+    return get
+
+
 # ---------------------------------------------------------------------------------------------------------
 # every family
 # ---------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
-def test_lora_merge_equals_the_attached_network(models, loras, tmp_path, family):
-    base = sample(models[family], tmp_path / "base.png")
-    assert Image.open(tmp_path / "base.png").size == (64, 64)
+def test_lora_merge_equals_the_attached_network(models, loras, base_image, tmp_path, family):
+    base = base_image(family)
     zero = sample(models[family], tmp_path / "zero.png", "--lora", f"{loras[family]};0")
     assert np.array_equal(zero, base)
     merged = sample(models[family], tmp_path / "merged.png", "--lora", f"{loras[family]};0.8")
@@ -246,11 +259,12 @@ def factory_attached_image(model: Path, file: Path, module: str, args: list[str]
     ("sd", "lycoris.kohya", ["algo=loha", "conv_dim=2", "conv_alpha=1"], 4, 2.0, 0.1),
     ("flux", "networks.oft_flux", ["enable_all_linear=True"], 4, 1.0, 0.3),  # OFT per part of fused q/k/v views
     ("flux", "networks.lora_flux", ["dora_wd=True"], 4, 2.0, 0.3),  # DoRA on fused views
-], ids=["dora", "oft", "loha", "flux-oft", "flux-dora"])
-def test_other_algorithms_merge_as_their_networks_run(models, tmp_path, family, module, args, dim, alpha, scale):
+    ("sd3", "networks.lora_sd3", ["split_qkv=True", "emb_dims=[2,2,2,2,2,2]"], 4, 2.0, 0.15),  # rank-3r q/k/v, embedders
+], ids=["dora", "oft", "loha", "flux-oft", "flux-dora", "sd3-split-qkv"])
+def test_other_algorithms_merge_as_their_networks_run(models, base_image, tmp_path, family, module, args, dim, alpha, scale):
     model = models[family]
     file = write_trained_like_lora(model, tmp_path / "net.safetensors", module, args, dim, alpha, scale, VERSIONS[family])
-    base = sample(model, tmp_path / "base.png")
+    base = base_image(family)
     merged = sample(model, tmp_path / "merged.png", "--lora", f"{file};0.7")
     assert np.abs(merged - base).mean() > 1.0
     assert_close(merged, factory_attached_image(model, file, module, args, dim, alpha, 0.7))

@@ -87,10 +87,6 @@ class LoraFile:
     network_module: str
     algorithm: str  # lora, dora, oft or lycoris
 
-    @property
-    def module_names(self) -> list[str]:
-        return sorted({key.partition(".")[0] for key in self.state})
-
 
 def read_lora_file(spec: LoraSpec, option: str = "--lora") -> LoraFile:
     """Read and classify one file; every refusal names the file (and the key that decided it)."""

@@ -61,7 +61,6 @@ class SampleOptions:
 class Plan:
     """Everything checked before the model loads."""
 
-    options: SampleOptions
     loras: list[LoraFile]
     device: torch.device
     dtype: torch.dtype
@@ -126,7 +125,7 @@ def check_options(options: SampleOptions) -> Plan:
     device, dtype, denoiser_dtype = _device_and_dtypes(options, problems)
     if problems:
         raise ConfigError(problems)
-    return Plan(options, [read_lora_file(spec) for spec in specs], device, dtype, denoiser_dtype)
+    return Plan([read_lora_file(spec) for spec in specs], device, dtype, denoiser_dtype)
 
 
 def sampler_problem(name: str, where: str) -> str | None:
