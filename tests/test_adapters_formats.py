@@ -303,3 +303,19 @@ def test_network_file_network_round_trip(tmp_path):
     for name, module in fresh.lora_modules.items():
         assert torch.equal(module.delta_weight(), trained.lora_modules[name].delta_weight())
     assert fresh.lora_modules["lora_unet_conv"].scale == 2.0
+
+
+def test_safetensors_whose_header_length_starts_with_byte_0x80_is_read_as_safetensors(tmp_path):
+    """The 8-byte header length can start with 0x80 (pickle's PROTO opcode); such a file keeps its metadata."""
+    import safetensors.torch
+
+    from lorakit.adapters.formats import load_lora_file
+
+    path = tmp_path / "lora.safetensors"
+    for pad in range(300):
+        safetensors.torch.save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 3)}, str(path), metadata={"ss_note": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    tensors, metadata = load_lora_file(path)
+    assert metadata["ss_note"].startswith("x") and tensors["lora_unet_x.lora_down.weight"].shape == (2, 3)

@@ -28,6 +28,7 @@ import torch
 
 from lorakit.atomic import staged_file
 from lorakit.errors import CheckpointError
+from lorakit.families.common.checkpoint_io import sniff_format
 
 __all__ = [
     "MODEL_FORMATS",
@@ -137,19 +138,6 @@ def save_lora_file(
 # ---------------------------------------------------------------------- loading
 
 
-def _sniff_format(path: Path) -> str:
-    """'safetensors', 'zip' (torch.save), 'pickle' (legacy torch.save) or 'unknown', from the first bytes."""
-    with path.open("rb") as f:
-        head = f.read(9)
-    if head[:2] == b"PK":
-        return "zip"
-    if head[:1] == b"\x80":
-        return "pickle"
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
-    return "unknown"
-
-
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
         metadata = dict(f.metadata() or {})
@@ -175,7 +163,7 @@ def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"LoRA file not found: {path}")
-    kind = _sniff_format(path)
+    kind = sniff_format(path)
     try:
         if kind == "safetensors":
             return _load_safetensors(path)

@@ -59,9 +59,26 @@ def _looks_like_safetensors(file: Path) -> bool:
         return True
     if suffix in PICKLE_SUFFIXES:
         return False
+    return sniff_format(file) not in ("zip", "pickle")
+
+
+def sniff_format(file: Path) -> str:
+    """'safetensors', 'zip' (torch.save), 'pickle' (legacy torch.save) or 'unknown', from the first bytes.
+
+    safetensors is tried first: its 8-byte little-endian header length can start with any byte, 0x80 included
+    (pickle's PROTO opcode), so a pickle test first would misread about one safetensors file in 256. A
+    safetensors file is recognised by a header length that fits in the file followed by the JSON header's `{`.
+    """
     with open(file, "rb") as handle:
         head = handle.read(9)
-    return not (head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80")
+    size = file.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    return "unknown"
 
 
 def _read_safetensors(file: Path) -> LoadedCheckpoint:
@@ -110,9 +127,7 @@ def _read_pickled(file: Path) -> LoadedCheckpoint:
 
 def _has_torch_save_header(file: Path) -> bool:
     """torch.save writes a zip archive (torch >= 1.6) or a bare pickle, which starts with the PROTO opcode."""
-    with open(file, "rb") as handle:
-        head = handle.read(4)
-    return head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80"
+    return sniff_format(file) in ("zip", "pickle")
 
 
 def _torch_load_weights_only(file: Path) -> Any:
