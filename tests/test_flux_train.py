@@ -112,3 +112,23 @@ def test_split_qkv_trains_block_diagonal_factors(flux_files, data_dir, tmp_path)
             rows = slice(starts[j], starts[j + 1])
             assert up[rows, 4 * j:4 * (j + 1)].abs().sum() > 0  # it trained
             assert up[rows, :4 * j].abs().sum() == 0 and up[rows, 4 * (j + 1):].abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--network_module=networks.lora_flux", "--network_args", "dora_wd=True", "train_blocks=single"],
+        ["--network_module=networks.dylora", "--network_args", "unit=2"],
+        ["--network_module=networks.oft_flux", "--network_alpha=0.01", "--network_train_unet_only"],
+        ["--network_module=lycoris.kohya", "--network_args", "algo=lokr", "preset=attn-only", "factor=4"],
+    ],
+    ids=["dora", "dylora", "oft_flux", "lycoris_lokr"],
+)
+def test_other_algorithms_train_on_flux_from_the_command_line(flux_files, data_dir, tmp_path, extra):
+    """The FLUX family checks only its own network_args; DoRA, DyLoRA, OFT and LyCORIS check theirs."""
+    out = tmp_path / "out"
+    assert main(train_args(flux_files["folder"], data_dir, out, *extra)) == 0
+    tensors, meta = read_lora(out / "tiny.safetensors")
+    assert meta["ss_base_model_version"] == "flux1"
+    assert any(k.startswith(("lora_unet_", "oft_unet_")) and v.abs().sum() > 0 for k, v in tensors.items())
+    assert all(v.isfinite().all() for v in tensors.values())

@@ -137,7 +137,7 @@ def family_network_kwargs(cfg: Any) -> dict[str, str]:
     their keys here): the algorithm's own keys are left out, and OFT and LyCORIS leave the family none.
     """
     kwargs = cfg.network_kwargs() if getattr(cfg, "network_args", None) else {}
-    module = cfg.network_module or "networks.lora"
+    module = getattr(cfg, "network_module", None) or "networks.lora"
     if module in OFT_MODULES or module == "lycoris.kohya":
         return {}
     own = DORA_ARGS if module in KOHYA_LORA_MODULES else DYLORA_ARGS if module == "networks.dylora" else ()

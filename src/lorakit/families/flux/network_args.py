@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorakit.adapters.factory import family_network_kwargs
 from lorakit.errors import ConfigError
 from lorakit.families.common.network_args import parse_indices, parse_int, parse_int_list
 
@@ -44,7 +45,7 @@ class FluxNetworkArgs:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "FluxNetworkArgs":
-        kwargs = cfg.network_kwargs() if getattr(cfg, "network_args", None) else {}
+        kwargs = family_network_kwargs(cfg)  # the keys of other algorithms (DoRA, DyLoRA, OFT, LyCORIS) are theirs to check
         problems = [f"--network_args {k}: {NOT_YET[k]}" for k in kwargs if k in NOT_YET]
         problems += [f"--network_args {k}: not a networks.lora_flux option" for k in kwargs if k not in KNOWN_KEYS and k not in NOT_YET]
         type_dims: dict[str, int] = {}

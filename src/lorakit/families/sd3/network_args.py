@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorakit.adapters.factory import family_network_kwargs
 from lorakit.errors import ConfigError
 from lorakit.families.common.network_args import parse_indices, parse_int, parse_int_list
 
@@ -37,7 +38,7 @@ class SD3NetworkArgs:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "SD3NetworkArgs":
-        kwargs = cfg.network_kwargs() if getattr(cfg, "network_args", None) else {}
+        kwargs = family_network_kwargs(cfg)  # the keys of other algorithms (DoRA, DyLoRA, OFT, LyCORIS) are theirs to check
         problems = [
             f"--network_args {k}: U-Net block options do not apply to the SD3 MMDiT; use train_block_indices"
             for k in kwargs if k in FOREIGN_KEYS
