@@ -282,7 +282,7 @@ def write_foreign_lora(file: Path, *, metadata: dict[str, str]) -> Path:
     return file
 
 
-@pytest.mark.parametrize("case", ["missing", "family_metadata", "family_keys", "syntax", "sampler", "prompt"])
+@pytest.mark.parametrize("case", ["missing", "family_metadata", "family_keys", "syntax", "sampler", "prompt", "not_yet"])
 def test_mistakes_exit_2_with_a_message(models, loras, tmp_path, capsys, case):
     out = tmp_path / "out.png"
     extra, expected = {
@@ -295,6 +295,7 @@ def test_mistakes_exit_2_with_a_message(models, loras, tmp_path, capsys, case):
         "syntax": (["--lora", f"{loras['sd']};strong"], "the multiplier after ';' must be a number"),
         "sampler": (["--sampler", "warp_drive"], "--sampler warp_drive: unknown sampler"),
         "prompt": (["--prompt_file", str(tmp_path / "none.txt")], "--prompt_file"),
+        "not_yet": (["--apply_t5_attn_mask"], "--apply_t5_attn_mask: not available in lorakit sample yet"),
     }[case]
     argv = ["sample", "--ckpt_path", str(models["sd"]), "--width", "64", "--height", "64", "--steps", "1",
             "--output", str(out), *extra]

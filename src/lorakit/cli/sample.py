@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--sampler", "--sample_sampler", dest="sampler", default=None,
                        help="a --sample_sampler name (ddim, euler_a, dpmsolver++, ...); SD3/FLUX use their flow sampler")
     image.add_argument("--clip_skip", type=int, default=None, help="SD: use the n-th text-encoder layer from the end")
-    image.add_argument("--output", "--out", "--outdir", "-o", dest="output", default=".",
+    image.add_argument("--output", "--output_dir", "--out", "--outdir", "-o", dest="output", default=".",
                        help="a .png file, or a folder for <time>_<prompt#>_<seed>.png files (default: .)")
 
     run = p.add_argument_group("precision and device")
@@ -58,8 +58,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flux_dtype", "--denoiser_dtype", dest="denoiser_dtype", default=None,
                      help="the denoiser's precision if it differs from --dtype; fp8 stores its linear weights in float8")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cuda if available, else cpu)")
+    run.add_argument("--fp16", action="store_const", const="fp16", dest="dtype", help="same as --dtype fp16")
+    run.add_argument("--bf16", action="store_const", const="bf16", dest="dtype", help="same as --dtype bf16")
     run.add_argument("--offload", action="store_true", help="accepted and ignored: the whole model stays on --device")
+
+    later = p.add_argument_group("sd-scripts options not available here yet (refused with a message)")
+    for name in NOT_YET:
+        later.add_argument(f"--{name}", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
     return p
+
+
+#: options of sd-scripts' minimal inference scripts that this command does not implement: refused, never ignored
+NOT_YET = {
+    "interactive": "prompts are read from --prompt or --prompt_file",
+    "apply_t5_attn_mask": "the images come from the diffusers pipeline, which does not mask T5 padding",
+    "apply_lg_attn_mask": "the images come from the diffusers pipeline, which does not mask CLIP padding",
+    "t5xxl_token_length": "the pipeline's T5 sequence length is used",
+    "do_not_use_t5xxl": "the model's T5 is always used",
+    "clip_l_dtype": "one --dtype covers the text encoders and the VAE",
+    "t5xxl_dtype": "one --dtype covers the text encoders and the VAE",
+    "ae_dtype": "one --dtype covers the text encoders and the VAE",
+    "target_height": "SDXL size conditioning uses the image size",
+    "target_width": "SDXL size conditioning uses the image size",
+    "original_height": "SDXL size conditioning uses the image size",
+    "original_width": "SDXL size conditioning uses the image size",
+    "crop_top": "SDXL size conditioning uses no crop",
+    "crop_left": "SDXL size conditioning uses no crop",
+}
 
 
 def main(argv: list[str]) -> int:
@@ -69,8 +94,12 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse's own errors (status 2) and --help (0)
         return int(exc.code or 0)
+    from lorakit.errors import ConfigError
     from lorakit.sampling.minimal import SampleOptions, run_sample
 
+    refused = [f"--{name}: not available in lorakit sample yet; {why}" for name, why in NOT_YET.items() if getattr(args, name) is not None]
+    if refused:
+        raise ConfigError(refused)
     if args.offload:
         log.warning("--offload: not implemented; the whole model stays on --device")
     model_files = {name: getattr(args, name) for name in ("vae", "clip_l", "clip_g", "t5xxl", "ae") if getattr(args, name)}
