@@ -79,7 +79,6 @@ _FALSE = {"false", "0", "no", "off", "none", ""}
 
 def _import_lycoris():
     try:
-        import lycoris.modules  # noqa: F401
         from lycoris.config import PRESET
         from lycoris.wrapper import network_module_dict
     except ImportError as exc:
