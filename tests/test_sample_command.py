@@ -282,7 +282,12 @@ def write_foreign_lora(file: Path, *, metadata: dict[str, str]) -> Path:
     return file
 
 
-@pytest.mark.parametrize("case", ["missing", "family_metadata", "family_keys", "syntax", "sampler", "prompt", "not_yet"])
+def write_state(file: Path, key: str) -> Path:
+    save_lora_file({key: torch.zeros(4, 32)}, file, {})
+    return file
+
+
+@pytest.mark.parametrize("case", ["missing", "family_metadata", "family_keys", "syntax", "sampler", "prompt", "not_yet", "peft", "loha"])
 def test_mistakes_exit_2_with_a_message(models, loras, tmp_path, capsys, case):
     out = tmp_path / "out.png"
     extra, expected = {
@@ -296,6 +301,10 @@ def test_mistakes_exit_2_with_a_message(models, loras, tmp_path, capsys, case):
         "sampler": (["--sampler", "warp_drive"], "--sampler warp_drive: unknown sampler"),
         "prompt": (["--prompt_file", str(tmp_path / "none.txt")], "--prompt_file"),
         "not_yet": (["--apply_t5_attn_mask"], "--apply_t5_attn_mask: not available in lorakit sample yet"),
+        "peft": (["--lora", str(write_state(tmp_path / "peft.safetensors", "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"))],
+                 "key unet.down_blocks.0.attentions.0.proj_in.lora_A.weight is in the diffusers/PEFT layout"),
+        "loha": (["--lora", str(write_state(tmp_path / "loha.safetensors", "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a"))],
+                 "key lora_unet_mid_block_attentions_0_proj_in.hada_w1_a is a LoHa tensor"),
     }[case]
     argv = ["sample", "--ckpt_path", str(models["sd"]), "--width", "64", "--height", "64", "--steps", "1",
             "--output", str(out), *extra]

@@ -101,7 +101,7 @@ def read_lora_file(spec: LoraSpec, option: str = "--lora") -> LoraFile:
     if peft is not None:
         raise CheckpointError(
             f"{spec.path}: key {peft} is in the diffusers/PEFT layout; convert it first with "
-            "`lorakit lora convert --to kohya` (SD 1.x/2.x) or use the kohya file"
+            "`lorakit lora convert --to kohya`"
         )
     module = metadata.get("ss_network_module") or "networks.lora"
     algorithm = _algorithm(spec.path, state, module)
