@@ -165,6 +165,23 @@ def test_lora_merge_equals_the_attached_network(models, loras, base_image, tmp_p
     assert_close(merged, attached_image(models[family], [(loras[family], 0.8, lora_cfg(conv=family in ("sd", "sdxl")))], seed=1))
 
 
+def test_sd_image_equals_diffusers_load_lora_weights(models, loras, tmp_path):
+    """An independent consumer: diffusers' own pipeline with the file loaded by `load_lora_weights` at 0.8."""
+    from diffusers import StableDiffusionPipeline
+
+    from lorakit.sampling.samplers import build_sampler
+
+    pipe = StableDiffusionPipeline.from_pretrained(models["sd"], local_files_only=True, safety_checker=None)
+    pipe.scheduler = build_sampler("ddim", "epsilon")  # training's (and this command's) DDIM settings
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(loras["sd"]), adapter_name="file")
+    pipe.set_adapters(["file"], [0.8])
+    theirs = pipe(PROMPT, num_inference_steps=2, guidance_scale=5.0, width=64, height=64,
+                  generator=torch.Generator().manual_seed(1)).images[0]
+    ours = sample(models["sd"], tmp_path / "ours.png", "--lora", f"{loras['sd']};0.8")
+    assert_close(ours, np.asarray(theirs, dtype=np.int16))
+
+
 def test_same_seed_same_image_other_seed_differs(models, tmp_path):
     first = sample(models["sd"], tmp_path / "a.png", seed=7)
     assert np.array_equal(sample(models["sd"], tmp_path / "b.png", seed=7), first)
