@@ -287,6 +287,26 @@ def test_other_algorithms_merge_as_their_networks_run(models, base_image, tmp_pa
     assert_close(merged, factory_attached_image(model, file, module, args, dim, alpha, 0.7))
 
 
+def test_file_written_by_lorakit_train(models, base_image, tmp_path):
+    """Two training steps (C3Lier, no --network_module: the file says `ss_network_module: None`), then sampled."""
+    from accelerate.state import AcceleratorState
+
+    from helpers import write_dreambooth_folder
+
+    data = write_dreambooth_folder(tmp_path / "data", count=2, repeats=1)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert main(["train", f"--pretrained_model_name_or_path={models['sd']}", f"--train_data_dir={data}", "--resolution=64",
+                 f"--output_dir={tmp_path / 'out'}", "--output_name=tiny", "--network_dim=4", "--network_alpha=2",
+                 "--network_args", "conv_dim=4", "conv_alpha=2", "--max_train_steps=2", "--learning_rate=5e-2", "--seed=1",
+                 "--max_data_loader_n_workers=0"]) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    file = tmp_path / "out" / "tiny.safetensors"
+    merged = sample(models["sd"], tmp_path / "merged.png", "--lora", str(file))
+    assert np.abs(merged - base_image("sd")).mean() > 1.0  # 2 steps at a high rate move it (about 10 of 255)
+    args = ["conv_dim=4", "conv_alpha=2"]
+    assert_close(merged, factory_attached_image(models["sd"], file, "networks.lora", args, 4, 2.0, 1.0))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # mistakes: exit 2, a message naming the problem, no image
 # ---------------------------------------------------------------------------------------------------------

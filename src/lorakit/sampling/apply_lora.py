@@ -103,7 +103,9 @@ def read_lora_file(spec: LoraSpec, option: str = "--lora") -> LoraFile:
             f"{spec.path}: key {peft} is in the diffusers/PEFT layout; convert it first with "
             "`lorakit lora convert --to kohya`"
         )
-    module = metadata.get("ss_network_module") or "networks.lora"
+    module = metadata.get("ss_network_module")
+    if module in (None, "", "None"):  # training without --network_module writes "None"; networks.lora is meant
+        module = "networks.lora"
     algorithm = _algorithm(spec.path, state, module)
     return LoraFile(spec, state, metadata, module, algorithm)
 
