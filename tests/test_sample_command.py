@@ -214,6 +214,18 @@ def test_flux_fp8_transformer(models, loras, tmp_path):
     assert image.shape == (64, 64, 3) and 0 < np.abs(image - full).mean() < 20
 
 
+def test_sd2_v_single_file(tmp_path):
+    """SD 2.x v-prediction from an LDM single file: --v2 --v_parameterization reach the loader and the sampler."""
+    from lorakit.families.sd.ldm_keys import save_sd_single_file
+    from lorakit.toy.tiny_models import build_tiny_sd
+
+    model = tmp_path / "sd2v.safetensors"
+    save_sd_single_file(build_tiny_sd("sd2v", seed=0), model, fmt="safetensors")
+    v = sample(model, tmp_path / "v.png", "--v2", "--v_parameterization", "--sampler", "euler")
+    eps = sample(model, tmp_path / "eps.png", "--v2", "--sampler", "euler")
+    assert v.shape == (64, 64, 3) and np.abs(v - eps).mean() > 1.0  # the prediction type is honoured
+
+
 def test_prompt_file_options_and_folder_output(models, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square --w 96 --h 64 --d 5 --s 2\n# comment\na blue circle --n green --l 3 --d 9 --s 1\n", encoding="utf-8")
