@@ -192,12 +192,15 @@ def main() -> int:
     parser.add_argument("--flux_single", type=int, default=38, help="FLUX single blocks (real: 38)")
     parser.add_argument("--reps", type=int, default=1, help="extract: timings per distinct shape")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--omp_wait_policy", default="PASSIVE", help="OMP_WAIT_POLICY of the cases (PASSIVE or ACTIVE)")
     args = parser.parse_args()
     forwarded = ["--flux_double", str(args.flux_double), "--flux_single", str(args.flux_single), "--reps", str(args.reps)]
     if args.case:
         print(json.dumps(run_case(args.case, args)))
         return 0
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
+    # OpenMP threads that spin while waiting make every SVD tens of times slower when the cores are shared
+    # (a 1280x1280 SVD: 56 s instead of 0.7 s at load 5 on 2 cores); passive waiting removes that
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"), OMP_WAIT_POLICY=args.omp_wait_policy)
     results = []
     for case in args.cases:
         start = time.perf_counter()
@@ -211,6 +214,7 @@ def main() -> int:
     report = {
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "flux_blocks": {"double": args.flux_double, "single": args.flux_single},
+        "omp_wait_policy": args.omp_wait_policy,
         "results": results,
     }
     if args.out:

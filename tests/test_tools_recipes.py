@@ -346,3 +346,18 @@ def test_cli_resize_by_recipe_against_a_base_model_folder(tiny, spread_lora, tmp
     missing = tmp_path / "none.safetensors"
     assert main(["resize", "--model", str(spread_lora), "--save_to", str(missing), "--score_recipes", recipe]) == 2
     assert "need --base_model" in capsys.readouterr().err and not missing.exists()
+
+
+def test_factorise_of_a_wide_matrix_goes_through_its_transpose_exactly():
+    from lorakit.tools.svd import factorise
+
+    generator = torch.Generator().manual_seed(7)
+    for shape in ((6, 20), (20, 6), (4, 3, 3, 3)):
+        delta = torch.randn(*shape, generator=generator)
+        matrix = delta.reshape(shape[0], -1)
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        result = factorise(delta, 3)
+        product = result.up.reshape(shape[0], 3) @ result.down.reshape(3, -1)
+        assert torch.allclose(product, (u[:, :3] * s[:3]) @ vh[:3], atol=1e-5), shape
+        assert torch.allclose(result.singular_values, s)
+        assert result.down.shape == (3, *shape[1:])
