@@ -361,3 +361,33 @@ def test_factorise_of_a_wide_matrix_goes_through_its_transpose_exactly():
         assert torch.allclose(product, (u[:, :3] * s[:3]) @ vh[:3], atol=1e-5), shape
         assert torch.allclose(result.singular_values, s)
         assert result.down.shape == (3, *shape[1:])
+
+
+def _real_unet_target_names(family: str) -> list[str]:
+    """The kohya names a default (attention-only) LoRA has on the real SD 1.5 / SDXL U-Net (built on meta)."""
+    import json as _json
+    from importlib import resources
+
+    from diffusers import UNet2DConditionModel
+
+    from lorakit.families.base import Components
+    from lorakit.families.registry import FAMILIES
+
+    folder = "sd/configs/sd15" if family == "sd" else "sdxl/configs/sdxl_base"
+    config = _json.loads((resources.files("lorakit") / "families" / folder / "unet.json").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    options = _TargetOptions(ExtractOptions(dim=4))
+    options.network_train_unet_only = True
+    comps = Components(denoiser=unet, vae=None, text_encoders=[], tokenizers=[])
+    return [t.name for t in FAMILIES[family]().adapter_targets(comps, options)]
+
+
+@pytest.mark.parametrize("family, length", [("sd", 17), ("sdxl", 12)])
+def test_short_lbw_lists_cover_exactly_the_blocks_of_real_attention_loras(family, length):
+    from lorakit.tools.lbw import FILLED_SLOTS
+
+    slots = {lbw_slot(name, family) for name in _real_unet_target_names(family)}
+    assert None not in slots
+    # the short list is made for default LoRAs: its U-Net entries are exactly the blocks such a LoRA has
+    assert slots == set(FILLED_SLOTS[family][length]) - {0}

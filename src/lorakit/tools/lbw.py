@@ -28,7 +28,7 @@ from lorakit.errors import ConfigError
 from lorakit.tools.common import LoadedLora
 from lorakit.tools.lora_state import LoraFactors
 
-__all__ = ["LBW_LENGTHS", "LBW_SLOTS", "apply_block_weights", "describe_weights", "lbw_slot", "parse_lbws", "slot_weights"]
+__all__ = ["FILLED_SLOTS", "LBW_LENGTHS", "LBW_SLOTS", "apply_block_weights", "describe_weights", "lbw_slot", "parse_lbws", "slot_weights"]
 
 LBW_SLOTS = ("BASE", *(f"IN{i:02d}" for i in range(12)), "MID", *(f"OUT{i:02d}" for i in range(12)))
 
@@ -42,7 +42,7 @@ def _range(prefix: str, first: int, last: int) -> tuple[str, ...]:
 
 
 # which of the 26 slots a list of each length fills, in order (sd-scripts' LAYER12/17/20/26)
-_FILLED_SLOTS = {
+FILLED_SLOTS = {
     "sd": {
         17: _slots("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID", *_range("OUT", 3, 11)),
         26: tuple(range(len(LBW_SLOTS))),
@@ -52,7 +52,7 @@ _FILLED_SLOTS = {
         20: _slots("BASE", *_range("IN", 0, 8), "MID", *_range("OUT", 0, 8)),
     },
 }
-LBW_LENGTHS = {family: tuple(table) for family, table in _FILLED_SLOTS.items()}
+LBW_LENGTHS = {family: tuple(table) for family, table in FILLED_SLOTS.items()}
 _FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX"}
 _MID, _OUT00 = LBW_SLOTS.index("MID"), LBW_SLOTS.index("OUT00")
 
@@ -121,7 +121,7 @@ def parse_lbws(texts: Sequence[str], files: Sequence[str], family: str) -> list[
 
 def slot_weights(lbw: Sequence[float], family: str) -> list[float]:
     """The weight of each of the 26 slots: the list's entries on the slots it fills, 1.0 elsewhere."""
-    filled = _FILLED_SLOTS[family].get(len(lbw))
+    filled = FILLED_SLOTS[family].get(len(lbw))
     if filled is None:
         raise ConfigError([f"--lbws: {len(lbw)} entries; {_expected(family)}"])
     weights = [1.0] * len(LBW_SLOTS)
