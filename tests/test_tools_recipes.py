@@ -391,3 +391,51 @@ def test_short_lbw_lists_cover_exactly_the_blocks_of_real_attention_loras(family
     assert None not in slots
     # the short list is made for default LoRAs: its U-Net entries are exactly the blocks such a LoRA has
     assert slots == set(FILLED_SLOTS[family][length]) - {0}
+
+
+@pytest.mark.parametrize("family_name", ["sdxl", "flux"])
+def test_cli_recipe_reads_sdxl_and_flux_base_files(family_name, tmp_path):
+    """The recipe against an SGM / BFL single file: each module's rank is the count of σ_i(ΔW) above
+    10^thr · ‖W‖_F, with W the trainer's own target layer (fused q/k/v rows for FLUX) of the model in memory."""
+    from types import SimpleNamespace
+
+    from lorakit.cli.lora import main
+    from lorakit.families.registry import FAMILIES
+
+    if family_name == "sdxl":
+        from lorakit.families.sdxl.sgm_keys import save_sdxl_single_file
+        from lorakit.families.sdxl.tiny import build_tiny_sdxl
+
+        comps = build_tiny_sdxl(0)
+        base = tmp_path / "sdxl.safetensors"
+        save_sdxl_single_file(comps, base)
+    else:
+        from lorakit.families.flux.tiny import build_tiny_flux, save_bfl_files
+
+        comps = build_tiny_flux(0)
+        base = save_bfl_files(comps, tmp_path / "flux")["flux1"]
+    cfg = SimpleNamespace(network_dim=4, network_alpha=2.0, network_args=None, network_kwargs=dict,
+                          network_train_unet_only=family_name == "flux", network_train_text_encoder_only=False)
+    targets = FAMILIES[family_name]().adapter_targets(comps, cfg)
+    network = LoRANetwork(targets)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for index, module in enumerate(network.lora_modules.values()):
+            module.lora_up.weight.normal_(0.0, 10.0 ** (-1.5 - (index % 5) * 0.4), generator=generator)
+    lora_path = tmp_path / "lora.safetensors"
+    save_lora_file(network.state_dict_kohya(), lora_path, {"ss_network_module": "networks.lora"})
+    lora = load_lora(lora_path)
+    weights = {t.name: t.module.weight.detach().float() for t in targets}
+    ratios = {}
+    for name, module in lora.modules.items():
+        s = torch.linalg.svdvals(module.delta().reshape(module.up.shape[0], -1))
+        ratios[name] = torch.log10(s[: module.rank] / weights[name].norm())
+    threshold = float(torch.cat(list(ratios.values())).median()) + 1e-3
+    out = tmp_path / "small.safetensors"
+    args = ["resize", "--model", str(lora_path), "--save_to", str(out), "--base_model", str(base),
+            "--score_recipes", f"fro_ckpt=1,thr={threshold}"]
+    assert main(args) == 0
+    written = load_lora(out).modules
+    expected = {name: int((r > threshold).sum()) for name, r in ratios.items()}
+    assert {n: m.rank for n, m in written.items()} == {n: k for n, k in expected.items() if k}
+    assert 0 in expected.values() and max(expected.values()) == 4  # some modules dropped, some kept whole
