@@ -393,13 +393,11 @@ def test_short_lbw_lists_cover_exactly_the_blocks_of_real_attention_loras(family
     assert slots == set(FILLED_SLOTS[family][length]) - {0}
 
 
-@pytest.mark.parametrize("family_name", ["sdxl", "flux"])
-def test_cli_recipe_reads_sdxl_and_flux_base_files(family_name, tmp_path):
-    """The recipe against an SGM / BFL single file: each module's rank is the count of σ_i(ΔW) above
-    10^thr · ‖W‖_F, with W the trainer's own target layer (fused q/k/v rows for FLUX) of the model in memory."""
+def _family_lora(family_name: str, root, *, unet_only: bool):
+    """A tiny SDXL (SGM file) or FLUX (BFL file) base model and a LoRA on its trainer targets, with ΔW spread
+    over two decades. Returns the targets, the base file and the LoRA file."""
     from types import SimpleNamespace
 
-    from lorakit.cli.lora import main
     from lorakit.families.registry import FAMILIES
 
     if family_name == "sdxl":
@@ -407,23 +405,33 @@ def test_cli_recipe_reads_sdxl_and_flux_base_files(family_name, tmp_path):
         from lorakit.families.sdxl.tiny import build_tiny_sdxl
 
         comps = build_tiny_sdxl(0)
-        base = tmp_path / "sdxl.safetensors"
+        base = root / "sdxl.safetensors"
         save_sdxl_single_file(comps, base)
     else:
         from lorakit.families.flux.tiny import build_tiny_flux, save_bfl_files
 
         comps = build_tiny_flux(0)
-        base = save_bfl_files(comps, tmp_path / "flux")["flux1"]
+        base = save_bfl_files(comps, root / "flux")["flux1"]
     cfg = SimpleNamespace(network_dim=4, network_alpha=2.0, network_args=None, network_kwargs=dict,
-                          network_train_unet_only=family_name == "flux", network_train_text_encoder_only=False)
+                          network_train_unet_only=unet_only, network_train_text_encoder_only=False)
     targets = FAMILIES[family_name]().adapter_targets(comps, cfg)
     network = LoRANetwork(targets)
     generator = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for index, module in enumerate(network.lora_modules.values()):
             module.lora_up.weight.normal_(0.0, 10.0 ** (-1.5 - (index % 5) * 0.4), generator=generator)
-    lora_path = tmp_path / "lora.safetensors"
+    lora_path = root / "lora.safetensors"
     save_lora_file(network.state_dict_kohya(), lora_path, {"ss_network_module": "networks.lora"})
+    return targets, base, lora_path
+
+
+@pytest.mark.parametrize("family_name", ["sdxl", "flux"])
+def test_cli_recipe_reads_sdxl_and_flux_base_files(family_name, tmp_path):
+    """The recipe against an SGM / BFL single file: each module's rank is the count of σ_i(ΔW) above
+    10^thr · ‖W‖_F, with W the trainer's own target layer (fused q/k/v rows for FLUX) of the model in memory."""
+    from lorakit.cli.lora import main
+
+    targets, base, lora_path = _family_lora(family_name, tmp_path, unet_only=family_name == "flux")
     lora = load_lora(lora_path)
     weights = {t.name: t.module.weight.detach().float() for t in targets}
     ratios = {}
@@ -439,3 +447,23 @@ def test_cli_recipe_reads_sdxl_and_flux_base_files(family_name, tmp_path):
     expected = {name: int((r > threshold).sum()) for name, r in ratios.items()}
     assert {n: m.rank for n, m in written.items()} == {n: k for n, k in expected.items() if k}
     assert 0 in expected.values() and max(expected.values()) == 4  # some modules dropped, some kept whole
+
+
+def test_cli_merge_with_sdxl_lbws(tmp_path, capsys):
+    from lorakit.cli.lora import main
+
+    _, _, lora_path = _family_lora("sdxl", tmp_path, unet_only=False)
+    lora = load_lora(lora_path)
+    out = tmp_path / "lbw.safetensors"
+    # 12 entries: BASE, IN04, IN05, IN07, IN08, MID, OUT00..OUT05 — text encoders at 0.5, the middle block off
+    weights = "[0.5,1,1,1,1,0,1,1,1,1,1,1]"
+    assert main(["merge", "--save_to", str(out), "--models", str(lora_path), "--concat", "--lbws", weights]) == 0
+    merged = load_lora(out).modules
+    middle = {n for n in lora.modules if n.startswith("lora_unet_middle_block_")}
+    assert middle and merged.keys() == lora.modules.keys() - middle
+    for name, module in merged.items():
+        factor = 0.5 if name.startswith("lora_te") else 1.0
+        assert torch.allclose(module.delta(), factor * lora.modules[name].delta(), atol=1e-6), name
+    assert main(["merge", "--save_to", str(tmp_path / "x.safetensors"), "--models", str(lora_path), "--concat",
+                 "--lbws", "[" + ",".join(["1"] * 17) + "]"]) == 2
+    assert "SDXL LoRA takes 12 or 20 entries" in capsys.readouterr().err
