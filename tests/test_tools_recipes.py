@@ -467,3 +467,22 @@ def test_cli_merge_with_sdxl_lbws(tmp_path, capsys):
     assert main(["merge", "--save_to", str(tmp_path / "x.safetensors"), "--models", str(lora_path), "--concat",
                  "--lbws", "[" + ",".join(["1"] * 17) + "]"]) == 2
     assert "SDXL LoRA takes 12 or 20 entries" in capsys.readouterr().err
+
+
+def test_cli_merge_into_a_model_with_lbws(tiny, lora_files, tmp_path):
+    """Into a base model, BASE at 0 leaves the text encoder untouched while the U-Net blocks get ratio · ΔW."""
+    from lorakit.cli.lora import main
+    from lorakit.toy.tiny_models import save_sd_diffusers_folder
+    from lorakit.tools.models import load_base_model
+
+    base = tmp_path / "base"
+    save_sd_diffusers_folder(tiny, base)
+    out = tmp_path / "merged"
+    weights = "[" + ",".join(map(str, _lbw17(BASE=0))) + "]"
+    assert main(["merge", "--sd_model", str(base), "--save_to", str(out), "--models", str(lora_files[0]), "--lbws", weights]) == 0
+    before, after = (SD_LAYOUT.module_index(load_base_model(str(p))) for p in (base, out))
+    lora = load_lora(lora_files[0])
+    for name, module in lora.modules.items():
+        change = after[name].weight - before[name].weight
+        expected = torch.zeros_like(change) if name.startswith("lora_te") else module.delta().reshape(change.shape)
+        assert torch.allclose(change, expected, atol=1e-5), name

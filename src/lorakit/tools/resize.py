@@ -86,7 +86,7 @@ def resize_metadata(
     report: ResizeReport,
     *,
     dynamic_method: str | None,
-    dynamic_param: float | None,
+    dynamic_param: float | str | None,
 ) -> dict[str, str]:
     """The input file's metadata with the new dims, alphas and a note in `ss_training_comment`."""
     updated = dict(metadata)
