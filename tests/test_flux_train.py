@@ -132,3 +132,12 @@ def test_other_algorithms_train_on_flux_from_the_command_line(flux_files, data_d
     assert meta["ss_base_model_version"] == "flux1"
     assert any(k.startswith(("lora_unet_", "oft_unet_")) and v.abs().sum() > 0 for k, v in tensors.items())
     assert all(v.isfinite().all() for v in tensors.values())
+
+
+def test_without_network_module_the_file_says_lora_flux(flux_files, data_dir, tmp_path):
+    """sd-scripts always names the module; without --network_module lorakit trains the family's LoRA and says so."""
+    out = tmp_path / "out"
+    args = [a for a in train_args(flux_files["folder"], data_dir, out, "--network_train_unet_only") if not a.startswith("--network_module")]
+    assert main(args) == 0
+    _, meta = read_lora(out / "tiny.safetensors")
+    assert meta["ss_network_module"] == "networks.lora_flux"

@@ -61,6 +61,7 @@ class ModelFamily(Protocol):
     """What a model family provides to the trainer."""
 
     name: str
+    default_network_module: str  # what sd-scripts trains this family's LoRAs with (`ss_network_module` without the option)
 
     def load(self, cfg: Any) -> Components: ...
 

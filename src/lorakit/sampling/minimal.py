@@ -70,7 +70,7 @@ class Plan:
 def run_sample(options: SampleOptions) -> list[Path]:
     """Check everything, load the model, merge the LoRAs, write one PNG per prompt; returns the files written."""
     plan = check_options(options)
-    model_cfg = _model_config(options, fp8=plan.denoiser_dtype == "fp8")
+    model_cfg = _model_config(options, plan.dtype, fp8=plan.denoiser_dtype == "fp8")
     from lorakit.families.registry import resolve_family
 
     family = resolve_family(model_cfg)
@@ -186,15 +186,18 @@ def _device_and_dtypes(options: SampleOptions, problems: list[str]) -> tuple[tor
     return device, DTYPES.get(dtype_name, torch.float32), denoiser
 
 
-def _model_config(options: SampleOptions, fp8: bool) -> Any:
-    """The training options that describe the model, so it loads exactly as `lorakit train` loads it.
+def _model_config(options: SampleOptions, dtype: torch.dtype, fp8: bool) -> Any:
+    """The training options that describe the model, so it loads exactly as `lorakit train` loads it: built in
+    the sampling dtype directly (a LoRA merged into bf16 weights in float32 arithmetic is rounded once, as a merge
+    into float32 weights cast afterwards is), never as a float32 copy of the whole model first.
 
     With fp8, FLUX and SD3 store the transformer's linears in float8 as they load (training's `--fp8_base_unet`),
     before their fused q/k/v views are made, and the LoRAs merge into those weights; SD and SDXL are stored in
     float8 after merging (`_place`)."""
     from lorakit.config.validate import build_config
 
-    values: dict[str, Any] = {"pretrained_model_name_or_path": options.model, "family": options.family}
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    values: dict[str, Any] = {"pretrained_model_name_or_path": options.model, "family": options.family, "mixed_precision": precision}
     if fp8:
         values.update(fp8_base_unet=True, mixed_precision="bf16")  # the rule: fp8 storage computes in a wider dtype
     if options.v2:

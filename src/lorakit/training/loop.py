@@ -19,14 +19,13 @@ from lorakit.data.summary import format_summary
 from lorakit.errors import ConfigError
 from lorakit.families.base import Components, ModelFamily
 from lorakit.families.registry import resolve_family
+from lorakit.precision import WEIGHT_DTYPES, effective_mixed_precision
 from lorakit.training import distributed
 from lorakit.training import metadata as md
 from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
 from lorakit.training.trackers import logging_dir, tracker_config, tracker_init_kwargs, tracker_names, wandb_login
 
 log = logging.getLogger("lorakit")
-
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -110,11 +109,7 @@ def check_before_loading(cfg: Any, plan: TrainingPlan) -> None:
 
 
 def _make_accelerator(cfg: Any) -> Accelerator:
-    precision = cfg.mixed_precision
-    if precision == "fp16" and not torch.cuda.is_available():
-        # fp16 autocast needs a GPU, and bf16 convolutions on most CPUs are many times slower than fp32
-        log.warning("--mixed_precision fp16 needs a CUDA GPU; training in fp32 on this machine instead")
-        precision = "no"
+    precision = effective_mixed_precision(cfg, warn=True)
     trackers = tracker_names(cfg)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=precision,
@@ -140,7 +135,8 @@ def _setup(cfg: Any, family: ModelFamily, accelerator: Accelerator) -> Session:
         module.eval()
         # with --blocks_to_swap the denoiser never goes to the device whole: the family places it, keeping the
         # swapped blocks' weights on the CPU, so loading needs no more device memory than training
-        _move(module, torch.device("cpu") if swap_blocks and module is comps.denoiser else device, weight_dtype)
+        dtype = torch.float32 if module is comps.vae and cfg.no_half_vae else weight_dtype
+        _move(module, torch.device("cpu") if swap_blocks and module is comps.denoiser else device, dtype)
     if swap_blocks:
         family.prepare_block_swap(comps, cfg, device)
     train_text_encoder = bool(family.text_encoders_to_train(comps, cfg))
@@ -198,6 +194,8 @@ def base_metadata(session: Session, dataset: Any, facts: md.RunFacts) -> dict[st
     meta = md.training_metadata(cfg, facts)
     meta.update(dataset_metadata(dataset.summary(), cfg, num_processes=session.accelerator.num_processes, gradient_accumulation_steps=cfg.gradient_accumulation_steps))
     meta.update(family.metadata(cfg))
+    # without --network_module the family's sd-scripts module is what the file is (and what readers look for)
+    meta["ss_network_module"] = cfg.network_module or family.default_network_module
     architecture, implementation, default_reso = family.modelspec_architecture(cfg)
     resolution = tuple(cfg.resolution) if cfg.resolution else default_reso
     extra = {key: getattr(cfg, f"metadata_{key}") for key in MODELSPEC_EXTRAS if getattr(cfg, f"metadata_{key}", None)}

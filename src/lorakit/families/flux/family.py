@@ -31,6 +31,7 @@ from lorakit.families.flux.layers import checkpoint_offloading_to_cpu
 from lorakit.families.flux.network_args import FluxNetworkArgs
 from lorakit.families.targeting import RankChoice, collect_targets
 from lorakit.objectives.flow import FlowObjective, apply_model_prediction_type, timesteps_to_sigmas
+from lorakit.precision import load_dtype
 
 log = logging.getLogger("lorakit")
 
@@ -93,13 +94,16 @@ class FluxFamily(ShiftScaleLatents):
     """FLUX.1-dev and -schnell with CLIP-L and T5-XXL."""
 
     name = "flux"
+    default_network_module = "networks.lora_flux"  # sd-scripts' LoRA module for this family
 
     def load(self, cfg: Any) -> Components:
         from lorakit.families.flux.loading import load_flux_components
 
         if getattr(cfg, "model_type", "flux") == "chroma":
             raise ConfigError(["--model_type chroma: Chroma is not supported yet; FLUX.1 dev/schnell are"])
-        comps = load_flux_components(cfg.pretrained_model_name_or_path, clip_l=cfg.clip_l, t5xxl=cfg.t5xxl, ae=cfg.ae)
+        comps = load_flux_components(
+            cfg.pretrained_model_name_or_path, clip_l=cfg.clip_l, t5xxl=cfg.t5xxl, ae=cfg.ae, dtype=load_dtype(cfg)
+        )
         comps.extras.update(self._conditioning_options(cfg, comps))
         self._variant = comps.extras["variant"]  # modelspec says dev or schnell
         self.text_cache = self._text_cache_for(cfg)

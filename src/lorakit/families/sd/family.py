@@ -14,6 +14,7 @@ from lorakit.errors import ConfigError
 from lorakit.families.base import AdapterTarget, Components, TextConditioning
 from lorakit.families.targeting import RankChoice, collect_targets
 from lorakit.objectives.ddpm import DDPMObjective
+from lorakit.precision import load_dtype
 
 UNET_ATTENTION_PARENTS = ("Transformer2DModel",)
 UNET_CONV_PARENTS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -25,12 +26,14 @@ class StableDiffusionFamily:
     """SD 1.x and 2.x (epsilon or v-prediction) with one CLIP text encoder."""
 
     name = "sd"
+    default_network_module = "networks.lora"  # sd-scripts' LoRA module for this family
 
     def load(self, cfg: Any) -> Components:
         from lorakit.families.sd.loading import load_sd_components
 
         return load_sd_components(
-            cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization, vae_path=cfg.vae
+            cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization, vae_path=cfg.vae,
+            dtype=load_dtype(cfg),
         )
 
     def objective(self, cfg: Any, comps: Components) -> DDPMObjective:

@@ -38,6 +38,7 @@ from lorakit.families.sd3.layers import SplitQKVView, SwappedRowsView
 from lorakit.families.sd3.network_args import SD3NetworkArgs
 from lorakit.families.targeting import RankChoice, collect_targets
 from lorakit.objectives.sd3_flow import SD3FlowObjective, precondition_to_x0
+from lorakit.precision import load_dtype
 
 log = logging.getLogger("lorakit")
 
@@ -52,6 +53,7 @@ class StableDiffusion3Family(ShiftScaleLatents):
     """SD3 Medium, SD3.5 Medium (MMDiT-X) and SD3.5 Large, with CLIP-L, CLIP-G and T5-XXL."""
 
     name = "sd3"
+    default_network_module = "networks.lora_sd3"  # sd-scripts' LoRA module for this family
 
     def __init__(self) -> None:
         self.model_type = "medium"
@@ -65,7 +67,8 @@ class StableDiffusion3Family(ShiftScaleLatents):
 
         self._check_options(cfg)
         comps = load_sd3_components(
-            cfg.pretrained_model_name_or_path, clip_l=cfg.clip_l, clip_g=cfg.clip_g, t5xxl=cfg.t5xxl, vae=cfg.vae
+            cfg.pretrained_model_name_or_path, clip_l=cfg.clip_l, clip_g=cfg.clip_g, t5xxl=cfg.t5xxl, vae=cfg.vae,
+            dtype=load_dtype(cfg),
         )
         self.model_type = comps.extras["model_type"]
         comps.extras.update(self._conditioning_options(cfg, comps))

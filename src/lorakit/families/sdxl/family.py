@@ -23,6 +23,7 @@ from lorakit.families.common.text_cache import CaptionCache
 from lorakit.families.sd.family import TEXT_ENCODER_PARENTS, UNET_ATTENTION_PARENTS, UNET_CONV_PARENTS, rank_choice
 from lorakit.families.targeting import RankChoice, collect_targets, kohya_name
 from lorakit.objectives.ddpm import DDPMObjective
+from lorakit.precision import load_dtype
 
 log = logging.getLogger("lorakit")
 
@@ -38,6 +39,7 @@ class StableDiffusionXLFamily:
     """SDXL base 1.0 (and fine-tunes of it) with CLIP-L + OpenCLIP-bigG text encoders."""
 
     name = "sdxl"
+    default_network_module = "networks.lora"  # sd-scripts' LoRA module for this family
 
     def __init__(self) -> None:
         self.vae_in_float32 = False
@@ -50,7 +52,8 @@ class StableDiffusionXLFamily:
 
         self._read_options(cfg)
         return load_sdxl_components(
-            cfg.pretrained_model_name_or_path, v_parameterization=cfg.v_parameterization, vae_path=cfg.vae
+            cfg.pretrained_model_name_or_path, v_parameterization=cfg.v_parameterization, vae_path=cfg.vae,
+            dtype=load_dtype(cfg),
         )
 
     def _read_options(self, cfg: Any) -> None:
