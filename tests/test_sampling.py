@@ -83,6 +83,20 @@ def test_weighted_encoder_matches_plain_encoding_without_weights():
     assert long.shape[1] == 154, "prompts beyond 75 tokens take a second chunk; the batch shares it"
 
 
+def test_weighting_restores_the_mean_and_survives_a_zero_mean():
+    from lorakit.sampling.weighting import _weighted
+
+    hidden = torch.randn(1, 6, 4, generator=torch.Generator().manual_seed(0)) + 0.5
+    weights = torch.tensor([1.0, 1.5, 1.0, 0.5, 1.0, 1.0]).reshape(1, -1, 1)
+    out = _weighted(hidden, weights)
+    torch.testing.assert_close(out.mean(), hidden.mean())  # sd-scripts: the overall mean is kept
+    assert not torch.allclose(out, hidden)
+    centred = torch.tensor([[1.0, -1.0], [2.0, -2.0]]).reshape(1, 2, 2)  # mean exactly 0 before and after weighting
+    assert torch.equal(_weighted(centred, torch.ones(1, 2, 1)), centred)
+    result = _weighted(centred, torch.tensor([1.0, 2.0]).reshape(1, 2, 1))
+    assert torch.isfinite(result).all() and torch.equal(result, centred * torch.tensor([1.0, 2.0]).reshape(1, 2, 1))
+
+
 # --------------------------------------------------------------------------------------------- schedule and names
 
 

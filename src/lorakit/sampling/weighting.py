@@ -112,9 +112,17 @@ def encode_weighted_prompts(encoder: Any, tokenizer: Any, prompts: list[str], cl
         chunk_ids, chunk_weights = _chunked(tokenizer, ids, weights, chunks)
         hidden = _hidden_states(encoder, chunk_ids.to(encoder.device), clip_skip)  # (k, 77, D)
         hidden = hidden.reshape(1, -1, hidden.shape[-1]).float()
-        w = chunk_weights.reshape(1, -1, 1).to(hidden.device)
-        before = hidden.mean(dim=(-2, -1), keepdim=True)
-        weighted = hidden * w
-        weighted = weighted * (before / weighted.mean(dim=(-2, -1), keepdim=True))
-        outputs.append(weighted)
+        outputs.append(_weighted(hidden, chunk_weights.reshape(1, -1, 1).to(hidden.device)))
     return torch.cat(outputs).to(encoder.dtype)
+
+
+def _weighted(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Scale each token's embedding by its weight, then restore the overall mean (sd-scripts' rule). Unweighted
+    prompts are returned as they are, and a weighted mean of exactly 0 skips the restore instead of dividing
+    0 by 0 (which made whole images NaN, i.e. black)."""
+    if bool((weights == 1).all()):
+        return hidden
+    before = hidden.mean(dim=(-2, -1), keepdim=True)
+    weighted = hidden * weights
+    after = weighted.mean(dim=(-2, -1), keepdim=True)
+    return torch.where(after == 0, weighted, weighted * (before / after))
