@@ -28,7 +28,7 @@ from lorakit.errors import ConfigError
 from lorakit.tools.common import LoadedLora
 from lorakit.tools.lora_state import LoraFactors
 
-__all__ = ["FILLED_SLOTS", "LBW_LENGTHS", "LBW_SLOTS", "apply_block_weights", "describe_weights", "lbw_slot", "parse_lbws", "slot_weights"]
+__all__ = ["FILLED_SLOTS", "LBW_LENGTHS", "LBW_SLOTS", "apply_block_weights", "lbw_slot", "parse_lbws", "slot_weights"]
 
 LBW_SLOTS = ("BASE", *(f"IN{i:02d}" for i in range(12)), "MID", *(f"OUT{i:02d}" for i in range(12)))
 
@@ -148,9 +148,3 @@ def apply_block_weights(lora: LoadedLora, lbw: Sequence[float], family: str | No
         modules[name] = module if weight == 1.0 else _weighted(module, weight)
     return LoadedLora(lora.path, modules, lora.metadata, lora.style, lora.layout)
 
-
-def describe_weights(lbw: Sequence[float], family: str) -> str:
-    """`IN04=0, OUT03=0.5` — the slots whose weight is not 1, for the log and the training comment."""
-    weights = slot_weights(lbw, family)
-    changed = [f"{slot}={w:g}" for slot, w in zip(LBW_SLOTS, weights) if w != 1.0]
-    return ", ".join(changed) or "all 1"

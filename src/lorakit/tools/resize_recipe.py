@@ -114,7 +114,7 @@ class _Decomposed:
     scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
     @property
-    def bytes_per_rank(self) -> int:
+    def values_per_rank(self) -> int:
         return int(self.up.shape[0] + self.down[0].numel())
 
 
@@ -153,7 +153,7 @@ def _scores(part: _Decomposed, base: torch.Tensor | None, recipe: ScoreRecipe) -
     if w["spn_lora"]:
         scores -= w["spn_lora"] * torch.log10(sigma[0])
     if w["params"]:
-        scores -= w["params"] * math.log10(part.bytes_per_rank)
+        scores -= w["params"] * math.log10(part.values_per_rank)
     if recipe.needs_base:
         matrix = _base_matrix(part.module.name, base, part)
         if w["fro_ckpt"]:
@@ -172,7 +172,7 @@ def _scores(part: _Decomposed, base: torch.Tensor | None, recipe: ScoreRecipe) -
 def _size_threshold(parts: list[_Decomposed], size_mib: float, element_size: int) -> float:
     """The score above which the components, taken best first over the whole file, fit in `size_mib`."""
     scores = torch.cat([p.scores for p in parts])
-    costs = torch.cat([torch.full((p.scores.numel(),), p.bytes_per_rank * element_size, dtype=torch.float64) for p in parts])
+    costs = torch.cat([torch.full((p.scores.numel(),), p.values_per_rank * element_size, dtype=torch.float64) for p in parts])
     order = torch.argsort(scores, descending=True)
     cumulative = torch.cumsum(costs[order], 0)
     fitting = int(torch.searchsorted(cumulative, torch.tensor(size_mib * 2**20, dtype=torch.float64), right=True))
