@@ -19,7 +19,7 @@ from pathlib import Path
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.tools.lora_state import LoraFactors
 
-__all__ = ["dylora_unit", "split_metadata", "split_outputs", "split_ranks", "truncate_modules"]
+__all__ = ["check_rank", "dylora_unit", "max_rank", "split_metadata", "split_outputs", "split_ranks", "truncate_modules"]
 
 logger = logging.getLogger("lorakit.tools")
 
