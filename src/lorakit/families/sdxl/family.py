@@ -90,8 +90,8 @@ class StableDiffusionXLFamily:
         return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
 
     def _vae(self, comps: Components) -> torch.nn.Module:
-        """The VAE, put back in float32 under --no_half_vae (the loop casts every frozen module to the
-        mixed-precision dtype once at set-up; the cast back happens once, here)."""
+        """The VAE, in float32 under --no_half_vae: the training loop already keeps it there; this covers callers
+        that cast the whole model to one dtype themselves."""
         vae = comps.vae
         if self.vae_in_float32 and vae.dtype != torch.float32:
             vae.to(dtype=torch.float32)
