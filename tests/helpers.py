@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from PIL import Image
 
@@ -31,6 +32,18 @@ def write_dreambooth_folder(root: Path, *, count: int = 4, size: int = 64, repea
         image.save(folder / f"img_{index:03d}.png")
         (folder / f"img_{index:03d}.caption").write_text(f"sks toy, a square number {index}", encoding="utf-8")
     return root
+
+
+def network_options(module: str, *args: str, dim: int = 4, alpha: float = 2.0, **extra) -> SimpleNamespace:
+    """The network options `build_network` reads, as `lorakit train` would parse them (`args` = --network_args)."""
+    values = dict(a.split("=", 1) for a in args)
+    base = dict(
+        network_module=module, network_dim=dim, network_alpha=alpha, network_dropout=None, network_args=list(args) or None,
+        network_kwargs=lambda: dict(values), network_weights=None, network_train_unet_only=False,
+        network_train_text_encoder_only=False,
+    )
+    base.update(extra)
+    return SimpleNamespace(**base)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,13 +7,13 @@ with the merged weight, and save -> load reproduces the tensors and ΔW exactly.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import network_options as options
 from lorakit.adapters.dora import DoRAModule, dora_merged_weight, dora_weight_norm
 from lorakit.adapters.dylora import DyLoRAModule
 from lorakit.adapters.factory import build_network
@@ -279,17 +279,6 @@ def sd():
     from lorakit.toy.tiny_models import build_tiny_sd
 
     return StableDiffusionFamily(), build_tiny_sd("sd1", seed=0)
-
-
-def options(module: str, *args: str, dim: int = 4, alpha: float = 2.0, **extra) -> SimpleNamespace:
-    values = dict(a.split("=", 1) for a in args)
-    base = dict(
-        network_module=module, network_dim=dim, network_alpha=alpha, network_dropout=None, network_args=list(args) or None,
-        network_kwargs=lambda: dict(values), network_weights=None, network_train_unet_only=False,
-        network_train_text_encoder_only=False,
-    )
-    base.update(extra)
-    return SimpleNamespace(**base)
 
 
 def sd_loss(family, comps, batch) -> torch.Tensor:

@@ -18,12 +18,12 @@ names (`.oft_blocks.<i>`), and the per-part block-count error.
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import network_options as options
 from lorakit.adapters.factory import build_network, family_network_kwargs
 from lorakit.adapters.oft import OFTModule
 from lorakit.errors import ConfigError
@@ -65,17 +65,6 @@ def copy_model(comps: Components) -> Components:
 def fresh(flux):
     family, comps = flux
     return family, copy_model(comps)
-
-
-def options(module: str, *args: str, dim: int = 4, alpha: float = 2.0, **extra) -> SimpleNamespace:
-    values = dict(a.split("=", 1) for a in args)
-    base = dict(
-        network_module=module, network_dim=dim, network_alpha=alpha, network_dropout=None, network_args=list(args) or None,
-        network_kwargs=lambda: dict(values), network_weights=None, network_train_unet_only=False,
-        network_train_text_encoder_only=False,
-    )
-    base.update(extra)
-    return SimpleNamespace(**base)
 
 
 def make_batch():

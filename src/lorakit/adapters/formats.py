@@ -38,6 +38,7 @@ __all__ = [
     "lora_file_name",
     "save_lora_file",
     "state_dir_name",
+    "tensors_by_module",
 ]
 
 MODEL_FORMATS = ("safetensors", "ckpt", "pt")
@@ -153,6 +154,15 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"{path} is not a LoRA state dict: entry {bad[0]!r} is not a named tensor")
     return loaded
+
+
+def tensors_by_module(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A LoRA state dict as {module name: {suffix: tensor}} (`lora_unet_x.lora_down.weight` -> x's `lora_down.weight`)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        name, _, suffix = key.partition(".")
+        modules.setdefault(name, {})[suffix] = value
+    return modules
 
 
 def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

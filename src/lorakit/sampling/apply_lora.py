@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from lorakit.adapters.base import AdapterModule
+from lorakit.adapters.formats import tensors_by_module
 from lorakit.adapters.network import LoRANetwork
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.families.base import AdapterTarget, Components
@@ -182,7 +183,7 @@ class LoraMerger:
 
     def _per_layer_network(self, lora: LoraFile) -> LoRANetwork:
         """LoRA and DoRA: one module per file module on the family's layer of that name, at the file's rank."""
-        by_module = _tensors_by_module(lora.state)
+        by_module = tensors_by_module(lora.state)
         targets = []
         for name, tensors in by_module.items():
             layer = self.layers.get(name)
@@ -230,12 +231,7 @@ def _oft_size(lora: LoraFile) -> tuple[int, float]:
     return int(blocks.shape[0]), alpha
 
 
-def _tensors_by_module(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        name, _, suffix = key.partition(".")
-        grouped.setdefault(name, {})[suffix] = value
-    return grouped
+
 
 
 def _rank_alpha(path: str, name: str, tensors: dict[str, torch.Tensor]) -> tuple[int, float]:

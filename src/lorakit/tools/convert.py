@@ -106,10 +106,11 @@ def sd3_from_peft(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> t
 
 def _sd3_parts(kohya: dict[str, torch.Tensor]) -> list[tuple[str, list[str], int]]:
     """(kohya module, the PEFT paths it splits into, its rank) for every module of a kohya SD3 state."""
-    from lorakit.families.sd3.lora_convert import _group, _hidden_from_kohya, kohya_to_diffusers
+    from lorakit.adapters.formats import tensors_by_module
+    from lorakit.families.sd3.lora_convert import hidden_from_kohya, kohya_to_diffusers
 
-    modules = _group(kohya)
-    hidden = _hidden_from_kohya(modules)  # the converter needs it to place the last modulation's halves
+    modules = tensors_by_module(kohya)
+    hidden = hidden_from_kohya(modules)  # the converter needs it to place the last modulation's halves
     rows = []
     for name, tensors in modules.items():
         single = {f"{name}.{k}": v for k, v in tensors.items() if k != "alpha"}

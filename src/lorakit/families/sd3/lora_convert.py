@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
+from lorakit.adapters.formats import tensors_by_module
 from lorakit.errors import CheckpointError
 from lorakit.families.sd3.sai_keys import EMBEDDERS, Layer, _block_layers, kohya_name, swap_halves
 
@@ -55,14 +56,6 @@ def _text_encoder_path(prefix: str, rest: str) -> str | None:
     return None
 
 
-def _group(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        name, _, suffix = key.partition(".")
-        modules.setdefault(name, {})[suffix] = value
-    return modules
-
-
 # ---------------------------------------------------------------------------------------------------------
 # kohya -> diffusers
 # ---------------------------------------------------------------------------------------------------------
@@ -72,8 +65,8 @@ def kohya_to_diffusers(
     state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, hidden_size: int | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A kohya SD3 LoRA as PEFT keys with alpha folded in, and its metadata with the alphas recorded."""
-    modules = _group(state)
-    hidden = hidden_size or _hidden_from_kohya(modules)
+    modules = tensors_by_module(state)
+    hidden = hidden_size or hidden_from_kohya(modules)
     out: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     for name, tensors in modules.items():
@@ -138,7 +131,7 @@ def _is_swapped(layer: Layer, rows: int, hidden: int | None) -> bool:
     return rows == 2 * hidden  # the last block's text stream only has shift and scale (2 chunks, not 6)
 
 
-def _hidden_from_kohya(modules: dict[str, dict[str, torch.Tensor]]) -> int | None:
+def hidden_from_kohya(modules: dict[str, dict[str, torch.Tensor]]) -> int | None:
     for name, tensors in modules.items():
         up = tensors.get("lora_up.weight")
         if up is None:
