@@ -200,6 +200,34 @@ def test_extract_recovers_the_merged_lora(case):
     assert file_metadata(out)["ss_base_model_version"] == {"sdxl": "sdxl_base_v1-0", "sd3": "5-medium", "flux": "flux1"}[case.name]
 
 
+def test_fast_svd_extract_recovers_the_merged_lora_too(case):
+    """--fast_svd (randomized SVD) recovers a low-rank ΔW as exactly as the full SVD."""
+    if case.name != "flux":
+        pytest.skip("one family suffices: the factorisation is shared")
+    out = case.root / "extracted_fast.safetensors"
+    assert main(["extract", "--model_org", str(case.base), "--model_tuned", str(case.merged), "--save_to", str(out),
+                 "--dim", "4", "--clamp_quantile", "1", "--fast_svd"]) == 0
+    original, extracted = load_lora(case.lora), load_lora(out)
+    for name, recovered in extracted.modules.items():
+        expected = RATIO * original.modules[name].delta()
+        assert torch.allclose(recovered.delta().reshape(expected.shape), expected, atol=2e-5), name
+
+
+def test_randomized_factorisation_is_near_optimal_and_deterministic():
+    from lorakit.tools.svd import factorise
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(96, 96, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(160, 96, generator=g))[0]
+    delta = (u * torch.logspace(0, -3, 96)) @ v.T + 1e-4 * torch.randn(96, 160, generator=g)
+    exact = factorise(delta, 8)
+    fast = factorise(delta, 8, randomized=True)
+    residual = lambda f: torch.linalg.norm(delta - f.up @ f.down)  # noqa: E731
+    assert fast.rank == 8 and float(residual(fast)) <= 1.01 * float(residual(exact))
+    again = factorise(delta, 8, randomized=True)
+    assert torch.equal(fast.up, again.up) and torch.equal(fast.down, again.down)
+
+
 # ------------------------------------------------------------------------------------------ LoRA-only tools
 
 

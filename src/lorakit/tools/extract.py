@@ -36,6 +36,7 @@ class ExtractOptions:
     clamp_quantile: float = 0.99
     min_diff: float = 0.01
     device: str | None = None
+    fast_svd: bool = False  # randomized SVD of each ΔW (see tools/svd.py): several times faster, near-optimal
 
 
 class _TargetOptions:
@@ -79,23 +80,24 @@ def extract_lora(
     in sd-scripts, when no text-encoder weight moved by more than `min_diff` (the encoder was not trained).
     """
     args = _target_args(layout.family, options)
-    diffs: dict[str, tuple[str, torch.Tensor]] = {}
-    with model_targets(layout.family, original, args) as org, model_targets(layout.family, tuned, args) as tun:
-        for name, target in org.items():
-            other = tun.get(name)
-            if other is None:
-                raise CheckpointError(f"--model_tuned has no layer {name}; the two models are not the same architecture")
-            diffs[name] = (target.component, _difference(name, target.weight(), other.weight(), options.device))
-    text_moved = any(float(d.abs().max()) > options.min_diff for c, d in diffs.values() if c != "unet")
-    if not text_moved:
-        logger.info("the text encoders differ by at most %g: extracting the U-Net only", options.min_diff)
     modules: dict[str, LoraFactors] = {}
-    for name, (component, delta) in diffs.items():
-        if component != "unet" and not text_moved:
-            continue
-        spatial = delta.dim() == 4 and tuple(delta.shape[2:]) != (1, 1)
-        rank = options.conv_dim if spatial else options.dim
-        rank = min(rank, delta.shape[0], delta.shape[1])
-        result = factorise(delta, rank, clamp_quantile=options.clamp_quantile)
-        modules[name] = LoraFactors(name, result.down.cpu(), result.up.cpu(), float(result.rank))
+    with model_targets(layout.family, original, args) as org, model_targets(layout.family, tuned, args) as tun:
+        for name in org:
+            if name not in tun:
+                raise CheckpointError(f"--model_tuned has no layer {name}; the two models are not the same architecture")
+        # one ΔW at a time: holding every layer's difference at once would add a third model's worth of memory
+        text_moved = any(
+            float(_difference(name, target.weight(), tun[name].weight(), options.device).abs().max()) > options.min_diff
+            for name, target in org.items() if target.component != "unet"
+        )
+        if not text_moved:
+            logger.info("the text encoders differ by at most %g: extracting the U-Net only", options.min_diff)
+        for name, target in org.items():
+            if target.component != "unet" and not text_moved:
+                continue
+            delta = _difference(name, target.weight(), tun[name].weight(), options.device)
+            spatial = delta.dim() == 4 and tuple(delta.shape[2:]) != (1, 1)
+            rank = min(options.conv_dim if spatial else options.dim, delta.shape[0], delta.shape[1])
+            result = factorise(delta, rank, clamp_quantile=options.clamp_quantile, randomized=options.fast_svd)
+            modules[name] = LoraFactors(name, result.down.cpu(), result.up.cpu(), float(result.rank))
     return modules
