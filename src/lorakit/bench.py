@@ -109,7 +109,7 @@ def bare_step_seconds(model: BenchModel, options: BenchOptions, work: Path) -> f
     noised = session.objective.noise(latents, generator=torch.Generator(device=device).manual_seed(0))
     optimizer = torch.optim.AdamW([p for p in session.network.parameters() if p.requires_grad], lr=1e-4)
     times = []
-    for _ in range(max(3, min(options.steps, 10)) + 2):
+    for _ in range(max(3, options.steps - 4) + 2):  # as many timed steps as the trainer's steady part
         started = time.perf_counter()
         with accelerator.autocast():
             prediction = family.predict(comps, noised.noisy, noised.timesteps, text, None)
@@ -138,10 +138,13 @@ def trainer_run(model: BenchModel, options: BenchOptions, work: Path) -> tuple[l
     return [b - a for a, b in zip(ends, ends[1:])], ends[0] - started
 
 
-def steady_step_seconds(step_times: list[float]) -> float:
-    """Mean seconds per step after the first 4 (warm-up, caches); the loss is read every 5 steps, which
-    synchronises the device, so a mean over whole 5-step windows is exact on a GPU too."""
+def steady_step_seconds(step_times: list[float], device: torch.device) -> float:
+    """Seconds per step after the first 4 (warm-up, caches). On a CPU every step's time is exact, so the median
+    is taken (a shared machine's hiccups are outliers); on a GPU only the loss read every 5 steps synchronises,
+    so the mean over whole 5-step windows is the exact figure."""
     steady = step_times[4:] or step_times
+    if device.type != "cuda":
+        return statistics.median(steady)
     usable = len(steady) - len(steady) % 5 or len(steady)
     return sum(steady[:usable]) / usable
 
@@ -157,7 +160,7 @@ def run(family: str, size: str, options: BenchOptions, flux_blocks: tuple[int, i
         trainer_peak = peak_memory_gib(device)
         _release(device)
         bare = bare_step_seconds(model, options, work)
-    trainer = steady_step_seconds(step_times)
+    trainer = steady_step_seconds(step_times, device)
     return BenchResult(
         family, size, device.type, options.resolution, options.batch, options.rank, options.precision, options.checkpointing,
         options.fp8_base, options.blocks_to_swap, round(bare, 5), round(trainer, 5), round(trainer / bare, 3), round(first, 2),
