@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from helpers import write_dreambooth_folder
@@ -141,3 +142,58 @@ def test_without_network_module_the_file_says_lora_flux(flux_files, data_dir, tm
     assert main(args) == 0
     _, meta = read_lora(out / "tiny.safetensors")
     assert meta["ss_network_module"] == "networks.lora_flux"
+
+
+SEED_001_COMMAND = """
+--pretrained_model_name_or_path flux1-dev.safetensors --clip_l sd3/clip_l.safetensors --t5xxl sd3/t5xxl_fp16.safetensors
+--ae ae.safetensors --cache_latents_to_disk --save_model_as safetensors --sdpa --persistent_data_loader_workers
+--max_data_loader_n_workers 2 --seed 42 --gradient_checkpointing --mixed_precision bf16 --save_precision bf16
+--network_module networks.lora_flux --network_dim 4 --network_train_unet_only
+--optimizer_type adamw8bit --learning_rate 1e-4
+--cache_text_encoder_outputs --cache_text_encoder_outputs_to_disk --fp8_base
+--highvram --max_train_epochs 4 --save_every_n_epochs 1 --dataset_config dataset_1024_bs2.toml
+--output_dir path/to/output/dir --output_name flux-lora-name
+--timestep_sampling shift --discrete_flow_shift 3.1582 --model_prediction_type raw --guidance_scale 1.0
+"""
+
+
+def test_seed_001_command_runs_with_only_paths_changed(flux_files, tmp_path):
+    """The FLUX guide's sample command, word for word except its five paths (and the dataset's resolution)."""
+    images = write_dreambooth_folder(tmp_path / "images", count=2, repeats=1)
+    toml = tmp_path / "dataset_1024_bs2.toml"
+    toml.write_text(
+        f'[general]\nshuffle_caption = false\ncaption_extension = ".caption"\n\n[[datasets]]\nresolution = 64\nbatch_size = 2\n\n'
+        f'  [[datasets.subsets]]\n  image_dir = "{(images / "1_sks toy").as_posix()}"\n  num_repeats = 1\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "output"
+    paths = {
+        "flux1-dev.safetensors": str(flux_files["flux1"]), "sd3/clip_l.safetensors": str(flux_files["clip_l"]),
+        "sd3/t5xxl_fp16.safetensors": str(flux_files["t5xxl"]), "ae.safetensors": str(flux_files["ae"]),
+        "dataset_1024_bs2.toml": str(toml), "path/to/output/dir": str(out),
+    }
+    argv = [paths.get(word, word) for word in SEED_001_COMMAND.split()]
+    assert main(["train", *argv]) == 0
+    saved = sorted(p.name for p in out.glob("*.safetensors"))
+    assert saved == [f"flux-lora-name-00000{e}.safetensors" for e in (1, 2, 3)] + ["flux-lora-name.safetensors"]
+    tensors, meta = read_lora(out / "flux-lora-name.safetensors")
+    assert meta["ss_network_module"] == "networks.lora_flux" and meta["ss_base_model_version"] == "flux1"
+    assert not any(k.startswith("lora_te") for k in tensors)
+    assert all(v.dtype == torch.bfloat16 for k, v in tensors.items() if k.endswith("weight"))
+    assert list(images.rglob("*_flux.npz")), "--cache_latents_to_disk wrote sd-scripts' FLUX cache files"
+
+
+def test_t5_and_per_layer_dims_and_block_indices_train(flux_files, data_dir, tmp_path):
+    """+T5 (`train_t5xxl=True`), per-layer ranks and block indices, from BFL files."""
+    out = tmp_path / "out"
+    extra = [*bfl_flags(flux_files), "--network_args", "train_t5xxl=True", "img_attn_dim=8", "txt_mlp_dim=0",
+             "train_double_block_indices=0", "train_single_block_indices=1"]
+    assert main(train_args(flux_files["flux1"], data_dir, out, *extra)) == 0
+    tensors, _ = read_lora(out / "tiny.safetensors")
+    modules = {k.rsplit(".", 2)[0] for k in tensors}
+    t5_ups = [v for k, v in tensors.items() if k.startswith("lora_te3_") and k.endswith("lora_up.weight")]
+    assert t5_ups and any(v.abs().sum() > 0 for v in t5_ups), "T5's LoRA trained"
+    assert tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 8
+    assert not any("txt_mlp" in m for m in modules)
+    assert not any(m.startswith("lora_unet_single_blocks_0_") for m in modules)
+    assert any(m.startswith("lora_unet_single_blocks_1_") for m in modules)
