@@ -17,7 +17,7 @@ commands:
   train     train a LoRA (sd-scripts option names: lorakit train --help)
   cache     encode the dataset's latents to sd-scripts' .npz cache files, without training (train options)
   demo      train a LoRA on the built-in toy model and dataset on the CPU, with before/after samples
-  lora      LoRA file tools: resize, merge, extract, convert, inspect (lorakit lora --help)
+  lora      LoRA file tools: resize, merge, extract, convert, inspect, dylora, sample (lorakit lora --help)
   sample    generate images with LoRAs merged into a base model, any family (lorakit sample --help)
   bench     step time of the trainer against the bare model step (lorakit bench --help)
 
