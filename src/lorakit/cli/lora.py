@@ -1,4 +1,4 @@
-"""`lorakit lora <tool>`: resize, merge, extract, convert and inspect LoRA files.
+"""`lorakit lora <tool>`: resize, merge, extract, convert, inspect, split (dylora) and sample with LoRA files.
 
 The options keep the names of sd-scripts' scripts (`networks/resize_lora.py`, `merge_lora.py`,
 `svd_merge_lora.py`, `extract_lora_from_models.py`), so their command lines work with the script replaced by
