@@ -89,11 +89,12 @@ def image_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read(path: Path) -> dict[str, np.ndarray] | None:
-    """All arrays of an npz file, or None when it is missing or unreadable (a half-written file)."""
+def _read(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray] | None:
+    """The arrays of an npz file (only `keys` that it holds, when given), or None when it is missing or
+    unreadable (a half-written file). npz members load lazily, so naming the keys reads only those."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
+            return {key: data[key] for key in data.files if keys is None or key in keys}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError):
         return None
 
@@ -156,10 +157,11 @@ def write_entry(path: Path, request: CacheRequest, fmt: LatentFileFormat, latent
 def read_entry(path: Path, bucket: Size, fmt: LatentFileFormat, flip: bool
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Model-ready latents (flipped ones when `flip`) and the alpha mask, if stored."""
-    stored = _read(path)
+    s = key_suffix(bucket, fmt)
+    # read per batch during training: only this bucket's latents and mask, not the file's other entries
+    stored = _read(path, (f"latents_flipped{s}" if flip else f"latents{s}", f"alpha_mask{s}"))
     if stored is None:
         raise OSError(f"latent cache {path} cannot be read")
-    s = key_suffix(bucket, fmt)
     latents = fmt.from_file(stored[f"latents_flipped{s}" if flip else f"latents{s}"])
     alpha = stored.get(f"alpha_mask{s}")
     return latents, None if alpha is None else torch.from_numpy(np.asarray(alpha, dtype=np.float32))
