@@ -22,9 +22,11 @@ from lorakit.data.augment import color_augment, face_crop_placement
 from lorakit.data.batch import Batch
 from lorakit.data.buckets import BucketChoice, Size
 from lorakit.data.captions import CaptionContext, process_caption
-from lorakit.data.images import Placement, apply_placement, bucket_placement, load_image, sdxl_crop_top_left, to_tensor
+from lorakit.data.images import (
+    Placement, apply_placement, bucket_placement, load_image, load_image_and_alpha, sdxl_crop_top_left, to_tensor,
+)
 from lorakit.data.latent_files import read_entry
-from lorakit.data.masks import load_alpha_mask, load_conditioning_mask
+from lorakit.data.masks import load_conditioning_mask, place_alpha
 from lorakit.data.sharding import shard_batch_plans
 from lorakit.data.specs import SubsetSpec
 from lorakit.errors import DataError
@@ -183,16 +185,19 @@ class TrainDataset(Dataset):
                      rng: random.Random) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pixels in [-1, 1] fitted to the bucket, with the image's mask placed the same way."""
         placement = self._placement(entry, subset, bucket, flip, rng)
-        img = apply_placement(load_image(entry.path), placement, subset.resize_interpolation)
+        img, alpha = _decode(entry.path, subset.alpha_mask and entry.mask_path is None)
+        img = apply_placement(img, placement, subset.resize_interpolation)
         if subset.color_aug:
             img = color_augment(img, rng)
-        return to_tensor(img), self._mask(entry, subset, placement)
+        return to_tensor(img), self._mask(entry, subset, placement, alpha)
 
-    def _mask(self, entry: ImageEntry, subset: SubsetSpec, placement: Placement) -> torch.Tensor | None:
+    def _mask(self, entry: ImageEntry, subset: SubsetSpec, placement: Placement,
+              alpha: Any) -> torch.Tensor | None:
+        """The loss mask: the conditioning image when there is one, else the image's decoded alpha channel."""
         if entry.mask_path is not None:
             return load_conditioning_mask(entry.mask_path, placement, subset.resize_interpolation)
         if subset.alpha_mask:
-            return load_alpha_mask(entry.path, placement, subset.resize_interpolation)
+            return place_alpha(alpha, placement, subset.resize_interpolation)
         return None
 
     def _cached(self, image_id: int, bucket: Size, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -242,9 +247,10 @@ class TrainDataset(Dataset):
         entry = self.images[image_id]
         subset = self.subsets[entry.subset_index]
         placement = bucket_placement(bucket, entry.choice.resized_size, flip=flip)
-        img = apply_placement(load_image(entry.path), placement, subset.resize_interpolation)
-        alpha = load_alpha_mask(entry.path, placement, subset.resize_interpolation) if subset.alpha_mask else None
-        return to_tensor(img), alpha
+        img, alpha = _decode(entry.path, subset.alpha_mask)
+        img = apply_placement(img, placement, subset.resize_interpolation)
+        mask = place_alpha(alpha, placement, subset.resize_interpolation) if subset.alpha_mask else None
+        return to_tensor(img), mask
 
     def _centre_pixels(self, image_id: int, bucket: Size, flip: bool) -> torch.Tensor:
         return self.centre_pixels(image_id, bucket, flip)[0]
@@ -260,6 +266,11 @@ class TrainDataset(Dataset):
     def captions_vary(self) -> bool:
         """True when some caption changes between steps, so text-encoder outputs cannot be cached."""
         return any(subset.varies_captions for subset in self.subsets)
+
+
+def _decode(path: Path, with_alpha: bool) -> tuple[Any, Any]:
+    """The RGB image and (when asked for) its alpha channel from one decode of the file."""
+    return load_image_and_alpha(path) if with_alpha else (load_image(path), None)
 
 
 def _stack_masks(masks: list[torch.Tensor | None], target_hw: tuple[int, int]) -> torch.Tensor | None:

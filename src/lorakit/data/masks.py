@@ -15,7 +15,7 @@ from PIL import Image
 
 from lorakit.data.buckets import Size
 from lorakit.data.discovery import IMAGE_EXTENSIONS, list_images
-from lorakit.data.images import Placement, apply_placement, image_size, load_image, load_image_and_alpha
+from lorakit.data.images import Placement, apply_placement, image_size, load_image
 from lorakit.errors import DataError
 
 
@@ -64,9 +64,9 @@ def load_conditioning_mask(path: Path, placement: Placement, interpolation: str 
     return _to_unit_tensor(apply_placement(red, placement, interpolation))
 
 
-def load_alpha_mask(path: Path, placement: Placement, interpolation: str | None = None) -> torch.Tensor:
-    """The alpha channel of an image, placed like the image, as (H, W) in [0, 1]; all ones without alpha."""
-    _, alpha = load_image_and_alpha(path)
+def place_alpha(alpha: Image.Image | None, placement: Placement, interpolation: str | None = None) -> torch.Tensor:
+    """An image's alpha channel (from `images.load_image_and_alpha`, decoded with the image itself) placed
+    like the image, as (H, W) in [0, 1]; all ones when the image has no alpha."""
     if alpha is None:
         width, height = placement.box[2] - placement.box[0], placement.box[3] - placement.box[1]
         return torch.ones(height, width)
