@@ -17,7 +17,8 @@ from lorakit.errors import CheckpointError, ConfigError
 from lorakit.families import registry
 from lorakit.families.sdxl import loading, sgm_keys
 from lorakit.families.sdxl.family import StableDiffusionXLFamily, size_time_ids, unet_targets
-from lorakit.families.sdxl.loading import is_sdxl_checkpoint, load_sdxl_components
+from lorakit.families.sdxl.detect import is_sdxl_checkpoint
+from lorakit.families.sdxl.loading import load_sdxl_components
 from lorakit.families.sdxl.tiny import build_tiny_sdxl, save_sdxl_diffusers_folder
 from lorakit.families.targeting import RankChoice
 from lorakit.families.common.checkpoint_io import write_safetensors_atomic

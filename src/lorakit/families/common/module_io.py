@@ -183,15 +183,28 @@ def _without_unit_tail(shape: tuple[int, ...]) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def reject_checkpoint(
-    checkpoint: LoadedCheckpoint, hints: Sequence[tuple[Sequence[str], str]], expected: str
-) -> NoReturn:
-    """Raise the error for a file that is not the base model wanted: the first of `hints` (key fragments,
-    what to tell the user) that matches a tensor name, else an unrecognised-names error; `expected` closes it."""
+#: Key fragments of files that are not the base model a loader wants, the family (or kind) of file they mark,
+#: and what to tell the user; checked in order, each family's loader skipping its own entry.
+OTHER_FILE_HINTS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("lora", ("lora_unet_", "lora_te", ".lora_down.", ".lora_A.", "hada_w1", "lokr_w1", "oft_blocks"),
+     "this is a LoRA/adapter file, not a base model (pass base models with --pretrained_model_name_or_path "
+     "and LoRA files with --network_weights)"),
+    ("sdxl", ("conditioner.embedders.",), "this is an SDXL checkpoint (use --family sdxl)"),
+    ("sd", ("cond_stage_model.",), "this is an SD 1.x/2.x checkpoint (use --family sd)"),
+    ("sd3", ("joint_blocks.",), "this is an SD3 checkpoint (use --family sd3)"),
+    ("flux", ("double_blocks.", "single_blocks."), "this is a FLUX checkpoint (use --family flux)"),
+    ("vae", ("encoder.down.", "decoder.up."), "this holds only an autoencoder (pass it with --vae, or --ae for FLUX)"),
+    ("diffusers", ("down_blocks.", "transformer_blocks."), "these are diffusers-layout weights; pass the whole diffusers folder"),
+)
+
+
+def reject_checkpoint(checkpoint: LoadedCheckpoint, family: str, expected: str) -> NoReturn:
+    """Raise the error for a file that is not the `family` base model wanted: the first of `OTHER_FILE_HINTS`
+    (another family's) that matches a tensor name, else an unrecognised-names error; `expected` closes it."""
     keys = list(checkpoint.state_dict)
     if not keys:
         raise CheckpointError(f"{checkpoint.path}: the file holds no tensors; {expected}")
-    for fragments, hint in hints:
-        if any(fragment in key for key in keys for fragment in fragments):
+    for kind, fragments, hint in OTHER_FILE_HINTS:
+        if kind != family and any(fragment in key for key in keys for fragment in fragments):
             raise CheckpointError(f"{checkpoint.path}: {hint}; {expected}")
     raise CheckpointError(f"{checkpoint.path}: unrecognised tensor names (e.g. {keys[0]}); {expected}")

@@ -45,3 +45,15 @@ def t5_tokenizer_in(folder: Path) -> T5Tokenizer | None:
         return T5Tokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: cannot read the T5 tokenizer in this folder ({first_line(exc)})") from None
+
+
+def find_t5_tokenizer(anchors: list[Path], subfolders: tuple[str, ...], missing: str) -> T5Tokenizer:
+    """The T5 tokenizer in a folder beside one of `anchors` (a model folder, the checkpoint or the --t5xxl
+    file): the anchor's own folder ("") or one of `subfolders` there, in order; else `missing` names the fix."""
+    for anchor in anchors:
+        base = anchor if anchor.is_dir() else anchor.parent
+        for sub in subfolders:
+            tokenizer = t5_tokenizer_in(base / sub if sub else base)
+            if tokenizer is not None:
+                return tokenizer
+    raise CheckpointError(f"{anchors[0]}: {missing}")

@@ -26,9 +26,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
-from lorakit.families.common.checkpoint_io import LoadedCheckpoint, read_checkpoint
-from lorakit.families.common.module_io import CONFIGS_METADATA_KEY  # noqa: F401 (the tiny models import it here)
+from lorakit.families.common.checkpoint_io import read_checkpoint
 from lorakit.families.common.module_io import (
+    reject_checkpoint,
     assign_weights,
     embedded_config,
     from_pretrained,
@@ -37,6 +37,7 @@ from lorakit.families.common.module_io import (
 from lorakit.families.common.tokenizers import (
     CLIP_PAD_END,
     bundled_clip_tokenizer,
+    find_t5_tokenizer,
     folder_clip_tokenizer,
     t5_tokenizer_in,
 )
@@ -45,6 +46,7 @@ from lorakit.families.sd.ldm_keys import ldm_to_vae
 
 _PACKAGE = resources.files("lorakit") / "families" / "flux"
 REAL_AXES_DIMS_ROPE = (16, 56, 56)
+T5_TOKENIZER_DIRS = ("", "tokenizer_2", "t5_tokenizer")  # beside the --t5xxl file
 _MISSING_T5_TOKENIZER = (
     "no T5 tokenizer found. FLUX needs the real T5-XXL tokenizer, offline: put its files (tokenizer.json or "
     "spiece.model, e.g. the tokenizer_2/ folder of the FLUX.1 diffusers repository) next to the --t5xxl file, "
@@ -105,7 +107,7 @@ def load_flux_components(
     if clip_l:
         parts["clip_l"], parts["clip_tokenizer"] = load_clip_l_file(Path(clip_l), dtype), bundled_clip_tokenizer(CLIP_PAD_END)
     if t5xxl:
-        parts["t5xxl"], parts["t5_tokenizer"] = load_t5_file(Path(t5xxl), dtype), t5_tokenizer_near(Path(t5xxl))
+        parts["t5xxl"], parts["t5_tokenizer"] = load_t5_file(Path(t5xxl), dtype), find_t5_tokenizer([Path(t5xxl)], T5_TOKENIZER_DIRS, _MISSING_T5_TOKENIZER)
     if ae:
         parts["ae"] = load_ae_file(Path(ae), dtype)
     missing = [flag for flag, key in (("--clip_l", "clip_l"), ("--t5xxl", "t5xxl"), ("--ae", "ae")) if key not in parts]
@@ -166,7 +168,7 @@ def load_transformer_file(file: Path, dtype: torch.dtype) -> FluxTransformer2DMo
         config = embedded_config(checkpoint, "transformer") or _real_transformer_config_from_diffusers(state)
         weights = state
     else:
-        raise CheckpointError(_not_a_flux_file(checkpoint))
+        reject_checkpoint(checkpoint, "flux", "expected a FLUX.1 transformer (double_blocks.*/single_blocks.*)")
     del state, checkpoint
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(config)
@@ -243,31 +245,9 @@ def load_ae_file(file: Path, dtype: torch.dtype) -> AutoencoderKL:
     return model
 
 
-def t5_tokenizer_near(t5_file: Path) -> T5Tokenizer:
-    """The T5 tokenizer beside a `--t5xxl` file: in its folder or a `tokenizer_2/`/`tokenizer/` folder there."""
-    for folder in (t5_file.parent, t5_file.parent / "tokenizer_2", t5_file.parent / "t5_tokenizer"):
-        tokenizer = t5_tokenizer_in(folder)
-        if tokenizer is not None:
-            return tokenizer
-    raise CheckpointError(f"{t5_file}: {_MISSING_T5_TOKENIZER}")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _not_a_flux_file(checkpoint: LoadedCheckpoint) -> str:
-    keys = list(checkpoint.state_dict)
-    if not keys:
-        return f"{checkpoint.path}: the file holds no tensors; expected a FLUX.1 transformer (double_blocks.*)"
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
-        return f"{checkpoint.path}: this is a LoRA file; pass base models with --pretrained_model_name_or_path and LoRA files with --network_weights"
-    if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys):
-        return f"{checkpoint.path}: this is a Stable Diffusion checkpoint, not FLUX.1 (use --family sd or sdxl)"
-    if any("joint_blocks." in k for k in keys):
-        return f"{checkpoint.path}: this is an SD3 checkpoint, not FLUX.1 (use --family sd3)"
-    return f"{checkpoint.path}: not a FLUX.1 transformer (expected double_blocks.*/single_blocks.*; found e.g. {keys[0]})"
 
 
 def is_flux_source(path: str) -> bool:

@@ -22,7 +22,8 @@ from lorakit.families.base import Components
 from lorakit.families.common.checkpoint_io import write_safetensors_atomic
 from lorakit.families.common.tokenizers import bundled_clip_tokenizer
 from lorakit.families.flux import bfl_keys
-from lorakit.families.flux.loading import _PACKAGE, CONFIGS_METADATA_KEY, bundled_tiny_t5_tokenizer, flow_scheduler
+from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
+from lorakit.families.flux.loading import _PACKAGE, bundled_tiny_t5_tokenizer, flow_scheduler
 from lorakit.families.sd.ldm_keys import vae_to_ldm
 
 TINY_T5_MAX_LENGTH = 32

@@ -230,19 +230,6 @@ def _check_version(name: str, wanted: str, found: str | None) -> None:
     )
 
 
-# Key fragments of files that are not SD 1.x/2.x base models, and what to tell the user about each.
-_FOREIGN_KEY_HINTS = (
-    (("lora_unet_", "lora_te", ".lora_down.", ".lora_A.", "hada_w1", "lokr_w1", "oft_blocks"),
-     "this is a LoRA/adapter file, not a base model (pass base models with --pretrained_model_name_or_path "
-     "and LoRA files with --network_weights)"),
-    (("conditioner.embedders.",), "this is an SDXL checkpoint (use --family sdxl)"),
-    (("joint_blocks.",), "this is an SD3 checkpoint (use --family sd3)"),
-    (("double_blocks.", "single_blocks."), "this is a FLUX checkpoint (use --family flux)"),
-    (("encoder.down.", "decoder.up."), "this holds only a VAE (pass it with --vae)"),
-    (("down_blocks.", "transformer_blocks."), "these are diffusers-layout weights; pass the whole diffusers folder"),
-)
-
-
 def _check_is_sd_checkpoint(checkpoint: LoadedCheckpoint) -> None:
     keys = list(checkpoint.state_dict)
     if any(k.startswith(UNET_PREFIX) for k in keys) and not any(k.startswith("conditioner.") for k in keys):
@@ -251,7 +238,7 @@ def _check_is_sd_checkpoint(checkpoint: LoadedCheckpoint) -> None:
         "expected a Stable Diffusion 1.x/2.x checkpoint in the original layout (model.diffusion_model.*, "
         "first_stage_model.*, cond_stage_model.*) or a diffusers model folder"
     )
-    reject_checkpoint(checkpoint, _FOREIGN_KEY_HINTS, expected)
+    reject_checkpoint(checkpoint, "sd", expected)
 
 
 # ---------------------------------------------------------------------------------------------------------

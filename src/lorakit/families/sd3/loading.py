@@ -23,13 +23,13 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
 from lorakit.families.common.checkpoint_io import LoadedCheckpoint, read_checkpoint
-from lorakit.families.common.module_io import CONFIGS_METADATA_KEY  # noqa: F401 (the tiny models import it here)
 from lorakit.families.common.module_io import (
+    reject_checkpoint,
     assign_weights,
     embedded_config,
     from_pretrained,
@@ -39,6 +39,7 @@ from lorakit.families.common.tokenizers import (
     CLIP_PAD_END,
     CLIP_PAD_OPENCLIP,
     bundled_clip_tokenizer,
+    find_t5_tokenizer,
     t5_tokenizer_in,
 )
 from lorakit.families.sd.ldm_keys import ldm_to_vae
@@ -92,7 +93,7 @@ def load_sd3_components(
             f"{', '.join(missing)} (as with sd-scripts' sd3_train_network.py)"
         )
     if "t5_tokenizer" not in parts:
-        parts["t5_tokenizer"] = find_t5_tokenizer([Path(t5xxl)] if t5xxl else [source])
+        parts["t5_tokenizer"] = find_t5_tokenizer([Path(t5xxl)] if t5xxl else [source], T5_TOKENIZER_DIRS, _MISSING_T5_TOKENIZER)
     transformer = parts["transformer"].eval()
     encoders = [parts[name].eval() for name in TEXT_ENCODERS]
     tokenizers = [bundled_clip_tokenizer(CLIP_PAD_END), bundled_clip_tokenizer(CLIP_PAD_OPENCLIP), parts["t5_tokenizer"]]
@@ -146,7 +147,7 @@ def _load_single_file(file: Path, dtype: torch.dtype, skip: set[str]) -> dict[st
     checkpoint = read_checkpoint(file)
     state = checkpoint.state_dict
     if not sai_keys.is_sai_transformer(state):
-        raise CheckpointError(_not_an_sd3_file(checkpoint))
+        reject_checkpoint(checkpoint, "sd3", "expected an SD3 MMDiT (model.diffusion_model.joint_blocks.*)")
     parts: dict[str, Any] = {"transformer": _transformer_from(checkpoint, dtype)}
     if "vae" not in skip and any(k.startswith(sai_keys.VAE_PREFIX) for k in state):
         config = embedded_config(checkpoint, "vae") or bundled_config("vae")
@@ -239,28 +240,3 @@ def _vae_from_state(state: dict[str, torch.Tensor], config: dict[str, Any], file
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizer and helpers
 # ---------------------------------------------------------------------------------------------------------
-
-
-def find_t5_tokenizer(near: list[Path]) -> T5Tokenizer:
-    """The T5 tokenizer in a folder beside one of `near` (the checkpoint, or the --t5xxl file)."""
-    for anchor in near:
-        base = anchor if anchor.is_dir() else anchor.parent
-        for sub in T5_TOKENIZER_DIRS:
-            tokenizer = t5_tokenizer_in(base / sub if sub else base)
-            if tokenizer is not None:
-                return tokenizer
-    raise CheckpointError(f"{near[0]}: {_MISSING_T5_TOKENIZER}")
-
-
-def _not_an_sd3_file(checkpoint: LoadedCheckpoint) -> str:
-    keys = list(checkpoint.state_dict)
-    if not keys:
-        return f"{checkpoint.path}: the file holds no tensors; expected an SD3 MMDiT (joint_blocks.*)"
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
-        return f"{checkpoint.path}: this is a LoRA file; pass base models with --pretrained_model_name_or_path and LoRA files with --network_weights"
-    if any("double_blocks." in k for k in keys):
-        return f"{checkpoint.path}: this is a FLUX.1 checkpoint, not SD3 (use --family flux)"
-    if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys):
-        return f"{checkpoint.path}: this is a Stable Diffusion 1.x/2.x/XL checkpoint, not SD3 (use --family sd or sdxl)"
-    return f"{checkpoint.path}: not an SD3 MMDiT (expected model.diffusion_model.joint_blocks.*; found e.g. {keys[0]})"
-

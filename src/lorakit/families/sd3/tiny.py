@@ -26,7 +26,7 @@ from lorakit.families.flux.loading import bundled_tiny_t5_tokenizer
 from lorakit.families.flux.tiny import TINY_T5_MAX_LENGTH
 from lorakit.families.sd.ldm_keys import vae_to_ldm
 from lorakit.families.sd3 import sai_keys
-from lorakit.families.sd3.loading import CONFIGS_METADATA_KEY
+from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
 
 # the 1,000-piece Unigram tokenizer shipped for the tiny FLUX models serves the tiny SD3 T5 as well
 T5_TOKENIZER_ASSET = Path(str(resources.files("lorakit"))) / "families" / "flux" / "assets" / "t5_tokenizer"

@@ -39,7 +39,7 @@ from lorakit.families.common.tokenizers import (
 from lorakit.families.sd import ldm_keys
 from lorakit.families.sd.loading import load_vae
 from lorakit.families.sdxl import sgm_keys
-from lorakit.families.sdxl.detect import is_sdxl_checkpoint, keys_are_sdxl  # noqa: F401 (re-exported)
+from lorakit.families.sdxl.detect import keys_are_sdxl
 from lorakit.families.sdxl.sgm_keys import CONFIG_NAMES, TE1_PREFIX, TE2_PREFIX
 
 _CONFIG_DIR = resources.files("lorakit") / "families" / "sdxl" / "configs" / "sdxl_base"
@@ -187,18 +187,6 @@ _EXPECTED = (
     "conditioner.embedders.0.transformer.*, conditioner.embedders.1.model.*) or a diffusers SDXL folder"
 )
 
-# Key fragments of files that are not SDXL base models, and what to tell the user about each.
-_FOREIGN_KEY_HINTS = (
-    (("lora_unet_", "lora_te", ".lora_down.", ".lora_A.", "hada_w1", "lokr_w1", "oft_blocks"),
-     "this is a LoRA/adapter file, not a base model (pass LoRA files with --network_weights)"),
-    (("cond_stage_model.",), "this is an SD 1.x/2.x checkpoint (use --family sd)"),
-    (("joint_blocks.",), "this is an SD3 checkpoint (use --family sd3)"),
-    (("double_blocks.", "single_blocks."), "this is a FLUX checkpoint (use --family flux)"),
-    (("encoder.down.", "decoder.up."), "this holds only a VAE (pass it with --vae)"),
-    (("down_blocks.", "transformer_blocks."), "these are diffusers-layout weights; pass the whole diffusers folder"),
-)
-
-
 def _check_is_sdxl_checkpoint(checkpoint: LoadedCheckpoint) -> None:
     keys = list(checkpoint.state_dict)
     if keys_are_sdxl(keys):
@@ -209,4 +197,4 @@ def _check_is_sdxl_checkpoint(checkpoint: LoadedCheckpoint) -> None:
                 "full checkpoint (UNet, VAE and both text encoders)"
             )
         return
-    reject_checkpoint(checkpoint, _FOREIGN_KEY_HINTS, _EXPECTED)
+    reject_checkpoint(checkpoint, "sdxl", _EXPECTED)
