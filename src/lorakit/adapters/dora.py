@@ -132,9 +132,7 @@ class DoRAModule(LoRAModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.original_forward(x)
-        if self.multiplier == 0.0:
-            return out
-        if self.training and self.module_dropout > 0.0 and torch.rand(()) < self.module_dropout:
+        if self._skips_branch():
             return out
         gain = self._gain()  # m / ‖W + ΔW‖, detached norm
         bias = self.org_module.bias

@@ -45,9 +45,7 @@ class DyLoRAModule(LoRAModule):
         if not self.training:
             return super().forward(x)
         out = self.original_forward(x)
-        if self.multiplier == 0.0:
-            return out
-        if self.module_dropout > 0.0 and torch.rand(()) < self.module_dropout:
+        if self._skips_branch():
             return out
         b = self.sample_rank()
         down, up = self._truncated_factors(b)

@@ -171,9 +171,7 @@ class LoRAModule(AdapterModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.original_forward(x)
-        if self.multiplier == 0.0:
-            return out
-        if self.training and self.module_dropout > 0.0 and torch.rand(()) < self.module_dropout:
+        if self._skips_branch():
             return out
         hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
         if self.training and self.dropout > 0.0:
@@ -184,6 +182,12 @@ class LoRAModule(AdapterModule):
             scale = scale / (1.0 - self.rank_dropout)
         delta = self.lora_up(hidden) * (self.multiplier * scale)
         return out + delta.to(out.dtype)
+
+    def _skips_branch(self) -> bool:
+        """True when this step adds nothing: multiplier 0, or (training) module dropout drops the whole branch."""
+        if self.multiplier == 0.0:
+            return True
+        return self.training and self.module_dropout > 0.0 and bool(torch.rand(()) < self.module_dropout)
 
     def _rank_dropout_mask(self, hidden: torch.Tensor) -> torch.Tensor:
         """A (batch, rank) keep-mask shaped to broadcast over `hidden` (rank on dim 1 for convs, last otherwise)."""
