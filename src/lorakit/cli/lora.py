@@ -59,11 +59,6 @@ def _parser(tool: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=f"lorakit lora {tool}", description=description)
 
 
-def _require_file(path: str, option: str) -> None:
-    if not Path(path).exists():
-        raise ConfigError([f"{option} {path}: file not found"])
-
-
 # ---------------------------------------------------------------------------------------------------------
 # resize
 # ---------------------------------------------------------------------------------------------------------
@@ -89,7 +84,7 @@ def _resize(argv: list[str]) -> int:
         return resize_by_recipe_command(args)
     args.new_rank = 4 if args.new_rank is None else args.new_rank
 
-    from lorakit.tools.common import check_output, load_lora, parse_precision, save_lora
+    from lorakit.tools.common import check_output, load_lora, parse_precision, require_file, save_lora
     from lorakit.tools.resize import resize_metadata, resize_modules
 
     problems = []
@@ -101,7 +96,7 @@ def _resize(argv: list[str]) -> int:
         raise ConfigError(problems)
     save_to, fmt = check_output(args.save_to)
     save_dtype = parse_precision(args.save_precision, "--save_precision")
-    _require_file(args.model, "--model")
+    require_file(args.model, "--model")
     if args.verbose:
         logger.setLevel(logging.INFO)
     lora = load_lora(args.model)
@@ -141,13 +136,13 @@ def _merge(argv: list[str]) -> int:
     _add_model_merge_options(p)
     args = p.parse_args(argv)
 
-    from lorakit.tools.common import check_output, load_lora, parse_precision
+    from lorakit.tools.common import check_output, load_lora, parse_precision, require_file
     from lorakit.tools.merge import check_ratios
 
     ratios = check_ratios(args.models, args.ratios)
     parse_precision(args.save_precision, "--save_precision")
     for model in args.models:
-        _require_file(model, "--models")
+        require_file(model, "--models")
     if args.sd_model is not None and args.flux_model is not None:
         raise ConfigError(["--sd_model and --flux_model: give one base model"])
     if args.sd_model is not None or args.flux_model is not None:
@@ -205,6 +200,8 @@ def _model_family(args: argparse.Namespace) -> str:
 
 def _check_encoder_files(args: argparse.Namespace, family: str, loras: list) -> None:
     """FLUX: text-encoder modules need the encoder file and an output for it; nothing else takes them."""
+    from lorakit.tools.common import require_file
+
     problems = []
     for option, prefix in (("clip_l", "lora_te1_"), ("t5xxl", "lora_te3_")):
         given, save_to = getattr(args, option), getattr(args, f"{option}_save_to")
@@ -212,7 +209,7 @@ def _check_encoder_files(args: argparse.Namespace, family: str, loras: list) -> 
             problems.append(f"--{option}: only FLUX models take their text encoders from separate files")
             continue
         if given:
-            _require_file(given, f"--{option}")
+            require_file(given, f"--{option}")
         if given and not save_to:
             problems.append(f"--{option} {given}: also give --{option}_save_to, where the merged encoder is written")
         if save_to and not given:
@@ -227,12 +224,12 @@ def _check_encoder_files(args: argparse.Namespace, family: str, loras: list) -> 
 
 
 def _merge_into_model(args: argparse.Namespace, ratios: list[float]) -> int:
-    from lorakit.tools.common import load_lora, parse_precision
+    from lorakit.tools.common import load_lora, parse_precision, require_file
     from lorakit.tools.merge import merge_into_model
     from lorakit.tools.models import check_model_output, load_base_model, save_base_model, save_module_file
 
     option, source = ("--flux_model", args.flux_model) if args.flux_model is not None else ("--sd_model", args.sd_model)
-    _require_file(source, option)
+    require_file(source, option)
     output = check_model_output(args.save_to, source, option)
     family = _model_family(args)
     loras = _block_weighted(args, [load_lora(model, family) for model in args.models])  # the files first: cheap to reject
@@ -307,7 +304,7 @@ def _extract(argv: list[str]) -> int:
         p.add_argument(accepted, nargs="?", const=True, default=None, help="accepted for sd-scripts; models load on the CPU")
     args = p.parse_args(argv)
 
-    from lorakit.tools.common import check_output, merged_metadata, parse_precision, save_lora
+    from lorakit.tools.common import check_output, merged_metadata, parse_precision, require_file, save_lora
     from lorakit.tools.extract import ExtractOptions, extract_lora
     from lorakit.tools.layouts import layout_for
     from lorakit.tools.models import load_base_model
@@ -320,8 +317,8 @@ def _extract(argv: list[str]) -> int:
     save_to, fmt = check_output(args.save_to)
     save_dtype = parse_precision(args.save_precision, "--save_precision")
     load_dtype = parse_precision(args.load_precision, "--load_precision") or __import__("torch").float32
-    _require_file(args.model_org, "--model_org")
-    _require_file(args.model_tuned, "--model_tuned")
+    require_file(args.model_org, "--model_org")
+    require_file(args.model_tuned, "--model_tuned")
     family = _extract_family(args)
     v_param = args.v2 if args.v_parameterization is None else args.v_parameterization
     original = load_base_model(args.model_org, family=family, v2=args.v2, v_parameterization=v_param, dtype=load_dtype)
@@ -373,7 +370,7 @@ def _convert(argv: list[str]) -> int:
     if args.flux_diffusers_to_bfl is not None:
         return _flux_diffusers_to_bfl(args)
     from lorakit.adapters.formats import save_lora_file
-    from lorakit.tools.common import check_output, load_lora, parse_precision, save_lora
+    from lorakit.tools.common import check_output, load_lora, parse_precision, require_file, save_lora
     from lorakit.tools.convert import convert_to_diffusers, normalise_format, to_kohya_modules
 
     missing = [f"--{name}" for name in ("model", "to") if getattr(args, name) is None]
@@ -384,7 +381,7 @@ def _convert(argv: list[str]) -> int:
         raise ConfigError([f"--to {args.to}: expected kohya (sd-scripts) or diffusers (peft)"])
     save_to, fmt = check_output(args.save_to)
     save_dtype = parse_precision(args.save_precision, "--save_precision")
-    _require_file(args.model, "--model")
+    require_file(args.model, "--model")
     lora = load_lora(args.model)
     source = normalise_format(args.src) if args.src else None
     if args.src and source != ("kohya" if lora.style == "kohya" else "diffusers"):

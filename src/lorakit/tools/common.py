@@ -25,6 +25,7 @@ __all__ = [
     "load_lora",
     "merged_metadata",
     "parse_precision",
+    "require_file",
     "save_lora",
     "uniform_value",
 ]
@@ -43,6 +44,12 @@ def parse_precision(value: str | None, option: str) -> torch.dtype | None:
     if value not in PRECISIONS:
         raise ConfigError([f"{option} {value}: expected one of float, fp16, bf16"])
     return PRECISIONS[value]
+
+
+def require_file(path: str, option: str) -> None:
+    """Refuse an input that does not exist, naming the option that gave it."""
+    if not Path(path).exists():
+        raise ConfigError([f"{option} {path}: file not found"])
 
 
 def check_output(path: str | Path, option: str = "--save_to") -> tuple[Path, str]:

@@ -10,7 +10,6 @@ import argparse
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
@@ -19,11 +18,6 @@ from lorakit.errors import ConfigError
 __all__ = ["resize_by_recipe_command", "split_dylora_command"]
 
 logger = logging.getLogger("lorakit.tools")
-
-
-def _require_file(path: str, option: str) -> None:
-    if not Path(path).exists():
-        raise ConfigError([f"{option} {path}: file not found"])
 
 
 def _is_v2(metadata: dict[str, str]) -> bool:
@@ -63,7 +57,7 @@ def _base_weights(path: str | None, lora) -> Iterator[Mapping[str, torch.Tensor]
 
 def resize_by_recipe_command(args: argparse.Namespace) -> int:
     """Resize by a score recipe; `args.new_rank`, when given, caps every module's rank."""
-    from lorakit.tools.common import check_output, load_lora, parse_precision, save_lora
+    from lorakit.tools.common import check_output, load_lora, parse_precision, require_file, save_lora
     from lorakit.tools.resize import resize_metadata
     from lorakit.tools.resize_recipe import parse_recipe, resize_by_recipe
 
@@ -81,9 +75,9 @@ def resize_by_recipe_command(args: argparse.Namespace) -> int:
         raise ConfigError(problems)
     save_to, fmt = check_output(args.save_to)
     save_dtype = parse_precision(args.save_precision, "--save_precision")
-    _require_file(args.model, "--model")
+    require_file(args.model, "--model")
     if args.base_model:
-        _require_file(args.base_model, "--base_model")
+        require_file(args.base_model, "--base_model")
     if args.verbose:
         logger.setLevel(logging.INFO)
     lora = load_lora(args.model)
@@ -105,7 +99,7 @@ def resize_by_recipe_command(args: argparse.Namespace) -> int:
 
 def split_dylora_command(args: argparse.Namespace) -> int:
     """One rank (`--new_rank`) to `--save_to`, or sd-scripts' every multiple of `--unit` to NAME-0004 etc."""
-    from lorakit.tools.common import check_output, load_lora, parse_precision, save_lora
+    from lorakit.tools.common import check_output, load_lora, parse_precision, require_file, save_lora
     from lorakit.tools.dylora_split import check_rank, dylora_unit, max_rank, split_metadata, split_outputs, split_ranks, truncate_modules
 
     if (args.new_rank is None) == (args.unit is None):
@@ -114,7 +108,7 @@ def split_dylora_command(args: argparse.Namespace) -> int:
         raise ConfigError([f"--unit {args.unit}: must be at least 1"])
     save_to, fmt = check_output(args.save_to)
     save_dtype = parse_precision(args.save_precision, "--save_precision")
-    _require_file(args.model, "--model")
+    require_file(args.model, "--model")
     lora = load_lora(args.model)
     unit = dylora_unit(lora.metadata, args.model)
     file_rank = max_rank(lora.modules)
