@@ -4,7 +4,7 @@ normalised as (z − shift)·scale, and the `--blocks_to_swap` installation (`co
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,18 @@ class ShiftScaleLatents:
     def decode_latents(self, comps: Components, latents: torch.Tensor) -> torch.Tensor:
         vae = comps.vae
         return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor).sample
+
+
+class BlockSwapFamily:
+    """`prepare_block_swap` for a family that defines `_check_block_swap(cfg, comps)` (its limits and plan)."""
+
+    def prepare_block_swap(self, comps: Components, cfg: Any, device: torch.device | str | None) -> None:
+        """--blocks_to_swap: check and record the plan when `cfg` is given, and install it on `device` once
+        (the swapped weights go to the CPU; every later forward of the transformer starts from that placement)."""
+        if cfg is not None:
+            self._check_block_swap(cfg, comps)
+        if device is not None:
+            ensure_block_swap(comps, device)
 
 
 BLOCK_SWAP_PLAN = "block_swap_plan"  # comps.extras: [(list name, attribute of the denoiser, blocks to swap)]

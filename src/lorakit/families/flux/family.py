@@ -23,8 +23,8 @@ from lorakit.families.common.text_cache import CaptionCache
 from lorakit.families.common.transformer_family import (
     CLIP_PARENTS,
     T5_PARENTS,
+    BlockSwapFamily,
     ShiftScaleLatents,
-    ensure_block_swap,
     note_block_swap,
 )
 from lorakit.families.flux.layers import checkpoint_offloading_to_cpu
@@ -90,7 +90,7 @@ def max_blocks_to_swap(num_double: int, num_single: int) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class FluxFamily(ShiftScaleLatents):
+class FluxFamily(ShiftScaleLatents, BlockSwapFamily):
     """FLUX.1-dev and -schnell with CLIP-L and T5-XXL."""
 
     name = "flux"
@@ -146,14 +146,6 @@ class FluxFamily(ShiftScaleLatents):
             ])
         double, single = swapped_blocks(swap)
         note_block_swap(comps, [("double blocks", "transformer_blocks", double), ("single blocks", "single_transformer_blocks", single)])
-
-    def prepare_block_swap(self, comps: Components, cfg: Any, device: torch.device | str | None) -> None:
-        """--blocks_to_swap: check and record the plan when `cfg` is given, and install it on `device` once
-        (the swapped weights go to the CPU; every later forward of the transformer starts from that placement)."""
-        if cfg is not None:
-            self._check_block_swap(cfg, comps)
-        if device is not None:
-            ensure_block_swap(comps, device)
 
     def objective(self, cfg: Any, comps: Components) -> FlowObjective:
         return FlowObjective.from_options(cfg, patch_size=PATCH)

@@ -28,8 +28,8 @@ from lorakit.families.common.text_cache import CaptionCache
 from lorakit.families.common.transformer_family import (
     CLIP_PARENTS,
     T5_PARENTS,
+    BlockSwapFamily,
     ShiftScaleLatents,
-    ensure_block_swap,
     note_block_swap,
 )
 from lorakit.families.sd3 import pos_embed as scaled_pos_embed
@@ -49,7 +49,7 @@ SD_ONLY_OPTIONS = ("v2", "v_parameterization", "clip_skip")
 MODELSPEC_IMPLEMENTATION = "diffusers"  # what sd-scripts writes for SD3 LoRAs
 
 
-class StableDiffusion3Family(ShiftScaleLatents):
+class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily):
     """SD3 Medium, SD3.5 Medium (MMDiT-X) and SD3.5 Large, with CLIP-L, CLIP-G and T5-XXL."""
 
     name = "sd3"
@@ -124,14 +124,6 @@ class StableDiffusion3Family(ShiftScaleLatents):
         if swap > blocks - 2:
             raise ConfigError([f"--blocks_to_swap {swap}: this model has {blocks} joint blocks, so at most {blocks - 2} can be swapped"])
         note_block_swap(comps, [("joint blocks", "transformer_blocks", swap)])
-
-    def prepare_block_swap(self, comps: Components, cfg: Any, device: torch.device | str | None) -> None:
-        """--blocks_to_swap: check and record the plan when `cfg` is given, and install it on `device` once
-        (the swapped weights go to the CPU; every later forward of the MMDiT starts from that placement)."""
-        if cfg is not None:
-            self._check_block_swap(cfg, comps)
-        if device is not None:
-            ensure_block_swap(comps, device)
 
     def objective(self, cfg: Any, comps: Components) -> SD3FlowObjective:
         return SD3FlowObjective.from_options(cfg)
