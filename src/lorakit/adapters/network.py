@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters.base import AdapterModule
-from lorakit.adapters.lora import LoRAModule, lora_delta_weight
+from lorakit.adapters.lora import LoRAModule
 from lorakit.errors import CheckpointError
 from lorakit.families.base import AdapterTarget
 
@@ -118,9 +118,7 @@ class LoRANetwork(nn.Module):
                 )
         for target in targets:
             self._add_target(target, module_factory)
-        self.multiplier = float(multiplier)
-        for module in self.lora_modules.values():
-            module.multiplier = self.multiplier
+        self.set_multiplier(multiplier)
 
     def _add_target(self, target: AdapterTarget, module_factory: ModuleFactory) -> None:
         if target.component not in COMPONENTS:
@@ -243,7 +241,7 @@ class LoRANetwork(nn.Module):
         for module in self.lora_modules.values():
             if not isinstance(module, LoRAModule):
                 continue  # the rule is defined on the two LoRA factors only
-            norm = float(lora_delta_weight(module.lora_down.weight, module.lora_up.weight, module.alpha).norm())
+            norm = float(module.delta_weight().norm())
             largest = max(largest, norm)
             clipped = max(norm, max_norm / 2)
             ratio = min(clipped, max_norm) / clipped
