@@ -186,13 +186,14 @@ def _run(session: Session, dataset: Any, plan: TrainingPlan, seed: int) -> Train
     return Trainer(session, dataset, plan, seed).run()
 
 
-def base_metadata(session: Session, dataset: Any, facts: md.RunFacts) -> dict[str, str]:
+def base_metadata(session: Session, summary: Any, facts: md.RunFacts) -> dict[str, str]:
+    """The metadata every saved file shares; `summary` is the (sharded) dataset's `summary()`."""
     from lorakit.adapters.modelspec import build_modelspec
     from lorakit.data.metadata import dataset_metadata
 
     cfg, family = session.cfg, session.family
     meta = md.training_metadata(cfg, facts)
-    meta.update(dataset_metadata(dataset.summary(), cfg, num_processes=session.accelerator.num_processes, gradient_accumulation_steps=cfg.gradient_accumulation_steps))
+    meta.update(dataset_metadata(summary, cfg, num_processes=session.accelerator.num_processes, gradient_accumulation_steps=cfg.gradient_accumulation_steps))
     meta.update(family.metadata(cfg))
     # without --network_module the family's sd-scripts module is what the file is (and what readers look for)
     meta["ss_network_module"] = cfg.network_module or family.default_network_module

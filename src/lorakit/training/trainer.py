@@ -196,4 +196,4 @@ class Trainer:
             summary.num_train_images, summary.num_reg_images, self.plan.batches_per_epoch, self.plan.num_epochs,
             self.plan.max_train_steps, self.plan.warmup_steps, self.handle.description, self.seed,
         )
-        return base_metadata(self.session, self.dataset, facts)
+        return base_metadata(self.session, summary, facts)
