@@ -30,20 +30,19 @@ class Checkpointer:
         return self.session.accelerator.is_main_process
 
     def epoch(self, epoch: int, step: int) -> None:
-        cfg = self.session.cfg
-        self._lora(lora_file_name(cfg.output_name, cfg.save_model_as, epoch=epoch), epoch, step)
-        self._prune(cfg.save_model_as, self.keep_files, epoch=epoch)
-        if cfg.save_state:
-            self._state(state_dir_name(cfg.output_name, epoch=epoch), epoch, step)
-            self._prune(None, self.keep_states, epoch=epoch)
+        self._intermediate(epoch, step, epoch=epoch)
 
     def step(self, epoch: int, step: int) -> None:
+        self._intermediate(epoch, step, step=step)
+
+    def _intermediate(self, at_epoch: int, at_step: int, **named: int) -> None:
+        """A file (and state) named by `named` (epoch= or step=), then retention pruning of that kind."""
         cfg = self.session.cfg
-        self._lora(lora_file_name(cfg.output_name, cfg.save_model_as, step=step), epoch, step)
-        self._prune(cfg.save_model_as, self.keep_files, step=step)
+        self._lora(lora_file_name(cfg.output_name, cfg.save_model_as, **named), at_epoch, at_step)
+        self._prune(cfg.save_model_as, self.keep_files, **named)
         if cfg.save_state:
-            self._state(state_dir_name(cfg.output_name, step=step), epoch, step)
-            self._prune(None, self.keep_states, step=step)
+            self._state(state_dir_name(cfg.output_name, **named), at_epoch, at_step)
+            self._prune(None, self.keep_states, **named)
 
     def final(self, epoch: int, step: int) -> None:
         cfg = self.session.cfg
