@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -76,14 +76,19 @@ def _clean(config: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _write_sd(size: str, folder: Path, _blocks: tuple[int, int]) -> list[str]:
+def _single_file(folder: Path, write: Callable[[Path], None]) -> list[str]:
+    """Write the model as one checkpoint file unless it is there already; the option that names it."""
     path = folder / "model.safetensors"
     if not path.exists():
-        from lorakit.families.sd.ldm_keys import save_sd_single_file
-
         folder.mkdir(parents=True, exist_ok=True)
-        save_sd_single_file(build_sd(size), path)
+        write(path)
     return [f"--pretrained_model_name_or_path={path}"]
+
+
+def _write_sd(size: str, folder: Path, _blocks: tuple[int, int]) -> list[str]:
+    from lorakit.families.sd.ldm_keys import save_sd_single_file
+
+    return _single_file(folder, lambda path: save_sd_single_file(build_sd(size), path))
 
 
 def build_sd(size: str):
@@ -111,13 +116,9 @@ def build_sd(size: str):
 
 
 def _write_sdxl(size: str, folder: Path, _blocks: tuple[int, int]) -> list[str]:
-    path = folder / "model.safetensors"
-    if not path.exists():
-        from lorakit.families.sdxl.sgm_keys import save_sdxl_single_file
+    from lorakit.families.sdxl.sgm_keys import save_sdxl_single_file
 
-        folder.mkdir(parents=True, exist_ok=True)
-        save_sdxl_single_file(build_sdxl(size), path)
-    return [f"--pretrained_model_name_or_path={path}"]
+    return _single_file(folder, lambda path: save_sdxl_single_file(build_sdxl(size), path))
 
 
 def build_sdxl(size: str):
