@@ -39,6 +39,8 @@ import torch
 from torch import nn
 
 from lorakit.adapters.base import AdapterModule, write_merged_weight
+from lorakit.adapters.blocks import sd_block_index as kohya_sd_block_index
+from lorakit.adapters.blocks import sdxl_block_index
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.families.base import AdapterTarget
 
@@ -258,26 +260,16 @@ class LycorisRoot:
     rename: Callable[[str], str] | None = None  # module path -> the path kohya names use; ValueError = no name
 
 
-_SD_BLOCK = re.compile(r"^(down_blocks|up_blocks)_(\d+)_(attentions|resnets|downsamplers|upsamplers)_(\d+)")
-
-
 def sd_block_index(path: str) -> int | None:
     """sd-scripts' block index (0…24) of a diffusers SD 1/2 U-Net module path with `.` → `_`; None outside blocks.
 
     IN00 is conv_in, IN01…IN11 the down blocks (3 per level: two layers and the downsampler), 12 the mid
     block, OUT00…OUT11 (13…24) the up blocks (three layers per level, the upsampler sharing the last index).
+    Past conv_in this is the kohya name's index (`blocks.sd_block_index`).
     """
     if path.startswith("conv_in"):
         return 0
-    if path.startswith("mid_block"):
-        return 12
-    match = _SD_BLOCK.match(path)
-    if match is None:
-        return None
-    side, level, kind, index = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
-    if side == "down_blocks":
-        return 1 + 3 * level + (2 if kind == "downsamplers" else index)
-    return 13 + 3 * level + (2 if kind == "upsamplers" else index)
+    return kohya_sd_block_index(f"lora_unet_{path}_")  # the kohya pattern ends each index with "_"
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -333,8 +325,6 @@ def _add(found: dict[str, AdapterTarget], root: LycorisRoot, path: str, module: 
 def _block_of(path: str, kohya_name: str, options: LycorisOptions) -> int | None:
     """The module's block index: SD's from its diffusers path, SDXL's from its SGM kohya name."""
     if options.block_layout == "sdxl":
-        from lorakit.adapters.blocks import sdxl_block_index
-
         return sdxl_block_index(kohya_name)
     return sd_block_index(path.replace(".", "_"))
 
