@@ -151,6 +151,13 @@ def _budget(steps: int | None, seconds: float) -> tuple[int, float]:
     return 10**9, time.monotonic() + seconds
 
 
+def _report(losses: list, step: int, every: int, label: str) -> None:
+    """Every `every` steps: read the latest losses off the device (one sync) and print their mean."""
+    if step % every == 0:
+        losses[-every:] = [float(v) for v in losses[-every:]]
+        print(f"{label} step {step}: loss {np.mean(losses[-every:]):.4f}", flush=True)
+
+
 def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, cfg: PretrainConfig) -> list[float]:
     """Autoencoder training: reconstruction MSE + 1e-6 KL, as in the SD VAE recipe minus the GAN and LPIPS."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -169,9 +176,7 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, cfg: PretrainConfig) -> 
         optimizer.step()
         losses.append(loss.detach())
         step += 1
-        if step % cfg.log_every == 0:
-            losses[-cfg.log_every:] = [float(v) for v in losses[-cfg.log_every:]]
-            print(f"vae step {step}: loss {np.mean(losses[-cfg.log_every:]):.4f}", flush=True)
+        _report(losses, step, cfg.log_every, "vae")
     return losses
 
 
@@ -230,9 +235,7 @@ def train_unet(unet: UNet2DConditionModel, latents: tuple[torch.Tensor, torch.Te
         warmup.step()
         losses.append(loss.detach())
         step += 1
-        if step % cfg.log_every == 0:
-            losses[-cfg.log_every:] = [float(v) for v in losses[-cfg.log_every:]]
-            print(f"unet step {step}: loss {np.mean(losses[-cfg.log_every:]):.4f}", flush=True)
+        _report(losses, step, cfg.log_every, "unet")
     return losses
 
 
