@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -107,6 +108,12 @@ def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def option_or_default(cfg: Any, name: str, default: Any) -> Any:
+    """`cfg.name`, or `default` when it is missing or None (an option left unset on the command line)."""
+    value = getattr(cfg, name, None)
+    return default if value is None else value
+
+
 @dataclass(frozen=True)
 class FlowOptions:
     """sd-scripts' flow options (`--timestep_sampling` … `--model_prediction_type`), defaults as there."""
@@ -124,10 +131,7 @@ class FlowOptions:
 
     @classmethod
     def from_options(cls, cfg: Any) -> "FlowOptions":
-        def get(name: str, default: Any) -> Any:
-            value = getattr(cfg, name, default)
-            return default if value is None else value
-
+        get = partial(option_or_default, cfg)
         return cls(
             timestep_sampling=get("timestep_sampling", "sigma"),
             sigmoid_scale=float(get("sigmoid_scale", 1.0)),

@@ -16,13 +16,15 @@ No noise offset, pyramid noise, input-perturbation noise or min-SNR weighting ap
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 
 from lorakit.objectives.ddpm import NoisedBatch
 from lorakit.objectives.flow import (
-    NUM_TRAIN_TIMESTEPS, WEIGHTING_SCHEMES, add_flow_noise, density_samples, flow_elementwise_loss, loss_weighting, shift_sigmas,
+    NUM_TRAIN_TIMESTEPS, WEIGHTING_SCHEMES, add_flow_noise, density_samples, flow_elementwise_loss, loss_weighting, option_or_default,
+    shift_sigmas,
 )
 from lorakit.objectives.losses import LossOptions
 
@@ -41,10 +43,7 @@ class SD3FlowOptions:
 
     @classmethod
     def from_options(cls, cfg: Any) -> "SD3FlowOptions":
-        def get(name: str, default: Any) -> Any:
-            value = getattr(cfg, name, None)
-            return default if value is None else value
-
+        get = partial(option_or_default, cfg)
         return cls(
             weighting_scheme=get("weighting_scheme", "uniform"), logit_mean=float(get("logit_mean", 0.0)),
             logit_std=float(get("logit_std", 1.0)), mode_scale=float(get("mode_scale", 1.29)),
