@@ -33,17 +33,10 @@ from lorakit.adapters.formats import tensors_by_module
 from lorakit.adapters.network import LoRANetwork
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.families.base import AdapterTarget, Components
+from lorakit.tools.targets import ALL_TARGETS
 
 log = logging.getLogger("lorakit")
 
-#: --network_args that make each family list every layer a file of its trainer networks can name: the 3x3
-#: convs (SD, SDXL), the embedders and T5 (FLUX, SD3). The ranks they carry are replaced by the file's.
-_ALL_LAYERS_ARGS = {
-    "sd": ["conv_dim=1"],
-    "sdxl": ["conv_dim=1"],
-    "flux": ["in_dims=[1,1,1,1,1]", "train_t5xxl=True"],
-    "sd3": ["emb_dims=[1,1,1,1,1,1]", "train_t5xxl=True"],
-}
 _PER_LAYER_MODULES = ("networks.lora", "networks.lora_sd3", "networks.lora_flux", "networks.lora_fa", "networks.dylora",
                       "networks.oft", "networks.oft_flux")
 #: tensor names of algorithms only `lycoris.kohya` builds
@@ -162,7 +155,9 @@ class LoraMerger:
         """Every layer the family's trainer networks can adapt, by kohya name (built on first use: FLUX/SD3
         fused views route their parts when they are made, so they are made once)."""
         if self._layers is None:
-            query = _network_config(self.model_cfg, self.family.name, "networks.lora", _ALL_LAYERS_ARGS.get(self.family.name))
+            # the --network_args that make the family list every layer a file may name; the file's ranks replace theirs
+            every_layer = [f"{k}={v}" for k, v in ALL_TARGETS.get(self.family.name, {}).items()] or None
+            query = _network_config(self.model_cfg, self.family.name, "networks.lora", every_layer)
             self._layers = {t.name: t for t in self.family.adapter_targets(self.comps, query)}
         return self._layers
 
@@ -229,9 +224,6 @@ def _oft_size(lora: LoraFile) -> tuple[int, float]:
     blocks = next(v for k, v in lora.state.items() if ".oft_blocks" in k)
     alpha = next((float(v) for k, v in lora.state.items() if k.endswith(".alpha")), 0.0)
     return int(blocks.shape[0]), alpha
-
-
-
 
 
 def _rank_alpha(path: str, name: str, tensors: dict[str, torch.Tensor]) -> tuple[int, float]:
