@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from lorakit.atomic import staged_file
 from lorakit.sampling.prompts import SampleDefaults, SamplePrompt, read_sample_prompts
 from lorakit.training import distributed
 
@@ -190,7 +191,6 @@ class Sampler:
     def _write(self, image: Any, prompt: SamplePrompt, *, epoch: int | None, step: int) -> Path:
         name = sample_file_name(self.session.cfg.output_name, prompt.index, epoch=epoch, step=step, seed=prompt.seed)
         path = self.folder / name
-        tmp = path.with_name("." + path.name + ".tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(path)
+        with staged_file(path) as tmp:
+            image.save(tmp, format="PNG")
         return path
