@@ -193,6 +193,15 @@ def test_multiplier_scales_the_branch_linearly():
 # ---------------------------------------------------------------------- regularisers
 
 
+def _attached_lora(layer: nn.Module, **options) -> LoRAModule:
+    """A LoRA on `layer` with a random (non-zero) up factor, attached."""
+    lora = LoRAModule("lora_unet_l", layer, **options)
+    with torch.no_grad():
+        lora.lora_up.weight.normal_()
+    lora.apply_to()
+    return lora
+
+
 def _branch_outputs(lora: LoRAModule, layer: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor:
     """n calls of the patched layer, minus the base output: (n, *output shape)."""
     base = layer.__class__.forward(layer, x)
@@ -212,10 +221,7 @@ def test_rank_dropout_preserves_expectation_and_only_in_train(kind):
     torch.manual_seed(11)
     layer = nn.Linear(8, 6) if kind == "linear" else nn.Conv2d(8, 6, 3, padding=1)
     x = torch.randn(3, 5, 8) if kind == "linear" else torch.randn(3, 8, 4, 4)
-    lora = LoRAModule("lora_unet_l", layer, rank=4, alpha=4.0, rank_dropout=0.5)
-    with torch.no_grad():
-        lora.lora_up.weight.normal_()
-    lora.apply_to()
+    lora = _attached_lora(layer, rank=4, alpha=4.0, rank_dropout=0.5)
     expected = _branch_outputs(lora.eval(), layer, x, 1)[0]
     assert torch.equal(_branch_outputs(lora, layer, x, 3), expected.expand(3, *expected.shape))
     lora.train()
@@ -232,10 +238,7 @@ def test_rank_dropout_mask_is_per_sample_and_rank_channel(kind):
     torch.manual_seed(14)
     layer = nn.Linear(8, 6) if kind == "linear" else nn.Conv2d(8, 6, 3, padding=1)
     x = torch.randn(2, 5, 8) if kind == "linear" else torch.randn(2, 8, 4, 4)
-    lora = LoRAModule("lora_unet_l", layer, rank=1, alpha=1.0, rank_dropout=0.5)
-    with torch.no_grad():
-        lora.lora_up.weight.normal_()
-    lora.apply_to()
+    lora = _attached_lora(layer, rank=1, alpha=1.0, rank_dropout=0.5)
     expected = _branch_outputs(lora.eval(), layer, x, 1)[0]
     lora.train()
     draws = _branch_draws(layer, x, 1000)
@@ -250,10 +253,7 @@ def test_neuron_dropout_only_in_train_and_unbiased():
     torch.manual_seed(12)
     layer = nn.Linear(8, 6)
     x = torch.randn(4, 8)
-    lora = LoRAModule("lora_unet_l", layer, rank=4, alpha=2.0, dropout=0.3)
-    with torch.no_grad():
-        lora.lora_up.weight.normal_()
-    lora.apply_to()
+    lora = _attached_lora(layer, rank=4, alpha=2.0, dropout=0.3)
     expected = _branch_outputs(lora.eval(), layer, x, 1)[0]
     lora.train()
     samples = _branch_draws(layer, x, 4000)
@@ -265,10 +265,7 @@ def test_module_dropout_skips_the_whole_branch():
     torch.manual_seed(13)
     layer = nn.Linear(8, 6)
     x = torch.randn(4, 8)
-    lora = LoRAModule("lora_unet_l", layer, rank=4, module_dropout=0.25)
-    with torch.no_grad():
-        lora.lora_up.weight.normal_()
-    lora.apply_to()
+    lora = _attached_lora(layer, rank=4, module_dropout=0.25)
     expected = _branch_outputs(lora.eval(), layer, x, 1)[0]
     samples = _branch_outputs(lora.train(), layer, x, 2000)
     skipped = torch.tensor([torch.equal(s, torch.zeros_like(s)) for s in samples])
