@@ -358,6 +358,15 @@ def render(pipe) -> torch.Tensor:
     return out.images
 
 
+def render_base_and_merged(network, pipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's image without the network, then with it merged into the weights."""
+    network.restore()
+    base = render(pipe)
+    network.apply_to()
+    network.merge_to_base()
+    return base, render(pipe)
+
+
 DIFFUSERS_CASES = {
     "lycoris-locon": ("lycoris.kohya", ["algo=locon", "preset=attn-mlp"]),
     "lycoris-locon-conv": ("lycoris.kohya", ["algo=locon", "preset=unet-convblock-only", "conv_dim=4", "conv_alpha=2"]),
@@ -373,11 +382,7 @@ def test_diffusers_loads_our_file_and_matches_our_merge(family, pipeline_dir, tm
     randomise(network, seed=3)
     lora_file = tmp_path / "adapter.safetensors"
     save_lora_file(network.state_dict_kohya(), lora_file, {"ss_network_module": module})
-    network.restore()
-    base = render(ours)
-    network.apply_to()
-    network.merge_to_base()
-    merged = render(ours)
+    base, merged = render_base_and_merged(network, ours)
 
     theirs = load_pipeline(pipeline_dir)
     theirs.load_lora_weights(str(lora_file), adapter_name="ours")
@@ -515,11 +520,7 @@ def test_comfyui_renders_our_dora_file_like_our_merge(family, pipeline_dir, tmp_
     ours = load_pipeline(pipeline_dir)
     network, state, _ = _dora_file(family, ours, tmp_path, DORA_IMAGE_CASES[case] + ["wd_on_output=False"])
     assert all(v.shape[0] == 1 for k, v in state.items() if k.endswith(".dora_scale")), "input-axis layout"
-    network.restore()
-    base = render(ours)
-    network.apply_to()
-    network.merge_to_base()
-    merged = render(ours)
+    base, merged = render_base_and_merged(network, ours)
 
     theirs = load_pipeline(pipeline_dir)
     modules = _named_kohya_modules(theirs)
