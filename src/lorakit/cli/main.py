@@ -121,7 +121,7 @@ def _cache(argv: list[str]) -> int:
     import torch
 
     from lorakit.config import parse_train_args
-    from lorakit.data.cache import run_cache
+    from lorakit.data.cache import run_cache, vae_identity
     from lorakit.families.registry import resolve_family
 
     cfg, warnings = parse_train_args(argv)
@@ -133,6 +133,6 @@ def _cache(argv: list[str]) -> int:
     comps.vae.to(device)
     with torch.no_grad():
         report = run_cache(cfg, lambda images: family.encode_images(comps, images), latent_format=family.name,
-                           vae_id=str(cfg.vae or cfg.pretrained_model_name_or_path))
+                           vae_id=vae_identity(cfg))
     print(f"latent cache: {report.encoded} encoded now, {report.reused} already cached and valid")
     return 0

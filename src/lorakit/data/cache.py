@@ -123,6 +123,11 @@ def _write(dataset: TrainDataset, image_id: int, bucket: Size, results: dict[boo
                 crop_ltrb(bucket, dataset.images[image_id].original_size), flipped, alpha)
 
 
+def vae_identity(cfg: Any) -> str:
+    """The `vae_id` caches record: --vae, else the base model (`lorakit cache` and training must agree)."""
+    return str(cfg.vae or cfg.pretrained_model_name_or_path)
+
+
 def run_cache(cfg: Any, encode: Encode, latent_format: str | None = None, vae_id: str = "",
               progress: bool = True) -> CacheReport:
     """Build the dataset described by `cfg` and cache all its latents to disk (for `lorakit cache`).

@@ -14,6 +14,7 @@ from accelerate.utils import set_seed
 
 from lorakit.adapters.factory import build_network
 from lorakit.adapters.network import LoRANetwork
+from lorakit.data.cache import vae_identity
 from lorakit.data.dataset import build_train_dataset
 from lorakit.data.summary import format_summary
 from lorakit.errors import ConfigError
@@ -77,7 +78,8 @@ def train(cfg: Any) -> TrainResult:
     set_seed(seed)
     session = _setup(cfg, family, accelerator)
     if cfg.cache_latents or cfg.cache_latents_to_disk:
-        disk = {"to_disk": True, "latent_format": family.name, "vae_id": str(cfg.vae or cfg.pretrained_model_name_or_path), "skip_check": cfg.skip_cache_check} if cfg.cache_latents_to_disk else {}
+        disk = {"to_disk": True, "latent_format": family.name, "vae_id": vae_identity(cfg),
+                "skip_check": cfg.skip_cache_check} if cfg.cache_latents_to_disk else {}
         with torch.no_grad():
             distributed.cache_latents(dataset, accelerator, lambda images: family.encode_images(session.comps, images), cfg.vae_batch_size or 1, **disk)
     return _run(session, dataset, plan, seed)
