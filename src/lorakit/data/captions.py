@@ -52,14 +52,6 @@ def split_tags(caption: str, separator: str) -> list[str]:
     return [tag.strip() for tag in caption.split(separator) if tag.strip()]
 
 
-def shuffle_tags(caption: str, separator: str, keep_tokens: int, rng: random.Random) -> str:
-    """Shuffle all tags but the first `keep_tokens`, and join them with ", " as sd-scripts does."""
-    tags = split_tags(caption, separator)
-    fixed, flexible = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(flexible)
-    return ", ".join(fixed + flexible)
-
-
 def is_dropped(subset: SubsetSpec, context: CaptionContext, rng: random.Random) -> bool:
     """Caption dropout: with probability `caption_dropout_rate`, or in every N-th epoch (epochs from 1)."""
     dropped = subset.caption_dropout_rate > 0 and rng.random() < subset.caption_dropout_rate

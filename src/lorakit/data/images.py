@@ -25,15 +25,6 @@ _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
-@dataclass
-class LoadedImage:
-    """An image fitted to its bucket: pixels in [-1, 1] (3, H, W) plus SDXL size-conditioning values."""
-
-    pixels: torch.Tensor
-    original_size: Size  # (width, height) after EXIF orientation, before resizing
-    crop_top_left: tuple[int, int]  # (top, left)
-
-
 @contextmanager
 def _opened(path: Path) -> Iterator[Image.Image]:
     """Open an image, turning PIL's decompression-bomb warning and read failures into `DataError`s."""
@@ -133,12 +124,6 @@ def apply_placement(img: Image.Image, placement: Placement, interpolation: str |
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if placement.flip else out
 
 
-def crop_to_bucket(img: Image.Image, bucket: Size, random_crop: bool,
-                   rng: random.Random | None = None) -> Image.Image:
-    """Crop an image that covers `bucket` down to it, centred or at a random offset."""
-    return img.crop(bucket_placement(bucket, img.size, random_crop, rng).box)
-
-
 def sdxl_crop_top_left(bucket: Size, original: Size, flipped: bool) -> tuple[int, int]:
     """The (top, left) crop value sd-scripts conditions SDXL on.
 
@@ -164,12 +149,6 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def fit_image(img: Image.Image, bucket: Size, resized_size: Size, random_crop: bool = False,
-              rng: random.Random | None = None, interpolation: str | None = None) -> Image.Image:
-    """Resize to `resized_size` (never smaller than the bucket) and crop to `bucket`."""
-    return apply_placement(img, bucket_placement(bucket, resized_size, random_crop, rng), interpolation)
-
-
 def crop_ltrb(bucket: Size, original: Size, flipped: bool = False) -> tuple[int, int, int, int]:
     """sd-scripts' `crop_ltrb` cache value: the image fitted inside the bucket, as (left, top, right, bottom)."""
     top, left = sdxl_crop_top_left(bucket, original, flipped)
@@ -179,12 +158,3 @@ def crop_ltrb(bucket: Size, original: Size, flipped: bool = False) -> tuple[int,
     else:
         fitted = (bucket[0], int(bucket[0] / image_ar))
     return left, top, left + fitted[0], top + fitted[1]
-
-
-def load_for_bucket(path: str | Path, bucket: Size, resized_size: Size, *, random_crop: bool = False,
-                    flip: bool = False, rng: random.Random | None = None) -> LoadedImage:
-    """Load, fit to `bucket`, optionally flip, and convert to a [-1, 1] tensor with its size conditioning."""
-    img = load_image(path)
-    original = img.size
-    fitted = apply_placement(img, bucket_placement(bucket, resized_size, random_crop, rng, flip))
-    return LoadedImage(to_tensor(fitted), original, sdxl_crop_top_left(bucket, original, flip))
