@@ -88,16 +88,23 @@ def write_dataset(work: Path, resolution: int, count: int) -> Path:
     return work / "data"
 
 
+def _train_config(model: BenchModel, options: BenchOptions, work: Path, output: str, steps: int):
+    """The `lorakit train` options both measurements share, with their own output folder and step count."""
+    from lorakit.config import parse_train_args
+
+    cfg, _ = parse_train_args([
+        *model.train_args(), *options.train_args(), f"--train_data_dir={work / 'data'}", f"--output_dir={work / output}",
+        f"--max_train_steps={steps}",
+    ])
+    return cfg
+
+
 def bare_step_seconds(model: BenchModel, options: BenchOptions, work: Path) -> float:
     """Median seconds of the model's forward + MSE + backward + AdamW with the trainer's LoRA attached."""
-    from lorakit.config import parse_train_args
     from lorakit.families.registry import resolve_family
     from lorakit.training.loop import _make_accelerator, _setup
 
-    cfg, _ = parse_train_args([
-        *model.train_args(), *options.train_args(), f"--train_data_dir={work / 'data'}", f"--output_dir={work / 'bare'}",
-        "--max_train_steps=1",
-    ])
+    cfg = _train_config(model, options, work, "bare", 1)
     family = resolve_family(cfg)
     session = _setup(cfg, family, _make_accelerator(cfg))
     comps, accelerator, device = session.comps, session.accelerator, session.accelerator.device
@@ -125,13 +132,9 @@ def bare_step_seconds(model: BenchModel, options: BenchOptions, work: Path) -> f
 
 def trainer_run(model: BenchModel, options: BenchOptions, work: Path) -> tuple[list[float], float]:
     """(seconds per step, seconds from the call to the end of the first step) of a real `lorakit train` run."""
-    from lorakit.config import parse_train_args
     from lorakit.training.loop import train
 
-    cfg, _ = parse_train_args([
-        *model.train_args(), *options.train_args(), f"--train_data_dir={work / 'data'}", f"--output_dir={work / 'out'}",
-        f"--max_train_steps={options.steps}",
-    ])
+    cfg = _train_config(model, options, work, "out", options.steps)
     started = time.perf_counter()
     result = train(cfg)
     ends = result.step_end_times
