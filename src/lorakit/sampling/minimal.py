@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lorakit.atomic import staged_file
 from lorakit.errors import ConfigError
 from lorakit.sampling.apply_lora import LoraFile, LoraMerger, check_family, parse_lora_spec, read_lora_file
 from lorakit.sampling.prompts import SampleDefaults, SamplePrompt
@@ -313,10 +314,6 @@ def _pipeline(family: Any, comps: Any, sampler: str | None) -> Any:
 def write_png(image: Any, path: Path) -> Path:
     """Write to a temporary name in the same folder, then rename: an interrupted run leaves no partial image."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with staged_file(path) as tmp:
         image.save(tmp, format="PNG")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
