@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from lorakit.adapters.network import loraplus_split
 from lorakit.errors import ConfigError
 from lorakit.families.base import AdapterTarget
 
@@ -294,19 +295,11 @@ def blockwise_param_groups(network: Any, kwargs: Mapping[str, str], text_encoder
     for key, (modules, lr, ratio) in buckets.items():
         if not lr:
             continue
-        for params, suffix, factor in _split(modules, ratio):
+        for params, suffix, factor in loraplus_split(modules, ratio):
             if params:
                 groups.append({"params": params, "lr": lr * factor})
                 descriptions.append(key + suffix)
     return groups, descriptions
-
-
-def _split(modules: list[Any], ratio: float | None) -> list[tuple[list[Any], str, float]]:
-    if not ratio:
-        return [([p for m in modules for p in m.parameters() if p.requires_grad], "", 1.0)]
-    plain = [p for m in modules for n, p in m.named_parameters() if p.requires_grad and not n.startswith("lora_up")]
-    plus = [p for m in modules for n, p in m.named_parameters() if p.requires_grad and n.startswith("lora_up")]
-    return [(plain, "", 1.0), (plus, " plus", float(ratio))]
 
 
 def loraplus_ratios(kwargs: Mapping[str, str]) -> dict[str, float | None]:

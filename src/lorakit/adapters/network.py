@@ -21,7 +21,7 @@ from lorakit.adapters.lora import LoRAModule
 from lorakit.errors import CheckpointError
 from lorakit.families.base import AdapterTarget
 
-__all__ = ["COMPONENTS", "LoRANetwork"]
+__all__ = ["COMPONENTS", "LoRANetwork", "loraplus_split"]
 
 COMPONENTS = ("text_encoder", "unet")
 _GROUP_NAMES = {"text_encoder": "textencoder", "unet": "unet"}
@@ -93,6 +93,17 @@ def _split_by_prefix(names: Sequence[str], lrs: Mapping[str, float | None], fall
     rest = [n for n in names if n not in taken]
     parts.append((_GROUP_NAMES["text_encoder"], rest, fallback_lr))
     return parts
+
+
+def loraplus_split(modules: Sequence[AdapterModule], ratio: float | None) -> list[tuple[list, str, float]]:
+    """The modules' trainable parameters as (parameters, description suffix, LR factor): one group, or with a
+    LoRA+ ratio the rest and each module's `plus_parameters` (" plus", lr·ratio)."""
+    if not ratio:
+        return [([p for m in modules for p in m.parameters() if p.requires_grad], "", 1.0)]
+    plus = [p for m in modules for p in m.plus_parameters()]
+    plus_ids = {id(p) for p in plus}
+    plain = [p for m in modules for p in m.parameters() if p.requires_grad and id(p) not in plus_ids]
+    return [(plain, "", 1.0), (plus, " plus", float(ratio))]
 
 
 class LoRANetwork(nn.Module):
@@ -215,20 +226,11 @@ class LoRANetwork(nn.Module):
             for description, part_names, part_lr in parts:
                 if not part_names or not part_lr:
                     continue
-                for params, suffix, factor in self._split_for_loraplus(part_names, ratio):
+                for params, suffix, factor in loraplus_split([getattr(self, n) for n in part_names], ratio):
                     if params:
                         groups.append({"params": params, "lr": part_lr * factor})
                         descriptions.append(description + suffix)
         return groups, descriptions
-
-    def _split_for_loraplus(self, names: Iterable[str], ratio: float | None) -> list[tuple[list, str, float]]:
-        modules = [getattr(self, n) for n in names]
-        if not ratio:
-            return [([p for m in modules for p in m.parameters() if p.requires_grad], "", 1.0)]
-        plus = [p for m in modules for p in m.plus_parameters()]
-        plus_ids = {id(p) for p in plus}
-        plain = [p for m in modules for p in m.parameters() if p.requires_grad and id(p) not in plus_ids]
-        return [(plain, "", 1.0), (plus, " plus", float(ratio))]
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
