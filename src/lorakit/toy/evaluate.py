@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lorakit.data.images import to_tensor
 from lorakit.families.base import Components
 from lorakit.objectives.ddpm import DDPMSchedule, add_noise, training_target
 from lorakit.toy.world import render, sample_items
@@ -28,8 +29,7 @@ class HeldOutSet:
 def held_out_concept_set(count: int = 16, seed: int = 999, size: int = 64) -> HeldOutSet:
     """Concept images from a seed the demo's training set does not use."""
     items = sample_items(count, concept=True, seed=seed)
-    arrays = np.stack([np.asarray(render(scene, size)) for scene, _ in items])
-    pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    pixels = torch.stack([to_tensor(render(scene, size)) for scene, _ in items])
     return HeldOutSet(pixels, [text for _, text in items])
 
 
