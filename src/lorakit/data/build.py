@@ -15,9 +15,7 @@ from lorakit.data.buckets import BucketChoice, BucketManager, Size, adjust_bucke
 from lorakit.data.captions import tag_counts
 from lorakit.data.dataset import ImageEntry, TrainDataset
 from lorakit.data.dataset_config import plan_datasets
-from lorakit.data.discovery import (
-    ImageRecord, collect_images, face_box_from_name, find_caption, list_images, missing_caption_message,
-)
+from lorakit.data.discovery import ImageRecord, collect_images, face_box_from_name, missing_caption_message
 from lorakit.data.finetune import read_metadata_file
 from lorakit.data.images import image_size
 from lorakit.data.info_cache import read_info_cache, write_info_cache
@@ -104,22 +102,9 @@ def _records(subset: SubsetSpec) -> tuple[list[ImageRecord], dict[Path, Size]]:
 
 def _records_with_info_cache(subset: SubsetSpec, cached: dict[str, tuple[str, Size]]
                              ) -> tuple[list[ImageRecord], dict[Path, Size]]:
-    records, sizes, problems = [], {}, []
-    for image in list_images(subset.image_dir):
-        if str(image) in cached:
-            caption, sizes[image] = cached[str(image)]
-            records.append(ImageRecord(image, caption, True))
-            continue
-        try:
-            caption = find_caption(image, subset.caption_extension, subset.enable_wildcard)
-        except DataError as err:
-            problems.append(str(err))
-            continue
-        records.append(ImageRecord(image, caption if caption is not None else subset.class_tokens or "",
-                                   caption is not None))
-    if problems:
-        raise DataError("\n".join(problems))
-    return records, sizes
+    records = collect_images(subset.image_dir, subset.caption_extension, subset.class_tokens,
+                             subset.enable_wildcard, {name: caption for name, (caption, _) in cached.items()})
+    return records, {r.path: cached[str(r.path)][1] for r in records if str(r.path) in cached}
 
 
 def _read_subset(subset: SubsetSpec) -> _SubsetImages:

@@ -129,16 +129,20 @@ def face_box_from_name(image: Path) -> tuple[int, int, int, int] | None:
 
 
 def collect_images(image_dir: Path, caption_extension: str, class_tokens: str | None,
-                   all_lines: bool = False) -> list[ImageRecord]:
+                   all_lines: bool = False, known_captions: dict[str, str] | None = None) -> list[ImageRecord]:
     """Images of one subset folder with their captions (class tokens where no caption file exists).
 
-    Raises one `DataError` listing every bad caption file of the folder.
+    An image listed in `known_captions` (by its path as text, from the info cache) takes that caption without
+    its caption file being read. Raises one `DataError` listing every bad caption file of the folder.
     """
     if not image_dir.is_dir():
         raise DataError(f"image folder {image_dir} does not exist")
     records: list[ImageRecord] = []
     problems: list[str] = []
     for image in list_images(image_dir):
+        if known_captions and str(image) in known_captions:
+            records.append(ImageRecord(image, known_captions[str(image)], True))
+            continue
         try:
             caption = find_caption(image, caption_extension, all_lines)
         except DataError as err:
