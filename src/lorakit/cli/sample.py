@@ -95,14 +95,14 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # argparse's own errors (status 2) and --help (0)
         return int(exc.code or 0)
     from lorakit.errors import ConfigError
-    from lorakit.sampling.minimal import SampleOptions, run_sample
+    from lorakit.sampling.minimal import MODEL_FILE_OPTIONS, SampleOptions, run_sample
 
     refused = [f"--{name}: not available in lorakit sample yet; {why}" for name, why in NOT_YET.items() if getattr(args, name) is not None]
     if refused:
         raise ConfigError(refused)
     if args.offload:
         log.warning("--offload: not implemented; the whole model stays on --device")
-    model_files = {name: getattr(args, name) for name in ("vae", "clip_l", "clip_g", "t5xxl", "ae") if getattr(args, name)}
+    model_files = {name: getattr(args, name) for name in MODEL_FILE_OPTIONS if getattr(args, name)}
     options = SampleOptions(
         model=args.model, loras=list(args.loras), prompt=args.prompt, negative_prompt=args.negative_prompt,
         prompt_file=args.prompt_file, width=args.width, height=args.height, steps=args.steps,

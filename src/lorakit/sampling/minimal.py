@@ -29,7 +29,7 @@ log = logging.getLogger("lorakit")
 _FAMILY_DEFAULTS = {"sd": (30, 7.5), "sdxl": (30, 7.5), "sd3": (30, 5.0), "flux": (30, 3.5)}
 DTYPES = {"fp32": torch.float32, "float": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-_MODEL_FILE_OPTIONS = ("vae", "clip_l", "clip_g", "t5xxl", "ae")
+MODEL_FILE_OPTIONS = ("vae", "clip_l", "clip_g", "t5xxl", "ae")  # the parts a model may take from files of their own
 
 
 @dataclass
@@ -205,7 +205,7 @@ def _model_config(options: SampleOptions, dtype: torch.dtype, fp8: bool) -> Any:
         values["v2"] = True
     if options.v_parameterization:
         values["v_parameterization"] = True
-    values.update({k: v for k, v in options.model_files.items() if k in _MODEL_FILE_OPTIONS})
+    values.update({k: v for k, v in options.model_files.items() if k in MODEL_FILE_OPTIONS})
     return build_config(values, skip_requirements=True)
 
 
