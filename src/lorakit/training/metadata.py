@@ -105,9 +105,10 @@ def training_metadata(cfg: Any, facts: RunFacts) -> dict[str, str]:
     }
     if cfg.network_args:
         meta["ss_network_args"] = json.dumps(cfg.network_kwargs())
-    meta.update(base_model_hashes(cfg.pretrained_model_name_or_path, "sd_model"))
-    if cfg.vae:
-        meta.update(base_model_hashes(cfg.vae, "vae"))
+    if not getattr(cfg, "no_metadata", False):  # --no_metadata keeps none of these: skip reading whole model files
+        meta.update(base_model_hashes(cfg.pretrained_model_name_or_path, "sd_model"))
+        if cfg.vae:
+            meta.update(base_model_hashes(cfg.vae, "vae"))
     return meta
 
 
