@@ -114,12 +114,13 @@ def is_valid(path: Path, request: CacheRequest, fmt: LatentFileFormat, skip_chec
         return False
     if skip_check:
         return True
-    stored = _read(path)
-    if stored is None:
-        return False
     s = key_suffix(request.bucket, fmt)
     needed = [f"latents{s}"] + ([f"latents_flipped{s}"] if request.flip else [])
     needed += [f"alpha_mask{s}"] if request.alpha_mask else []
+    # this bucket's entry and the fingerprints only: a multi-resolution file's other buckets are not read
+    stored = _read(path, (*needed, f"lorakit_resized{s}", "lorakit_vae", "lorakit_image_stat", "lorakit_image_sha256"))
+    if stored is None:
+        return False
     if any(key not in stored for key in needed):
         return False
     if tuple(stored[f"latents{s}"].shape[-2:]) != (request.bucket[1] // 8, request.bucket[0] // 8):
