@@ -4,6 +4,7 @@ the bare step both happen, and the JSON carries consistent numbers (speed itself
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -14,11 +15,13 @@ from lorakit.bench_models import NETWORK_MODULES, bench_model
 def test_bench_flux_tiny_writes_consistent_json(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAKIT_BENCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "result.json"
-    assert bench.main(["--family", "flux", "--size", "tiny", "--steps", "5", "--json", str(out)]) == 0
+    assert bench.main(["--family", "flux", "--size", "tiny", "--steps", "5", "--repeats", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert (result["family"], result["size"], result["device"]) == ("flux", "tiny", "cpu")
     assert result["bare_step_s"] > 0 and result["trainer_step_s"] > 0
-    assert result["ratio"] == pytest.approx(result["trainer_step_s"] / result["bare_step_s"], rel=1e-2)
+    # two trainer runs, each paired with the bare step measured after it; the ratio is the pairs' median
+    assert len(result["pair_ratios"]) == 2 and all(r > 0 for r in result["pair_ratios"])
+    assert result["ratio"] == pytest.approx(statistics.median(result["pair_ratios"]), abs=1e-3)
     assert result["time_to_first_step_s"] > 0 and result["trainer_peak_memory_gib"] > 0
     files = sorted((tmp_path / "cache" / "flux_tiny").glob("*.safetensors"))
     assert [f.name for f in files] == ["ae.safetensors", "clip_l.safetensors", "flux1.safetensors", "t5xxl.safetensors"]
@@ -34,3 +37,10 @@ def test_bench_rejects_bad_flux_blocks(capsys):
         bench.main(["--family", "flux", "--size", "real", "--flux_blocks", "19"])
     assert exc.value.code == 2
     assert "--flux_blocks 19" in capsys.readouterr().err
+
+
+def test_bench_rejects_zero_repeats(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--repeats", "0"])
+    assert exc.value.code == 2
+    assert "--repeats 0" in capsys.readouterr().err

@@ -201,3 +201,41 @@ def test_accelerate_launch_module_form(models, data_dir, tmp_path):
                           env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "tiny.safetensors").exists()
+
+
+def test_cached_text_encoder_outputs_train_exactly_like_encoding_every_step(models, data_dir, tmp_path, monkeypatch):
+    """SD 1.x with --cache_text_encoder_outputs: the frozen encoder runs once per distinct caption, and the
+    losses are the ones of a run that encodes every step (sd-scripts has no such cache for SD 1.x)."""
+    from transformers import CLIPTextModel
+
+    from lorakit.config import parse_train_args
+    from lorakit.training.loop import train
+
+    encoded: list[int] = []
+    original_forward = CLIPTextModel.forward
+
+    def counting_forward(self, input_ids=None, *args, **kwargs):
+        encoded.append(int(input_ids.shape[0]))
+        return original_forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPTextModel, "forward", counting_forward)
+    runs = {}
+    for cached in (False, True):
+        extra = ["--network_train_unet_only", "--max_train_steps=8", *(["--cache_text_encoder_outputs"] if cached else [])]
+        args = [a for a in train_args(models["sd1"]["folder"], data_dir, tmp_path / str(cached), *extra)[1:]
+                if a != "--max_train_steps=2"]
+        cfg, _ = parse_train_args(args)
+        encoded.clear()
+        runs[cached] = (train(cfg).step_losses, list(encoded))
+    (every_step_losses, every_step_calls), (cached_losses, cached_calls) = runs[False], runs[True]
+    assert cached_losses == every_step_losses and len(cached_losses) == 8
+    # one epoch: 4 images with their own captions, 2 repeats each, batch 1
+    assert every_step_calls == [1] * 8  # every step encodes its caption
+    assert cached_calls == [1] * 4  # each distinct caption once
+
+
+def test_cached_text_encoder_outputs_need_unet_only(models, data_dir, tmp_path, capsys):
+    args = train_args(models["sd1"]["folder"], data_dir, tmp_path / "out", "--cache_text_encoder_outputs")
+    assert main(args) != 0
+    assert "--cache_text_encoder_outputs needs --network_train_unet_only" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("*.safetensors"))

@@ -45,6 +45,7 @@ class BenchResult:
     bare_step_s: float
     trainer_step_s: float
     ratio: float
+    pair_ratios: list[float]
     time_to_first_step_s: float
     trainer_peak_memory_gib: float
     peak_memory_gib: float
@@ -130,11 +131,11 @@ def bare_step_seconds(model: BenchModel, options: BenchOptions, work: Path) -> f
     return statistics.median(times[2:])
 
 
-def trainer_run(model: BenchModel, options: BenchOptions, work: Path) -> tuple[list[float], float]:
+def trainer_run(model: BenchModel, options: BenchOptions, work: Path, output: str = "out") -> tuple[list[float], float]:
     """(seconds per step, seconds from the call to the end of the first step) of a real `lorakit train` run."""
     from lorakit.training.loop import train
 
-    cfg = _train_config(model, options, work, "out", options.steps)
+    cfg = _train_config(model, options, work, output, options.steps)
     started = time.perf_counter()
     result = train(cfg)
     ends = result.step_end_times
@@ -152,27 +153,39 @@ def steady_step_seconds(step_times: list[float], device: torch.device) -> float:
     return sum(steady[:usable]) / usable
 
 
-def run(family: str, size: str, options: BenchOptions, flux_blocks: tuple[int, int] = FLUX_REAL_BLOCKS) -> BenchResult:
+def run(family: str, size: str, options: BenchOptions, flux_blocks: tuple[int, int] = FLUX_REAL_BLOCKS,
+        repeats: int = 1) -> BenchResult:
+    """Trainer run, then bare step, `repeats` times in turn. A shared machine's speed drifts over minutes, so each
+    trainer run is compared with the bare step measured right after it, and the reported ratio is the median of
+    those pairs (the step times are the medians of the runs)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = Path(os.environ.get("LORAKIT_BENCH_CACHE", Path(tempfile.gettempdir()) / "lorakit-bench"))
     model = bench_model(family, size, cache, flux_blocks)
+    trainer_steps, bare_steps, firsts, trainer_peak, process_peak = [], [], [], 0.0, 0.0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_dataset(work, options.resolution, max(options.batch * 4, 8))
-        step_times, first = trainer_run(model, options, work)
-        trainer_peak = peak_memory_gib(device)
-        _release(device)
-        bare = bare_step_seconds(model, options, work)
-    trainer = steady_step_seconds(step_times, device)
+        for attempt in range(max(1, repeats)):
+            step_times, first = trainer_run(model, options, work, f"out{attempt}")
+            trainer_steps.append(steady_step_seconds(step_times, device))
+            firsts.append(first)
+            trainer_peak = max(trainer_peak, peak_memory_gib(device))
+            _release(device)
+            bare_steps.append(bare_step_seconds(model, options, work))
+            process_peak = max(process_peak, trainer_peak, peak_memory_gib(device))
+            _release(device)
+    pairs = [round(t / b, 3) for t, b in zip(trainer_steps, bare_steps)]
+    trainer, bare = statistics.median(trainer_steps), statistics.median(bare_steps)
     return BenchResult(
         family, size, device.type, options.resolution, options.batch, options.rank, options.precision, options.checkpointing,
-        options.fp8_base, options.blocks_to_swap, round(bare, 5), round(trainer, 5), round(trainer / bare, 3), round(first, 2),
-        round(trainer_peak, 2), round(peak_memory_gib(device), 2), model.notes,
+        options.fp8_base, options.blocks_to_swap, round(bare, 5), round(trainer, 5), round(statistics.median(pairs), 3),
+        pairs, round(firsts[0], 2), round(trainer_peak, 2), round(process_peak, 2), model.notes,
     )
 
 
 def _release(device: torch.device) -> None:
-    """Free the trainer's model before the bare step builds its own (the GPU peak is reset in between)."""
+    """Free the last model before the next run builds its own (the GPU peak is reset in between, so the trainer's
+    peak is its own; on the CPU the peak RSS is the process's)."""
     import gc
 
     from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -200,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flux_blocks", default=f"{FLUX_REAL_BLOCKS[0]},{FLUX_REAL_BLOCKS[1]}",
                         help="double,single blocks of the real-size FLUX transformer (default 19,38 = FLUX.1)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="trainer run and bare step this many times in turn; the ratio is the median of the pairs")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     family, size = ("sd", "real") if args.size == "sd15" else (args.family, args.size)
@@ -210,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--flux_blocks {args.flux_blocks}: expected two positive numbers, double,single (e.g. 19,38)")
     options = BenchOptions(args.resolution, args.batch, args.rank, args.precision, args.gradient_checkpointing, args.steps,
                            args.fp8_base, args.blocks_to_swap)
-    result = run(family, size, options, flux_blocks)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: expected 1 or more")
+    result = run(family, size, options, flux_blocks, args.repeats)
     print(format_table(result))
     if args.json:
         args.json.write_text(json.dumps(asdict(result), indent=2))
@@ -223,4 +240,5 @@ def format_table(result: BenchResult) -> str:
     row = (f"{result.family + '/' + result.size:11} {result.device:6} {result.resolution:5} {result.batch:5} "
            f"{result.bare_step_s:12.4f} {result.trainer_step_s:15.4f} {result.ratio:6.3f} {result.time_to_first_step_s:12.1f} "
            f"{result.trainer_peak_memory_gib:14.2f}")
-    return "\n".join([header, row, *(f"note: {note}" for note in result.notes)])
+    pairs = [f"ratio per trainer/bare pair, in run order: {', '.join(f'{r:.3f}' for r in result.pair_ratios)}"]
+    return "\n".join([header, row, *(pairs if len(result.pair_ratios) > 1 else []), *(f"note: {note}" for note in result.notes)])

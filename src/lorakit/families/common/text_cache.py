@@ -10,10 +10,18 @@ outside the cache and runs every step (sd-scripts' "partial" caching for FLUX's 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-__all__ = ["CaptionCache"]
+from lorakit.errors import ConfigError
+
+__all__ = ["CaptionCache", "caches_text", "whole_caption_cache"]
+
+
+def caches_text(cfg: Any) -> bool:
+    """Whether the run asked for cached text-encoder outputs (`_to_disk` implies caching)."""
+    return bool(getattr(cfg, "cache_text_encoder_outputs", False) or getattr(cfg, "cache_text_encoder_outputs_to_disk", False))
 
 
 class CaptionCache:
@@ -35,3 +43,18 @@ class CaptionCache:
                 self._rows[caption] = {name: value[index] for name, value in fresh.items()}
         names = self._rows[captions[0]].keys()
         return {name: torch.stack([self._rows[caption][name] for caption in captions]) for name in names}
+
+
+def whole_caption_cache(cfg: Any) -> CaptionCache | None:
+    """The cache of a family whose every text encoder is cached (SD, SDXL), or None without caching.
+
+    Cached outputs carry no gradients, so caching needs `--network_train_unet_only`, as in sd-scripts.
+    """
+    if not caches_text(cfg):
+        return None
+    if not getattr(cfg, "network_train_unet_only", False):
+        raise ConfigError([
+            "--cache_text_encoder_outputs needs --network_train_unet_only: cached outputs cannot carry gradients "
+            "to text-encoder LoRA modules"
+        ])
+    return CaptionCache()

@@ -12,6 +12,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.families.base import AdapterTarget, Components, TextConditioning
+from lorakit.families.common.text_cache import CaptionCache, whole_caption_cache
 from lorakit.families.targeting import RankChoice, collect_targets
 from lorakit.objectives.ddpm import DDPMObjective
 from lorakit.precision import load_dtype
@@ -28,9 +29,15 @@ class StableDiffusionFamily:
     name = "sd"
     default_network_module = "networks.lora"  # sd-scripts' LoRA module for this family
 
+    def __init__(self) -> None:
+        self.text_cache: CaptionCache | None = None
+
     def load(self, cfg: Any) -> Components:
         from lorakit.families.sd.loading import load_sd_components
 
+        # sd-scripts has no text-encoder cache for SD 1.x/2.x (its option is SDXL's); here the same option
+        # saves running the frozen encoder on the same captions every step
+        self.text_cache = whole_caption_cache(cfg)
         return load_sd_components(
             cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization, vae_path=cfg.vae,
             dtype=load_dtype(cfg),
@@ -57,15 +64,21 @@ class StableDiffusionFamily:
         ).input_ids
 
     def encode_text(self, comps: Components, captions: list[str], clip_skip: int | None = None) -> TextConditioning:
+        """`encoder_hidden_states` (B, 77, width); with --cache_text_encoder_outputs each distinct caption is
+        encoded once and reused (the encoder is frozen then)."""
+        def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+            return {"encoder_hidden_states": self._run_encoder(comps, texts, clip_skip)}
+
+        return TextConditioning(encode(captions) if self.text_cache is None else self.text_cache.outputs(captions, encode))
+
+    def _run_encoder(self, comps: Components, captions: list[str], clip_skip: int | None) -> torch.Tensor:
         encoder = comps.text_encoders[0]
         ids = self.tokenize(comps, captions).to(encoder.device)
         if not clip_skip or clip_skip <= 1:
-            hidden = encoder(ids).last_hidden_state
-        else:
-            # the n-th layer from the end, normalised like the last one (what A1111 "CLIP skip" means)
-            states = encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-            hidden = _final_layer_norm(encoder)(states)
-        return TextConditioning({"encoder_hidden_states": hidden})
+            return encoder(ids).last_hidden_state
+        # the n-th layer from the end, normalised like the last one (what A1111 "CLIP skip" means)
+        states = encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+        return _final_layer_norm(encoder)(states)
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: Any) -> torch.Tensor:
         unet = comps.denoiser

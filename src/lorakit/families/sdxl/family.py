@@ -19,7 +19,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.families.base import AdapterTarget, Components, TextConditioning
-from lorakit.families.common.text_cache import CaptionCache
+from lorakit.families.common.text_cache import CaptionCache, whole_caption_cache
 from lorakit.families.sd.family import TEXT_ENCODER_PARENTS, UNET_ATTENTION_PARENTS, UNET_CONV_PARENTS, rank_choice
 from lorakit.families.targeting import RankChoice, collect_targets, kohya_name
 from lorakit.objectives.ddpm import DDPMObjective
@@ -65,13 +65,7 @@ class StableDiffusionXLFamily:
         self.vae_in_float32 = bool(getattr(cfg, "no_half_vae", False))
         if getattr(cfg, "mixed_precision", "no") == "fp16" and not self.vae_in_float32:
             log.warning("the SDXL VAE overflows in fp16 (NaN latents are zeroed); add --no_half_vae to keep it in float32")
-        caching = bool(getattr(cfg, "cache_text_encoder_outputs", False) or getattr(cfg, "cache_text_encoder_outputs_to_disk", False))
-        if caching and not cfg.network_train_unet_only:
-            raise ConfigError([
-                "--cache_text_encoder_outputs needs --network_train_unet_only: cached outputs cannot carry gradients "
-                "to text-encoder LoRA modules"
-            ])
-        self.text_cache = CaptionCache() if caching else None
+        self.text_cache = whole_caption_cache(cfg)
 
     def objective(self, cfg: Any, comps: Components) -> DDPMObjective:
         return DDPMObjective.from_options(cfg, "v_prediction" if cfg.v_parameterization else "epsilon")
