@@ -44,3 +44,11 @@ def test_bench_rejects_zero_repeats(capsys):
         bench.main(["--repeats", "0"])
     assert exc.value.code == 2
     assert "--repeats 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_bench_sync_debug_needs_a_gpu(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--sync_debug"])
+    assert exc.value.code == 2
+    assert "--sync_debug needs a CUDA GPU" in capsys.readouterr().err

@@ -15,6 +15,7 @@ loading is measured from a real file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -23,6 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from PIL import Image
@@ -154,7 +156,7 @@ def steady_step_seconds(step_times: list[float], device: torch.device) -> float:
 
 
 def run(family: str, size: str, options: BenchOptions, flux_blocks: tuple[int, int] = FLUX_REAL_BLOCKS,
-        repeats: int = 1) -> BenchResult:
+        repeats: int = 1, sync_debug: bool = False) -> BenchResult:
     """Trainer run, then bare step, `repeats` times in turn. A shared machine's speed drifts over minutes, so each
     trainer run is compared with the bare step measured right after it, and the reported ratio is the median of
     those pairs (the step times are the medians of the runs)."""
@@ -166,7 +168,8 @@ def run(family: str, size: str, options: BenchOptions, flux_blocks: tuple[int, i
         work = Path(tmp)
         write_dataset(work, options.resolution, max(options.batch * 4, 8))
         for attempt in range(max(1, repeats)):
-            step_times, first = trainer_run(model, options, work, f"out{attempt}")
+            with _warn_on_sync(sync_debug and attempt == 0):
+                step_times, first = trainer_run(model, options, work, f"out{attempt}")
             trainer_steps.append(steady_step_seconds(step_times, device))
             firsts.append(first)
             trainer_peak = max(trainer_peak, peak_memory_gib(device))
@@ -181,6 +184,19 @@ def run(family: str, size: str, options: BenchOptions, flux_blocks: tuple[int, i
         options.fp8_base, options.blocks_to_swap, round(bare, 5), round(trainer, 5), round(statistics.median(pairs), 3),
         pairs, round(firsts[0], 2), round(trainer_peak, 2), round(process_peak, 2), model.notes,
     )
+
+
+@contextlib.contextmanager
+def _warn_on_sync(enabled: bool) -> Iterator[None]:
+    """With --sync_debug (GPU): PyTorch warns at every call that makes the CPU wait for the GPU (an `.item()`, a
+    blocking copy), once per call site; set-up calls are listed too, the per-step ones repeat every step."""
+    if enabled:
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def _release(device: torch.device) -> None:
@@ -216,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="trainer run and bare step this many times in turn; the ratio is the median of the pairs")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--sync_debug", action="store_true",
+                        help="GPU only: warn at every call in the (first) trainer run that waits for the GPU")
     args = parser.parse_args(argv)
     family, size = ("sd", "real") if args.size == "sd15" else (args.family, args.size)
     try:
@@ -227,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                            args.fp8_base, args.blocks_to_swap)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: expected 1 or more")
-    result = run(family, size, options, flux_blocks, args.repeats)
+    if args.sync_debug and not torch.cuda.is_available():
+        parser.error("--sync_debug needs a CUDA GPU (it lists the calls that make the CPU wait for the GPU)")
+    result = run(family, size, options, flux_blocks, args.repeats, args.sync_debug)
     print(format_table(result))
     if args.json:
         args.json.write_text(json.dumps(asdict(result), indent=2))

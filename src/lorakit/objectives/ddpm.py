@@ -24,6 +24,15 @@ class DDPMSchedule:
 
     alphas_cumprod: torch.Tensor
     prediction_type: str = "epsilon"
+    # one copy per device, made once: copying the table to the GPU every step would wait for the GPU each time
+    _on_device: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """`alphas_cumprod` on `device` (the same tensor every call)."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = self.alphas_cumprod.to(device)
+        return self._on_device[key]
 
     @property
     def num_train_timesteps(self) -> int:
@@ -47,7 +56,7 @@ class DDPMSchedule:
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio a_t / (1 - a_t) for each timestep (float32, on the timesteps' device)."""
-        a = self.alphas_cumprod.to(timesteps.device)[timesteps]
+        a = self.on(timesteps.device)[timesteps]
         return (a / (1.0 - a)).float()
 
 
@@ -79,7 +88,7 @@ def sample_timesteps(
 
 
 def _coefficients(schedule: DDPMSchedule, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    a = schedule.alphas_cumprod.to(timesteps.device)[timesteps]
+    a = schedule.on(timesteps.device)[timesteps]
     shape = (-1,) + (1,) * (like.ndim - 1)
     return a.sqrt().to(like.dtype).view(shape), (1.0 - a).sqrt().to(like.dtype).view(shape)
 
@@ -168,7 +177,7 @@ class DDPMObjective:
                 options.huber_schedule,
                 options.huber_c,
                 options.huber_scale,
-                self.schedule.alphas_cumprod,
+                self.schedule.on(timesteps.device),
                 self.schedule.num_train_timesteps,
             )
         return elementwise_loss(prediction, target, options.loss_type, threshold)

@@ -16,6 +16,7 @@ training loop calls (`noise`, `elementwise_loss`, `loss_weights`). Nothing here 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -51,6 +52,13 @@ def scheduler_sigmas(shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEP
     """
     steps = torch.arange(num_train_timesteps, 0, -1, dtype=torch.float64) / num_train_timesteps
     return shift_sigmas(steps, shift).float()
+
+
+@functools.lru_cache(maxsize=8)
+def _sigma_grid(shift: float, device: torch.device) -> torch.Tensor:
+    """`scheduler_sigmas(shift)` on `device`, built once: rebuilding and copying it to a GPU every step would make
+    the CPU wait for the GPU each time."""
+    return scheduler_sigmas(shift).to(device)
 
 
 def flux_shift_mu(image_seq_len: int) -> float:
@@ -184,7 +192,7 @@ def sample_sigmas(
         options.weighting_scheme, batch_size, logit_mean=options.logit_mean, logit_std=options.logit_std,
         mode_scale=options.mode_scale, device=device, generator=generator,
     )
-    grid = scheduler_sigmas(options.discrete_flow_shift).to(device)
+    grid = _sigma_grid(options.discrete_flow_shift, torch.device(device))
     # u from `mode` can leave [0, 1) slightly for large scales; the grid index must stay inside it
     indices = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
     return grid[indices]

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from lorakit.data.batch import Batch
 from lorakit.data.masks import mask_to_latent
 from lorakit.training import distributed
+from lorakit.transfer import to_device
 
 
 def step_loss(session: Any, batch: Batch) -> torch.Tensor:
@@ -23,9 +24,9 @@ def step_loss(session: Any, batch: Batch) -> torch.Tensor:
     device = accelerator.device
     with torch.no_grad():
         if batch.latents is not None:
-            latents = batch.latents.to(device=device, dtype=session.weight_dtype)
+            latents = to_device(batch.latents, device, session.weight_dtype)
         else:
-            latents = family.encode_images(comps, batch.images.to(device)).to(session.weight_dtype)
+            latents = family.encode_images(comps, to_device(batch.images, device)).to(session.weight_dtype)
     with torch.set_grad_enabled(session.train_text_encoder), accelerator.autocast():
         text = family.encode_text(comps, batch.captions, session.cfg.clip_skip)
     noised = session.objective.noise(latents, generator=session.noise_generator)
@@ -34,9 +35,9 @@ def step_loss(session: Any, batch: Batch) -> torch.Tensor:
     elementwise = session.objective.elementwise_loss(prediction.float(), noised.target.float(), noised.timesteps)
     if batch.masks is not None:
         # --masked_loss / alpha_mask: weight each latent pixel by the mask, area-averaged to latent size
-        elementwise = elementwise * mask_to_latent(batch.masks.to(device), tuple(elementwise.shape[-2:]))
+        elementwise = elementwise * mask_to_latent(to_device(batch.masks, device), tuple(elementwise.shape[-2:]))
     per_sample = elementwise.mean(dim=tuple(range(1, elementwise.ndim)))
-    weights = batch.loss_weights.to(device=device, dtype=per_sample.dtype)
+    weights = to_device(batch.loss_weights, device, per_sample.dtype)
     timestep_weights = session.objective.loss_weights(noised.timesteps)
     if timestep_weights is not None:
         weights = weights * timestep_weights

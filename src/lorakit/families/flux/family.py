@@ -32,6 +32,7 @@ from lorakit.families.flux.network_args import FluxNetworkArgs
 from lorakit.families.targeting import RankChoice, collect_targets
 from lorakit.objectives.flow import FlowObjective, apply_model_prediction_type, timesteps_to_sigmas
 from lorakit.precision import load_dtype
+from lorakit.transfer import to_device
 
 log = logging.getLogger("lorakit")
 
@@ -178,7 +179,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily):
     def _clip_outputs(comps: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         clip, clip_tok = comps.text_encoders[0], comps.tokenizers[0]
         clip_ids = clip_tok(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-        return {"pooled": clip(clip_ids.to(clip.device)).pooler_output}
+        return {"pooled": clip(to_device(clip_ids, clip.device)).pooler_output}
 
     @staticmethod
     def _t5_outputs(comps: Components, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -186,9 +187,9 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily):
         tokens = t5_tok(
             captions, padding="max_length", max_length=comps.extras["t5_max_length"], truncation=True, return_tensors="pt"
         )
-        mask = tokens.attention_mask.to(t5.device)
+        mask = to_device(tokens.attention_mask, t5.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and comps.extras.get("train_t5xxl", False)):
-            hidden = t5(tokens.input_ids.to(t5.device), attention_mask=mask if comps.extras["apply_t5_attn_mask"] else None).last_hidden_state
+            hidden = t5(to_device(tokens.input_ids, t5.device), attention_mask=mask if comps.extras["apply_t5_attn_mask"] else None).last_hidden_state
         return {"t5": hidden, "t5_mask": mask}
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: Any) -> torch.Tensor:

@@ -16,6 +16,7 @@ from lorakit.families.common.text_cache import CaptionCache, whole_caption_cache
 from lorakit.families.targeting import RankChoice, collect_targets
 from lorakit.objectives.ddpm import DDPMObjective
 from lorakit.precision import load_dtype
+from lorakit.transfer import to_device
 
 UNET_ATTENTION_PARENTS = ("Transformer2DModel",)
 UNET_CONV_PARENTS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -73,7 +74,7 @@ class StableDiffusionFamily:
 
     def _run_encoder(self, comps: Components, captions: list[str], clip_skip: int | None) -> torch.Tensor:
         encoder = comps.text_encoders[0]
-        ids = self.tokenize(comps, captions).to(encoder.device)
+        ids = to_device(self.tokenize(comps, captions), encoder.device)
         if not clip_skip or clip_skip <= 1:
             return encoder(ids).last_hidden_state
         # the n-th layer from the end, normalised like the last one (what A1111 "CLIP skip" means)

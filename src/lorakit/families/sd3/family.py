@@ -39,6 +39,7 @@ from lorakit.families.sd3.network_args import SD3NetworkArgs
 from lorakit.families.targeting import RankChoice, collect_targets
 from lorakit.objectives.sd3_flow import SD3FlowObjective, precondition_to_x0
 from lorakit.precision import load_dtype
+from lorakit.transfer import to_device
 
 log = logging.getLogger("lorakit")
 
@@ -158,10 +159,10 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily):
     def _t5_part(comps: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         t5, tok_t5, extras = comps.text_encoders[2], comps.tokenizers[2], comps.extras
         tokens = tok_t5(captions, padding="max_length", max_length=extras["t5_max_length"], truncation=True, return_tensors="pt")
-        mask = tokens.attention_mask.to(t5.device)
+        mask = to_device(tokens.attention_mask, t5.device)
         use_mask = extras["apply_t5_attn_mask"]
         with torch.set_grad_enabled(torch.is_grad_enabled() and extras.get("train_t5xxl", False)):
-            hidden = t5(tokens.input_ids.to(t5.device), attention_mask=mask if use_mask else None).last_hidden_state
+            hidden = t5(to_device(tokens.input_ids, t5.device), attention_mask=mask if use_mask else None).last_hidden_state
         if use_mask:
             hidden = hidden * mask[..., None].to(hidden.dtype)
         return {"t5": hidden}
@@ -268,7 +269,7 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily):
 def _clip_outputs(encoder: torch.nn.Module, tokenizer: Any, captions: list[str], use_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Penultimate hidden states (padding zeroed under the mask option) and the projected pooled output."""
     tokens = tokenizer(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt")
-    ids, mask = tokens.input_ids.to(encoder.device), tokens.attention_mask.to(encoder.device)
+    ids, mask = to_device(tokens.input_ids, encoder.device), to_device(tokens.attention_mask, encoder.device)
     out = encoder(ids, attention_mask=mask if use_mask else None, output_hidden_states=True)
     hidden = out.hidden_states[-2]
     if use_mask:

@@ -24,6 +24,7 @@ from lorakit.families.sd.family import TEXT_ENCODER_PARENTS, UNET_ATTENTION_PARE
 from lorakit.families.targeting import RankChoice, collect_targets, kohya_name
 from lorakit.objectives.ddpm import DDPMObjective
 from lorakit.precision import load_dtype
+from lorakit.transfer import to_device
 
 log = logging.getLogger("lorakit")
 
@@ -115,8 +116,8 @@ class StableDiffusionXLFamily:
     def _run_encoders(self, comps: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         te1, te2 = comps.text_encoders
         ids1, ids2 = self.tokenize(comps, captions)
-        hidden1 = te1(ids1.to(te1.device), output_hidden_states=True).hidden_states[-2]
-        out2 = te2(ids2.to(te2.device), output_hidden_states=True)
+        hidden1 = te1(to_device(ids1, te1.device), output_hidden_states=True).hidden_states[-2]
+        out2 = te2(to_device(ids2, te2.device), output_hidden_states=True)
         hidden = torch.cat([hidden1, out2.hidden_states[-2].to(hidden1.dtype)], dim=-1)
         return hidden, out2.text_embeds
 
@@ -126,7 +127,7 @@ class StableDiffusionXLFamily:
         unet = comps.denoiser
         added = {
             "text_embeds": text.tensors["text_embeds"].to(device=noisy.device, dtype=noisy.dtype),
-            "time_ids": size_time_ids(batch, noisy, vae_scale_factor(comps)).to(device=noisy.device, dtype=noisy.dtype),
+            "time_ids": to_device(size_time_ids(batch, noisy, vae_scale_factor(comps)), noisy.device, noisy.dtype),
         }
         context = text.tensors["encoder_hidden_states"].to(noisy.dtype)
         return unet(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
