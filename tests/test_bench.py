@@ -29,7 +29,8 @@ def test_bench_flux_tiny_writes_consistent_json(tmp_path, monkeypatch):
     again = bench_model("flux", "tiny", tmp_path / "cache")  # reused, not rewritten
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert f"--network_module={NETWORK_MODULES['flux']}" in again.train_args()
-    assert "--cache_text_encoder_outputs" in again.train_args()
+    assert "--cache_text_encoder_outputs" in bench.BenchOptions(64, 1, 4, "no", False, 5).train_args()
+    assert "--cache_text_encoder_outputs" not in bench.BenchOptions(64, 1, 4, "no", False, 5, cache_text=False).train_args()
 
 
 def test_bench_rejects_bad_flux_blocks(capsys):

@@ -44,6 +44,7 @@ class BenchResult:
     gradient_checkpointing: bool
     fp8_base: bool
     blocks_to_swap: int
+    text_encoder_outputs_cached: bool
     bare_step_s: float
     trainer_step_s: float
     ratio: float
@@ -70,6 +71,9 @@ class BenchOptions:
     steps: int
     fp8_base: bool = False
     blocks_to_swap: int = 0
+    # the frozen text encoders run once per caption (--cache_text_encoder_outputs); off, they run every step, as
+    # in sd-scripts' SD 1.x training, which has no such cache
+    cache_text: bool = True
 
     def train_args(self) -> list[str]:
         args = [
@@ -78,6 +82,7 @@ class BenchOptions:
             f"--mixed_precision={self.precision}", "--max_data_loader_n_workers=0", "--seed=0", "--learning_rate=1e-4",
         ]
         args += ["--gradient_checkpointing"] if self.checkpointing else []
+        args += ["--cache_text_encoder_outputs"] if self.cache_text else []
         args += ["--fp8_base"] if self.fp8_base else []
         return args + ([f"--blocks_to_swap={self.blocks_to_swap}"] if self.blocks_to_swap else [])
 
@@ -181,7 +186,7 @@ def run(family: str, size: str, options: BenchOptions, flux_blocks: tuple[int, i
     trainer, bare = statistics.median(trainer_steps), statistics.median(bare_steps)
     return BenchResult(
         family, size, device.type, options.resolution, options.batch, options.rank, options.precision, options.checkpointing,
-        options.fp8_base, options.blocks_to_swap, round(bare, 5), round(trainer, 5), round(statistics.median(pairs), 3),
+        options.fp8_base, options.blocks_to_swap, options.cache_text, round(bare, 5), round(trainer, 5), round(statistics.median(pairs), 3),
         pairs, round(firsts[0], 2), round(trainer_peak, 2), round(process_peak, 2), model.notes,
     )
 
@@ -232,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="trainer run and bare step this many times in turn; the ratio is the median of the pairs")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--no_text_cache", action="store_true",
+                        help="encode the captions every step (sd-scripts' SD 1.x has no text-encoder cache)")
     parser.add_argument("--sync_debug", action="store_true",
                         help="GPU only: warn at every call in the (first) trainer run that waits for the GPU")
     args = parser.parse_args(argv)
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, AssertionError):
         parser.error(f"--flux_blocks {args.flux_blocks}: expected two positive numbers, double,single (e.g. 19,38)")
     options = BenchOptions(args.resolution, args.batch, args.rank, args.precision, args.gradient_checkpointing, args.steps,
-                           args.fp8_base, args.blocks_to_swap)
+                           args.fp8_base, args.blocks_to_swap, not args.no_text_cache)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: expected 1 or more")
     if args.sync_debug and not torch.cuda.is_available():

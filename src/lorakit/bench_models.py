@@ -21,8 +21,6 @@ FAMILIES = ("sd", "sdxl", "flux")
 SIZES = ("tiny", "real")
 #: the sd-scripts network module each family trains with
 NETWORK_MODULES = {"sd": "networks.lora", "sdxl": "networks.lora", "flux": "networks.lora_flux"}
-#: text-encoder outputs are cached where the family allows it (sd-scripts' SD 1.x script has no such option)
-CACHES_TEXT = {"sd": False, "sdxl": True, "flux": True}
 FLUX_REAL_BLOCKS = (19, 38)
 FLUX_BENCH_T5_LAYERS = 2
 
@@ -37,8 +35,7 @@ class BenchModel:
     notes: list[str] = field(default_factory=list)
 
     def train_args(self) -> list[str]:
-        args = [*self.model_args, f"--network_module={NETWORK_MODULES[self.family]}"]
-        return args + (["--cache_text_encoder_outputs"] if CACHES_TEXT[self.family] else [])
+        return [*self.model_args, f"--network_module={NETWORK_MODULES[self.family]}"]
 
 
 def bench_model(family: str, size: str, cache: Path, flux_blocks: tuple[int, int] = FLUX_REAL_BLOCKS) -> BenchModel:
