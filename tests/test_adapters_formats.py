@@ -319,3 +319,41 @@ def test_safetensors_whose_header_length_starts_with_byte_0x80_is_read_as_safete
     assert path.read_bytes()[0] == 0x80
     tensors, metadata = load_lora_file(path)
     assert metadata["ss_note"].startswith("x") and tensors["lora_unet_x.lora_down.weight"].shape == (2, 3)
+
+
+def test_base_model_hashes_are_computed_beside_training(tmp_path, monkeypatch):
+    """The whole-file hash runs in its own thread from the start of the run and is read at the first save."""
+    import threading
+    from types import SimpleNamespace
+
+    from lorakit.training import metadata
+    from lorakit.training.metadata import BaseModelHashes
+
+    threads: list[str] = []
+    hash_file = metadata.base_model_hashes
+
+    def recording(path, kind):
+        threads.append(threading.current_thread().name)
+        return hash_file(path, kind)
+
+    monkeypatch.setattr(metadata, "base_model_hashes", recording)
+
+    data = os.urandom(0x100000 + 0x18000)
+    model, vae = tmp_path / "model.safetensors", tmp_path / "vae.safetensors"
+    model.write_bytes(data)
+    vae.write_bytes(data[::-1])
+    cfg = SimpleNamespace(pretrained_model_name_or_path=str(model), vae=str(vae), no_metadata=False)
+    result = BaseModelHashes(cfg).result()
+    assert result == {
+        "ss_sd_model_name": "model.safetensors", "ss_sd_model_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8],
+        "ss_new_sd_model_hash": hashlib.sha256(data).hexdigest(),
+        "ss_vae_name": "vae.safetensors", "ss_vae_hash": file_hashes_for_base_model(vae)["legacy"],
+        "ss_new_vae_hash": hashlib.sha256(data[::-1]).hexdigest(),
+    }
+    assert len(threads) == 2 and all(name.startswith("lorakit-model-hash") for name in threads)  # not the caller's
+    # --no_metadata reads nothing; a folder model has a name but no file hash
+    assert BaseModelHashes(SimpleNamespace(pretrained_model_name_or_path=str(model), vae=None, no_metadata=True)).result() == {}
+    folder = BaseModelHashes(SimpleNamespace(pretrained_model_name_or_path=str(tmp_path), vae=None, no_metadata=False))
+    assert folder.result() == {"ss_sd_model_name": tmp_path.name}
+    missing = BaseModelHashes(SimpleNamespace(pretrained_model_name_or_path=str(tmp_path / "gone"), vae=None, no_metadata=False))
+    assert missing.result() == {"ss_sd_model_name": "gone"}

@@ -58,7 +58,7 @@ class Checkpointer:
         session = self.session
         path = saving.output_path(session.cfg, file_name)
         if self._main:
-            meta = md.per_save_metadata(self.base_meta, epoch=epoch, step=step)
+            meta = md.per_save_metadata({**self.base_meta, **session.base_hashes.result()}, epoch=epoch, step=step)
             self.handle.eval_mode()  # schedule-free optimizers save their averaged (eval) weights
             try:
                 state = session.network.state_dict_kohya()

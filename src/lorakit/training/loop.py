@@ -53,6 +53,7 @@ class Session:
     weight_dtype: torch.dtype
     train_text_encoder: bool
     noise_generator: torch.Generator | None = None  # set by the trainer; draws training noise and timesteps
+    base_hashes: md.BaseModelHashes = field(default_factory=md.BaseModelHashes)  # the base model's metadata hashes
 
 
 def train(cfg: Any) -> TrainResult:
@@ -74,9 +75,12 @@ def train(cfg: Any) -> TrainResult:
         return TrainResult(plan)
 
     accelerator = _make_accelerator(cfg)
+    # only the main process writes files, so only it reads the whole base model for their metadata
+    hashes = md.BaseModelHashes(cfg if accelerator.is_main_process else None)
     distributed.shard_dataset(dataset, accelerator)
     set_seed(seed)
     session = _setup(cfg, family, accelerator)
+    session.base_hashes = hashes
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         disk = {"to_disk": True, "latent_format": family.name, "vae_id": vae_identity(cfg),
                 "skip_check": cfg.skip_cache_check} if cfg.cache_latents_to_disk else {}
