@@ -198,6 +198,8 @@ def test_extract_recovers_the_merged_lora(case):
         expected = RATIO * module.delta()
         assert torch.allclose(recovered.delta().reshape(expected.shape), expected, atol=2e-5), name
     assert file_metadata(out)["ss_base_model_version"] == {"sdxl": "sdxl_base_v1-0", "sd3": "5-medium", "flux": "flux1"}[case.name]
+    if case.name == "flux":  # the fixture's model has a guidance embedding: dev
+        assert file_metadata(out)["modelspec.architecture"] == "flux-1-dev/lora"
 
 
 def test_fast_svd_extract_recovers_the_merged_lora_too(case):
@@ -533,3 +535,23 @@ def test_flux_diffusers_named_file_merges_like_the_bfl_file(tmp_path, capsys):
     # convert's --src is checked against the file
     assert main(["convert", "--model", str(lora), "--src", "ai-toolkit", "--to", "kohya", "--save_to", str(tmp_path / "x.safetensors")]) == 2
     assert "kohya layout" in capsys.readouterr().err
+
+
+def test_flux_schnell_files_say_schnell(tmp_path):
+    """FLUX.1 dev and schnell LoRAs share ss_base_model_version "flux1"; the ModelSpec architecture tells them apart:
+    an extraction from a schnell model, and a merge of schnell LoRAs, say flux-1-schnell."""
+    from safetensors.torch import load_file, save_file
+
+    files = save_bfl_files(build_tiny_flux(0, guidance_embeds=False), tmp_path / "schnell")
+    state = load_file(str(files["flux1"]))
+    key = next(k for k in state if k.endswith("img_attn.qkv.weight"))
+    state[key] = state[key] + 0.01 * torch.randn_like(state[key])
+    tuned = tmp_path / "tuned.safetensors"
+    save_file(state, str(tuned), metadata=file_metadata(files["flux1"]))  # the tiny model's config travels with it
+    extracted, merged = tmp_path / "extracted.safetensors", tmp_path / "merged.safetensors"
+    assert main(["extract", "--model_org", str(files["flux1"]), "--model_tuned", str(tuned), "--save_to", str(extracted),
+                 "--dim", "2", "--flux"]) == 0
+    assert main(["merge", "--models", str(extracted), str(extracted), "--ratios", "0.5", "0.5", "--save_to", str(merged)]) == 0
+    for path in (extracted, merged):
+        meta = file_metadata(path)
+        assert meta["modelspec.architecture"] == "flux-1-schnell/lora" and meta["ss_base_model_version"] == "flux1", path.name

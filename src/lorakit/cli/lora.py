@@ -330,7 +330,10 @@ def _extract(argv: list[str]) -> int:
         "sd": ("sd_v2" if args.v2 else "sd_v1") + ("_v" if v_param else ""),
         "sd3": original.extras.get("model_type", layout.default_version),
     }.get(family, layout.default_version)
-    metadata = merged_metadata([], modules, title=save_to.stem, layout=layout, version=version, with_modelspec=not args.no_metadata)
+    # a schnell base model makes a schnell LoRA (FLUX.1 files share the version "flux1")
+    architecture = "flux-1-schnell" if original.extras.get("schnell") else None
+    metadata = merged_metadata([], modules, title=save_to.stem, layout=layout, version=version, with_modelspec=not args.no_metadata,
+                               architecture=architecture)
     save_lora(modules, save_to, fmt, metadata, save_dtype)
     print(f"saved {save_to} ({len(modules)} modules)")
     return 0

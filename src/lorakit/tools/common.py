@@ -139,10 +139,12 @@ def merged_metadata(
     version: str | None = None,
     extra: Mapping[str, str] | None = None,
     with_modelspec: bool = True,
+    architecture: str | None = None,
 ) -> dict[str, str]:
     """The minimal `ss_*` keys plus ModelSpec for a LoRA built from `sources` (merged, extracted...).
 
-    The base-model version comes from the argument, else from the first source that records one.
+    The base-model version comes from the argument, else from the first source that records one; the ModelSpec
+    architecture from the argument, else a source's variant of it (FLUX.1-schnell), else the version's own.
     """
     version = version or next((v for v in (_version_of(s.metadata) for s in sources) if v), None) or layout.default_version
     plain = [m for m in modules.values() if not m.is_spatial]
@@ -159,7 +161,11 @@ def merged_metadata(
         metadata["ss_network_args"] = json.dumps(conv)
     metadata.update(extra or {})
     if with_modelspec and version in layout.modelspec:
-        architecture, implementation, resolution = layout.modelspec[version]
+        default, implementation, resolution = layout.modelspec[version]
+        # a LoRA file records the base architecture with its own suffix ("flux-1-schnell/lora")
+        recorded = (s.metadata.get("modelspec.architecture", "").split("/")[0] for s in sources)
+        variant = next((a for a in recorded if a in layout.modelspec_variants), None)
+        architecture = architecture if architecture in layout.modelspec_variants else (variant or default)
         prediction = None if layout.family in ("sd3", "flux") else ("v" if version.endswith("_v") else "epsilon")
         merged_from = ", ".join(s.title for s in sources) or None
         spec_extra = {"merged_from": merged_from} if merged_from and len(sources) > 1 else None

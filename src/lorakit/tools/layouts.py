@@ -37,6 +37,9 @@ class KeyLayout:
     segments: frozenset[str]
     model_roots: Callable[[Components], dict[str, tuple[nn.Module, str]]] | None = None
     modelspec: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    # other ModelSpec architectures a file of this version may name (FLUX.1-schnell shares "flux1" with dev):
+    # kept from a source LoRA, or given by the base model an extraction reads
+    modelspec_variants: frozenset[str] = frozenset()
     # file-side denoiser path <-> diffusers path, where they differ (SDXL: SGM names in kohya files)
     denoiser_to_diffusers: Callable[[str], str | None] | None = None
     denoiser_from_diffusers: Callable[[str], str | None] | None = None
@@ -274,6 +277,7 @@ FLUX_LAYOUT = KeyLayout(
     components={"lora_unet": "transformer", "lora_te1": "text_encoder", "lora_te3": "text_encoder_2"},
     segments=frozenset(_FLUX_SEGMENTS + _SD_TEXT_SEGMENTS + _T5_SEGMENTS),
     modelspec={"flux1": ("flux-1-dev", "https://github.com/black-forest-labs/flux", 1024)},
+    modelspec_variants=frozenset({"flux-1-schnell"}),
     peft_writer=_flux_peft_writer,
     peft_reader=_flux_peft_reader,
     default_version="flux1",
