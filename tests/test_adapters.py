@@ -118,6 +118,42 @@ def test_module_structure_and_init():
         LoRAModule("x", nn.GroupNorm(2, 8), rank=2)
 
 
+
+def test_half_precision_base_with_float32_lora_under_and_without_autocast():
+    """A bf16 layer with a float32 LoRA: without autocast the input is cast to the LoRA's dtype; under autocast it
+    is not (the matmuls cast it), and no float32 copy of the activation is made — the same output either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(3)
+    layer = nn.Linear(16, 8).to(torch.bfloat16)
+    lora = LoRAModule("lora_unet_x", layer, rank=4, alpha=2.0)
+    with torch.no_grad():
+        lora.lora_up.weight.normal_(generator=g)
+    lora.apply_to()
+    x = torch.randn(2, 5, 16, generator=g).to(torch.bfloat16)
+    plain = layer(x)  # no autocast: bf16 base, float32 branch
+    expected = (layer.weight.float() @ x.float().transpose(1, 2)).transpose(1, 2) + layer.bias.float()
+    expected = expected + (x.float() @ lora.delta_weight().T)
+    torch.testing.assert_close(plain.float(), expected, atol=0.1, rtol=0.02)
+
+    class FloatCopies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to) and out.dtype == torch.float32:
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    copies = FloatCopies()
+    with torch.autocast("cpu", dtype=torch.bfloat16), copies:
+        autocast_out = layer(x)
+    assert tuple(x.shape) not in copies.shapes  # the activation is never copied to float32
+    torch.testing.assert_close(autocast_out.float(), plain.float(), atol=0.1, rtol=0.02)
+
+
 # ---------------------------------------------------------------------- network on a real U-Net
 
 

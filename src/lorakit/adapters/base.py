@@ -22,7 +22,20 @@ from torch import nn
 
 from lorakit.errors import CheckpointError
 
-__all__ = ["AdapterModule", "check_probability", "is_fused_view", "write_merged_weight"]
+__all__ = ["AdapterModule", "branch_input", "check_probability", "is_fused_view", "write_merged_weight"]
+
+
+def branch_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The layer input as the adapter's own weights take it.
+
+    Under autocast the adapter's matmuls cast `x` themselves (to the autocast dtype), so it is passed as it is: a
+    cast to the adapters' float32 first would copy every adapted layer's activation to float32 and back, twice
+    per step (forward and backward). Without autocast (a half-precision base with float32 adapters, e.g. at
+    inference) the dtypes must match, so it is cast.
+    """
+    if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(dtype)
 
 
 def check_probability(name: str, value: float | None) -> float:

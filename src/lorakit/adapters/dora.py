@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import is_fused_view
+from lorakit.adapters.base import branch_input, is_fused_view
 from lorakit.adapters.lora import LoRAModule
 
 __all__ = [
@@ -157,7 +157,7 @@ class DoRAModule(LoRAModule):
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         """ΔW x with rank dropout (in training), without the multiplier."""
-        hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
+        hidden = self.lora_down(branch_input(x, self.lora_down.weight.dtype))
         scale = self.scale
         if self.training and self.rank_dropout > 0.0:
             hidden = hidden * self._rank_dropout_mask(hidden)

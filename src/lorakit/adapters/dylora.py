@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lorakit.adapters.base import branch_input
 from lorakit.adapters.lora import LoRAModule
 
 __all__ = ["DyLoRAModule"]
@@ -49,7 +50,7 @@ class DyLoRAModule(LoRAModule):
             return out
         b = self.sample_rank()
         down, up = self._truncated_factors(b)
-        hidden = self._down(x.to(down.dtype), down)
+        hidden = self._down(branch_input(x, down.dtype), down)
         if self.dropout > 0.0:
             hidden = F.dropout(hidden, p=self.dropout)
         scale = float(self.alpha) / b

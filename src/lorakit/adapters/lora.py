@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import AdapterModule, check_probability
+from lorakit.adapters.base import AdapterModule, branch_input, check_probability
 
 __all__ = ["LoRAModule", "lora_delta_weight", "lora_scale"]
 
@@ -173,7 +173,7 @@ class LoRAModule(AdapterModule):
         out = self.original_forward(x)
         if self._skips_branch():
             return out
-        hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
+        hidden = self.lora_down(branch_input(x, self.lora_down.weight.dtype))
         if self.training and self.dropout > 0.0:
             hidden = F.dropout(hidden, p=self.dropout)
         scale = self.scale
