@@ -240,6 +240,16 @@ def test_oft_rotation_is_orthogonal_constrained_and_keeps_bias():
         OFTModule("oft_unet_x", nn.Linear(16, 30), 4, 1e-3)
 
 
+def test_oft_constraint_follows_a_loaded_alpha():
+    """The forward reads alpha as a number kept beside the buffer; loading a file's alpha updates both."""
+    trained = OFTModule("oft_unet_x", make_layer("linear", torch.float32), 4, 5e-2)
+    randomise(trained)
+    fresh = OFTModule("oft_unet_x", make_layer("linear", torch.float32), 4, 1e-3)
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.alpha_value == pytest.approx(5e-2) and fresh.constraint == pytest.approx(5e-2 * fresh.out_dim)
+    torch.testing.assert_close(fresh.rotation(), trained.rotation())
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv3x3"])
 def test_oft_merge_is_the_readers_block_product(kind):
     """A file's oft_blocks mean what sd-scripts (`networks.oft`), ComfyUI and LyCORIS read: per block k,

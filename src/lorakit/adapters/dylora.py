@@ -53,7 +53,7 @@ class DyLoRAModule(LoRAModule):
         hidden = self._down(branch_input(x, down.dtype), down)
         if self.dropout > 0.0:
             hidden = F.dropout(hidden, p=self.dropout)
-        scale = float(self.alpha) / b
+        scale = self.scale * self.rank / b  # alpha / b, without reading the alpha buffer (a GPU sync) every step
         if self.rank_dropout > 0.0:
             hidden = hidden * self._rank_dropout_mask(hidden)
             scale = scale / (1.0 - self.rank_dropout)

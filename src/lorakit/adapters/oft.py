@@ -54,7 +54,9 @@ def oft_rotation(blocks: torch.Tensor, constraint: float | None, multiplier: flo
         # rescale only when the norm exceeds the bound; the 1e-8 keeps the ratio finite at Q = 0
         q = q * ((torch.clamp(norm, max=constraint) + 1e-8) / (norm + 1e-8))
     eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype).expand_as(q)
-    rotation = torch.linalg.solve(eye - q, eye + q, left=False)  # (I + Q)(I − Q)⁻¹ without forming the inverse
+    # (I + Q)(I − Q)⁻¹ without forming the inverse. I − Q is never singular (Q is skew-symmetric: its eigenvalues
+    # are imaginary), so solve_ex skips linalg.solve's singularity check, which waits for the GPU in every forward
+    rotation = torch.linalg.solve_ex(eye - q, eye + q, left=False).result
     return multiplier * (rotation - eye) + eye
 
 
@@ -94,11 +96,18 @@ class OFTModule(AdapterModule):
         blocks = [nn.Parameter(torch.zeros(self.num_blocks, s // self.num_blocks, s // self.num_blocks, device=device)) for s in sizes]
         self.oft_blocks = blocks[0] if parts is None else nn.ParameterList(blocks)
         self.register_buffer("alpha", torch.tensor(float(alpha or 0.0), device=device))
+        # the forward reads alpha as a number; reading the buffer (on the GPU) every step would wait for the GPU
+        self.alpha_value = float(alpha or 0.0)
+        self.register_load_state_dict_post_hook(lambda module, _incompatible: module.refresh_alpha())
+
+    def refresh_alpha(self) -> None:
+        """Re-read `alpha` after it changed (e.g. loaded from a file)."""
+        self.alpha_value = float(self.alpha)
 
     @property
     def constraint(self) -> float:
         """ε = alpha · out (0 switches the constraint off); per part with `parts`, alpha · part size."""
-        return float(self.alpha) * self.out_dim
+        return self.alpha_value * self.out_dim
 
     def _blocks_by_part(self) -> list[tuple[torch.Tensor, int]]:
         if isinstance(self.oft_blocks, nn.ParameterList):
@@ -111,7 +120,7 @@ class OFTModule(AdapterModule):
 
     def rotations(self, multiplier: float | None = None) -> list[torch.Tensor]:
         m = self.multiplier if multiplier is None else multiplier
-        return [oft_rotation(blocks, float(self.alpha) * size, m) for blocks, size in self._blocks_by_part()]
+        return [oft_rotation(blocks, self.alpha_value * size, m) for blocks, size in self._blocks_by_part()]
 
     def merged_weight(self, multiplier: float = 1.0) -> torch.Tensor:
         weight = self.org_module.weight
