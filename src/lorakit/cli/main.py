@@ -125,6 +125,7 @@ def _cache(argv: list[str]) -> int:
     from lorakit.families.registry import resolve_family
 
     cfg, warnings = parse_train_args(argv)
+    apply_console_options(cfg)
     for warning in warnings:
         logging.getLogger("lorakit").warning(warning)
     family = resolve_family(cfg)
