@@ -26,26 +26,14 @@ def test_cache_then_reuse_then_train(tmp_path, capsys):
     assert (tmp_path / "out" / "last.safetensors").exists()
 
 
-def test_cache_follows_the_console_log_options(tmp_path):
+def test_cache_follows_the_console_log_options(tmp_path, restore_root_logging):
     """`lorakit cache` takes the train command's --console_log_* options like training does."""
-    import logging
-
     model = write_tiny_checkpoints(tmp_path / "models", "sd1")["folder"]
     data = write_dreambooth_folder(tmp_path / "data", count=1)
     log_file = tmp_path / "console.log"
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        assert main(["cache", f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", "--resolution=64",
+    assert main(["cache", f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", "--resolution=64",
                      f"--output_dir={tmp_path / 'out'}", "--max_data_loader_n_workers=0", "--console_log_simple",
                      f"--console_log_file={log_file}", "--xformers"]) == 0
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-            handler.close()
-        for handler in handlers:
-            root.addHandler(handler)
-        root.setLevel(level)
     logged = log_file.read_text(encoding="utf-8")
     # the option warning goes to the file, as a bare message (--console_log_simple)
     assert logged.splitlines()[0] == "--xformers: lorakit uses PyTorch SDPA attention instead; training continues"

@@ -161,26 +161,14 @@ def test_full_bf16_trains_the_network_in_bf16(models, data_dir, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))
 
 
-def test_console_log_file_and_logged_config(models, data_dir, tmp_path):
-    import logging
-
+def test_console_log_file_and_logged_config(models, data_dir, tmp_path, restore_root_logging):
     from lorakit.config import parse_train_args
     from lorakit.training.trackers import tracker_config
 
     log_file = tmp_path / "train.log"
     args = train_args(models["sd1"]["folder"], data_dir, tmp_path / "out", f"--console_log_file={log_file}",
                       "--console_log_simple", "--console_log_level=INFO", "--log_config", "--wandb_api_key=not-a-real-key")
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        assert main(args) == 0
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-            handler.close()
-        for handler in handlers:
-            root.addHandler(handler)
-        root.setLevel(level)
+    assert main(args) == 0
     text = log_file.read_text(encoding="utf-8")
     assert "prefer the WANDB_API_KEY environment variable" in text and "saved" in text
     cfg, _ = parse_train_args(args[1:])
