@@ -32,6 +32,7 @@ def random_network(components, *, rank=4, conv_rank=2, alpha=2.0, seed=0, make=N
         for module in network.lora_modules.values():
             module.lora_up.weight.normal_(0.0, 0.1, generator=generator)
             module.alpha.fill_(alpha)
+            module.refresh_scale()  # the forward uses the cached alpha / rank, as after loading a file
     return network
 
 
