@@ -333,7 +333,8 @@ def test_base_model_hashes_are_computed_beside_training(tmp_path, monkeypatch):
     hash_file = metadata.base_model_hashes
 
     def recording(path, kind):
-        threads.append(threading.current_thread().name)
+        thread = threading.current_thread()
+        threads.append(thread.name if thread.daemon else "not a daemon: a stopped run would wait for it")
         return hash_file(path, kind)
 
     monkeypatch.setattr(metadata, "base_model_hashes", recording)

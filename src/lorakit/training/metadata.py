@@ -7,9 +7,10 @@ value formats follow the reference; every value is a string.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,9 +125,18 @@ class BaseModelHashes:
         if cfg is None or getattr(cfg, "no_metadata", False):
             return
         files = [(cfg.pretrained_model_name_or_path, "sd_model"), (getattr(cfg, "vae", None), "vae")]
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-model-hash")
-        self._future = executor.submit(lambda: {k: v for path, kind in files for k, v in base_model_hashes(path, kind).items()})
-        executor.shutdown(wait=False)  # the thread ends with its one task
+        future: Future[dict[str, str]] = Future()
+
+        def compute() -> None:
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result({k: v for path, kind in files for k, v in base_model_hashes(path, kind).items()})
+            except BaseException as exc:  # handed to whoever asks for the result
+                future.set_exception(exc)
+
+        # a daemon thread: a run that stops early (an error, Ctrl+C) exits at once instead of finishing the hash
+        threading.Thread(target=compute, name="lorakit-model-hash", daemon=True).start()
+        self._future = future
 
     def result(self) -> dict[str, str]:
         """The keys (waiting for the hashing to finish); empty with --no_metadata."""
