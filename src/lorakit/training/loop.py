@@ -19,6 +19,7 @@ from lorakit.data.dataset import build_train_dataset
 from lorakit.data.summary import format_summary
 from lorakit.errors import ConfigError
 from lorakit.families.base import Components, ModelFamily
+from lorakit.families.common.text_cache import caches_text
 from lorakit.families.registry import resolve_family
 from lorakit.precision import WEIGHT_DTYPES, effective_mixed_precision
 from lorakit.training import distributed
@@ -61,7 +62,7 @@ def train(cfg: Any) -> TrainResult:
     family = resolve_family(cfg)
     seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1)
     dataset = build_train_dataset(cfg, seed)  # data problems surface before any model loads
-    if (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk) and dataset.captions_vary():
+    if caches_text(cfg) and dataset.captions_vary():
         raise ConfigError(["--cache_text_encoder_outputs: a dataset subset changes its captions per step (shuffle, "
                            "dropout, tag dropout, token warm-up or wildcards); remove one or the other"])
     plan = make_plan(cfg, family.name, len(dataset), num_processes=distributed.world_size_from_env())

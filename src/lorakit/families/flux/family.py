@@ -19,7 +19,7 @@ from lorakit.errors import ConfigError
 from lorakit.families.base import AdapterTarget, Components, TextConditioning
 from lorakit.families.flux import bfl_keys
 from lorakit.families.common.layers import FusedLinearView, SplitQKVView, to_fp8
-from lorakit.families.common.text_cache import CaptionCache
+from lorakit.families.common.text_cache import CaptionCache, caches_text
 from lorakit.families.common.transformer_family import (
     CLIP_PARENTS,
     T5_PARENTS,
@@ -157,7 +157,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily):
     def _text_cache_for(self, cfg: Any) -> CaptionCache | None:
         """--cache_text_encoder_outputs: T5's outputs always, CLIP-L's too unless CLIP-L trains (sd-scripts' "partial"
         caching: a trained encoder runs every step); a trained T5 cannot be cached."""
-        if not (getattr(cfg, "cache_text_encoder_outputs", False) or getattr(cfg, "cache_text_encoder_outputs_to_disk", False)):
+        if not caches_text(cfg):
             return None
         if FluxNetworkArgs.from_config(cfg).train_t5xxl and not cfg.network_train_unet_only:
             raise ConfigError(["--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "

@@ -24,7 +24,7 @@ import torch
 from lorakit.errors import ConfigError
 from lorakit.families.base import AdapterTarget, Components, TextConditioning
 from lorakit.families.common.layers import FusedLinearView, to_fp8
-from lorakit.families.common.text_cache import CaptionCache
+from lorakit.families.common.text_cache import CaptionCache, caches_text
 from lorakit.families.common.transformer_family import (
     CLIP_PARENTS,
     T5_PARENTS,
@@ -90,7 +90,7 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily):
             f"--{name} is an SD 1.x/2.x option; SD3/3.5 is trained without it (remove it)"
             for name in SD_ONLY_OPTIONS if getattr(cfg, name, None)
         ]
-        caching = bool(cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk)
+        caching = caches_text(cfg)
         args = SD3NetworkArgs.from_config(cfg)
         if caching and args.train_t5xxl and not cfg.network_train_unet_only:
             problems.append("--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
