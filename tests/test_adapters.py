@@ -14,15 +14,6 @@ from lorakit.families.base import AdapterTarget
 UNET_RANK, UNET_ALPHA, CONV_RANK, CONV_ALPHA = 4, 2.0, 2, 1.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; intra-op threads only contend on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def unet():
     from diffusers import UNet2DConditionModel

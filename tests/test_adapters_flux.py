@@ -35,14 +35,6 @@ from lorakit.families.flux.tiny import build_tiny_flux
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def flux():
     """One tiny FLUX (with the conditioning options `load` would set), copied per test."""
