@@ -248,6 +248,10 @@ def test_oft_constraint_follows_a_loaded_alpha():
     fresh.load_state_dict(trained.state_dict())
     assert fresh.alpha_value == pytest.approx(5e-2) and fresh.constraint == pytest.approx(5e-2 * fresh.out_dim)
     torch.testing.assert_close(fresh.rotation(), trained.rotation())
+    from_file = OFTModule("oft_unet_x", make_layer("linear", torch.float32), 4, 1e-3)
+    from_file.load_adapter_tensors(trained.adapter_state_dict(), "oft.safetensors")  # how kohya files load
+    assert from_file.alpha_value == pytest.approx(5e-2)
+    torch.testing.assert_close(from_file.rotation(), trained.rotation())
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv3x3"])

@@ -101,8 +101,11 @@ class OFTModule(AdapterModule):
         self.register_load_state_dict_post_hook(lambda module, _incompatible: module.refresh_alpha())
 
     def refresh_alpha(self) -> None:
-        """Re-read `alpha` after it changed (e.g. loaded from a file)."""
+        """Re-read `alpha` after it changed (loaded by `load_state_dict` or from a kohya file)."""
         self.alpha_value = float(self.alpha)
+
+    def after_load(self) -> None:
+        self.refresh_alpha()
 
     @property
     def constraint(self) -> float:
