@@ -134,8 +134,9 @@ def diffusers_to_bfl(state: dict[str, torch.Tensor], prefix: str = "") -> dict[s
         for leaf in ("weight", "bias"):
             if f"{diff}.{leaf}" in state:
                 out[f"{bfl}.{leaf}"] = state[f"{diff}.{leaf}"]
-    for leaf in ("weight", "bias"):
-        out[f"{FINAL_MODULATION[0]}.{leaf}"] = _swap_halves(state[f"{FINAL_MODULATION[1]}.{leaf}"])
+    for leaf in ("weight", "bias"):  # like the top-level layers, converted when present (a block-only state has none)
+        if f"{FINAL_MODULATION[1]}.{leaf}" in state:
+            out[f"{FINAL_MODULATION[0]}.{leaf}"] = _swap_halves(state[f"{FINAL_MODULATION[1]}.{leaf}"])
     for (bfl_prefix, diff_prefix), layers, norms, fused in (
         (DOUBLE_PREFIX, DOUBLE_LAYERS, DOUBLE_NORMS, DOUBLE_FUSED),
         (SINGLE_PREFIX, SINGLE_LAYERS, SINGLE_NORMS, SINGLE_FUSED),

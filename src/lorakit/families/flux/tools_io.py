@@ -67,13 +67,12 @@ def _bfl_pieces(state: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tens
     """`diffusers_to_bfl` of the top-level layers, then of one block at a time (each renamed to block 0 for the
     conversion and back), in file order."""
     blocks = (bfl_keys.DOUBLE_PREFIX, bfl_keys.SINGLE_PREFIX)
-    final = {f"{bfl_keys.FINAL_MODULATION[1]}.{leaf}": state[f"{bfl_keys.FINAL_MODULATION[1]}.{leaf}"] for leaf in ("weight", "bias")}
     yield bfl_keys.diffusers_to_bfl({k: v for k, v in state.items() if not k.startswith(tuple(f"{d}." for _, d in blocks))})
     for bfl_prefix, diff_prefix in blocks:
         for index in range(bfl_keys.block_count(state, diff_prefix)):
             source = f"{diff_prefix}.{index}."
             block = {f"{diff_prefix}.0.{k[len(source):]}": v for k, v in state.items() if k.startswith(source)}
-            converted = bfl_keys.diffusers_to_bfl({**final, **block})
+            converted = bfl_keys.diffusers_to_bfl(block)
             first = f"{bfl_prefix}.0."
             yield {f"{bfl_prefix}.{index}.{k[len(first):]}": v for k, v in converted.items() if k.startswith(first)}
 
