@@ -14,7 +14,7 @@ from lorakit.errors import CheckpointError
 from lorakit.families.sd.family import StableDiffusionFamily
 from lorakit.toy.tiny_models import build_tiny_sd
 from lorakit.tools.common import load_lora
-from lorakit.tools.extract import ExtractOptions, _TargetOptions
+from lorakit.tools.targets import _Options
 from lorakit.tools.layouts import SD_LAYOUT, guess_family
 from lorakit.tools.lora_state import LoraFactors, read_modules
 from lorakit.tools.merge import merge_loras
@@ -24,7 +24,7 @@ from lorakit.tools.svd import choose_rank
 
 def random_lora(components, *, rank=4, conv_rank=2, alpha=2.0, seed=0) -> dict[str, torch.Tensor]:
     """A kohya state dict for every SD target (C3Lier convs included) with non-zero up weights."""
-    options = _TargetOptions(ExtractOptions(dim=rank, conv_dim=conv_rank))
+    options = _Options({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}, unet_only=False, dim=rank)
     network = LoRANetwork(StableDiffusionFamily().adapter_targets(components, options))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -13,14 +13,14 @@ from lorakit.families.sd.ldm_keys import save_sd_single_file
 from lorakit.families.sd.loading import load_sd_components
 from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder
 from lorakit.tools.common import load_lora
-from lorakit.tools.extract import ExtractOptions, _TargetOptions
+from lorakit.tools.targets import _Options
 
 RATIO = 0.7
 
 
 def lora_network(components, *, seed=0) -> LoRANetwork:
     """LoRA on every SD target (rank 4, 3x3 convs rank 2, alpha 2) with non-zero up weights."""
-    options = _TargetOptions(ExtractOptions(dim=4, conv_dim=2))
+    options = _Options({"conv_dim": "2", "conv_alpha": "2"}, unet_only=False, dim=4)
     network = LoRANetwork(StableDiffusionFamily().adapter_targets(components, options))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -15,7 +15,7 @@ from lorakit.errors import ConfigError
 from lorakit.families.sd.family import StableDiffusionFamily
 from lorakit.toy.tiny_models import build_tiny_sd
 from lorakit.tools.common import LoadedLora, load_lora
-from lorakit.tools.extract import ExtractOptions, _TargetOptions
+from lorakit.tools.targets import _Options
 from lorakit.tools.layouts import SD_LAYOUT
 from lorakit.tools.lbw import LBW_SLOTS, apply_block_weights, lbw_slot, parse_lbws
 from lorakit.tools.lora_state import LoraFactors
@@ -24,7 +24,7 @@ from lorakit.tools.merge import merge_loras
 
 def random_network(components, *, rank=4, conv_rank=2, alpha=2.0, seed=0, make=None) -> LoRANetwork:
     """A LoRA network on every SD target (3x3 convs included) with non-zero up weights."""
-    options = _TargetOptions(ExtractOptions(dim=rank, conv_dim=conv_rank))
+    options = _Options({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}, unet_only=False, dim=rank)
     targets = StableDiffusionFamily().adapter_targets(components, options)
     network = LoRANetwork(targets) if make is None else LoRANetwork(targets, module_factory=make)
     generator = torch.Generator().manual_seed(seed)
@@ -378,7 +378,7 @@ def _real_unet_target_names(family: str) -> list[str]:
     config = _json.loads((resources.files("lorakit") / "families" / folder / "unet.json").read_text())
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-    options = _TargetOptions(ExtractOptions(dim=4))
+    options = _Options({}, unet_only=False, dim=4)
     options.network_train_unet_only = True
     comps = Components(denoiser=unet, vae=None, text_encoders=[], tokenizers=[])
     return [t.name for t in FAMILIES[family]().adapter_targets(comps, options)]

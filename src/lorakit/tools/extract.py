@@ -39,20 +39,6 @@ class ExtractOptions:
     fast_svd: bool = False  # randomized SVD of each ΔW (see tools/svd.py): several times faster, near-optimal
 
 
-class _TargetOptions:
-    """The few training options `adapter_targets` reads, filled from the extraction options."""
-
-    def __init__(self, options: ExtractOptions):
-        self.network_dim = options.dim
-        self.network_alpha = float(options.dim)
-        self.network_train_unet_only = False
-        self.network_train_text_encoder_only = False
-        self._kwargs = {} if not options.conv_dim else {"conv_dim": str(options.conv_dim), "conv_alpha": str(options.conv_dim)}
-
-    def network_kwargs(self) -> dict[str, str]:
-        return dict(self._kwargs)
-
-
 def _target_args(family: str, options: ExtractOptions) -> dict[str, str]:
     """The `--network_args` whose targets a trained LoRA of the family has (3x3 convs only with conv_dim)."""
     if options.conv_dim and family in ("sd", "sdxl"):
