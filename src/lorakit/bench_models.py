@@ -19,8 +19,6 @@ import torch
 
 FAMILIES = ("sd", "sdxl", "flux")
 SIZES = ("tiny", "real")
-#: the sd-scripts network module each family trains with
-NETWORK_MODULES = {"sd": "networks.lora", "sdxl": "networks.lora", "flux": "networks.lora_flux"}
 FLUX_REAL_BLOCKS = (19, 38)
 FLUX_BENCH_T5_LAYERS = 2
 
@@ -35,7 +33,10 @@ class BenchModel:
     notes: list[str] = field(default_factory=list)
 
     def train_args(self) -> list[str]:
-        return [*self.model_args, f"--network_module={NETWORK_MODULES[self.family]}"]
+        from lorakit.families.registry import FAMILIES
+
+        # the sd-scripts network module the family trains with
+        return [*self.model_args, f"--network_module={FAMILIES[self.family]().default_network_module}"]
 
 
 def bench_model(family: str, size: str, cache: Path, flux_blocks: tuple[int, int] = FLUX_REAL_BLOCKS) -> BenchModel:

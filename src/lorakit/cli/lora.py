@@ -186,13 +186,13 @@ def _add_model_merge_options(p: argparse.ArgumentParser) -> None:
 
 
 def _model_family(args: argparse.Namespace) -> str:
-    from lorakit.tools.models import detect_model_family
+    from lorakit.families.registry import detect_family
 
     if args.flux_model is not None:
         if args.family not in ("auto", "flux"):
             raise ConfigError([f"--family {args.family}: --flux_model is a FLUX model"])
         return "flux"
-    family = args.family if args.family != "auto" else detect_model_family(args.sd_model)
+    family = args.family if args.family != "auto" else detect_family(args.sd_model)
     if args.sdxl and family != "sdxl":
         raise ConfigError([f"--sdxl: {args.sd_model} is not an SDXL model (it reads as {family})"])
     return family
@@ -341,13 +341,13 @@ def _extract(argv: list[str]) -> int:
 
 def _extract_family(args: argparse.Namespace) -> str:
     """The models' family: --family, else detected from --model_org; --sdxl/--flux must agree with it."""
-    from lorakit.tools.models import detect_model_family
+    from lorakit.families.registry import detect_family
 
-    family = args.family if args.family != "auto" else detect_model_family(args.model_org)
+    family = args.family if args.family != "auto" else detect_family(args.model_org)
     for flag, expected in (("sdxl", "sdxl"), ("flux", "flux")):
         if getattr(args, flag) and family != expected:
             raise ConfigError([f"--{flag}: {args.model_org} is not a {expected.upper()} model (it reads as {family})"])
-    tuned = detect_model_family(args.model_tuned) if args.family == "auto" else family
+    tuned = detect_family(args.model_tuned) if args.family == "auto" else family
     if tuned != family:
         raise ConfigError([f"--model_tuned {args.model_tuned}: a {tuned} model, but --model_org is {family}"])
     return family

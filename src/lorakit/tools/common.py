@@ -16,6 +16,7 @@ import torch
 from lorakit.adapters.formats import load_lora_file, save_lora_file
 from lorakit.adapters.modelspec import build_modelspec
 from lorakit.errors import CheckpointError, ConfigError
+from lorakit.families.registry import FAMILIES
 from lorakit.tools.layouts import KeyLayout, guess_family, layout_for
 from lorakit.tools.lora_state import LoraFactors, read_modules, to_state_dict
 
@@ -35,7 +36,6 @@ PRECISIONS = {
     "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
 LORA_SUFFIXES = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "pt", ".pth": "pt"}
-NETWORK_MODULES = {"sd3": "networks.lora_sd3", "flux": "networks.lora_flux"}  # what sd-scripts trains them with
 _HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 
 
@@ -150,7 +150,7 @@ def merged_metadata(
     plain = [m for m in modules.values() if not m.is_spatial]
     spatial = [m for m in modules.values() if m.is_spatial]
     metadata = {
-        "ss_network_module": NETWORK_MODULES.get(layout.family, "networks.lora"),
+        "ss_network_module": FAMILIES[layout.family]().default_network_module,
         "ss_base_model_version": version,
         "ss_v2": str(version.startswith("sd_v2")),
         "ss_network_dim": uniform_value([m.rank for m in plain] or [m.rank for m in spatial]),

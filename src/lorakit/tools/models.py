@@ -18,19 +18,12 @@ from lorakit.errors import CheckpointError, ConfigError
 from lorakit.families.base import Components
 
 __all__ = [
-    "ModelOutput", "check_model_output", "detect_model_family", "load_base_model", "load_flux_transformer_folder",
+    "ModelOutput", "check_model_output", "load_base_model", "load_flux_transformer_folder",
     "save_base_model", "save_module_file",
 ]
 
 SINGLE_FILE_SUFFIXES = {".safetensors": "safetensors", ".ckpt": "ckpt"}
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
-
-
-def detect_model_family(path: str) -> str:
-    """`sd`, `sdxl`, `sd3` or `flux`, read from the checkpoint's header or folder layout."""
-    from lorakit.families.registry import detect_family
-
-    return detect_family(path)
 
 
 def load_base_model(
