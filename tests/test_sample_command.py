@@ -363,3 +363,20 @@ def test_mistakes_exit_2_with_a_message(models, loras, tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert "error: " in err and expected in err, err
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_merging_leaves_the_model_forwards_as_they_were(models, loras):
+    """Listing FLUX's layers routes the fused q/k/v parts' forwards; once the weights are merged (as
+    `lorakit sample` does it) every module runs its own forward again, with nothing added per step."""
+    from lorakit.sampling.apply_lora import LoraMerger, parse_lora_spec, read_lora_file
+    from lorakit.tools.targets import forwards_restored
+
+    cfg = build_config({"pretrained_model_name_or_path": str(models["flux"])}, skip_requirements=True)
+    family, comps = load_model(models["flux"])
+    roots = [comps.denoiser, *comps.text_encoders]
+    patched = lambda: [m for root in roots for m in root.modules() if "forward" in m.__dict__]  # noqa: E731
+    assert not patched()
+    with forwards_restored(roots):
+        merged = LoraMerger(family, comps, cfg).merge(read_lora_file(parse_lora_spec(f"{loras['flux']};0.8")))
+        assert merged > 0 and patched()  # the views were made and routed while merging
+    assert not patched()

@@ -20,6 +20,7 @@ import torch
 from lorakit.atomic import staged_file
 from lorakit.errors import ConfigError
 from lorakit.sampling.apply_lora import LoraFile, LoraMerger, check_family, parse_lora_spec, read_lora_file
+from lorakit.tools.targets import forwards_restored
 from lorakit.sampling.prompts import SampleDefaults, SamplePrompt
 
 log = logging.getLogger("lorakit")
@@ -81,9 +82,11 @@ def run_sample(options: SampleOptions) -> list[Path]:
     targets = _output_paths(options.output, prompts)
     comps = family.load(model_cfg)
     merger = LoraMerger(family, comps, model_cfg)
-    for lora in plan.loras:
-        layers = merger.merge(lora)
-        log.info("merged %s x%g into %d layers", lora.spec.path, lora.spec.multiplier, layers)
+    # the weights are merged; the layer views merging needed leave nothing behind on the model's forwards
+    with forwards_restored([comps.denoiser, *(e for e in comps.text_encoders if e is not None)]):
+        for lora in plan.loras:
+            layers = merger.merge(lora)
+            log.info("merged %s x%g into %d layers", lora.spec.path, lora.spec.multiplier, layers)
     _place(comps, plan)
     return _generate(family, comps, prompts, targets, options)
 

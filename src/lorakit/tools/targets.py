@@ -89,6 +89,17 @@ def _restore(saved: list[tuple[nn.Module, object]]) -> None:
 
 
 @contextmanager
+def forwards_restored(roots: list[nn.Module]) -> Iterator[None]:
+    """Every module under `roots` gets back the `forward` it had on entry: listing a family's targets makes the
+    FLUX/SD3 fused q/k/v views route their parts' forwards, which a model that is only merged into must not keep."""
+    saved = _forwards(roots)
+    try:
+        yield
+    finally:
+        _restore(saved)
+
+
+@contextmanager
 def model_targets(
     family: str, components: Components, network_args: dict[str, str] | None = None
 ) -> Iterator[dict[str, ToolTarget]]:
@@ -103,10 +114,6 @@ def model_targets(
     view = SimpleNamespace(**{**vars(components), "text_encoders": [e if e is not None else nn.Module() for e in encoders]})
     args = dict(ALL_TARGETS[family] if network_args is None else network_args)
     options = _Options(args, unet_only=not present)
-    roots = [components.denoiser, *present]
-    saved = _forwards(roots)
-    try:
+    with forwards_restored([components.denoiser, *present]):
         targets = FAMILIES[family]().adapter_targets(view, options)
         yield {t.name: ToolTarget(t.name, t.module, t.component) for t in targets}
-    finally:
-        _restore(saved)
