@@ -134,25 +134,28 @@ class DoRAModule(LoRAModule):
         out = self.original_forward(x)
         if self._skips_branch():
             return out
-        gain = self._gain()  # m / ‖W + ΔW‖, detached norm
+        # read once: a fused view's weight (FLUX/SD3 q/k/v) is a fresh concatenation of its parts on every read
+        weight = self.org_module.weight.float()
+        axis = dora_magnitude_axis(self.dora_scale, weight.shape)
+        gain = self._gain(weight, axis)  # m / ‖W + ΔW‖, detached norm
         bias = self.org_module.bias
         if is_fused_view(self.org_module):  # its own output is zero; its parts add W x + b themselves
-            base = self._base_op(x.float())
+            base = self._base_op(x.float(), weight)
         else:
             base = out if bias is None else out - self._channel_view(bias.to(out.dtype), out)
-        if self.magnitude_axis == 0:
+        if axis == 0:
             decomposed = self._channel_view(gain, out) * (base.float() + self._branch(x))
         else:
             # a per-input-channel gain scales the input of the whole (W + ΔW) layer
             scaled = x.float() * self._channel_view(gain, x)
-            decomposed = self._base_op(scaled) + self._branch(scaled)
+            decomposed = self._base_op(scaled, weight) + self._branch(scaled)
         return out + (self.multiplier * (decomposed - base.float())).to(out.dtype)
 
-    def _gain(self) -> torch.Tensor:
+    def _gain(self, weight: torch.Tensor, axis: int) -> torch.Tensor:
+        """m / ‖W + ΔW‖ for the float32 base `weight`, the norm taken along `axis` without gradients."""
         with torch.no_grad():
-            weight = self.org_module.weight.float()
             combined = weight + self.delta_weight().to(device=weight.device, dtype=torch.float32)
-            norm = dora_weight_norm(combined, self.magnitude_axis).flatten() + torch.finfo(torch.float32).eps
+            norm = dora_weight_norm(combined, axis).flatten() + torch.finfo(torch.float32).eps
         return self.dora_scale.flatten().float() / norm
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,9 +167,9 @@ class DoRAModule(LoRAModule):
             scale = scale / (1.0 - self.rank_dropout)
         return (self.lora_up(hidden) * scale).float()
 
-    def _base_op(self, x: torch.Tensor) -> torch.Tensor:
-        """W x without bias, in float32."""
-        layer, weight = self.org_module, self.org_module.weight.float()
+    def _base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """W x without bias, in float32 (`weight`: the layer's weight as float32)."""
+        layer = self.org_module
         if self.is_conv:
             return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
         return F.linear(x, weight)

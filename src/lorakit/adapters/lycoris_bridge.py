@@ -452,14 +452,14 @@ class LycorisAdapter(AdapterModule):
             return lyco.forward(x)
         return self._rebuild_forward(x)
 
-    def _merged(self, multiplier: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W' in float32, the new bias or None) at `multiplier`.
+    def _merged(self, multiplier: float, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W' in float32, the new bias or None) at `multiplier`, from the layer's `weight` (read once by the
+        caller: a fused view builds it anew on every read).
 
         GLoRA's weight depends on W itself (ΔW = W·A + B), and lycoris-lora 4.1.3 multiplies the layer's
         weight by its float32 factors as they are, which fails on a half-precision base: its ΔW is formed
         here in float32 instead. Every other algorithm uses the package's own `get_merged_weight`.
         """
-        weight = self.org_module.weight
         if type(self.lyco).__name__ == "GLoRAModule":
             return weight.float() + multiplier * glora_delta_weight(self.lyco, weight), None
         merged, bias = self.lyco.get_merged_weight(multiplier, weight.shape, weight.device)
@@ -478,19 +478,21 @@ class LycorisAdapter(AdapterModule):
         lyco = self.lyco
         if self.training and lyco.module_dropout and torch.rand(()) < lyco.module_dropout:
             return self.original_forward(x)
-        merged, _ = self._merged(self.multiplier)
-        delta = (merged - self.org_module.weight.float()).to(x.dtype)
+        weight = self.org_module.weight
+        merged, _ = self._merged(self.multiplier, weight)
+        delta = (merged - weight.float()).to(x.dtype)
         return self.original_forward(x) + lyco.op(x, delta, None, **lyco.kw_dict)
 
     def merged_weight(self, multiplier: float = 1.0) -> torch.Tensor:
-        return self._merged(multiplier)[0]
+        return self._merged(multiplier, self.org_module.weight)[0]
 
     def delta_weight(self) -> torch.Tensor:
-        return self.merged_weight(1.0) - self.org_module.weight.float()
+        weight = self.org_module.weight
+        return self._merged(1.0, weight)[0] - weight.float()
 
     @torch.no_grad()
     def merge_to_base(self, multiplier: float = 1.0) -> None:
-        merged, bias = self._merged(multiplier)
+        merged, bias = self._merged(multiplier, self.org_module.weight)
         write_merged_weight(self.org_module, merged)
         if bias is not None and self.org_module.bias is not None:
             self.org_module.bias.copy_(bias.to(self.org_module.bias.dtype))

@@ -125,23 +125,25 @@ class OFTModule(AdapterModule):
         m = self.multiplier if multiplier is None else multiplier
         return [oft_rotation(blocks, self.alpha_value * size, m) for blocks, size in self._blocks_by_part()]
 
-    def merged_weight(self, multiplier: float = 1.0) -> torch.Tensor:
-        weight = self.org_module.weight
+    def merged_weight(self, multiplier: float = 1.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """W' = Rᵀ·W per part; `weight` is the layer's W when the caller has read it already (a fused view builds
+        it anew on every read)."""
+        weight = self.org_module.weight if weight is None else weight
         rows = torch.split(weight, self.part_sizes, dim=0)
         merged = [oft_merged_weight(w, r) for w, r in zip(rows, self.rotations(multiplier))]
         return merged[0] if len(merged) == 1 else torch.cat(merged, dim=0)
 
     def delta_weight(self) -> torch.Tensor:
         weight = self.org_module.weight
-        return self.merged_weight(1.0) - weight.float()
+        return self.merged_weight(1.0, weight) - weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.multiplier == 0.0:
             return self.original_forward(x)
-        layer = self.org_module
-        merged = self.merged_weight(self.multiplier)
+        layer, base = self.org_module, self.org_module.weight
+        merged = self.merged_weight(self.multiplier, base)
         if is_fused_view(layer):  # the parts compute W x + b themselves: add only (W' − W) x
-            return F.linear(x, (merged - layer.weight.float()).to(x.dtype))
+            return F.linear(x, (merged - base.float()).to(x.dtype))
         weight = merged.to(x.dtype)
         bias = None if layer.bias is None else layer.bias.to(x.dtype)
         if self.is_conv:
