@@ -115,12 +115,6 @@ def block_diagonal_mask(row_slices: Sequence[slice], rank: int) -> torch.Tensor:
     return mask
 
 
-def split_lora_parts(up: torch.Tensor, down: torch.Tensor, row_slices: Sequence[slice]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The per-part (up, down) pairs of a block-diagonal split LoRA, in the order of `row_slices`."""
-    cols = up.shape[1] // len(row_slices)
-    return [(up[rows, j * cols:(j + 1) * cols], down[j * cols:(j + 1) * cols]) for j, rows in enumerate(row_slices)]
-
-
 def _route_part(part: nn.Linear, view: FusedLinearView, index: int) -> None:
     """Make `part` add its rows of the view's output; any forward already patched on it is kept and chained."""
     inner = part.__dict__.get("forward", part.forward)
