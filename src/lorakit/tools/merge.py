@@ -63,7 +63,7 @@ def _check_against_model(lora: LoadedLora, index: dict[str, ToolTarget]) -> None
         if target is None:
             raise CheckpointError(f"{lora.path}: key {name}.lora_down.weight names a module the base model does not have")
         delta_shape = (module.up.shape[0], *module.down.shape[1:])
-        weight_shape = tuple(target.weight().shape)
+        weight_shape = target.shape
         if not _fits(delta_shape, weight_shape):
             raise CheckpointError(
                 f"{lora.path}: key {name}.lora_down.weight has shape {tuple(module.down.shape)} (up "
@@ -106,8 +106,7 @@ def merge_into_model(
         for lora, ratio in zip(loras, ratios):
             for name, module in lora.modules.items():
                 target = index[name]
-                weight = target.weight()
-                delta = (ratio * module.delta(device=device or weight.device)).reshape(weight.shape)
+                delta = (ratio * module.delta(device=device or target.device)).reshape(target.shape)
                 target.add(delta, dtype)
                 changed.add(name)
     return len(changed)

@@ -45,6 +45,19 @@ class ToolTarget:
         """The weight in the LoRA file's shape and row order (views build it from their parts)."""
         return self.module.weight
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape, without building a view's weight (a concatenation of its parts)."""
+        if isinstance(self.module, nn.Linear):
+            return (self.module.out_features, self.module.in_features)
+        return tuple(self.module.weight.shape)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weight lives (a view's: where its parts live)."""
+        parts = getattr(self.module, "parts", None)
+        return (parts[0] if parts else self.module).weight.device
+
     @torch.no_grad()
     def add(self, delta: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
         """W ← W + ΔW, summed in `dtype` (at least float32) and cast back to the weight's own dtype once."""
