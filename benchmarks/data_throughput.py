@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lorakit.data.dataset import build_train_dataset
+from lorakit.data.build import build_train_dataset
+from lorakit.data.cache import cache_dataset_latents
 
 NUM_IMAGES = 48
 BATCH = 4
@@ -107,7 +108,7 @@ def main() -> None:
         first, steady = overlapped(ds, model, optimizer)
         print(f"loader with 2 workers, training alongside: data wait {steady * 1000:.1f} ms per step after the first "
               f"(0 means the loader keeps ahead of the step); {first * 1000:.1f} ms for the epoch's first batch")
-        ds.cache_latents(encode, batch_size=8)
+        cache_dataset_latents(ds, encode, batch_size=8)
         batches, _, seconds = timed(ds.make_loader(0))
         print(f"cached latents: {batches / seconds:8.1f} batches/s")
 

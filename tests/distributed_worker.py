@@ -35,7 +35,7 @@ def instrumented(record: dict[str, Any]) -> Iterator[None]:
     """Patch the trainer's step-loss and after-update hooks for the duration of a run; restore them after."""
     from accelerate.state import PartialState
 
-    from lorakit.training import trainer
+    from lorakit.training import loop as trainer
 
     real_step_loss, real_after_update = trainer.step_loss, trainer.Trainer._after_update
     real_load_state = trainer.load_state
@@ -86,7 +86,7 @@ def cache_digest(dataset: Any) -> dict[str, float]:
 def recorded_run(argv: list[str]) -> dict[str, Any]:
     """One training run; returns its per-step weights, step losses, start step and the cache digest."""
     from lorakit.config import parse_train_args
-    from lorakit.training.loop import train
+    from lorakit.training.run import train
 
     record: dict[str, Any] = {"weights": [], "rng": []}
     cfg, _ = parse_train_args(argv)

@@ -277,7 +277,7 @@ def fresh_accelerator_state():
 @pytest.fixture
 def recorded(monkeypatch):
     """The real training and swap installation, with their results kept for the assertions."""
-    from lorakit.training import loop
+    from lorakit.training import run as loop
 
     seen = {"results": [], "swappers": []}
     train, install = loop.train, block_swap.install_block_swap

@@ -9,7 +9,8 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from lorakit.data.dataset import build_train_dataset
+from lorakit.data.build import build_train_dataset
+from lorakit.data.cache import cache_dataset_latents
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_cache_latents_shapes_and_batches(dataset, tiny_vae):
         assert pixels.min() >= -1 and pixels.max() <= 1
         return tiny_vae.encode(pixels).latent_dist.mode() * 0.18215
 
-    dataset.cache_latents(encode, batch_size=4, progress=False)
+    cache_dataset_latents(dataset, encode, batch_size=4, progress=False)
     # 3 images x (plain, flipped); buckets 64x64 (square, big) and 128x32 (wide) never share a call.
     assert sum(shape[0] for shape in calls) == 6
     assert sorted(calls) == [(1, 3, 32, 128), (1, 3, 32, 128), (2, 3, 64, 64), (2, 3, 64, 64)]
@@ -61,7 +62,7 @@ def test_cache_latents_shapes_and_batches(dataset, tiny_vae):
 
 def test_flipped_latent_is_encoding_of_flipped_image(dataset, tiny_vae):
     encode = lambda x: tiny_vae.encode(x).latent_dist.mode()  # noqa: E731
-    dataset.cache_latents(encode, batch_size=1)
+    cache_dataset_latents(dataset, encode, batch_size=1)
     wide = next(i for i, e in enumerate(dataset.images) if e.path.name == "wide.png")
     pixels = dataset._centre_pixels(wide, (128, 32), flip=False)
     with torch.no_grad():
@@ -170,9 +171,9 @@ def test_batches_from_disk_match_memory(disk_data, tiny_vae):
     root, _ = disk_data
     encode = scaled_encoder(tiny_vae, [])
     ram = build_train_dataset(disk_cfg(root, flip_aug=True), seed=1)
-    ram.cache_latents(encode, 2)
+    cache_dataset_latents(ram, encode, 2)
     disk = build_train_dataset(disk_cfg(root, flip_aug=True), seed=1)
-    disk.cache_latents(encode, 2, to_disk=True, latent_format="sd")
+    cache_dataset_latents(disk, encode, 2, to_disk=True, latent_format="sd")
     for i in range(len(ram)):
         torch.testing.assert_close(ram[i].latents, disk[i].latents, atol=1e-5, rtol=1e-5)
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from lorakit.data.dataset import build_train_dataset
+from lorakit.data.build import build_train_dataset
 from lorakit.data.dataset_config import plan_datasets
 from lorakit.data.metadata import dataset_metadata
 from lorakit.errors import DataError

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lorakit.data.dataset import balance_regularisation, build_train_dataset
+from lorakit.data.build import balance_regularisation, build_train_dataset
 from lorakit.data.discovery import parse_repeat_folder_name, scan_repeat_folders
 from lorakit.data.metadata import dataset_metadata
 from lorakit.data.summary import format_summary

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from lorakit.data.augment import apply_gamma, color_augment, face_crop_placement, shift_hue
-from lorakit.data.dataset import build_train_dataset
+from lorakit.data.build import build_train_dataset
 from lorakit.data.images import Placement, apply_placement
 from lorakit.data.info_cache import INFO_CACHE_NAME
 from lorakit.data.masks import mask_to_latent

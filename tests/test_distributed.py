@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from distributed_worker import recorded_run
 from helpers import write_dreambooth_folder
 from lorakit.config import parse_train_args
-from lorakit.data.dataset import build_train_dataset
+from lorakit.data.build import build_train_dataset
 from lorakit.data.sharding import batches_per_process, shard, shard_batch_plans
 from lorakit.errors import ConfigError
 from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder

@@ -23,7 +23,7 @@ from lorakit.config import parse_train_args
 from lorakit.errors import ConfigError
 from lorakit.families.sd.family import StableDiffusionFamily
 from lorakit.toy.tiny_models import build_tiny_sd
-from lorakit.training.trainer import optimizer_groups
+from lorakit.training.loop import optimizer_groups
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from helpers import write_dreambooth_folder, write_tiny_checkpoints
 from lorakit.config import parse_train_args
 from lorakit.families.registry import resolve_family
 from lorakit.precision import effective_mixed_precision, load_dtype
-from lorakit.training.loop import _make_accelerator, _setup
+from lorakit.training.run import make_accelerator as _make_accelerator
+from lorakit.training.setup import setup_session as _setup
 
 
 def test_load_dtype_follows_mixed_precision_and_no_half_vae():

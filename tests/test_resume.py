@@ -18,7 +18,7 @@ from helpers import write_dreambooth_folder
 from lorakit.config import parse_train_args
 from lorakit.errors import ConfigError
 from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder
-from lorakit.training.loop import train
+from lorakit.training.run import train
 from lorakit.training.state import TRAIN_STATE_FILE
 
 
@@ -77,7 +77,7 @@ KILLER = textwrap.dedent("""
     import torch
     import lorakit.training.state as state
     from lorakit.config import parse_train_args
-    from lorakit.training.loop import train
+    from lorakit.training.run import train
 
     real_write, writes = state._write_file, []
 

@@ -19,8 +19,8 @@ from lorakit.families.flux.tiny import build_tiny_flux
 from lorakit.families.sd3 import pos_embed
 from lorakit.families.sd3.family import StableDiffusion3Family, random_position_crop
 from lorakit.families.sd3.tiny import build_tiny_sd3, save_sai_file
-from lorakit.training import trainer as trainer_module
-from lorakit.training.trainer import optimizer_groups
+from lorakit.training import loop as trainer_module
+from lorakit.training.loop import optimizer_groups
 
 
 @pytest.fixture(autouse=True)

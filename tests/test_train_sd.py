@@ -197,7 +197,7 @@ def test_cached_text_encoder_outputs_train_exactly_like_encoding_every_step(mode
     from transformers import CLIPTextModel
 
     from lorakit.config import parse_train_args
-    from lorakit.training.loop import train
+    from lorakit.training.run import train
 
     encoded: list[int] = []
     original_forward = CLIPTextModel.forward

@@ -1,6 +1,6 @@
 """`lorakit bench`: the trainer's step time against the physical limit, the bare model step.
 
-The bare step is the same model with the same LoRA modules, set up by the trainer's own code (`_setup`: loading,
+The bare step is the same model with the same LoRA modules, set up by the trainer's own code (`setup_session`: loading,
 placement, `--fp8_base`, `--blocks_to_swap`, checkpointing, the network): the family's forward on random latents
 noised by the family's objective with a fixed text conditioning, MSE loss, backward, AdamW step — nothing else.
 The trainer's step is measured inside a real `lorakit train` run (data loading, text encoding or its cache,
@@ -111,11 +111,12 @@ def _train_config(model: BenchModel, options: BenchOptions, work: Path, output: 
 def bare_step_seconds(model: BenchModel, options: BenchOptions, work: Path) -> float:
     """Median seconds of the model's forward + MSE + backward + AdamW with the trainer's LoRA attached."""
     from lorakit.families.registry import resolve_family
-    from lorakit.training.loop import _make_accelerator, _setup
+    from lorakit.training.run import make_accelerator
+    from lorakit.training.setup import setup_session
 
     cfg = _train_config(model, options, work, "bare", 1)
     family = resolve_family(cfg)
-    session = _setup(cfg, family, _make_accelerator(cfg))
+    session = setup_session(cfg, family, make_accelerator(cfg))
     comps, accelerator, device = session.comps, session.accelerator, session.accelerator.device
     with torch.no_grad(), accelerator.autocast():
         text = family.encode_text(comps, ["a benchmark image of a square"] * options.batch)
@@ -152,7 +153,7 @@ def process_age_seconds() -> float | None:
 
 def trainer_run(model: BenchModel, options: BenchOptions, work: Path, output: str = "out") -> tuple[list[float], float]:
     """(seconds per step, seconds from the call to the end of the first step) of a real `lorakit train` run."""
-    from lorakit.training.loop import train
+    from lorakit.training.run import train
 
     cfg = _train_config(model, options, work, output, options.steps)
     started = time.perf_counter()

@@ -84,7 +84,7 @@ def _train(argv: list[str]) -> int:
     if cfg.output_config:
         print(f"wrote the options to {cfg.config_file}")
         return 0
-    from lorakit.training.loop import train  # heavy imports only once the options are known to be good
+    from lorakit.training.run import train  # heavy imports only once the options are known to be good
 
     result = train(cfg)
     if result.saved_files:

@@ -185,7 +185,7 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min",
         "token_warmup_step", "color_aug", "flip_aug", "random_crop", "face_crop_aug_range", "alpha_mask", "cache_info",
         "skip_cache_check", "conditioning_data_dir", "masked_loss", "cache_latents_to_disk",
-        # network extras, saving, resume and sampling (training/trainer.py, training/state.py, sampling/)
+        # network extras, saving, resume and sampling (training/loop.py, training/state.py, sampling/)
         "scale_weight_norms", "save_n_epoch_ratio", "save_last_n_epochs", "save_last_n_steps", "save_state",
         "save_state_on_train_end", "save_last_n_epochs_state", "save_last_n_steps_state", "resume",
         "initial_epoch", "initial_step", "skip_until_initial_step", "sample_prompts", "sample_every_n_steps",
@@ -202,7 +202,7 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "pos_emb_random_crop_rate", "training_shift", "save_format", "enable_scaled_pos_embed",
         # several processes (training/distributed.py)
         "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph",
-        # logging and precision (cli/main.py, training/trackers.py, training/loop.py)
+        # logging and precision (cli/main.py, training/trackers.py, training/run.py)
         "console_log_file", "console_log_simple", "log_config", "wandb_run_name", "wandb_api_key", "full_fp16",
         "full_bf16",
     }

@@ -21,7 +21,6 @@ from lorakit.data.images import image_size
 from lorakit.data.info_cache import read_info_cache, write_info_cache
 from lorakit.data.masks import check_mask_size, conditioning_files
 from lorakit.data.specs import DatasetSpec, SubsetSpec
-from lorakit.data.summary import BucketRow, DatasetPartSummary, DatasetSummary, SubsetRow
 from lorakit.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -232,57 +231,3 @@ def _merge_tags(frequency: dict[str, dict[str, int]], folder_name: str, captions
     target = frequency.setdefault(folder_name, {})
     for tag, n in tag_counts(captions).items():
         target[tag] = target.get(tag, 0) + n
-
-
-# ----- summary -----
-
-def summarize(dataset: TrainDataset) -> DatasetSummary:
-    """Counts, folders and buckets of a dataset, as printed in the plan and written into the metadata."""
-    members = dataset._bucket_members()
-    parts = [_part_summary(dataset, i, part, members) for i, part in enumerate(dataset.parts)]
-    image_errors = [abs(e.choice.ar_error) for e in dataset.images]
-    return DatasetSummary(
-        num_train_images=sum(p.num_train_images for p in parts),
-        num_reg_images=sum(p.num_reg_images for p in parts),
-        batches_per_epoch=len(dataset),
-        mean_ar_error=sum(image_errors) / len(image_errors) if image_errors else 0.0,
-        subsets=[row for p in parts for row in p.subsets],
-        buckets=[row for p in parts for row in p.buckets],
-        datasets=parts, from_config_file=dataset.from_config_file)
-
-
-def _part_summary(dataset: TrainDataset, index: int, part: _Part,
-                  members: list[tuple[int, Size, list[int]]]) -> DatasetPartSummary:
-    spec = part.spec
-    counts = {bucket: len(ids) for d, bucket, ids in members if d == index}
-    order = part.manager.bucket_order(set(counts))
-    buckets = [BucketRow(b, counts[b], i, index) for i, b in enumerate(order) if counts.get(b)]
-    errors = [abs(e.choice.ar_error) for e in dataset.images if e.dataset_index == index]
-    batches = sum(-(-n // spec.batch_size) for n in counts.values())
-    subsets = [_subset_row(dataset.subsets[s], part.image_counts[s], index) for s in part.subset_indices]
-    return DatasetPartSummary(
-        index=index, resolution=spec.resolution, batch_size=spec.batch_size,
-        enable_bucket=spec.enable_bucket, bucket_no_upscale=spec.bucket_no_upscale,
-        min_bucket_reso=spec.min_bucket_reso if spec.enable_bucket else None,
-        max_bucket_reso=spec.max_bucket_reso if spec.enable_bucket else None,
-        bucket_reso_steps=spec.bucket_reso_steps, num_train_images=part.num_train_images,
-        num_reg_images=part.num_reg_images, batches_per_epoch=batches,
-        mean_ar_error=sum(errors) / len(errors) if errors else 0.0,
-        subsets=subsets, buckets=buckets, tag_frequency=part.tag_frequency, kind=spec.kind)
-
-
-def _subset_row(subset: SubsetSpec, image_count: int, dataset_index: int) -> SubsetRow:
-    return SubsetRow(
-        image_dir=str(subset.image_dir or ""), num_repeats=subset.num_repeats, image_count=image_count,
-        class_tokens=subset.class_tokens, is_reg=subset.is_reg, dataset_index=dataset_index,
-        flip_aug=subset.flip_aug, random_crop=subset.random_crop, color_aug=subset.color_aug,
-        shuffle_caption=subset.shuffle_caption, keep_tokens=subset.keep_tokens,
-        caption_prefix=subset.caption_prefix, caption_suffix=subset.caption_suffix,
-        keep_tokens_separator=subset.keep_tokens_separator, secondary_separator=subset.secondary_separator,
-        enable_wildcard=subset.enable_wildcard, resize_interpolation=subset.resize_interpolation,
-        metadata_file=str(subset.metadata_file) if subset.metadata_file else None,
-        caption_dropout_rate=subset.caption_dropout_rate,
-        caption_dropout_every_n_epochs=subset.caption_dropout_every_n_epochs,
-        caption_tag_dropout_rate=subset.caption_tag_dropout_rate,
-        face_crop_aug_range=subset.face_crop_aug_range, alpha_mask=subset.alpha_mask,
-        conditioning_data_dir=str(subset.conditioning_data_dir) if subset.conditioning_data_dir else None)

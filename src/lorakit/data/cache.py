@@ -136,7 +136,7 @@ def run_cache(cfg: Any, encode: Encode, latent_format: str | None = None, vae_id
     ("sd", "sdxl", "sd3", "flux"; default `cfg.family` or "sd"); `vae_id` names the VAE so caches made
     with another VAE are re-encoded.
     """
-    from lorakit.data.dataset import build_train_dataset
+    from lorakit.data.build import build_train_dataset
 
     dataset = build_train_dataset(cfg)
     family = latent_format or getattr(cfg, "family", None) or "sd"

@@ -29,6 +29,7 @@ from lorakit.data.latent_files import read_entry
 from lorakit.data.masks import load_conditioning_mask, place_alpha
 from lorakit.data.sharding import shard_batch_plans
 from lorakit.data.specs import SubsetSpec
+from lorakit.data.summary import DatasetSummary, summarize
 from lorakit.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -228,19 +229,7 @@ class TrainDataset(Dataset):
         return DataLoader(self, batch_size=None, sampler=_PlanSampler(self), num_workers=workers,
                           persistent_workers=persistent and workers > 0, collate_fn=_as_is)
 
-    # ----- latent cache -----
-
-    def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 1,
-                      progress: bool = False, **disk: Any) -> Any:
-        """Encode every distinct (image, bucket, flip) once; afterwards batches carry latents.
-
-        `encode` takes pixels (B, 3, H, W) in [-1, 1] and returns model-ready (scaled) latents. With
-        `to_disk=True` (and `latent_format`, `vae_id`, `skip_check`) entries go to sd-scripts' npz files and
-        valid files are reused, so an interrupted run resumes where it stopped. See `lorakit.data.cache`.
-        """
-        from lorakit.data.cache import cache_dataset_latents
-
-        return cache_dataset_latents(self, encode, batch_size, progress, **disk)
+    # ----- latent cache (see lorakit.data.cache) -----
 
     def centre_pixels(self, image_id: int, bucket: Size, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The image centre-cropped to `bucket` (as caching sees it) and its alpha mask when it needs one."""
@@ -257,10 +246,8 @@ class TrainDataset(Dataset):
 
     # ----- reporting -----
 
-    def summary(self):
+    def summary(self) -> DatasetSummary:
         """Counts, folders and buckets, as printed in the plan and written into the LoRA metadata."""
-        from lorakit.data.build import summarize
-
         return summarize(self)
 
     def captions_vary(self) -> bool:
@@ -297,7 +284,3 @@ class _PlanSampler(Sampler):
 def _as_is(batch: Any) -> Any:
     """Collate function for pre-formed batches (module level so worker processes can pickle it)."""
     return batch
-
-
-# Building lives in build.py; it is re-exported here because callers import it from this module.
-from lorakit.data.build import balance_regularisation, build_train_dataset  # noqa: E402,F401

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from lorakit.data.buckets import Size
+from lorakit.data.specs import SubsetSpec
+
+if TYPE_CHECKING:
+    from lorakit.data.dataset import TrainDataset
 
 
 @dataclass(frozen=True)
@@ -120,3 +125,57 @@ def format_summary(summary: DatasetSummary) -> str:
         if part.enable_bucket:
             lines.append(f"  mean aspect-ratio error: {part.mean_ar_error:.4f}")
     return "\n".join(lines)
+
+
+# ----- building a summary from a dataset -----
+
+def summarize(dataset: TrainDataset) -> DatasetSummary:
+    """Counts, folders and buckets of a dataset, as printed in the plan and written into the metadata."""
+    members = dataset._bucket_members()
+    parts = [_part_summary(dataset, i, part, members) for i, part in enumerate(dataset.parts)]
+    image_errors = [abs(e.choice.ar_error) for e in dataset.images]
+    return DatasetSummary(
+        num_train_images=sum(p.num_train_images for p in parts),
+        num_reg_images=sum(p.num_reg_images for p in parts),
+        batches_per_epoch=len(dataset),
+        mean_ar_error=sum(image_errors) / len(image_errors) if image_errors else 0.0,
+        subsets=[row for p in parts for row in p.subsets],
+        buckets=[row for p in parts for row in p.buckets],
+        datasets=parts, from_config_file=dataset.from_config_file)
+
+
+def _part_summary(dataset: TrainDataset, index: int, part: Any,
+                  members: list[tuple[int, Size, list[int]]]) -> DatasetPartSummary:
+    spec = part.spec
+    counts = {bucket: len(ids) for d, bucket, ids in members if d == index}
+    order = part.manager.bucket_order(set(counts))
+    buckets = [BucketRow(b, counts[b], i, index) for i, b in enumerate(order) if counts.get(b)]
+    errors = [abs(e.choice.ar_error) for e in dataset.images if e.dataset_index == index]
+    batches = sum(-(-n // spec.batch_size) for n in counts.values())
+    subsets = [_subset_row(dataset.subsets[s], part.image_counts[s], index) for s in part.subset_indices]
+    return DatasetPartSummary(
+        index=index, resolution=spec.resolution, batch_size=spec.batch_size,
+        enable_bucket=spec.enable_bucket, bucket_no_upscale=spec.bucket_no_upscale,
+        min_bucket_reso=spec.min_bucket_reso if spec.enable_bucket else None,
+        max_bucket_reso=spec.max_bucket_reso if spec.enable_bucket else None,
+        bucket_reso_steps=spec.bucket_reso_steps, num_train_images=part.num_train_images,
+        num_reg_images=part.num_reg_images, batches_per_epoch=batches,
+        mean_ar_error=sum(errors) / len(errors) if errors else 0.0,
+        subsets=subsets, buckets=buckets, tag_frequency=part.tag_frequency, kind=spec.kind)
+
+
+def _subset_row(subset: SubsetSpec, image_count: int, dataset_index: int) -> SubsetRow:
+    return SubsetRow(
+        image_dir=str(subset.image_dir or ""), num_repeats=subset.num_repeats, image_count=image_count,
+        class_tokens=subset.class_tokens, is_reg=subset.is_reg, dataset_index=dataset_index,
+        flip_aug=subset.flip_aug, random_crop=subset.random_crop, color_aug=subset.color_aug,
+        shuffle_caption=subset.shuffle_caption, keep_tokens=subset.keep_tokens,
+        caption_prefix=subset.caption_prefix, caption_suffix=subset.caption_suffix,
+        keep_tokens_separator=subset.keep_tokens_separator, secondary_separator=subset.secondary_separator,
+        enable_wildcard=subset.enable_wildcard, resize_interpolation=subset.resize_interpolation,
+        metadata_file=str(subset.metadata_file) if subset.metadata_file else None,
+        caption_dropout_rate=subset.caption_dropout_rate,
+        caption_dropout_every_n_epochs=subset.caption_dropout_every_n_epochs,
+        caption_tag_dropout_rate=subset.caption_tag_dropout_rate,
+        face_crop_aug_range=subset.face_crop_aug_range, alpha_mask=subset.alpha_mask,
+        conditioning_data_dir=str(subset.conditioning_data_dir) if subset.conditioning_data_dir else None)

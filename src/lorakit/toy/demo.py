@@ -10,6 +10,7 @@ before/after grid and print the concept score of both rows.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from importlib import resources
 from pathlib import Path
@@ -62,8 +63,9 @@ def sample_rows(model: Path, lora_file: Path | None, prompts: list[str], steps: 
 
 
 def run_demo(output_dir: Path, *, images: int = 20, steps: int = 300, sample_steps: int = 25) -> dict[str, float]:
-    from lorakit.cli.main import main as lorakit_main
+    from lorakit.config import parse_train_args
     from lorakit.sampling.generate import image_grid
+    from lorakit.training.run import train
     from lorakit.toy.score import concept_score
     from lorakit.toy.world import concept_prompts, make_dataset
 
@@ -80,8 +82,10 @@ def run_demo(output_dir: Path, *, images: int = 20, steps: int = 300, sample_ste
     args = train_arguments(model, data, output_dir, steps)
     print("lorakit train \\\n  " + " \\\n  ".join(args), flush=True)
     started = time.perf_counter()
-    if lorakit_main(["train", *args]) != 0:
-        raise SystemExit(2)
+    cfg, warnings = parse_train_args(args)  # a mistake raises ConfigError, which `lorakit` prints
+    for warning in warnings:
+        logging.getLogger("lorakit").warning(warning)
+    train(cfg)
     train_seconds = time.perf_counter() - started
 
     lora_file = output_dir / "demo_lora.safetensors"

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
+from lorakit.data.cache import cache_dataset_latents
 from lorakit.data.sharding import batches_per_process
 from lorakit.errors import ConfigError
 
@@ -211,14 +212,14 @@ def cache_latents(dataset: Any, accelerator: Any, encode: Callable[[torch.Tensor
     world, rank = accelerator.num_processes, accelerator.process_index
     progress = accelerator.is_main_process
     if world <= 1:
-        return dataset.cache_latents(encode, batch_size, progress, **disk)
+        return cache_dataset_latents(dataset, encode, batch_size, progress, **disk)
     ids = _image_share(dataset, rank, world)
     share = copy.copy(dataset)  # same subsets and settings, only this process's images
     share.images = [dataset.images[i] for i in ids]
-    report = share.cache_latents(encode, batch_size, progress, **disk)
+    report = cache_dataset_latents(share, encode, batch_size, progress, **disk)
     if disk.get("to_disk"):
         accelerator.wait_for_everyone()
-        dataset.cache_latents(encode, batch_size, False, **disk)
+        cache_dataset_latents(dataset, encode, batch_size, False, **disk)
         return report
     _adopt_gathered_latents(dataset, ids, share)
     return report

@@ -1,221 +1,196 @@
-"""The training loop. It talks to a `ModelFamily` and never asks which family it is."""
+"""The epoch/step loop: accumulation, optimizer steps, max-norm, logging, saving, sampling and resume.
+
+It works on a `Session` built by `setup.py` and never asks which model family it trains.
+"""
 
 from __future__ import annotations
 
 import logging
-import random
-from dataclasses import dataclass, field
-from pathlib import Path
+import time
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
-from lorakit.adapters.factory import build_network
-from lorakit.adapters.network import LoRANetwork
-from lorakit.data.cache import vae_identity
-from lorakit.data.dataset import build_train_dataset
-from lorakit.data.summary import format_summary
-from lorakit.errors import ConfigError
-from lorakit.families.base import Components, ModelFamily
-from lorakit.families.common.text_cache import caches_text
-from lorakit.families.registry import resolve_family
-from lorakit.precision import WEIGHT_DTYPES, effective_mixed_precision
+from lorakit.adapters.blocks import blockwise_param_groups, loraplus_ratios
 from lorakit.training import distributed
 from lorakit.training import metadata as md
-from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
-from lorakit.training.trackers import logging_dir, tracker_config, tracker_init_kwargs, tracker_names, wandb_login
+from lorakit.training.checkpoints import Checkpointer
+from lorakit.training.optim import build_optimizer
+from lorakit.training.plan import TrainingPlan, start_position
+from lorakit.training.sample_events import Sampler
+from lorakit.training.saving import SavePolicy, save_every_n_epochs
+from lorakit.training.schedulers import build_lr_scheduler
+from lorakit.training.session import TrainResult
+from lorakit.training.state import TrainingState, load_state
+from lorakit.training.step import (
+    RunningLoss,
+    all_reduce_gradients,
+    ends_accumulation,
+    set_sync_gradients,
+    step_loss,
+)
 
 log = logging.getLogger("lorakit")
 
-
-@dataclass
-class TrainResult:
-    plan: TrainingPlan
-    saved_files: list[Path] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)  # mean loss over each logging interval
-    step_losses: list[float] = field(default_factory=list)  # one per optimizer step run by this process
-    start_step: int = 0  # the global step the run started from (non-zero when resumed)
-    sample_files: list[Path] = field(default_factory=list)
-    step_end_times: list[float] = field(default_factory=list)  # perf_counter after each optimizer step
+LOG_EVERY = 5  # reading the loss forces a device sync, so the progress bar and trackers update every few steps
 
 
-@dataclass
-class Session:
-    """Everything the step function needs; built once by `setup`."""
+def optimizer_groups(cfg: Any, network: Any, family: Any = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Parameter groups: block-wise LR groups when *_lr_weight is given, else the network's own (with LoRA+).
 
-    cfg: Any
-    family: ModelFamily
-    comps: Components
-    network: LoRANetwork
-    objective: Any
-    accelerator: Accelerator
-    weight_dtype: torch.dtype
-    train_text_encoder: bool
-    noise_generator: torch.Generator | None = None  # set by the trainer; draws training noise and timesteps
-    base_hashes: md.BaseModelHashes = field(default_factory=md.BaseModelHashes)  # the base model's metadata hashes
-
-
-def train(cfg: Any) -> TrainResult:
-    """Run (or with --dry_run only plan) one LoRA training described by `cfg`."""
-    family = resolve_family(cfg)
-    seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1)
-    dataset = build_train_dataset(cfg, seed)  # data problems surface before any model loads
-    if caches_text(cfg) and dataset.captions_vary():
-        raise ConfigError(["--cache_text_encoder_outputs: a dataset subset changes its captions per step (shuffle, "
-                           "dropout, tag dropout, token warm-up or wildcards); remove one or the other"])
-    plan = make_plan(cfg, family.name, len(dataset), num_processes=distributed.world_size_from_env())
-    dataset.set_training_length(plan.max_train_steps, cfg.gradient_accumulation_steps)
-    if distributed.rank_from_env() == 0:
-        batch = distributed.effective_batch_message(dataset, plan.num_processes, cfg.gradient_accumulation_steps)
-        print(format_plan(cfg, plan, format_summary(dataset.summary())) + "\n" + batch, flush=True)
-    plan = distributed.per_process_plan(plan)  # resume positions count this process's batches
-    check_before_loading(cfg, plan)
-    if cfg.dry_run:
-        return TrainResult(plan)
-
-    accelerator = _make_accelerator(cfg)
-    # only the main process writes files, so only it reads the whole base model for their metadata
-    hashes = md.BaseModelHashes(cfg if accelerator.is_main_process else None)
-    distributed.shard_dataset(dataset, accelerator)
-    set_seed(seed)
-    session = _setup(cfg, family, accelerator)
-    session.base_hashes = hashes
-    if cfg.cache_latents or cfg.cache_latents_to_disk:
-        disk = {"to_disk": True, "latent_format": family.name, "vae_id": vae_identity(cfg),
-                "skip_check": cfg.skip_cache_check} if cfg.cache_latents_to_disk else {}
-        with torch.no_grad():
-            distributed.cache_latents(dataset, accelerator, lambda images: family.encode_images(session.comps, images), cfg.vae_batch_size or 1, **disk)
-    return _run(session, dataset, plan, seed)
-
-
-def check_before_loading(cfg: Any, plan: TrainingPlan) -> None:
-    """Resume folder, start step and sample prompts: every problem at once, before any model loads."""
-    from lorakit.sampling.prompts import read_sample_prompts
-    from lorakit.training.state import check_state_folder, read_train_state
-
-    problems: list[str] = distributed.config_problems(cfg)
-    resumed_step = None
-    if cfg.resume:
-        problems += check_state_folder(cfg.resume)
-        if not problems:
-            resumed_step = read_train_state(cfg.resume).step
-    if not problems:
-        message = initial_step_problem(cfg, plan, resumed_step)
-        problems += [message] if message else []
-    if cfg.sample_prompts:
-        from lorakit.training.sample_events import sampling_problems
-
-        try:
-            problems += sampling_problems(cfg, read_sample_prompts(cfg.sample_prompts))
-        except ConfigError as error:
-            problems += error.problems
-    if problems:
-        raise ConfigError(problems)
-
-
-def _make_accelerator(cfg: Any) -> Accelerator:
-    precision = effective_mixed_precision(cfg, warn=True)
-    trackers = tracker_names(cfg)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=precision,
-        log_with=trackers or None, project_dir=logging_dir(cfg), **distributed.accelerator_kwargs(cfg),
-    )
-    distributed.check_process_count(accelerator)
-    if trackers:
-        wandb_login(cfg)
-        accelerator.init_trackers(cfg.log_tracker_name or "network_train", config=tracker_config(cfg), init_kwargs=tracker_init_kwargs(cfg))
-    return accelerator
-
-
-def _setup(cfg: Any, family: ModelFamily, accelerator: Accelerator) -> Session:
-    if getattr(cfg, "save_format", "kohya") != "kohya" and not hasattr(family, "lora_file_state"):
-        raise ConfigError([f"--save_format {cfg.save_format}: the {family.name} family writes the kohya layout only "
-                           "(convert afterwards with `lorakit lora convert --to diffusers`)"])
-    comps = family.load(cfg)
-    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
-    device = accelerator.device
-    swap_blocks = bool(getattr(cfg, "blocks_to_swap", None)) and hasattr(family, "prepare_block_swap")
-    for module in [comps.denoiser, comps.vae, *comps.text_encoders]:
-        module.requires_grad_(False)
-        module.eval()
-        # with --blocks_to_swap the denoiser never goes to the device whole: the family places it, keeping the
-        # swapped blocks' weights on the CPU, so loading needs no more device memory than training
-        dtype = torch.float32 if module is comps.vae and cfg.no_half_vae else weight_dtype
-        _move(module, torch.device("cpu") if swap_blocks and module is comps.denoiser else device, dtype)
-    if swap_blocks:
-        family.prepare_block_swap(comps, cfg, device)
-    train_text_encoder = bool(family.text_encoders_to_train(comps, cfg))
-    if cfg.gradient_checkpointing:
-        family.enable_gradient_checkpointing(comps, train_text_encoder)
-    network = build_network(cfg, family, comps, device)
-    _full_precision_network(cfg, network, accelerator)
-    _list_modules(cfg, network)
-    if train_text_encoder:
-        for encoder in family.text_encoders_to_train(comps, cfg):
-            encoder.train()  # LoRA dropout acts only in train mode; the frozen weights have no dropout of their own
-    comps.denoiser.train()
-    return Session(cfg, family, comps, network, family.objective(cfg, comps), accelerator, weight_dtype, train_text_encoder)
-
-
-def _full_precision_network(cfg: Any, network: torch.nn.Module, accelerator: Accelerator) -> None:
-    """--full_bf16 / --full_fp16: the adapter weights themselves in half precision (less memory, less exact)."""
-    if cfg.full_bf16:
-        network.to(dtype=torch.bfloat16)
-    elif cfg.full_fp16:
-        network.to(dtype=torch.float16)
-        scaler = getattr(accelerator, "scaler", None)
-        if scaler is not None:
-            # the gradient scaler refuses to unscale fp16 gradients unless told that they are meant to be fp16
-            original = scaler._unscale_grads_
-            scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: original(optimizer, inv_scale, found_inf, True)
-
-
-def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move a frozen module; cast only when the dtype changes (diffusers warns on every cast)."""
-    current = next(module.parameters()).dtype
-    module.to(device=device) if current == dtype else module.to(device=device, dtype=dtype)
-
-
-def _list_modules(cfg: Any, network: Any) -> None:
-    """`--network_args verbose=True`: every module with its rank and alpha (only the literal True counts)."""
+    A family with several text encoders may map `--text_encoder_lr`'s values to its encoders through
+    `text_encoder_lr_groups(cfg)` (kohya name prefix -> LR); the network then gives each encoder its own group.
+    """
     kwargs = cfg.network_kwargs() if cfg.network_args else {}
-    if kwargs.get("verbose") != "True":
-        return
-    for name, module in getattr(network, "lora_modules", {}).items():
-        log.info("%s: dim %s, alpha %s", name, getattr(module, "rank", "?"), float(getattr(module, "alpha", 0.0)))
+    ratios = loraplus_ratios(kwargs)
+    te_lr = cfg.text_encoder_lr[0] if cfg.text_encoder_lr else None
+    blockwise = blockwise_param_groups(network, kwargs, te_lr, cfg.unet_lr, cfg.learning_rate, ratios)
+    if blockwise is not None:
+        return blockwise
+    given: dict[str, Any] = {k: v for k, v in ratios.items() if v is not None}
+    per_encoder = getattr(family, "text_encoder_lr_groups", None)
+    if per_encoder is not None:
+        given["text_encoder_lrs"] = per_encoder(cfg)
+    return network.prepare_optimizer_params(te_lr, cfg.unet_lr, cfg.learning_rate, **given)
 
 
-def _run(session: Session, dataset: Any, plan: TrainingPlan, seed: int) -> TrainResult:
-    from lorakit.training.trainer import Trainer
+class Trainer:
+    """One run from its start position (fresh, --initial_step or --resume) to max_train_steps."""
 
-    return Trainer(session, dataset, plan, seed).run()
+    def __init__(self, session: Any, dataset: Any, plan: TrainingPlan, seed: int):
+        cfg, accelerator = session.cfg, session.accelerator
+        self.session, self.dataset, self.plan, self.cfg, self.accelerator = session, dataset, plan, cfg, accelerator
+        groups, self.group_names = optimizer_groups(cfg, session.network, session.family)
+        self.handle = build_optimizer(cfg, groups)
+        self.lr_scheduler = build_lr_scheduler(cfg, self.handle, plan.max_train_steps)
+        self.optimizer = distributed.prepare_optimizer(accelerator, session.network, self.handle.optimizer)
+        session.noise_generator = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
+        self.live = TrainingState(session.network, self.optimizer, self.lr_scheduler, session.noise_generator,
+                                  getattr(accelerator, "scaler", None))
+        self.params = session.network.trainable_parameters()
+        self.policy = SavePolicy(save_every_n_epochs(cfg, plan.num_epochs), cfg.save_every_n_steps, plan.num_epochs)
+        self.seed = seed
+        self.step_losses: list[torch.Tensor] = []
+        self.step_end_times: list[float] = []  # perf_counter after each optimizer step (for `lorakit bench`)
+        self.running = RunningLoss()
+        self.logged: list[float] = []
+        self.global_step = 0
+        self.max_norm_warned = False
 
+    # ------------------------------------------------------------------ run
 
-def base_metadata(session: Session, summary: Any, facts: md.RunFacts) -> dict[str, str]:
-    """The metadata every saved file shares; `summary` is the (sharded) dataset's `summary()`."""
-    from lorakit.adapters.modelspec import build_modelspec
-    from lorakit.data.metadata import dataset_metadata
+    def run(self) -> TrainResult:
+        resumed = load_state(self.cfg.resume, self.live).step if self.cfg.resume else None
+        start = start_position(self.cfg, self.plan, resumed)
+        self.global_step = start.global_step
+        # building these reads no RNG, so they may come after the restored state
+        checkpoints = Checkpointer(self.session, self.handle, self.live, self._metadata(), self.plan.num_epochs)
+        sampler = Sampler(self.session, self.handle)
+        loader = self.dataset.make_loader(self.cfg.max_data_loader_n_workers, self.cfg.persistent_data_loader_workers)
+        self.progress = tqdm(total=self.plan.max_train_steps, initial=self.global_step, desc="steps", dynamic_ncols=True,
+                             disable=not self.accelerator.is_main_process)
+        sampler.at_first(self.global_step)
+        epoch = start.epoch
+        for epoch in range(start.epoch, self.plan.num_epochs + 1):
+            done = self._epoch(loader, epoch, start.skip_batches if epoch == start.epoch else 0, checkpoints, sampler)
+            if self.policy.after_epoch(epoch):
+                checkpoints.epoch(epoch, self.global_step)
+            sampler.after_epoch(epoch, self.global_step)
+            if done:
+                break
+        self.progress.close()
+        checkpoints.final(epoch, self.global_step)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()  # last: it also destroys the process group the final save waits on
+        losses = torch.stack(self.step_losses).float().tolist() if self.step_losses else []
+        result = TrainResult(self.plan, saved_files=checkpoints.saved, losses=self.logged, step_losses=losses,
+                             start_step=start.global_step, sample_files=sampler.written,
+                             step_end_times=self.step_end_times)
+        return result
 
-    cfg, family = session.cfg, session.family
-    meta = md.training_metadata(cfg, facts)
-    meta.update(dataset_metadata(summary, cfg, num_processes=session.accelerator.num_processes, gradient_accumulation_steps=cfg.gradient_accumulation_steps))
-    meta.update(family.metadata(cfg))
-    # without --network_module the family's sd-scripts module is what the file is (and what readers look for)
-    meta["ss_network_module"] = cfg.network_module or family.default_network_module
-    architecture, implementation, default_reso = family.modelspec_architecture(cfg)
-    resolution = tuple(cfg.resolution) if cfg.resolution else default_reso
-    extra = {key: getattr(cfg, f"metadata_{key}") for key in MODELSPEC_EXTRAS if getattr(cfg, f"metadata_{key}", None)}
-    title = cfg.metadata_title or cfg.output_name or None
-    spec = build_modelspec(
-        architecture, implementation, title or "", resolution,
-        "v" if cfg.v_parameterization else "epsilon", clip_skip=cfg.clip_skip, extra=extra,
-    )
-    if cfg.no_metadata:
-        meta = md.restrict_to_minimum(meta)
-    meta.update(spec)
-    return meta
+    def _epoch(self, loader: Any, epoch: int, skip: int, checkpoints: Checkpointer, sampler: Sampler) -> bool:
+        """Train one epoch from batch `skip`; True when max_train_steps is reached."""
+        self.dataset.set_epoch(epoch)
+        if skip:
+            self.dataset.skip_batches(skip)
+        batches = len(self.dataset)
+        # the DataLoader iterator draws a base seed from the global RNG; keep that out of the training RNG so
+        # a run resumed mid-epoch draws the same numbers as one that went through the epoch boundary
+        with torch.random.fork_rng(devices=[]):
+            iterator = iter(loader)
+        micro: list[torch.Tensor] = []
+        for index, batch in enumerate(iterator, start=skip):
+            sync = ends_accumulation(index, batches, self.cfg.gradient_accumulation_steps)
+            micro.append(self._micro_step(batch, sync))
+            if not sync:
+                continue
+            self._after_update(torch.stack(micro).mean(), epoch, checkpoints, sampler)
+            micro = []
+            if self.global_step >= self.plan.max_train_steps:
+                return True
+        return False
 
+    def _micro_step(self, batch: Any, sync: bool) -> torch.Tensor:
+        set_sync_gradients(self.accelerator, sync)
+        loss = step_loss(self.session, batch)
+        self.accelerator.backward(loss)
+        if sync:
+            all_reduce_gradients(self.accelerator, self.params)
+            if self.cfg.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()  # the accelerate wrapper steps only when `sync` is set
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
-MODELSPEC_EXTRAS = ("author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from", "trigger_phrase", "preprocessor", "is_negative_embedding")
+    def _after_update(self, loss: torch.Tensor, epoch: int, checkpoints: Checkpointer, sampler: Sampler) -> None:
+        self.lr_scheduler.step()
+        self.global_step += 1
+        step = self.global_step
+        self.step_losses.append(loss)
+        self.running.add(loss)
+        logs = self._max_norm()
+        self.progress.update(1)
+        if step % LOG_EVERY == 0 or step == self.plan.max_train_steps:
+            self._log(epoch, logs)
+        sampler.after_step(step)
+        if self.policy.after_step(step) and step < self.plan.max_train_steps:
+            checkpoints.step(epoch, step)
+        self.step_end_times.append(time.perf_counter())
+
+    # ------------------------------------------------------------------ helpers
+
+    def _max_norm(self) -> dict[str, float]:
+        """--scale_weight_norms after the optimizer step (inventory §4.5), with its log values."""
+        limit = self.cfg.scale_weight_norms
+        if not limit:
+            return {}
+        apply = getattr(self.session.network, "apply_max_norm", None)
+        if apply is None:
+            if not self.max_norm_warned:
+                log.warning("--scale_weight_norms: this network type has no max-norm; training continues without it")
+                self.max_norm_warned = True
+            return {}
+        keys_scaled, mean_norm, max_norm = apply(limit)
+        return {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm, "norm/avg_key_norm": mean_norm}
+
+    def _log(self, epoch: int, extra: dict[str, float]) -> None:
+        loss = self.running.mean()
+        self.logged.append(loss)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        postfix = {"loss": f"{loss:.4f}", "epoch": epoch, "lr": f"{lr:.2e}"}
+        if extra:
+            postfix["keys_scaled"] = extra["max_norm/keys_scaled"]
+        self.progress.set_postfix(postfix)
+        if self.accelerator.trackers:
+            logs = {"loss/average": loss, **extra}
+            logs.update(self.handle.lr_logs(self.lr_scheduler.get_last_lr(), self.group_names))
+            self.accelerator.log(logs, step=self.global_step)
+
+    def _metadata(self) -> dict[str, str]:
+        summary = self.dataset.summary()
+        facts = md.RunFacts(
+            summary.num_train_images, summary.num_reg_images, self.plan.batches_per_epoch, self.plan.num_epochs,
+            self.plan.max_train_steps, self.plan.warmup_steps, self.handle.description, self.seed,
+        )
+        return md.base_metadata(self.session, summary, facts)

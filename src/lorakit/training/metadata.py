@@ -166,3 +166,31 @@ def per_save_metadata(base: dict[str, str], *, epoch: int, step: int) -> dict[st
 
 def restrict_to_minimum(meta: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in meta.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
+
+
+def base_metadata(session: Any, summary: Any, facts: RunFacts) -> dict[str, str]:
+    """The metadata every saved file shares; `summary` is the (sharded) dataset's `summary()`."""
+    from lorakit.adapters.modelspec import build_modelspec
+    from lorakit.data.metadata import dataset_metadata
+
+    cfg, family = session.cfg, session.family
+    meta = training_metadata(cfg, facts)
+    meta.update(dataset_metadata(summary, cfg, num_processes=session.accelerator.num_processes, gradient_accumulation_steps=cfg.gradient_accumulation_steps))
+    meta.update(family.metadata(cfg))
+    # without --network_module the family's sd-scripts module is what the file is (and what readers look for)
+    meta["ss_network_module"] = cfg.network_module or family.default_network_module
+    architecture, implementation, default_reso = family.modelspec_architecture(cfg)
+    resolution = tuple(cfg.resolution) if cfg.resolution else default_reso
+    extra = {key: getattr(cfg, f"metadata_{key}") for key in MODELSPEC_EXTRAS if getattr(cfg, f"metadata_{key}", None)}
+    title = cfg.metadata_title or cfg.output_name or None
+    spec = build_modelspec(
+        architecture, implementation, title or "", resolution,
+        "v" if cfg.v_parameterization else "epsilon", clip_skip=cfg.clip_skip, extra=extra,
+    )
+    if cfg.no_metadata:
+        meta = restrict_to_minimum(meta)
+    meta.update(spec)
+    return meta
+
+
+MODELSPEC_EXTRAS = ("author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from", "trigger_phrase", "preprocessor", "is_negative_embedding")

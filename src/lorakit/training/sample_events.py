@@ -161,7 +161,7 @@ class Sampler:
     def run(self, *, epoch: int | None, step: int) -> list[Path]:
         """Write this process's share of the images (one per prompt); training RNG and modes are left as they were.
 
-        Every process loads the whole model (`loop._setup`), so each builds its pipelines from its own modules.
+        Every process loads the whole model (`setup.setup_session`), so each builds its pipelines from its own modules.
         """
         session, acc = self.session, self.session.accelerator
         prompts = distributed.prompts_for_process(self.prompts, acc.process_index, acc.num_processes)
