@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from PIL import Image
 
 from lorakit.families.sd.ldm_keys import save_sd_single_file
-from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder
+from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 
 
 def write_tiny_checkpoints(root: Path, version: str) -> dict[str, Path]:
@@ -53,6 +53,54 @@ def network_options(module: str, *args: str, dim: int = 4, alpha: float = 2.0, *
 CONSUMER_PROMPT = "a red square on a blue background"
 
 
+def spec_of(family, options):
+    """The `TargetSpec` the training options in `options` (a namespace with the network fields) describe."""
+    from lorakit.adapters.spec import make_target_spec
+
+    args = options.network_kwargs() if getattr(options, "network_args", None) else {}
+    return make_target_spec(
+        family, module=getattr(options, "network_module", None), rank=getattr(options, "network_dim", None),
+        alpha=getattr(options, "network_alpha", None), dropout=getattr(options, "network_dropout", None), args=args,
+        train_unet=not getattr(options, "network_train_text_encoder_only", False),
+        train_text_encoder=not getattr(options, "network_train_unet_only", False),
+        weights=getattr(options, "network_weights", None),
+    )
+
+
+def family_args_of(family, options):
+    """The family's own parsed --network_args of the options (problems raise ConfigError)."""
+    return spec_of(family, options).family_args
+
+
+def build_from_options(options, family, comps, device):
+    """`build_network` for the network the options describe."""
+    from lorakit.adapters.factory import build_network
+
+    return build_network(spec_of(family, options), family, comps, device)
+
+
+def targets_of(family, comps, options):
+    """The family's adapter targets for the network the options describe."""
+    return family.adapter_targets(comps, spec_of(family, options))
+
+
+def tool_options(network_args: dict[str, str], *, unet_only: bool, dim: int = 1):
+    """The network options the LoRA tools list a model's layers with (rank `dim`, alpha = rank)."""
+    args = [f"{k}={v}" for k, v in network_args.items()] or None
+    return SimpleNamespace(network_dim=dim, network_alpha=float(dim), network_args=args, network_kwargs=lambda: dict(network_args),
+                           network_train_unet_only=unet_only, network_train_text_encoder_only=False)
+
+
+def optimizer_groups(cfg, network, family=None, spec_family=None):
+    """The optimizer groups a run with options `cfg` gives `network` (built for `family`; None: a family with one
+    text-encoder LR and no U-Net blocks, the options read as `spec_family`'s)."""
+    from lorakit.families.base import ModelFamily
+    from lorakit.training.network_trainable import NetworkTrainable
+
+    family = family or ModelFamily()
+    return NetworkTrainable(network, spec_of(spec_family or family, cfg), family, True).parameter_groups(cfg)
+
+
 def lora_options(conv: bool, unet_only: bool = False, te_only: bool = False):
     """The `networks.lora` options a family's adapter_targets reads: LierLa, or C3Lier with `conv`."""
     from types import SimpleNamespace
@@ -72,7 +120,7 @@ def random_network(family, comps, cfg, seed: int):
 
     from lorakit.adapters.network import LoRANetwork
 
-    network = LoRANetwork(family.adapter_targets(comps, cfg))
+    network = LoRANetwork(targets_of(family, comps, cfg))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, param in network.named_parameters():

@@ -9,7 +9,7 @@ from torch import nn
 from lorakit.adapters.lora import LoRAModule, lora_delta_weight, lora_scale
 from lorakit.adapters.network import LoRANetwork
 from lorakit.errors import CheckpointError
-from lorakit.families.base import AdapterTarget
+from lorakit.adapters.targets import AdapterTarget
 
 UNET_RANK, UNET_ALPHA, CONV_RANK, CONV_ALPHA = 4, 2.0, 2, 1.0
 

@@ -13,16 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import network_options as options
+from helpers import network_options as options, build_from_options
 from lorakit.adapters.dora import DoRAModule, dora_merged_weight, dora_weight_norm
 from lorakit.adapters.dylora import DyLoRAModule
-from lorakit.adapters.factory import build_network
 from lorakit.adapters.lora import LoRAModule
 from lorakit.adapters.lora_fa import LoRAFAModule
 from lorakit.adapters.network import LoRANetwork
 from lorakit.adapters.oft import OFTModule, oft_rotation
 from lorakit.errors import CheckpointError, ConfigError
-from lorakit.families.base import AdapterTarget
+from lorakit.adapters.targets import AdapterTarget
 
 LAYERS = {
     "linear": lambda: nn.Linear(16, 32),
@@ -290,7 +289,7 @@ def test_network_loads_dora_and_rejects_foreign_keys():
 @pytest.fixture(scope="module")
 def sd():
     from lorakit.families.sd.family import StableDiffusionFamily
-    from lorakit.toy.tiny_models import build_tiny_sd
+    from lorakit.families.sd.tiny import build_tiny_sd
 
     return StableDiffusionFamily(), build_tiny_sd("sd1", seed=0)
 
@@ -304,7 +303,7 @@ def sd_loss(family, comps, batch) -> torch.Tensor:
 
 
 def fresh_components(sd):
-    from lorakit.toy.tiny_models import build_tiny_sd
+    from lorakit.families.sd.tiny import build_tiny_sd
 
     family, _ = sd
     comps = build_tiny_sd("sd1", seed=0)
@@ -314,7 +313,7 @@ def fresh_components(sd):
 
 
 def train_two_steps(family, comps, cfg) -> tuple[LoRANetwork, float, float]:
-    network = build_network(cfg, family, comps, torch.device("cpu"))
+    network = build_from_options(cfg, family, comps, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 700]), None)
     groups, _ = network.prepare_optimizer_params(1e-2, 1e-2, 1e-2)
@@ -355,7 +354,7 @@ def test_two_training_steps_change_the_loss_and_file_round_trips(sd, name):
     if name == "dora":
         assert any(k.endswith(".dora_scale") for k in state)
     family2, comps2 = fresh_components(sd)
-    again = build_network(NETWORKS[name], family2, comps2, torch.device("cpu"))
+    again = build_from_options(NETWORKS[name], family2, comps2, torch.device("cpu"))
     assert again.load_kohya_state_dict(state, source="x.safetensors") == []
     for key, value in again.state_dict_kohya().items():
         assert torch.equal(value, state[key]), key
@@ -364,19 +363,19 @@ def test_two_training_steps_change_the_loss_and_file_round_trips(sd, name):
 def test_factory_errors_name_the_option(sd):
     family, comps = fresh_components(sd)
     with pytest.raises(ConfigError, match="conv_dim"):
-        build_network(options("networks.dylora", "conv_dim=8"), family, comps, torch.device("cpu"))
+        build_from_options(options("networks.dylora", "conv_dim=8"), family, comps, torch.device("cpu"))
     with pytest.raises(ConfigError, match="network_dim 5"):
-        build_network(options("networks.oft", dim=5, alpha=1e-3), family, comps, torch.device("cpu"))
+        build_from_options(options("networks.oft", dim=5, alpha=1e-3), family, comps, torch.device("cpu"))
     with pytest.raises(ConfigError, match="networks.nope"):
-        build_network(options("networks.nope"), family, comps, torch.device("cpu"))
+        build_from_options(options("networks.nope"), family, comps, torch.device("cpu"))
     with pytest.raises(ConfigError, match="dora_wd"):
-        build_network(options("networks.lora", "dora_wd=maybe"), family, comps, torch.device("cpu"))
+        build_from_options(options("networks.lora", "dora_wd=maybe"), family, comps, torch.device("cpu"))
 
 
 def test_oft_warns_outside_the_recommended_constraint(sd, caplog):
     family, comps = fresh_components(sd)
     with caplog.at_level("WARNING", logger="lorakit"):
-        network = build_network(options("networks.oft", dim=4, alpha=1.0), family, comps, torch.device("cpu"))
+        network = build_from_options(options("networks.oft", dim=4, alpha=1.0), family, comps, torch.device("cpu"))
     assert "recommended range" in caplog.text
     names = list(network.lora_modules)
     assert names and all("_attn" in n and n.startswith("oft_unet_") for n in names), "default OFT targets attention only"

@@ -23,8 +23,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import network_options as options
-from lorakit.adapters.factory import build_network, family_network_kwargs
+from helpers import network_options as options, build_from_options
+from lorakit.adapters.factory import algorithm_family_args
+from lorakit.adapters.spec import TargetSpec
 from lorakit.adapters.oft import OFTModule
 from lorakit.errors import ConfigError
 from lorakit.families.base import Components
@@ -100,7 +101,7 @@ def test_every_algorithm_trains_merges_and_round_trips_on_flux(flux, name):
     batch = make_batch()
     with torch.no_grad():
         base = predict(family, comps, batch)
-    network = build_network(cfg, family, comps, CPU).eval()
+    network = build_from_options(cfg, family, comps, CPU).eval()
     names = list(network.lora_modules)
     fused = [n for n, m in network.lora_modules.items() if isinstance(m.org_module, FusedLinearView)]
     assert fused, f"{name}: the fused BFL layers are adapted"
@@ -123,7 +124,7 @@ def test_every_algorithm_trains_merges_and_round_trips_on_flux(flux, name):
     assert abs(after - before) > 1e-6, f"{name}: two steps must change the loss ({before} -> {after})"
 
     state = network.state_dict_kohya()
-    again = build_network(cfg, family, copy_model(flux[1]), CPU)
+    again = build_from_options(cfg, family, copy_model(flux[1]), CPU)
     assert again.load_kohya_state_dict(state, source="x.safetensors") == []
     assert all(torch.equal(value, state[key]) for key, value in again.state_dict_kohya().items())
 
@@ -140,34 +141,40 @@ def test_every_algorithm_trains_merges_and_round_trips_on_flux(flux, name):
 def test_lycoris_algorithms_lorakit_refuses_are_named(flux, algo):
     family, comps = fresh(flux)
     with pytest.raises(ConfigError, match=f"algo={algo}"):
-        build_network(options("lycoris.kohya", f"algo={algo}"), family, comps, CPU)
+        build_from_options(options("lycoris.kohya", f"algo={algo}"), family, comps, CPU)
 
 
 def test_algorithm_keys_stay_with_their_algorithm(flux):
     """DoRA's and DyLoRA's keys are kept from FLUX's lora_flux check only for the module that reads them."""
-    assert family_network_kwargs(options("networks.lora_flux", "dora_wd=True", "train_blocks=single")) == {"train_blocks": "single"}
-    assert family_network_kwargs(options("networks.dylora", "unit=2", "split_qkv=True")) == {"split_qkv": "True"}
-    assert family_network_kwargs(options("networks.lora_flux", "unit=2")) == {"unit": "2"}
-    assert family_network_kwargs(options("lycoris.kohya", "algo=loha", "preset=full")) == {}
-    assert family_network_kwargs(options("networks.oft_flux", "enable_all_linear=True")) == {}
+    family = FluxFamily()
+
+    def family_keys(*args: str) -> dict[str, str]:
+        module, *rest = args
+        return algorithm_family_args(TargetSpec(module=module, args=dict(a.split("=", 1) for a in rest)), family)
+
+    assert family_keys("networks.lora_flux", "dora_wd=True", "train_blocks=single") == {"train_blocks": "single"}
+    assert family_keys("networks.dylora", "unit=2", "split_qkv=True") == {"split_qkv": "True"}
+    assert family_keys("networks.lora_flux", "unit=2") == {"unit": "2"}
+    assert family_keys("lycoris.kohya", "algo=loha", "preset=full") == {}
+    assert family_keys("networks.oft_flux", "enable_all_linear=True") == {}
     with pytest.raises(ConfigError, match="unit: not a networks.lora_flux option"):
-        build_network(options("networks.lora_flux", "unit=2"), *fresh(flux), CPU)
+        build_from_options(options("networks.lora_flux", "unit=2"), *fresh(flux), CPU)
     with pytest.raises(ConfigError, match="split_qkv=True: not available with networks.dylora"):
-        build_network(options("networks.dylora", "unit=2", "split_qkv=True"), *fresh(flux), CPU)
+        build_from_options(options("networks.dylora", "unit=2", "split_qkv=True"), *fresh(flux), CPU)
 
 
 def test_lycoris_presets_choose_flux_layers_as_on_bfl_classes(flux):
     family, comps = fresh(flux)
-    full = build_network(options("lycoris.kohya", "algo=locon"), family, comps, CPU)
-    lora = build_network(options("networks.lora_flux"), *fresh(flux), CPU)
+    full = build_from_options(options("lycoris.kohya", "algo=locon"), family, comps, CPU)
+    lora = build_from_options(options("networks.lora_flux"), *fresh(flux), CPU)
     assert set(full.lora_modules) == set(lora.lora_modules), "preset full = every block linear + CLIP, as lora_flux"
-    attn = build_network(options("lycoris.kohya", "algo=locon", "preset=attn-only"), *fresh(flux), CPU)
+    attn = build_from_options(options("lycoris.kohya", "algo=locon", "preset=attn-only"), *fresh(flux), CPU)
     unet = [n for n in attn.lora_modules if n.startswith("lora_unet_")]
     assert sorted(unet) == sorted(f"lora_unet_double_blocks_0_{s}_attn_{p}" for s in ("img", "txt") for p in ("qkv", "proj"))
     with pytest.raises(ConfigError, match="block_dims"):
-        build_network(options("lycoris.kohya", "block_dims=" + ",".join(["4"] * 25)), *fresh(flux), CPU)
+        build_from_options(options("lycoris.kohya", "block_dims=" + ",".join(["4"] * 25)), *fresh(flux), CPU)
     with pytest.raises(ConfigError, match="algo=boft .*double_blocks_0_img_attn_qkv"):
-        build_network(options("lycoris.kohya", "algo=boft", dim=4), *fresh(flux), CPU)
+        build_from_options(options("lycoris.kohya", "algo=boft", dim=4), *fresh(flux), CPU)
 
 
 # ---------------------------------------------------------------------- networks.oft_flux on fused q/k/v
@@ -217,7 +224,7 @@ def test_oft_flux_on_a_fused_view_rotates_each_part_as_sd_scripts(flux):
 
 
 def test_oft_flux_keys_and_block_count_error(flux):
-    network = build_network(options("networks.oft_flux", "enable_all_linear=True", dim=4, alpha=1e-3), *fresh(flux), CPU)
+    network = build_from_options(options("networks.oft_flux", "enable_all_linear=True", dim=4, alpha=1e-3), *fresh(flux), CPU)
     state = network.state_dict_kohya()
     assert state["oft_unet_double_blocks_0_img_attn_qkv.oft_blocks.2"].shape == (4, 8, 8)
     assert "oft_unet_double_blocks_0_img_attn_qkv.oft_blocks.3" not in state
@@ -226,4 +233,4 @@ def test_oft_flux_keys_and_block_count_error(flux):
     assert all(k.rsplit(".", 1)[-1] == "alpha" or ".oft_blocks." in k for k in state)
     # 96 fused rows divide by 3, the 32-row parts do not: the parts decide, as in sd-scripts
     with pytest.raises(ConfigError, match=r"--network_dim 3: .*sizes 32, 32, 32"):
-        build_network(options("networks.oft_flux", dim=3, alpha=1e-3), *fresh(flux), CPU)
+        build_from_options(options("networks.oft_flux", dim=3, alpha=1e-3), *fresh(flux), CPU)

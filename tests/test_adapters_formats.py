@@ -281,7 +281,7 @@ def test_network_file_network_round_trip(tmp_path):
     from torch import nn
 
     from lorakit.adapters.network import LoRANetwork
-    from lorakit.families.base import AdapterTarget
+    from lorakit.adapters.targets import AdapterTarget
 
     torch.manual_seed(0)
     layers = [nn.Linear(6, 5), nn.Conv2d(3, 4, 3, padding=1)]

@@ -18,6 +18,8 @@ import re
 from types import SimpleNamespace
 
 import pytest
+
+from helpers import build_from_options
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,9 +28,11 @@ pytest.importorskip("lycoris")
 
 from lorakit.adapters.factory import build_network  # noqa: E402
 from lorakit.adapters.formats import save_lora_file  # noqa: E402
-from lorakit.adapters.lycoris_bridge import LycorisAdapter, LycorisOptions, sd_block_index  # noqa: E402
+from lorakit.adapters.lycoris_bridge import LycorisAdapter, LycorisOptions  # noqa: E402
+from lorakit.families.common.unet_blocks import lycoris_block_of as sd_block_index  # noqa: E402
 from lorakit.errors import ConfigError  # noqa: E402
-from lorakit.families.base import AdapterTarget  # noqa: E402
+from lorakit.adapters.targets import AdapterTarget  # noqa: E402
+from lorakit.families.registry import get_family  # noqa: E402
 
 LAYERS = {
     "linear": lambda: nn.Linear(16, 32),
@@ -148,7 +152,7 @@ def test_options_are_checked():
     with pytest.raises(ConfigError, match="conv_dimm"):
         parse(["conv_dimm=4"])
     with pytest.raises(ConfigError, match="exactly 25"):
-        LycorisOptions.parse({"block_dims": "4,4"}, 4, 1.0, None, 25)
+        LycorisOptions.parse({"block_dims": "4,4"}, 4, 1.0, None, get_family("sd").block_layout)
 
 
 def test_sd_block_indices():
@@ -189,7 +193,7 @@ def family():
 
 
 def tiny_sd():
-    from lorakit.toy.tiny_models import build_tiny_sd
+    from lorakit.families.sd.tiny import build_tiny_sd
 
     comps = build_tiny_sd("sd1", seed=0)
     for part in [comps.denoiser, *comps.text_encoders]:
@@ -216,7 +220,7 @@ TRAINING = {
 @pytest.mark.parametrize("name", list(TRAINING))
 def test_two_training_steps_change_the_loss(family, name):
     comps = tiny_sd()
-    network = build_network(options(*TRAINING[name]), family, comps, torch.device("cpu"))
+    network = build_from_options(options(*TRAINING[name]), family, comps, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 700]))
     groups, descriptions = network.prepare_optimizer_params(1e-2, 1e-2, 1e-2)
@@ -236,7 +240,7 @@ def test_two_training_steps_change_the_loss(family, name):
     assert abs(after - before) > 1e-6
 
     state = network.state_dict_kohya()
-    again = build_network(options(*TRAINING[name]), family, tiny_sd(), torch.device("cpu"))
+    again = build_from_options(options(*TRAINING[name]), family, tiny_sd(), torch.device("cpu"))
     again.load_kohya_state_dict(state, source="x.safetensors")
     for key, value in again.state_dict_kohya().items():
         assert torch.equal(value, state[key]), key
@@ -244,7 +248,7 @@ def test_two_training_steps_change_the_loss(family, name):
 
 def test_seed_options_ranks_and_names(family):
     comps = tiny_sd()
-    network = build_network(options(*SEED_ARGS), family, comps, torch.device("cpu"))
+    network = build_from_options(options(*SEED_ARGS), family, comps, torch.device("cpu"))
     modules = network.lora_modules
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in modules, "kohya TE names keep text_model_"
     unet = {n: m for n, m in modules.items() if n.startswith("lora_unet_")}
@@ -254,9 +258,9 @@ def test_seed_options_ranks_and_names(family):
     outside = unet["lora_unet_time_embedding_linear_1"].lyco
     assert outside.lora_dim == 4, "layers outside the 25 blocks keep network_dim"
 
-    only_attn = build_network(options("preset=attn-only"), family, tiny_sd(), torch.device("cpu"))
+    only_attn = build_from_options(options("preset=attn-only"), family, tiny_sd(), torch.device("cpu"))
     assert only_attn.lora_modules and all("attn" in n for n in only_attn.lora_modules)
-    unet_only = build_network(options("preset=unet-convblock-only"), family, tiny_sd(), torch.device("cpu"))
+    unet_only = build_from_options(options("preset=unet-convblock-only"), family, tiny_sd(), torch.device("cpu"))
     assert all(re.search(r"(resnets|samplers)_|conv_(in|out)$", n) for n in unet_only.lora_modules)
 
 
@@ -268,7 +272,7 @@ def test_sdxl_block_dims_follow_sdxl_23_blocks(caplog):
 
     family, comps = StableDiffusionXLFamily(), build_tiny_sdxl(seed=0)
     dims = [str(i + 1) for i in range(23)]
-    network = build_network(options("algo=locon", "block_dims=" + ",".join(dims), network_train_unet_only=True),
+    network = build_from_options(options("algo=locon", "block_dims=" + ",".join(dims), network_train_unet_only=True),
                             family, comps, torch.device("cpu"))
     modules = network.lora_modules
     assert modules["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"].lyco.lora_dim == 6  # IN04 = block 5
@@ -276,12 +280,12 @@ def test_sdxl_block_dims_follow_sdxl_23_blocks(caplog):
     assert modules["lora_unet_time_embed_0"].lyco.lora_dim == 1  # block 0
     network.restore()
     with pytest.raises(ConfigError, match="block_dims: needs exactly 23 values for this SDXL U-Net"):
-        build_network(options("block_dims=" + ",".join(dims[:-1])), family, comps, torch.device("cpu"))
+        build_from_options(options("block_dims=" + ",".join(dims[:-1])), family, comps, torch.device("cpu"))
     with pytest.raises(ConfigError, match="block_alphas: needs exactly 23"):
-        build_network(options("block_dims=" + ",".join(dims), "block_alphas=1,2"), family, comps, torch.device("cpu"))
+        build_from_options(options("block_dims=" + ",".join(dims), "block_alphas=1,2"), family, comps, torch.device("cpu"))
     # the users' guides' 25 SD values: SD 1.x's indices over the diffusers block paths, with a warning
     with caplog.at_level("WARNING", logger="lorakit"):
-        sd_layout = build_network(options("block_dims=" + ",".join(str(i + 1) for i in range(25)), network_train_unet_only=True),
+        sd_layout = build_from_options(options("block_dims=" + ",".join(str(i + 1) for i in range(25)), network_train_unet_only=True),
                                   family, comps, torch.device("cpu"))
     assert "SDXL has 23 blocks" in caplog.text
     # diffusers down_blocks.1.attentions.0 (SGM input_blocks_4_1) is SD's IN04 = index 4
@@ -319,7 +323,7 @@ def test_every_saved_key_is_one_comfyui_maps(family, algo):
     args = [f"algo={algo}", "preset=full", "conv_dim=4", "use_tucker=True"]
     if algo == "lokr":
         args.append("factor=4")
-    network = build_network(options(*args), family, comps, torch.device("cpu"))
+    network = build_from_options(options(*args), family, comps, torch.device("cpu"))
     accepted = comfy_module_names(comps)
     state = network.state_dict_kohya()
     assert state
@@ -337,7 +341,7 @@ PROMPT = "a red square on a blue background"
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
-    from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder
+    from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 
     path = tmp_path_factory.mktemp("pipe") / "sd1"
     save_sd_diffusers_folder(build_tiny_sd("sd1", seed=0), path)
@@ -378,7 +382,7 @@ def test_diffusers_loads_our_file_and_matches_our_merge(family, pipeline_dir, tm
     module, args = DIFFUSERS_CASES[case]
     ours = load_pipeline(pipeline_dir)
     comps = SimpleNamespace(denoiser=ours.unet, text_encoders=[ours.text_encoder])
-    network = build_network(options(*args, network_module=module), family, comps, torch.device("cpu"))
+    network = build_from_options(options(*args, network_module=module), family, comps, torch.device("cpu"))
     randomise(network, seed=3)
     lora_file = tmp_path / "adapter.safetensors"
     save_lora_file(network.state_dict_kohya(), lora_file, {"ss_network_module": module})
@@ -500,7 +504,7 @@ def _named_kohya_modules(pipe) -> dict[str, nn.Module]:
 
 def _dora_file(family, pipe, tmp_path, args):
     comps = SimpleNamespace(denoiser=pipe.unet, text_encoders=[pipe.text_encoder])
-    network = build_network(options("dora_wd=True", *args, network_module="networks.lora"), family, comps,
+    network = build_from_options(options("dora_wd=True", *args, network_module="networks.lora"), family, comps,
                             torch.device("cpu"))
     randomise(network, seed=3)
     state = network.state_dict_kohya()

@@ -10,7 +10,7 @@ import torch
 
 from lorakit.adapters.formats import save_lora_file
 from lorakit.atomic import default_permissions, staged_file, staged_folder
-from lorakit.families.common.checkpoint_io import write_safetensors_atomic
+from lorakit.checkpoint_io import write_safetensors_atomic
 
 
 @pytest.fixture

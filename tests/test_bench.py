@@ -10,7 +10,7 @@ import pytest
 
 from lorakit import bench
 from lorakit.bench_models import bench_model
-from lorakit.families.registry import FAMILIES
+from lorakit.families.registry import get_family
 
 
 def test_bench_flux_tiny_writes_consistent_json(tmp_path, monkeypatch):
@@ -31,7 +31,7 @@ def test_bench_flux_tiny_writes_consistent_json(tmp_path, monkeypatch):
     stamps = [f.stat().st_mtime_ns for f in files]
     again = bench_model("flux", "tiny", tmp_path / "cache")  # reused, not rewritten
     assert [f.stat().st_mtime_ns for f in files] == stamps
-    assert f"--network_module={FAMILIES['flux']().default_network_module}" in again.train_args()
+    assert f"--network_module={get_family('flux').default_network_module}" in again.train_args()
     assert "--cache_text_encoder_outputs" in bench.BenchOptions(64, 1, 4, "no", False, 5).train_args()
     assert "--cache_text_encoder_outputs" not in bench.BenchOptions(64, 1, 4, "no", False, 5, cache_text=False).train_args()
 

@@ -13,8 +13,9 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from helpers import write_dreambooth_folder
+from helpers import family_args_of, write_dreambooth_folder
 from lorakit.cli.main import main
+from lorakit.families.flux.targets import transformer_targets
 from lorakit.families.common import block_swap
 from lorakit.families.common.block_swap import BlockSwapper, install_block_swap
 from lorakit.families.common.layers import to_fp8
@@ -22,7 +23,9 @@ from lorakit.families.flux.network_args import FluxNetworkArgs
 
 
 def flux_network_args(cfg) -> FluxNetworkArgs:
-    return FluxNetworkArgs.from_config(cfg)
+    from lorakit.families.flux.family import FluxFamily
+
+    return family_args_of(FluxFamily(), cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,7 +246,7 @@ def test_flux_fp8_with_lora_holds_only_the_resident_blocks():
     ).requires_grad_(False)
     to_fp8(model)
     cfg = SimpleNamespace(network_dim=4, network_args=None, network_alpha=2.0)
-    network = LoRANetwork(FluxFamily._transformer_targets(model, flux_network_args(cfg), 2.0))
+    network = LoRANetwork(transformer_targets(model, flux_network_args(cfg), 2.0))
     network.apply_to()
     plan = [("double", model.transformer_blocks, 2), ("single", model.single_transformer_blocks, 4)]
     swappers = install_block_swap(model, plan, "cpu")

@@ -87,6 +87,9 @@ def test_loader_with_worker_process(dataset):
 import numpy as np  # noqa: E402
 
 from lorakit.data.cache import run_cache  # noqa: E402
+from lorakit.families.registry import get_family  # noqa: E402
+
+SD_FORMAT = get_family("sd").latent_format
 from lorakit.errors import DataError  # noqa: E402
 
 
@@ -117,7 +120,7 @@ def scaled_encoder(vae, calls):
 def test_disk_cache_names_keys_and_unscaled_values(disk_data, tiny_vae):
     root, folder = disk_data
     calls = []
-    report = run_cache(disk_cfg(root), scaled_encoder(tiny_vae, calls), latent_format="sd", vae_id="vae-a",
+    report = run_cache(disk_cfg(root), scaled_encoder(tiny_vae, calls), latent_format=SD_FORMAT, vae_id="vae-a",
                        progress=False)
     assert report.encoded == 3 and report.reused == 0
     path = folder / "img1_0128x0032_sd.npz"
@@ -146,24 +149,24 @@ def test_disk_cache_resumes_after_interruption(disk_data, tiny_vae):
         return encode(pixels)
 
     with pytest.raises(KeyboardInterrupt):
-        run_cache(disk_cfg(root, vae_batch_size=1), failing, progress=False)
+        run_cache(disk_cfg(root, vae_batch_size=1), failing, SD_FORMAT, progress=False)
     assert len(list(folder.glob("*.npz"))) == 1 and not list(folder.glob("*.tmp"))
-    report = run_cache(disk_cfg(root), encode, progress=False)
+    report = run_cache(disk_cfg(root), encode, SD_FORMAT, progress=False)
     assert (report.encoded, report.reused) == (2, 1)
-    assert run_cache(disk_cfg(root), encode, progress=False).encoded == 0
+    assert run_cache(disk_cfg(root), encode, SD_FORMAT, progress=False).encoded == 0
 
 
 def test_disk_cache_invalidated_by_image_vae_flip_and_resolution(disk_data, tiny_vae):
     root, folder = disk_data
     encode = scaled_encoder(tiny_vae, [])
-    run_cache(disk_cfg(root), encode, vae_id="a", progress=False)
+    run_cache(disk_cfg(root), encode, SD_FORMAT, vae_id="a", progress=False)
     Image.new("RGB", (64, 64), (1, 2, 3)).save(folder / "img0.png")  # same size, new content
-    assert run_cache(disk_cfg(root), encode, vae_id="a", progress=False).encoded == 1
-    assert run_cache(disk_cfg(root), encode, vae_id="b", progress=False).encoded == 3
-    assert run_cache(disk_cfg(root, flip_aug=True), encode, vae_id="b", progress=False).encoded == 3
+    assert run_cache(disk_cfg(root), encode, SD_FORMAT, vae_id="a", progress=False).encoded == 1
+    assert run_cache(disk_cfg(root), encode, SD_FORMAT, vae_id="b", progress=False).encoded == 3
+    assert run_cache(disk_cfg(root, flip_aug=True), encode, SD_FORMAT, vae_id="b", progress=False).encoded == 3
     with np.load(folder / "img1_0128x0032_sd.npz") as data:
         assert "latents_flipped" in data.files
-    assert run_cache(disk_cfg(root, resolution=(32, 32), min_bucket_reso=32), encode, vae_id="b",
+    assert run_cache(disk_cfg(root, resolution=(32, 32), min_bucket_reso=32), encode, SD_FORMAT, vae_id="b",
                      progress=False).encoded == 3
 
 
@@ -173,14 +176,14 @@ def test_batches_from_disk_match_memory(disk_data, tiny_vae):
     ram = build_train_dataset(disk_cfg(root, flip_aug=True), seed=1)
     cache_dataset_latents(ram, encode, 2)
     disk = build_train_dataset(disk_cfg(root, flip_aug=True), seed=1)
-    cache_dataset_latents(disk, encode, 2, to_disk=True, latent_format="sd")
+    cache_dataset_latents(disk, encode, 2, to_disk=True, latent_format=SD_FORMAT)
     for i in range(len(ram)):
         torch.testing.assert_close(ram[i].latents, disk[i].latents, atol=1e-5, rtol=1e-5)
 
 
 def test_multi_resolution_keys_for_flux(disk_data, tiny_vae):
     root, folder = disk_data
-    run_cache(disk_cfg(root), scaled_encoder(tiny_vae, []), latent_format="flux", progress=False)
+    run_cache(disk_cfg(root), scaled_encoder(tiny_vae, []), latent_format=get_family("flux").latent_format, progress=False)
     with np.load(folder / "img1_0128x0032_flux.npz") as data:
         assert {"latents_4x16", "original_size_4x16", "crop_ltrb_4x16"} <= set(data.files)
 
@@ -188,4 +191,4 @@ def test_multi_resolution_keys_for_flux(disk_data, tiny_vae):
 def test_cache_refuses_color_aug(disk_data, tiny_vae):
     root, _ = disk_data
     with pytest.raises(DataError, match="color_aug"):
-        run_cache(disk_cfg(root, color_aug=True), scaled_encoder(tiny_vae, []), progress=False)
+        run_cache(disk_cfg(root, color_aug=True), scaled_encoder(tiny_vae, []), SD_FORMAT, progress=False)

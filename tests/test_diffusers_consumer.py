@@ -7,7 +7,7 @@ from diffusers import StableDiffusionPipeline
 
 from helpers import diffusers_round_trip, load_local_pipeline, lora_options
 from lorakit.families.sd.family import StableDiffusionFamily
-from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder
+from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from lorakit.config import parse_train_args
 from lorakit.data.build import build_train_dataset
 from lorakit.data.sharding import batches_per_process, shard, shard_batch_plans
 from lorakit.errors import ConfigError
-from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder
+from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 from lorakit.training import distributed
 from lorakit.training.plan import make_plan, start_position
 

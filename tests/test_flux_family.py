@@ -6,6 +6,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+
+from helpers import spec_of, targets_of
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
@@ -97,16 +99,16 @@ def test_pack_unpack_and_position_ids():
 
 def test_target_names_follow_sd_scripts_lora_flux():
     comps = build_tiny_flux(0)
-    names = {t.name for t in FluxFamily().adapter_targets(comps, options())}
+    names = {t.name for t in targets_of(FluxFamily(), comps, options())}
     per_double = {"img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2", "img_mod_lin",
                   "txt_attn_qkv", "txt_attn_proj", "txt_mlp_0", "txt_mlp_2", "txt_mod_lin"}
     assert {f"lora_unet_double_blocks_0_{n}" for n in per_double} <= names
     assert {f"lora_unet_single_blocks_{i}_{n}" for i in (0, 1) for n in ("linear1", "linear2", "modulation_lin")} <= names
     assert "lora_te1_text_model_encoder_layers_1_mlp_fc2" in names
     assert not any(n.startswith("lora_te3") for n in names)
-    t5 = FluxFamily().adapter_targets(comps, options(network_train_text_encoder_only=True, network_args=["train_t5xxl=True"]))
+    t5 = targets_of(FluxFamily(), comps, options(network_train_text_encoder_only=True, network_args=["train_t5xxl=True"]))
     assert "lora_te3_encoder_block_0_layer_0_SelfAttention_q" in {t.name for t in t5}
-    chosen = FluxFamily().adapter_targets(
+    chosen = targets_of(FluxFamily(), 
         comps, options(network_train_unet_only=True, network_args=["train_single_block_indices=1", "img_attn_dim=8",
                                                                     "txt_mod_dim=0", "in_dims=[2,0,0,0,2]"])
     )
@@ -115,7 +117,7 @@ def test_target_names_follow_sd_scripts_lora_flux():
     assert "lora_unet_single_blocks_1_linear1" in ranks and "lora_unet_single_blocks_0_linear1" not in ranks
     assert ranks["lora_unet_img_in"] == 2 and ranks["lora_unet_txt_in"] == 2
     with pytest.raises(ConfigError, match="train_blocks"):
-        FluxFamily().adapter_targets(comps, options(network_args=["train_blocks=some"]))
+        targets_of(FluxFamily(), comps, options(network_args=["train_blocks=some"]))
 
 
 def _forward(transformer, seed=0):
@@ -129,7 +131,7 @@ def _forward(transformer, seed=0):
 
 
 def _random_network(comps, cfg, seed=3):
-    network = LoRANetwork(FluxFamily().adapter_targets(comps, cfg))
+    network = LoRANetwork(targets_of(FluxFamily(), comps, cfg))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in network.lora_modules.values():
@@ -146,7 +148,7 @@ def test_fused_lora_equals_merged_weights():
     adapted = _forward(comps.denoiser)
     assert (adapted - base).abs().max() > 1e-3
     merged = build_tiny_flux(0)
-    targets = {t.name: t for t in FluxFamily().adapter_targets(merged, options(network_train_unet_only=True))}
+    targets = {t.name: t for t in targets_of(FluxFamily(), merged, options(network_train_unet_only=True))}
     for name, module in network.lora_modules.items():
         delta = module.delta_weight()
         target = targets[name].module
@@ -204,7 +206,9 @@ def test_metadata_and_modelspec():
     family = FluxFamily()
     meta = family.metadata(options(timestep_sampling="shift", guidance_scale=1.0))
     assert meta["ss_base_model_version"] == "flux1" and meta["ss_guidance_scale"] == "1.0"
-    assert family.modelspec_architecture(options()) == ("flux-1-dev", "https://github.com/black-forest-labs/flux", (1024, 1024))
+    facts = family.trained_base_model(options(), None)
+    assert (facts.architecture, facts.implementation, facts.resolution) == ("flux-1-dev", "https://github.com/black-forest-labs/flux", 1024)
+    assert facts.prediction_type is None  # sd-scripts writes no prediction type for FLUX
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,7 +221,7 @@ FUSED_PARTS = {"img_attn_qkv": 3, "txt_attn_qkv": 3, "linear1": 4}
 
 def test_split_qkv_targets_rank_and_alpha():
     comps = build_tiny_flux(0)
-    targets = {t.name: t for t in FluxFamily().adapter_targets(comps, SPLIT)}
+    targets = {t.name: t for t in targets_of(FluxFamily(), comps, SPLIT)}
     assert (targets["lora_unet_double_blocks_0_img_attn_qkv"].rank, targets["lora_unet_double_blocks_0_img_attn_qkv"].alpha) == (12, 6.0)
     assert (targets["lora_unet_single_blocks_1_linear1"].rank, targets["lora_unet_single_blocks_1_linear1"].alpha) == (16, 8.0)
     assert (targets["lora_unet_single_blocks_1_linear2"].rank, targets["lora_unet_single_blocks_1_linear2"].alpha) == (4, 2.0)
@@ -226,7 +230,7 @@ def test_split_qkv_targets_rank_and_alpha():
 def test_split_qkv_starts_as_the_base_model_and_trains():
     comps = build_tiny_flux(0)
     base = _forward(comps.denoiser)
-    network = LoRANetwork(FluxFamily().adapter_targets(comps, SPLIT))
+    network = LoRANetwork(targets_of(FluxFamily(), comps, SPLIT))
     network.apply_to()
     assert torch.equal(_forward(comps.denoiser), base)  # zero-initialised up: the output is unchanged
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2, weight_decay=0.1)
@@ -293,7 +297,7 @@ def test_split_qkv_file_reloads_to_the_same_delta(tmp_path):
     from lorakit.adapters.formats import load_lora_file
 
     fresh = build_tiny_flux(0)
-    reloaded = LoRANetwork(FluxFamily().adapter_targets(fresh, SPLIT))
+    reloaded = LoRANetwork(targets_of(FluxFamily(), fresh, SPLIT))
     reloaded.apply_to()
     state, _ = load_lora_file(path)
     assert reloaded.load_kohya_state_dict(state, source=str(path)) == []
@@ -332,8 +336,9 @@ def test_cached_text_outputs_equal_fresh_ones_and_t5_runs_once_per_caption(saved
     runs every step, sd-scripts' partial caching); the outputs are those of the uncached encoders."""
     fresh_family, cached_family = FluxFamily(), FluxFamily()
     fresh = fresh_family.load(options(pretrained_model_name_or_path=str(saved["folder"])))
-    comps = cached_family.load(options(pretrained_model_name_or_path=str(saved["folder"]), cache_text_encoder_outputs=True,
-                                       network_train_unet_only=unet_only))
+    cached_options = options(pretrained_model_name_or_path=str(saved["folder"]), cache_text_encoder_outputs=True,
+                             network_train_unet_only=unet_only)
+    comps = cached_family.load(cached_options, spec_of(cached_family, cached_options))
     clip_calls, t5_calls = _count_calls(comps.text_encoders[0]), _count_calls(comps.text_encoders[1])
     captions = ["a red square", "a blue circle"]
     with torch.no_grad():
@@ -347,6 +352,10 @@ def test_cached_text_outputs_equal_fresh_ones_and_t5_runs_once_per_caption(saved
 
 
 def test_training_t5_with_cached_outputs_is_refused(saved):
-    with pytest.raises(ConfigError, match="train_t5xxl=True cannot be used with --cache_text_encoder_outputs"):
-        FluxFamily().load(options(pretrained_model_name_or_path=str(saved["folder"]), cache_text_encoder_outputs=True,
-                                  network_args=["train_t5xxl=True"]))
+    """Refused with the other option checks, before anything loads."""
+    family = FluxFamily()
+    cfg = options(pretrained_model_name_or_path=str(saved["folder"]), cache_text_encoder_outputs=True,
+                  network_args=["train_t5xxl=True"], bucket_reso_steps=64, v2=False, save_format="kohya",
+                  loss_type="l2", huber_schedule="snr")
+    problems = family.option_problems(cfg, spec_of(family, cfg))
+    assert any("train_t5xxl=True cannot be used with --cache_text_encoder_outputs" in p for p in problems)

@@ -11,6 +11,7 @@ from diffusers import FluxTransformer2DModel
 
 from lorakit.adapters.formats import save_lora_file
 from lorakit.adapters.network import LoRANetwork
+from lorakit.families.flux.targets import transformer_targets
 from lorakit.families.flux.family import FluxFamily, image_position_ids
 from lorakit.families.flux.tiny import build_tiny_flux
 from test_flux_family import options
@@ -60,7 +61,7 @@ def forward(transformer):
 @pytest.mark.parametrize("network_args", [[], ["split_qkv=True"]], ids=["fused", "split_qkv"])
 def test_diffusers_reads_double_and_single_blocks_at_width_3072(pipe, tmp_path, network_args):
     transformer = pipe.transformer
-    network = LoRANetwork(FluxFamily._transformer_targets(transformer, flux_args(network_args), 2.0))
+    network = LoRANetwork(transformer_targets(transformer, flux_args(network_args), 2.0))
     assert {n.split("blocks_0_", 1)[1] for n in network.lora_modules} == LAYERS
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -84,6 +85,6 @@ def test_diffusers_reads_double_and_single_blocks_at_width_3072(pipe, tmp_path, 
 
 
 def flux_args(network_args):
-    from lorakit.families.flux.network_args import FluxNetworkArgs
+    from helpers import family_args_of
 
-    return FluxNetworkArgs.from_config(options(network_train_unet_only=True, network_args=network_args))
+    return family_args_of(FluxFamily(), options(network_train_unet_only=True, network_args=network_args))

@@ -7,23 +7,18 @@ import math
 import pytest
 import torch
 
-from lorakit.adapters.blocks import (
-    SD_LAYOUT,
-    SDXL_LAYOUT,
-    apply_block_ranks,
-    block_lr_weights,
-    layout_of,
-    preset_weights,
-    sd_block_index,
-    sdxl_block_index,
-)
+from helpers import optimizer_groups, spec_of
+from lorakit.adapters.blocks import apply_block_ranks, block_lr_weights, preset_weights
 from lorakit.adapters.lora import lora_delta_weight
 from lorakit.adapters.network import LoRANetwork
 from lorakit.config import parse_train_args
 from lorakit.errors import ConfigError
 from lorakit.families.sd.family import StableDiffusionFamily
-from lorakit.toy.tiny_models import build_tiny_sd
-from lorakit.training.loop import optimizer_groups
+from lorakit.families.sd.tiny import build_tiny_sd
+from lorakit.families.common.unet_blocks import BLOCK_LAYOUT as SD_LAYOUT
+from lorakit.families.common.unet_blocks import block_of as sd_block_index
+from lorakit.families.sdxl.blocks import BLOCK_LAYOUT as SDXL_LAYOUT
+from lorakit.families.sdxl.blocks import block_of as sdxl_block_index
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +38,8 @@ def config(*network_args: str, extra: tuple[str, ...] = ()):
 def network_for(comps, cfg) -> LoRANetwork:
     from lorakit.adapters.factory import lora_targets
 
-    kwargs = cfg.network_kwargs() if cfg.network_args else {}
-    return LoRANetwork(lora_targets(cfg, StableDiffusionFamily(), comps, kwargs))
+    family = StableDiffusionFamily()
+    return LoRANetwork(lora_targets(spec_of(family, cfg), family, comps))
 
 
 # --------------------------------------------------------------------------------------------- max-norm
@@ -76,7 +71,7 @@ def test_max_norm_follows_its_formula(comps):
 def test_loraplus_groups(comps):
     cfg = config("loraplus_lr_ratio=16", "loraplus_text_encoder_lr_ratio=4", extra=("--unet_lr=0.5",))
     network = network_for(comps, cfg)
-    groups, names = optimizer_groups(cfg, network)
+    groups, names = optimizer_groups(cfg, network, StableDiffusionFamily())
     assert names == ["textencoder", "textencoder plus", "unet", "unet plus"]
     assert [g["lr"] for g in groups] == [1.0, 4.0, 0.5, 8.0]
     ups = {id(m.lora_up.weight) for m in network.lora_modules.values()}
@@ -113,7 +108,7 @@ def test_sd_block_index(name, index):
 ])
 def test_sdxl_block_index(name, index):
     assert sdxl_block_index(name) == index
-    assert layout_of([name]) is SDXL_LAYOUT or index in (0, 22)
+    assert SDXL_LAYOUT.block_index(name) == index
 
 
 # --------------------------------------------------------------------------------------------- LR presets
@@ -145,7 +140,7 @@ def test_block_lr_weights_flatten_sd_and_sdxl():
 def test_block_lr_groups(comps):
     cfg = config("down_lr_weight=zeros+0.5", "up_lr_weight=sine")
     network = network_for(comps, cfg)
-    groups, names = optimizer_groups(cfg, network)
+    groups, names = optimizer_groups(cfg, network, StableDiffusionFamily())
     lrs = dict(zip(names, (g["lr"] for g in groups)))
     assert lrs["textencoder"] == 1.0 and lrs["unet_block1"] == 0.5 and lrs["unet_block12"] == 1.0
     # up weight sine[0] = 0: block 13 has no modules at all, so no group either

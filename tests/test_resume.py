@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from helpers import write_dreambooth_folder
 from lorakit.config import parse_train_args
 from lorakit.errors import ConfigError
-from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder
+from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 from lorakit.training.run import train
 from lorakit.training.state import TRAIN_STATE_FILE
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import targets_of
 from lorakit.adapters.formats import save_lora_file
 from lorakit.adapters.network import LoRANetwork
 from lorakit.cli.main import main
@@ -46,7 +47,7 @@ def load_model(path: Path):
 def write_random_lora(model: Path, file: Path, *, seed: int, conv: bool = False, dim: int = 4, scale: float = 0.15) -> Path:
     """A LoRA on every layer the family's trainer network adapts, with random factors, saved as training saves it."""
     family, comps = load_model(model)
-    network = LoRANetwork(family.adapter_targets(comps, lora_cfg(conv, dim)))
+    network = LoRANetwork(targets_of(family, comps, lora_cfg(conv, dim)))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in network.parameters():
@@ -64,7 +65,7 @@ def attached_image(model: Path, loras: list[tuple[Path, float, SimpleNamespace]]
     family, comps = load_model(model)
     for file, multiplier, cfg in loras:
         state, _ = load_lora_file(file)
-        network = LoRANetwork(family.adapter_targets(comps, cfg))
+        network = LoRANetwork(targets_of(family, comps, cfg))
         network.load_kohya_state_dict(state, source=str(file))
         network.set_multiplier(multiplier)
         network.apply_to()
@@ -98,7 +99,7 @@ def write_sd_model(folder: Path) -> Path:
     """The tiny SD 1.x with a non-zero bias in the text encoder's final LayerNorm, as real CLIP models have: with
     a zero bias every token's features average to ~0, and the weighted-prompt encoder's mean rescaling divides
     0 by 0 whenever the rounding lands on exactly zero (`sampling/weighting.py`)."""
-    from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder
+    from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 
     comps = build_tiny_sd("sd1", seed=0)
     encoder = comps.text_encoders[0]
@@ -169,7 +170,7 @@ def test_sd_image_equals_diffusers_load_lora_weights(models, loras, tmp_path):
     """An independent consumer: diffusers' own pipeline with the file loaded by `load_lora_weights` at 0.8."""
     from diffusers import StableDiffusionPipeline
 
-    from lorakit.sampling.samplers import build_sampler
+    from lorakit.objectives.samplers import build_sampler
 
     pipe = StableDiffusionPipeline.from_pretrained(models["sd"], local_files_only=True, safety_checker=None)
     pipe.scheduler = build_sampler("ddim", "epsilon")  # training's (and this command's) DDIM settings
@@ -217,7 +218,7 @@ def test_flux_fp8_transformer(models, loras, tmp_path):
 def test_sd2_v_single_file(tmp_path):
     """SD 2.x v-prediction from an LDM single file: --v2 --v_parameterization reach the loader and the sampler."""
     from lorakit.families.sd.ldm_keys import save_sd_single_file
-    from lorakit.toy.tiny_models import build_tiny_sd
+    from lorakit.families.sd.tiny import build_tiny_sd
 
     model = tmp_path / "sd2v.safetensors"
     save_sd_single_file(build_tiny_sd("sd2v", seed=0), model, fmt="safetensors")
@@ -255,11 +256,11 @@ def write_trained_like_lora(model: Path, file: Path, module: str, args: list[str
     metadata keys training writes for it."""
     import json
 
-    from lorakit.adapters.factory import build_network
+    from helpers import build_from_options
 
     cfg = network_config(model, module, args, dim, alpha)
     family, comps = load_model(model)
-    network = build_network(cfg, family, comps, torch.device("cpu"))
+    network = build_from_options(cfg, family, comps, torch.device("cpu"))
     generator = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for param in network.parameters():
@@ -271,10 +272,10 @@ def write_trained_like_lora(model: Path, file: Path, module: str, args: list[str
 
 
 def factory_attached_image(model: Path, file: Path, module: str, args: list[str], dim: int, alpha: float, multiplier: float):
-    from lorakit.adapters.factory import build_network
+    from helpers import build_from_options
 
     family, comps = load_model(model)
-    network = build_network(network_config(model, module, args, dim, alpha, file), family, comps, torch.device("cpu"))
+    network = build_from_options(network_config(model, module, args, dim, alpha, file), family, comps, torch.device("cpu"))
     network.set_multiplier(multiplier)
     pipe = family.pipeline(comps)
     pipe.set_progress_bar_config(disable=True)
@@ -377,6 +378,6 @@ def test_merging_leaves_the_model_forwards_as_they_were(models, loras):
     patched = lambda: [m for root in roots for m in root.modules() if "forward" in m.__dict__]  # noqa: E731
     assert not patched()
     with forwards_restored(roots):
-        merged = LoraMerger(family, comps, cfg).merge(read_lora_file(parse_lora_spec(f"{loras['flux']};0.8")))
+        merged = LoraMerger(family, comps).merge(read_lora_file(parse_lora_spec(f"{loras['flux']};0.8")))
         assert merged > 0 and patched()  # the views were made and routed while merging
     assert not patched()

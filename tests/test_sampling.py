@@ -12,9 +12,9 @@ from helpers import write_dreambooth_folder
 from lorakit.config import parse_train_args
 from lorakit.errors import ConfigError
 from lorakit.sampling.prompts import read_sample_prompts
-from lorakit.sampling.samplers import SAMPLERS
+from lorakit.objectives.samplers import SAMPLERS
 from lorakit.sampling.weighting import encode_weighted_prompts, parse_prompt_weights
-from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder
+from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 from lorakit.training.run import train
 from lorakit.training.sample_events import SampleSchedule, sample_file_name
 

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import write_dreambooth_folder
 from lorakit.config import parse_train_args
-from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder
+from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 from lorakit.training.run import train
 from lorakit.training.saving import Retention, prune, retention_for, save_every_n_epochs
 

@@ -10,14 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import family_args_of, targets_of
 from lorakit.adapters.network import LoRANetwork
 from lorakit.families.sd3 import sai_keys
 from lorakit.families.sd3.detect import is_sd3_checkpoint
-from lorakit.families.sd3.family import StableDiffusion3Family, assemble_conditioning, mmdit_targets
+from lorakit.families.sd3.conditioning import assemble_conditioning
+from lorakit.families.sd3.family import StableDiffusion3Family
+from lorakit.families.sd3.targets import mmdit_targets
 from lorakit.families.sd3.lora_convert import diffusers_to_kohya, kohya_to_diffusers
 from lorakit.families.sd3.network_args import SD3NetworkArgs
 from lorakit.families.sd3.tiny import build_tiny_sd3, pipeline_of, save_pipeline_folder, save_sai_file
-from lorakit.objectives.sd3_flow import SD3FlowObjective, SD3FlowOptions, sample_sd3_timesteps
+from lorakit.families.sd3.objective import SD3FlowObjective, SD3FlowOptions, sample_sd3_timesteps
 
 
 def net_cfg(*args: str, dim: int = 4, alpha: float = 2.0) -> SimpleNamespace:
@@ -88,22 +91,22 @@ def test_network_args_errors_name_the_key():
     from lorakit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="emb_dims"):
-        SD3NetworkArgs.from_config(net_cfg("emb_dims=1,2"))
+        family_args_of(StableDiffusion3Family(), net_cfg("emb_dims=1,2"))
     with pytest.raises(ConfigError, match="block_dims"):
-        SD3NetworkArgs.from_config(net_cfg("block_dims=1,2"))
+        family_args_of(StableDiffusion3Family(), net_cfg("block_dims=1,2"))
     with pytest.raises(ConfigError, match="train_block_indices"):
-        SD3NetworkArgs.from_config(net_cfg("train_block_indices=5")).check_blocks(2)
+        family_args_of(StableDiffusion3Family(), net_cfg("train_block_indices=5")).check_blocks(2)
     family = StableDiffusion3Family()
     assert family.text_encoder_lr_groups(SimpleNamespace(text_encoder_lr=[1e-5, 2e-5])) == {  # [a, b, b]
         "lora_te1": 1e-5, "lora_te2": 2e-5, "lora_te3": 2e-5}
 
 
 def _trained_network(comps, *args: str) -> LoRANetwork:
-    targets = mmdit_targets(comps.denoiser, SD3NetworkArgs.from_config(net_cfg(*args)), 2.0)
+    targets = mmdit_targets(comps.denoiser, family_args_of(StableDiffusion3Family(), net_cfg(*args)), 2.0)
     family = StableDiffusion3Family()
     cfg = net_cfg(*args)
     cfg.network_train_text_encoder_only, cfg.network_train_unet_only = True, False
-    targets += family.adapter_targets(comps, cfg)
+    targets += targets_of(family, comps, cfg)
     network = LoRANetwork(targets)
     network.apply_to()
     torch.manual_seed(5)
@@ -150,7 +153,7 @@ def test_kohya_file_round_trips_and_diffusers_loads_it(tmp_path, args):
 
 def test_saved_split_qkv_alpha_keeps_each_part_scale():
     comps = build_tiny_sd3(0, "sd3")
-    targets = {t.name: t for t in mmdit_targets(comps.denoiser, SD3NetworkArgs.from_config(net_cfg("split_qkv=True")), 2.0)}
+    targets = {t.name: t for t in mmdit_targets(comps.denoiser, family_args_of(StableDiffusion3Family(), net_cfg("split_qkv=True")), 2.0)}
     qkv = targets["lora_unet_joint_blocks_0_x_block_attn_qkv"]
     assert (qkv.rank, qkv.alpha) == (12, 6.0)
     assert "lora_unet_joint_blocks_1_context_block_attn_proj" not in targets  # context_pre_only
@@ -161,5 +164,5 @@ def test_metadata_names_the_variant(tmp_path):
     family.model_type = "5-large"
     cfg = SimpleNamespace(apply_lg_attn_mask=False, apply_t5_attn_mask=True, weighting_scheme="uniform", logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
     assert family.metadata(cfg)["ss_base_model_version"] == "5-large"
-    assert family.modelspec_architecture(cfg)[0] == "stable-diffusion-3-5-large"
+    assert family.trained_base_model(cfg, None).architecture == "stable-diffusion-3-5-large"
     assert Path(tmp_path).exists()

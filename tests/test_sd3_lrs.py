@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import write_dreambooth_folder
+from helpers import optimizer_groups, targets_of, write_dreambooth_folder
 from lorakit.adapters.network import LoRANetwork
 from lorakit.cli.main import main
 from lorakit.config import parse_train_args
@@ -20,7 +20,6 @@ from lorakit.families.sd3 import pos_embed
 from lorakit.families.sd3.family import StableDiffusion3Family, random_position_crop
 from lorakit.families.sd3.tiny import build_tiny_sd3, save_sai_file
 from lorakit.training import loop as trainer_module
-from lorakit.training.loop import optimizer_groups
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +48,7 @@ def flux():
 
 def lrs_by_name(family, comps, cfg) -> tuple[dict[str, float], dict[str, set[str]], LoRANetwork]:
     """{description: lr} and {description: the kohya prefixes of its modules} of the optimizer groups."""
-    network = LoRANetwork(family.adapter_targets(comps, cfg))
+    network = LoRANetwork(targets_of(family, comps, cfg))
     groups, names = optimizer_groups(cfg, network, family)
     owner = {id(p): name for name, module in network.lora_modules.items() for p in module.parameters()}
     prefixes = {desc: {owner[id(p)].split("_")[1] for p in g["params"]} for desc, g in zip(names, groups)}
@@ -108,8 +107,8 @@ def test_flux_groups_per_encoder(flux, values, expected):
 
 def test_network_without_prefix_map_keeps_one_group(sd35m):
     cfg = config("--text_encoder_lr", "0.1", "0.2", "0.3", *T5)
-    network = LoRANetwork(StableDiffusion3Family().adapter_targets(sd35m, cfg))
-    groups, names = optimizer_groups(cfg, network)  # no family: the single-LR rule, first value
+    network = LoRANetwork(targets_of(StableDiffusion3Family(), sd35m, cfg))
+    groups, names = optimizer_groups(cfg, network, spec_family=StableDiffusion3Family())  # no LR map: one LR, the first value
     assert names == ["textencoder", "unet"] and [g["lr"] for g in groups] == [0.1, 1.0]
     # modules under no listed prefix stay in the plain group
     groups, names = network.prepare_optimizer_params(0.5, None, 1.0, text_encoder_lrs={"lora_te2": 0.2})
@@ -136,7 +135,9 @@ def test_three_lrs_train_through_the_cli(sd35m_file, tmp_path, monkeypatch):
         seen["optimizer"] = handle.optimizer
         return handle
 
-    real_groups = trainer_module.optimizer_groups
+    from lorakit.training.network_trainable import NetworkTrainable
+
+    real_groups = NetworkTrainable.parameter_groups
 
     def spy_groups(*args):
         groups, names = real_groups(*args)
@@ -144,7 +145,7 @@ def test_three_lrs_train_through_the_cli(sd35m_file, tmp_path, monkeypatch):
         return groups, names
 
     monkeypatch.setattr(trainer_module, "build_optimizer", spy_build)
-    monkeypatch.setattr(trainer_module, "optimizer_groups", spy_groups)
+    monkeypatch.setattr(NetworkTrainable, "parameter_groups", spy_groups)
     out = tmp_path / "out"
     args = [
         "train", f"--pretrained_model_name_or_path={sd35m_file}", f"--train_data_dir={data}", "--resolution=64",

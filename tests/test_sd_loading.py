@@ -13,11 +13,11 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from lorakit.errors import CheckpointError
-from lorakit.families.common.checkpoint_io import read_checkpoint
+from lorakit.checkpoint_io import read_checkpoint
 from lorakit.families.common.tokenizers import CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
 from lorakit.families.sd.ldm_keys import components_to_ldm, save_sd_single_file, vae_to_ldm
 from lorakit.families.sd.loading import bundled_config, load_sd_components
-from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder
+from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 
 FLAGS = {"sd1": dict(v2=False, v_parameterization=False), "sd2v": dict(v2=True, v_parameterization=True)}
 

@@ -11,7 +11,7 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 
-from helpers import write_dreambooth_folder, write_tiny_checkpoints
+from helpers import write_dreambooth_folder, write_tiny_checkpoints, targets_of
 from lorakit.cli.main import main
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.families import registry
@@ -20,8 +20,8 @@ from lorakit.families.sdxl.family import StableDiffusionXLFamily, size_time_ids,
 from lorakit.families.sdxl.detect import is_sdxl_checkpoint
 from lorakit.families.sdxl.loading import load_sdxl_components
 from lorakit.families.sdxl.tiny import build_tiny_sdxl, save_sdxl_diffusers_folder
-from lorakit.families.targeting import RankChoice
-from lorakit.families.common.checkpoint_io import write_safetensors_atomic
+from lorakit.adapters.targets import RankChoice
+from lorakit.checkpoint_io import write_safetensors_atomic
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_real_sdxl_architecture_names():
         assert "model.diffusion_model." + key in sgm
     family = StableDiffusionXLFamily()
     comps = SimpleNamespace(denoiser=unet, text_encoders=[te1, te2])
-    targets = family.adapter_targets(comps, options())
+    targets = targets_of(family, comps, options())
     counts = {p: sum(t.name.startswith(p + "_") for t in targets) for p in ("lora_unet", "lora_te1", "lora_te2")}
     assert counts == {"lora_unet": 722, "lora_te1": 72, "lora_te2": 192}
     names = {t.name for t in targets}
@@ -195,8 +195,9 @@ def test_no_half_vae_keeps_the_vae_in_float32(tiny):
 def test_metadata_and_modelspec():
     family = StableDiffusionXLFamily()
     assert family.metadata(options()) == {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
-    assert family.modelspec_architecture(options()) == (
-        "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models", (1024, 1024)
+    facts = family.trained_base_model(options(), None)
+    assert (facts.architecture, facts.implementation, facts.resolution) == (
+        "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models", 1024
     )
 
 

@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import load_local_pipeline, lora_options, render, write_dreambooth_folder, write_tiny_checkpoints
+from helpers import load_local_pipeline, lora_options, render, write_dreambooth_folder, write_tiny_checkpoints, targets_of
 from lorakit.adapters.formats import load_lora_file
 from lorakit.adapters.network import LoRANetwork
 from lorakit.cli.main import main
-from lorakit.families.common.checkpoint_io import write_safetensors_atomic
+from lorakit.checkpoint_io import write_safetensors_atomic
 from lorakit.families.sdxl import sgm_keys
 from lorakit.families.sdxl.family import StableDiffusionXLFamily
 from lorakit.families.sdxl.tiny import build_tiny_sdxl, save_sdxl_diffusers_folder
@@ -148,7 +148,7 @@ def test_trained_file_loads_in_diffusers_as_our_merge(models, data, tmp_path, co
 
     ours = load_local_pipeline(StableDiffusionXLPipeline, models["folder"])
     comps = SimpleNamespace(denoiser=ours.unet, text_encoders=[ours.text_encoder, ours.text_encoder_2])
-    network = LoRANetwork(StableDiffusionXLFamily().adapter_targets(comps, lora_options(conv)))
+    network = LoRANetwork(targets_of(StableDiffusionXLFamily(), comps, lora_options(conv)))
     assert network.load_kohya_state_dict(state, source=str(lora_file)) == []  # every module has its weights
     base = render(ours)
     network.merge_to_base()

@@ -10,6 +10,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+
+from helpers import targets_of
 import torch
 
 from lorakit.adapters.formats import load_lora_file, save_lora_file
@@ -23,6 +25,7 @@ from lorakit.families.sdxl.family import StableDiffusionXLFamily
 from lorakit.families.sdxl.sgm_keys import save_sdxl_single_file
 from lorakit.families.sdxl.tiny import TE1_WIDTH, TE2_WIDTH, build_tiny_sdxl
 from lorakit.tools.common import load_lora
+from lorakit.families.registry import get_family
 from lorakit.tools.models import load_base_model
 from lorakit.tools.targets import model_targets
 
@@ -39,7 +42,7 @@ def net_cfg(*args: str, unet_only: bool = False):
 
 
 def random_network(family, comps, cfg, seed=3) -> LoRANetwork:
-    network = LoRANetwork(family.adapter_targets(comps, cfg))
+    network = LoRANetwork(targets_of(family, comps, cfg))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in network.lora_modules.values():
@@ -49,7 +52,7 @@ def random_network(family, comps, cfg, seed=3) -> LoRANetwork:
 
 def bypass(family, comps, cfg, lora_file) -> LoRANetwork:
     """The trainer's network over `comps`, loaded from the file, attached beside the weights at RATIO."""
-    network = LoRANetwork(family.adapter_targets(comps, cfg))
+    network = LoRANetwork(targets_of(family, comps, cfg))
     assert not network.load_kohya_state_dict(load_lora_file(lora_file)[0], source=str(lora_file))
     network.set_multiplier(RATIO)
     network.apply_to()
@@ -146,7 +149,7 @@ def case(request, tmp_path_factory):
 
 def _load(case, path, merged=False):
     extra = getattr(case, "merged_load", {}) if merged else case.load
-    return load_base_model(str(path), family=case.name, **extra)
+    return load_base_model(str(path), family=case.name, files=extra)
 
 
 # ------------------------------------------------------------------------------------------ merge into a model
@@ -156,7 +159,7 @@ def test_merged_weights_are_base_plus_ratio_delta(case):
     """Per module, in the file's own shape and row order (fused q/k/v, swapped modulation halves)."""
     lora = load_lora(case.lora)
     base, merged = _load(case, case.base), _load(case, case.merged, merged=True)
-    with model_targets(case.name, base) as before, model_targets(case.name, merged) as after:
+    with model_targets(get_family(case.name), base) as before, model_targets(get_family(case.name), merged) as after:
         assert lora.modules.keys() <= before.keys()
         for name, module in lora.modules.items():
             change = after[name].weight() - before[name].weight()
@@ -236,14 +239,14 @@ def test_randomized_factorisation_is_near_optimal_and_deterministic():
 @pytest.mark.parametrize("name,build", [("sdxl", build_tiny_sdxl), ("sd3", lambda: build_tiny_sd3(0, "sd3.5m")), ("flux", build_tiny_flux)])
 def test_every_layer_a_file_may_name_is_a_known_module_name(name, build):
     """The key layouts accept every kohya name the family's trainer can produce (embedders, T5, convs included)."""
-    from lorakit.tools.layouts import guess_family, layout_for
+    from lorakit.families.registry import guess_lora_family
 
-    layout = layout_for(name)
-    with model_targets(name, build()) as targets:
+    family = get_family(name)
+    with model_targets(family, build()) as targets:
         assert len(targets) > 20
-        unknown = [n for n in targets if layout.kohya_to_path(n) is None]
+        unknown = [n for n in targets if family.lora_layout.kohya_to_path(n) is None]
     assert not unknown
-    assert guess_family(list(targets)) == name
+    assert guess_lora_family(list(targets)) == name
 
 
 def test_resize_is_the_best_lower_rank_fit(case):
@@ -325,7 +328,7 @@ def test_diffusers_loads_the_converted_file_and_matches_our_merge(case):
     assert main(["convert", "--model", str(case.lora), "--save_to", str(folded), "--to", "diffusers"]) == 0
     ours = {"sdxl": build_tiny_sdxl, "sd3": lambda: build_tiny_sd3(0, "sd3.5m"), "flux": build_tiny_flux}[case.name]()
     lora = load_lora(case.lora)
-    merge_into_model(ours, lora.layout, [lora], [1.0])
+    merge_into_model(ours, lora.family, [lora], [1.0])
     theirs = {"sdxl": build_tiny_sdxl, "sd3": lambda: build_tiny_sd3(0, "sd3.5m"), "flux": build_tiny_flux}[case.name]()
     base = case.forward(theirs)
     pipe = _pipeline(case, theirs)
@@ -435,7 +438,7 @@ def test_flux_fp8_transformer_merges_in_float32(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from lorakit.families.common.checkpoint_io import write_safetensors_atomic
+    from lorakit.checkpoint_io import write_safetensors_atomic
 
     comps = build_tiny_flux(0)
     files = save_bfl_files(comps, tmp_path)
@@ -452,7 +455,7 @@ def test_flux_fp8_transformer_merges_in_float32(tmp_path):
     assert main(args) == 0
     assert load_file(str(out))["double_blocks.0.img_attn.qkv.weight"].dtype == torch.bfloat16
     base, merged = load_base_model(str(fp8), family="flux"), load_base_model(str(out), family="flux")
-    with model_targets("flux", base) as before, model_targets("flux", merged) as after:
+    with model_targets(get_family("flux"), base) as before, model_targets(get_family("flux"), merged) as after:
         for name, module in load_lora(lora).modules.items():
             expected = (before[name].weight() + RATIO * module.delta()).to(torch.bfloat16).float()
             assert torch.allclose(after[name].weight(), expected, atol=1e-6), name
@@ -460,7 +463,7 @@ def test_flux_fp8_transformer_merges_in_float32(tmp_path):
 
 def test_flux_converter_splits_and_fuses_independent_pairs():
     """Three independent q/k/v pairs fuse into a block-diagonal rank-3r module (exact ΔW per part) and split back."""
-    from lorakit.tools.flux_lora import diffusers_to_kohya, kohya_to_diffusers
+    from lorakit.families.flux.lora_convert import diffusers_to_kohya, kohya_to_diffusers
 
     gen = torch.Generator().manual_seed(0)
     width, rank = 8, 2
@@ -516,7 +519,7 @@ def test_flux_diffusers_named_file_merges_like_the_bfl_file(tmp_path, capsys):
     """`--diffusers` (sd-scripts' flux_merge_lora.py): a diffusers-named transformer file in and out."""
     from safetensors.torch import load_file
 
-    from lorakit.families.flux.tools_io import save_transformer_file
+    from lorakit.families.flux.model_files import save_transformer_file
 
     comps = build_tiny_flux(0)
     files = save_bfl_files(comps, tmp_path)

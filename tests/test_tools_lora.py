@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from helpers import targets_of, tool_options as _Options
 import torch
 
 from lorakit.adapters.formats import addnet_hashes, load_lora_file, save_lora_file
@@ -12,10 +14,10 @@ from lorakit.adapters.network import LoRANetwork
 from lorakit.cli.lora import main
 from lorakit.errors import CheckpointError
 from lorakit.families.sd.family import StableDiffusionFamily
-from lorakit.toy.tiny_models import build_tiny_sd
+from lorakit.families.sd.tiny import build_tiny_sd
 from lorakit.tools.common import load_lora
-from lorakit.tools.targets import _Options
-from lorakit.tools.layouts import SD_LAYOUT, guess_family
+from lorakit.families.registry import guess_lora_family as guess_family
+from lorakit.families.sd.lora_keys import LORA_LAYOUT as SD_LAYOUT
 from lorakit.tools.lora_state import LoraFactors, read_modules
 from lorakit.tools.merge import merge_loras
 from lorakit.tools.resize import resize_modules
@@ -25,7 +27,7 @@ from lorakit.tools.svd import choose_rank
 def random_lora(components, *, rank=4, conv_rank=2, alpha=2.0, seed=0) -> dict[str, torch.Tensor]:
     """A kohya state dict for every SD target (C3Lier convs included) with non-zero up weights."""
     options = _Options({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}, unet_only=False, dim=rank)
-    network = LoRANetwork(StableDiffusionFamily().adapter_targets(components, options))
+    network = LoRANetwork(targets_of(StableDiffusionFamily(), components, options))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in network.lora_modules.values():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+from helpers import targets_of, tool_options as _Options
 import torch
 
 from lorakit.adapters.formats import load_lora_file, save_lora_file
@@ -11,9 +13,8 @@ from lorakit.cli.lora import main
 from lorakit.families.sd.family import StableDiffusionFamily
 from lorakit.families.sd.ldm_keys import save_sd_single_file
 from lorakit.families.sd.loading import load_sd_components
-from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder
+from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 from lorakit.tools.common import load_lora
-from lorakit.tools.targets import _Options
 
 RATIO = 0.7
 
@@ -21,7 +22,7 @@ RATIO = 0.7
 def lora_network(components, *, seed=0) -> LoRANetwork:
     """LoRA on every SD target (rank 4, 3x3 convs rank 2, alpha 2) with non-zero up weights."""
     options = _Options({"conv_dim": "2", "conv_alpha": "2"}, unet_only=False, dim=4)
-    network = LoRANetwork(StableDiffusionFamily().adapter_targets(components, options))
+    network = LoRANetwork(targets_of(StableDiffusionFamily(), components, options))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in network.lora_modules.values():

@@ -7,16 +7,18 @@ import json
 import math
 
 import pytest
+
+from helpers import targets_of, tool_options as _Options
 import torch
 
 from lorakit.adapters.formats import save_lora_file
 from lorakit.adapters.network import LoRANetwork
 from lorakit.errors import ConfigError
+from lorakit.families.registry import get_family
 from lorakit.families.sd.family import StableDiffusionFamily
-from lorakit.toy.tiny_models import build_tiny_sd
+from lorakit.families.sd.tiny import build_tiny_sd
 from lorakit.tools.common import LoadedLora, load_lora
-from lorakit.tools.targets import _Options
-from lorakit.tools.layouts import SD_LAYOUT
+from lorakit.families.sd.lora_keys import LORA_LAYOUT as SD_LAYOUT
 from lorakit.tools.lbw import LBW_SLOTS, apply_block_weights, lbw_slot, parse_lbws
 from lorakit.tools.lora_state import LoraFactors
 from lorakit.tools.merge import merge_loras
@@ -25,7 +27,7 @@ from lorakit.tools.merge import merge_loras
 def random_network(components, *, rank=4, conv_rank=2, alpha=2.0, seed=0, make=None) -> LoRANetwork:
     """A LoRA network on every SD target (3x3 convs included) with non-zero up weights."""
     options = _Options({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}, unet_only=False, dim=rank)
-    targets = StableDiffusionFamily().adapter_targets(components, options)
+    targets = targets_of(StableDiffusionFamily(), components, options)
     network = LoRANetwork(targets) if make is None else LoRANetwork(targets, module_factory=make)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -84,22 +86,22 @@ def test_lbw_slots_follow_the_lora_block_weight_numbering():
     }
     for family, table in (("sd", sd), ("sdxl", sdxl)):
         for name, slot in table.items():
-            assert LBW_SLOTS[lbw_slot(name, family)] == slot, name
-    assert lbw_slot("lora_unet_conv_in", "sd") is None
+            assert LBW_SLOTS[lbw_slot(name, get_family(family))] == slot, name
+    assert lbw_slot("lora_unet_conv_in", get_family("sd")) is None
 
 
 def test_lbws_of_the_wrong_length_or_family_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"--lbws \(for a.safetensors\): 12 entries; a SD 1.x/2.x LoRA takes 17 or 26"):
-        parse_lbws(["[" + ",".join(["1"] * 12) + "]"], ["a.safetensors"], "sd")
+        parse_lbws(["[" + ",".join(["1"] * 12) + "]"], ["a.safetensors"], get_family("sd"))
     with pytest.raises(ConfigError, match="SDXL LoRA takes 12 or 20 entries"):
-        parse_lbws(["[" + ",".join(["1"] * 17) + "]"], ["a.safetensors"], "sdxl")
-    with pytest.raises(ConfigError, match="FLUX LoRAs; block weights exist for"):
-        parse_lbws(["[1]"], ["a.safetensors"], "flux")
+        parse_lbws(["[" + ",".join(["1"] * 17) + "]"], ["a.safetensors"], get_family("sdxl"))
+    with pytest.raises(ConfigError, match="FLUX.1 LoRAs; block weights exist for"):
+        parse_lbws(["[1]"], ["a.safetensors"], get_family("flux"))
     with pytest.raises(ConfigError, match="one list per file"):
-        parse_lbws(["[1]"], ["a.safetensors", "b.safetensors"], "sd")
+        parse_lbws(["[1]"], ["a.safetensors", "b.safetensors"], get_family("sd"))
     with pytest.raises(ConfigError, match="JSON list of numbers"):
-        parse_lbws(["[1, 'x']"], ["a.safetensors"], "sd")
-    assert parse_lbws(["[" + ",".join(["0.5"] * 26) + "]"], ["a"], "sd") == [[0.5] * 26]
+        parse_lbws(["[1, 'x']"], ["a.safetensors"], get_family("sd"))
+    assert parse_lbws(["[" + ",".join(["0.5"] * 26) + "]"], ["a"], get_family("sd")) == [[0.5] * 26]
 
 
 def _lbw17(**slots: float) -> list[float]:
@@ -119,7 +121,7 @@ def test_lbw_zero_removes_exactly_that_block_and_ones_change_nothing(lora_files)
     # IN01 off in both files: its modules are gone, nothing else changes
     off = [apply_block_weights(lora, _lbw17(IN01=0.0)) for lora in (first, second)]
     merged = merge_loras(off, [1.0, 0.5], mode="svd", new_rank=8, new_conv_rank=4)
-    in01 = {n for n in plain if lbw_slot(n, "sd") == LBW_SLOTS.index("IN01")}
+    in01 = {n for n in plain if lbw_slot(n, get_family("sd")) == LBW_SLOTS.index("IN01")}
     assert in01 and merged.keys() == plain.keys() - in01
     assert all(torch.equal(merged[n].up, plain[n].up) for n in merged)
 
@@ -137,9 +139,9 @@ def test_lbw_scales_block_deltas_exactly_in_sdxl_names():
 
     names = ["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_unet_input_blocks_4_1_proj_in",
              "lora_unet_middle_block_1_proj_out", "lora_unet_output_blocks_2_1_proj_in", "lora_unet_out_2"]
-    lora = LoadedLora("x.safetensors", {n: module(n) for n in names}, {}, "kohya", SD_LAYOUT)
+    lora = LoadedLora("x.safetensors", {n: module(n) for n in names}, {}, "kohya", StableDiffusionFamily())
     # 12 entries: BASE, IN04, IN05, IN07, IN08, MID, OUT00..OUT05
-    weighted = apply_block_weights(lora, [0.5, 2.0, 1, 1, 1, 0.0, 1, 1, -1.0, 1, 1, 1], family="sdxl")
+    weighted = apply_block_weights(lora, [0.5, 2.0, 1, 1, 1, 0.0, 1, 1, -1.0, 1, 1, 1], family=get_family("sdxl"))
     merged = merge_loras([weighted], [1.0], mode="concat")
     factor = {names[0]: 0.5, names[1]: 2.0, names[3]: -1.0, names[4]: 1.0}
     assert merged.keys() == factor.keys()  # the middle block (weight 0) is left out
@@ -305,7 +307,7 @@ def test_cli_merge_with_lbws(lora_files, tmp_path, capsys):
     args = ["merge", "--save_to", str(out), "--models", *map(str, lora_files), "--new_rank", "8", "--lbws", weights, weights]
     assert main(args) == 0
     names = load_lora(out).modules.keys()
-    assert names and not any(lbw_slot(n, "sd") == LBW_SLOTS.index("IN01") for n in names)
+    assert names and not any(lbw_slot(n, get_family("sd")) == LBW_SLOTS.index("IN01") for n in names)
     bad = tmp_path / "bad.safetensors"
     assert main(["merge", "--save_to", str(bad), "--models", str(lora_files[0]), "--new_rank", "4", "--lbws", "[1,1,1]"]) == 2
     assert "--lbws" in capsys.readouterr().err and not bad.exists()
@@ -330,7 +332,7 @@ def test_cli_dylora_writes_one_rank_or_every_unit(dylora, tmp_path, capsys):
 
 def test_cli_resize_by_recipe_against_a_base_model_folder(tiny, spread_lora, tmp_path, capsys):
     from lorakit.cli.lora import main
-    from lorakit.toy.tiny_models import save_sd_diffusers_folder
+    from lorakit.families.sd.tiny import save_sd_diffusers_folder
     from lorakit.tools.resize_recipe import parse_recipe, resize_by_recipe
 
     base = tmp_path / "base"
@@ -372,7 +374,7 @@ def _real_unet_target_names(family: str) -> list[str]:
     from diffusers import UNet2DConditionModel
 
     from lorakit.families.base import Components
-    from lorakit.families.registry import FAMILIES
+    from lorakit.families.registry import get_family
 
     folder = "sd/configs/sd15" if family == "sd" else "sdxl/configs/sdxl_base"
     config = _json.loads((resources.files("lorakit") / "families" / folder / "unet.json").read_text())
@@ -381,17 +383,15 @@ def _real_unet_target_names(family: str) -> list[str]:
     options = _Options({}, unet_only=False, dim=4)
     options.network_train_unet_only = True
     comps = Components(denoiser=unet, vae=None, text_encoders=[], tokenizers=[])
-    return [t.name for t in FAMILIES[family]().adapter_targets(comps, options)]
+    return [t.name for t in targets_of(get_family(family), comps, options)]
 
 
 @pytest.mark.parametrize("family, length", [("sd", 17), ("sdxl", 12)])
 def test_short_lbw_lists_cover_exactly_the_blocks_of_real_attention_loras(family, length):
-    from lorakit.tools.lbw import FILLED_SLOTS
-
-    slots = {lbw_slot(name, family) for name in _real_unet_target_names(family)}
+    slots = {lbw_slot(name, get_family(family)) for name in _real_unet_target_names(family)}
     assert None not in slots
     # the short list is made for default LoRAs: its U-Net entries are exactly the blocks such a LoRA has
-    assert slots == set(FILLED_SLOTS[family][length]) - {0}
+    assert slots == set(get_family(family).block_layout.lbw_lengths[length]) - {0}
 
 
 def _family_lora(family_name: str, root, *, unet_only: bool):
@@ -399,7 +399,7 @@ def _family_lora(family_name: str, root, *, unet_only: bool):
     over two decades. Returns the targets, the base file and the LoRA file."""
     from types import SimpleNamespace
 
-    from lorakit.families.registry import FAMILIES
+    from lorakit.families.registry import get_family
 
     if family_name == "sdxl":
         from lorakit.families.sdxl.sgm_keys import save_sdxl_single_file
@@ -415,7 +415,7 @@ def _family_lora(family_name: str, root, *, unet_only: bool):
         base = save_bfl_files(comps, root / "flux")["flux1"]
     cfg = SimpleNamespace(network_dim=4, network_alpha=2.0, network_args=None, network_kwargs=dict,
                           network_train_unet_only=unet_only, network_train_text_encoder_only=False)
-    targets = FAMILIES[family_name]().adapter_targets(comps, cfg)
+    targets = targets_of(get_family(family_name), comps, cfg)
     network = LoRANetwork(targets)
     generator = torch.Generator().manual_seed(4)
     with torch.no_grad():
@@ -473,7 +473,7 @@ def test_cli_merge_with_sdxl_lbws(tmp_path, capsys):
 def test_cli_merge_into_a_model_with_lbws(tiny, lora_files, tmp_path):
     """Into a base model, BASE at 0 leaves the text encoder untouched while the U-Net blocks get ratio · ΔW."""
     from lorakit.cli.lora import main
-    from lorakit.toy.tiny_models import save_sd_diffusers_folder
+    from lorakit.families.sd.tiny import save_sd_diffusers_folder
     from lorakit.tools.models import load_base_model
 
     base = tmp_path / "base"
@@ -481,7 +481,7 @@ def test_cli_merge_into_a_model_with_lbws(tiny, lora_files, tmp_path):
     out = tmp_path / "merged"
     weights = "[" + ",".join(map(str, _lbw17(BASE=0))) + "]"
     assert main(["merge", "--sd_model", str(base), "--save_to", str(out), "--models", str(lora_files[0]), "--lbws", weights]) == 0
-    before, after = (SD_LAYOUT.module_index(load_base_model(str(p))) for p in (base, out))
+    before, after = (SD_LAYOUT.module_index(load_base_model(str(p), family="sd")) for p in (base, out))
     lora = load_lora(lora_files[0])
     for name, module in lora.modules.items():
         change = after[name].weight - before[name].weight

@@ -7,7 +7,7 @@ The trainer's step is measured inside a real `lorakit train` run (data loading, 
 noising, loss weighting, logging included) on cached latents. Their ratio is what the trainer adds; 1.0 is the
 limit.
 
-Models (`--family sd|sdxl|flux`, `--size tiny|real`; `--size sd15` is `--family sd --size real`): the test models,
+Models (`--family` any family with benchmark models, `--size tiny|real`; `--size sd15` is `--family sd --size real`): the test models,
 or real shapes with random weights written once in the family's single-file layout (`bench_models.py`), so model
 loading is measured from a real file.
 """
@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from lorakit.bench_models import FAMILIES, FLUX_REAL_BLOCKS, SIZES, BenchModel, bench_model
+from lorakit.bench_models import SIZES, BenchModel, bench_families, bench_model, size_aliases
 
 
 @dataclass
@@ -124,7 +124,7 @@ def bare_step_seconds(model: BenchModel, options: BenchOptions, work: Path) -> f
     side = options.resolution // scale
     latents = torch.randn(options.batch, comps.vae.config.latent_channels, side, side, device=device, dtype=session.weight_dtype)
     noised = session.objective.noise(latents, generator=torch.Generator(device=device).manual_seed(0))
-    optimizer = torch.optim.AdamW([p for p in session.network.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW(session.trainable.trainable_parameters(), lr=1e-4)
     times = []
     for _ in range(max(3, options.steps - 4) + 2):  # as many timed steps as the trainer's steady part
         started = time.perf_counter()
@@ -173,14 +173,14 @@ def steady_step_seconds(step_times: list[float], device: torch.device) -> float:
     return sum(steady[:usable]) / usable
 
 
-def run(family: str, size: str, options: BenchOptions, flux_blocks: tuple[int, int] = FLUX_REAL_BLOCKS,
+def run(family: str, size: str, options: BenchOptions, blocks: tuple[int, int] | None = None,
         repeats: int = 1, sync_debug: bool = False) -> BenchResult:
     """Trainer run, then bare step, `repeats` times in turn. A shared machine's speed drifts over minutes, so each
     trainer run is compared with the bare step measured right after it, and the reported ratio is the median of
     those pairs (the step times are the medians of the runs)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = Path(os.environ.get("LORAKIT_BENCH_CACHE", Path(tempfile.gettempdir()) / "lorakit-bench"))
-    model = bench_model(family, size, cache, flux_blocks)
+    model = bench_model(family, size, cache, blocks)
     trainer_steps, bare_steps, trainer_peak, process_peak = [], [], 0.0, 0.0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -237,8 +237,10 @@ def _release(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=FAMILIES, default="sd")
-    parser.add_argument("--size", choices=(*SIZES, "sd15"), default="tiny", help="tiny test model or real shapes (sd15 = --family sd --size real)")
+    aliases = size_aliases()
+    parser.add_argument("--family", choices=bench_families(), default=bench_families()[-1])  # the registry's fallback family
+    parser.add_argument("--size", choices=(*SIZES, *aliases), default="tiny",
+                        help="tiny test model or real shapes; " + ", ".join(f"{a} = --family {f} --size {z}" for a, (f, z) in aliases.items()))
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--fp8_base", action="store_true", help="weights stored as float8_e4m3fn (FLUX)")
     parser.add_argument("--blocks_to_swap", type=int, default=0, help="FLUX blocks streamed from the CPU")
-    parser.add_argument("--flux_blocks", default=f"{FLUX_REAL_BLOCKS[0]},{FLUX_REAL_BLOCKS[1]}",
+    parser.add_argument("--flux_blocks", default=None,
                         help="double,single blocks of the real-size FLUX transformer (default 19,38 = FLUX.1)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1,
@@ -257,10 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync_debug", action="store_true",
                         help="GPU only: warn at every call in the (first) trainer run that waits for the GPU")
     args = parser.parse_args(argv)
-    family, size = ("sd", "real") if args.size == "sd15" else (args.family, args.size)
+    family, size = aliases.get(args.size, (args.family, args.size))
     try:
-        flux_blocks = tuple(int(n) for n in args.flux_blocks.split(","))
-        assert len(flux_blocks) == 2 and min(flux_blocks) >= 1
+        blocks = tuple(int(n) for n in args.flux_blocks.split(",")) if args.flux_blocks else None
+        assert blocks is None or (len(blocks) == 2 and min(blocks) >= 1)
     except (ValueError, AssertionError):
         parser.error(f"--flux_blocks {args.flux_blocks}: expected two positive numbers, double,single (e.g. 19,38)")
     options = BenchOptions(args.resolution, args.batch, args.rank, args.precision, args.gradient_checkpointing, args.steps,
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--repeats {args.repeats}: expected 1 or more")
     if args.sync_debug and not torch.cuda.is_available():
         parser.error("--sync_debug needs a CUDA GPU (it lists the calls that make the CPU wait for the GPU)")
-    result = run(family, size, options, flux_blocks, args.repeats, args.sync_debug)
+    result = run(family, size, options, blocks, args.repeats, args.sync_debug)
     print(format_table(result))
     if args.json:
         args.json.write_text(json.dumps(asdict(result), indent=2))

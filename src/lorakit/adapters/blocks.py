@@ -1,13 +1,10 @@
 """Block-wise ranks and learning rates of kohya's `networks.lora` (`--network_args block_dims=… down_lr_weight=…`).
 
-The U-Net is cut into numbered blocks (sd-scripts inventory §4.3); a LoRA module's block follows from its
-kohya name alone, so nothing here needs the model or its family:
-
-* SD 1.x/2.x, 25 blocks IN00…IN11, MID, OUT00…OUT11 (diffusers paths): `down_blocks_i_{resnets|attentions}_j`
-  is 1 + 3i + j, `down_blocks_i_downsamplers` 1 + 3i + 2, `mid_block` 12, `up_blocks_i_{…}_j` 13 + 3i + j,
-  `up_blocks_i_upsamplers` 13 + 3i + 2. Block 0 (conv_in) has no LoRA.
-* SDXL, 23 blocks (original SGM paths): `input_blocks_N` is 1 + N, `middle_block_N` 10 + N,
-  `output_blocks_N` 13 + N, `out_` 22, `time_embed`/`label_emb` 0.
+A U-Net is cut into numbered blocks (sd-scripts inventory §4.3); a LoRA module's block follows from its kohya name
+alone. A model family that has such blocks describes them with a `BlockLayout` (its numbering, how the
+down/mid/up LR lists map onto it and how LoRA Block Weight lists fill the 26 LBW slots); everything here works on
+that description and knows no family. Families without blocks (DiTs) have none, and block-wise settings are
+refused for them.
 
 Per-block LR weights come from `down_lr_weight`, `mid_lr_weight`, `up_lr_weight`, each a comma list or a preset
 (`sine`, `cosine`, `linear`, `reverse_linear`, `zeros`, optionally `+base`). They are flattened into one weight
@@ -18,80 +15,54 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lorakit.adapters.network import loraplus_split
+from lorakit.adapters.targets import AdapterTarget, is_spatial_conv
 from lorakit.errors import ConfigError
-from lorakit.families.base import AdapterTarget
 
 log = logging.getLogger("lorakit")
 
 BLOCK_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
 LR_WEIGHT_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
 PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
+#: the LoRA Block Weight convention's 26 slots: BASE (the text encoders), IN00…IN11, MID, OUT00…OUT11
+LBW_SLOTS = ("BASE", *(f"IN{i:02d}" for i in range(12)), "MID", *(f"OUT{i:02d}" for i in range(12)))
 
-_SD_UPDOWN = re.compile(r"_(up|down)_blocks_(\d+)_(resnets|attentions|upsamplers|downsamplers)_(\d+)_")
-_SDXL = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_(\d+)_")
+
+def lbw_slots(*names: str) -> tuple[int, ...]:
+    """Slot indices of LBW slot names (`lbw_slots("BASE", "IN01")` -> (0, 2))."""
+    return tuple(LBW_SLOTS.index(name) for name in names)
 
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """How many blocks a U-Net has and how the down/mid/up LR lists map onto them."""
+    """A U-Net's blocks: how many, how the down/mid/up LR lists map onto them, and how names find them.
+
+    `block_of` gives the block of a kohya module name (None outside every block); `lycoris_block_of` the block
+    of a module LyCORIS walks, from its diffusers path and its kohya name. `lbw_lengths` maps each accepted LoRA
+    Block Weight list length to the LBW slots it fills, and `lbw_slot_of` a block index to its LBW slot.
+    `lycoris_alternate` reads block lists of another length with another numbering (users copy SD 1.x's 25
+    values into SDXL LyCORIS commands).
+    """
 
     name: str
     num_blocks: int
     down: int  # entries of down_lr_weight
     mid: int
     up: int
-    padded: bool  # SDXL: blocks 0 and 22 sit outside the lists and keep weight 1.0
+    padded: bool  # blocks 0 and the last sit outside the lists and keep weight 1.0
+    block_of: Callable[[str], int | None]
+    lycoris_block_of: Callable[[str, str], int | None]
+    lbw_lengths: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    lbw_slot_of: Callable[[int], int | None] = lambda index: None
+    lycoris_alternate: "BlockLayout | None" = None
 
-
-SD_LAYOUT = BlockLayout("sd", 25, 12, 1, 12, padded=False)
-SDXL_LAYOUT = BlockLayout("sdxl", 23, 9, 3, 9, padded=True)
-
-
-def sd_block_index(name: str) -> int | None:
-    """Block index of an SD 1.x/2.x kohya U-Net module name, or None when it is in no block."""
-    match = _SD_UPDOWN.search(name)
-    if match:
-        side, i, kind, j = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
-        within = 3 * i + (2 if kind in ("upsamplers", "downsamplers") else j)
-        return 1 + within if side == "down" else 13 + within
-    if "_mid_block_" in name:
-        return 12
-    return None
-
-
-def sdxl_block_index(name: str) -> int | None:
-    """Block index of an SDXL kohya U-Net module name (SGM layout), or None when it is in no block."""
-    match = _SDXL.match(name)
-    if match:
-        base = {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}[match.group(1)]
-        return base + int(match.group(2))
-    if name.startswith("lora_unet_out_"):
-        return 22
-    if name.startswith(("lora_unet_time_embed", "lora_unet_label_emb")):
-        return 0
-    return None
-
-
-def layout_of(names: Sequence[str]) -> BlockLayout | None:
-    """The block layout the U-Net module names follow, or None when they follow neither (e.g. a DiT)."""
-    unet = [n for n in names if n.startswith("lora_unet_")]
-    if any(_SDXL.match(n) for n in unet):
-        return SDXL_LAYOUT
-    if any(sd_block_index(n) is not None for n in unet):
-        return SD_LAYOUT
-    return None
-
-
-def block_index(name: str, layout: BlockLayout) -> int | None:
-    if not name.startswith("lora_unet_"):
-        return None
-    return sdxl_block_index(name) if layout is SDXL_LAYOUT else sd_block_index(name)
+    def block_index(self, name: str) -> int | None:
+        """The block of a kohya module name; only denoiser modules have one."""
+        return self.block_of(name) if name.startswith("lora_unet_") else None
 
 
 # ---------------------------------------------------------------------------------------------- LR weights
@@ -216,7 +187,7 @@ def is_blockwise(kwargs: Mapping[str, str]) -> bool:
 
 
 def apply_block_ranks(targets: Sequence[AdapterTarget], kwargs: Mapping[str, str], network_dim: int,
-                      network_alpha: float) -> list[AdapterTarget]:
+                      network_alpha: float, layout: BlockLayout | None) -> list[AdapterTarget]:
     """The targets with per-block rank/alpha; modules of blocks with rank 0 are left out.
 
     Text-encoder targets and U-Net modules outside any block keep their rank. Without block-wise arguments
@@ -226,11 +197,11 @@ def apply_block_ranks(targets: Sequence[AdapterTarget], kwargs: Mapping[str, str
         if any(key in kwargs for key in BLOCK_KEYS[1:]):
             log.warning("--network_args block_alphas/conv_block_* take effect only with block_dims or *_lr_weight")
         return list(targets)
-    layout = _require_layout([t.name for t in targets])
+    layout = require_layout(layout)
     ranks = block_ranks(kwargs, layout, network_dim, network_alpha, block_lr_weights(kwargs, layout))
     kept: list[AdapterTarget] = []
     for target in targets:
-        index = block_index(target.name, layout)
+        index = layout.block_index(target.name)
         if index is None:
             kept.append(target)
             continue
@@ -241,8 +212,6 @@ def apply_block_ranks(targets: Sequence[AdapterTarget], kwargs: Mapping[str, str
 
 
 def _rank_for(target: AdapterTarget, index: int, ranks: BlockRanks) -> tuple[int, float]:
-    from lorakit.families.targeting import is_spatial_conv
-
     if is_spatial_conv(target.module):
         if ranks.conv_dims is None:
             return 0, 0.0  # with block_dims, 3x3 convs need conv_block_dims or conv_dim (as in sd-scripts)
@@ -250,12 +219,12 @@ def _rank_for(target: AdapterTarget, index: int, ranks: BlockRanks) -> tuple[int
     return ranks.dims[index], ranks.alphas[index]
 
 
-def _require_layout(names: Sequence[str]) -> BlockLayout:
-    layout = layout_of(names)
+def require_layout(layout: BlockLayout | None) -> BlockLayout:
+    """The model's block layout, or the error for a model without blocks."""
     if layout is None:
         raise ConfigError([
-            "--network_args block_dims/block_alphas/conv_block_*/*_lr_weight: block-wise settings need an "
-            "SD 1.x/2.x or SDXL U-Net; this model's LoRA modules are not arranged in those blocks"
+            "--network_args block_dims/block_alphas/conv_block_*/*_lr_weight: block-wise settings need a U-Net "
+            "with numbered blocks (as SD 1.x/2.x and SDXL have); this model's denoiser has none"
         ])
     return layout
 
@@ -264,18 +233,17 @@ def _require_layout(names: Sequence[str]) -> BlockLayout:
 
 
 def blockwise_param_groups(network: Any, kwargs: Mapping[str, str], text_encoder_lr: float | None,
-                           unet_lr: float | None, default_lr: float, loraplus: Mapping[str, float | None]
-                           ) -> tuple[list[dict[str, Any]], list[str]] | None:
+                           unet_lr: float | None, default_lr: float, loraplus: Mapping[str, float | None],
+                           layout: BlockLayout | None) -> tuple[list[dict[str, Any]], list[str]] | None:
     """Optimizer groups with one U-Net group per block at lr·weight(block) (sd-scripts' block LR).
 
     Returns None when no *_lr_weight is given (the network's own grouping applies then). Text-encoder
     modules form one group as usual. LoRA+ splits every group into `lora_up` (lr·ratio, "… plus") and the
     rest; groups whose LR is 0 are dropped.
     """
-    names = list(network.lora_modules)
     if not any(key in kwargs for key in LR_WEIGHT_KEYS):
         return None
-    layout = _require_layout(names)
+    layout = require_layout(layout)
     weights = block_lr_weights(kwargs, layout)
     buckets: dict[str, tuple[list[Any], float, float | None]] = {}
     te_ratio = loraplus.get("loraplus_text_encoder_lr_ratio") or loraplus.get("loraplus_lr_ratio")
@@ -286,7 +254,7 @@ def blockwise_param_groups(network: Any, kwargs: Mapping[str, str], text_encoder
             key, ratio = "textencoder", te_ratio
         else:
             lr = default_lr if unet_lr is None else unet_lr
-            index = block_index(name, layout)
+            index = layout.block_index(name)
             key, ratio = ("unet", unet_ratio) if index is None else (f"unet_block{index}", unet_ratio)
             lr = lr * (1.0 if index is None else weights[index])
         buckets.setdefault(key, ([], lr, ratio))[0].append(module)

@@ -28,7 +28,7 @@ import torch
 
 from lorakit.atomic import staged_file
 from lorakit.errors import CheckpointError
-from lorakit.families.common.checkpoint_io import sniff_format
+from lorakit.checkpoint_io import sniff_format
 
 __all__ = [
     "MODEL_FORMATS",

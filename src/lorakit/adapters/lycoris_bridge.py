@@ -30,7 +30,6 @@ package's tensor names (`hada_w1_a`, `lokr_w1`, `oft_blocks`, `diff`, `dora_scal
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -39,10 +38,9 @@ import torch
 from torch import nn
 
 from lorakit.adapters.base import AdapterModule, write_merged_weight
-from lorakit.adapters.blocks import sd_block_index as kohya_sd_block_index
-from lorakit.adapters.blocks import sdxl_block_index
+from lorakit.adapters.blocks import BlockLayout
+from lorakit.adapters.targets import AdapterTarget
 from lorakit.errors import CheckpointError, ConfigError
-from lorakit.families.base import AdapterTarget
 
 log = logging.getLogger("lorakit")
 
@@ -55,7 +53,7 @@ __all__ = [
     "block_layout",
     "lycoris_family_targets",
     "lycoris_targets",
-    "sd_block_index",
+    "preset_classes",
 ]
 
 #: algorithm names accepted for `algo=` (those `lycoris-lora` implements for kohya networks)
@@ -117,7 +115,7 @@ def _list_items(kwargs: Mapping[str, str], key: str) -> list[str]:
     return [p.strip() for p in str(kwargs[key]).strip("[]").split(",")]
 
 
-def _number_list(kwargs: Mapping[str, str], key: str, kind: type, length: int | None, layout: str = "") -> list | None:
+def _number_list(kwargs: Mapping[str, str], key: str, kind: type, layout: BlockLayout | None) -> list | None:
     if key not in kwargs:
         return None
     parts = _list_items(kwargs, key)
@@ -125,42 +123,40 @@ def _number_list(kwargs: Mapping[str, str], key: str, kind: type, length: int | 
         values = [kind(float(p)) if kind is int else kind(p) for p in parts]
     except ValueError as exc:
         raise ConfigError([f"--network_args {key}: every entry must be a number (got {kwargs[key]})"]) from exc
-    if length is not None and len(values) != length:
-        where = f" for this {layout} U-Net" if layout else ""
-        raise ConfigError([f"--network_args {key}: needs exactly {length} values{where} (one per block), got {len(values)}"])
+    if layout is not None and len(values) != layout.num_blocks:
+        raise ConfigError([f"--network_args {key}: needs exactly {layout.num_blocks} values for this {layout.name} "
+                           f"U-Net (one per block), got {len(values)}"])
     return values
 
 
 #: the block-wise options, read with sd-scripts' block indices
 BLOCK_OPTIONS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
-#: family name -> (number of blocks, layout of the indices)
-BLOCK_LAYOUTS = {"sd": (25, "sd"), "sdxl": (23, "sdxl")}
 
 
-def block_layout(family: str | None, kwargs: Mapping[str, str]) -> tuple[int | None, str]:
-    """(number of blocks the block-wise lists must have, "sd" or "sdxl" indices) for this model family.
+def block_layout(layout: BlockLayout | None, kwargs: Mapping[str, str]) -> BlockLayout | None:
+    """The block numbering the block-wise lists follow on this model (None when no list is given).
 
-    SD 1/2 has 25 blocks (IN00…IN11, MID, OUT00…OUT11), SDXL 23 (sd-scripts' SDXL numbering over the SGM
-    layout). On SDXL, lists of SD's 25 values are read with SD's indices over the diffusers block paths: the
-    users' guides pass such lists to `lycoris.kohya`, whose own entry point ignores them.
+    A model family's own layout (SD 1.x/2.x: 25 blocks, SDXL: 23 over the SGM layout), or the alternate one a
+    layout accepts for lists of another length (on SDXL, users' guides pass SD 1.x's 25 values to `lycoris.kohya`,
+    whose own entry point ignores them).
     """
     given = {key: len(_list_items(kwargs, key)) for key in BLOCK_OPTIONS if key in kwargs}
     if not given:
-        return None, "sd"
-    if family not in BLOCK_LAYOUTS:
+        return None
+    if layout is None:
         raise ConfigError([
-            f"--network_args {key}: block-wise LyCORIS ranks need an SD 1.x/2.x (25 blocks) or SDXL (23 blocks) "
-            "U-Net; this model's denoiser has no such blocks" for key in given
+            f"--network_args {key}: block-wise LyCORIS ranks need a U-Net with numbered blocks; this model's "
+            "denoiser has none" for key in given
         ])
-    count, layout = BLOCK_LAYOUTS[family]
-    if family == "sdxl" and set(given.values()) == {25}:
+    alternate = layout.lycoris_alternate
+    if alternate is not None and set(given.values()) == {alternate.num_blocks}:
         log.warning(
-            "--network_args %s: 25 values are SD 1.x's block layout; SDXL has 23 blocks. Reading them with SD 1.x's "
-            "block indices over the U-Net's down/mid/up blocks (lycoris.kohya itself ignores these options)",
-            "/".join(given),
+            "--network_args %s: %d values are %s's block layout; %s has %d blocks. Reading them with %s's block "
+            "indices over the U-Net's down/mid/up blocks (lycoris.kohya itself ignores these options)",
+            "/".join(given), alternate.num_blocks, alternate.name, layout.name, layout.num_blocks, alternate.name,
         )
-        return 25, "sd"
-    return count, layout
+        return alternate
+    return layout
 
 
 @dataclass
@@ -182,12 +178,12 @@ class LycorisOptions:
     block_alphas: list[float] | None = None
     conv_block_dims: list[int] | None = None
     conv_block_alphas: list[float] | None = None
-    block_layout: str = "sd"  # which block indices the lists follow: "sd" (25) or "sdxl" (23)
+    block_layout: BlockLayout | None = None  # the numbering the block lists follow
     module_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, kwargs: Mapping[str, str], network_dim: int | None, network_alpha: float | None,
-              network_dropout: float | None, num_blocks: int | None = None, layout: str = "sd") -> "LycorisOptions":
+              network_dropout: float | None, layout: BlockLayout | None = None) -> "LycorisOptions":
         presets, modules = _import_lycoris()
         unknown = sorted(set(kwargs) - set(LYCORIS_ARGS))
         if unknown:
@@ -236,10 +232,10 @@ class LycorisOptions:
             module_dropout=_number(kwargs, "module_dropout", float, 0.0),
             use_tucker=tucker,
             train_norm=_bool(kwargs, "train_norm"),
-            block_dims=_number_list(kwargs, "block_dims", int, num_blocks, layout.upper()),
-            block_alphas=_number_list(kwargs, "block_alphas", float, num_blocks, layout.upper()),
-            conv_block_dims=_number_list(kwargs, "conv_block_dims", int, num_blocks, layout.upper()),
-            conv_block_alphas=_number_list(kwargs, "conv_block_alphas", float, num_blocks, layout.upper()),
+            block_dims=_number_list(kwargs, "block_dims", int, layout),
+            block_alphas=_number_list(kwargs, "block_alphas", float, layout),
+            conv_block_dims=_number_list(kwargs, "conv_block_dims", int, layout),
+            conv_block_alphas=_number_list(kwargs, "conv_block_alphas", float, layout),
             block_layout=layout,
             module_kwargs=module_kwargs,
         )
@@ -258,18 +254,6 @@ class LycorisRoot:
     path_prefix: str = ""
     is_denoiser: bool = False
     rename: Callable[[str], str] | None = None  # module path -> the path kohya names use; ValueError = no name
-
-
-def sd_block_index(path: str) -> int | None:
-    """sd-scripts' block index (0…24) of a diffusers SD 1/2 U-Net module path with `.` → `_`; None outside blocks.
-
-    IN00 is conv_in, IN01…IN11 the down blocks (3 per level: two layers and the downsampler), 12 the mid
-    block, OUT00…OUT11 (13…24) the up blocks (three layers per level, the upsampler sharing the last index).
-    Past conv_in this is the kohya name's index (`blocks.sd_block_index`).
-    """
-    if path.startswith("conv_in"):
-        return 0
-    return kohya_sd_block_index(f"lora_unet_{path}_")  # the kohya pattern ends each index with "_"
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -323,10 +307,9 @@ def _add(found: dict[str, AdapterTarget], root: LycorisRoot, path: str, module: 
 
 
 def _block_of(path: str, kohya_name: str, options: LycorisOptions) -> int | None:
-    """The module's block index: SD's from its diffusers path, SDXL's from its SGM kohya name."""
-    if options.block_layout == "sdxl":
-        return sdxl_block_index(kohya_name)
-    return sd_block_index(path.replace(".", "_"))
+    """The module's block index in the numbering the block lists follow (None without lists)."""
+    layout = options.block_layout
+    return None if layout is None else layout.lycoris_block_of(path, kohya_name)
 
 
 def _rank_for(block: int | None, spatial: bool, options: LycorisOptions) -> tuple[int, float]:
@@ -343,28 +326,17 @@ def _rank_for(block: int | None, spatial: bool, options: LycorisOptions) -> tupl
     return rank, alpha
 
 
-#: LyCORIS preset classes of BFL's FLUX model: every Linear of the double and single blocks, or the attention
-_BFL_BLOCKS = {"DoubleStreamBlock", "SingleStreamBlock"}
-_BFL_ATTENTION = re.compile(r"_attn_(qkv|proj)$")
+def preset_classes(options: LycorisOptions) -> set[str]:
+    """The denoiser module classes the preset adapts (a family choosing its own targets reads them)."""
+    presets, _ = _import_lycoris()
+    return set(presets[options.preset].get("unet_target_module", []))
 
 
 def lycoris_family_targets(targets: Sequence[AdapterTarget], options: LycorisOptions) -> list[AdapterTarget]:
-    """LyCORIS layers among a family's own denoiser targets (FLUX: BFL names over fused q/k/v views).
-
-    The preset decides as LyCORIS' walk over BFL's model would: classes `DoubleStreamBlock`/`SingleStreamBlock`
-    (full, full-lin, attn-mlp, unet-only, unet-transformer-only) take every block linear, `SelfAttention`
-    (attn-only) the double blocks' qkv and proj, any other preset none. Ranks are `--network_dim`/alpha.
-    """
-    presets, _ = _import_lycoris()
-    classes = set(presets[options.preset].get("unet_target_module", []))
-    if classes & _BFL_BLOCKS:
-        chosen = list(targets)
-    elif "SelfAttention" in classes:
-        chosen = [t for t in targets if _BFL_ATTENTION.search(t.name)]
-    else:
-        chosen = []
+    """The LyCORIS modules over layers a family chose itself for the preset (fused views the diffusers model
+    keeps apart), with `--network_dim`/alpha (conv_dim/conv_alpha for 3x3 convolutions)."""
     found = []
-    for target in chosen:
+    for target in targets:
         spatial = _is_conv_kxk(target.module)
         rank, alpha = (options.conv_dim, options.conv_alpha) if spatial else (options.dim, options.alpha)
         if rank > 0:

@@ -19,7 +19,7 @@ from torch import nn
 from lorakit.adapters.base import AdapterModule
 from lorakit.adapters.lora import LoRAModule
 from lorakit.errors import CheckpointError
-from lorakit.families.base import AdapterTarget
+from lorakit.adapters.targets import AdapterTarget
 
 __all__ = ["COMPONENTS", "LoRANetwork", "loraplus_split"]
 

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.families.base import ModelFamily
+from lorakit.families.registry import detect_family, family_names, family_title, get_family
 
 logger = logging.getLogger("lorakit.tools")
 
@@ -32,6 +34,7 @@ tools:
 """
 
 _PRECISION_CHOICES = ("float", "fp32", "fp16", "bf16")
+PART_OPTIONS = ("clip_l", "t5xxl")  # model parts sd-scripts' merge tools take as files of their own
 
 
 def main(argv: list[str]) -> int:
@@ -132,7 +135,7 @@ def _merge(argv: list[str]) -> int:
     p.add_argument("--clamp_quantile", type=float, default=1.0, help="SVD merge: clip factors at this quantile (1 = off)")
     p.add_argument("--device", default=None, help="where the arithmetic runs, e.g. cuda")
     p.add_argument("--no_metadata", action="store_true", help="write only the minimal ss_* keys (LoRA output)")
-    p.add_argument("--lbws", nargs="+", default=None, help='block weights, one JSON list per LoRA, e.g. "[1,0,1,...]" (17/26 SD, 12/20 SDXL)')
+    p.add_argument("--lbws", nargs="+", default=None, help='block weights, one JSON list per LoRA, e.g. "[1,0,1,...]" (17/26 SD 1.x/2.x, 12/20 SDXL)')
     _add_model_merge_options(p)
     args = p.parse_args(argv)
 
@@ -153,7 +156,7 @@ def _merge(argv: list[str]) -> int:
         raise ConfigError(["--concat and --new_rank are two different merges; choose one"])
     save_to, fmt = check_output(args.save_to)
     loras = [load_lora(model) for model in args.models]
-    families = {lora.layout.family for lora in loras}
+    families = {lora.family.name for lora in loras}
     if len(families) > 1:
         raise ConfigError([f"--models: the LoRAs are for different model families ({', '.join(sorted(families))})"])
     return _merge_into_lora(args, ratios, _block_weighted(args, loras), save_to, fmt)
@@ -165,14 +168,14 @@ def _block_weighted(args: argparse.Namespace, loras: list) -> list:
         return loras
     from lorakit.tools.lbw import apply_block_weights, parse_lbws
 
-    family = loras[0].layout.family
+    family = loras[0].family
     lists = parse_lbws(args.lbws, [lora.path for lora in loras], family)
     return [apply_block_weights(lora, lbw, family) for lora, lbw in zip(loras, lists)]
 
 
 def _add_model_merge_options(p: argparse.ArgumentParser) -> None:
     """The options of sd-scripts' sdxl_merge_lora.py and flux_merge_lora.py for merging into a model."""
-    p.add_argument("--family", choices=("auto", "sd", "sdxl", "sd3", "flux"), default="auto", help="base model family (default: detected)")
+    p.add_argument("--family", choices=("auto", *family_names()), default="auto", help="base model family (default: detected)")
     p.add_argument("--sdxl", action="store_true", help="the base model is SDXL (detected anyway)")
     p.add_argument("--flux_model", default=None, help="FLUX: the BFL transformer file (or diffusers folder) to merge into")
     p.add_argument("--clip_l", default=None, help="FLUX: CLIP-L file, for LoRAs with lora_te1 modules")
@@ -185,40 +188,48 @@ def _add_model_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--working_device", default=None, help="where the arithmetic runs (as --device)")
 
 
-def _model_family(args: argparse.Namespace) -> str:
-    from lorakit.families.registry import detect_family
-
-    if args.flux_model is not None:
-        if args.family not in ("auto", "flux"):
-            raise ConfigError([f"--family {args.family}: --flux_model is a FLUX model"])
-        return "flux"
-    family = args.family if args.family != "auto" else detect_family(args.sd_model)
-    if args.sdxl and family != "sdxl":
-        raise ConfigError([f"--sdxl: {args.sd_model} is not an SDXL model (it reads as {family})"])
+def _model_family(args: argparse.Namespace) -> ModelFamily:
+    """The base model's family: --family, else detected; the family flags (--sdxl) must agree with it. A
+    --flux_model is a denoiser file whose text encoders come from files of their own."""
+    path = args.flux_model if args.flux_model is not None else args.sd_model
+    family = get_family(args.family if args.family != "auto" else detect_family(path))
+    if args.flux_model is not None and not family.separate_parts:
+        raise ConfigError([f"--flux_model {path}: a {family.title} model; --flux_model takes a model whose text encoders "
+                           "come from files of their own (give this one as --sd_model)"])
+    _check_family_flags(args, family, path)
     return family
 
 
-def _check_encoder_files(args: argparse.Namespace, family: str, loras: list) -> None:
-    """FLUX: text-encoder modules need the encoder file and an output for it; nothing else takes them."""
+def _check_family_flags(args: argparse.Namespace, family: ModelFamily, path: str) -> None:
+    """sd-scripts' scripts take a flag per family (`--sdxl`); one given must name the model's family."""
+    for name in family_names():
+        if getattr(args, name, False) and family.name != name:
+            raise ConfigError([f"--{name}: {path} is not a {family_title(name)} model (it reads as {family.name})"])
+
+
+def _check_encoder_files(args: argparse.Namespace, family: ModelFamily, loras: list) -> None:
+    """Parts in files of their own (text encoders): LoRA modules for them need the file and an output for it."""
     from lorakit.tools.common import require_file
 
     problems = []
-    for option, prefix in (("clip_l", "lora_te1_"), ("t5xxl", "lora_te3_")):
+    for option in PART_OPTIONS:
         given, save_to = getattr(args, option), getattr(args, f"{option}_save_to")
-        if family != "flux" and (given or save_to):
-            problems.append(f"--{option}: only FLUX models take their text encoders from separate files")
+        part = family.separate_parts.get(option)
+        if part is None:
+            if given or save_to:
+                problems.append(f"--{option}: {family.title} models do not take it from a file of its own")
             continue
         if given:
             require_file(given, f"--{option}")
         if given and not save_to:
-            problems.append(f"--{option} {given}: also give --{option}_save_to, where the merged encoder is written")
+            problems.append(f"--{option} {given}: also give --{option}_save_to, where the merged {part.what} is written")
         if save_to and not given:
-            problems.append(f"--{option}_save_to: also give --{option}, the encoder to merge into")
+            problems.append(f"--{option}_save_to: also give --{option}, the {part.what} to merge into")
         if save_to and not Path(save_to).parent.is_dir():
             problems.append(f"--{option}_save_to {save_to}: the folder {Path(save_to).parent} does not exist")
-        user = next((f"{lora.path} (key {n})" for lora in loras for n in lora.modules if n.startswith(prefix)), None)
-        if family == "flux" and user and not given and args.flux_model and not Path(args.flux_model).is_dir():
-            problems.append(f"--{option}: {user} has text-encoder modules; pass --{option} and --{option}_save_to")
+        user = next((f"{lora.path} (key {n})" for lora in loras for n in lora.modules if n.startswith(part.lora_prefix + "_")), None)
+        if user and not given and args.flux_model and not Path(args.flux_model).is_dir():
+            problems.append(f"--{option}: {user} has {part.what} modules; pass --{option} and --{option}_save_to")
     if problems:
         raise ConfigError(problems)
 
@@ -226,32 +237,26 @@ def _check_encoder_files(args: argparse.Namespace, family: str, loras: list) -> 
 def _merge_into_model(args: argparse.Namespace, ratios: list[float]) -> int:
     from lorakit.tools.common import load_lora, parse_precision, require_file
     from lorakit.tools.merge import merge_into_model
-    from lorakit.tools.models import check_model_output, load_base_model, save_base_model, save_module_file
+    from lorakit.tools.models import ModelOutput, check_model_output, load_base_model, save_base_model, save_part_files
 
     option, source = ("--flux_model", args.flux_model) if args.flux_model is not None else ("--sd_model", args.sd_model)
     require_file(source, option)
-    output = check_model_output(args.save_to, source, option)
     family = _model_family(args)
-    loras = _block_weighted(args, [load_lora(model, family) for model in args.models])  # the files first: cheap to reject
+    output = check_model_output(args.save_to, source, option, family=family)
+    kind = "diffusers" if args.diffusers and output.kind != "folder" else output.kind
+    if args.diffusers and "diffusers" not in family.single_file_kinds:
+        raise ConfigError([f"--diffusers: {family.title} models have no single file under diffusers' names"])
+    loras = _block_weighted(args, [load_lora(model, family.name) for model in args.models])  # the files first: cheap to reject
     _check_encoder_files(args, family, loras)
     dtype = parse_precision(args.precision, "--precision")
     save_dtype = parse_precision(args.save_precision, "--save_precision")
-    components = load_base_model(
-        source, family=family, v2=args.v2, v_parameterization=args.v_parameterization, clip_l=args.clip_l, t5xxl=args.t5xxl,
-        dtype=dtype,
-    )
-    changed = merge_into_model(components, loras[0].layout, loras, ratios, dtype=dtype, device=args.working_device or args.device)
-    if args.diffusers and family == "flux" and output.kind != "folder":
-        from lorakit.families.flux.tools_io import save_transformer_file
-
-        components.denoiser.to(save_dtype or components.denoiser.dtype)
-        save_transformer_file(components.denoiser, output.path, layout="diffusers")
-    else:
-        save_base_model(components, output, save_dtype, family)
-    if family == "flux" and output.kind != "folder":
-        for index, option_name in ((0, "clip_l"), (1, "t5xxl")):
-            if getattr(args, option_name):
-                save_module_file(components.text_encoders[index], getattr(args, f"{option_name}_save_to"), option_name, save_dtype)
+    parts = {name: getattr(args, name) for name in family.separate_parts if getattr(args, name)}
+    components = load_base_model(source, family=family, v2=args.v2, v_parameterization=args.v_parameterization,
+                                 files=parts, dtype=dtype)
+    changed = merge_into_model(components, family, loras, ratios, dtype=dtype, device=args.working_device or args.device)
+    save_base_model(components, ModelOutput(output.path, kind), save_dtype, family)
+    if output.kind != "folder":
+        save_part_files(components, family, {name: getattr(args, f"{name}_save_to") for name in parts}, save_dtype)
     print(f"merged {len(loras)} LoRA(s) into {changed} layers; saved {output.path}")
     return 0
 
@@ -267,7 +272,7 @@ def _merge_into_lora(args, ratios, loras, save_to, fmt) -> int:
     )
     comment = "merged " + ", ".join(f"{Path(lora.path).name} x{ratio:g}" for lora, ratio in zip(loras, ratios)) + f" ({mode})"
     metadata = merged_metadata(
-        loras, modules, title=save_to.stem, layout=loras[0].layout, extra={"ss_training_comment": comment},
+        loras, modules, title=save_to.stem, family=loras[0].family, extra={"ss_training_comment": comment},
         with_modelspec=not args.no_metadata,
     )
     save_lora(modules, save_to, fmt, metadata, parse_precision(args.save_precision, "--save_precision"))
@@ -289,7 +294,7 @@ def _extract(argv: list[str]) -> int:
     p.add_argument("--v_parameterization", action="store_true", default=None, help="v-prediction (default: --v2)")
     p.add_argument("--sdxl", action="store_true", help="the models are SDXL (detected anyway)")
     p.add_argument("--flux", action="store_true", help="the models are FLUX transformers (detected anyway)")
-    p.add_argument("--family", choices=("auto", "sd", "sdxl", "sd3", "flux"), default="auto", help="model family (default: detected)")
+    p.add_argument("--family", choices=("auto", *family_names()), default="auto", help="model family (default: detected)")
     p.add_argument("--dim", type=int, default=4, help="rank of linears and 1x1 convs (default 4)")
     p.add_argument("--conv_dim", type=int, default=None, help="rank of 3x3 convs; without it they are skipped")
     p.add_argument("--clamp_quantile", type=float, default=0.99, help="clip factors at this quantile (1 = off)")
@@ -304,9 +309,9 @@ def _extract(argv: list[str]) -> int:
         p.add_argument(accepted, nargs="?", const=True, default=None, help="accepted for sd-scripts; models load on the CPU")
     args = p.parse_args(argv)
 
+    from lorakit.families.base import ModelSource
     from lorakit.tools.common import check_output, merged_metadata, parse_precision, require_file, save_lora
     from lorakit.tools.extract import ExtractOptions, extract_lora
-    from lorakit.tools.layouts import layout_for
     from lorakit.tools.models import load_base_model
 
     problems = [f"--{n} must be at least 1" for n in ("dim", "conv_dim") if getattr(args, n) is not None and getattr(args, n) < 1]
@@ -324,32 +329,24 @@ def _extract(argv: list[str]) -> int:
     original = load_base_model(args.model_org, family=family, v2=args.v2, v_parameterization=v_param, dtype=load_dtype)
     tuned = load_base_model(args.model_tuned, family=family, v2=args.v2, v_parameterization=v_param, dtype=load_dtype)
     options = ExtractOptions(args.dim, args.conv_dim, args.clamp_quantile, args.min_diff, args.device, args.fast_svd)
-    layout = layout_for(family)
-    modules = extract_lora(original, tuned, layout, options)
-    version = {
-        "sd": ("sd_v2" if args.v2 else "sd_v1") + ("_v" if v_param else ""),
-        "sd3": original.extras.get("model_type", layout.default_version),
-    }.get(family, layout.default_version)
-    # a schnell base model makes a schnell LoRA (FLUX.1 files share the version "flux1")
-    architecture = "flux-1-schnell" if original.extras.get("schnell") else None
-    metadata = merged_metadata([], modules, title=save_to.stem, layout=layout, version=version, with_modelspec=not args.no_metadata,
-                               architecture=architecture)
+    modules = extract_lora(original, tuned, family, options)
+    version = family.version_of(ModelSource(args.model_org, v2=args.v2, v_parameterization=v_param), original)
+    # the base model's variant goes with it (a schnell model makes a schnell LoRA: FLUX.1 files share one version)
+    metadata = merged_metadata([], modules, title=save_to.stem, family=family, version=version, with_modelspec=not args.no_metadata,
+                               variant=family.model_variant(original))
     save_lora(modules, save_to, fmt, metadata, save_dtype)
     print(f"saved {save_to} ({len(modules)} modules)")
     return 0
 
 
-def _extract_family(args: argparse.Namespace) -> str:
-    """The models' family: --family, else detected from --model_org; --sdxl/--flux must agree with it."""
-    from lorakit.families.registry import detect_family
-
-    family = args.family if args.family != "auto" else detect_family(args.model_org)
-    for flag, expected in (("sdxl", "sdxl"), ("flux", "flux")):
-        if getattr(args, flag) and family != expected:
-            raise ConfigError([f"--{flag}: {args.model_org} is not a {expected.upper()} model (it reads as {family})"])
-    tuned = detect_family(args.model_tuned) if args.family == "auto" else family
-    if tuned != family:
-        raise ConfigError([f"--model_tuned {args.model_tuned}: a {tuned} model, but --model_org is {family}"])
+def _extract_family(args: argparse.Namespace) -> ModelFamily:
+    """The models' family: --family, else detected from --model_org; a family flag (--sdxl) must agree with it."""
+    name = args.family if args.family != "auto" else detect_family(args.model_org)
+    family = get_family(name)
+    _check_family_flags(args, family, args.model_org)
+    tuned = detect_family(args.model_tuned) if args.family == "auto" else name
+    if tuned != name:
+        raise ConfigError([f"--model_tuned {args.model_tuned}: a {tuned} model, but --model_org is {name}"])
     return family
 
 
@@ -371,7 +368,7 @@ def _convert(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     if args.flux_diffusers_to_bfl is not None:
-        return _flux_diffusers_to_bfl(args)
+        return _denoiser_folder_to_file(args)
     from lorakit.adapters.formats import save_lora_file
     from lorakit.tools.common import check_output, load_lora, parse_precision, require_file, save_lora
     from lorakit.tools.convert import convert_to_diffusers, normalise_format, to_kohya_modules
@@ -393,28 +390,34 @@ def _convert(argv: list[str]) -> int:
     if target == "kohya":
         save_lora(to_kohya_modules(lora.modules), save_to, fmt, metadata, save_dtype)
     else:
-        state, metadata = convert_to_diffusers(lora.modules, lora.layout, metadata, keep_alpha=args.keep_alpha)
+        state, metadata = convert_to_diffusers(lora.modules, lora.family, metadata, keep_alpha=args.keep_alpha)
         save_lora_file(state, save_to, metadata, save_dtype=save_dtype, model_format=fmt)
     print(f"saved {save_to} ({len(lora.modules)} modules, {lora.style} -> {target})")
     return 0
 
 
-def _flux_diffusers_to_bfl(args: argparse.Namespace) -> int:
-    """A diffusers FLUX transformer (a pipeline folder or its transformer/ folder) as one BFL-layout file."""
+def _denoiser_folder_to_file(args: argparse.Namespace) -> int:
+    """A diffusers denoiser (a pipeline folder or its transformer/ folder) as one original-layout file: sd-scripts'
+    convert_diffusers_to_flux.py, for a family whose single files hold the denoiser alone."""
+    from lorakit.families.base import ModelSource
     from lorakit.tools.common import parse_precision
-    from lorakit.tools.models import check_model_output, load_flux_transformer_folder, save_base_model
+    from lorakit.tools.models import check_model_output, save_base_model
 
     if args.model or args.to:
         raise ConfigError(["--flux_diffusers_to_bfl converts a model; it takes no --model or --to"])
     source = args.flux_diffusers_to_bfl
     if not Path(source).is_dir():
         raise ConfigError([f"--flux_diffusers_to_bfl {source}: not a folder (give a diffusers FLUX folder)"])
-    output = check_model_output(args.save_to, source, "--flux_diffusers_to_bfl")
+    family = get_family(detect_family(source))
+    if not family.separate_parts:
+        raise ConfigError([f"--flux_diffusers_to_bfl {source}: a {family.title} folder; this option converts a model whose "
+                           "single files hold the denoiser alone (FLUX.1)"])
+    output = check_model_output(args.save_to, source, "--flux_diffusers_to_bfl", family=family)
     if output.kind != "safetensors":
-        raise ConfigError([f"--save_to {args.save_to}: the BFL file is written as .safetensors"])
-    components = load_flux_transformer_folder(source)
-    save_base_model(components, output, parse_precision(args.save_precision, "--save_precision"), "flux")
-    print(f"saved {output.path} (FLUX transformer, BFL layout)")
+        raise ConfigError([f"--save_to {args.save_to}: the file is written as .safetensors"])
+    components = family.load_model(ModelSource(source, denoiser_only=True))
+    save_base_model(components, output, parse_precision(args.save_precision, "--save_precision"), family)
+    print(f"saved {output.path} ({family.title} {type(components.denoiser).__name__}, original layout)")
     return 0
 
 

@@ -133,7 +133,7 @@ def _cache(argv: list[str]) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     comps.vae.to(device)
     with torch.no_grad():
-        report = run_cache(cfg, lambda images: family.encode_images(comps, images), latent_format=family.name,
+        report = run_cache(cfg, lambda images: family.encode_images(comps, images), latent_format=family.latent_format,
                            vae_id=vae_identity(cfg))
     print(f"latent cache: {report.encoded} encoded now, {report.reused} already cached and valid")
     return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from lorakit.families.registry import family_names
+
 log = logging.getLogger("lorakit")
 
 
@@ -21,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--ckpt_path", "--ckpt", "--pretrained_model_name_or_path", dest="model", required=True,
                        help="base model: a single file or a diffusers folder (family detected as in training)")
-    model.add_argument("--family", choices=("auto", "sd", "sdxl", "sd3", "flux"), default="auto", help="default: detected")
+    model.add_argument("--family", choices=("auto", *family_names()), default="auto", help="default: detected")
     model.add_argument("--v2", action="store_true", help="SD 2.x model")
     model.add_argument("--v_parameterization", action="store_true", help="v-prediction model (SD 2.x 768-v)")
     for name, what in (("vae", "VAE"), ("clip_l", "CLIP-L text encoder (SD3, FLUX)"), ("clip_g", "CLIP-G text encoder (SD3)"),

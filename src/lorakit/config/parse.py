@@ -138,6 +138,16 @@ def _is_number(token: str) -> bool:
         return False
 
 
+def _family_problems(config: TrainConfig, warnings: list[str]) -> list[str]:
+    """A given --family's own option rules, checked with the others (a detected family's are checked at start-up)."""
+    from lorakit.families.checks import check_family_options
+    from lorakit.families.registry import get_family
+
+    checks = check_family_options(config, get_family(config.family))
+    warnings += checks.warnings
+    return checks.problems
+
+
 def parse_train_args(argv: list[str], *, check_support: bool = True) -> tuple[TrainConfig, list[str]]:
     """Parse `lorakit train` options (and their --config_file) into a TrainConfig.
 
@@ -174,6 +184,8 @@ def parse_train_args(argv: list[str], *, check_support: bool = True) -> tuple[Tr
         unsupported, fallbacks = check_supported(config)
         problems += unsupported
         warnings += fallbacks
+    if config is not None and config.family != "auto" and not writing:
+        problems, warnings = problems + _family_problems(config, warnings), warnings
     if problems or config is None:
         raise ConfigError(problems)
     warnings += cross_field_warnings(config)

@@ -19,7 +19,6 @@ Errors:
   * cache_text_encoder_outputs (or _to_disk) excludes captions that change per step (shuffle, dropout, warm-up,
     wildcards) given on the command line; dataset-file subsets are checked when the dataset is built
   * min_bucket_reso <= max_bucket_reso, and the resolution must fit between them when bucketing
-  * bucket_reso_steps must divide by 64 (SD, FLUX) or 32 (SDXL, SD3) when the family is given
   * min_timestep < max_timestep
   * use_8bit_adam / use_lion_optimizer exclude each other and optimizer_type
   * fused_backward_pass needs Adafactor and gradient_accumulation_steps 1
@@ -28,12 +27,14 @@ Errors:
   * log_with tensorboard/all needs logging_dir
   * network_args / optimizer_args / lr_scheduler_args items are key=value; known network_args keys are numbers
   * base_weights_multiplier has one value per base_weights file
-  * v2 only for the SD family; chroma needs apply_t5_attn_mask; blocks_to_swap excludes
-    cpu_offload_checkpointing; huber_schedule snr is not available for SD3/FLUX
+  * blocks_to_swap excludes cpu_offload_checkpointing
   * output_config needs config_file; initial_step below max_train_steps
 Warnings: dataset_config overrides the folder options; zero_terminal_snr without v-parameterisation;
-v2 with clip_skip; secrets given as options; *_to_disk caches imply the in-memory cache; sampling frequencies <= 0 disable sampling;
-max_token_length is ignored by SD3/FLUX.
+v2 with clip_skip; secrets given as options; *_to_disk caches imply the in-memory cache; sampling frequencies <= 0 disable sampling.
+
+Rules that depend on the model family (the bucket step, --v2, options a family ignores) are the family's own
+(`ModelFamily.option_problems` / `option_warnings`); they run with these when --family is given, and once the
+family is detected otherwise, still before any model loads.
 """
 
 from __future__ import annotations
@@ -222,18 +223,6 @@ def _bucket_limits(c: TrainConfig) -> list[str]:
     return problems
 
 
-_BUCKET_STEP_DIVISOR = {"sd": 64, "flux": 64, "sdxl": 32, "sd3": 32}
-
-
-@_error("bucket_reso_steps", "family")
-def _bucket_steps_divisible(c: TrainConfig) -> str | None:
-    divisor = _BUCKET_STEP_DIVISOR.get(c.family)
-    if divisor and c.bucket_reso_steps % divisor:
-        steps = c.bucket_reso_steps
-        return f"--bucket_reso_steps must be a multiple of {divisor} for --family {c.family} (got {steps})"
-    return None
-
-
 @_error("min_timestep", "max_timestep")
 def _timestep_range(c: TrainConfig) -> str | None:
     low = 0 if c.min_timestep is None else c.min_timestep
@@ -348,32 +337,10 @@ def _base_weight_multipliers(c: TrainConfig) -> str | None:
     return None
 
 
-@_error("v2", "family")
-def _v2_only_for_sd(c: TrainConfig) -> str | None:
-    if c.v2 and c.family not in ("auto", "sd"):
-        return f"--v2 selects an SD 2.x model and cannot be used with --family {c.family}"
-    return None
-
-
-@_error("model_type", "apply_t5_attn_mask")
-def _chroma_needs_mask(c: TrainConfig) -> str | None:
-    if c.model_type == "chroma" and not c.apply_t5_attn_mask:
-        return "--model_type chroma requires --apply_t5_attn_mask"
-    return None
-
-
 @_error("blocks_to_swap", "cpu_offload_checkpointing")
 def _swap_vs_offload(c: TrainConfig) -> str | None:
     if c.blocks_to_swap and c.cpu_offload_checkpointing:
         return "--blocks_to_swap and --cpu_offload_checkpointing exclude each other"
-    return None
-
-
-@_error("loss_type", "huber_schedule", "family")
-def _huber_snr_schedule(c: TrainConfig) -> str | None:
-    uses_huber = c.loss_type in ("huber", "smooth_l1")
-    if uses_huber and c.huber_schedule == "snr" and c.family in ("sd3", "flux"):
-        return f"--huber_schedule snr is not available for --family {c.family}; use constant or exponential"
     return None
 
 
@@ -440,10 +407,3 @@ def _disk_cache_implies_memory(c: TrainConfig) -> list[str]:
 def _sampling_disabled(c: TrainConfig) -> list[str]:
     names = ("sample_every_n_steps", "sample_every_n_epochs")
     return [f"--{n} <= 0 disables sampling" for n in names if getattr(c, n) is not None and getattr(c, n) <= 0]
-
-
-@_warning("max_token_length", "family")
-def _token_length_ignored(c: TrainConfig) -> str | None:
-    if c.max_token_length is not None and c.family in ("sd3", "flux"):
-        return f"--max_token_length is ignored for --family {c.family}"
-    return None

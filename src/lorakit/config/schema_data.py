@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lorakit.config.types import (
     MAX_TOKEN_LENGTHS,
-    FluxModelType,
+    ModelType,
     LogLevel,
     LogWith,
     ResizeInterpolation,
@@ -57,7 +57,7 @@ class ModelOptions(OptionSection):
     clip_g: str | None = Field(None, description="[SD3] CLIP-G file")
     t5xxl: str | None = Field(None, description="[SD3/FLUX] T5-XXL file")
     ae: str | None = Field(None, description="[FLUX] autoencoder file")
-    model_type: FluxModelType = Field("flux", description="[FLUX] flux or chroma")
+    model_type: ModelType = Field("flux", description="[FLUX] flux or chroma")
     controlnet_model_name_or_path: str | None = Field(None, description="[FLUX] ControlNet model")
     save_clip: bool = Field(False, description="[SD3] save CLIP models (does not work in sd-scripts)")
     save_t5xxl: bool = Field(False, description="[SD3] save T5 (does not work in sd-scripts)")

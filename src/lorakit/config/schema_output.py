@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal, ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lorakit.config.schema_data import OptionSection
-from lorakit.config.types import Family, SampleSampler, SaveModelAs, SavePrecision
+from lorakit.config.types import SampleSampler, SaveModelAs, SavePrecision
 
 
 class SavingOptions(OptionSection):
@@ -75,7 +75,16 @@ class MetadataOptions(OptionSection):
 class LorakitOptions(OptionSection):
     SECTION: ClassVar[str] = "lorakit"
 
-    family: Family = Field("auto", description="model family; auto detects it from the checkpoint")
+    family: str = Field("auto", description="model family (auto: detected from the checkpoint)")
     dry_run: bool = Field(False, description="check everything and print the plan, then stop")
     config_file: str | None = Field(None, description="TOML file of options (the command line wins)")
     output_config: bool = Field(False, description="write the options to --config_file and stop")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        from lorakit.families.registry import family_names
+
+        if value != "auto" and value not in family_names():
+            raise ValueError(f"must be one of {('auto', *family_names())}")
+        return value

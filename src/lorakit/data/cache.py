@@ -15,7 +15,7 @@ import torch
 
 from lorakit.data.buckets import Size
 from lorakit.data.images import crop_ltrb
-from lorakit.data.latent_files import FORMATS, CacheRequest, LatentFileFormat, cache_path, is_valid, write_entry
+from lorakit.data.latent_files import CacheRequest, LatentFileFormat, cache_path, is_valid, write_entry
 from lorakit.errors import DataError
 
 if TYPE_CHECKING:
@@ -74,15 +74,17 @@ def _request(dataset: TrainDataset, image_id: int, vae_id: str) -> CacheRequest:
 
 
 def cache_dataset_latents(dataset: TrainDataset, encode: Encode, batch_size: int = 1, progress: bool = False,
-                          to_disk: bool = False, latent_format: str | LatentFileFormat = "sd", vae_id: str = "",
+                          to_disk: bool = False, latent_format: LatentFileFormat | None = None, vae_id: str = "",
                           skip_check: bool = False) -> CacheReport:
     """Encode the dataset's images; afterwards its batches carry latents (from RAM or from the npz files)."""
     from tqdm.auto import tqdm
 
     check_cacheable(dataset)
-    fmt = FORMATS[latent_format] if isinstance(latent_format, str) else latent_format
+    if to_disk and latent_format is None:
+        raise ValueError("caching latents to disk needs the model family's latent_format")
+    fmt = latent_format
     jobs = sorted((entry.choice.bucket, image_id) for image_id, entry in enumerate(dataset.images))
-    files = {i: cache_path(dataset.images[i].path, dataset.images[i].original_size, fmt) for _, i in jobs}
+    files = {i: cache_path(dataset.images[i].path, dataset.images[i].original_size, fmt) for _, i in jobs} if to_disk else {}
     reused = 0
     if to_disk:
         todo = [(b, i) for b, i in jobs if not is_valid(files[i], _request(dataset, i, vae_id), fmt, skip_check)]
@@ -128,20 +130,16 @@ def vae_identity(cfg: Any) -> str:
     return str(cfg.vae or cfg.pretrained_model_name_or_path)
 
 
-def run_cache(cfg: Any, encode: Encode, latent_format: str | None = None, vae_id: str = "",
+def run_cache(cfg: Any, encode: Encode, latent_format: LatentFileFormat, vae_id: str = "",
               progress: bool = True) -> CacheReport:
     """Build the dataset described by `cfg` and cache all its latents to disk (for `lorakit cache`).
 
-    `encode` maps pixels (B, 3, H, W) in [-1, 1] to model-ready latents; `latent_format` is the family
-    ("sd", "sdxl", "sd3", "flux"; default `cfg.family` or "sd"); `vae_id` names the VAE so caches made
-    with another VAE are re-encoded.
+    `encode` maps pixels (B, 3, H, W) in [-1, 1] to model-ready latents; `latent_format` is the model family's
+    cache file format; `vae_id` names the VAE so caches made with another VAE are re-encoded.
     """
     from lorakit.data.build import build_train_dataset
 
     dataset = build_train_dataset(cfg)
-    family = latent_format or getattr(cfg, "family", None) or "sd"
-    if family not in FORMATS:
-        raise DataError(f"no latent cache format for family {family!r}; expected one of {', '.join(FORMATS)}")
     return cache_dataset_latents(dataset, encode, getattr(cfg, "vae_batch_size", None) or 1, progress,
-                                 to_disk=True, latent_format=family, vae_id=vae_id,
+                                 to_disk=True, latent_format=latent_format, vae_id=vae_id,
                                  skip_check=bool(getattr(cfg, "skip_cache_check", False)))

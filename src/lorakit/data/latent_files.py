@@ -1,8 +1,9 @@
 """Latent cache files with sd-scripts' names and npz keys, so caches move between the two tools (§9.4).
 
-Path: `<image without extension>_<W:04d>x<H:04d><suffix>`, W x H the original image size. SD/SDXL files hold
-`latents`, `original_size`, `crop_ltrb`, optionally `latents_flipped` and `alpha_mask`; SD3/FLUX files hold
-the same keys suffixed `_<h>x<w>` (latent units) so one file keeps several bucket sizes.
+Path: `<image without extension>_<W:04d>x<H:04d><suffix>`, W x H the original image size. Single-resolution
+files hold `latents`, `original_size`, `crop_ltrb`, optionally `latents_flipped` and `alpha_mask`;
+multi-resolution ones hold the same keys suffixed `_<h>x<w>` (latent units) so one file keeps several bucket
+sizes. Each model family gives its `LatentFileFormat` (suffix, layout and stored value convention).
 
 Files store latents in sd-scripts' convention (`LatentFileFormat.to_file`). We add `lorakit_*` keys that
 sd-scripts ignores: the image's size+mtime and SHA-256, the resize target and the VAE identity. A file is
@@ -41,15 +42,6 @@ class LatentFileFormat:
         """Stored values -> model-ready latents."""
         return (torch.from_numpy(np.asarray(array, dtype=np.float32)) - self.shift) * self.scale
 
-
-# SD/SDXL store the unscaled VAE sample; SD3 the raw sample before its shift and scale; FLUX's autoencoder
-# already returns scaled latents, which are stored as they are.
-FORMATS = {
-    "sd": LatentFileFormat("_sd.npz", False, 0.18215),
-    "sdxl": LatentFileFormat("_sdxl.npz", False, 0.13025),
-    "sd3": LatentFileFormat("_sd3.npz", True, 1.5305, 0.0609),
-    "flux": LatentFileFormat("_flux.npz", True),
-}
 
 
 @dataclass(frozen=True)

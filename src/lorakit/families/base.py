@@ -1,17 +1,34 @@
-"""The contract between the training loop and a model family.
+"""The contract between a model family and the rest of lorakit.
 
-The loop only ever talks to a `ModelFamily`; nothing in training/, data/ or adapters/ knows which
-architecture it trains. Adding a family means one folder implementing this protocol plus one line in
-`registry.py`.
+Everything training, data, sampling, adapters and the tools need to know about an architecture is asked of a
+`ModelFamily`: how to load it, encode images and text, predict, which layers adapters attach to and how LoRA files
+name them, the latent-file format, the bucket step, the block layout, sample defaults, metadata and ModelSpec
+names, the family's own option checks, detection from a checkpoint and from a LoRA file, and whole-model files
+for the tools. Nothing outside `families/` names a family; adding one is a folder implementing this class plus
+one line in `registry.py` (docs/architecture.md has the checklist).
+
+Members with a body here are optional (the default says what a family without the feature does); the others
+raise `NotImplementedError` until a family defines them, and the conformance test checks every registered
+family defines them all.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lorakit.adapters.blocks import BlockLayout
+    from lorakit.adapters.key_layout import KeyLayout
+    from lorakit.adapters.spec import TargetSpec
+    from lorakit.adapters.targets import AdapterTarget
+    from lorakit.data.latent_files import LatentFileFormat
 
 
 @dataclass
@@ -30,22 +47,6 @@ class Components:
 
 
 @dataclass
-class AdapterTarget:
-    """One layer an adapter attaches to.
-
-    `name` is the kohya module name (e.g. `lora_unet_down_blocks_0_attentions_0_proj_in`), `module` the
-    `nn.Linear`/`nn.Conv2d`, `component` is "unet" or "text_encoder" (used for learning-rate groups), and
-    `rank`/`alpha` the size chosen for it (LierLa vs C3Lier differ for 3x3 convs).
-    """
-
-    name: str
-    module: nn.Module
-    component: str
-    rank: int
-    alpha: float
-
-
-@dataclass
 class TextConditioning:
     """Text-encoder outputs for a batch; the family decides what is inside."""
 
@@ -57,35 +58,291 @@ class TextConditioning:
         )
 
 
-class ModelFamily(Protocol):
-    """What a model family provides to the trainer."""
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base model comes from and how to build it, without any training option.
 
-    name: str
-    default_network_module: str  # what sd-scripts trains this family's LoRAs with (`ss_network_module` without the option)
+    `files` are the parts given in files of their own, by option name (`vae`, and e.g. `clip_l`, `t5xxl`, `ae`
+    for the families that take them). With `partial` the tools accept a model some parts of which are missing
+    (None in the `Components`): merging into or extracting from weights needs no VAE and no tokenizers. `fp8`
+    is None, `"denoiser"` or `"all"`: which frozen linears store float8 weights.
+    """
 
-    def load(self, cfg: Any) -> Components: ...
+    path: str
+    files: Mapping[str, str] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    v2: bool = False
+    v_parameterization: bool = False
+    variant: str | None = None
+    fp8: str | None = None
+    partial: bool = False
+    denoiser_only: bool = False  # only the denoiser is needed (converting it alone): nothing else is loaded
+
+
+@dataclass(frozen=True)
+class BaseModelFacts:
+    """What a file's metadata says about its base model: `ss_base_model_version` and the ModelSpec fields.
+
+    The same facts are written by training and by the tools, so a LoRA file says the same whichever made it.
+    `prediction_type` None leaves `modelspec.prediction_type` out (sd-scripts omits it for FLUX).
+    """
+
+    version: str
+    architecture: str
+    implementation: str
+    resolution: int
+    prediction_type: str | None
+    v2: bool = False  # ss_v2: an SD 2.x model
+
+
+@dataclass(frozen=True)
+class LoraHint:
+    """Fragments of LoRA module names (or file paths in the diffusers layout) that tell a family's files apart.
+
+    Hints of all families are tried in `priority` order (lower first), because some fragments are shared:
+    FLUX diffusers files also hold `transformer.transformer_blocks.`, which alone means SD3.
+    """
+
+    priority: int
+    fragments: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SeparatePart:
+    """A model part the tools read from and write back to a file of its own (FLUX's CLIP-L and T5)."""
+
+    encoder_index: int  # its position in `Components.text_encoders`
+    lora_prefix: str  # the kohya prefix of its LoRA modules (`lora_te1`)
+    what: str  # for messages ("CLIP-L")
+
+
+@dataclass(frozen=True)
+class InferenceDefaults:
+    """`lorakit sample`'s values for what the command line leaves out."""
+
+    steps: int = 30
+    guidance_scale: float = 7.5
+    resolution: int = 512
+
+
+class ModelFamily:
+    """What a model family provides. Subclasses set the class attributes and implement the methods."""
+
+    # -- identity and facts (data) ---------------------------------------------------------------------------
+    name: ClassVar[str] = ""  # the registry key and the value of --family
+    title: ClassVar[str] = ""  # for messages: "SD 1.x/2.x", "SDXL", ...
+    default_network_module: ClassVar[str] = "networks.lora"  # what sd-scripts trains its LoRAs with
+    lora_network_modules: ClassVar[tuple[str, ...]] = ()  # sd-scripts' own LoRA modules of this family
+    oft_network_modules: ClassVar[tuple[str, ...]] = ()  # OFT modules rotating each fused part on its own
+    bucket_step: ClassVar[int] = 64  # --bucket_reso_steps must be a multiple of this
+    takes_v2: ClassVar[bool] = False  # --v2 (an SD 2.x model) applies
+    block_layout: ClassVar["BlockLayout | None"] = None  # block-wise ranks, LR weights, LBW; None: no blocks
+    all_layers_args: ClassVar[Mapping[str, str]] = {}  # --network_args listing every layer a LoRA file may name
+    oft_attention: ClassVar[re.Pattern[str]] = re.compile(r"(?!)")  # OFT's default layers, by kohya name
+    lora_hints: ClassVar[tuple[LoraHint, ...]] = ()
+    version_prefixes: ClassVar[tuple[str, ...]] = ()  # ss_base_model_version values of this family start so
+    architecture_fragments: ClassVar[tuple[str, ...]] = ()  # modelspec.architecture of this family contains one
+    inference: ClassVar[InferenceDefaults] = InferenceDefaults()
+    part_files: ClassVar[tuple[str, ...]] = ("vae",)  # options naming model parts in files of their own
+    separate_parts: ClassVar[Mapping[str, SeparatePart]] = {}
+    single_file_kinds: ClassVar[tuple[str, ...]] = ("safetensors", "ckpt")
+    save_formats: ClassVar[tuple[str, ...]] = ("kohya",)  # LoRA layouts training can write (--save_format)
+    uses_own_scheduler: ClassVar[bool] = False  # samples with its own flow scheduler whatever the sampler name
+    # which loaders read this family's LoRA files (`lorakit lora inspect`; peers.md §4 has the loaders' key tables)
+    webui_kohya: ClassVar[str] = "yes"  # A1111/Forge on the kohya layout
+    webui_diffusers: ClassVar[str] = "no"  # A1111/Forge on the diffusers/PEFT layout
+    comfy_diffusers: ClassVar[str] = "yes"  # ComfyUI on the diffusers/PEFT layout
+    diffusers_kohya: ClassVar[str] = "yes (converted on load)"  # diffusers on a plain kohya LoRA
+    diffusers_ignores: ClassVar[Mapping[str, str]] = {}  # kohya prefix diffusers drops -> what the modules are
+
+    @property
+    def latent_format(self) -> "LatentFileFormat":
+        """The family's latent cache files (sd-scripts' suffix and stored value convention)."""
+        raise NotImplementedError
+
+    @property
+    def lora_layout(self) -> "KeyLayout":
+        """How this family's LoRA files name modules, in the kohya and the diffusers/PEFT layouts."""
+        raise NotImplementedError
+
+    # -- detection (cheap: no model loads) -------------------------------------------------------------------
+    def owns_checkpoint(self, path: str) -> bool:
+        """Whether `path` (a file or a diffusers folder) is a model of this family, from its header only."""
+        raise NotImplementedError
+
+    # -- options (checked before anything large loads) -------------------------------------------------------
+    def option_problems(self, cfg: Any, spec: "TargetSpec | None" = None) -> list[str]:
+        """The family's own checks of the training options (and of the adapter spec, when a run trains one);
+        every problem, as messages. Runs before any model loads."""
+        problems = []
+        if cfg.bucket_reso_steps % self.bucket_step:
+            problems.append(f"--bucket_reso_steps must be a multiple of {self.bucket_step} for --family {self.name} "
+                            f"(got {cfg.bucket_reso_steps})")
+        if cfg.v2 and not self.takes_v2:
+            problems.append(f"--v2 selects an SD 2.x model and cannot be used with --family {self.name}")
+        if cfg.save_format not in self.save_formats:
+            problems.append(f"--save_format {cfg.save_format}: the {self.name} family writes the kohya layout only "
+                            "(convert afterwards with `lorakit lora convert --to diffusers`)")
+        return problems
+
+    def option_warnings(self, cfg: Any) -> list[str]:
+        """Options the family ignores or reads differently, said once at start-up."""
+        return []
+
+    def parse_network_args(self, args: Mapping[str, str], spec: "TargetSpec") -> tuple[Any, list[str]]:
+        """The family's own `--network_args` (e.g. FLUX's per-type ranks) as a typed value, and the problems.
+
+        `args` are the keys the adapter algorithm leaves to the family. The default reads none of them."""
+        return None, []
+
+    def family_arg_keys(self, module: str) -> frozenset[str] | None:
+        """The --network_args keys this family reads for `module` (None: the family checks no keys itself)."""
+        return None
+
+    # -- training ---------------------------------------------------------------------------------------------
+    def load(self, cfg: Any, spec: "TargetSpec | None" = None) -> Components:
+        """The base model for training, with the family's training-time settings read from `cfg` and from what
+        the run trains (`spec`: which encoders carry adapters decides what can be cached)."""
+        raise NotImplementedError
+
+    def load_model(self, source: ModelSource) -> Components:
+        """The base model alone (for sampling and the tools)."""
+        raise NotImplementedError
 
     def objective(self, cfg: Any, comps: Components) -> Any:
         """The noising rule and target (`lorakit.objectives`): `.noise(latents) -> NoisedBatch`."""
+        raise NotImplementedError
 
     def encode_images(self, comps: Components, images: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] (B,3,H,W) -> scaled latents, ready for noising."""
+        raise NotImplementedError
 
-    def decode_latents(self, comps: Components, latents: torch.Tensor) -> torch.Tensor: ...
+    def decode_latents(self, comps: Components, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-    def encode_text(self, comps: Components, captions: list[str], clip_skip: int | None = None) -> TextConditioning: ...
+    def encode_text(self, comps: Components, captions: list[str], clip_skip: int | None = None) -> TextConditioning:
+        raise NotImplementedError
 
-    def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: Any) -> torch.Tensor:
+    def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning,
+                batch: Any) -> torch.Tensor:
         """The denoiser's output for the noisy latents."""
+        raise NotImplementedError
 
-    def adapter_targets(self, comps: Components, cfg: Any) -> list[AdapterTarget]: ...
+    def adapter_targets(self, comps: Components, spec: "TargetSpec") -> list["AdapterTarget"]:
+        """The layers an adapter network attaches to, named as this family's kohya files name them."""
+        raise NotImplementedError
 
-    def text_encoders_to_train(self, comps: Components, cfg: Any) -> list[nn.Module]: ...
+    def text_encoders_to_train(self, comps: Components, spec: "TargetSpec") -> list[nn.Module]:
+        """The encoders whose layers carry adapters (they run with gradients)."""
+        raise NotImplementedError
 
-    def enable_gradient_checkpointing(self, comps: Components, train_text_encoder: bool) -> None: ...
+    def enable_gradient_checkpointing(self, comps: Components, train_text_encoder: bool) -> None:
+        raise NotImplementedError
 
+    def swaps_blocks(self, cfg: Any) -> bool:
+        """Whether `--blocks_to_swap` applies: the denoiser is then placed by `prepare_block_swap`."""
+        return False
+
+    def prepare_block_swap(self, comps: Components, cfg: Any, device: torch.device) -> None:
+        """--blocks_to_swap: keep the swapped blocks on the CPU and stream them in (families without it: nothing)."""
+
+    def text_encoder_lr_groups(self, cfg: Any) -> dict[str, float | None] | None:
+        """kohya prefix -> LR from --text_encoder_lr's values, for several encoders (None: one LR for all)."""
+        return None
+
+    def kohya_module_path(self, comps: Components) -> Callable[[str], str] | None:
+        """How denoiser module paths are renamed in file names, for adapters that walk the model (LyCORIS)."""
+        return None
+
+    def lycoris_denoiser_targets(self, comps: Components, spec: "TargetSpec", preset_classes: set[str]
+                                 ) -> list["AdapterTarget"] | None:
+        """The denoiser layers a LyCORIS preset adapts, when they must come from the family's own targets
+        (fused views the diffusers model keeps apart); None lets LyCORIS walk the denoiser itself."""
+        return None
+
+    def lora_file_state(self, state: dict[str, torch.Tensor], metadata: dict[str, str], save_format: str
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and metadata of a LoRA file in `save_format` (one of `save_formats`)."""
+        return state, metadata
+
+    # -- sampling ---------------------------------------------------------------------------------------------
+    def pipeline(self, comps: Components, sampler: str | None = None) -> Any:
+        """A diffusers pipeline over these very modules (an attached LoRA shows in its images), sampling with
+        `sampler` (an sd-scripts sampler name; the family's default when None). Families that sample with their
+        own flow scheduler whatever the name set `uses_own_scheduler`."""
+        raise NotImplementedError
+
+    def inference_resolution(self, source: ModelSource) -> int:
+        """`lorakit sample`'s default image side for this model."""
+        return self.inference.resolution
+
+    # -- metadata ---------------------------------------------------------------------------------------------
     def metadata(self, cfg: Any) -> dict[str, str]:
-        """Family-specific `ss_*` metadata keys."""
+        """Family-specific `ss_*` metadata keys (`ss_base_model_version` among them)."""
+        raise NotImplementedError
 
-    def modelspec_architecture(self, cfg: Any) -> tuple[str, str, tuple[int, int]]:
-        """(modelspec architecture, implementation, default resolution)."""
+    def base_model(self, version: str | None, *, variant: str | None = None, v_prediction: bool = False) -> BaseModelFacts:
+        """The ModelSpec facts of a base-model version (None: the family's default version); `variant` is a
+        loaded model's own name where one version covers several (FLUX.1 dev/schnell)."""
+        raise NotImplementedError
+
+    def trained_base_model(self, cfg: Any, comps: Components | None) -> BaseModelFacts:
+        """The facts of the model a run trains on (read from its options and, once loaded, the model)."""
+        variant = self.model_variant(comps) if comps is not None else None
+        return self.base_model(self.metadata(cfg)["ss_base_model_version"], variant=variant,
+                               v_prediction=bool(getattr(cfg, "v_parameterization", False)))
+
+    def model_variant(self, comps: Components) -> str | None:
+        """A loaded model's variant within its version (None where versions say everything)."""
+        return None
+
+    def variant_of_architecture(self, architecture: str) -> str | None:
+        """The variant a file's `modelspec.architecture` names, where one version covers several."""
+        return None
+
+    def version_of(self, source: ModelSource, comps: Components) -> str:
+        """`ss_base_model_version` of a model the tools loaded."""
+        return self.base_model(None).version
+
+    # -- whole-model files for the tools ----------------------------------------------------------------------
+    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
+        """The model as one original-layout file (`kind` is one of `single_file_kinds`)."""
+        raise NotImplementedError
+
+    def save_folder(self, comps: Components, path: Path) -> None:
+        """The model as a diffusers folder."""
+        raise NotImplementedError
+
+    def save_part_file(self, comps: Components, part: str, path: Path, dtype: torch.dtype | None) -> None:
+        """A part read from a file of its own (`separate_parts`) written back in its layout."""
+        raise NotImplementedError(f"the {self.title} family keeps no parts in files of their own")
+
+    # -- LoRA files -------------------------------------------------------------------------------------------
+    def lora_to_diffusers(self, state: dict[str, torch.Tensor], metadata: dict[str, str], *, keep_alpha: bool = False
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """A kohya state dict in the diffusers/PEFT layout, where the family converts whole states itself
+        (fused modules split into parts); None: module by module through `lora_layout`."""
+        return None
+
+    def lora_from_diffusers(self, state: dict[str, torch.Tensor], metadata: dict[str, str]
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The kohya state of a diffusers/PEFT file, where the family converts whole states (None: per module)."""
+        return None
+
+    def loader_support(self, style: str, algorithm: str, keys: list[str]) -> dict[str, str]:
+        """Which loaders (sd-scripts, ComfyUI, A1111/Forge, diffusers) read a file of this family in `style`."""
+        plain = algorithm.startswith(("lora", "locon"))
+        has_alpha = any(k.endswith(".alpha") for k in keys)
+        if style == "kohya":
+            ignored = [what for prefix, what in self.diffusers_ignores.items() if any(k.startswith(prefix) for k in keys)]
+            reads = self.diffusers_kohya if plain else "no"
+            if ignored and reads.startswith("yes"):
+                reads += f", but its {' and '.join(ignored)} modules are ignored"
+            return {"sd-scripts": "yes" if plain or algorithm == "oft" else "no (LyCORIS module needed)",
+                    "ComfyUI": "yes", "A1111/Forge": self.webui_kohya, "diffusers": reads}
+        return {
+            "sd-scripts": "no (convert to kohya: lorakit lora convert --to kohya)",
+            "ComfyUI": self.comfy_diffusers,
+            "A1111/Forge": self.webui_diffusers,
+            "diffusers": "yes" if plain and not has_alpha else ("yes, but .alpha keys are ignored" if plain else "no"),
+        }

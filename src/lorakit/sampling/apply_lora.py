@@ -9,10 +9,11 @@ Ranks and alphas are read from each file's tensors, so several files of differen
 per-layer ranks, e.g. after `lora resize --dynamic_method`) merge one after the other. Which adapter algorithm a
 file holds is read from its tensors (`dora_scale`, `oft_blocks`, `hada_w1`, ...) and its `ss_network_module`:
 
-* plain LoRA (`networks.lora`, `lora_sd3`, `lora_flux`, `lora_fa`, `dylora`; LoCon tensors too) and DoRA are
-  rebuilt per layer from the file, at each layer's own rank;
-* OFT (`networks.oft`, `oft_flux`) and `lycoris.kohya` files are rebuilt by the trainer's network factory from
-  their metadata (`ss_network_args`, dim, alpha), so per-part rotations, presets and block layouts are its own;
+* plain LoRA (`networks.lora` and the families' own LoRA modules, `lora_fa`, `dylora`; LoCon tensors too) and
+  DoRA are rebuilt per layer from the file, at each layer's own rank;
+* OFT (`networks.oft` and the families' per-part OFT modules) and `lycoris.kohya` files are rebuilt by the
+  trainer's network factory from their metadata (`ss_network_args`, dim, alpha), so per-part rotations, presets
+  and block layouts are its own;
 * anything else is refused by name.
 
 Only the layers a file names are merged; a merge at multiplier 0 leaves every weight bit for bit as it was.
@@ -24,21 +25,21 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from lorakit.adapters.base import AdapterModule
+from lorakit.adapters.factory import GENERIC_MODULES
 from lorakit.adapters.formats import tensors_by_module
 from lorakit.adapters.network import LoRANetwork
+from lorakit.adapters.spec import make_target_spec
+from lorakit.adapters.targets import AdapterTarget
 from lorakit.errors import CheckpointError, ConfigError
-from lorakit.families.base import AdapterTarget, Components
-from lorakit.tools.targets import ALL_TARGETS
+from lorakit.families.base import Components, ModelFamily
+from lorakit.families.registry import all_families, guess_lora_family
 
 log = logging.getLogger("lorakit")
-
-_PER_LAYER_MODULES = ("networks.lora", "networks.lora_sd3", "networks.lora_flux", "networks.lora_fa", "networks.dylora",
-                      "networks.oft", "networks.oft_flux")
 #: tensor names of algorithms only `lycoris.kohya` builds
 _LYCORIS_MARKERS = (("hada_w1", "LoHa"), ("lokr_w1", "LoKr"), ("lora_mid", "LoCon with Tucker decomposition"),
                     ("oft_diag", "LyCORIS OFT/BOFT"), ("a1.weight", "GLoRA"), ("on_input", "IA3"), (".diff", "full diff"))
@@ -114,10 +115,11 @@ def _algorithm(path: str, state: dict[str, torch.Tensor], module: str) -> str:
                 f"{path}: key {key} is a {name} tensor, and the file's ss_network_module is {module}, not "
                 "lycoris.kohya; lorakit sample merges only what its trainer networks write"
             )
-    if module not in _PER_LAYER_MODULES:
+    modules = _per_layer_modules()
+    if module not in modules:
         raise CheckpointError(
             f"{path}: ss_network_module {module} is not a network lorakit can load "
-            f"(supported: {', '.join(_PER_LAYER_MODULES)}, lycoris.kohya)"
+            f"(supported: {', '.join(modules)}, lycoris.kohya)"
         )
     if any(".oft_blocks" in k for k in state):  # oft_flux: one `oft_blocks.<i>` per fused part
         return "oft"
@@ -126,11 +128,15 @@ def _algorithm(path: str, state: dict[str, torch.Tensor], module: str) -> str:
     return "lora"
 
 
+def _per_layer_modules() -> list[str]:
+    """The network modules whose files hold one module per layer (every family's own LoRA and OFT modules too)."""
+    own = [m for family in all_families() for m in (*family.lora_network_modules, *family.oft_network_modules)]
+    return [m for m in (*GENERIC_MODULES, *own) if m != "lycoris.kohya"]
+
+
 def check_family(lora: LoraFile, family_name: str) -> None:
     """Refuse a file whose metadata names another model family (its keys are checked when it loads)."""
-    from lorakit.tools.layouts import guess_family
-
-    theirs = guess_family([], lora.metadata)
+    theirs = guess_lora_family([], lora.metadata)
     if theirs is not None and theirs != family_name:
         version = lora.metadata.get("ss_base_model_version") or lora.metadata.get("modelspec.architecture")
         raise CheckpointError(
@@ -146,8 +152,8 @@ def check_family(lora: LoraFile, family_name: str) -> None:
 class LoraMerger:
     """Merges files into one loaded model; the family's layers are listed once and shared by every file."""
 
-    def __init__(self, family: Any, comps: Components, model_cfg: Any):
-        self.family, self.comps, self.model_cfg = family, comps, model_cfg
+    def __init__(self, family: ModelFamily, comps: Components):
+        self.family, self.comps = family, comps
         self._layers: dict[str, AdapterTarget] | None = None
 
     @property
@@ -156,9 +162,8 @@ class LoraMerger:
         fused views route their parts when they are made, so they are made once)."""
         if self._layers is None:
             # the --network_args that make the family list every layer a file may name; the file's ranks replace theirs
-            every_layer = [f"{k}={v}" for k, v in ALL_TARGETS.get(self.family.name, {}).items()] or None
-            query = _network_config(self.model_cfg, self.family.name, "networks.lora", every_layer)
-            self._layers = {t.name: t for t in self.family.adapter_targets(self.comps, query)}
+            every_layer = make_target_spec(self.family, args=self.family.all_layers_args)
+            self._layers = {t.name: t for t in self.family.adapter_targets(self.comps, every_layer)}
         return self._layers
 
     @torch.no_grad()
@@ -203,9 +208,9 @@ class LoraMerger:
             args.update(enable_all_linear="True", enable_conv="True")
             dim, alpha = _oft_size(lora)
             unet_only = True
-        cfg = _network_config(self.model_cfg, self.family.name, lora.network_module, [f"{k}={v}" for k, v in args.items()] or None,
-                              dim=dim, alpha=alpha, unet_only=unet_only)
-        network = build_network(cfg, self.family, self.comps, self.comps.denoiser.device)
+        spec = make_target_spec(self.family, module=lora.network_module, rank=int(dim) if dim else None, alpha=alpha or None,
+                                args=args, train_text_encoder=not unet_only)
+        network = build_network(spec, self.family, self.comps, self.comps.denoiser.device)
         network.restore()  # the factory attached it for training; it is merged instead
         return network
 
@@ -233,20 +238,6 @@ def _rank_alpha(path: str, name: str, tensors: dict[str, torch.Tensor]) -> tuple
     rank = int(tensors["lora_down.weight"].shape[0])
     alpha = tensors.get("alpha")
     return rank, float(alpha) if alpha is not None and float(alpha) != 0.0 else float(rank)
-
-
-def _network_config(model_cfg: Any, family: str, module: str, args: list[str] | None, *, dim: float | None = None,
-                    alpha: float | None = None, unet_only: bool = False) -> Any:
-    """The model's options plus the network options a family's targets (or the network factory) read."""
-    from lorakit.config.validate import build_config
-
-    options = dict(model_cfg.model_dump(exclude_unset=True))
-    options.update(network_module=module, network_args=args, family=family, network_train_unet_only=unet_only)
-    if dim:
-        options["network_dim"] = int(dim)
-    if alpha:
-        options["network_alpha"] = alpha
-    return build_config(options, skip_requirements=True)
 
 
 def _json_dict(text: str | None, path: str) -> dict[str, str]:

@@ -19,18 +19,16 @@ import torch
 
 from lorakit.atomic import staged_file
 from lorakit.errors import ConfigError
+from lorakit.families.base import ModelFamily, ModelSource
 from lorakit.sampling.apply_lora import LoraFile, LoraMerger, check_family, parse_lora_spec, read_lora_file
-from lorakit.tools.targets import forwards_restored
 from lorakit.sampling.prompts import SampleDefaults, SamplePrompt
+from lorakit.tools.targets import forwards_restored
 
 log = logging.getLogger("lorakit")
 
-#: (steps, guidance scale) when not given: sd-scripts' sample defaults; SD3 and FLUX use their own scales
-#: (SD3 minimal inference: CFG 5.0; FLUX: embedded guidance 3.5)
-_FAMILY_DEFAULTS = {"sd": (30, 7.5), "sdxl": (30, 7.5), "sd3": (30, 5.0), "flux": (30, 3.5)}
 DTYPES = {"fp32": torch.float32, "float": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-MODEL_FILE_OPTIONS = ("vae", "clip_l", "clip_g", "t5xxl", "ae")  # the parts a model may take from files of their own
+MODEL_FILE_OPTIONS = ("vae", "clip_l", "clip_g", "t5xxl", "ae")  # the command's options naming part files
 
 
 @dataclass
@@ -56,7 +54,7 @@ class SampleOptions:
     family: str = "auto"
     v2: bool = False
     v_parameterization: bool = False
-    model_files: dict[str, str] = field(default_factory=dict)  # vae, clip_l, clip_g, t5xxl, ae
+    model_files: dict[str, str] = field(default_factory=dict)  # the parts in files of their own (vae, t5xxl, ...)
 
 
 @dataclass
@@ -72,16 +70,14 @@ class Plan:
 def run_sample(options: SampleOptions) -> list[Path]:
     """Check everything, load the model, merge the LoRAs, write one PNG per prompt; returns the files written."""
     plan = check_options(options)
-    model_cfg = _model_config(options, plan.dtype, fp8=plan.denoiser_dtype == "fp8")
-    from lorakit.families.registry import resolve_family
-
-    family = resolve_family(model_cfg)
+    family = _family(options)
+    source = _model_source(options, plan, family)
     for lora in plan.loras:
         check_family(lora, family.name)
-    prompts = _prompts(options, family.name)  # the prompt file is read before the model loads
+    prompts = _prompts(options, family, source)  # the prompt file is read before the model loads
     targets = _output_paths(options.output, prompts)
-    comps = family.load(model_cfg)
-    merger = LoraMerger(family, comps, model_cfg)
+    comps = family.load_model(source)
+    merger = LoraMerger(family, comps)
     # the weights are merged; the layer views merging needed leave nothing behind on the model's forwards
     with forwards_restored([comps.denoiser, *(e for e in comps.text_encoders if e is not None)]):
         for lora in plan.loras:
@@ -134,7 +130,7 @@ def check_options(options: SampleOptions) -> Plan:
 
 def sampler_problem(name: str, where: str) -> str | None:
     """Unknown names are an error here (training falls back to DDIM as sd-scripts does, a one-off run should not)."""
-    from lorakit.sampling.samplers import SAMPLERS, build_sampler
+    from lorakit.objectives.samplers import SAMPLERS, build_sampler
 
     if name.lower() not in SAMPLERS:
         return f"{where}: unknown sampler (known: {', '.join(SAMPLERS)})"
@@ -190,26 +186,31 @@ def _device_and_dtypes(options: SampleOptions, problems: list[str]) -> tuple[tor
     return device, DTYPES.get(dtype_name, torch.float32), denoiser
 
 
-def _model_config(options: SampleOptions, dtype: torch.dtype, fp8: bool) -> Any:
-    """The training options that describe the model, so it loads exactly as `lorakit train` loads it: built in
-    the sampling dtype directly (a LoRA merged into bf16 weights in float32 arithmetic is rounded once, as a merge
-    into float32 weights cast afterwards is), never as a float32 copy of the whole model first.
+def _family(options: SampleOptions) -> ModelFamily:
+    """--family, or the family detected from the model's header (as training detects it)."""
+    from lorakit.families.registry import detect_family, get_family
 
-    With fp8, FLUX and SD3 store the transformer's linears in float8 as they load (training's `--fp8_base_unet`),
-    before their fused q/k/v views are made, and the LoRAs merge into those weights; SD and SDXL are stored in
-    float8 after merging (`_place`)."""
-    from lorakit.config.validate import build_config
+    return get_family(options.family if options.family != "auto" else detect_family(options.model))
 
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    values: dict[str, Any] = {"pretrained_model_name_or_path": options.model, "family": options.family, "mixed_precision": precision}
-    if fp8:
-        values.update(fp8_base_unet=True, mixed_precision="bf16")  # the rule: fp8 storage computes in a wider dtype
-    if options.v2:
-        values["v2"] = True
-    if options.v_parameterization:
-        values["v_parameterization"] = True
-    values.update({k: v for k, v in options.model_files.items() if k in MODEL_FILE_OPTIONS})
-    return build_config(values, skip_requirements=True)
+
+def _model_source(options: SampleOptions, plan: Plan, family: ModelFamily) -> ModelSource:
+    """The model as `lorakit train` loads it: built in the sampling dtype directly (a LoRA merged into bf16
+    weights in float32 arithmetic is rounded once, as a merge into float32 weights cast afterwards is), never as
+    a float32 copy of the whole model first.
+
+    With fp8, families that store float8 weights as they load (before their fused q/k/v views are made) do so
+    for the denoiser (training's `--fp8_base_unet`) and the LoRAs merge into those weights, computing in bf16;
+    the others are stored in float8 after merging (`_place`)."""
+    unknown = [f"--{name}" for name in options.model_files if name not in family.part_files]
+    if unknown:
+        taken = ", ".join(f"--{name}" for name in family.part_files) or "no part files"
+        raise ConfigError([f"{option}: {family.title} models take no such file (they take {taken})" for option in unknown])
+    fp8 = plan.denoiser_dtype == "fp8"
+    dtype = torch.bfloat16 if fp8 else plan.dtype
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        dtype = torch.float32  # fp16 needs a CUDA GPU, as in training
+    return ModelSource(options.model, dict(options.model_files), dtype, v2=options.v2,
+                       v_parameterization=options.v_parameterization, fp8="denoiser" if fp8 else None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,15 +218,15 @@ def _model_config(options: SampleOptions, dtype: torch.dtype, fp8: bool) -> Any:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _prompts(options: SampleOptions, family: str) -> list[SamplePrompt]:
-    """The prompts with every value filled in: the command line's, or a prompt file's lines over them."""
+def _prompts(options: SampleOptions, family: ModelFamily, source: ModelSource) -> list[SamplePrompt]:
+    """The prompts with every value filled in: the command line's, or a prompt file's lines over them (the
+    family's own defaults where neither gives one: sd-scripts' sample steps, each model's guidance and size)."""
     from lorakit.sampling.prompts import read_sample_prompts
 
-    steps, scale = _FAMILY_DEFAULTS.get(family, (30, 7.5))
-    size = 1024 if family in ("sdxl", "sd3", "flux") else (768 if options.v_parameterization else 512)
+    size = family.inference_resolution(source)
     defaults = SampleDefaults(
-        width=options.width or size, height=options.height or size, sample_steps=options.steps or steps,
-        scale=scale if options.guidance_scale is None else options.guidance_scale,
+        width=options.width or size, height=options.height or size, sample_steps=options.steps or family.inference.steps,
+        scale=family.inference.guidance_scale if options.guidance_scale is None else options.guidance_scale,
     )
     if options.prompt_file:
         prompts = read_sample_prompts(options.prompt_file, defaults)
@@ -304,7 +305,7 @@ def _generate(family: Any, comps: Any, prompts: list[SamplePrompt], targets: lis
 
 
 def _pipeline(family: Any, comps: Any, sampler: str | None) -> Any:
-    from lorakit.sampling.samplers import SAMPLERS
+    from lorakit.objectives.samplers import SAMPLERS
 
     pipe = family.pipeline(comps, sampler) if sampler else family.pipeline(comps)
     pipe.set_progress_bar_config(disable=True)

@@ -16,8 +16,8 @@ import torch
 from lorakit.adapters.formats import load_lora_file, save_lora_file
 from lorakit.adapters.modelspec import build_modelspec
 from lorakit.errors import CheckpointError, ConfigError
-from lorakit.families.registry import FAMILIES
-from lorakit.tools.layouts import KeyLayout, guess_family, layout_for
+from lorakit.families.base import ModelFamily
+from lorakit.families.registry import family_title, get_family, guess_lora_family
 from lorakit.tools.lora_state import LoraFactors, read_modules, to_state_dict
 
 __all__ = [
@@ -64,14 +64,15 @@ def check_output(path: str | Path, option: str = "--save_to") -> tuple[Path, str
 
 
 class LoadedLora:
-    """A LoRA file read into modules: `modules` by kohya name, its `metadata`, the `style` of its keys."""
+    """A LoRA file read into modules: `modules` by kohya name, its `metadata`, the `style` of its keys and the
+    model `family` it is for."""
 
-    def __init__(self, path: str, modules: dict[str, LoraFactors], metadata: dict[str, str], style: str, layout: KeyLayout):
+    def __init__(self, path: str, modules: dict[str, LoraFactors], metadata: dict[str, str], style: str, family: ModelFamily):
         self.path = path
         self.modules = modules
         self.metadata = metadata
         self.style = style
-        self.layout = layout
+        self.family = family
 
     @property
     def title(self) -> str:
@@ -82,32 +83,35 @@ def load_lora(path: str | Path, family: str | None = None) -> LoadedLora:
     """Read a LoRA file and parse it with its family's key layout (guessed unless given).
 
     When `family` is given (the base model's), a file that reads as another family's LoRA is refused by name.
-    diffusers/PEFT files of SD3 and FLUX (q/k/v apart) are converted to the kohya modules (fused) first.
+    diffusers/PEFT files of families whose kohya modules are fused layers are converted to them first.
     """
     tensors, metadata = load_lora_file(path)
     if not tensors:
         raise CheckpointError(f"{path}: the file holds no tensors")
     modules_guess = [key.partition(".")[0] if key.startswith("lora_") else key for key in tensors]
-    guessed = guess_family(modules_guess, metadata)
+    guessed = guess_lora_family(modules_guess, metadata)
     if family is not None and guessed is not None and guessed != family:
         raise CheckpointError(
-            f"{path}: this is a {guessed.upper()} LoRA (e.g. key {next(iter(tensors))}), but the base model is {family.upper()}"
+            f"{path}: this is a {family_title(guessed)} LoRA (e.g. key {next(iter(tensors))}), but the base model is "
+            f"{family_title(family)}"
         )
     family = family or guessed
     if family is None:
         raise CheckpointError(f"{path}: cannot tell which model family this LoRA is for (e.g. key {next(iter(tensors))})")
-    layout = layout_for(family)
-    converted = layout.peft_reader is not None and any(".lora_A." in k or ".lora_B." in k for k in tensors)
-    if converted:
-        tensors, metadata = _read_peft(tensors, metadata, layout, str(path))
-    modules, style = read_modules(tensors, layout, source=str(path))
-    return LoadedLora(str(path), modules, metadata, "peft" if converted else style, layout)
+    model_family = get_family(family)
+    converted = False
+    if any(".lora_A." in k or ".lora_B." in k for k in tensors):
+        read = _read_peft(tensors, metadata, model_family, str(path))
+        if read is not None:
+            (tensors, metadata), converted = read, True
+    modules, style = read_modules(tensors, model_family.lora_layout, source=str(path))
+    return LoadedLora(str(path), modules, metadata, "peft" if converted else style, model_family)
 
 
-def _read_peft(tensors: dict, metadata: dict, layout: KeyLayout, source: str) -> tuple[dict, dict]:
-    """A PEFT-layout file of a family with fused kohya modules, as kohya tensors (errors name the file)."""
+def _read_peft(tensors: dict, metadata: dict, family: ModelFamily, source: str) -> tuple[dict, dict] | None:
+    """A PEFT-layout file as kohya tensors, where the family converts whole states (errors name the file)."""
     try:
-        return layout.peft_reader(tensors, metadata)
+        return family.lora_from_diffusers(tensors, metadata)
     except (CheckpointError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
 
@@ -135,24 +139,30 @@ def merged_metadata(
     modules: Mapping[str, LoraFactors],
     *,
     title: str,
-    layout: KeyLayout,
+    family: ModelFamily,
     version: str | None = None,
+    variant: str | None = None,
     extra: Mapping[str, str] | None = None,
     with_modelspec: bool = True,
-    architecture: str | None = None,
 ) -> dict[str, str]:
     """The minimal `ss_*` keys plus ModelSpec for a LoRA built from `sources` (merged, extracted...).
 
-    The base-model version comes from the argument, else from the first source that records one; the ModelSpec
-    architecture from the argument, else a source's variant of it (FLUX.1-schnell), else the version's own.
+    The base-model version comes from the argument, else from the first source that records one, else the family's
+    default; its ModelSpec facts are the family's (`base_model`), the ones training writes. The variant (FLUX.1
+    schnell) comes from the argument, else from a source's ModelSpec architecture.
     """
-    version = version or next((v for v in (_version_of(s.metadata) for s in sources) if v), None) or layout.default_version
+    version = version or next((v for v in (_version_of(s.metadata) for s in sources) if v), None)
+    recorded = (s.metadata.get("modelspec.architecture", "").split("/")[0] for s in sources)
+    variant = variant or next((v for v in (family.variant_of_architecture(a) for a in recorded) if v), None)
+    v_prediction = any(s.metadata.get("modelspec.prediction_type") == "v" for s in sources)
+    facts = family.base_model(version, variant=variant, v_prediction=v_prediction)
+    known = version is None or facts.version == version  # a version the family does not know is kept, without ModelSpec
     plain = [m for m in modules.values() if not m.is_spatial]
     spatial = [m for m in modules.values() if m.is_spatial]
     metadata = {
-        "ss_network_module": FAMILIES[layout.family]().default_network_module,
-        "ss_base_model_version": version,
-        "ss_v2": str(version.startswith("sd_v2")),
+        "ss_network_module": family.default_network_module,
+        "ss_base_model_version": facts.version if known else version,
+        "ss_v2": str(known and facts.v2),
         "ss_network_dim": uniform_value([m.rank for m in plain] or [m.rank for m in spatial]),
         "ss_network_alpha": uniform_value([m.alpha_value for m in plain] or [m.alpha_value for m in spatial]),
     }
@@ -160,16 +170,11 @@ def merged_metadata(
         conv = {"conv_dim": uniform_value([m.rank for m in spatial]), "conv_alpha": uniform_value([m.alpha_value for m in spatial])}
         metadata["ss_network_args"] = json.dumps(conv)
     metadata.update(extra or {})
-    if with_modelspec and version in layout.modelspec:
-        default, implementation, resolution = layout.modelspec[version]
-        # a LoRA file records the base architecture with its own suffix ("flux-1-schnell/lora")
-        recorded = (s.metadata.get("modelspec.architecture", "").split("/")[0] for s in sources)
-        variant = next((a for a in recorded if a in layout.modelspec_variants), None)
-        architecture = architecture if architecture in layout.modelspec_variants else (variant or default)
-        prediction = None if layout.family in ("sd3", "flux") else ("v" if version.endswith("_v") else "epsilon")
+    if with_modelspec and known:
         merged_from = ", ".join(s.title for s in sources) or None
         spec_extra = {"merged_from": merged_from} if merged_from and len(sources) > 1 else None
-        metadata.update(build_modelspec(architecture, implementation, title, resolution, prediction, extra=spec_extra))
+        metadata.update(build_modelspec(facts.architecture, facts.implementation, title, facts.resolution,
+                                        facts.prediction_type, extra=spec_extra))
     return metadata
 
 

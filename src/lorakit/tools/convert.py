@@ -15,11 +15,11 @@ from collections.abc import Mapping
 
 import torch
 
-from lorakit.errors import CheckpointError
-from lorakit.tools.layouts import KeyLayout
+from lorakit.adapters.key_layout import KeyLayout
+from lorakit.families.base import ModelFamily
 from lorakit.tools.lora_state import LoraFactors, to_state_dict
 
-__all__ = ["FORMATS", "convert_to_diffusers", "normalise_format", "sd3_from_peft", "sd3_to_peft", "to_diffusers", "to_kohya_modules"]
+__all__ = ["FORMATS", "convert_to_diffusers", "normalise_format", "to_diffusers", "to_kohya_modules"]
 
 FORMATS = {"kohya": "kohya", "sd-scripts": "kohya", "diffusers": "diffusers", "peft": "diffusers", "ai-toolkit": "diffusers"}
 
@@ -53,68 +53,11 @@ def to_kohya_modules(modules: Mapping[str, LoraFactors]) -> dict[str, LoraFactor
 
 
 def convert_to_diffusers(
-    modules: Mapping[str, LoraFactors], layout: KeyLayout, metadata: Mapping[str, str], *, keep_alpha: bool = False
+    modules: Mapping[str, LoraFactors], family: ModelFamily, metadata: Mapping[str, str], *, keep_alpha: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The PEFT-layout tensors and metadata of kohya modules; SD3 and FLUX split their fused q/k/v."""
-    if layout.peft_writer is None:
-        return to_diffusers(modules, layout, keep_alpha=keep_alpha), dict(metadata)
-    return layout.peft_writer(to_state_dict(modules), dict(metadata), keep_alpha=keep_alpha)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# SD3: the family's converter (`families/sd3/lora_convert.py`) plus explicit alphas
-# ---------------------------------------------------------------------------------------------------------
-
-
-def sd3_to_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], *, keep_alpha: bool = False) -> tuple[dict, dict]:
-    """SD3 kohya -> PEFT. With `keep_alpha` the factors are converted at scale 1 (bit for bit) and every part
-    gets an `.alpha` giving it its module's scale (alpha · part rank / module rank)."""
-    from lorakit.families.sd3.lora_convert import kohya_to_diffusers
-
-    if not keep_alpha:
-        return kohya_to_diffusers(state, metadata)
-    alphas = {k.removesuffix(".alpha"): float(v) for k, v in state.items() if k.endswith(".alpha")}
-    unscaled = {k: v for k, v in state.items() if not k.endswith(".alpha")}
-    out, meta = kohya_to_diffusers(unscaled, metadata)  # no alpha: rank, i.e. scale exactly 1
-    for name, paths, module_rank in _sd3_parts(unscaled):
-        alpha = alphas.get(name, float(module_rank))
-        for path in paths:
-            part_rank = out[f"{path}.lora_A.weight"].shape[0]
-            out[f"{path}.alpha"] = torch.tensor(alpha * part_rank / module_rank, dtype=torch.float32)
-    return out, meta
-
-
-def sd3_from_peft(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[dict, dict]:
-    """SD3 PEFT -> kohya. `.alpha` keys (explicit scales, lora_B not folded) become the kohya alphas; without
-    them the converter's rules apply (its recorded alphas, else alpha = rank)."""
-    from lorakit.families.sd3.lora_convert import ALPHAS_METADATA_KEY, diffusers_to_kohya
-
-    alphas = {k.removesuffix(".alpha"): float(v) for k, v in state.items() if k.endswith(".alpha")}
-    factors = {k: v for k, v in state.items() if not k.endswith(".alpha")}
-    if not alphas:
-        return diffusers_to_kohya(factors, metadata)
-    meta = {k: v for k, v in metadata.items() if k != ALPHAS_METADATA_KEY}
-    kohya, meta = diffusers_to_kohya(factors, meta)  # alpha = rank: the factors come back unscaled
-    for name, paths, module_rank in _sd3_parts(kohya):
-        values = {alphas[p] * module_rank / factors[f"{p}.lora_A.weight"].shape[0] for p in paths if p in alphas}
-        if len(values) > 1:
-            raise CheckpointError(f"key {paths[0]}.alpha: the parts of {name} give it different scales ({sorted(values)})")
-        if values:
-            kohya[f"{name}.alpha"] = torch.tensor(values.pop(), dtype=torch.float32)
-    return kohya, meta
-
-
-def _sd3_parts(kohya: dict[str, torch.Tensor]) -> list[tuple[str, list[str], int]]:
-    """(kohya module, the PEFT paths it splits into, its rank) for every module of a kohya SD3 state."""
-    from lorakit.adapters.formats import tensors_by_module
-    from lorakit.families.sd3.lora_convert import hidden_from_kohya, kohya_to_diffusers
-
-    modules = tensors_by_module(kohya)
-    hidden = hidden_from_kohya(modules)  # the converter needs it to place the last modulation's halves
-    rows = []
-    for name, tensors in modules.items():
-        single = {f"{name}.{k}": v for k, v in tensors.items() if k != "alpha"}
-        parts, _ = kohya_to_diffusers(single, hidden_size=hidden)
-        paths = [k.removesuffix(".lora_A.weight") for k in parts if k.endswith(".lora_A.weight")]
-        rows.append((name, paths, tensors["lora_down.weight"].shape[0]))
-    return rows
+    """The PEFT-layout tensors and metadata of kohya modules; a family whose kohya modules are fused layers
+    converts the whole state itself (splitting them into their parts)."""
+    converted = family.lora_to_diffusers(to_state_dict(modules), dict(metadata), keep_alpha=keep_alpha)
+    if converted is None:
+        return to_diffusers(modules, family.lora_layout, keep_alpha=keep_alpha), dict(metadata)
+    return converted

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.errors import CheckpointError
-from lorakit.families.base import Components
-from lorakit.tools.layouts import KeyLayout
+from lorakit.families.base import Components, ModelFamily
 from lorakit.tools.lora_state import LoraFactors
 from lorakit.tools.svd import factorise
 from lorakit.tools.targets import model_targets
@@ -39,9 +38,10 @@ class ExtractOptions:
     fast_svd: bool = False  # randomized SVD of each ΔW (see tools/svd.py): several times faster, near-optimal
 
 
-def _target_args(family: str, options: ExtractOptions) -> dict[str, str]:
-    """The `--network_args` whose targets a trained LoRA of the family has (3x3 convs only with conv_dim)."""
-    if options.conv_dim and family in ("sd", "sdxl"):
+def _target_args(options: ExtractOptions) -> dict[str, str]:
+    """The `--network_args` whose targets a trained LoRA of the family has (3x3 convs only with conv_dim, in the
+    families that have them)."""
+    if options.conv_dim:
         return {"conv_dim": str(options.conv_dim), "conv_alpha": str(options.conv_dim)}
     return {}
 
@@ -57,17 +57,17 @@ def _difference(name: str, original: torch.Tensor, tuned: torch.Tensor, device: 
 
 @torch.no_grad()
 def extract_lora(
-    original: Components, tuned: Components, layout: KeyLayout, options: ExtractOptions
+    original: Components, tuned: Components, family: ModelFamily, options: ExtractOptions
 ) -> dict[str, LoraFactors]:
     """The LoRA modules that carry `original` towards `tuned` (float32, CPU).
 
     The modules are the family's training targets (`tools.targets`), read in the file's shape and row order,
-    so SD3/FLUX get one factor pair per fused q/k/v as kohya files have. The text-encoder part is dropped, as
+    so fused layers (q/k/v) get one factor pair each, as kohya files have. The text-encoder part is dropped, as
     in sd-scripts, when no text-encoder weight moved by more than `min_diff` (the encoder was not trained).
     """
-    args = _target_args(layout.family, options)
+    args = _target_args(options)
     modules: dict[str, LoraFactors] = {}
-    with model_targets(layout.family, original, args) as org, model_targets(layout.family, tuned, args) as tun:
+    with model_targets(family, original, args) as org, model_targets(family, tuned, args) as tun:
         for name in org:
             if name not in tun:
                 raise CheckpointError(f"--model_tuned has no layer {name}; the two models are not the same architecture")

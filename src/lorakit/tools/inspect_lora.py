@@ -15,7 +15,8 @@ from collections.abc import Mapping
 
 import torch
 
-from lorakit.tools.layouts import guess_family
+from lorakit.families.base import ModelFamily
+from lorakit.families.registry import get_family, guess_lora_family
 from lorakit.tools.lora_state import detect_algorithm
 
 __all__ = ["describe", "format_report", "loader_support", "report_json"]
@@ -67,7 +68,7 @@ def describe(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
     modules = {_module_name(k, style) for k in keys}
     ranks = Counter(int(v.shape[0]) for v in downs.values())
     alphas = Counter(float(v.reshape(-1)[0]) for k, v in state_dict.items() if k.endswith(".alpha") and v.numel() == 1)
-    family = guess_family([k if style != "kohya" else k.partition(".")[0] for k in keys], dict(metadata))
+    family = guess_lora_family([k if style != "kohya" else k.partition(".")[0] for k in keys], dict(metadata))
     dtypes = Counter(str(v.dtype).removeprefix("torch.") for v in state_dict.values())
     return {
         "algorithm": algorithm,
@@ -85,43 +86,12 @@ def describe(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 
 
 def loader_support(style: str, algorithm: str, family: str | None, keys: list[str]) -> dict[str, str]:
-    """For each loader, `yes`, `no` or a short qualification, for this layout, algorithm and family."""
-    plain = algorithm.startswith(("lora", "locon"))
-    has_alpha = any(k.endswith(".alpha") for k in keys)
-    has_t5 = any(k.startswith(("lora_te3_", "text_encoder_3.")) or (family == "flux" and k.startswith("text_encoder_2.")) for k in keys)
-    if style == "kohya":
-        table = {
-            "sd-scripts": "yes" if plain or algorithm == "oft" else "no (LyCORIS module needed)",
-            "ComfyUI": "yes",
-            "A1111/Forge": _webui_kohya(family),
-            "diffusers": _diffusers_kohya(plain, family, has_t5),
-        }
-    elif style == "diffusers":
-        unet_only_text = family in ("sd", "sdxl")
-        table = {
-            "sd-scripts": "no (convert to kohya: lorakit lora convert --to kohya)",
-            "ComfyUI": "text encoder only (U-Net PEFT keys are not mapped)" if unet_only_text else "yes",
-            "A1111/Forge": {"sd3": "A1111 1.10+ only (Forge has no SD3)", "flux": "Forge only (A1111 has no FLUX)"}.get(family or "", "no"),
-            "diffusers": "yes" if plain and not has_alpha else ("yes, but .alpha keys are ignored" if plain else "no"),
-        }
-    else:
-        table = {loader: "unknown layout" for loader in _LOADERS}
-    return table
-
-
-def _webui_kohya(family: str | None) -> str:
-    """A1111 reads kohya SD/SDXL files (SD3 only as diffusers names, no FLUX); Forge reads SD/SDXL/FLUX, no SD3."""
-    return {"sd3": "no (A1111 1.10+ reads SD3 only in the diffusers layout; Forge has no SD3)",
-            "flux": "Forge only (A1111 has no FLUX)"}.get(family or "", "yes")
-
-
-def _diffusers_kohya(plain: bool, family: str | None, has_t5: bool) -> str:
-    """diffusers converts kohya SD/SDXL/FLUX files on load (FLUX without T5 modules); it has no SD3 kohya reader."""
-    if not plain or family == "sd3":
-        return "no (convert: lorakit lora convert --to diffusers)" if family == "sd3" and plain else "no"
-    if family == "flux" and has_t5:
-        return "yes (converted on load), but its T5 (lora_te3) modules are ignored"
-    return "yes (converted on load)"
+    """For each loader, `yes`, `no` or a short qualification, for this layout, algorithm and family (the family's
+    own table; a file of no known family gets what holds for any)."""
+    if style not in ("kohya", "diffusers"):
+        return {loader: "unknown layout" for loader in _LOADERS}
+    known: ModelFamily = get_family(family) if family else ModelFamily()
+    return known.loader_support(style, algorithm, keys)
 
 
 def format_report(path: str, report: dict, *, show_all_metadata: bool = False) -> str:

@@ -14,7 +14,7 @@ import torch
 
 from lorakit.adapters.lora import lora_delta_weight, lora_scale
 from lorakit.errors import CheckpointError
-from lorakit.tools.layouts import KeyLayout
+from lorakit.adapters.key_layout import KeyLayout
 
 __all__ = ["ALGORITHM_MARKERS", "LoraFactors", "detect_algorithm", "read_modules", "to_state_dict"]
 

@@ -21,9 +21,8 @@ from contextlib import contextmanager
 import torch
 
 from lorakit.errors import CheckpointError, ConfigError
-from lorakit.families.base import Components
+from lorakit.families.base import Components, ModelFamily
 from lorakit.tools.common import LoadedLora
-from lorakit.tools.layouts import KeyLayout
 from lorakit.tools.lora_state import LoraFactors
 from lorakit.tools.svd import factorise
 from lorakit.tools.targets import ToolTarget, model_targets
@@ -72,11 +71,12 @@ def _check_against_model(lora: LoadedLora, index: dict[str, ToolTarget]) -> None
 
 
 @contextmanager
-def _model_index(components: Components, layout: KeyLayout) -> Iterator[dict[str, ToolTarget]]:
-    """The family's LoRA targets by kohya name; for layouts whose names are plain module paths (SD), also
-    every other Linear/Conv2d, which LyCORIS-style presets may name."""
+def _model_index(components: Components, family: ModelFamily) -> Iterator[dict[str, ToolTarget]]:
+    """The family's LoRA targets by kohya name; for layouts whose names are plain module paths, also every other
+    Linear/Conv2d, which LyCORIS-style presets may name."""
+    layout = family.lora_layout
     plain = layout.module_index(components) if layout.model_roots is not None else {}
-    with model_targets(layout.family, components) as targets:
+    with model_targets(family, components) as targets:
         index = {name: ToolTarget(name, module, "") for name, module in plain.items()}
         index.update(targets)
         yield index
@@ -85,7 +85,7 @@ def _model_index(components: Components, layout: KeyLayout) -> Iterator[dict[str
 @torch.no_grad()
 def merge_into_model(
     components: Components,
-    layout: KeyLayout,
+    family: ModelFamily,
     loras: Sequence[LoadedLora],
     ratios: Sequence[float],
     *,
@@ -99,7 +99,7 @@ def merge_into_model(
     in `dtype` (at least float32) and cast back to each weight's own dtype once. Every LoRA is checked against
     the model first, so a bad file leaves the model untouched.
     """
-    with _model_index(components, layout) as index:
+    with _model_index(components, family) as index:
         for lora in loras:
             _check_against_model(lora, index)
         changed = set()

@@ -20,10 +20,6 @@ __all__ = ["resize_by_recipe_command", "split_dylora_command"]
 logger = logging.getLogger("lorakit.tools")
 
 
-def _is_v2(metadata: dict[str, str]) -> bool:
-    return metadata.get("ss_v2") == "True" or metadata.get("ss_base_model_version", "").startswith("sd_v2")
-
-
 class _TargetWeights(Mapping):
     """The base model's weight of each LoRA module name, read on access in the LoRA file's shape and row
     order (fused q/k/v and swapped modulations are assembled by the family's views only when asked for)."""
@@ -49,8 +45,10 @@ def _base_weights(path: str | None, lora) -> Iterator[Mapping[str, torch.Tensor]
     from lorakit.tools.models import load_base_model
     from lorakit.tools.targets import model_targets
 
-    family = lora.layout.family
-    components = load_base_model(path, family=family, v2=_is_v2(lora.metadata))
+    family = lora.family
+    version = lora.metadata.get("ss_base_model_version") or None
+    v2 = lora.metadata.get("ss_v2") == "True" or family.base_model(version).v2
+    components = load_base_model(path, family=family, v2=v2)
     with model_targets(family, components) as targets:
         yield _TargetWeights(targets)
 

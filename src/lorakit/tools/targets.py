@@ -14,23 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from types import SimpleNamespace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from lorakit.families.base import Components
+from lorakit.adapters.spec import make_target_spec
+from lorakit.families.base import Components, ModelFamily
 
-__all__ = ["ALL_TARGETS", "ToolTarget", "model_targets"]
-
-# --network_args that make each family list every layer a LoRA file of it may name (ranks are irrelevant here)
-ALL_TARGETS = {
-    "sd": {"conv_dim": "1", "conv_alpha": "1"},
-    "sdxl": {"conv_dim": "1", "conv_alpha": "1"},
-    "sd3": {"emb_dims": "[1,1,1,1,1,1]", "train_t5xxl": "True"},
-    "flux": {"in_dims": "[1,1,1,1,1]", "train_t5xxl": "True"},
-}
+__all__ = ["ToolTarget", "forwards_restored", "model_targets"]
 
 
 @dataclass
@@ -70,21 +62,6 @@ class ToolTarget:
         weight.copy_(merged.to(device=weight.device, dtype=weight.dtype))
 
 
-class _Options:
-    """The few training options a family's `adapter_targets` reads."""
-
-    def __init__(self, network_args: dict[str, str], *, unet_only: bool, dim: int = 1):
-        self.network_dim = dim
-        self.network_alpha = float(dim)
-        self.network_args = [f"{k}={v}" for k, v in network_args.items()] or None
-        self._kwargs = dict(network_args)
-        self.network_train_unet_only = unet_only
-        self.network_train_text_encoder_only = False
-
-    def network_kwargs(self) -> dict[str, str]:
-        return dict(self._kwargs)
-
-
 def _forwards(roots: list[nn.Module]) -> list[tuple[nn.Module, object]]:
     """Every module's instance-level `forward` (a patched one, or the marker that there is none)."""
     return [(m, m.__dict__.get("forward", _NONE)) for root in roots for m in root.modules()]
@@ -114,19 +91,18 @@ def forwards_restored(roots: list[nn.Module]) -> Iterator[None]:
 
 @contextmanager
 def model_targets(
-    family: str, components: Components, network_args: dict[str, str] | None = None
+    family: ModelFamily, components: Components, network_args: dict[str, str] | None = None
 ) -> Iterator[dict[str, ToolTarget]]:
     """The model's LoRA targets by kohya name. With `network_args` None, every layer a file of the family may
-    name (the embedders, T5 and 3x3 convs included); otherwise the targets a training run with those
-    `--network_args` would create. Text encoders missing from `components` (None) are simply not listed."""
-    from lorakit.families.registry import FAMILIES
-
+    name (`family.all_layers_args`: the embedders, T5 and 3x3 convs included); otherwise the targets a training
+    run with those `--network_args` would create. Text encoders missing from `components` (None) are simply not
+    listed."""
     encoders = list(components.text_encoders)
     present = [e for e in encoders if e is not None]
     # a missing encoder stands as an empty module: the family then finds no layers in it
-    view = SimpleNamespace(**{**vars(components), "text_encoders": [e if e is not None else nn.Module() for e in encoders]})
-    args = dict(ALL_TARGETS[family] if network_args is None else network_args)
-    options = _Options(args, unet_only=not present)
+    view = replace(components, text_encoders=[e if e is not None else nn.Module() for e in encoders])
+    args = dict(family.all_layers_args if network_args is None else network_args)
+    spec = make_target_spec(family, rank=1, alpha=1.0, args=args, train_text_encoder=bool(present))
     with forwards_restored([components.denoiser, *present]):
-        targets = FAMILIES[family]().adapter_targets(view, options)
+        targets = family.adapter_targets(view, spec)
         yield {t.name: ToolTarget(t.name, t.module, t.component) for t in targets}

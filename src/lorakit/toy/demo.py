@@ -2,7 +2,7 @@
 
 Steps: write ~20 captioned images of the held-out concept (magenta shapes, `toy.world`) as an sd-scripts
 DreamBooth folder; take the built-in toy base model (trained on the base world only; see `toy/pretrain.py`) or,
-when its weights are not installed, a random tiny SD 1.5 model; sample the concept prompts; train a LoRA with
+when its weights are not installed, the same architecture untrained; sample the concept prompts; train a LoRA with
 `lorakit train` and exactly the options a user would type; sample the same prompts and seeds with the LoRA; write a
 before/after grid and print the concept score of both rows.
 """
@@ -33,11 +33,11 @@ def prepare_base_model(output_dir: Path) -> tuple[Path, bool]:
     shipped = base_model_dir()
     if shipped is not None:
         return shipped, True
-    from lorakit.toy.tiny_models import build_tiny_sd, save_sd_diffusers_folder
+    from lorakit.toy.pretrain import untrained_pipeline
 
     folder = output_dir / "random_base_model"
     if not (folder / "model_index.json").is_file():
-        save_sd_diffusers_folder(build_tiny_sd("sd1", seed=0), folder)
+        untrained_pipeline().save_pretrained(str(folder))
     return folder, False
 
 

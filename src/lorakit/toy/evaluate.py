@@ -52,34 +52,17 @@ def denoising_loss(family, comps: Components, held_out: HeldOutSet, *, seed: int
 
 
 def load_with_lora(model_dir: Path, lora_file: Path | None, multiplier: float = 1.0):
-    """(family, components) of an SD-family model, with a kohya LoRA file merged when given.
+    """(family, components) of the model in `model_dir`, with a kohya LoRA file merged when given.
 
-    Ranks and alphas come from the file itself, so any LoRA/LoCon file made for this model can be applied.
+    The family is detected as training detects it, and the file merges as `lorakit sample` merges it (ranks and
+    alphas from the file itself).
     """
-    from dataclasses import replace
-    from types import SimpleNamespace
+    from lorakit.families.base import ModelSource
+    from lorakit.families.registry import detect_family, get_family
+    from lorakit.sampling.apply_lora import LoraMerger, LoraSpec, read_lora_file
 
-    from lorakit.adapters.formats import load_lora_file
-    from lorakit.adapters.network import LoRANetwork
-    from lorakit.families.sd.family import StableDiffusionFamily
-    from lorakit.families.sd.loading import load_sd_components
-
-    family = StableDiffusionFamily()
-    comps = load_sd_components(str(model_dir), v2=False, v_parameterization=False)
-    if lora_file is None:
-        return family, comps
-    state, _ = load_lora_file(lora_file)
-    every_layer = SimpleNamespace(
-        network_dim=1, network_alpha=1.0, network_args=["conv_dim=1"], network_kwargs=lambda: {"conv_dim": "1"},
-        network_train_unet_only=False, network_train_text_encoder_only=False,
-    )
-    targets = [
-        replace(t, rank=state[f"{t.name}.lora_down.weight"].shape[0])
-        for t in family.adapter_targets(comps, every_layer)
-        if f"{t.name}.lora_down.weight" in state
-    ]
-    network = LoRANetwork(targets)
-    network.load_kohya_state_dict(state, source=str(lora_file))
-    network.set_multiplier(multiplier)
-    network.merge_to_base()
+    family = get_family(detect_family(str(model_dir)))
+    comps = family.load_model(ModelSource(str(model_dir)))
+    if lora_file is not None:
+        LoraMerger(family, comps).merge(read_lora_file(LoraSpec(str(lora_file), multiplier)))
     return family, comps

@@ -266,6 +266,13 @@ def assemble_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encod
     )
 
 
+def untrained_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """The toy base model's architecture with random weights (the demo's stand-in when the trained weights are
+    not installed)."""
+    torch.manual_seed(seed)
+    return assemble_pipeline(build_vae(), build_unet(), build_text_encoder(seed), load_tokenizer())
+
+
 def save_preview(pipeline: StableDiffusionPipeline, path: Path, prompts: list[str], seed: int = 0) -> None:
     """A row of samples, one per prompt, enlarged 4x for viewing."""
     from PIL import Image

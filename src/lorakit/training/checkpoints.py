@@ -1,4 +1,4 @@
-"""Writing LoRA files and training states during a run, and deleting the ones retention lets go."""
+"""Writing the trained files and training states during a run, and deleting the ones retention lets go."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lorakit.adapters.formats import lora_file_name, save_lora_file, state_dir_name
+from lorakit.adapters.formats import lora_file_name, state_dir_name
 from lorakit.training import metadata as md
 from lorakit.training import saving
 from lorakit.training.state import TrainingState, save_state
@@ -61,12 +61,7 @@ class Checkpointer:
             meta = md.per_save_metadata({**self.base_meta, **session.base_hashes.result()}, epoch=epoch, step=step)
             self.handle.eval_mode()  # schedule-free optimizers save their averaged (eval) weights
             try:
-                state = session.network.state_dict_kohya()
-                # a family may write another key layout (SD3: --save_format diffusers)
-                convert = getattr(session.family, "lora_file_state", None)
-                if convert is not None:
-                    state, meta = convert(state, meta, session.cfg)
-                save_lora_file(state, path, meta, save_dtype=saving.save_dtype(session.cfg), model_format=session.cfg.save_model_as)
+                session.trainable.save(path, meta, saving.save_dtype(session.cfg), session.cfg.save_model_as)
             finally:
                 self.handle.train_mode()
             log.info("saved %s", path)

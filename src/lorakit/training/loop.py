@@ -1,6 +1,7 @@
 """The epoch/step loop: accumulation, optimizer steps, max-norm, logging, saving, sampling and resume.
 
-It works on a `Session` built by `setup.py` and never asks which model family it trains.
+It works on a `Session` built by `setup.py`: a model family and a `Trainable`, and never asks which family or
+which kind of training it runs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lorakit.adapters.blocks import blockwise_param_groups, loraplus_ratios
 from lorakit.training import distributed
 from lorakit.training import metadata as md
 from lorakit.training.checkpoints import Checkpointer
@@ -36,39 +36,21 @@ log = logging.getLogger("lorakit")
 LOG_EVERY = 5  # reading the loss forces a device sync, so the progress bar and trackers update every few steps
 
 
-def optimizer_groups(cfg: Any, network: Any, family: Any = None) -> tuple[list[dict[str, Any]], list[str]]:
-    """Parameter groups: block-wise LR groups when *_lr_weight is given, else the network's own (with LoRA+).
-
-    A family with several text encoders may map `--text_encoder_lr`'s values to its encoders through
-    `text_encoder_lr_groups(cfg)` (kohya name prefix -> LR); the network then gives each encoder its own group.
-    """
-    kwargs = cfg.network_kwargs() if cfg.network_args else {}
-    ratios = loraplus_ratios(kwargs)
-    te_lr = cfg.text_encoder_lr[0] if cfg.text_encoder_lr else None
-    blockwise = blockwise_param_groups(network, kwargs, te_lr, cfg.unet_lr, cfg.learning_rate, ratios)
-    if blockwise is not None:
-        return blockwise
-    given: dict[str, Any] = {k: v for k, v in ratios.items() if v is not None}
-    per_encoder = getattr(family, "text_encoder_lr_groups", None)
-    if per_encoder is not None:
-        given["text_encoder_lrs"] = per_encoder(cfg)
-    return network.prepare_optimizer_params(te_lr, cfg.unet_lr, cfg.learning_rate, **given)
-
-
 class Trainer:
     """One run from its start position (fresh, --initial_step or --resume) to max_train_steps."""
 
     def __init__(self, session: Any, dataset: Any, plan: TrainingPlan, seed: int):
         cfg, accelerator = session.cfg, session.accelerator
         self.session, self.dataset, self.plan, self.cfg, self.accelerator = session, dataset, plan, cfg, accelerator
-        groups, self.group_names = optimizer_groups(cfg, session.network, session.family)
+        trainable = session.trainable
+        groups, self.group_names = trainable.parameter_groups(cfg)
         self.handle = build_optimizer(cfg, groups)
         self.lr_scheduler = build_lr_scheduler(cfg, self.handle, plan.max_train_steps)
-        self.optimizer = distributed.prepare_optimizer(accelerator, session.network, self.handle.optimizer)
+        self.optimizer = distributed.prepare_optimizer(accelerator, trainable.module, self.handle.optimizer)
         session.noise_generator = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
-        self.live = TrainingState(session.network, self.optimizer, self.lr_scheduler, session.noise_generator,
+        self.live = TrainingState(trainable.module, self.optimizer, self.lr_scheduler, session.noise_generator,
                                   getattr(accelerator, "scaler", None))
-        self.params = session.network.trainable_parameters()
+        self.params = trainable.trainable_parameters()
         self.policy = SavePolicy(save_every_n_epochs(cfg, plan.num_epochs), cfg.save_every_n_steps, plan.num_epochs)
         self.seed = seed
         self.step_losses: list[torch.Tensor] = []
@@ -76,7 +58,6 @@ class Trainer:
         self.running = RunningLoss()
         self.logged: list[float] = []
         self.global_step = 0
-        self.max_norm_warned = False
 
     # ------------------------------------------------------------------ run
 
@@ -149,7 +130,7 @@ class Trainer:
         step = self.global_step
         self.step_losses.append(loss)
         self.running.add(loss)
-        logs = self._max_norm()
+        logs = self.session.trainable.after_optimizer_step(self.cfg)
         self.progress.update(1)
         if step % LOG_EVERY == 0 or step == self.plan.max_train_steps:
             self._log(epoch, logs)
@@ -159,20 +140,6 @@ class Trainer:
         self.step_end_times.append(time.perf_counter())
 
     # ------------------------------------------------------------------ helpers
-
-    def _max_norm(self) -> dict[str, float]:
-        """--scale_weight_norms after the optimizer step (inventory §4.5), with its log values."""
-        limit = self.cfg.scale_weight_norms
-        if not limit:
-            return {}
-        apply = getattr(self.session.network, "apply_max_norm", None)
-        if apply is None:
-            if not self.max_norm_warned:
-                log.warning("--scale_weight_norms: this network type has no max-norm; training continues without it")
-                self.max_norm_warned = True
-            return {}
-        keys_scaled, mean_norm, max_norm = apply(limit)
-        return {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm, "norm/avg_key_norm": mean_norm}
 
     def _log(self, epoch: int, extra: dict[str, float]) -> None:
         loss = self.running.mean()

@@ -6,7 +6,6 @@ value formats follow the reference; every value is a string.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -61,10 +60,6 @@ def training_metadata(cfg: Any, facts: RunFacts) -> dict[str, str]:
         "ss_max_train_steps": _s(facts.max_train_steps),
         "ss_lr_warmup_steps": _s(facts.warmup_steps),
         "ss_lr_scheduler": _s(cfg.lr_scheduler),
-        "ss_network_module": _s(cfg.network_module),
-        "ss_network_dim": _s(cfg.network_dim or 4),
-        "ss_network_alpha": _s(cfg.network_alpha),
-        "ss_network_dropout": _s(cfg.network_dropout),
         "ss_mixed_precision": _s(cfg.mixed_precision),
         "ss_full_fp16": _s(cfg.full_fp16),
         "ss_clip_skip": _s(cfg.clip_skip),
@@ -105,8 +100,6 @@ def training_metadata(cfg: Any, facts: RunFacts) -> dict[str, str]:
         "ss_validate_every_n_steps": _s(cfg.validate_every_n_steps),
         "ss_resize_interpolation": _s(cfg.resize_interpolation),
     }
-    if cfg.network_args:
-        meta["ss_network_args"] = json.dumps(cfg.network_kwargs())
     return meta
 
 
@@ -169,23 +162,26 @@ def restrict_to_minimum(meta: dict[str, str]) -> dict[str, str]:
 
 
 def base_metadata(session: Any, summary: Any, facts: RunFacts) -> dict[str, str]:
-    """The metadata every saved file shares; `summary` is the (sharded) dataset's `summary()`."""
+    """The metadata every saved file shares; `summary` is the (sharded) dataset's `summary()`.
+
+    The trained file's own keys come from the `Trainable` (`ss_network_*` for an adapter network), the base
+    model's from the family (`ss_base_model_version`, its ModelSpec architecture and prediction type: the same
+    facts the tools write)."""
     from lorakit.adapters.modelspec import build_modelspec
     from lorakit.data.metadata import dataset_metadata
 
     cfg, family = session.cfg, session.family
     meta = training_metadata(cfg, facts)
     meta.update(dataset_metadata(summary, cfg, num_processes=session.accelerator.num_processes, gradient_accumulation_steps=cfg.gradient_accumulation_steps))
+    meta.update(session.trainable.metadata(cfg))
     meta.update(family.metadata(cfg))
-    # without --network_module the family's sd-scripts module is what the file is (and what readers look for)
-    meta["ss_network_module"] = cfg.network_module or family.default_network_module
-    architecture, implementation, default_reso = family.modelspec_architecture(cfg)
-    resolution = tuple(cfg.resolution) if cfg.resolution else default_reso
+    base = family.trained_base_model(cfg, session.comps)
+    resolution = tuple(cfg.resolution) if cfg.resolution else base.resolution
     extra = {key: getattr(cfg, f"metadata_{key}") for key in MODELSPEC_EXTRAS if getattr(cfg, f"metadata_{key}", None)}
     title = cfg.metadata_title or cfg.output_name or None
     spec = build_modelspec(
-        architecture, implementation, title or "", resolution,
-        "v" if cfg.v_parameterization else "epsilon", clip_skip=cfg.clip_skip, extra=extra,
+        f"{base.architecture}/{session.trainable.modelspec_kind}", base.implementation, title or "", resolution,
+        base.prediction_type, clip_skip=cfg.clip_skip, extra=extra,
     )
     if cfg.no_metadata:
         meta = restrict_to_minimum(meta)

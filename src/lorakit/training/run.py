@@ -16,8 +16,9 @@ from accelerate.utils import set_seed
 from lorakit.data.build import build_train_dataset
 from lorakit.data.cache import vae_identity
 from lorakit.data.summary import format_summary
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, DataError
 from lorakit.families.common.text_cache import caches_text
+from lorakit.families.checks import check_family_options
 from lorakit.families.registry import resolve_family
 from lorakit.precision import effective_mixed_precision
 from lorakit.training import distributed
@@ -34,18 +35,28 @@ log = logging.getLogger("lorakit")
 def train(cfg: Any) -> TrainResult:
     """Run (or with --dry_run only plan) one LoRA training described by `cfg`."""
     family = resolve_family(cfg)
+    checks = check_family_options(cfg, family)
+    if cfg.family == "auto":  # a given --family's warnings came with the other option warnings
+        for warning in checks.warnings:
+            log.warning(warning)
     seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1)
-    dataset = build_train_dataset(cfg, seed)  # data problems surface before any model loads
+    try:
+        dataset = build_train_dataset(cfg, seed)  # data problems surface before any model loads
+    except (ConfigError, DataError) as error:
+        if not checks.problems:
+            raise
+        found = error.problems if isinstance(error, ConfigError) else [str(error)]
+        raise ConfigError(checks.problems + found) from None
     if caches_text(cfg) and dataset.captions_vary():
-        raise ConfigError(["--cache_text_encoder_outputs: a dataset subset changes its captions per step (shuffle, "
-                           "dropout, tag dropout, token warm-up or wildcards); remove one or the other"])
+        checks.problems.append("--cache_text_encoder_outputs: a dataset subset changes its captions per step (shuffle, "
+                               "dropout, tag dropout, token warm-up or wildcards); remove one or the other")
     plan = make_plan(cfg, family.name, len(dataset), num_processes=distributed.world_size_from_env())
     dataset.set_training_length(plan.max_train_steps, cfg.gradient_accumulation_steps)
     if distributed.rank_from_env() == 0:
         batch = distributed.effective_batch_message(dataset, plan.num_processes, cfg.gradient_accumulation_steps)
         print(format_plan(cfg, plan, format_summary(dataset.summary())) + "\n" + batch, flush=True)
     plan = distributed.per_process_plan(plan)  # resume positions count this process's batches
-    check_before_loading(cfg, plan)
+    check_before_loading(cfg, plan, checks.problems)
     if cfg.dry_run:
         return TrainResult(plan)
 
@@ -54,26 +65,28 @@ def train(cfg: Any) -> TrainResult:
     hashes = md.BaseModelHashes(cfg if accelerator.is_main_process else None)
     distributed.shard_dataset(dataset, accelerator)
     set_seed(seed)
-    session = setup_session(cfg, family, accelerator)
+    session = setup_session(cfg, family, accelerator, checks.spec)
     session.base_hashes = hashes
     if cfg.cache_latents or cfg.cache_latents_to_disk:
-        disk = {"to_disk": True, "latent_format": family.name, "vae_id": vae_identity(cfg),
+        disk = {"to_disk": True, "latent_format": family.latent_format, "vae_id": vae_identity(cfg),
                 "skip_check": cfg.skip_cache_check} if cfg.cache_latents_to_disk else {}
         with torch.no_grad():
             distributed.cache_latents(dataset, accelerator, lambda images: family.encode_images(session.comps, images), cfg.vae_batch_size or 1, **disk)
     return _run(session, dataset, plan, seed)
 
 
-def check_before_loading(cfg: Any, plan: TrainingPlan) -> None:
-    """Resume folder, start step and sample prompts: every problem at once, before any model loads."""
+def check_before_loading(cfg: Any, plan: TrainingPlan, problems: list[str] | None = None) -> None:
+    """Resume folder, start step and sample prompts, with the problems found so far: every problem at once,
+    before any model loads."""
     from lorakit.sampling.prompts import read_sample_prompts
     from lorakit.training.state import check_state_folder, read_train_state
 
-    problems: list[str] = distributed.config_problems(cfg)
+    problems = list(problems or []) + distributed.config_problems(cfg)
     resumed_step = None
     if cfg.resume:
-        problems += check_state_folder(cfg.resume)
-        if not problems:
+        state_problems = check_state_folder(cfg.resume)
+        problems += state_problems
+        if not state_problems:
             resumed_step = read_train_state(cfg.resume).step
     if not problems:
         message = initial_step_problem(cfg, plan, resumed_step)

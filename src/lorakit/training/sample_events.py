@@ -36,7 +36,7 @@ log = logging.getLogger("lorakit")
 
 def sampler_problem(name: str, where: str) -> str | None:
     """A message when the sampler cannot be built here (LMS needs scipy, which is optional)."""
-    from lorakit.sampling.samplers import SAMPLERS, build_sampler
+    from lorakit.objectives.samplers import SAMPLERS, build_sampler
 
     if name.lower() not in SAMPLERS:
         log.warning("%s: unknown sampler %s; DDIM is used (as in sd-scripts)", where, name)
@@ -130,11 +130,8 @@ class Sampler:
         cfg = session.cfg
         self.session, self.handle = session, handle
         self.schedule = SampleSchedule.from_config(cfg)
-        defaults = getattr(session.family, "sample_defaults", None)
-        self.prompts: list[SamplePrompt] = (
-            read_sample_prompts(cfg.sample_prompts, defaults() if callable(defaults) else SampleDefaults())
-            if cfg.sample_prompts else []
-        )
+        # sd-scripts' sample defaults for every family (512 px, 30 steps, scale 7.5); a prompt line overrides them
+        self.prompts: list[SamplePrompt] = read_sample_prompts(cfg.sample_prompts, SampleDefaults()) if cfg.sample_prompts else []
         self.folder = Path(cfg.output_dir) / "sample"
         self.written: list[Path] = []
         accelerator = session.accelerator
@@ -169,7 +166,7 @@ class Sampler:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         comps = session.comps
-        modules = [comps.denoiser, comps.vae, *comps.text_encoders, session.network]
+        modules = [comps.denoiser, comps.vae, *comps.text_encoders, session.trainable.module]
         paths = []
         pipelines: dict[str, Any] = {}
         with preserved_rng(), eval_mode(modules, self.handle), acc.autocast():

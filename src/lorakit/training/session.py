@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from lorakit.families.base import Components, ModelFamily
 from lorakit.training import metadata as md
 from lorakit.training.plan import TrainingPlan
+from lorakit.training.trainable import Trainable
 
 @dataclass
 class TrainResult:
@@ -31,7 +32,7 @@ class Session:
     cfg: Any
     family: ModelFamily
     comps: Components
-    network: Any  # the adapter network (lorakit.adapters.network.LoRANetwork)
+    trainable: Trainable  # what the run trains (its parameters, file format and state)
     objective: Any
     accelerator: Accelerator
     weight_dtype: torch.dtype

@@ -3,7 +3,7 @@
 A state folder holds what an interrupted run needs to continue bit for bit (names follow accelerate's
 `save_state`, which sd-scripts uses, plus sd-scripts' `train_state.json`):
 
-    model.safetensors      trainable network tensors, float32, exactly as in memory
+    model.safetensors      the trained tensors (the Trainable's module), exactly as in memory
     optimizer.bin          optimizer state dict
     scheduler.bin          LR scheduler state dict
     scaler.pt              fp16 gradient scaler (only with one)
@@ -56,7 +56,7 @@ def rng_file(rank: int) -> str:
 class TrainingState:
     """The live objects a state captures; `noise_generator` draws the training noise and timesteps."""
 
-    network: torch.nn.Module
+    module: torch.nn.Module  # the trainable's module (its parameters and buffers)
     optimizer: Any
     lr_scheduler: Any
     noise_generator: torch.Generator
@@ -170,7 +170,7 @@ def save_state(folder: Path, state: TrainingState, *, epoch: int, step: int, acc
         rngs = {0: rng}
 
     def write(tmp: Path) -> None:
-        data = safetensors.torch.save(network_tensors(state.network))
+        data = safetensors.torch.save(network_tensors(state.module))
         _write_file(tmp / MODEL_FILE, lambda f: f.write(data))
         _write_file(tmp / OPTIMIZER_FILE, lambda f: torch.save(state.optimizer.state_dict(), f))
         if hasattr(state.lr_scheduler, "state_dict"):
@@ -225,7 +225,7 @@ def load_state(path: str | os.PathLike, state: TrainingState, rank: int | None =
     if problems:
         raise ConfigError(problems)
     folder = Path(path)
-    _load_network(folder / MODEL_FILE, state.network)
+    _load_network(folder / MODEL_FILE, state.module)
     state.optimizer.load_state_dict(_torch_load(folder / OPTIMIZER_FILE))
     if (folder / SCHEDULER_FILE).is_file() and hasattr(state.lr_scheduler, "load_state_dict"):
         state.lr_scheduler.load_state_dict(_torch_load(folder / SCHEDULER_FILE))

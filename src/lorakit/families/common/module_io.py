@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import CheckpointError
-from lorakit.families.common.checkpoint_io import LoadedCheckpoint, first_line
+from lorakit.checkpoint_io import LoadedCheckpoint, first_line
 
 __all__ = [
     "CONFIGS_CKPT_KEY",

@@ -1,5 +1,5 @@
-"""Pieces the flow-matching transformer families (FLUX, SD3) share: text-encoder LoRA parents, latents
-normalised as (z − shift)·scale, and the `--blocks_to_swap` installation (`common/block_swap.py`)."""
+"""Pieces the flow-matching transformer families share: latents normalised as (z − shift)·scale, and the
+`--blocks_to_swap` installation (`common/block_swap.py`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,6 @@ from torch import nn
 from lorakit.families.base import Components
 
 log = logging.getLogger("lorakit")
-
-CLIP_PARENTS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
-T5_PARENTS = ("T5Attention", "T5DenseGatedActDense")
-
 
 class ShiftScaleLatents:
     """encode_images/decode_latents for VAEs whose config has both shift_factor and scaling_factor."""
@@ -33,6 +29,9 @@ class ShiftScaleLatents:
 
 class BlockSwapFamily:
     """`prepare_block_swap` for a family that defines `_check_block_swap(cfg, comps)` (its limits and plan)."""
+
+    def swaps_blocks(self, cfg: Any) -> bool:
+        return bool(getattr(cfg, "blocks_to_swap", None))
 
     def prepare_block_swap(self, comps: Components, cfg: Any, device: torch.device | str | None) -> None:
         """--blocks_to_swap: check and record the plan when `cfg` is given, and install it on `device` once

@@ -1,4 +1,4 @@
-"""FLUX.1 (dev, schnell): loading, conditioning, flow-matching prediction and LoRA targets.
+"""FLUX.1 (dev, schnell): loading, conditioning, flow-matching prediction, LoRA targets and files.
 
 Conditioning as in Black Forest Labs' reference and sd-scripts' flux_train_network.py: the autoencoder latent
 normalised as (z − shift)·scale and packed into 2×2 patches (64 channels per token) with (0, row, col) position
@@ -11,25 +11,29 @@ for CLIP-L, `lora_te3_…` for T5 with `train_t5xxl=True`), the names ComfyUI, F
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from lorakit.adapters.spec import TargetSpec
+from lorakit.adapters.targets import AdapterTarget, RankChoice
+from lorakit.data.latent_files import LatentFileFormat
 from lorakit.errors import ConfigError
-from lorakit.families.base import AdapterTarget, Components, TextConditioning
-from lorakit.families.flux import bfl_keys
-from lorakit.families.common.layers import FusedLinearView, SplitQKVView, to_fp8
-from lorakit.families.common.text_cache import CaptionCache, caches_text
-from lorakit.families.common.transformer_family import (
-    CLIP_PARENTS,
-    T5_PARENTS,
-    BlockSwapFamily,
-    ShiftScaleLatents,
-    note_block_swap,
+from lorakit.families.base import (
+    BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, SeparatePart, TextConditioning,
 )
+from lorakit.families.common.layers import to_fp8
+from lorakit.families.common.text_cache import CaptionCache, caches_text
+from lorakit.families.common.text_encoders import clip_targets, t5_targets
+from lorakit.families.common.transformer_family import BlockSwapFamily, ShiftScaleLatents, note_block_swap
 from lorakit.families.flux.layers import checkpoint_offloading_to_cpu
+from lorakit.families.flux.lora_keys import LORA_LAYOUT
 from lorakit.families.flux.network_args import FluxNetworkArgs
-from lorakit.families.targeting import RankChoice, collect_targets
+from lorakit.families.flux.packing import PATCH, image_position_ids, max_blocks_to_swap, pack_latents, swapped_blocks, unpack_latents
+from lorakit.families.flux.targets import BFL_ATTENTION_CLASS, BFL_BLOCK_CLASSES, transformer_targets
 from lorakit.objectives.flow import FlowObjective, apply_model_prediction_type, timesteps_to_sigmas
 from lorakit.precision import load_dtype
 from lorakit.transfer import to_device
@@ -38,80 +42,104 @@ log = logging.getLogger("lorakit")
 
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}  # sd-scripts' defaults for --t5xxl_max_token_length
-PATCH = 2  # latents are packed into 2x2 patches
+BASE_MODEL_VERSION = "flux1"
+MODELSPEC_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
+_ATTENTION = re.compile(r"_attn_(qkv|proj)$")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Latent packing (pure functions)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2·W/2, 4C): each 2×2 patch becomes one token, channels outermost."""
-    b, c, h, w = latents.shape
-    patches = latents.view(b, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(b, (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
-
-
-def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The inverse of `pack_latents` for latents of `height`×`width`."""
-    b, _, features = tokens.shape
-    c = features // (PATCH * PATCH)
-    grid = tokens.view(b, height // PATCH, width // PATCH, c, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
-    return grid.reshape(b, c, height, width)
-
-
-def image_position_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(H/2·W/2, 3) ids (0, row, col) per packed token, the RoPE positions FLUX was trained with."""
-    rows, cols = height // PATCH, width // PATCH
-    ids = torch.zeros(rows, cols, 3, device=device, dtype=dtype)
-    ids[..., 1] = torch.arange(rows, device=device, dtype=dtype)[:, None]
-    ids[..., 2] = torch.arange(cols, device=device, dtype=dtype)[None, :]
-    return ids.reshape(rows * cols, 3)
-
-
-def swapped_blocks(blocks_to_swap: int) -> tuple[int, int]:
-    """sd-scripts' split of --blocks_to_swap: N//2 double blocks and twice the rest in single blocks
-    (a single block holds about half the weights of a double block)."""
-    return blocks_to_swap // 2, (blocks_to_swap - blocks_to_swap // 2) * 2
-
-
-def max_blocks_to_swap(num_double: int, num_single: int) -> int:
-    """The largest N whose split leaves at least two blocks of each kind on the GPU (35 for FLUX.1)."""
-    most = 0
-    for n in range(1, 2 * (num_double + num_single)):
-        double, single = swapped_blocks(n)
-        if double <= num_double - 2 and single <= num_single - 2:
-            most = n
-    return most
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The family
-# ---------------------------------------------------------------------------------------------------------
-
-
-class FluxFamily(ShiftScaleLatents, BlockSwapFamily):
+class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     """FLUX.1-dev and -schnell with CLIP-L and T5-XXL."""
 
     name = "flux"
-    default_network_module = "networks.lora_flux"  # sd-scripts' LoRA module for this family
+    title = "FLUX.1"
+    default_network_module = "networks.lora_flux"
+    lora_network_modules = ("networks.lora_flux",)
+    oft_network_modules = ("networks.oft_flux",)
+    bucket_step = 64
+    all_layers_args = {"in_dims": "[1,1,1,1,1]", "train_t5xxl": "True"}
+    oft_attention = _ATTENTION
+    lora_hints = (LoraHint(20, ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.single_transformer_blocks.",
+                                "lora_te3_")),)
+    version_prefixes = ("flux", "chroma")
+    architecture_fragments = ("flux",)
+    inference = InferenceDefaults(steps=30, guidance_scale=3.5, resolution=1024)
+    part_files = ("clip_l", "t5xxl", "ae")
+    separate_parts = {"clip_l": SeparatePart(0, "lora_te1", "CLIP-L"), "t5xxl": SeparatePart(1, "lora_te3", "T5-XXL")}
+    single_file_kinds = ("safetensors", "diffusers")  # "diffusers": the transformer alone under diffusers' names
+    uses_own_scheduler = True
+    webui_kohya = "Forge only (A1111 has no FLUX)"
+    webui_diffusers = "Forge only (A1111 has no FLUX)"
+    diffusers_ignores = {"lora_te3_": "T5 (lora_te3)"}
 
-    def load(self, cfg: Any) -> Components:
-        from lorakit.families.flux.loading import load_flux_components
+    def __init__(self) -> None:
+        self.text_cache: CaptionCache | None = None
+        self.cache_clip = False  # CLIP-L's pooled output is cached too (no CLIP-L LoRA is trained)
 
-        if getattr(cfg, "model_type", "flux") == "chroma":
-            raise ConfigError(["--model_type chroma: Chroma is not supported yet; FLUX.1 dev/schnell are"])
-        comps = load_flux_components(
-            cfg.pretrained_model_name_or_path, clip_l=cfg.clip_l, t5xxl=cfg.t5xxl, ae=cfg.ae, dtype=load_dtype(cfg)
-        )
+    @property
+    def latent_format(self) -> LatentFileFormat:
+        # FLUX's autoencoder already returns scaled latents, which sd-scripts stores as they are
+        return LatentFileFormat("_flux.npz", True)
+
+    @property
+    def lora_layout(self):
+        return LORA_LAYOUT
+
+    def owns_checkpoint(self, path: str) -> bool:
+        from lorakit.families.flux.loading import is_flux_source
+
+        return is_flux_source(path)
+
+    def option_problems(self, cfg: Any, spec: TargetSpec | None = None) -> list[str]:
+        problems = super().option_problems(cfg, spec)
+        if cfg.model_type == "chroma":
+            problems.append("--model_type chroma: Chroma is not supported yet; FLUX.1 dev/schnell are")
+            if not cfg.apply_t5_attn_mask:
+                problems.append("--model_type chroma requires --apply_t5_attn_mask")
+        if spec is not None and caches_text(cfg) and _trains_t5(spec):
+            problems.append("--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
+                            "cached outputs carry no gradients to T5's LoRA modules")
+        if cfg.loss_type in ("huber", "smooth_l1") and cfg.huber_schedule == "snr":
+            problems.append(f"--huber_schedule snr is not available for --family {self.name}; use constant or exponential")
+        return problems
+
+    def option_warnings(self, cfg: Any) -> list[str]:
+        return [f"--max_token_length is ignored for --family {self.name}"] if cfg.max_token_length is not None else []
+
+    def parse_network_args(self, args: Mapping[str, str], spec: TargetSpec) -> tuple[Any, list[str]]:
+        return FluxNetworkArgs.parse(args, spec.rank)
+
+    def load(self, cfg: Any, spec: TargetSpec | None = None) -> Components:
+        comps = self.load_model(ModelSource(
+            cfg.pretrained_model_name_or_path, {k: getattr(cfg, k) for k in self.part_files if getattr(cfg, k)},
+            load_dtype(cfg), fp8="denoiser" if cfg.fp8_base_unet else ("all" if cfg.fp8_base else None),
+        ))
         comps.extras.update(self._conditioning_options(cfg, comps))
-        self._variant = comps.extras["variant"]  # modelspec says dev or schnell
-        self.text_cache = self._text_cache_for(cfg)
+        comps.extras["train_t5xxl"] = spec is not None and _trains_t5(spec)
+        if caches_text(cfg):
+            # T5's outputs always, CLIP-L's too unless CLIP-L trains (sd-scripts' "partial" caching: a trained
+            # encoder runs every step)
+            self.text_cache = CaptionCache()
+            self.cache_clip = not (spec is not None and spec.train_text_encoder)
         self._check_block_swap(cfg, comps)
-        if cfg.fp8_base or cfg.fp8_base_unet:
+        return comps
+
+    def load_model(self, source: ModelSource) -> Components:
+        from lorakit.families.flux.loading import load_flux_components
+        from lorakit.families.flux.model_files import load_flux_parts
+
+        files, dtype = source.files, source.dtype or torch.float32
+        if source.denoiser_only:
+            from lorakit.families.flux.model_files import load_transformer_alone
+
+            return load_transformer_alone(source.path, dtype)
+        if source.partial and not Path(source.path).is_dir():
+            comps = load_flux_parts(source.path, clip_l=files.get("clip_l"), t5xxl=files.get("t5xxl"), dtype=dtype)
+        else:
+            comps = load_flux_components(source.path, clip_l=files.get("clip_l"), t5xxl=files.get("t5xxl"), ae=files.get("ae"),
+                                         dtype=dtype)
+        if source.fp8:
             layers = to_fp8(comps.denoiser)
-            if not cfg.fp8_base_unet:
+            if source.fp8 == "all":
                 layers += sum(to_fp8(encoder) for encoder in comps.text_encoders)
             log.info("--fp8_base: %d linear layers store float8_e4m3fn weights", layers)
         return comps
@@ -128,7 +156,6 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily):
             "apply_t5_attn_mask": bool(cfg.apply_t5_attn_mask),
             "model_prediction_type": cfg.model_prediction_type,
             "cpu_offload_checkpointing": bool(cfg.cpu_offload_checkpointing),
-            "train_t5xxl": FluxNetworkArgs.from_config(cfg).train_t5xxl,
         }
 
     @staticmethod
@@ -150,20 +177,6 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily):
 
     def objective(self, cfg: Any, comps: Components) -> FlowObjective:
         return FlowObjective.from_options(cfg, patch_size=PATCH)
-
-    text_cache: CaptionCache | None = None
-    cache_clip: bool = False  # CLIP-L's pooled output is cached too (no CLIP-L LoRA is trained)
-
-    def _text_cache_for(self, cfg: Any) -> CaptionCache | None:
-        """--cache_text_encoder_outputs: T5's outputs always, CLIP-L's too unless CLIP-L trains (sd-scripts' "partial"
-        caching: a trained encoder runs every step); a trained T5 cannot be cached."""
-        if not caches_text(cfg):
-            return None
-        if FluxNetworkArgs.from_config(cfg).train_t5xxl and not cfg.network_train_unet_only:
-            raise ConfigError(["--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
-                               "cached outputs carry no gradients to T5's LoRA modules"])
-        self.cache_clip = bool(cfg.network_train_unet_only)
-        return CaptionCache()
 
     def encode_text(self, comps: Components, captions: list[str], clip_skip: int | None = None) -> TextConditioning:
         """CLIP-L pooled output and T5 hidden states (`clip_skip` does not apply to FLUX, as in sd-scripts)."""
@@ -229,51 +242,37 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily):
 
     # ----------------------------------------------------------------------------------------- adapters
 
-    def adapter_targets(self, comps: Components, cfg: Any) -> list[AdapterTarget]:
-        args = FluxNetworkArgs.from_config(cfg)
-        alpha = cfg.network_alpha or None
+    def adapter_targets(self, comps: Components, spec: TargetSpec) -> list[AdapterTarget]:
+        args: FluxNetworkArgs = spec.family_args
+        alpha = spec.alpha_option or None
         targets: list[AdapterTarget] = []
-        if not cfg.network_train_text_encoder_only:
-            targets += self._transformer_targets(comps.denoiser, args, alpha)
-        if not cfg.network_train_unet_only:
+        if spec.train_unet:
+            targets += transformer_targets(comps.denoiser, args, alpha)
+        if spec.train_text_encoder:
             clip, t5 = comps.text_encoders
-            rank = args.network_dim
-            ranks = RankChoice(rank, alpha or float(rank))
-            path_prefix = "" if hasattr(clip, "text_model") else "text_model."
-            targets += collect_targets(clip, prefix="lora_te1", component="text_encoder", parent_classes=CLIP_PARENTS, ranks=ranks, path_prefix=path_prefix)
+            ranks = RankChoice(args.network_dim, alpha or float(args.network_dim))
+            targets += clip_targets(clip, "lora_te1", ranks)
             if args.train_t5xxl:
-                targets += collect_targets(t5, prefix="lora_te3", component="text_encoder", parent_classes=T5_PARENTS, ranks=ranks)
+                targets += t5_targets(t5, "lora_te3", ranks)
         return targets
 
-    @staticmethod
-    def _transformer_targets(transformer: torch.nn.Module, args: FluxNetworkArgs, alpha: float | None) -> list[AdapterTarget]:
-        config = transformer.config
-        targets: list[AdapterTarget] = []
-        for name, bfl_path, parts, kind in bfl_keys.lora_targets_by_block(config.num_layers, config.num_single_layers):
-            rank = args.rank_for(bfl_path, kind)
-            if not rank:
-                continue
-            modules = [transformer.get_submodule(p) for p in parts]
-            layer_alpha = alpha or float(rank)
-            if len(modules) > 1 and args.split_qkv:
-                # one rank-r LoRA per part, saved block-diagonally at rank k·r with alpha k·α: each part keeps α/r
-                module, rank, layer_alpha = SplitQKVView(modules), len(modules) * rank, len(modules) * layer_alpha
-            else:
-                module = modules[0] if len(modules) == 1 else FusedLinearView(modules)
-            targets.append(AdapterTarget(name, module, "unet", rank, layer_alpha))
-        for group, rank in zip(bfl_keys.EMBEDDER_GROUPS, args.in_dims or ()):
-            for bfl_path in group:
-                diffusers_path = bfl_keys.TOP_LEVEL[bfl_path]
-                if rank and _has_submodule(transformer, diffusers_path):
-                    module = transformer.get_submodule(diffusers_path)
-                    targets.append(AdapterTarget(bfl_keys.embedder_kohya_name(bfl_path), module, "unet", rank, alpha or float(rank)))
-        return targets
+    def lycoris_denoiser_targets(self, comps: Components, spec: TargetSpec, preset_classes: set[str]) -> list[AdapterTarget]:
+        """The layers LyCORIS' walk over BFL's model would pick for the preset, among the family's own targets
+        (BFL names over fused q/k/v views): classes DoubleStreamBlock/SingleStreamBlock (full, full-lin, attn-mlp,
+        unet-only, unet-transformer-only) take every block linear, SelfAttention (attn-only) the double blocks'
+        qkv and proj, any other preset none."""
+        targets = [t for t in self.adapter_targets(comps, spec) if t.component == "unet"]
+        if preset_classes & BFL_BLOCK_CLASSES:
+            return targets
+        if BFL_ATTENTION_CLASS in preset_classes:
+            return [t for t in targets if _ATTENTION.search(t.name)]
+        return []
 
-    def text_encoders_to_train(self, comps: Components, cfg: Any) -> list[torch.nn.Module]:
-        if cfg.network_train_unet_only:
+    def text_encoders_to_train(self, comps: Components, spec: TargetSpec) -> list[torch.nn.Module]:
+        if not spec.train_text_encoder:
             return []
         clip, t5 = comps.text_encoders
-        return [clip, t5] if FluxNetworkArgs.from_config(cfg).train_t5xxl else [clip]
+        return [clip, t5] if spec.family_args.train_t5xxl else [clip]
 
     def text_encoder_lr_groups(self, cfg: Any) -> dict[str, float | None]:
         """Up to two --text_encoder_lr values, for lora_te1 (CLIP-L) and lora_te3 (T5-XXL), as sd-scripts'
@@ -295,7 +294,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily):
             for encoder in comps.text_encoders[: 2 if comps.extras.get("train_t5xxl") else 1]:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def pipeline(self, comps: Components, sampler: str = "euler") -> Any:
+    def pipeline(self, comps: Components, sampler: str | None = None) -> Any:
         """A diffusers FluxPipeline over these very modules (an attached LoRA shows in its images). FLUX samples
         with the flow Euler scheduler whatever `sampler` says, as sd-scripts does."""
         from diffusers import FluxPipeline
@@ -308,12 +307,22 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily):
             text_encoder_2=t5, tokenizer_2=comps.tokenizers[1], transformer=comps.denoiser,
         )
 
+    def lora_to_diffusers(self, state, metadata, *, keep_alpha: bool = False):
+        from lorakit.families.flux.lora_convert import kohya_to_diffusers
+
+        return kohya_to_diffusers(state, metadata, keep_alpha=keep_alpha)
+
+    def lora_from_diffusers(self, state, metadata):
+        from lorakit.families.flux.lora_convert import diffusers_to_kohya
+
+        return diffusers_to_kohya(state, metadata)
+
     # ----------------------------------------------------------------------------------------- metadata
 
     def metadata(self, cfg: Any) -> dict[str, str]:
         """sd-scripts' FLUX `ss_*` keys."""
         return {
-            "ss_base_model_version": "flux1",
+            "ss_base_model_version": BASE_MODEL_VERSION,
             "ss_v2": "False",
             "ss_model_type": str(cfg.model_type),
             "ss_apply_t5_attn_mask": str(bool(cfg.apply_t5_attn_mask)),
@@ -328,19 +337,40 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily):
             "ss_discrete_flow_shift": str(cfg.discrete_flow_shift),
         }
 
-    def modelspec_prediction_type(self, cfg: Any) -> str | None:
-        """FLUX files carry no modelspec.prediction_type (sd-scripts omits it)."""
-        return None
+    def base_model(self, version: str | None, *, variant: str | None = None, v_prediction: bool = False) -> BaseModelFacts:
+        """FLUX.1-dev unless the model is schnell (no guidance embedding); no prediction type (sd-scripts omits it)."""
+        return BaseModelFacts(BASE_MODEL_VERSION, f"flux-1-{variant or 'dev'}", MODELSPEC_IMPLEMENTATION, 1024, None)
 
-    def modelspec_architecture(self, cfg: Any) -> tuple[str, str, tuple[int, int]]:
-        """FLUX.1-dev unless the loaded model has no guidance embedding (schnell)."""
-        variant = getattr(self, "_variant", None) or "dev"
-        return f"flux-1-{variant}", "https://github.com/black-forest-labs/flux", (1024, 1024)
+    def model_variant(self, comps: Components) -> str | None:
+        return "schnell" if comps.extras.get("schnell") else "dev"
+
+    def variant_of_architecture(self, architecture: str) -> str | None:
+        """`schnell` for a file whose ModelSpec says FLUX.1-schnell (files of both share the version `flux1`)."""
+        return "schnell" if architecture.startswith("flux-1-schnell") else None
+
+    # ----------------------------------------------------------------------------------------- whole-model files
+
+    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
+        """The transformer alone, in BFL layout (`kind` "diffusers": under diffusers' names, as sd-scripts'
+        flux_merge_lora.py --diffusers); its text encoders go to their own files (`save_part_file`)."""
+        from lorakit.families.flux.model_files import save_transformer_file
+
+        save_transformer_file(comps.denoiser, path, layout="diffusers" if kind == "diffusers" else "bfl")
+
+    def save_folder(self, comps: Components, path: Path) -> None:
+        from lorakit.checkpoint_io import save_pipeline_atomic
+
+        if any(part is None for part in (comps.vae, *comps.text_encoders)) or not comps.tokenizers:
+            raise ConfigError([f"--save_to {path}: a diffusers folder needs the whole pipeline; this FLUX model was read "
+                               "from single files, so save it as .safetensors"])
+        save_pipeline_atomic(self.pipeline(comps), path)
+
+    def save_part_file(self, comps: Components, part: str, path: Path, dtype: torch.dtype | None) -> None:
+        from lorakit.families.flux.model_files import save_clip_l_file, save_t5_file
+
+        writer = save_clip_l_file if part == "clip_l" else save_t5_file
+        writer(comps.text_encoders[self.separate_parts[part].encoder_index], path, dtype)
 
 
-def _has_submodule(root: torch.nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
+def _trains_t5(spec: TargetSpec) -> bool:
+    return spec.train_text_encoder and spec.family_args is not None and spec.family_args.train_t5xxl

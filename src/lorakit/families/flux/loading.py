@@ -26,7 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
-from lorakit.families.common.checkpoint_io import read_checkpoint
+from lorakit.checkpoint_io import read_checkpoint
 from lorakit.families.common.module_io import (
     reject_checkpoint,
     assign_weights,

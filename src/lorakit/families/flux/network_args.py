@@ -9,10 +9,8 @@ turns on boolean keys, as there.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
 
-from lorakit.adapters.factory import family_network_kwargs
-from lorakit.errors import ConfigError
 from lorakit.families.common.network_args import parse_indices, parse_int, parse_int_list
 
 TYPE_DIM_KEYS = ("img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim", "img_mod_dim", "txt_mod_dim", "single_dim", "single_mod_dim")
@@ -44,8 +42,8 @@ class FluxNetworkArgs:
     split_qkv: bool = False  # one LoRA per part of the fused qkv / linear1 layers
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "FluxNetworkArgs":
-        kwargs = family_network_kwargs(cfg)  # the keys of other algorithms (DoRA, DyLoRA, OFT, LyCORIS) are theirs to check
+    def parse(cls, kwargs: Mapping[str, str], network_dim: int) -> tuple["FluxNetworkArgs", list[str]]:
+        """The keys (those the adapter algorithm leaves to the family) and every problem with them."""
         problems = [f"--network_args {k}: {NOT_YET[k]}" for k in kwargs if k in NOT_YET]
         problems += [f"--network_args {k}: not a networks.lora_flux option" for k in kwargs if k not in KNOWN_KEYS and k not in NOT_YET]
         type_dims: dict[str, int] = {}
@@ -62,10 +60,9 @@ class FluxNetworkArgs:
                 problems.append(f"--network_args in_dims={kwargs['in_dims']}: needs 5 numbers [img, time, vector, guidance, txt]")
         double = parse_indices("train_double_block_indices", kwargs.get("train_double_block_indices"), problems)
         single = parse_indices("train_single_block_indices", kwargs.get("train_single_block_indices"), problems)
-        if problems:
-            raise ConfigError(problems)
-        return cls(cfg.network_dim or 4, type_dims, train_blocks, double, single, in_dims, kwargs.get("train_t5xxl") == "True",
-                   kwargs.get("split_qkv") == "True")
+        value = cls(network_dim, type_dims, train_blocks, double, single, in_dims, kwargs.get("train_t5xxl") == "True",
+                    kwargs.get("split_qkv") == "True")
+        return value, problems
 
     def rank_for(self, bfl_path: str, kind: str) -> int:
         """The rank of one block layer (0: no LoRA) from train_blocks, block indices and per-type dims."""

@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from lorakit.families.base import Components
-from lorakit.families.common.checkpoint_io import write_safetensors_atomic
+from lorakit.checkpoint_io import write_safetensors_atomic
 from lorakit.families.common.tokenizers import bundled_clip_tokenizer
 from lorakit.families.flux import bfl_keys
 from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
@@ -98,3 +98,53 @@ def save_bfl_files(comps: Components, folder: str | Path) -> dict[str, Path]:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(_PACKAGE / "assets" / "t5_tokenizer" / name, folder / name)
     return files
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `lorakit bench`: the tiny model, or FLUX.1's real shapes with random weights, as BFL files
+# ---------------------------------------------------------------------------------------------------------
+
+REAL_BLOCKS = (19, 38)  # FLUX.1's double and single blocks
+BENCH_T5_LAYERS = 2
+
+
+def bench_files(size: str, folder: Path, blocks: tuple[int, int] | None = None) -> tuple[list[str], list[str]]:
+    """The `lorakit train` options naming the benchmark model's files (written on first use), and notes.
+
+    Real sizes keep every shape the step touches. One exception, said in the notes: T5-XXL keeps its width (4096,
+    what the transformer reads) but only 2 of its 24 layers, because the benchmark caches text-encoder outputs, so
+    T5 runs once, before the first step; `blocks` (double, single) can shorten the transformer the same way."""
+    blocks = blocks or REAL_BLOCKS
+    if size == "real":
+        folder = folder.with_name(f"{folder.name}_{blocks[0]}x{blocks[1]}")
+    files = {name: folder / f"{name}.safetensors" for name in ("flux1", "clip_l", "t5xxl", "ae")}
+    if not all(path.exists() for path in files.values()):
+        save_bfl_files(build_bench_model(size, blocks), folder)
+    args = [f"--pretrained_model_name_or_path={files['flux1']}", f"--clip_l={files['clip_l']}",
+            f"--t5xxl={files['t5xxl']}", f"--ae={files['ae']}"]
+    notes = [] if size == "tiny" else [
+        f"FLUX transformer {blocks[0]} double + {blocks[1]} single blocks at width 3072; "
+        f"T5 at width 4096 with {BENCH_T5_LAYERS} layers (outputs cached before the first step)"]
+    return args, notes
+
+
+def build_bench_model(size: str, blocks: tuple[int, int] = REAL_BLOCKS) -> Components:
+    if size == "tiny":
+        return build_tiny_flux(seed=0)
+    from diffusers import FluxTransformer2DModel
+
+    from lorakit.families.common.bench_files import clean_config, default_dtype
+    from lorakit.families.flux.loading import bundled_config
+
+    comps = build_tiny_flux(seed=0)  # for its tokenizers; the tiny T5 tokenizer's 1,000 pieces fit the T5 below
+    torch.manual_seed(0)
+    with default_dtype(torch.bfloat16):
+        transformer = FluxTransformer2DModel.from_config(
+            {**bundled_config("transformer_dev"), "num_layers": blocks[0], "num_single_layers": blocks[1]}
+        )
+        vae = AutoencoderKL.from_config(bundled_config("ae"))
+        clip = CLIPTextModel(CLIPTextConfig(**clean_config(bundled_config("clip_l"))))
+        t5_config = {**clean_config(bundled_config("t5xxl")), "num_layers": BENCH_T5_LAYERS, "vocab_size": 1000}
+        t5 = T5EncoderModel(T5Config(**t5_config))
+    comps.denoiser, comps.vae, comps.text_encoders = transformer.eval(), vae.eval(), [clip.eval(), t5.eval()]
+    return comps

@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x / 2.x: loading, conditioning, prediction and LoRA targets.
+"""Stable Diffusion 1.x / 2.x: loading, conditioning, prediction, LoRA targets and files.
 
 Targets follow sd-scripts' `networks.lora`: the U-Net's Transformer2DModel linears (LoRA-LierLa), plus with
 `conv_dim` the ResNet blocks and up/down-samplers (LoRA-C3Lier); the text encoder's attention and MLP linears.
@@ -6,57 +6,103 @@ Targets follow sd-scripts' `networks.lora`: the U-Net's Transformer2DModel linea
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorakit.errors import ConfigError
-from lorakit.families.base import AdapterTarget, Components, TextConditioning
+from lorakit.adapters.spec import TargetSpec
+from lorakit.adapters.targets import AdapterTarget
+from lorakit.data.latent_files import LatentFileFormat
+from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
+from lorakit.families.common.headers import safetensors_keys
 from lorakit.families.common.text_cache import CaptionCache, whole_caption_cache
-from lorakit.families.targeting import RankChoice, collect_targets
+from lorakit.families.common.text_encoders import clip_targets
+from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing, unet_targets
+from lorakit.families.common.unet_blocks import BLOCK_LAYOUT
+from lorakit.families.sd.lora_keys import LORA_LAYOUT
 from lorakit.objectives.ddpm import DDPMObjective
 from lorakit.precision import load_dtype
 from lorakit.transfer import to_device
 
-UNET_ATTENTION_PARENTS = ("Transformer2DModel",)
-UNET_CONV_PARENTS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-TEXT_ENCODER_PARENTS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 TOKENS_PER_CHUNK = 77
+_VERSIONS = {  # ss_base_model_version -> (ModelSpec architecture, resolution)
+    "sd_v1": ("stable-diffusion-v1", 512),
+    "sd_v1_v": ("stable-diffusion-v1", 512),
+    "sd_v2": ("stable-diffusion-v2-512", 512),
+    "sd_v2_v": ("stable-diffusion-v2-768-v", 768),
+}
 
 
-class StableDiffusionFamily:
+class StableDiffusionFamily(ModelFamily):
     """SD 1.x and 2.x (epsilon or v-prediction) with one CLIP text encoder."""
 
     name = "sd"
-    default_network_module = "networks.lora"  # sd-scripts' LoRA module for this family
+    title = "SD 1.x/2.x"
+    default_network_module = "networks.lora"
+    bucket_step = 64
+    takes_v2 = True
+    block_layout = BLOCK_LAYOUT
+    all_layers_args = {"conv_dim": "1", "conv_alpha": "1"}
+    oft_attention = re.compile(r"_attn\d_(to_q|to_k|to_v|to_out_0)$")
+    lora_hints = (LoraHint(50, ("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_", "lora_te_",
+                                "unet.", "text_encoder.")),)
+    version_prefixes = ("sd_v",)
+    architecture_fragments = ("stable-diffusion-v",)
+    inference = InferenceDefaults(steps=30, guidance_scale=7.5, resolution=512)
+    comfy_diffusers = "text encoder only (U-Net PEFT keys are not mapped)"
 
     def __init__(self) -> None:
         self.text_cache: CaptionCache | None = None
 
-    def load(self, cfg: Any) -> Components:
-        from lorakit.families.sd.loading import load_sd_components
+    @property
+    def latent_format(self) -> LatentFileFormat:
+        # sd-scripts stores the unscaled VAE sample
+        return LatentFileFormat("_sd.npz", False, 0.18215)
 
+    @property
+    def lora_layout(self):
+        return LORA_LAYOUT
+
+    def owns_checkpoint(self, path: str) -> bool:
+        """An LDM single file (`model.diffusion_model.` with `cond_stage_model.`), or a diffusers folder with one
+        text encoder. Pickled files cannot be read cheaply; as the family nobody else claims, SD takes them."""
+        source = Path(path)
+        if source.is_dir():
+            return (source / "unet" / "config.json").is_file() and not (source / "text_encoder_2").exists()
+        keys = safetensors_keys(source)
+        if keys is None:
+            return source.is_file()
+        return any(k.startswith("model.diffusion_model.") for k in keys) and any(k.startswith("cond_stage_model.") for k in keys)
+
+    # -- loading -----------------------------------------------------------------------------------------
+
+    def load(self, cfg: Any, spec: TargetSpec | None = None) -> Components:
         # sd-scripts has no text-encoder cache for SD 1.x/2.x (its option is SDXL's); here the same option
         # saves running the frozen encoder on the same captions every step
         self.text_cache = whole_caption_cache(cfg)
-        return load_sd_components(
-            cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization, vae_path=cfg.vae,
-            dtype=load_dtype(cfg),
-        )
+        return self.load_model(ModelSource(
+            cfg.pretrained_model_name_or_path, {"vae": cfg.vae} if cfg.vae else {}, load_dtype(cfg),
+            v2=cfg.v2, v_parameterization=cfg.v_parameterization,
+        ))
+
+    def load_model(self, source: ModelSource) -> Components:
+        from lorakit.families.sd.loading import load_sd_components
+
+        return load_sd_components(source.path, v2=source.v2, v_parameterization=source.v_parameterization,
+                                  vae_path=source.files.get("vae"), dtype=source.dtype or torch.float32)
 
     def objective(self, cfg: Any, comps: Components) -> DDPMObjective:
         return DDPMObjective.from_options(cfg, "v_prediction" if cfg.v_parameterization else "epsilon")
 
+    # -- images and text ---------------------------------------------------------------------------------
+
     def encode_images(self, comps: Components, images: torch.Tensor) -> torch.Tensor:
-        vae = comps.vae
-        latents = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample()
-        # a NaN from an fp16 VAE would poison every later step; sd-scripts zeroes them the same way
-        latents = torch.nan_to_num(latents, nan=0.0)
-        return latents * vae.config.scaling_factor
+        return encode_scaled(comps.vae, images)
 
     def decode_latents(self, comps: Components, latents: torch.Tensor) -> torch.Tensor:
-        vae = comps.vae
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return decode_scaled(comps.vae, latents)
 
     def tokenize(self, comps: Components, captions: list[str]) -> torch.Tensor:
         tokenizer = comps.tokenizers[0]
@@ -82,79 +128,74 @@ class StableDiffusionFamily:
         return _final_layer_norm(encoder)(states)
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: Any) -> torch.Tensor:
-        unet = comps.denoiser
         context = text.tensors["encoder_hidden_states"].to(noisy.dtype)
-        return unet(noisy, timesteps, encoder_hidden_states=context).sample
+        return comps.denoiser(noisy, timesteps, encoder_hidden_states=context).sample
 
-    def adapter_targets(self, comps: Components, cfg: Any) -> list[AdapterTarget]:
-        ranks = rank_choice(cfg)
+    # -- adapters ----------------------------------------------------------------------------------------
+
+    def adapter_targets(self, comps: Components, spec: TargetSpec) -> list[AdapterTarget]:
         targets: list[AdapterTarget] = []
-        if not cfg.network_train_text_encoder_only:
-            unet = comps.denoiser
-            targets += collect_targets(unet, prefix="lora_unet", component="unet", parent_classes=UNET_ATTENTION_PARENTS, ranks=ranks)
-            if ranks.conv_rank:
-                targets += collect_targets(
-                    unet, prefix="lora_unet", component="unet", parent_classes=UNET_CONV_PARENTS, ranks=ranks, include_spatial=True
-                )
-        if not cfg.network_train_unet_only:
-            encoder = comps.text_encoders[0]
-            # transformers 5 dropped the `text_model.` level from CLIPTextModel; kohya names keep it
-            path_prefix = "" if hasattr(encoder, "text_model") else "text_model."
-            targets += collect_targets(
-                encoder, prefix="lora_te", component="text_encoder", parent_classes=TEXT_ENCODER_PARENTS, ranks=ranks, path_prefix=path_prefix
-            )
+        if spec.train_unet:
+            targets += unet_targets(comps.denoiser, spec.ranks)
+        if spec.train_text_encoder:
+            targets += clip_targets(comps.text_encoders[0], "lora_te", spec.ranks)
         return targets
 
-    def text_encoders_to_train(self, comps: Components, cfg: Any) -> list[torch.nn.Module]:
-        return [] if cfg.network_train_unet_only else list(comps.text_encoders)
+    def text_encoders_to_train(self, comps: Components, spec: TargetSpec) -> list[torch.nn.Module]:
+        return list(comps.text_encoders) if spec.train_text_encoder else []
 
     def enable_gradient_checkpointing(self, comps: Components, train_text_encoder: bool) -> None:
-        comps.denoiser.enable_gradient_checkpointing()
-        if train_text_encoder:
-            comps.text_encoders[0].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        gradient_checkpointing(comps.denoiser, comps.text_encoders[:1] if train_text_encoder else [])
 
-    def pipeline(self, comps: Components, sampler: str = "ddim") -> Any:
+    # -- sampling ----------------------------------------------------------------------------------------
+
+    def pipeline(self, comps: Components, sampler: str | None = None) -> Any:
         """A diffusers pipeline over these very modules (LoRA applied to them shows in its output)."""
         from diffusers import StableDiffusionPipeline
 
-        from lorakit.sampling.samplers import build_sampler
+        from lorakit.objectives.samplers import build_sampler
 
         return StableDiffusionPipeline(
             vae=comps.vae, text_encoder=comps.text_encoders[0], tokenizer=comps.tokenizers[0], unet=comps.denoiser,
-            scheduler=build_sampler(sampler, comps.extras.get("prediction_type", "epsilon")),
+            scheduler=build_sampler(sampler or "ddim", comps.extras.get("prediction_type", "epsilon")),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
 
-    def metadata(self, cfg: Any) -> dict[str, str]:
-        version = "sd_v2" if cfg.v2 else "sd_v1"
-        if cfg.v_parameterization:
-            version += "_v"
-        return {"ss_base_model_version": version, "ss_v2": str(bool(cfg.v2))}
+    def inference_resolution(self, source: ModelSource) -> int:
+        # the SD 2.x v-prediction models were trained at 768 px
+        return 768 if source.v_parameterization else self.inference.resolution
 
-    def modelspec_architecture(self, cfg: Any) -> tuple[str, str, tuple[int, int]]:
-        """(architecture, implementation, default resolution) for the modelspec.* keys."""
-        if not cfg.v2:
-            return "stable-diffusion-v1", "diffusers", (512, 512)
-        if cfg.v_parameterization:
-            return "stable-diffusion-v2-768-v", "diffusers", (768, 768)
-        return "stable-diffusion-v2-512", "diffusers", (512, 512)
+    # -- metadata ----------------------------------------------------------------------------------------
+
+    def metadata(self, cfg: Any) -> dict[str, str]:
+        return {"ss_base_model_version": _version(cfg.v2, cfg.v_parameterization), "ss_v2": str(bool(cfg.v2))}
+
+    def base_model(self, version: str | None, *, variant: str | None = None, v_prediction: bool = False) -> BaseModelFacts:
+        version = version if version in _VERSIONS else "sd_v1"
+        architecture, resolution = _VERSIONS[version]
+        prediction = "v" if v_prediction or version.endswith("_v") else "epsilon"
+        return BaseModelFacts(version, architecture, "diffusers", resolution, prediction, v2=version.startswith("sd_v2"))
+
+    def version_of(self, source: ModelSource, comps: Components) -> str:
+        return _version(source.v2, source.v_parameterization)
+
+    # -- whole-model files -------------------------------------------------------------------------------
+
+    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
+        from lorakit.families.sd.ldm_keys import save_sd_single_file
+
+        save_sd_single_file(comps, path, fmt=kind)
+
+    def save_folder(self, comps: Components, path: Path) -> None:
+        from lorakit.families.sd.model_files import save_sd_diffusers_folder
+
+        save_sd_diffusers_folder(comps, path)
+
+
+def _version(v2: bool, v_parameterization: bool) -> str:
+    return ("sd_v2" if v2 else "sd_v1") + ("_v" if v_parameterization else "")
 
 
 def _final_layer_norm(encoder: torch.nn.Module) -> torch.nn.Module:
     owner = getattr(encoder, "text_model", encoder)
     return owner.final_layer_norm
-
-
-def rank_choice(cfg: Any) -> RankChoice:
-    """network_dim/alpha and the C3Lier conv_dim/conv_alpha from --network_args (sd-scripts defaults)."""
-    kwargs = cfg.network_kwargs() if hasattr(cfg, "network_kwargs") else {}
-    rank = cfg.network_dim or 4
-    alpha = cfg.network_alpha if cfg.network_alpha else float(rank)
-    conv_rank = conv_alpha = None
-    if "conv_dim" in kwargs:
-        try:
-            conv_rank = int(kwargs["conv_dim"])
-            conv_alpha = float(kwargs.get("conv_alpha", 1.0))
-        except ValueError as exc:
-            raise ConfigError([f"--network_args conv_dim/conv_alpha must be numbers (got {kwargs})"]) from exc
-    return RankChoice(rank, alpha, conv_rank, conv_alpha)

@@ -22,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
-from lorakit.families.common.checkpoint_io import LoadedCheckpoint, read_checkpoint
+from lorakit.checkpoint_io import LoadedCheckpoint, read_checkpoint
 from lorakit.families.common.module_io import (
     assign_weights,
     embedded_configs,

@@ -1,14 +1,11 @@
-"""SD3 / SD3.5 (Medium, Large): loading, three-encoder conditioning, flow-matching prediction, LoRA targets.
+"""SD3 / SD3.5 (Medium, Large): loading, three-encoder conditioning, flow-matching prediction, LoRA targets, files.
 
 As sd-scripts' `sd3_train_network.py` (Esser et al. 2024, "Scaling Rectified Flow Transformers",
 arXiv:2403.03206):
 - latents are the 16-channel VAE's, normalised as (z − shift)·scale (SD3's VAE: 0.0609, 1.5305);
-- the text tokens are CLIP-L's and CLIP-G's penultimate hidden states, concatenated (768 + 1280 wide), padded
-  with zeros to T5's width and followed by T5-XXL's last hidden states (256 tokens by default); the global
-  vector is both CLIPs' projected pooled outputs, concatenated. `--apply_lg_attn_mask` / `--apply_t5_attn_mask`
-  hide padding inside the encoders and zero the padded outputs; `--clip_l/clip_g/t5_dropout_rate` zero one
-  encoder's part of the conditioning per sample;
-- the MMDiT's velocity is preconditioned to an x₀ estimate, as `objectives/sd3_flow.py` explains;
+- the text conditioning is CLIP-L's, CLIP-G's and T5-XXL's outputs (`conditioning.py`); `--apply_lg_attn_mask` /
+  `--apply_t5_attn_mask` hide padding inside the encoders and zero the padded outputs;
+- the MMDiT's velocity is preconditioned to an x₀ estimate, as `objective.py` explains;
 - LoRA targets follow `networks.lora_sd3` with SAI names (`lora_unet_joint_blocks_0_x_block_attn_qkv`,
   `lora_te1_` CLIP-L, `lora_te2_` CLIP-G, `lora_te3_` T5 with `train_t5xxl=True`). `networks.lora` (the SD3
   guide's command) gets the same targets.
@@ -17,89 +14,135 @@ arXiv:2403.03206):
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from lorakit.adapters.spec import TargetSpec
+from lorakit.adapters.targets import AdapterTarget, RankChoice
+from lorakit.data.latent_files import LatentFileFormat
 from lorakit.errors import ConfigError
-from lorakit.families.base import AdapterTarget, Components, TextConditioning
-from lorakit.families.common.layers import FusedLinearView, to_fp8
+from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
+from lorakit.families.common.layers import to_fp8
 from lorakit.families.common.text_cache import CaptionCache, caches_text
-from lorakit.families.common.transformer_family import (
-    CLIP_PARENTS,
-    T5_PARENTS,
-    BlockSwapFamily,
-    ShiftScaleLatents,
-    note_block_swap,
-)
+from lorakit.families.common.text_encoders import clip_targets, t5_targets
+from lorakit.families.common.transformer_family import BlockSwapFamily, ShiftScaleLatents, note_block_swap
 from lorakit.families.sd3 import pos_embed as scaled_pos_embed
-from lorakit.families.sd3 import sai_keys
-from lorakit.families.sd3.layers import SplitQKVView, SwappedRowsView
+from lorakit.families.sd3.conditioning import assemble_conditioning, clip_outputs, random_position_crop
+from lorakit.families.sd3.lora_keys import LORA_LAYOUT
 from lorakit.families.sd3.network_args import SD3NetworkArgs
-from lorakit.families.targeting import RankChoice, collect_targets
-from lorakit.objectives.sd3_flow import SD3FlowObjective, precondition_to_x0
+from lorakit.families.sd3.objective import SD3FlowObjective, precondition_to_x0
+from lorakit.families.sd3.targets import mmdit_targets
 from lorakit.precision import load_dtype
 from lorakit.transfer import to_device
 
 log = logging.getLogger("lorakit")
 
 TEXT_PREFIXES = ("lora_te1", "lora_te2", "lora_te3")
-CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 256  # sd-scripts' SD3 default for --t5xxl_max_token_length
-SD_ONLY_OPTIONS = ("v2", "v_parameterization", "clip_skip")
+SD_ONLY_OPTIONS = ("v_parameterization", "clip_skip")
 MODELSPEC_IMPLEMENTATION = "diffusers"  # what sd-scripts writes for SD3 LoRAs
+MODEL_TYPES = ("medium", "5-medium", "5-large")
 
 
-class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily):
+class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     """SD3 Medium, SD3.5 Medium (MMDiT-X) and SD3.5 Large, with CLIP-L, CLIP-G and T5-XXL."""
 
     name = "sd3"
-    default_network_module = "networks.lora_sd3"  # sd-scripts' LoRA module for this family
+    title = "SD3"
+    default_network_module = "networks.lora_sd3"
+    lora_network_modules = ("networks.lora_sd3",)
+    bucket_step = 32
+    all_layers_args = {"emb_dims": "[1,1,1,1,1,1]", "train_t5xxl": "True"}
+    oft_attention = re.compile(r"_attn_(qkv|proj)$")
+    lora_hints = (LoraHint(10, ("lora_unet_joint_blocks_", "lora_unet_context_embedder", "lora_unet_x_embedder_")),
+                  LoraHint(30, ("transformer.transformer_blocks.",)))
+    architecture_fragments = ("stable-diffusion-3",)
+    inference = InferenceDefaults(steps=30, guidance_scale=5.0, resolution=1024)
+    part_files = ("vae", "clip_l", "clip_g", "t5xxl")
+    single_file_kinds = ("safetensors",)
+    save_formats = ("kohya", "diffusers")
+    uses_own_scheduler = True
+    webui_kohya = "no (A1111 1.10+ reads SD3 only in the diffusers layout; Forge has no SD3)"
+    webui_diffusers = "A1111 1.10+ only (Forge has no SD3)"
+    diffusers_kohya = "no (convert: lorakit lora convert --to diffusers)"
 
     def __init__(self) -> None:
         self.model_type = "medium"
         self.text_cache: CaptionCache | None = None
         self.cache_clip = False
 
+    @property
+    def latent_format(self) -> LatentFileFormat:
+        # sd-scripts stores the raw VAE sample, before the shift and scale
+        return LatentFileFormat("_sd3.npz", True, 1.5305, 0.0609)
+
+    @property
+    def lora_layout(self):
+        return LORA_LAYOUT
+
+    def owns_checkpoint(self, path: str) -> bool:
+        from lorakit.families.sd3.detect import is_sd3_checkpoint
+
+        return is_sd3_checkpoint(path)
+
+    def option_problems(self, cfg: Any, spec: TargetSpec | None = None) -> list[str]:
+        """SD 1.x/2.x options have no meaning for SD3; T5 training and cached outputs exclude each other."""
+        problems = super().option_problems(cfg, spec)
+        problems += [f"--{name} is an SD 1.x/2.x option; SD3/3.5 is trained without it (remove it)"
+                     for name in SD_ONLY_OPTIONS if getattr(cfg, name, None)]
+        if spec is not None and caches_text(cfg) and _trains_t5(spec):
+            problems.append("--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
+                            "cached outputs carry no gradients to T5's LoRA modules")
+        if cfg.loss_type in ("huber", "smooth_l1") and cfg.huber_schedule == "snr":
+            problems.append(f"--huber_schedule snr is not available for --family {self.name}; use constant or exponential")
+        return problems
+
+    def option_warnings(self, cfg: Any) -> list[str]:
+        return [f"--max_token_length is ignored for --family {self.name}"] if cfg.max_token_length is not None else []
+
+    def parse_network_args(self, args: Mapping[str, str], spec: TargetSpec) -> tuple[Any, list[str]]:
+        return SD3NetworkArgs.parse(args, spec.rank)
+
     # ----------------------------------------------------------------------------------------- loading
 
-    def load(self, cfg: Any) -> Components:
-        from lorakit.families.sd3.loading import load_sd3_components
-
-        self._check_options(cfg)
-        comps = load_sd3_components(
-            cfg.pretrained_model_name_or_path, clip_l=cfg.clip_l, clip_g=cfg.clip_g, t5xxl=cfg.t5xxl, vae=cfg.vae,
-            dtype=load_dtype(cfg),
-        )
-        self.model_type = comps.extras["model_type"]
+    def load(self, cfg: Any, spec: TargetSpec | None = None) -> Components:
+        comps = self.load_model(ModelSource(
+            cfg.pretrained_model_name_or_path, {k: getattr(cfg, k) for k in self.part_files if getattr(cfg, k)},
+            load_dtype(cfg), fp8=_fp8(cfg),
+        ))
+        self.text_cache = CaptionCache() if caches_text(cfg) else None
+        # with CLIP-L/G LoRAs training, only T5's outputs are cached and the CLIPs run every step (sd-scripts' partial caching)
+        self.cache_clip = not (spec is not None and spec.train_text_encoder)
         comps.extras.update(self._conditioning_options(cfg, comps))
+        comps.extras["train_t5xxl"] = spec is not None and _trains_t5(spec)
         if cfg.enable_scaled_pos_embed:
             scaled_pos_embed.enable_scaled_pos_embed(
                 comps.denoiser, comps.vae, scaled_pos_embed.dataset_resolutions(cfg), self.model_type)
         self._check_block_swap(cfg, comps)
-        if cfg.fp8_base or cfg.fp8_base_unet:
+        return comps
+
+    def load_model(self, source: ModelSource) -> Components:
+        from lorakit.families.sd3.loading import load_sd3_components
+        from lorakit.families.sd3.model_files import load_sai_parts
+
+        dtype = source.dtype or torch.float32
+        if source.partial and not Path(source.path).is_dir():
+            comps = load_sai_parts(source.path, dtype)  # the tools merge into whatever parts the file holds
+        else:
+            files = source.files
+            comps = load_sd3_components(source.path, clip_l=files.get("clip_l"), clip_g=files.get("clip_g"),
+                                        t5xxl=files.get("t5xxl"), vae=files.get("vae"), dtype=dtype)
+        self.model_type = comps.extras["model_type"]
+        if source.fp8:
             layers = to_fp8(comps.denoiser)
-            if not cfg.fp8_base_unet:
+            if source.fp8 == "all":
                 layers += to_fp8(comps.text_encoders[2])  # sd-scripts keeps the CLIPs out of fp8 (always)
             log.info("--fp8_base: %d linear layers store float8_e4m3fn weights", layers)
         return comps
-
-    def _check_options(self, cfg: Any) -> None:
-        """SD 1.x/2.x options have no meaning for SD3; T5 training and cached outputs exclude each other."""
-        problems = [
-            f"--{name} is an SD 1.x/2.x option; SD3/3.5 is trained without it (remove it)"
-            for name in SD_ONLY_OPTIONS if getattr(cfg, name, None)
-        ]
-        caching = caches_text(cfg)
-        args = SD3NetworkArgs.from_config(cfg)
-        if caching and args.train_t5xxl and not cfg.network_train_unet_only:
-            problems.append("--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
-                            "cached outputs carry no gradients to T5's LoRA modules")
-        if problems:
-            raise ConfigError(problems)
-        self.text_cache = CaptionCache() if caching else None
-        # with CLIP-L/G LoRAs training, only T5's outputs are cached and the CLIPs run every step (sd-scripts' partial caching)
-        self.cache_clip = bool(cfg.network_train_unet_only)
 
     @staticmethod
     def _conditioning_options(cfg: Any, comps: Components) -> dict[str, Any]:
@@ -111,7 +154,6 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily):
             "apply_t5_attn_mask": bool(cfg.apply_t5_attn_mask),
             "dropout_rates": (float(cfg.clip_l_dropout_rate), float(cfg.clip_g_dropout_rate), float(cfg.t5_dropout_rate)),
             "pos_emb_random_crop_rate": float(cfg.pos_emb_random_crop_rate),
-            "train_t5xxl": SD3NetworkArgs.from_config(cfg).train_t5xxl and not cfg.network_train_unet_only,
         }
 
     @staticmethod
@@ -151,8 +193,8 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily):
     def _clip_parts(comps: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         (clip_l, clip_g, _), (tok_l, tok_g, _) = comps.text_encoders, comps.tokenizers
         mask = comps.extras["apply_lg_attn_mask"]
-        l_hidden, l_pooled = _clip_outputs(clip_l, tok_l, captions, mask)
-        g_hidden, g_pooled = _clip_outputs(clip_g, tok_g, captions, mask)
+        l_hidden, l_pooled = clip_outputs(clip_l, tok_l, captions, mask)
+        g_hidden, g_pooled = clip_outputs(clip_g, tok_g, captions, mask)
         return {"l": l_hidden, "g": g_hidden, "l_pooled": l_pooled, "g_pooled": g_pooled}
 
     @staticmethod
@@ -184,27 +226,27 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily):
 
     # ----------------------------------------------------------------------------------------- adapters
 
-    def adapter_targets(self, comps: Components, cfg: Any) -> list[AdapterTarget]:
-        args = SD3NetworkArgs.from_config(cfg)
+    def adapter_targets(self, comps: Components, spec: TargetSpec) -> list[AdapterTarget]:
+        args: SD3NetworkArgs = spec.family_args
         transformer = comps.denoiser
         args.check_blocks(transformer.config.num_layers)
-        alpha = cfg.network_alpha or None
+        alpha = spec.alpha_option or None
         targets: list[AdapterTarget] = []
-        if not cfg.network_train_text_encoder_only:
+        if spec.train_unet:
             targets += mmdit_targets(transformer, args, alpha)
-        if not cfg.network_train_unet_only:
+        if spec.train_text_encoder:
             ranks = RankChoice(args.network_dim, alpha or float(args.network_dim))
-            encoders = list(zip(TEXT_PREFIXES, comps.text_encoders, (CLIP_PARENTS, CLIP_PARENTS, T5_PARENTS)))
-            for prefix, encoder, parents in encoders[: 3 if args.train_t5xxl else 2]:
-                path_prefix = "text_model." if parents is CLIP_PARENTS and not hasattr(encoder, "text_model") else ""
-                targets += collect_targets(encoder, prefix=prefix, component="text_encoder", parent_classes=parents, ranks=ranks, path_prefix=path_prefix)
+            clip_l, clip_g, t5 = comps.text_encoders
+            targets += clip_targets(clip_l, "lora_te1", ranks) + clip_targets(clip_g, "lora_te2", ranks)
+            if args.train_t5xxl:
+                targets += t5_targets(t5, "lora_te3", ranks)
         return targets
 
-    def text_encoders_to_train(self, comps: Components, cfg: Any) -> list[torch.nn.Module]:
-        if cfg.network_train_unet_only:
+    def text_encoders_to_train(self, comps: Components, spec: TargetSpec) -> list[torch.nn.Module]:
+        if not spec.train_text_encoder:
             return []
         clip_l, clip_g, t5 = comps.text_encoders
-        return [clip_l, clip_g, t5] if SD3NetworkArgs.from_config(cfg).train_t5xxl else [clip_l, clip_g]
+        return [clip_l, clip_g, t5] if spec.family_args.train_t5xxl else [clip_l, clip_g]
 
     def text_encoder_lr_groups(self, cfg: Any) -> dict[str, float | None]:
         """Up to three --text_encoder_lr values for lora_te1 / lora_te2 / lora_te3 (sd-scripts'
@@ -224,19 +266,30 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily):
             for encoder in comps.text_encoders[: 3 if comps.extras.get("train_t5xxl") else 2]:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def pipeline(self, comps: Components, sampler: str = "euler") -> Any:
+    def pipeline(self, comps: Components, sampler: str | None = None) -> Any:
         """A diffusers StableDiffusion3Pipeline over these very modules (flow Euler, shift 3, as SD3 samples)."""
-        from lorakit.families.sd3.tiny import pipeline_of
+        from lorakit.families.sd3.model_files import pipeline_of
 
         return pipeline_of(comps)
 
-    def lora_file_state(self, state: dict[str, torch.Tensor], metadata: dict[str, str], cfg: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def lora_file_state(self, state: dict[str, torch.Tensor], metadata: dict[str, str], save_format: str
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors and metadata to write: kohya layout, or the diffusers/PEFT one with --save_format diffusers."""
-        if getattr(cfg, "save_format", "kohya") != "diffusers":
+        if save_format != "diffusers":
             return state, metadata
         from lorakit.families.sd3.lora_convert import kohya_to_diffusers
 
         return kohya_to_diffusers(state, metadata)
+
+    def lora_to_diffusers(self, state, metadata, *, keep_alpha: bool = False):
+        from lorakit.families.sd3.lora_convert import to_peft
+
+        return to_peft(state, metadata, keep_alpha=keep_alpha)
+
+    def lora_from_diffusers(self, state, metadata):
+        from lorakit.families.sd3.lora_convert import from_peft
+
+        return from_peft(state, metadata)
 
     # ----------------------------------------------------------------------------------------- metadata
 
@@ -253,130 +306,38 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily):
             "ss_mode_scale": str(cfg.mode_scale),
         }
 
-    def modelspec_prediction_type(self, cfg: Any) -> str | None:
-        return None
+    def base_model(self, version: str | None, *, variant: str | None = None, v_prediction: bool = False) -> BaseModelFacts:
+        """`stable-diffusion-3-medium`, `stable-diffusion-3-5-medium` or `stable-diffusion-3-5-large`; sd-scripts
+        writes the prediction type `epsilon` for SD3 files too (only FLUX files leave it out)."""
+        version = version if version in MODEL_TYPES else "medium"
+        return BaseModelFacts(version, f"stable-diffusion-3-{version}", MODELSPEC_IMPLEMENTATION, 1024, "epsilon")
 
-    def modelspec_architecture(self, cfg: Any) -> tuple[str, str, tuple[int, int]]:
-        """`stable-diffusion-3-medium`, `stable-diffusion-3-5-medium` or `stable-diffusion-3-5-large`."""
-        return f"stable-diffusion-3-{self.model_type}", MODELSPEC_IMPLEMENTATION, (1024, 1024)
+    def version_of(self, source: ModelSource, comps: Components) -> str:
+        return comps.extras.get("model_type", "medium")
 
+    # ----------------------------------------------------------------------------------------- whole-model files
 
-# ---------------------------------------------------------------------------------------------------------
-# Conditioning (pure functions of encoder outputs)
-# ---------------------------------------------------------------------------------------------------------
+    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
+        from lorakit.families.sd3.model_files import save_sai_single_file
 
+        save_sai_single_file(comps, path)
 
-def _clip_outputs(encoder: torch.nn.Module, tokenizer: Any, captions: list[str], use_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate hidden states (padding zeroed under the mask option) and the projected pooled output."""
-    tokens = tokenizer(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt")
-    ids, mask = to_device(tokens.input_ids, encoder.device), to_device(tokens.attention_mask, encoder.device)
-    out = encoder(ids, attention_mask=mask if use_mask else None, output_hidden_states=True)
-    hidden = out.hidden_states[-2]
-    if use_mask:
-        hidden = hidden * mask[..., None].to(hidden.dtype)
-    return hidden, out.text_embeds
+    def save_folder(self, comps: Components, path: Path) -> None:
+        from lorakit.checkpoint_io import save_pipeline_atomic
+        from lorakit.families.sd3.model_files import pipeline_of
 
-
-def assemble_conditioning(parts: dict[str, torch.Tensor], dropout_rates: tuple[float, float, float], training: bool) -> dict[str, torch.Tensor]:
-    """SD3's context [CLIP-L‖CLIP-G zero-padded to T5 width ; T5] and pooled [L ; G], with per-encoder dropout.
-
-    Dropout zeroes one encoder's hidden states and pooled vector for a sample with its rate (sd-scripts'
-    `--clip_l_dropout_rate` …), so the model also learns the unconditional parts it is sampled with.
-    """
-    l, g, t5 = parts["l"], parts["g"], parts["t5"]
-    l_pooled, g_pooled = parts["l_pooled"], parts["g_pooled"]
-    if training:
-        keep_l, keep_g, keep_t5 = (_keep_mask(rate, l.shape[0], l.device) for rate in dropout_rates)
-        l, l_pooled = _apply(keep_l, l), _apply(keep_l, l_pooled)
-        g, g_pooled = _apply(keep_g, g), _apply(keep_g, g_pooled)
-        t5 = _apply(keep_t5, t5)
-    clip = torch.cat([l, g.to(l.dtype)], dim=-1)
-    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-    context = torch.cat([clip, t5.to(clip.dtype)], dim=-2)
-    return {"context": context, "pooled": torch.cat([l_pooled, g_pooled.to(l_pooled.dtype)], dim=-1)}
+        if any(part is None for part in (comps.vae, *comps.text_encoders)) or not comps.tokenizers:
+            raise ConfigError([f"--save_to {path}: a diffusers folder needs the whole pipeline; this SD3 model was read "
+                               "from single files, so save it as .safetensors"])
+        save_pipeline_atomic(pipeline_of(comps), path)
 
 
-def _keep_mask(rate: float, count: int, device: torch.device) -> torch.Tensor | None:
-    if rate <= 0:
-        return None
-    return (torch.rand(count, device=device) >= rate).float()
+def _trains_t5(spec: TargetSpec) -> bool:
+    return spec.train_text_encoder and spec.family_args is not None and spec.family_args.train_t5xxl
 
 
-def _apply(keep: torch.Tensor | None, tensor: torch.Tensor) -> torch.Tensor:
-    if keep is None:
-        return tensor
-    return tensor * keep.to(tensor.dtype).view((-1,) + (1,) * (tensor.ndim - 1))
-
-
-class random_position_crop:
-    """`--pos_emb_random_crop_rate`: with that probability, the positional-embedding window is taken at a random
-    place of the max-size grid instead of its centre (SD3.5 Medium was trained so; it helps other resolutions).
-
-    diffusers' PatchEmbed crops the centre; for one call its `cropped_pos_embed` is replaced by a random crop, of
-    the scaled table for the latent's size under `--enable_scaled_pos_embed` (as sd-scripts), else of the fixed one.
-    """
-
-    def __init__(self, transformer: torch.nn.Module, rate: float):
-        self.embed = transformer.pos_embed
-        self.scaled = getattr(self.embed, "scaled_pos_embeds", None)
-        croppable = self.scaled is not None or getattr(self.embed, "pos_embed_max_size", None)
-        self.active = rate > 0 and croppable and bool(torch.rand(()) < rate)
-        self.previous = None
-
-    def __enter__(self) -> None:
-        if not self.active:
-            return
-        embed, size, scaled = self.embed, self.embed.pos_embed_max_size, self.scaled
-        self.previous = embed.__dict__.get("cropped_pos_embed")
-
-        def cropped(height: int, width: int) -> torch.Tensor:
-            if scaled is not None:
-                return scaled.window(height, width, random_crop=True, device=embed.proj.weight.device)
-            h, w = height // embed.patch_size, width // embed.patch_size
-            top = int(torch.randint(0, size - h + 1, ()))
-            left = int(torch.randint(0, size - w + 1, ()))
-            grid = embed.pos_embed.reshape(1, size, size, -1)[:, top:top + h, left:left + w, :]
-            return grid.reshape(1, -1, grid.shape[-1])
-
-        embed.cropped_pos_embed = cropped
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.active:
-            return
-        if self.previous is not None:
-            self.embed.cropped_pos_embed = self.previous  # the scaled tables' centre window
-        else:
-            del self.embed.cropped_pos_embed
-
-
-# ---------------------------------------------------------------------------------------------------------
-# MMDiT targets
-# ---------------------------------------------------------------------------------------------------------
-
-
-def mmdit_targets(transformer: torch.nn.Module, args: SD3NetworkArgs, alpha: float | None) -> list[AdapterTarget]:
-    """`networks.lora_sd3`'s targets on diffusers' SD3Transformer2DModel, named and shaped as SAI layers."""
-    targets: list[AdapterTarget] = []
-    for layer in sai_keys.lora_layers(dict(transformer.config)):
-        if layer.lora_kind == "emb":
-            dims = args.emb_dims or ()
-            slot = sai_keys.emb_slot(layer.sai)
-            rank = dims[slot] if slot < len(dims) else 0
-        else:
-            rank = args.rank_for(layer.lora_kind, layer.block)
-        if not rank:
-            continue
-        modules = [transformer.get_submodule(path) for path in layer.diffusers]
-        layer_alpha = alpha or float(rank)
-        if len(modules) > 1 and args.split_qkv:
-            # one LoRA per q/k/v, saved block-diagonally at rank 3r; alpha 3α keeps each part's scale α/r
-            module, rank, layer_alpha = SplitQKVView(modules), 3 * rank, 3 * layer_alpha
-        elif len(modules) > 1:
-            module = FusedLinearView(modules)
-        elif layer.swapped:
-            module = SwappedRowsView(modules[0])
-        else:
-            module = modules[0]
-        targets.append(AdapterTarget(sai_keys.kohya_name(layer.sai), module, "unet", rank, layer_alpha))
-    return targets
-
+def _fp8(cfg: Any) -> str | None:
+    """Which frozen linears store float8 weights: with --fp8_base_unet the MMDiT's, with --fp8_base T5's too."""
+    if cfg.fp8_base_unet:
+        return "denoiser"
+    return "all" if cfg.fp8_base else None

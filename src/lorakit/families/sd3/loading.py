@@ -27,7 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, 
 
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
-from lorakit.families.common.checkpoint_io import LoadedCheckpoint, read_checkpoint
+from lorakit.checkpoint_io import LoadedCheckpoint, read_checkpoint
 from lorakit.families.common.module_io import (
     reject_checkpoint,
     assign_weights,

@@ -238,3 +238,55 @@ def _hidden_from_diffusers(pairs: dict[str, tuple[torch.Tensor | None, torch.Ten
         if b is not None and path.endswith((".attn.to_q", ".attn.to_out.0", ".ff.net.2", "transformer.context_embedder")):
             return b.shape[0]
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Explicit alphas (`lorakit lora convert --keep_alpha`)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def to_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], *, keep_alpha: bool = False) -> tuple[dict, dict]:
+    """SD3 kohya -> PEFT. With `keep_alpha` the factors are converted at scale 1 (bit for bit) and every part
+    gets an `.alpha` giving it its module's scale (alpha · part rank / module rank)."""
+    if not keep_alpha:
+        return kohya_to_diffusers(state, metadata)
+    alphas = {k.removesuffix(".alpha"): float(v) for k, v in state.items() if k.endswith(".alpha")}
+    unscaled = {k: v for k, v in state.items() if not k.endswith(".alpha")}
+    out, meta = kohya_to_diffusers(unscaled, metadata)  # no alpha: rank, i.e. scale exactly 1
+    for name, paths, module_rank in _module_parts(unscaled):
+        alpha = alphas.get(name, float(module_rank))
+        for path in paths:
+            part_rank = out[f"{path}.lora_A.weight"].shape[0]
+            out[f"{path}.alpha"] = torch.tensor(alpha * part_rank / module_rank, dtype=torch.float32)
+    return out, meta
+
+
+def from_peft(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[dict, dict]:
+    """SD3 PEFT -> kohya. `.alpha` keys (explicit scales, lora_B not folded) become the kohya alphas; without
+    them the converter's rules apply (its recorded alphas, else alpha = rank)."""
+    alphas = {k.removesuffix(".alpha"): float(v) for k, v in state.items() if k.endswith(".alpha")}
+    factors = {k: v for k, v in state.items() if not k.endswith(".alpha")}
+    if not alphas:
+        return diffusers_to_kohya(factors, metadata)
+    meta = {k: v for k, v in metadata.items() if k != ALPHAS_METADATA_KEY}
+    kohya, meta = diffusers_to_kohya(factors, meta)  # alpha = rank: the factors come back unscaled
+    for name, paths, module_rank in _module_parts(kohya):
+        values = {alphas[p] * module_rank / factors[f"{p}.lora_A.weight"].shape[0] for p in paths if p in alphas}
+        if len(values) > 1:
+            raise CheckpointError(f"key {paths[0]}.alpha: the parts of {name} give it different scales ({sorted(values)})")
+        if values:
+            kohya[f"{name}.alpha"] = torch.tensor(values.pop(), dtype=torch.float32)
+    return kohya, meta
+
+
+def _module_parts(kohya: dict[str, torch.Tensor]) -> list[tuple[str, list[str], int]]:
+    """(kohya module, the PEFT paths it splits into, its rank) for every module of a kohya SD3 state."""
+    modules = tensors_by_module(kohya)
+    hidden = hidden_from_kohya(modules)  # the converter needs it to place the last modulation's halves
+    rows = []
+    for name, tensors in modules.items():
+        single = {f"{name}.{k}": v for k, v in tensors.items() if k != "alpha"}
+        parts, _ = kohya_to_diffusers(single, hidden_size=hidden)
+        paths = [k.removesuffix(".lora_A.weight") for k in parts if k.endswith(".lora_A.weight")]
+        rows.append((name, paths, tensors["lora_down.weight"].shape[0]))
+    return rows

@@ -10,9 +10,8 @@ modulation, final linear) adds the embedders. Only the literal `True` turns on `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
 
-from lorakit.adapters.factory import family_network_kwargs
 from lorakit.errors import ConfigError
 from lorakit.families.common.network_args import parse_indices, parse_int, parse_int_list
 
@@ -37,8 +36,8 @@ class SD3NetworkArgs:
     train_t5xxl: bool = False
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "SD3NetworkArgs":
-        kwargs = family_network_kwargs(cfg)  # the keys of other algorithms (DoRA, DyLoRA, OFT, LyCORIS) are theirs to check
+    def parse(cls, kwargs: Mapping[str, str], network_dim: int) -> tuple["SD3NetworkArgs", list[str]]:
+        """The keys (those the adapter algorithm leaves to the family) and every problem with them."""
         problems = [
             f"--network_args {k}: U-Net block options do not apply to the SD3 MMDiT; use train_block_indices"
             for k in kwargs if k in FOREIGN_KEYS
@@ -57,12 +56,9 @@ class SD3NetworkArgs:
                     "[context_embedder, t_embedder, x_embedder, y_embedder, final_mod, final_linear]"
                 )
         blocks = parse_indices("train_block_indices", kwargs.get("train_block_indices"), problems)
-        if problems:
-            raise ConfigError(problems)
-        return cls(
-            cfg.network_dim or 4, type_dims, emb_dims, blocks,
-            kwargs.get("split_qkv") == "True", kwargs.get("train_t5xxl") == "True",
-        )
+        value = cls(network_dim, type_dims, emb_dims, blocks, kwargs.get("split_qkv") == "True",
+                    kwargs.get("train_t5xxl") == "True")
+        return value, problems
 
     def check_blocks(self, num_layers: int) -> None:
         """Block indices must exist in the loaded model (known only after loading)."""

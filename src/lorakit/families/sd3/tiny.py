@@ -16,16 +16,17 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import AutoencoderKL, SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from lorakit.families.base import Components
-from lorakit.families.common.checkpoint_io import write_safetensors_atomic
+from lorakit.checkpoint_io import write_safetensors_atomic
 from lorakit.families.common.tokenizers import CLIP_PAD_END, CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
 from lorakit.families.flux.loading import bundled_tiny_t5_tokenizer
 from lorakit.families.flux.tiny import TINY_T5_MAX_LENGTH
 from lorakit.families.sd.ldm_keys import vae_to_ldm
 from lorakit.families.sd3 import sai_keys
+from lorakit.families.sd3.model_files import component_configs, pipeline_of, text_encoder_state
 from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
 
 # the 1,000-piece Unigram tokenizer shipped for the tiny FLUX models serves the tiny SD3 T5 as well
@@ -73,42 +74,10 @@ def build_tiny_sd3(seed: int = 0, variant: str = "sd3", num_layers: int = 2) -> 
     return Components(modules[0], modules[1], modules[2:], tokenizers, extras)
 
 
-def pipeline_of(comps: Components):
-    """A diffusers StableDiffusion3Pipeline over these very modules."""
-    from diffusers import StableDiffusion3Pipeline
-
-    te1, te2, te3 = comps.text_encoders
-    tok1, tok2, tok3 = comps.tokenizers
-    return StableDiffusion3Pipeline(
-        transformer=comps.denoiser, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=comps.vae, text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
-        text_encoder_3=te3, tokenizer_3=tok3,
-    )
-
-
 def save_pipeline_folder(comps: Components, folder: str | Path) -> Path:
     """A diffusers StableDiffusion3Pipeline folder (model_index.json, transformer/, vae/, text_encoder(_2,_3)/, …)."""
     pipeline_of(comps).save_pretrained(str(folder))
     return Path(folder)
-
-
-def _clean(config) -> dict:
-    return {k: v for k, v in dict(config).items() if not k.startswith("_") or k == "_class_name"}
-
-
-def component_configs(comps: Components) -> dict[str, dict]:
-    te1, te2, te3 = comps.text_encoders
-    return {
-        "transformer": _clean(comps.denoiser.config), "vae": _clean(comps.vae.config),
-        "clip_l": te1.config.to_dict(), "clip_g": te2.config.to_dict(), "t5xxl": te3.config.to_dict(),
-    }
-
-
-def text_encoder_state(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """An encoder's tensors as SAI files store them (T5's embedding once, as `shared.weight`)."""
-    state = encoder.state_dict()
-    state.pop("encoder.embed_tokens.weight", None)
-    return {k: v for k, v in state.items() if not k.endswith("position_ids")}
 
 
 def save_sai_file(comps: Components, file: str | Path, *, include: tuple[str, ...] = ("vae", "clip_l", "clip_g", "t5xxl")) -> Path:

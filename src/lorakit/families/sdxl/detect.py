@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from lorakit.errors import CheckpointError
-from lorakit.families.common.checkpoint_io import read_checkpoint
+from lorakit.checkpoint_io import read_checkpoint
 
 UNET_LABEL_EMB = "model.diffusion_model.label_emb."
 OPENCLIP_G_PREFIX = "conditioner.embedders.1."

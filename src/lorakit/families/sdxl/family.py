@@ -1,4 +1,4 @@
-"""SDXL: loading, two-encoder text conditioning, size conditioning, prediction and LoRA targets.
+"""SDXL: loading, two-encoder text conditioning, size conditioning, prediction, LoRA targets and files.
 
 As sd-scripts' `sdxl_train_network.py`:
 - the U-Net is conditioned on the penultimate hidden states of CLIP-L and OpenCLIP-bigG, concatenated, and
@@ -13,15 +13,22 @@ As sd-scripts' `sdxl_train_network.py`:
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorakit.errors import ConfigError
-from lorakit.families.base import AdapterTarget, Components, TextConditioning
+from lorakit.adapters.spec import TargetSpec
+from lorakit.adapters.targets import AdapterTarget, RankChoice, kohya_name
+from lorakit.data.latent_files import LatentFileFormat
+from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
 from lorakit.families.common.text_cache import CaptionCache, whole_caption_cache
-from lorakit.families.sd.family import TEXT_ENCODER_PARENTS, UNET_ATTENTION_PARENTS, UNET_CONV_PARENTS, rank_choice
-from lorakit.families.targeting import RankChoice, collect_targets, kohya_name
+from lorakit.families.common.text_encoders import clip_targets
+from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing
+from lorakit.families.common.unet import unet_targets as diffusers_unet_targets
+from lorakit.families.sdxl.blocks import BLOCK_LAYOUT
+from lorakit.families.sdxl.lora_keys import LORA_LAYOUT
 from lorakit.objectives.ddpm import DDPMObjective
 from lorakit.precision import load_dtype
 from lorakit.transfer import to_device
@@ -32,41 +39,68 @@ TOKENS_PER_CHUNK = 77
 BASE_MODEL_VERSION = "sdxl_base_v1-0"
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
-DEFAULT_RESOLUTION = (1024, 1024)
 TEXT_ENCODER_PREFIXES = ("lora_te1", "lora_te2")
 
 
-class StableDiffusionXLFamily:
+class StableDiffusionXLFamily(ModelFamily):
     """SDXL base 1.0 (and fine-tunes of it) with CLIP-L + OpenCLIP-bigG text encoders."""
 
     name = "sdxl"
-    default_network_module = "networks.lora"  # sd-scripts' LoRA module for this family
+    title = "SDXL"
+    default_network_module = "networks.lora"
+    bucket_step = 32
+    block_layout = BLOCK_LAYOUT
+    all_layers_args = {"conv_dim": "1", "conv_alpha": "1"}
+    oft_attention = re.compile(r"_attn\d_(to_q|to_k|to_v|to_out_0)$")
+    lora_hints = (LoraHint(40, ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_",
+                                "text_encoder_2.")),)
+    version_prefixes = ("sdxl",)
+    architecture_fragments = ("stable-diffusion-xl",)
+    inference = InferenceDefaults(steps=30, guidance_scale=7.5, resolution=1024)
+    comfy_diffusers = "text encoder only (U-Net PEFT keys are not mapped)"
 
     def __init__(self) -> None:
         self.vae_in_float32 = False
         self.text_cache: CaptionCache | None = None
 
+    @property
+    def latent_format(self) -> LatentFileFormat:
+        return LatentFileFormat("_sdxl.npz", False, 0.13025)
+
+    @property
+    def lora_layout(self):
+        return LORA_LAYOUT
+
+    def owns_checkpoint(self, path: str) -> bool:
+        from lorakit.families.sdxl.detect import is_sdxl_checkpoint
+
+        return is_sdxl_checkpoint(path)
+
+    def option_warnings(self, cfg: Any) -> list[str]:
+        warnings = []
+        if cfg.clip_skip:
+            warnings.append("--clip_skip is ignored for SDXL: it always uses the penultimate layer of both encoders")
+        if cfg.mixed_precision == "fp16" and not cfg.no_half_vae:
+            warnings.append("the SDXL VAE overflows in fp16 (NaN latents are zeroed); add --no_half_vae to keep it in float32")
+        return warnings
+
     # -- loading -----------------------------------------------------------------------------------------
 
-    def load(self, cfg: Any) -> Components:
-        from lorakit.families.sdxl.loading import load_sdxl_components
-
+    def load(self, cfg: Any, spec: TargetSpec | None = None) -> Components:
         self._read_options(cfg)
-        return load_sdxl_components(
-            cfg.pretrained_model_name_or_path, v_parameterization=cfg.v_parameterization, vae_path=cfg.vae,
-            dtype=load_dtype(cfg),
-        )
+        return self.load_model(ModelSource(cfg.pretrained_model_name_or_path, {"vae": cfg.vae} if cfg.vae else {},
+                                           load_dtype(cfg), v_parameterization=cfg.v_parameterization))
 
     def _read_options(self, cfg: Any) -> None:
         """Remember the SDXL-specific switches that change how images and text are encoded."""
-        if getattr(cfg, "v2", False):
-            raise ConfigError(["--v2 selects an SD 2.x model; SDXL models take no --v2"])
-        if getattr(cfg, "clip_skip", None):
-            log.warning("--clip_skip is ignored for SDXL: it always uses the penultimate layer of both encoders")
-        self.vae_in_float32 = bool(getattr(cfg, "no_half_vae", False))
-        if getattr(cfg, "mixed_precision", "no") == "fp16" and not self.vae_in_float32:
-            log.warning("the SDXL VAE overflows in fp16 (NaN latents are zeroed); add --no_half_vae to keep it in float32")
+        self.vae_in_float32 = bool(cfg.no_half_vae)
         self.text_cache = whole_caption_cache(cfg)
+
+    def load_model(self, source: ModelSource) -> Components:
+        from lorakit.families.sdxl.loading import load_sdxl_components
+
+        return load_sdxl_components(source.path, v_parameterization=source.v_parameterization,
+                                    vae_path=source.files.get("vae"), dtype=source.dtype or torch.float32)
 
     def objective(self, cfg: Any, comps: Components) -> DDPMObjective:
         return DDPMObjective.from_options(cfg, "v_prediction" if cfg.v_parameterization else "epsilon")
@@ -74,18 +108,13 @@ class StableDiffusionXLFamily:
     # -- images ------------------------------------------------------------------------------------------
 
     def encode_images(self, comps: Components, images: torch.Tensor) -> torch.Tensor:
-        vae = self._vae(comps)
-        latents = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample()
-        # a NaN from an fp16 VAE would poison every later step; sd-scripts zeroes them the same way
-        latents = torch.nan_to_num(latents, nan=0.0)
-        return latents * vae.config.scaling_factor
+        return encode_scaled(self._vae(comps), images)
 
     def decode_latents(self, comps: Components, latents: torch.Tensor) -> torch.Tensor:
-        vae = self._vae(comps)
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return decode_scaled(self._vae(comps), latents)
 
     def _vae(self, comps: Components) -> torch.nn.Module:
-        """The VAE, in float32 under --no_half_vae: the training loop already keeps it there; this covers callers
+        """The VAE, in float32 under --no_half_vae: the training setup already keeps it there; this covers callers
         that cast the whole model to one dtype themselves."""
         vae = comps.vae
         if self.vae_in_float32 and vae.dtype != torch.float32:
@@ -138,41 +167,34 @@ class StableDiffusionXLFamily:
         """How U-Net module paths are renamed in file names (SGM layout), for adapters that walk the model."""
         return sgm_module_path(comps)
 
-    def adapter_targets(self, comps: Components, cfg: Any) -> list[AdapterTarget]:
-        ranks = rank_choice(cfg)
+    def adapter_targets(self, comps: Components, spec: TargetSpec) -> list[AdapterTarget]:
         targets: list[AdapterTarget] = []
-        if not cfg.network_train_text_encoder_only:
-            targets += unet_targets(comps.denoiser, ranks)
-        if not cfg.network_train_unet_only:
+        if spec.train_unet:
+            targets += unet_targets(comps.denoiser, spec.ranks)
+        if spec.train_text_encoder:
             for prefix, encoder in zip(TEXT_ENCODER_PREFIXES, comps.text_encoders):
-                # transformers 5 dropped the `text_model.` level from CLIPTextModel; kohya names keep it
-                path_prefix = "" if hasattr(encoder, "text_model") else "text_model."
-                targets += collect_targets(
-                    encoder, prefix=prefix, component="text_encoder", parent_classes=TEXT_ENCODER_PARENTS,
-                    ranks=ranks, path_prefix=path_prefix,
-                )
+                targets += clip_targets(encoder, prefix, spec.ranks)
         return targets
 
-    def text_encoders_to_train(self, comps: Components, cfg: Any) -> list[torch.nn.Module]:
-        return [] if cfg.network_train_unet_only else list(comps.text_encoders)
+    def text_encoders_to_train(self, comps: Components, spec: TargetSpec) -> list[torch.nn.Module]:
+        return list(comps.text_encoders) if spec.train_text_encoder else []
 
     def enable_gradient_checkpointing(self, comps: Components, train_text_encoder: bool) -> None:
-        comps.denoiser.enable_gradient_checkpointing()
-        if train_text_encoder:
-            for encoder in comps.text_encoders:
-                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        gradient_checkpointing(comps.denoiser, list(comps.text_encoders) if train_text_encoder else [])
 
-    def pipeline(self, comps: Components, sampler: str = "ddim") -> Any:
+    # -- sampling ----------------------------------------------------------------------------------------
+
+    def pipeline(self, comps: Components, sampler: str | None = None) -> Any:
         """A diffusers SDXL pipeline over these very modules (LoRA applied to them shows in its output)."""
         from diffusers import StableDiffusionXLPipeline
 
-        from lorakit.sampling.samplers import build_sampler
+        from lorakit.objectives.samplers import build_sampler
 
         te1, te2 = comps.text_encoders
         tok1, tok2 = comps.tokenizers
         return StableDiffusionXLPipeline(
             vae=self._vae(comps), text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
-            unet=comps.denoiser, scheduler=build_sampler(sampler, comps.extras.get("prediction_type", "epsilon")),
+            unet=comps.denoiser, scheduler=build_sampler(sampler or "ddim", comps.extras.get("prediction_type", "epsilon")),
         )
 
     # -- metadata ----------------------------------------------------------------------------------------
@@ -180,9 +202,21 @@ class StableDiffusionXLFamily:
     def metadata(self, cfg: Any) -> dict[str, str]:
         return {"ss_base_model_version": BASE_MODEL_VERSION, "ss_v2": "False"}
 
-    def modelspec_architecture(self, cfg: Any) -> tuple[str, str, tuple[int, int]]:
-        """(architecture, implementation, default resolution) for the modelspec.* keys."""
-        return MODELSPEC_ARCHITECTURE, MODELSPEC_IMPLEMENTATION, DEFAULT_RESOLUTION
+    def base_model(self, version: str | None, *, variant: str | None = None, v_prediction: bool = False) -> BaseModelFacts:
+        return BaseModelFacts(BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE, MODELSPEC_IMPLEMENTATION, 1024,
+                              "v" if v_prediction else "epsilon")
+
+    # -- whole-model files -------------------------------------------------------------------------------
+
+    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
+        from lorakit.families.sdxl.sgm_keys import save_sdxl_single_file
+
+        save_sdxl_single_file(comps, path, fmt=kind)
+
+    def save_folder(self, comps: Components, path: Path) -> None:
+        from lorakit.families.sdxl.model_files import save_sdxl_diffusers_folder
+
+        save_sdxl_diffusers_folder(comps, path)
 
 
 def sgm_module_path(comps: Components):
@@ -196,15 +230,10 @@ def unet_targets(unet: torch.nn.Module, ranks: RankChoice) -> list[AdapterTarget
     """The U-Net's LoRA targets (as the SD family chooses them), renamed to their SGM module paths."""
     from lorakit.families.sdxl.sgm_keys import SgmUnetNames
 
-    targets = collect_targets(unet, prefix="lora_unet", component="unet", parent_classes=UNET_ATTENTION_PARENTS, ranks=ranks)
-    if ranks.conv_rank:
-        targets += collect_targets(
-            unet, prefix="lora_unet", component="unet", parent_classes=UNET_CONV_PARENTS, ranks=ranks, include_spatial=True
-        )
     names = SgmUnetNames(dict(unet.config))
     layers = ((path, m) for path, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
     sgm_name = {kohya_name("lora_unet", path): kohya_name("lora_unet", names.module(path)) for path, _ in layers}
-    return [AdapterTarget(sgm_name[t.name], t.module, t.component, t.rank, t.alpha) for t in targets]
+    return [AdapterTarget(sgm_name[t.name], t.module, t.component, t.rank, t.alpha) for t in diffusers_unet_targets(unet, ranks)]
 
 
 def vae_scale_factor(comps: Components) -> int:

@@ -24,7 +24,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
 
 from lorakit.families.base import Components
-from lorakit.families.common.checkpoint_io import write_safetensors_atomic, write_torch_atomic
+from lorakit.checkpoint_io import write_safetensors_atomic, write_torch_atomic
 from lorakit.families.sd import ldm_keys
 from lorakit.families.sd.ldm_keys import CONFIGS_CKPT_KEY, CONFIGS_METADATA_KEY, UNET_PREFIX, VAE_PREFIX
 

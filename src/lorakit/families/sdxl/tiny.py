@@ -9,19 +9,18 @@ tells them apart by width, and equal widths would hide a swapped-encoder bug.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lorakit.families.base import Components
-from lorakit.families.common.checkpoint_io import save_pipeline_atomic
 from lorakit.families.common.tokenizers import CLIP_PAD_END, CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
 from lorakit.families.sdxl.loading import bundled_config, noise_scheduler_config
-from lorakit.toy.tiny_models import tiny_vae_config
+from lorakit.families.sdxl.model_files import save_sdxl_diffusers_folder  # noqa: F401 (the fixtures' folder writer)
+from lorakit.families.sd.tiny import tiny_vae_config
 
 TE1_WIDTH, TE2_WIDTH, TIME_EMBED_DIM = 32, 64, 8
 
@@ -81,17 +80,32 @@ def build_tiny_sdxl(seed: int = 0, v_parameterization: bool = False) -> Componen
     return Components(unet, vae, [te1, te2], tokenizers, extras)
 
 
-def save_sdxl_diffusers_folder(components: Components, path: str | os.PathLike[str]) -> None:
-    """Write a StableDiffusionXLPipeline folder that lorakit and diffusers' `from_pretrained` both load.
+# ---------------------------------------------------------------------------------------------------------
+# `lorakit bench`: the tiny model, or SDXL's real shapes with random weights, as an SGM single file
+# ---------------------------------------------------------------------------------------------------------
 
-    Assembled beside the target and renamed into place, so an interrupted save never leaves half a model.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    te1, te2 = components.text_encoders
-    tok1, tok2 = components.tokenizers
-    pipeline = StableDiffusionXLPipeline(
-        vae=components.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
-        unet=components.denoiser, scheduler=EulerDiscreteScheduler.from_config(components.extras["noise_scheduler_config"]),
-    )
-    save_pipeline_atomic(pipeline, target)
+
+def bench_files(size: str, folder: Path, blocks: tuple[int, int] | None = None) -> tuple[list[str], list[str]]:
+    """The `lorakit train` options naming the benchmark model's files (written on first use), and notes."""
+    from lorakit.families.common.bench_files import single_file
+    from lorakit.families.sdxl.sgm_keys import save_sdxl_single_file
+
+    return single_file(folder, lambda path: save_sdxl_single_file(build_bench_model(size), path)), []
+
+
+def build_bench_model(size: str) -> Components:
+    if size == "tiny":
+        return build_tiny_sdxl(seed=0)
+    from transformers import CLIPTextModelWithProjection
+
+    from lorakit.families.common.bench_files import clean_config, default_dtype
+
+    tiny = build_tiny_sdxl(seed=0)  # for its tokenizers and scheduler extras
+    torch.manual_seed(0)
+    with default_dtype(torch.bfloat16):
+        unet = UNet2DConditionModel(**clean_config(bundled_config("unet")))
+        vae = AutoencoderKL(**clean_config(bundled_config("vae")))
+        te1 = CLIPTextModel(CLIPTextConfig(**clean_config(bundled_config("text_encoder"))))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**clean_config(bundled_config("text_encoder_2"))))
+    tiny.denoiser, tiny.vae, tiny.text_encoders = unet.eval(), vae.eval(), [te1.eval(), te2.eval()]
+    return tiny

@@ -25,6 +25,7 @@ import torch
 
 from lorakit.errors import CheckpointError
 from lorakit.families.flux import bfl_keys
+from lorakit.families.flux.lora_keys import LORA_LAYOUT as FLUX_LAYOUT
 
 __all__ = ["diffusers_to_kohya", "kohya_to_diffusers"]
 
@@ -94,8 +95,6 @@ def kohya_to_diffusers(
     state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, keep_alpha: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A kohya FLUX LoRA as PEFT keys (alpha folded into lora_B, or kept as `.alpha` with `keep_alpha`)."""
-    from lorakit.tools.layouts import FLUX_LAYOUT
-
     modules = _group(state, _kohya_role)
     counts = _block_counts([(m[1], int(m[2])) for name in modules if (m := _BLOCK.match(name))])
     table = _layer_table(*counts)
@@ -153,8 +152,6 @@ def diffusers_to_kohya(
     state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A PEFT-layout FLUX LoRA as kohya keys (fused BFL modules); alpha from `.alpha` keys, else rank."""
-    from lorakit.tools.layouts import FLUX_LAYOUT
-
     pairs = _group(state, _peft_role)
     counts = _block_counts([(m[1], int(m[2])) for path in pairs if (m := _PATH_BLOCK.search(path))])
     owner = {f"transformer.{p}": (name, index) for name, parts in _layer_table(*counts).items() for index, p in enumerate(parts)}

@@ -10,9 +10,7 @@ the `lorakit.configs` metadata (as the tiny models' files do) and is written to 
 from __future__ import annotations
 
 import json
-import math
-import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,7 +18,7 @@ from torch import nn
 
 from lorakit.families.base import Components
 from lorakit.atomic import staged_file
-from lorakit.families.common.checkpoint_io import write_safetensors_atomic
+from lorakit.checkpoint_io import write_safetensors_atomic, write_safetensors_streaming
 from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
 from lorakit.families.flux import bfl_keys
 from lorakit.families.flux.loading import load_clip_l_file, load_t5_file, load_transformer_file
@@ -34,6 +32,25 @@ def load_flux_parts(flux_model: str, *, clip_l: str | None = None, t5xxl: str | 
     clip = load_clip_l_file(Path(clip_l), dtype).eval() if clip_l else None
     t5 = load_t5_file(Path(t5xxl), dtype).eval() if t5xxl else None
     return Components(transformer, None, [clip, t5], [], {"source": flux_model, "schnell": not transformer.config.guidance_embeds})
+
+
+def load_transformer_alone(path: str, dtype: torch.dtype = torch.float32) -> Components:
+    """Only the transformer: of a BFL/diffusers-named file, or of a diffusers folder (the pipeline folder or its
+    `transformer/`)."""
+    from diffusers import FluxTransformer2DModel
+
+    from lorakit.errors import CheckpointError
+    from lorakit.families.common.module_io import from_pretrained
+
+    folder = Path(path)
+    if folder.is_file():
+        transformer = load_transformer_file(folder, dtype)
+    else:
+        subfolder = "transformer" if (folder / "transformer" / "config.json").is_file() else ""
+        if not (folder / subfolder / "config.json").is_file():
+            raise CheckpointError(f"{path}: not a diffusers FLUX transformer folder (no config.json, no transformer/config.json)")
+        transformer = from_pretrained(FluxTransformer2DModel, folder, subfolder, what="FLUX transformer", torch_dtype=dtype)
+    return Components(transformer.eval(), None, [None, None], [], {"source": path, "schnell": not transformer.config.guidance_embeds})
 
 
 def _metadata(component: str, config: dict) -> dict[str, str]:
@@ -75,37 +92,6 @@ def _bfl_pieces(state: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tens
             converted = bfl_keys.diffusers_to_bfl(block)
             first = f"{bfl_prefix}.0."
             yield {f"{bfl_prefix}.{index}.{k[len(first):]}": v for k, v in converted.items() if k.startswith(first)}
-
-
-_SAFETENSORS_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
-}
-
-
-def write_safetensors_streaming(
-    path: Path, layout: dict[str, tuple[torch.Size, torch.dtype]], pieces: Iterable[dict[str, torch.Tensor]], metadata: dict[str, str]
-) -> None:
-    """A safetensors file whose header is written from `layout` first and whose tensors then arrive in pieces
-    (in the order of `layout`), so no more than one piece is ever held beside the model."""
-    header: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
-    for name, (shape, dtype) in layout.items():
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    names = iter(layout)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for piece in pieces:
-            for name, tensor in piece.items():
-                expected = next(names)
-                if name != expected or tensor.shape != layout[name][0] or tensor.dtype != layout[name][1]:
-                    raise RuntimeError(f"streamed tensor {name} does not match the planned header entry {expected}")
-                f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def save_clip_l_file(clip: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:

@@ -1,4 +1,4 @@
-"""The `--sample_sampler` names of sd-scripts mapped to diffusers schedulers (SD 1.x/2.x and SDXL)."""
+"""The `--sample_sampler` names of sd-scripts mapped to diffusers schedulers over the DDPM training schedule (SD 1.x/2.x, SDXL)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Finding the layers an adapter attaches to, and naming them the way kohya-format files do.
+"""The layers an adapter attaches to (`AdapterTarget`), found and named the way kohya-format files name them.
 
 A kohya module name is `<prefix>_<module path with every "." replaced by "_">`, for example
 `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`. Loaders in ComfyUI, Forge,
@@ -12,7 +12,21 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lorakit.families.base import AdapterTarget
+
+@dataclass
+class AdapterTarget:
+    """One layer an adapter attaches to.
+
+    `name` is the kohya module name (e.g. `lora_unet_down_blocks_0_attentions_0_proj_in`), `module` the
+    `nn.Linear`/`nn.Conv2d`, `component` is "unet" or "text_encoder" (used for learning-rate groups), and
+    `rank`/`alpha` the size chosen for it (LierLa vs C3Lier differ for 3x3 convs).
+    """
+
+    name: str
+    module: nn.Module
+    component: str
+    rank: int
+    alpha: float
 
 
 @dataclass(frozen=True)
@@ -23,6 +37,12 @@ class RankChoice:
     alpha: float
     conv_rank: int | None = None
     conv_alpha: float | None = None
+
+
+def clip_path_prefix(encoder: nn.Module) -> str:
+    """The `text_model.` level kohya names of CLIP text-encoder layers carry: transformers 5 dropped it from
+    CLIPTextModel, sd-scripts' files (and every loader) keep it."""
+    return "" if hasattr(encoder, "text_model") else "text_model."
 
 
 def kohya_name(prefix: str, module_path: str) -> str:

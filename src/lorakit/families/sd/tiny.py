@@ -8,18 +8,17 @@ milliseconds. 64 px images map to 8x8 latents, the same factor 8 as the real VAE
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lorakit.families.base import Components
-from lorakit.families.common.checkpoint_io import save_pipeline_atomic
 from lorakit.families.common.tokenizers import CLIP_PAD_END, CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
 from lorakit.families.sd.loading import noise_scheduler_config
+from lorakit.families.sd.model_files import save_sd_diffusers_folder  # noqa: F401 (the fixtures' folder writer)
 
 TinyVersion = Literal["sd1", "sd2", "sd2v"]
 
@@ -95,24 +94,29 @@ def build_tiny_sd(version: TinyVersion = "sd1", seed: int = 0) -> Components:
     return Components(unet, vae, [text_encoder], [tokenizer], extras)
 
 
-def save_sd_diffusers_folder(components: Components, path: str | os.PathLike[str]) -> None:
-    """Write a StableDiffusionPipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    scheduler/) that both lorakit and diffusers' `StableDiffusionPipeline.from_pretrained` load.
+# ---------------------------------------------------------------------------------------------------------
+# `lorakit bench`: the tiny model, or SD 1.5's real shapes with random weights, as an LDM single file
+# ---------------------------------------------------------------------------------------------------------
 
-    The folder is assembled beside the target and renamed into place, so an interrupted save never leaves a
-    half-written model where a complete one is expected.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scheduler = DDPMScheduler.from_config(components.extras["noise_scheduler_config"])
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoders[0],
-        tokenizer=components.tokenizers[0],
-        unet=components.denoiser,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    save_pipeline_atomic(pipeline, target)
+BENCH_ALIASES = {"sd15": "real"}  # `lorakit bench --size sd15` is this family at real size
+
+
+def bench_files(size: str, folder: Path, blocks: tuple[int, int] | None = None) -> tuple[list[str], list[str]]:
+    """The `lorakit train` options naming the benchmark model's files (written on first use), and notes."""
+    from lorakit.families.common.bench_files import single_file
+    from lorakit.families.sd.ldm_keys import save_sd_single_file
+
+    return single_file(folder, lambda path: save_sd_single_file(build_bench_model(size), path)), []
+
+
+def build_bench_model(size: str) -> Components:
+    if size == "tiny":
+        return build_tiny_sd("sd1", seed=0)
+    from lorakit.families.common.bench_files import clean_config
+    from lorakit.families.sd.loading import bundled_config
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**clean_config(bundled_config("sd15", "unet")))
+    vae = AutoencoderKL(**clean_config(bundled_config("sd15", "vae")))
+    text = CLIPTextModel(CLIPTextConfig(**clean_config(bundled_config("sd15", "text_encoder"))))
+    return Components(unet.eval(), vae.eval(), [text.eval()], [bundled_clip_tokenizer()], {"prediction_type": "epsilon"})

@@ -8,9 +8,13 @@ runs code from the file.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pickle
+import struct
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,3 +174,34 @@ def save_pipeline_atomic(pipeline: Any, path: str | os.PathLike[str]) -> Path:
     with staged_folder(target) as staging:
         pipeline.save_pretrained(str(staging), safe_serialization=True)
     return target
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def write_safetensors_streaming(
+    path: Path, layout: dict[str, tuple[torch.Size, torch.dtype]], pieces: Iterable[dict[str, torch.Tensor]], metadata: dict[str, str]
+) -> None:
+    """A safetensors file whose header is written from `layout` first and whose tensors then arrive in pieces
+    (in the order of `layout`), so no more than one piece is ever held beside the model."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, (shape, dtype) in layout.items():
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    names = iter(layout)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for piece in pieces:
+            for name, tensor in piece.items():
+                expected = next(names)
+                if name != expected or tensor.shape != layout[name][0] or tensor.dtype != layout[name][1]:
+                    raise RuntimeError(f"streamed tensor {name} does not match the planned header entry {expected}")
+                f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())

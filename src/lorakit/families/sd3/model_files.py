@@ -13,13 +13,12 @@ from pathlib import Path
 import torch
 
 from lorakit.families.base import Components
-from lorakit.families.common.checkpoint_io import write_safetensors_atomic
+from lorakit.checkpoint_io import write_safetensors_atomic
 from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
 from lorakit.families.sd.ldm_keys import vae_to_ldm
 from lorakit.families.sd3 import sai_keys
-from lorakit.families.sd3.tiny import _clean, text_encoder_state
 
-__all__ = ["load_sai_parts", "save_sai_single_file"]
+__all__ = ["component_configs", "load_sai_parts", "pipeline_of", "save_sai_single_file", "text_encoder_state"]
 
 ENCODER_NAMES = ("clip_l", "clip_g", "t5xxl")
 
@@ -53,3 +52,35 @@ def save_sai_single_file(comps: Components, path: str | Path, dtype: torch.dtype
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     write_safetensors_atomic(state, path, {CONFIGS_METADATA_KEY: json.dumps(configs, default=list)})
+
+
+def pipeline_of(comps: Components):
+    """A diffusers StableDiffusion3Pipeline over these very modules."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    te1, te2, te3 = comps.text_encoders
+    tok1, tok2, tok3 = comps.tokenizers
+    return StableDiffusion3Pipeline(
+        transformer=comps.denoiser, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=comps.vae, text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
+        text_encoder_3=te3, tokenizer_3=tok3,
+    )
+
+
+def _clean(config) -> dict:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_") or k == "_class_name"}
+
+
+def component_configs(comps: Components) -> dict[str, dict]:
+    te1, te2, te3 = comps.text_encoders
+    return {
+        "transformer": _clean(comps.denoiser.config), "vae": _clean(comps.vae.config),
+        "clip_l": te1.config.to_dict(), "clip_g": te2.config.to_dict(), "t5xxl": te3.config.to_dict(),
+    }
+
+
+def text_encoder_state(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An encoder's tensors as SAI files store them (T5's embedding once, as `shared.weight`)."""
+    state = encoder.state_dict()
+    state.pop("encoder.embed_tokens.weight", None)
+    return {k: v for k, v in state.items() if not k.endswith("position_ids")}
