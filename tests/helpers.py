@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from PIL import Image
 
-from lorakit.families.sd.ldm_keys import save_sd_single_file
+from lorakit.families.common.ldm_keys import save_sd_single_file
 from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 
 
@@ -73,10 +73,15 @@ def family_args_of(family, options):
 
 
 def build_from_options(options, family, comps, device):
-    """`build_network` for the network the options describe."""
+    """`build_network` for the network the options describe, with its --network_weights loaded as training loads them."""
     from lorakit.adapters.factory import build_network
+    from lorakit.adapters.formats import load_lora_file
 
-    return build_network(spec_of(family, options), family, comps, device)
+    spec = spec_of(family, options)
+    network = build_network(spec, family, comps, device)
+    if spec.weights:
+        network.load_kohya_state_dict(load_lora_file(spec.weights)[0], source=spec.weights)
+    return network
 
 
 def targets_of(family, comps, options):

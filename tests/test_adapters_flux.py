@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import network_options as options, build_from_options
-from lorakit.adapters.factory import algorithm_family_args
+from lorakit.adapters.algorithms import algorithm_family_args
 from lorakit.adapters.spec import TargetSpec
 from lorakit.adapters.oft import OFTModule
 from lorakit.errors import ConfigError

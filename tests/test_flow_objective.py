@@ -15,7 +15,7 @@ from lorakit.objectives.flow import (
     add_flow_noise,
     apply_model_prediction_type,
     density_samples,
-    flux_shift_mu,
+    resolution_shift_mu,
     loss_weighting,
     sample_sigmas,
     scheduler_sigmas,
@@ -44,9 +44,9 @@ def test_shift_formula():
     assert torch.equal(shift_sigmas(s, 1.0), s)
 
 
-def test_flux_shift_mu_and_time_shift():
-    assert flux_shift_mu(256) == pytest.approx(0.5) and flux_shift_mu(4096) == pytest.approx(1.15)
-    assert flux_shift_mu(1024) == pytest.approx(0.5 + 0.65 * (1024 - 256) / 3840)
+def test_resolution_shift_mu_and_time_shift():
+    assert resolution_shift_mu(256) == pytest.approx(0.5) and resolution_shift_mu(4096) == pytest.approx(1.15)
+    assert resolution_shift_mu(1024) == pytest.approx(0.5 + 0.65 * (1024 - 256) / 3840)
     s = torch.tensor([0.25, 0.5])
     assert torch.allclose(time_shift(0.7, 1.0, s), math.exp(0.7) / (math.exp(0.7) + (1 / s - 1)))
 
@@ -64,7 +64,7 @@ def test_shift_and_flux_shift_are_the_sigmoid_draws_shifted():
     shifted = sample_sigmas(FlowOptions(timestep_sampling="shift", discrete_flow_shift=3.1582), 64, 16, generator=gen(2))
     assert torch.allclose(shifted, 3.1582 * base / (1 + 2.1582 * base), atol=1e-6)
     flux = sample_sigmas(FlowOptions(timestep_sampling="flux_shift"), 64, 1024, generator=gen(2))
-    mu = flux_shift_mu(1024)
+    mu = resolution_shift_mu(1024)
     assert torch.allclose(flux, math.exp(mu) / (math.exp(mu) + 1 / base - 1), atol=1e-6)
 
 

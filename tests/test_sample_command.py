@@ -217,7 +217,7 @@ def test_flux_fp8_transformer(models, loras, tmp_path):
 
 def test_sd2_v_single_file(tmp_path):
     """SD 2.x v-prediction from an LDM single file: --v2 --v_parameterization reach the loader and the sampler."""
-    from lorakit.families.sd.ldm_keys import save_sd_single_file
+    from lorakit.families.common.ldm_keys import save_sd_single_file
     from lorakit.families.sd.tiny import build_tiny_sd
 
     model = tmp_path / "sd2v.safetensors"

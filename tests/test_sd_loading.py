@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from lorakit.errors import CheckpointError
 from lorakit.checkpoint_io import read_checkpoint
 from lorakit.families.common.tokenizers import CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
-from lorakit.families.sd.ldm_keys import components_to_ldm, save_sd_single_file, vae_to_ldm
+from lorakit.families.common.ldm_keys import components_to_ldm, save_sd_single_file, vae_to_ldm
 from lorakit.families.sd.loading import bundled_config, load_sd_components
 from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 

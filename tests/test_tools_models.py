@@ -11,7 +11,7 @@ from lorakit.adapters.formats import load_lora_file, save_lora_file
 from lorakit.adapters.network import LoRANetwork
 from lorakit.cli.lora import main
 from lorakit.families.sd.family import StableDiffusionFamily
-from lorakit.families.sd.ldm_keys import save_sd_single_file
+from lorakit.families.common.ldm_keys import save_sd_single_file
 from lorakit.families.sd.loading import load_sd_components
 from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 from lorakit.tools.common import load_lora

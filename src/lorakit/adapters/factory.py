@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from lorakit.adapters.algorithms import DyLoRAOptions, LoRAOptions, OFTOptions, algorithm_of, available_modules
 from lorakit.adapters.base import AdapterModule
 from lorakit.adapters.network import LoRANetwork
-from lorakit.adapters.spec import TargetSpec, parse_bool, parse_int, with_family_args
+from lorakit.adapters.spec import TargetSpec, with_family_args
 from lorakit.adapters.targets import AdapterTarget
 from lorakit.errors import ConfigError
 
@@ -33,114 +33,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lorakit")
 
-GENERIC_MODULES = {
-    "networks.lora": "lora", "networks.lora_fa": "lora_fa", "networks.dylora": "dylora", "networks.oft": "oft",
-    "lycoris.kohya": "lycoris",
-}
-
-#: --network_args an algorithm reads itself; the family's target selection does not see them (families check
-#: their keys against sd-scripts' LoRA module for them, which has no DoRA or DyLoRA)
-DORA_ARGS = ("dora_wd", "wd_on_output")
-DYLORA_ARGS = ("unit",)
-
-
-@dataclass(frozen=True)
-class LoRAOptions:
-    dora: bool = False  # dora_wd=True: DoRA modules
-    wd_on_output: bool = False  # DoRA's magnitude per output row (default: per input column)
-
-
-@dataclass(frozen=True)
-class DyLoRAOptions:
-    unit: int = 1
-
-
-@dataclass(frozen=True)
-class OFTOptions:
-    enable_all_linear: bool = False
-    enable_conv: bool = False
-    per_part: bool = False  # one rotation per part of a fused layer (sd-scripts' networks.oft_flux)
-
-
-def algorithm_of(module: str, family: "ModelFamily") -> str | None:
-    """The algorithm a --network_module names for this family (None: not available)."""
-    if module in GENERIC_MODULES:
-        return GENERIC_MODULES[module]
-    if module in family.lora_network_modules:
-        return "lora"
-    if module in family.oft_network_modules:
-        return "oft"
-    return None
-
-
-def available_modules(family: "ModelFamily") -> list[str]:
-    return [*GENERIC_MODULES, *family.lora_network_modules, *family.oft_network_modules]
-
-
-def parse_algorithm_args(spec: TargetSpec, family: "ModelFamily", problems: list[str]) -> Any:
-    """The algorithm's own options from --network_args (problems appended, not raised)."""
-    algorithm = algorithm_of(spec.module, family)
-    args = spec.args
-    if algorithm is None:
-        problems.append(f"--network_module {spec.module}: not available for {family.title} models "
-                        f"(available: {', '.join(available_modules(family))})")
-        return None
-    if algorithm == "lora":
-        return LoRAOptions(parse_bool(args, "dora_wd", problems), parse_bool(args, "wd_on_output", problems))
-    if algorithm == "dylora":
-        return _dylora_options(spec, problems)
-    if algorithm == "oft":
-        return OFTOptions(parse_bool(args, "enable_all_linear", problems), parse_bool(args, "enable_conv", problems),
-                          per_part=spec.module in family.oft_network_modules)
-    if algorithm == "lycoris":
-        from lorakit.adapters.lycoris_bridge import LycorisOptions, block_layout
-
-        try:
-            layout = block_layout(family.block_layout, args)
-            return LycorisOptions.parse(args, spec.rank, spec.alpha_option, spec.dropout, layout)
-        except ConfigError as error:
-            problems += error.problems
-            return None
-    return None  # networks.lora_fa has no options of its own
-
-
-def _dylora_options(spec: TargetSpec, problems: list[str]) -> DyLoRAOptions:
-    args = spec.args
-    unit = parse_int(args, "unit", problems, 1)
-    if "conv_dim" in args and parse_int(args, "conv_dim", problems, spec.rank) != spec.rank:
-        problems.append(f"--network_args conv_dim={args['conv_dim']}: DyLoRA needs conv_dim equal to --network_dim ({spec.rank})")
-    if unit < 1 or spec.rank % unit:
-        problems.append(f"--network_args unit={unit}: --network_dim {spec.rank} must be a multiple of it")
-    if str(args.get("split_qkv", "")) == "True":
-        # a split LoRA is one rank-3r module with a block-diagonal up matrix; DyLoRA's truncation to the first
-        # b components would train q's block only
-        problems.append("--network_args split_qkv=True: not available with networks.dylora (its rank truncation "
-                        "does not apply to the per-part LoRAs of a split layer)")
-    return DyLoRAOptions(unit)
-
-
-def algorithm_family_args(spec: TargetSpec, family: "ModelFamily") -> dict[str, str]:
-    """The --network_args the model family reads and checks for this algorithm.
-
-    A family checks its keys against sd-scripts' LoRA module for it, which knows neither DoRA's and DyLoRA's
-    keys nor OFT's and LyCORIS' (those choose their layers and check their keys here): the algorithm's own keys
-    are left out, and OFT and LyCORIS leave the family none.
-    """
-    algorithm = algorithm_of(spec.module, family)
-    if algorithm in (None, "oft", "lycoris"):
-        return {}
-    own = DORA_ARGS if algorithm == "lora" else DYLORA_ARGS if algorithm == "dylora" else ()
-    return {k: v for k, v in spec.args.items() if k not in own}
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------------------
 
 
-def build_network(spec: TargetSpec, family: "ModelFamily", comps: "Components", device: torch.device | str,
-                  load_weights: bool = True) -> LoRANetwork:
-    """The network the spec describes, attached to the model, with --network_weights loaded."""
+def build_network(spec: TargetSpec, family: "ModelFamily", comps: "Components", device: torch.device | str) -> LoRANetwork:
+    """The network the spec describes, attached to the model (its `weights` are loaded by the caller)."""
     builders: dict[str, Callable[..., LoRANetwork]] = {
         "lora": _lora_network, "lora_fa": _lora_fa_network, "dylora": _dylora_network, "oft": _oft_network,
         "lycoris": _lycoris_network,
@@ -150,12 +49,6 @@ def build_network(spec: TargetSpec, family: "ModelFamily", comps: "Components", 
         raise ConfigError([f"--network_module {spec.module}: not available (available: {', '.join(available_modules(family))})"])
     network = builders[algorithm](spec, family, comps)
     network.apply_to()
-    if load_weights and spec.weights:
-        from lorakit.adapters.formats import load_lora_file
-
-        state, _ = load_lora_file(spec.weights)
-        for problem in network.load_kohya_state_dict(state, source=spec.weights):
-            log.warning(problem)
     network.to(device=device, dtype=torch.float32)
     counts = network.num_modules_by_component()
     log.info("%s modules: %s", spec.module, ", ".join(f"{k} {v}" for k, v in counts.items()))

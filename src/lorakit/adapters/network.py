@@ -28,46 +28,28 @@ _GROUP_NAMES = {"text_encoder": "textencoder", "unet": "unet"}
 ModuleFactory = Callable[[AdapterTarget], AdapterModule]
 
 
-_TE_PREFIX = re.compile(r"^lora_te\d*_")
-_DENOISER_PREFIX = re.compile(
-    r"^(?:lora|oft)_unet_(?:down_blocks|up_blocks|mid_block|input_blocks|middle_block|output_blocks|"
-    r"joint_blocks|double_blocks|single_blocks)_"
-)
+#: a kohya name's prefix up to its first block number (`lora_te1_`, `lora_unet_down_blocks_`): enough to tell
+#: which model family's names a file holds
+_NAME_PREFIX = re.compile(r"^(lora_te\d*_|(?:lora|oft)_unet_[a-z_]+?_(?=\d))")
+#: names the model family of a list of kohya module names (None when they say nothing)
+DescribeNames = Callable[[list[str]], "str | None"]
 
 
 def _name_prefixes(names: Iterable[str]) -> list[str]:
     """The kohya prefixes that tell model families apart (`lora_te_`, `lora_te1_`, `lora_unet_input_blocks_`, ...)."""
-    found: set[str] = set()
-    for name in names:
-        match = _TE_PREFIX.match(name) or _DENOISER_PREFIX.match(name)
-        if match:
-            found.add(match.group(0))
+    found = {match.group(1) for name in names if (match := _NAME_PREFIX.match(name))}
     return sorted(found, key=lambda p: (not p.startswith("lora_te"), p))
 
 
-def _family_of(prefixes: Sequence[str]) -> str | None:
-    """The model family whose LoRA files use these prefixes, when they say."""
-    joined = " ".join(prefixes)
-    if "joint_blocks_" in joined:
-        return "SD3"
-    if "double_blocks_" in joined or "single_blocks_" in joined:
-        return "FLUX.1"
-    if "lora_te_" in prefixes:
-        return "SD 1.x/2.x"
-    if "lora_te2_" in prefixes or "input_blocks_" in joined:
-        return "SDXL"
-    if "down_blocks_" in joined or "up_blocks_" in joined or "mid_block_" in joined:
-        return "SD 1.x/2.x"
-    return None
-
-
-def _family_hint(file_names: Iterable[str], own_names: Iterable[str]) -> str:
+def _family_hint(file_names: Iterable[str], own_names: Iterable[str], describe: DescribeNames | None) -> str:
     """`; this file has lora_te_ keys (an SD 1.x/2.x LoRA); this model's LoRA uses lora_te1_, lora_te2_ ...`
     when the file's names come from another model family than this network's, else ''."""
+    file_names, own_names = list(file_names), list(own_names)
     theirs, ours = _name_prefixes(file_names), _name_prefixes(own_names)
     if not theirs or set(theirs) <= set(ours):
         return ""
-    family, own_family = _family_of(theirs), _family_of(ours)
+    family = describe(file_names) if describe else None
+    own_family = describe(own_names) if describe else None
     what = f" ({'an' if family and family[0] in 'S' else 'a'} {family} LoRA)" if family else ""
     own = f" ({own_family})" if own_family and own_family != family else ""
     return f"; this file has {', '.join(theirs)} keys{what}; this model's LoRA uses {', '.join(ours)} keys{own}"
@@ -266,18 +248,20 @@ class LoRANetwork(nn.Module):
         }
 
     @torch.no_grad()
-    def load_kohya_state_dict(self, state_dict: Mapping[str, torch.Tensor], *, source: str) -> list[str]:
+    def load_kohya_state_dict(self, state_dict: Mapping[str, torch.Tensor], *, source: str,
+                              describe: DescribeNames | None = None) -> list[str]:
         """Copy a kohya-format state dict into this network; returns warnings for modules the file lacks.
 
         Strict: a key for a module or tensor this network does not have, a shape mismatch, or a module with
         only some of its tensors raises `CheckpointError` naming `source`. A missing `alpha` means alpha = rank
-        (what every loader assumes).
+        (what every loader assumes). `describe` names the model family of a list of module names, for the message
+        when the file is another family's LoRA.
         """
         by_module: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in state_dict.items():
             name, suffix = _split_key(key)
             if name not in self._components:
-                hint = _family_hint((_split_key(k)[0] for k in state_dict), self._components)
+                hint = _family_hint((_split_key(k)[0] for k in state_dict), self._components, describe)
                 raise CheckpointError(f"{source}: key {key} is for a module this network does not have{hint}")
             by_module.setdefault(name, {})[suffix] = value
         warnings: list[str] = []

@@ -15,13 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lorakit.adapters.algorithms import algorithm_family_args, parse_algorithm_args
+from lorakit.adapters.args import parse_float
 from lorakit.adapters.targets import RankChoice
 from lorakit.errors import ConfigError
 
 if TYPE_CHECKING:
     from lorakit.families.base import ModelFamily
 
-__all__ = ["TargetSpec", "make_target_spec", "parse_bool", "parse_float", "parse_int", "target_spec_from_config"]
+__all__ = ["TargetSpec", "make_target_spec", "target_spec_from_config", "with_family_args"]
 
 DEFAULT_MODULE = "networks.lora"
 
@@ -83,8 +85,6 @@ def make_target_spec(family: "ModelFamily", *, module: str | None = None, rank: 
                      alpha: float | None = None, dropout: float | None = None, args: Mapping[str, str] | None = None,
                      train_unet: bool = True, train_text_encoder: bool = True, weights: str | None = None) -> TargetSpec:
     """A checked spec: the generic sizes, then the algorithm's and the family's own --network_args."""
-    from lorakit.adapters.factory import algorithm_family_args, parse_algorithm_args
-
     args = dict(args or {})
     problems: list[str] = []
     base = TargetSpec(
@@ -122,40 +122,3 @@ def _conv_ranks(args: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
     except ValueError:
         problems.append(f"--network_args conv_dim/conv_alpha must be numbers (got {dict(args)})")
         return {"conv_rank": None, "conv_alpha": None}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading string values (problems collected, not raised)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def parse_float(args: Mapping[str, str], key: str, problems: list[str], default: float | None = None) -> float | None:
-    if key not in args:
-        return default
-    try:
-        return float(args[key])
-    except ValueError:
-        problems.append(f"--network_args {key}={args[key]}: must be a number")
-        return default
-
-
-def parse_int(args: Mapping[str, str], key: str, problems: list[str], default: int) -> int:
-    if key not in args:
-        return default
-    try:
-        return int(args[key])
-    except ValueError:
-        problems.append(f"--network_args {key}={args[key]}: must be a whole number")
-        return default
-
-
-def parse_bool(args: Mapping[str, str], key: str, problems: list[str], default: bool = False) -> bool:
-    if key not in args:
-        return default
-    value = str(args[key]).strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no", "none", ""):
-        return False
-    problems.append(f"--network_args {key}={args[key]}: must be True or False")
-    return default

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic.fields import FieldInfo
 
 from lorakit.config.rules import cross_field_warnings
-from lorakit.config.schema import SECTIONS, TrainConfig
+from lorakit.config.schema import SECTIONS, TrainConfig, section_of
 from lorakit.config.support import check_supported
 from lorakit.config.toml_io import closest, read_config_file, write_config_file
 from lorakit.config.validate import check_options
@@ -92,7 +92,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     for section in SECTIONS:
         group = parser.add_argument_group(section.SECTION.replace("_", " "))
         for name in section.model_fields:
-            _add_option(group, name, fields[name])
+            if section_of(name) == section.SECTION:  # an option two families share is listed once
+                _add_option(group, name, fields[name])
     return parser
 
 

@@ -1,7 +1,7 @@
 """`TrainConfig`: every option of sd-scripts' LoRA training path, typed, with sd-scripts' names and defaults.
 
-The fields live in section models (schema_data, schema_train, schema_loss, schema_output); this class joins
-them, adds the cross-field rules (rules.py) and helpers that turn raw option strings into values.
+The fields live in section models (schema_data, schema_train, schema_loss, schema_output, and each model family's
+own `options.py`); this class joins them, adds the cross-field rules (rules.py) and helpers that turn raw option strings into values.
 
 Constructing a `TrainConfig` directly raises pydantic's ValidationError for a bad field and ConfigError for
 bad combinations; `build_config` (validate.py) turns both into one ConfigError with readable messages.
@@ -26,6 +26,7 @@ from lorakit.config.schema_train import (
 )
 from lorakit.config.types import literal_or_string, split_key_values, steps_from
 from lorakit.errors import ConfigError
+from lorakit.families.registry import family_option_sections
 
 class TrainConfig(
     ModelOptions,
@@ -43,8 +44,10 @@ class TrainConfig(
     DeepSpeedOptions,
     LoggingOptions,
     LorakitOptions,
+    *family_option_sections(),
 ):
-    """All options of `lorakit train` (see the section classes for the fields and their help)."""
+    """All options of `lorakit train` (see the section classes for the fields and their help); the model
+    families add their own sections (`families/<name>/options.py`)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lorakit.config.types import (
     MAX_TOKEN_LENGTHS,
-    ModelType,
     LogLevel,
     LogWith,
     ResizeInterpolation,
@@ -53,16 +52,7 @@ class ModelOptions(OptionSection):
     tokenizer_cache_dir: str | None = Field(None, description="folder to save/load tokenizers")
     vae: str | None = Field(None, description="replacement VAE")
     disable_mmap_load_safetensors: bool = Field(False, description="load safetensors without mmap")
-    clip_l: str | None = Field(None, description="[SD3/FLUX] CLIP-L file")
-    clip_g: str | None = Field(None, description="[SD3] CLIP-G file")
-    t5xxl: str | None = Field(None, description="[SD3/FLUX] T5-XXL file")
-    ae: str | None = Field(None, description="[FLUX] autoencoder file")
-    model_type: ModelType = Field("flux", description="[FLUX] flux or chroma")
-    controlnet_model_name_or_path: str | None = Field(None, description="[FLUX] ControlNet model")
-    save_clip: bool = Field(False, description="[SD3] save CLIP models (does not work in sd-scripts)")
-    save_t5xxl: bool = Field(False, description="[SD3] save T5 (does not work in sd-scripts)")
-    t5xxl_device: str | None = Field(None, description="[SD3] T5 device (does not work in sd-scripts)")
-    t5xxl_dtype: str | None = Field(None, description="[SD3] T5 dtype (does not work in sd-scripts)")
+    controlnet_model_name_or_path: str | None = Field(None, description="ControlNet model")
 
 
 class DatasetOptions(OptionSection):

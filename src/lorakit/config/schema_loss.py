@@ -35,12 +35,10 @@ class NoiseLossOptions(OptionSection):
     logit_mean: float = Field(0.0, description="[DiT] logit-normal mean")
     logit_std: float = Field(1.0, gt=0, description="[DiT] logit-normal std")
     mode_scale: float = Field(1.29, description="[DiT] mode weighting scale")
-    timestep_sampling: TimestepSampling = Field("sigma", description="[FLUX] timestep sampling")
-    sigmoid_scale: float = Field(1.0, gt=0, description="[FLUX] sigmoid sampling scale")
-    discrete_flow_shift: float = Field(3.0, gt=0, description="[FLUX] flow shift")
-    model_prediction_type: ModelPredictionType = Field("sigma_scaled", description="[FLUX] prediction transform")
-    guidance_scale: float = Field(3.5, description="[FLUX] guidance embedding value during training")
-    training_shift: float = Field(1.0, gt=0, description="[SD3] shift of the sampled timesteps")
+    timestep_sampling: TimestepSampling = Field("sigma", description="[flow models] timestep sampling")
+    sigmoid_scale: float = Field(1.0, gt=0, description="[flow models] sigmoid sampling scale")
+    discrete_flow_shift: float = Field(3.0, gt=0, description="[flow models] flow shift")
+    model_prediction_type: ModelPredictionType = Field("sigma_scaled", description="[flow models] prediction transform")
 
 
 class TextEncoderOptions(OptionSection):
@@ -49,20 +47,10 @@ class TextEncoderOptions(OptionSection):
     cache_text_encoder_outputs: bool = Field(False, description="cache text-encoder outputs in memory")
     cache_text_encoder_outputs_to_disk: bool = Field(False, description="cache text-encoder outputs to disk")
     text_encoder_batch_size: int | None = Field(None, ge=1, description="[DiT] text-encoder caching batch")
-    t5xxl_max_token_length: int | None = Field(None, ge=1, description="[SD3/FLUX] T5 sequence length")
-    apply_t5_attn_mask: bool = Field(False, description="[SD3/FLUX] mask T5 padding")
-    apply_lg_attn_mask: bool = Field(False, description="[SD3] mask CLIP-L/G padding")
-    # These zero an encoder's output with the given probability (no rescaling), so 1.0 is allowed.
-    clip_l_dropout_rate: float = Field(0.0, ge=0, le=1, description="[SD3] CLIP-L output dropout")
-    clip_g_dropout_rate: float = Field(0.0, ge=0, le=1, description="[SD3] CLIP-G output dropout")
-    t5_dropout_rate: float = Field(0.0, ge=0, le=1, description="[SD3] T5 output dropout")
-    pos_emb_random_crop_rate: float = Field(0.0, ge=0, le=1, description="[SD3.5M] positional crop rate")
-    enable_scaled_pos_embed: bool = Field(False, description="[SD3.5M] scaled positional embeddings")
 
 
 class MemoryOptions(OptionSection):
     SECTION: ClassVar[str] = "memory"
 
     blocks_to_swap: int | None = Field(None, ge=0, description="[DiT] transformer blocks kept on the CPU")
-    cpu_offload_checkpointing: bool = Field(False, description="[FLUX] offload checkpointed activations")
-    split_mode: bool = Field(False, description="[FLUX] deprecated; means --blocks_to_swap 18")
+    cpu_offload_checkpointing: bool = Field(False, description="[DiT] offload checkpointed activations")

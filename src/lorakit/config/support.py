@@ -73,12 +73,6 @@ _HINTS: dict[str, str] = {
     ),
     # model
     "controlnet_model_name_or_path": _REMOVE,
-    **dict.fromkeys(
-        (
-            "save_clip", "save_t5xxl", "t5xxl_device", "t5xxl_dtype",
-        ),
-        "remove it (it never worked in sd-scripts either)",
-    ),
 }  # fmt: skip
 
 #: Options that select something lorakit does differently; training continues with this warning.
@@ -192,14 +186,10 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "sample_every_n_epochs", "sample_at_first", "sample_sampler",
         # SDXL (families/sdxl/)
         "no_half_vae", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
-        # FLUX.1 (families/flux/, objectives/flow.py)
-        "clip_l", "t5xxl", "ae", "model_type", "fp8_base", "fp8_base_unet", "weighting_scheme", "logit_mean",
-        "logit_std", "mode_scale", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
-        "guidance_scale", "t5xxl_max_token_length", "apply_t5_attn_mask", "blocks_to_swap", "cpu_offload_checkpointing",
-        "split_mode",
-        # SD 3 / 3.5 (families/sd3/, objectives/sd3_flow.py)
-        "clip_g", "apply_lg_attn_mask", "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate",
-        "pos_emb_random_crop_rate", "training_shift", "save_format", "enable_scaled_pos_embed",
+        # flow-matching models, fp8 and block swap (objectives/flow.py, families/common/)
+        "fp8_base", "fp8_base_unet", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "timestep_sampling",
+        "sigmoid_scale", "discrete_flow_shift", "model_prediction_type", "blocks_to_swap", "cpu_offload_checkpointing",
+        "save_format",
         # several processes (training/distributed.py)
         "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph",
         # logging and precision (cli/main.py, training/trackers.py, training/run.py)
@@ -208,8 +198,22 @@ IMPLEMENTED: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 
+def _family_tables() -> tuple[frozenset[str], dict[str, str]]:
+    """The options the model families add (`families/<name>/options.py`): implemented, except those a family
+    marks NOT_AVAILABLE (with the hint to give)."""
+    from lorakit.families.registry import family_option_sections
+
+    sections = family_option_sections()
+    refused = {name: hint for section in sections for name, hint in section.NOT_AVAILABLE.items()}
+    fields = {name for section in sections for name in section.model_fields}
+    return frozenset(fields - set(refused)), refused
+
+
+_FAMILY_IMPLEMENTED, _FAMILY_REFUSED = _family_tables()
+IMPLEMENTED = IMPLEMENTED | _FAMILY_IMPLEMENTED
+
 #: Recognised but not implemented yet: option name -> what the user can do instead.
-UNSUPPORTED: dict[str, str] = {name: hint for name, hint in _HINTS.items() if name not in IMPLEMENTED}
+UNSUPPORTED: dict[str, str] = {name: hint for name, hint in {**_HINTS, **_FAMILY_REFUSED}.items() if name not in IMPLEMENTED}
 
 
 def check_supported(cfg: TrainConfig) -> tuple[list[str], list[str]]:

@@ -19,7 +19,6 @@ HuberSchedule = Literal["constant", "exponential", "snr"]
 WeightingScheme = Literal["sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"]
 TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"]
 ModelPredictionType = Literal["raw", "additive", "sigma_scaled"]
-ModelType = Literal["flux", "chroma"]  # sd-scripts' --model_type values
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogWith = Literal["tensorboard", "wandb", "all"]
 OffloadDevice = Literal["cpu", "nvme"]

@@ -23,7 +23,7 @@ from lorakit.data.batch import Batch
 from lorakit.data.buckets import BucketChoice, Size
 from lorakit.data.captions import CaptionContext, process_caption
 from lorakit.data.images import (
-    Placement, apply_placement, bucket_placement, load_image, load_image_and_alpha, sdxl_crop_top_left, to_tensor,
+    Placement, apply_placement, bucket_placement, load_image, load_image_and_alpha, size_condition_crop, to_tensor,
 )
 from lorakit.data.latent_files import read_entry
 from lorakit.data.masks import load_conditioning_mask, place_alpha
@@ -159,7 +159,7 @@ class TrainDataset(Dataset):
             captions.append(process_caption(entry.caption, subset, rng, context, self.replacements))
             weights.append(self.prior_loss_weight if subset.is_reg else 1.0)
             originals.append((entry.original_size[1], entry.original_size[0]))
-            crops.append(sdxl_crop_top_left(plan.bucket, entry.original_size, flip))
+            crops.append(size_condition_crop(plan.bucket, entry.original_size, flip))
             if self.latents is not None or self.latent_files is not None:
                 latent, mask = self._cached(image_id, plan.bucket, flip)
             else:

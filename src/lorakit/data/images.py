@@ -124,8 +124,8 @@ def apply_placement(img: Image.Image, placement: Placement, interpolation: str |
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if placement.flip else out
 
 
-def sdxl_crop_top_left(bucket: Size, original: Size, flipped: bool) -> tuple[int, int]:
-    """The (top, left) crop value sd-scripts conditions SDXL on.
+def size_condition_crop(bucket: Size, original: Size, flipped: bool) -> tuple[int, int]:
+    """The (top, left) crop value sd-scripts conditions on (SDXL's size conditioning).
 
     sd-scripts computes it from the image *fitted inside* the bucket (not from the real crop), and ignores
     random crops; we reproduce that so LoRAs trained here condition the model the same way.
@@ -151,7 +151,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 def crop_ltrb(bucket: Size, original: Size, flipped: bool = False) -> tuple[int, int, int, int]:
     """sd-scripts' `crop_ltrb` cache value: the image fitted inside the bucket, as (left, top, right, bottom)."""
-    top, left = sdxl_crop_top_left(bucket, original, flipped)
+    top, left = size_condition_crop(bucket, original, flipped)
     image_ar = original[0] / original[1]
     if bucket[0] / bucket[1] > image_ar:
         fitted = (int(bucket[1] * image_ar), bucket[1])

@@ -8,12 +8,15 @@ checkpoint nobody claims is taken for (SD 1.x/2.x files have no marker of their 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Iterable, Mapping
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import ConfigError
-from lorakit.families.base import ModelFamily
+
+if TYPE_CHECKING:  # the list is read by the option parser, which should not import model code
+    from lorakit.families.base import ModelFamily
 
 FAMILIES: dict[str, str] = {
     "sd3": "lorakit.families.sd3.family:StableDiffusion3Family",
@@ -28,8 +31,24 @@ def family_names() -> tuple[str, ...]:
     return tuple(FAMILIES)
 
 
+def _package(name: str) -> str:
+    return FAMILIES[name].partition(":")[0].rpartition(".")[0]
+
+
+def family_option_sections() -> tuple[type, ...]:
+    """The option sections the families add to `lorakit train` (`families/<name>/options.py: OPTIONS`), each once."""
+    sections: list[type] = []
+    for name in FAMILIES:
+        module = f"{_package(name)}.options"
+        if importlib.util.find_spec(module) is not None:
+            section = importlib.import_module(module).OPTIONS
+            if section not in sections:
+                sections.append(section)
+    return tuple(sections)
+
+
 @cache
-def family_class(name: str) -> type[ModelFamily]:
+def family_class(name: str) -> "type[ModelFamily]":
     """The class of the family `name` (imported on first use)."""
     if name not in FAMILIES:
         raise ConfigError([f"--family {name}: not supported yet (available: {', '.join(sorted(FAMILIES))})"])
@@ -37,22 +56,21 @@ def family_class(name: str) -> type[ModelFamily]:
     return getattr(importlib.import_module(module), attribute)
 
 
-def get_family(name: str) -> ModelFamily:
+def get_family(name: str) -> "ModelFamily":
     """A fresh family object (families keep per-run state such as a text-encoder cache)."""
     return family_class(name)()
 
 
-def all_families() -> list[ModelFamily]:
+def all_families() -> "list[ModelFamily]":
     return [get_family(name) for name in FAMILIES]
 
 
 def fixtures(name: str) -> Any:
     """The family's tiny-model builders (`families/<name>/tiny.py`), for tests, the demo and benchmarks only."""
-    module = FAMILIES[name].partition(":")[0].rpartition(".")[0]
-    return importlib.import_module(f"{module}.tiny")
+    return importlib.import_module(f"{_package(name)}.tiny")
 
 
-def resolve_family(cfg: Any) -> ModelFamily:
+def resolve_family(cfg: Any) -> "ModelFamily":
     """The family named by --family, or detected from the checkpoint's keys or folder layout."""
     name = getattr(cfg, "family", "auto")
     if name == "auto":
@@ -94,3 +112,9 @@ def guess_lora_family(module_names: Iterable[str], metadata: Mapping[str, str] |
 def family_title(name: str | None) -> str:
     """The family's name for messages (`SDXL`), or the given text when it is no family."""
     return family_class(name).title if name in FAMILIES else str(name)
+
+
+def describe_lora_names(module_names: list[str]) -> str | None:
+    """The title of the family whose LoRA files use these module names (None when they say nothing)."""
+    name = guess_lora_family(module_names)
+    return family_title(name) if name else None

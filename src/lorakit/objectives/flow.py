@@ -32,7 +32,7 @@ TIMESTEP_SAMPLING = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform")
 MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
 # FLUX.1's resolution shift: μ is the line through (256 tokens, 0.5) and (4096 tokens, 1.15).
-FLUX_SHIFT_POINTS = ((256.0, 0.5), (4096.0, 1.15))
+RESOLUTION_SHIFT_POINTS = ((256.0, 0.5), (4096.0, 1.15))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,9 +61,9 @@ def _sigma_grid(shift: float, device: torch.device) -> torch.Tensor:
     return scheduler_sigmas(shift).to(device)
 
 
-def flux_shift_mu(image_seq_len: int) -> float:
-    """μ for `flux_shift`: linear in the number of image tokens through FLUX_SHIFT_POINTS."""
-    (x1, y1), (x2, y2) = FLUX_SHIFT_POINTS
+def resolution_shift_mu(image_seq_len: int) -> float:
+    """μ for `flux_shift`: linear in the number of image tokens through RESOLUTION_SHIFT_POINTS."""
+    (x1, y1), (x2, y2) = RESOLUTION_SHIFT_POINTS
     slope = (y2 - y1) / (x2 - x1)
     return slope * image_seq_len + (y1 - slope * x1)
 
@@ -186,7 +186,7 @@ def sample_sigmas(
         if mode == "shift":
             return shift_sigmas(sigmas, options.discrete_flow_shift)
         if mode == "flux_shift":
-            return time_shift(flux_shift_mu(image_seq_len), 1.0, sigmas)
+            return time_shift(resolution_shift_mu(image_seq_len), 1.0, sigmas)
         return sigmas
     u = density_samples(
         options.weighting_scheme, batch_size, logit_mean=options.logit_mean, logit_std=options.logit_std,

@@ -30,14 +30,14 @@ from typing import Callable
 import torch
 
 from lorakit.adapters.base import AdapterModule
-from lorakit.adapters.factory import GENERIC_MODULES
+from lorakit.adapters.algorithms import GENERIC_MODULES
 from lorakit.adapters.formats import tensors_by_module
 from lorakit.adapters.network import LoRANetwork
 from lorakit.adapters.spec import make_target_spec
 from lorakit.adapters.targets import AdapterTarget
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.families.base import Components, ModelFamily
-from lorakit.families.registry import all_families, guess_lora_family
+from lorakit.families.registry import all_families, describe_lora_names, guess_lora_family
 
 log = logging.getLogger("lorakit")
 #: tensor names of algorithms only `lycoris.kohya` builds
@@ -170,7 +170,7 @@ class LoraMerger:
     def merge(self, lora: LoraFile) -> int:
         """Merge one file at its multiplier; returns how many layers changed."""
         network = self._factory_network(lora) if lora.algorithm in ("oft", "lycoris") else self._per_layer_network(lora)
-        for warning in network.load_kohya_state_dict(lora.state, source=lora.spec.path):
+        for warning in network.load_kohya_state_dict(lora.state, source=lora.spec.path, describe=describe_lora_names):
             log.debug(warning)  # a layer the file leaves out is not merged (below)
         in_file = {key.partition(".")[0] for key in lora.state}
         merged = 0
@@ -192,7 +192,8 @@ class LoraMerger:
         if len(targets) < len(by_module):
             # the strict loader over every layer gives the message: the key, the file, and which family's
             # names the file holds against this model's
-            LoRANetwork(list(self.layers.values())).load_kohya_state_dict(lora.state, source=lora.spec.path)
+            LoRANetwork(list(self.layers.values())).load_kohya_state_dict(lora.state, source=lora.spec.path,
+                                                                         describe=describe_lora_names)
         return LoRANetwork(targets, module_factory=_module_factory(lora))
 
     def _factory_network(self, lora: LoraFile) -> LoRANetwork:

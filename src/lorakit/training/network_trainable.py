@@ -18,10 +18,11 @@ from torch import nn
 
 from lorakit.adapters.blocks import blockwise_param_groups, loraplus_ratios
 from lorakit.adapters.factory import build_network
-from lorakit.adapters.formats import save_lora_file
+from lorakit.adapters.formats import load_lora_file, save_lora_file
 from lorakit.adapters.network import LoRANetwork
 from lorakit.adapters.spec import TargetSpec
 from lorakit.families.base import Components, ModelFamily
+from lorakit.families.registry import describe_lora_names
 
 log = logging.getLogger("lorakit")
 
@@ -44,6 +45,10 @@ class NetworkTrainable:
                save_format: str = "kohya") -> "NetworkTrainable":
         """Build the network the spec describes on the model's layers (with --network_weights loaded)."""
         network = build_network(spec, family, comps, device)
+        if spec.weights:
+            state, _ = load_lora_file(spec.weights)
+            for problem in network.load_kohya_state_dict(state, source=spec.weights, describe=describe_lora_names):
+                log.warning(problem)
         trainable = cls(network, spec, family, bool(family.text_encoders_to_train(comps, spec)), save_format)
         if spec.verbose:
             for name, module in network.lora_modules.items():

@@ -22,7 +22,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
@@ -42,7 +42,7 @@ from lorakit.families.common.tokenizers import (
     t5_tokenizer_in,
 )
 from lorakit.families.flux import bfl_keys
-from lorakit.families.sd.ldm_keys import ldm_to_vae
+from lorakit.families.common.ldm_keys import ldm_to_vae
 
 _PACKAGE = resources.files("lorakit") / "families" / "flux"
 REAL_AXES_DIMS_ROPE = (16, 56, 56)
@@ -57,13 +57,6 @@ _MISSING_T5_TOKENIZER = (
 def bundled_config(name: str) -> dict[str, Any]:
     """One of the bundled real configs: transformer_dev, transformer_schnell, ae, clip_l, t5xxl."""
     return json.loads((_PACKAGE / "configs" / f"{name}.json").read_text(encoding="utf-8"))
-
-
-def bundled_tiny_t5_tokenizer(max_length: int = 512) -> T5Tokenizer:
-    """The small (1,000-piece) Unigram tokenizer lorakit ships for its tiny test models; not the real T5's."""
-    return T5Tokenizer.from_pretrained(
-        str(_PACKAGE / "assets" / "t5_tokenizer"), model_max_length=max_length, local_files_only=True
-    )
 
 
 def flow_scheduler() -> FlowMatchEulerDiscreteScheduler:

@@ -23,10 +23,10 @@ from lorakit.checkpoint_io import write_safetensors_atomic
 from lorakit.families.common.tokenizers import bundled_clip_tokenizer
 from lorakit.families.flux import bfl_keys
 from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
-from lorakit.families.flux.loading import _PACKAGE, bundled_tiny_t5_tokenizer, flow_scheduler
-from lorakit.families.sd.ldm_keys import vae_to_ldm
+from lorakit.families.common.tiny_parts import T5_TOKENIZER_ASSET, TINY_T5_MAX_LENGTH, bundled_tiny_t5_tokenizer
+from lorakit.families.flux.loading import flow_scheduler
+from lorakit.families.common.ldm_keys import vae_to_ldm
 
-TINY_T5_MAX_LENGTH = 32
 
 
 def build_tiny_flux(seed: int = 0, *, guidance_embeds: bool = True) -> Components:
@@ -96,7 +96,7 @@ def save_bfl_files(comps: Components, folder: str | Path) -> dict[str, Path]:
     ae_state = vae_to_ldm(comps.vae.state_dict(), dict(comps.vae.config), prefix="")
     write_safetensors_atomic(ae_state, files["ae"], _configs_metadata("ae", comps.vae.config))
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(_PACKAGE / "assets" / "t5_tokenizer" / name, folder / name)
+        shutil.copy(T5_TOKENIZER_ASSET / name, folder / name)
     return files
 
 

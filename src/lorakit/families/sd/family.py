@@ -182,7 +182,7 @@ class StableDiffusionFamily(ModelFamily):
     # -- whole-model files -------------------------------------------------------------------------------
 
     def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
-        from lorakit.families.sd.ldm_keys import save_sd_single_file
+        from lorakit.families.common.ldm_keys import save_sd_single_file
 
         save_sd_single_file(comps, path, fmt=kind)
 

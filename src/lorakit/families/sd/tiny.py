@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lorakit.families.base import Components
+from lorakit.families.common.tiny_parts import tiny_vae_config
 from lorakit.families.common.tokenizers import CLIP_PAD_END, CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
 from lorakit.families.sd.loading import noise_scheduler_config
 from lorakit.families.sd.model_files import save_sd_diffusers_folder  # noqa: F401 (the fixtures' folder writer)
@@ -40,22 +41,6 @@ def tiny_unet_config(version: TinyVersion) -> dict[str, Any]:
     if version != "sd1":
         config["use_linear_projection"] = True  # SD 2.x's transformer blocks use Linear proj_in/proj_out
     return config
-
-
-def tiny_vae_config() -> dict[str, Any]:
-    """Four levels (three downsamplings), so 64 px -> 8x8 latents like the real SD VAE."""
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
 
 
 def tiny_text_config(version: TinyVersion) -> CLIPTextConfig:
@@ -104,7 +89,7 @@ BENCH_ALIASES = {"sd15": "real"}  # `lorakit bench --size sd15` is this family a
 def bench_files(size: str, folder: Path, blocks: tuple[int, int] | None = None) -> tuple[list[str], list[str]]:
     """The `lorakit train` options naming the benchmark model's files (written on first use), and notes."""
     from lorakit.families.common.bench_files import single_file
-    from lorakit.families.sd.ldm_keys import save_sd_single_file
+    from lorakit.families.common.ldm_keys import save_sd_single_file
 
     return single_file(folder, lambda path: save_sd_single_file(build_bench_model(size), path)), []
 

@@ -42,7 +42,7 @@ from lorakit.families.common.tokenizers import (
     find_t5_tokenizer,
     t5_tokenizer_in,
 )
-from lorakit.families.sd.ldm_keys import ldm_to_vae
+from lorakit.families.common.ldm_keys import ldm_to_vae
 from lorakit.families.sd3 import sai_keys
 
 _PACKAGE = resources.files("lorakit") / "families" / "sd3"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -22,15 +21,12 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, 
 from lorakit.families.base import Components
 from lorakit.checkpoint_io import write_safetensors_atomic
 from lorakit.families.common.tokenizers import CLIP_PAD_END, CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
-from lorakit.families.flux.loading import bundled_tiny_t5_tokenizer
-from lorakit.families.flux.tiny import TINY_T5_MAX_LENGTH
-from lorakit.families.sd.ldm_keys import vae_to_ldm
+from lorakit.families.common.tiny_parts import T5_TOKENIZER_ASSET, TINY_T5_MAX_LENGTH, bundled_tiny_t5_tokenizer
+from lorakit.families.common.ldm_keys import vae_to_ldm
 from lorakit.families.sd3 import sai_keys
 from lorakit.families.sd3.model_files import component_configs, pipeline_of, text_encoder_state
 from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
 
-# the 1,000-piece Unigram tokenizer shipped for the tiny FLUX models serves the tiny SD3 T5 as well
-T5_TOKENIZER_ASSET = Path(str(resources.files("lorakit"))) / "families" / "flux" / "assets" / "t5_tokenizer"
 VARIANTS = {
     "sd3": {"dual_attention_layers": (), "qk_norm": None},
     "sd3.5m": {"dual_attention_layers": (0,), "qk_norm": "rms_norm"},

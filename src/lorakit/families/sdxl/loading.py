@@ -36,8 +36,8 @@ from lorakit.families.common.tokenizers import (
     bundled_clip_tokenizer,
     folder_clip_tokenizer,
 )
-from lorakit.families.sd import ldm_keys
-from lorakit.families.sd.loading import load_vae
+from lorakit.families.common import ldm_keys
+from lorakit.families.common.vae_files import load_vae
 from lorakit.families.sdxl import sgm_keys
 from lorakit.families.sdxl.detect import keys_are_sdxl
 from lorakit.families.sdxl.sgm_keys import CONFIG_NAMES, TE1_PREFIX, TE2_PREFIX

@@ -33,7 +33,7 @@ def sgm_from_diffusers(path: str) -> str | None:
 
 def sgm_to_diffusers(path: str) -> str | None:
     """`input_blocks.4.1.proj_in` -> `down_blocks.1.attentions.0.proj_in` (the inverse of `SgmUnetNames`)."""
-    from lorakit.families.sd.ldm_keys import UNET_RESNET
+    from lorakit.families.common.ldm_keys import UNET_RESNET
     from lorakit.families.sdxl.sgm_keys import SGM_UNET_TOP_LEVEL
 
     key = path + "."

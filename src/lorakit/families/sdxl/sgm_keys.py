@@ -25,8 +25,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 
 from lorakit.families.base import Components
 from lorakit.checkpoint_io import write_safetensors_atomic, write_torch_atomic
-from lorakit.families.sd import ldm_keys
-from lorakit.families.sd.ldm_keys import CONFIGS_CKPT_KEY, CONFIGS_METADATA_KEY, UNET_PREFIX, VAE_PREFIX
+from lorakit.families.common import ldm_keys
+from lorakit.families.common.ldm_keys import CONFIGS_CKPT_KEY, CONFIGS_METADATA_KEY, UNET_PREFIX, VAE_PREFIX
 
 TE1_PREFIX = "conditioner.embedders.0.transformer."
 TE2_PREFIX = "conditioner.embedders.1.model."

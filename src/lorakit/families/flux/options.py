@@ -1,0 +1,22 @@
+"""FLUX.1's own options (sd-scripts' `flux_train_network.py`), added to `lorakit train`'s options."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from lorakit.families.common.options import EncoderFileOptions
+
+
+class FluxOptions(EncoderFileOptions):
+    SECTION: ClassVar[str] = "flux"
+    NOT_AVAILABLE: ClassVar[dict[str, str]] = {}
+
+    ae: str | None = Field(None, description="[FLUX] autoencoder file")
+    model_type: Literal["flux", "chroma"] = Field("flux", description="[FLUX] flux or chroma")
+    guidance_scale: float = Field(3.5, description="[FLUX] guidance embedding value during training")
+    split_mode: bool = Field(False, description="[FLUX] deprecated; means --blocks_to_swap 18")
+
+
+OPTIONS = FluxOptions
