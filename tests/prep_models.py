@@ -80,3 +80,115 @@ def write_colour_image(path: Path, colour: str, size: tuple[int, int] = (24, 24)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, COLOURS[colour]).save(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# captioners
+# ---------------------------------------------------------------------------------------------------------
+
+WORDS = "a picture of red green blue circle square triangle on white black background with the and".split()
+LETTERS = list("abcdefghijklmnopqrstuvwxyz")
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                   patch_size=8)
+
+
+def _bert_tokenizer(folder: Path, extra: list[str] = ()):
+    """A WordPiece tokenizer over a vocabulary of a few words and letters (BLIP and GIT use BERT's)."""
+    from transformers import BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *extra, *WORDS, *LETTERS, *(f"##{c}" for c in LETTERS)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    return BertTokenizer(vocab=str(folder / "vocab.txt"))
+
+
+def write_blip(folder: Path) -> Path:
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tokenizer = _bert_tokenizer(folder, extra=["[DEC]"])
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=96, pad_token_id=0,
+                bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(BlipConfig(vision_config=TINY_VISION, text_config=text, projection_dim=32))
+    model.save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def write_git(folder: Path) -> Path:
+    import torch
+    from transformers import GitConfig, GitForCausalLM, GitProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = _bert_tokenizer(folder)
+    config = GitConfig(vision_config=TINY_VISION, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=96, pad_token_id=0,
+                       bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    torch.manual_seed(0)
+    GitForCausalLM(config).save_pretrained(folder)
+    processor = GitProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                             tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    return folder
+
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>"]
+# The shape of Qwen2-VL's chat template for one user turn with images and text.
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _qwen_tokenizer():
+    """A byte-level BPE tokenizer (Qwen2's kind) trained here on a few sentences, with Qwen's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=QWEN_SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([" ".join(WORDS), "describe this image user assistant system"], trainer)
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = QWEN_TEMPLATE
+    return tokenizer
+
+
+def write_qwen_vl(folder: Path, version: str = "qwen2_5_vl") -> Path:
+    """A Qwen2.5-VL (or Qwen2-VL) of 1 text and 1 vision layer, width 32, with its tokenizer and image processor."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = _qwen_tokenizer()
+    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("image_pad", "video_pad", "vision_start", "vision_end")}
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=512, bos_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]})
+    if version == "qwen2_5_vl":
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0])
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    else:
+        vision = dict(depth=1, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    config = config_class(text_config=text, vision_config=vision, image_token_id=ids["image_pad"],
+                          video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
+                          vision_end_token_id=ids["vision_end"], eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(folder)
+    return folder

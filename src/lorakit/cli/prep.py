@@ -226,3 +226,148 @@ def _tag(argv: list[str]) -> int:
 
 def tag_main(argv: list[str]) -> int:
     return run_tool("tag", _tag, argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lorakit caption
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_caption_parser() -> argparse.ArgumentParser:
+    from lorakit.prep.caption_models import MODEL_TYPES
+
+    p = _parser("caption", "Caption images with BLIP, GIT or Qwen2(.5)-VL from a local transformers model folder "
+                "(sd-scripts' make_captions.py and make_captions_by_git.py).")
+    p.add_argument("train_data_dir", help="folder of the images to caption")
+    p.add_argument("--model_type", choices=MODEL_TYPES, default=None,
+                   help="the captioner (default: the model_type in the folder's config.json; blip without a folder)")
+    p.add_argument("--caption_weights", default=None, help="BLIP: the transformers model folder (or hub id)")
+    p.add_argument("--model_id", default=None, help="GIT or Qwen-VL: the transformers model folder (or hub id)")
+    p.add_argument("--prompt", default=None, help="Qwen-VL: the instruction; BLIP: the caption's start, cut off "
+                   "afterwards (default 'a picture of ', as the original BLIP decoder)")
+    p.add_argument("--beam_search", action="store_true", help="beam search (default: nucleus sampling for BLIP, "
+                   "greedy for GIT and Qwen-VL)")
+    p.add_argument("--num_beams", default="1", help="beams for --beam_search (default 1)")
+    p.add_argument("--top_p", default="0.9", help="BLIP nucleus sampling's top_p (default 0.9)")
+    p.add_argument("--max_length", default=None, help="longest caption in tokens (default 75 BLIP, 50 GIT, "
+                   "256 new tokens Qwen-VL)")
+    p.add_argument("--min_length", default=None, help="shortest caption in tokens (default 5 BLIP)")
+    p.add_argument("--seed", default="42", help="seed for sampling (default 42)")
+    p.add_argument("--remove_words", action="store_true", help="drop phrases like 'with the words ...' that "
+                   "describe text in the image")
+    p.add_argument("--overwrite", action="store_true", help="replace existing caption files (default: keep them)")
+    _add_caption_extension(p, ".caption")
+    _add_loader_options(p)
+    return p
+
+
+def _caption_model(args: argparse.Namespace, problems: Problems) -> tuple[str | None, Path | None, str | None]:
+    """(model type, local folder, hub id to download): from the options and the folder's config.json."""
+    from lorakit.prep.caption_models import DEFAULT_MODELS, MODEL_TYPES, folder_model_type
+    from lorakit.prep.wd14 import hub_reachable
+
+    if args.caption_weights and args.model_id and args.caption_weights != args.model_id:
+        problems.append("--caption_weights and --model_id both name a model; give one")
+    option = "--caption_weights" if args.caption_weights else "--model_id"
+    source = args.caption_weights or args.model_id or DEFAULT_MODELS[args.model_type or "blip"]
+    folder = Path(source)
+    if folder.is_dir():
+        found = folder_model_type(folder)
+        if found is None:
+            problems.append(f"{option} {source}: no config.json there; give a transformers model folder")
+        elif found not in MODEL_TYPES:
+            problems.append(f"{option} {source}: model_type {found!r} is not a captioner lorakit runs "
+                            f"({', '.join(MODEL_TYPES)})")
+        elif args.model_type and args.model_type != found:
+            problems.append(f"--model_type {args.model_type}: {source} holds a {found} model")
+        return found, folder, None
+    if source.startswith(("http://", "https://")) or folder.suffix in (".pth", ".pt", ".ckpt"):
+        problems.append(f"{option} {source}: original BLIP checkpoints are not read; give a transformers BLIP "
+                        f"folder such as one downloaded from {DEFAULT_MODELS['blip']}")
+    elif source.count("/") == 1 and not folder.exists() and hub_reachable():
+        return args.model_type, None, source
+    else:
+        problems.append(f"{option} {source}: no such model folder; put the transformers model there (config.json, "
+                        "weights, tokenizer and preprocessor files, e.g. downloaded from "
+                        f"{DEFAULT_MODELS[args.model_type or 'blip']}), or run with internet access")
+    return args.model_type, None, None
+
+
+def _caption_settings(args: argparse.Namespace, model_type: str | None, problems: Problems):
+    from lorakit.prep.caption_models import CaptionSettings
+
+    kind = model_type or "blip"
+    settings = CaptionSettings(
+        model_type=kind, beam_search=args.beam_search, prompt=args.prompt,
+        max_length=problems.number(args.max_length, "--max_length", int, minimum=1),
+        min_length=problems.number(args.min_length, "--min_length", int, minimum=0),
+        num_beams=int(problems.number(args.num_beams, "--num_beams", int, minimum=1) or 1),
+        top_p=float(problems.number(args.top_p, "--top_p", minimum=0.0, maximum=1.0) or 0.9),
+    )
+    limits = list(settings.length_limits().values())
+    if kind in ("blip", "git") and len(limits) == 2 and limits[1] > limits[0]:
+        problems.append(f"--min_length {limits[1]} is more than --max_length {limits[0]}")
+    if args.prompt is not None and kind == "git":
+        problems.append("--prompt: GIT captions an image without a prompt (use blip or a Qwen-VL model)")
+    return settings
+
+
+def parse_caption_args(argv: list[str]):
+    """The checked request for `lorakit caption`, and the hub id to download first (None for a local folder)."""
+    from lorakit.prep.captioner import CaptionRequest
+
+    args = build_caption_parser().parse_args(argv)
+    problems = Problems()
+    folder = problems.folder(args.train_data_dir, "train_data_dir")
+    model_type, model_folder, hub_id = _caption_model(args, problems)
+    settings = _caption_settings(args, model_type, problems)
+    batch_size, workers = _loader_numbers(args, problems)
+    seed = problems.number(args.seed, "--seed", int, minimum=0)
+    problems.raise_if_any()
+    request = CaptionRequest(
+        train_data_dir=folder, model_folder=model_folder, settings=settings, caption_extension=args.caption_extension,
+        recursive=args.recursive, overwrite=args.overwrite, remove_words=args.remove_words, seed=int(seed),
+        batch_size=batch_size, workers=workers, debug=args.debug,
+    )
+    return request, hub_id
+
+
+def _downloaded(request, hub_id: str):
+    """Fetch a hub model (users with internet access), then take its type from its config.json."""
+    import dataclasses
+
+    from huggingface_hub import snapshot_download
+
+    from lorakit.errors import DataError
+    from lorakit.prep.caption_models import MODEL_TYPES, folder_model_type
+
+    try:
+        folder = Path(snapshot_download(hub_id))
+    except Exception as err:  # noqa: BLE001 - any network or hub failure ends in the same advice
+        raise DataError(f"downloading {hub_id} failed ({err.__class__.__name__}: {err}); give a local model folder") from None
+    found = folder_model_type(folder)
+    if found not in MODEL_TYPES:
+        raise DataError(f"{hub_id}: model_type {found!r} is not a captioner lorakit runs ({', '.join(MODEL_TYPES)})")
+    settings = dataclasses.replace(request.settings, model_type=found)
+    return dataclasses.replace(request, model_folder=folder, settings=settings)
+
+
+def _caption(argv: list[str]) -> int:
+    from lorakit.prep.captioner import images_to_caption, run_captioning
+
+    request, hub_id = parse_caption_args(argv)
+    images, kept = images_to_caption(request)
+    if kept:
+        print(f"kept {kept} existing {request.caption_extension} files (--overwrite replaces them)")
+    if not images:
+        print("no images to caption")
+        return 0
+    if hub_id:
+        request = _downloaded(request, hub_id)
+    written = run_captioning(request, images)
+    print(f"captioned {len(written)} images -> {request.caption_extension} files")
+    return 0
+
+
+def caption_main(argv: list[str]) -> int:
+    return run_tool("caption", _caption, argv)
