@@ -371,3 +371,161 @@ def _caption(argv: list[str]) -> int:
 
 def caption_main(argv: list[str]) -> int:
     return run_tool("caption", _caption, argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lorakit dataset <tool>
+# ---------------------------------------------------------------------------------------------------------
+
+DATASET_USAGE = """usage: lorakit dataset <tool> [options]
+
+tools (sd-scripts' script in brackets):
+  merge-captions  caption files -> metadata JSON key "caption" (finetune/merge_captions_to_metadata.py)
+  merge-tags      tag files -> metadata JSON key "tags" (finetune/merge_dd_tags_to_metadata.py)
+  clean           clean the captions and tags of a metadata JSON (finetune/clean_captions_and_tags.py)
+  resize          resized copies of a folder's images for several pixel budgets (tools/resize_images_to_resolution.py)
+  canny           Canny edge images for ControlNet conditioning (tools/canny.py)
+
+The metadata files are what `lorakit train --in_json` reads. `lorakit dataset <tool> --help` lists a tool's options.
+"""
+
+
+def _merge_parser(tool: str, key: str, default_extension: str) -> argparse.ArgumentParser:
+    p = _parser(f"dataset {tool}", f"Put each image's {default_extension} file into the metadata JSON under "
+                f'"{key}" (for lorakit train --in_json).')
+    p.add_argument("train_data_dir", help="folder of the images")
+    p.add_argument("out_json", help="metadata file to write (updated when it exists and --in_json is not given)")
+    p.add_argument("--in_json", default=None, help="metadata file to start from")
+    _add_caption_extension(p, default_extension)
+    p.add_argument("--full_path", action="store_true", help="key the entries by absolute image path (default: by "
+                   "file name without extension, found in the subset's image folder)")
+    p.add_argument("--recursive", action="store_true", help="also take images from subfolders (needs --full_path)")
+    p.add_argument("--debug", action="store_true", help="accepted for sd-scripts command lines")
+    return p
+
+
+def _merge(tool: str, key: str, default_extension: str, argv: list[str]) -> int:
+    from lorakit.prep.metadata_tools import merge_text_files
+
+    args = _merge_parser(tool, key, default_extension).parse_args(argv)
+    problems = Problems()
+    folder = problems.folder(args.train_data_dir, "train_data_dir")
+    out_json = problems.output_file(args.out_json, "out_json", (".json",))
+    if args.in_json is not None and not Path(args.in_json).is_file():
+        problems.append(f"--in_json {args.in_json}: no such file")
+    if args.recursive and not args.full_path:
+        problems.append("--recursive needs --full_path: names in subfolders may repeat")
+    problems.raise_if_any()
+    report = merge_text_files(folder, out_json, key, args.caption_extension, Path(args.in_json) if args.in_json else None,
+                              full_path=args.full_path, recursive=args.recursive)
+    print(f"wrote {out_json}: {key} of {report.merged} images")
+    return 0
+
+
+def _clean(argv: list[str]) -> int:
+    from lorakit.prep.metadata_tools import clean_metadata
+
+    p = _parser("dataset clean", "Clean the tags and captions of a metadata JSON (sd-scripts' clean_captions_and_tags.py).")
+    p.add_argument("files", nargs="+", metavar="in_json out_json", help="metadata file to read, file to write")
+    p.add_argument("--debug", action="store_true", help="accepted for sd-scripts command lines")
+    args = p.parse_args(argv)
+    files = list(args.files)
+    if len(files) == 3:  # sd-scripts' old form: train_data_dir in_json out_json
+        logger.warning("train_data_dir is not needed any more; every entry of %s is cleaned", files[1])
+        files = files[1:]
+    problems = Problems()
+    if len(files) != 2:
+        problems.append(f"give in_json and out_json ({len(files)} file names given)")
+        problems.raise_if_any()
+    in_json, out_json = Path(files[0]), problems.output_file(files[1], "out_json", (".json",))
+    if not in_json.is_file():
+        problems.append(f"in_json {in_json}: no such file")
+    problems.raise_if_any()
+    tags, captions = clean_metadata(in_json, out_json)
+    print(f"wrote {out_json}: {tags} tag lists and {captions} captions changed")
+    return 0
+
+
+def _resize(argv: list[str]) -> int:
+    from lorakit.prep.resize import INTERPOLATIONS, parse_resolutions, resize_folder
+
+    p = _parser("dataset resize", "Resized copies of a folder's images (sd-scripts' resize_images_to_resolution.py).")
+    p.add_argument("src_img_folder", help="folder of the images")
+    p.add_argument("dst_img_folder", help="folder for the copies (created if needed)")
+    p.add_argument("--max_resolution", default="512x512,384x384,256x256,128x128",
+                   help='pixel budgets, "WxH,WxH,..." (default 512x512,384x384,256x256,128x128)')
+    p.add_argument("--divisible_by", default="1", help="crop both sides to a multiple of this (default 1)")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, default=None,
+                   help="resampling filter (default: area when shrinking)")
+    p.add_argument("--save_as_png", action="store_true", help="save PNG instead of JPEG (quality 100)")
+    p.add_argument("--copy_associated_files", action="store_true",
+                   help="copy each image's caption and other same-named files beside each copy")
+    args = p.parse_args(argv)
+    problems = Problems()
+    src = problems.folder(args.src_img_folder, "src_img_folder")
+    divisible_by = problems.number(args.divisible_by, "--divisible_by", int, minimum=1)
+    resolutions = []
+    try:
+        resolutions = parse_resolutions(args.max_resolution)
+    except ValueError as err:
+        problems.append(f"--max_resolution: {err}")
+    dst = Path(args.dst_img_folder)
+    if src is not None and dst.resolve() == src.resolve():
+        problems.append("dst_img_folder must differ from src_img_folder")
+    if dst.exists() and not dst.is_dir():
+        problems.append(f"dst_img_folder {dst}: exists and is not a folder")
+    problems.raise_if_any()
+    report = resize_folder(src, dst, resolutions, int(divisible_by), args.interpolation, args.save_as_png,
+                           args.copy_associated_files)
+    print(f"wrote {report.written} resized copies of {report.images} images and copied {report.copied} files to {dst}")
+    return 0
+
+
+def _canny(argv: list[str]) -> int:
+    p = _parser("dataset canny", "Canny edge images, 255 on edges (sd-scripts' tools/canny.py; OpenCV's algorithm).")
+    p.add_argument("input", nargs="?", help="an image, or a folder of images")
+    p.add_argument("output", nargs="?", help="the edge image, or a folder for them (PNG, named as the images)")
+    p.add_argument("--input", dest="input_option", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--output", dest="output_option", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--low_threshold", "--thres1", dest="low", default="32", help="hysteresis low threshold (default 32)")
+    p.add_argument("--high_threshold", "--thres2", dest="high", default="224", help="high threshold (default 224)")
+    p.add_argument("--recursive", action="store_true", help="with a folder: also its subfolders")
+    args = p.parse_args(argv)
+    source, target = args.input or args.input_option, args.output or args.output_option
+    problems = Problems()
+    low = problems.number(args.low, "--low_threshold", minimum=0.0)
+    high = problems.number(args.high, "--high_threshold", minimum=0.0)
+    if low is not None and high is not None and low > high:
+        problems.append(f"--low_threshold {args.low} is above --high_threshold {args.high}")
+    if source is None or target is None:
+        problems.append("give the input image (or folder) and the output")
+    elif not Path(source).exists():
+        problems.append(f"input {source}: no such file or folder")
+    elif Path(source).is_file() and not Path(target).parent.is_dir():
+        problems.append(f"output {target}: the folder {Path(target).parent} does not exist")
+    problems.raise_if_any()
+    from lorakit.prep.canny import edge_images
+
+    count = edge_images(Path(source), Path(target), float(low), float(high), args.recursive)
+    print(f"wrote {count} edge image{'s' if count != 1 else ''} to {target}")
+    return 0
+
+
+def _dataset(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(DATASET_USAGE)
+        return 0
+    tools = {
+        "merge-captions": lambda rest: _merge("merge-captions", "caption", ".caption", rest),
+        "merge-tags": lambda rest: _merge("merge-tags", "tags", ".txt", rest),
+        "clean": _clean, "resize": _resize, "canny": _canny,
+    }
+    tool = argv[0].replace("_", "-")
+    if tool not in tools:
+        print(f"lorakit dataset: unknown tool {argv[0]!r}\n\n{DATASET_USAGE}", file=sys.stderr)
+        return 2
+    return tools[tool](argv[1:])
+
+
+def dataset_main(argv: list[str]) -> int:
+    return run_tool("dataset", _dataset, argv)
