@@ -48,8 +48,9 @@ def write_tagger(folder: Path, size: int = 32, batch: int | str = "N", layout: s
     if channels_first:
         nodes.append(helper.make_node("Div", ["shifted", "two"], ["scaled"]))
     nodes.append(helper.make_node("MatMul", ["scaled", "weights"], ["predictions_sigmoid"]))
-    initializers = [numpy_helper.from_array(weights, "weights"), numpy_helper.from_array(np.array(255.0, np.float32), "c255"),
-                    numpy_helper.from_array(np.array(1.0, np.float32), "one"), numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    constants = {"c255": 255.0} if not channels_first else {"one": 1.0, "two": 2.0}
+    initializers = [numpy_helper.from_array(weights, "weights"),
+                    *(numpy_helper.from_array(np.array(value, np.float32), name) for name, value in constants.items())]
     graph = helper.make_graph(
         nodes, "tiny_tagger", [helper.make_tensor_value_info("input_1", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, [batch, len(TAGS)])], initializers,

@@ -36,7 +36,7 @@ class Problems(list):
             self.append(f"{option} {value}: must be a finite number")
             return None
         if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
-            limits = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            limits = f"at least {minimum:g}" if maximum is None else f"between {minimum:g} and {maximum:g}"
             self.append(f"{option} {value}: must be {limits}")
             return None
         return number

@@ -158,8 +158,10 @@ class TaggerModel:
 
         preferred = ("CUDAExecutionProvider", "ROCMExecutionProvider", "CPUExecutionProvider")
         providers = [p for p in preferred if p in ort.get_available_providers()] or None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: graph-optimisation notices are not the user's concern
         try:
-            self.session = ort.InferenceSession(str(files.model), providers=providers)
+            self.session = ort.InferenceSession(str(files.model), sess_options=options, providers=providers)
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise DataError(f"tagger model {files.model} cannot be loaded by onnxruntime: {err}") from None
         model_input = self.session.get_inputs()[0]
