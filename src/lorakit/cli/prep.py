@@ -71,7 +71,7 @@ class Problems(list):
             raise ConfigError(list(self))
 
 
-def run_tool(name: str, handler: Callable[[list[str]], int], argv: list[str]) -> int:
+def run_tool(handler: Callable[[list[str]], int], argv: list[str]) -> int:
     """Run one command: argparse's own exits and user mistakes become exit statuses, as in `lorakit lora`."""
     if not logging.getLogger().handlers:  # run on its own (not through `lorakit`): show the tools' messages
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
@@ -225,7 +225,7 @@ def _tag(argv: list[str]) -> int:
 
 
 def tag_main(argv: list[str]) -> int:
-    return run_tool("tag", _tag, argv)
+    return run_tool(_tag, argv)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def _caption(argv: list[str]) -> int:
 
 
 def caption_main(argv: list[str]) -> int:
-    return run_tool("caption", _caption, argv)
+    return run_tool(_caption, argv)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -528,4 +528,4 @@ def _dataset(argv: list[str]) -> int:
 
 
 def dataset_main(argv: list[str]) -> int:
-    return run_tool("dataset", _dataset, argv)
+    return run_tool(_dataset, argv)
