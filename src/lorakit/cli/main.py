@@ -20,6 +20,9 @@ commands:
   lora      LoRA file tools: resize, merge, extract, convert, inspect, dylora, sample (lorakit lora --help)
   sample    generate images with LoRAs merged into a base model, any family (lorakit sample --help)
   bench     step time of the trainer against the bare model step (lorakit bench --help)
+  tag       tag a folder's images with a WD14 tagger (ONNX) into .txt files or metadata (lorakit tag --help)
+  caption   caption a folder's images with BLIP, GIT or Qwen2.5-VL from a local model folder (lorakit caption --help)
+  dataset   metadata and image tools: merge-captions, merge-tags, clean, resize, canny (lorakit dataset --help)
 
 Any sd-scripts train_network.py command line works after `lorakit train`.
 """
@@ -31,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "cache": _cache, "demo": _demo, "lora": _lora, "sample": _sample, "bench": _bench}
+    commands = {"train": _train, "cache": _cache, "demo": _demo, "lora": _lora, "sample": _sample, "bench": _bench,
+                "tag": _tag, "caption": _caption, "dataset": _dataset}
     if command not in commands:
         print(f"lorakit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -114,6 +118,24 @@ def _bench(argv: list[str]) -> int:
     from lorakit.bench import main as bench_main
 
     return bench_main(argv)
+
+
+def _tag(argv: list[str]) -> int:
+    from lorakit.cli.prep import tag_main
+
+    return tag_main(argv)
+
+
+def _caption(argv: list[str]) -> int:
+    from lorakit.cli.prep import caption_main
+
+    return caption_main(argv)
+
+
+def _dataset(argv: list[str]) -> int:
+    from lorakit.cli.prep import dataset_main
+
+    return dataset_main(argv)
 
 
 def _cache(argv: list[str]) -> int:
