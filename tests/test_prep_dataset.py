@@ -43,7 +43,7 @@ def folder(tmp_path) -> Path:
 
 
 def test_merge_captions_and_tags_round_trip_through_the_trainer(folder, tmp_path):
-    from lorakit.data.dataset import build_train_dataset
+    from lorakit.data.build import build_train_dataset
 
     out = tmp_path / "meta.json"
     assert main(["dataset", "merge-captions", str(folder), str(out)]) == 0
