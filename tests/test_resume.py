@@ -96,7 +96,7 @@ KILLER = textwrap.dedent("""
 
 def test_killed_during_a_state_save_resumes_cleanly(world, uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", KILLER, *args(world, out, "--save_every_n_steps=2", "--save_state")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
