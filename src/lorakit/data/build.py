@@ -59,19 +59,15 @@ def balance_regularisation(train_count: int, reg_repeats: list[int]) -> list[int
     effective = [0] * len(reg_repeats)
     if not reg_repeats or train_count <= 0:
         return effective
-    count, first_pass = 0, True
-    while count < train_count:
-        for i, repeats in enumerate(reg_repeats):
-            if first_pass:
-                effective[i] = repeats
-                count += repeats
-            else:
-                effective[i] += 1
-                count += 1
-            if count >= train_count:
-                break
-        first_pass = False
-    return effective
+    # the rule in closed form: a loop of one repeat at a time would take 10^9 turns for a folder 1000000000_x
+    count = 0
+    for i, repeats in enumerate(reg_repeats):
+        effective[i] = repeats
+        count += repeats
+        if count >= train_count:
+            return effective
+    rounds, extra = divmod(train_count - count, len(reg_repeats))
+    return [value + rounds + (1 if i < extra else 0) for i, value in enumerate(effective)]
 
 
 def _check_bucket_limits(spec: DatasetSpec, where: str) -> tuple[int, int]:
