@@ -22,6 +22,8 @@ from lorakit.families.registry import resolve_family
 from lorakit.precision import effective_mixed_precision
 from lorakit.training import distributed
 from lorakit.training import metadata as md
+from lorakit.training.destination import destination_problems
+from lorakit.training.locks import hold_output
 from lorakit.training.loop import Trainer
 from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
 from lorakit.training.session import Session, TrainResult
@@ -48,7 +50,11 @@ def train(cfg: Any) -> TrainResult:
     check_before_loading(cfg, plan)
     if cfg.dry_run:
         return TrainResult(plan)
+    with hold_output(cfg, distributed.rank_from_env() == 0):  # a second run on this output name stops here
+        return _train_with_models(cfg, family, dataset, plan, seed)
 
+
+def _train_with_models(cfg: Any, family: Any, dataset: Any, plan: TrainingPlan, seed: int) -> TrainResult:
     accelerator = make_accelerator(cfg)
     # only the main process writes files, so only it reads the whole base model for their metadata
     hashes = md.BaseModelHashes(cfg if accelerator.is_main_process else None)
@@ -65,11 +71,12 @@ def train(cfg: Any) -> TrainResult:
 
 
 def check_before_loading(cfg: Any, plan: TrainingPlan) -> None:
-    """Resume folder, start step and sample prompts: every problem at once, before any model loads."""
+    """Resume folder, start step, sample prompts and the places files go: every problem at once, before any
+    model loads."""
     from lorakit.sampling.prompts import read_sample_prompts
     from lorakit.training.state import check_state_folder, read_train_state
 
-    problems: list[str] = distributed.config_problems(cfg)
+    problems: list[str] = distributed.config_problems(cfg) + destination_problems(cfg)
     resumed_step = None
     if cfg.resume:
         problems += check_state_folder(cfg.resume)
