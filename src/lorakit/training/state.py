@@ -10,6 +10,7 @@ A state folder holds what an interrupted run needs to continue bit for bit (name
     random_states_0.pkl    python, numpy, torch CPU and CUDA RNG states, and the training-noise generator
     random_states_1.pkl    ... of process 1, and so on (only with several processes)
     train_state.json       {"current_epoch": e, "current_step": s}
+    loss_average.json      the window of the logged moving-average loss (so a resumed run logs the same values)
 
 Everything is written into a staging folder `.<name>.<random>.tmp` (unique to the writing process) and the
 folder is renamed when complete, so a crash during a save leaves the previous states untouched and never a
@@ -53,6 +54,7 @@ SCHEDULER_FILE = "scheduler.bin"
 SCALER_FILE = "scaler.pt"
 RNG_FILE = "random_states_0.pkl"  # the main process's; required in every state
 TRAIN_STATE_FILE = "train_state.json"
+LOSS_AVERAGE_FILE = "loss_average.json"
 REQUIRED = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAIN_STATE_FILE)
 PICKLED = (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE)  # besides the random_states_*.pkl files
 
@@ -71,6 +73,7 @@ class TrainingState:
     lr_scheduler: Any
     noise_generator: torch.Generator
     scaler: Any = None
+    loss_average: Any = None  # lorakit.training.loss_log.MovingAverage: state_dict() of plain numbers
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,9 @@ def save_state(folder: Path, state: TrainingState, *, epoch: int, step: int, acc
             _write_file(tmp / rng_file(rank), lambda f, states=states: torch.save(states, f))
         text = json.dumps({"current_epoch": epoch, "current_step": step}, indent=2).encode()
         _write_file(tmp / TRAIN_STATE_FILE, lambda f: f.write(text))
+        if state.loss_average is not None:
+            average = json.dumps(state.loss_average.state_dict()).encode()
+            _write_file(tmp / LOSS_AVERAGE_FILE, lambda f: f.write(average))
 
     _atomic_folder(folder, write)
     log.info("saved state %s", folder)
@@ -220,8 +226,11 @@ def check_state_folder(path: str | os.PathLike) -> list[str]:
     if missing:
         return [f"--resume {path}: not a complete lorakit state (missing {', '.join(missing)})"]
     problems = []
-    for check, file in [(_check_safetensors, folder / MODEL_FILE), (read_train_state, folder),
-                        *((_torch_load, file) for file in _pickled_files(folder))]:
+    checks = [(_check_safetensors, folder / MODEL_FILE), (read_train_state, folder),
+              *((_torch_load, file) for file in _pickled_files(folder))]
+    if (folder / LOSS_AVERAGE_FILE).exists():
+        checks.append((lambda file: _restore_loss_average(file, _Discard()), folder / LOSS_AVERAGE_FILE))
+    for check, file in checks:
         try:
             check(file)
         except CheckpointError as exc:
@@ -291,9 +300,27 @@ def load_state(path: str | os.PathLike, state: TrainingState, rank: int | None =
         log.warning("%s has no random states of process %d (saved with fewer processes); it uses those of "
                     "process 0 with its own noise seed, so the run continues, but not exactly", folder, rank)
         _restore(folder / RNG_FILE, lambda states: restore_rng(states, None))
+    _restore_loss_average(folder / LOSS_AVERAGE_FILE, state.loss_average)
     info = read_train_state(folder)
     log.info("resumed from %s at epoch %d, step %d", folder, info.epoch, info.step)
     return info
+
+
+class _Discard:
+    """Accepts a loss-average state and keeps nothing (checking a state folder before the run exists)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        [float(v) for v in state["values"]], float(state["total"])
+
+
+def _restore_loss_average(file: Path, average: Any) -> None:
+    """The logged moving average's window; a state of an earlier version has none and starts it afresh."""
+    if average is None or not file.is_file():
+        return
+    try:
+        average.load_state_dict(json.loads(file.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{file}: cannot read the loss average ({_first_line(exc)})") from None
 
 
 def _rank() -> int:
