@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from lorakit.cli.option_types import (
-    dynamic_param_problems, finite_float, fraction, json_number_list, non_negative_float, positive_float,
+    OneLineErrorParser, dynamic_param_problems, finite_float, fraction, json_number_list, non_negative_float, positive_float,
     positive_int, recipe_text,
 )
 from lorakit.errors import ConfigError, LorakitError
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
 
 
 def _parser(tool: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"lorakit lora {tool}", description=description)
+    return OneLineErrorParser(prog=f"lorakit lora {tool}", description=description)
 
 
 # ---------------------------------------------------------------------------------------------------------

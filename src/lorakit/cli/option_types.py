@@ -13,7 +13,7 @@ import math
 from typing import Any, Callable
 
 __all__ = [
-    "dynamic_param_problems", "finite_float", "fraction", "json_number_list", "non_negative_float", "positive_float", "positive_int",
+    "OneLineErrorParser", "dynamic_param_problems", "finite_float", "fraction", "json_number_list", "non_negative_float", "positive_float", "positive_int",
     "recipe_text", "seed",
 ]
 
@@ -107,3 +107,11 @@ def dynamic_param_problems(method: str, value: float) -> list[str]:
     if method in ("sv_fro", "sv_cumulative") and not 0 < value <= 1:
         return [f"--dynamic_param {value:g}: {method} keeps this fraction of the LoRA, so it must be in (0, 1]"]
     return []
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (argparse prints the whole usage block first, which buries the
+    message); `--help` still shows the usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")

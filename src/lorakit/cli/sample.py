@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from lorakit.cli.option_types import non_negative_float, positive_int, seed
+from lorakit.cli.option_types import OneLineErrorParser, non_negative_float, positive_int, seed
 
 log = logging.getLogger("lorakit")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="lorakit sample",
         description="Generate images with LoRAs merged into a base model (SD 1.x/2.x, SDXL, SD3, FLUX.1).",
     )
