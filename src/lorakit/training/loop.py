@@ -16,7 +16,7 @@ from lorakit.adapters.blocks import blockwise_param_groups, loraplus_ratios
 from lorakit.training import distributed
 from lorakit.training import metadata as md
 from lorakit.training.checkpoints import Checkpointer
-from lorakit.training.loss_log import LossLog, require_finite_weights
+from lorakit.training.loss_log import LossLog, any_process, require_finite_weights
 from lorakit.training.optim import build_optimizer
 from lorakit.training.plan import TrainingPlan, start_position
 from lorakit.training.sample_events import Sampler
@@ -73,7 +73,7 @@ class Trainer:
         self.seed = seed
         self.step_losses: list[torch.Tensor] = []
         self.step_end_times: list[float] = []  # perf_counter after each optimizer step (for `lorakit bench`)
-        self.loss_log = LossLog(plan.steps_per_epoch)  # its moving average is part of a saved state
+        self.loss_log = LossLog(plan.steps_per_epoch, any_process(accelerator))  # its average is part of a state
         self.live.loss_average = self.loss_log.average
         self.epoch = 0
         self.logged: list[float] = []

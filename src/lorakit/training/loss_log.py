@@ -67,10 +67,11 @@ class MovingAverage:
 class LossLog:
     """Losses of the steps since the last flush, on the device, and the moving average of all steps."""
 
-    def __init__(self, steps_per_epoch: int):
+    def __init__(self, steps_per_epoch: int, any_process: Callable[[bool], bool] = lambda flag: flag):
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.pending: list[tuple[int, int, torch.Tensor, list[float]]] = []
         self.average = MovingAverage()
+        self.any_process = any_process  # with several processes all must stop together, or the others wait forever
         self.last_saved: Callable[[], Path | None] = lambda: None  # for the message when a loss is not finite
 
     def add(self, step: int, epoch: int, loss: torch.Tensor, lrs: list[float]) -> None:
@@ -80,15 +81,16 @@ class LossLog:
         """The waiting steps as records (one device-to-host transfer); `TrainingStopped` at a NaN/Inf loss."""
         if not self.pending:
             return []
-        values = torch.stack([loss.float().reshape(()) for _, _, loss, _ in self.pending]).cpu().tolist()
+        pending, self.pending = self.pending, []
+        values = torch.stack([loss.float().reshape(()) for _, _, loss, _ in pending]).cpu().tolist()
+        bad = next(((step, value) for (step, *_), value in zip(pending, values) if not math.isfinite(value)), None)
+        if self.any_process(bad is not None):
+            step, value = bad or (pending[-1][0], float("nan"))  # (another process's loss)
+            raise TrainingStopped(non_finite_message(step, value, self.last_saved()))
         records = []
-        for (step, epoch, _, lrs), value in zip(self.pending, values):
-            if not math.isfinite(value):
-                self.pending.clear()
-                raise TrainingStopped(non_finite_message(step, value, self.last_saved()))
+        for (step, epoch, _, lrs), value in zip(pending, values):
             self.average.add(epoch, (step - 1) % self.steps_per_epoch, value)
             records.append(StepRecord(step, value, self.average.average, lrs))
-        self.pending.clear()
         return records
 
 
@@ -107,3 +109,15 @@ def require_finite_weights(params: list[torch.nn.Parameter], step: int, last_sav
     finite = torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()
     if not bool(finite):
         raise TrainingStopped(non_finite_message(step, float("nan"), last_saved, what="a LoRA weight"))
+
+
+def any_process(accelerator: Any) -> Callable[[bool], bool]:
+    """Whether a flag is set on any process (one small all-reduce); the flag itself with one process."""
+    if accelerator.num_processes <= 1:
+        return lambda flag: flag
+
+    def reduced(flag: bool) -> bool:
+        count = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
+        return bool(count.item() > 0)
+
+    return reduced
