@@ -264,3 +264,20 @@ def test_an_unreadable_class_folder_by_permissions(world, tmp_path, capsys):
         one_line_failure(capsys, ["train", *train_args(world["model"], data, tmp_path / "out", "--dry_run")], str(folder))
     finally:
         folder.chmod(0o755)
+
+
+def test_leftovers_of_a_killed_run_are_tidied_only_for_its_own_output_name(tmp_path):
+    from types import SimpleNamespace
+
+    from lorakit.training.destination import clean_stale_temporaries
+
+    (tmp_path / ".tiny.safetensors.k2j4x9_a.tmp").write_bytes(b"half a file")
+    (tmp_path / ".tiny-step00000004-state.abcdefgh.tmp").mkdir()
+    aside = tmp_path / ".tiny-state.zzzz1111.old"  # killed between renaming the old state aside and the new in
+    aside.mkdir()
+    (aside / "train_state.json").write_text("{}")
+    (tmp_path / ".other.safetensors.k2j4x9_a.tmp").write_bytes(b"another run's save in progress")
+    removed = clean_stale_temporaries(SimpleNamespace(output_dir=str(tmp_path), output_name="tiny"))
+    assert sorted(p.name for p in removed) == [".tiny-step00000004-state.abcdefgh.tmp", ".tiny.safetensors.k2j4x9_a.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.safetensors.k2j4x9_a.tmp", "tiny-state"]
+    assert (tmp_path / "tiny-state" / "train_state.json").is_file(), "the complete old state is put back"

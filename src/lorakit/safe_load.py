@@ -39,9 +39,11 @@ def numpy_array_globals() -> list[Any]:
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, *sorted(dtype_classes, key=lambda c: c.__name__)]
 
 
-def load_plain_data(path: str | Path, *, allow_numpy_arrays: bool = False) -> Any:
+def load_plain_data(path: str | Path, *, allow_numpy_arrays: bool = False, mmap: bool = False) -> Any:
     """`torch.load` restricted to tensors and plain data, onto the CPU; any problem is a one-line
-    `CheckpointError` that names the file (refused content, damage, or not a torch.save file at all)."""
+    `CheckpointError` that names the file (refused content, damage, or not a torch.save file at all).
+
+    `mmap` maps a zip-format file's tensors instead of reading them: for checking a file without its cost."""
     file = Path(path)
     try:
         with open(file, "rb") as handle:
@@ -53,7 +55,7 @@ def load_plain_data(path: str | Path, *, allow_numpy_arrays: bool = False) -> An
     allowed = numpy_array_globals() if allow_numpy_arrays else []
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(str(file), map_location="cpu", weights_only=True, mmap=head.startswith(_ZIP_MAGIC))
+            return torch.load(str(file), map_location="cpu", weights_only=True, mmap=mmap and head.startswith(_ZIP_MAGIC))
     except pickle.UnpicklingError as exc:
         raise CheckpointError(refusal_message(file, exc)) from None
     except (zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError, TypeError, AttributeError,

@@ -140,17 +140,17 @@ class EpochBatches(Sequence[BatchPlan]):
         self.total = total
         self.order = Permutation(total, derive_seed(self.epoch_seed, 1))
         self._group_shuffles: dict[int, Permutation] = {}
-        self.count = total if world_size == 1 else -(-total // world_size)
+        self.length = total if world_size == 1 else -(-total // world_size)
 
     def __len__(self) -> int:
-        return self.count
+        return self.length
 
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self.count))]
+            return [self[i] for i in range(*index.indices(self.length))]
         if index < 0:
-            index += self.count
-        if not 0 <= index < self.count:
+            index += self.length
+        if not 0 <= index < self.length:
             raise IndexError(index)
         position = (index * self.world_size + self.rank) % self.total
         return self._plan(position, index)
@@ -160,7 +160,7 @@ class EpochBatches(Sequence[BatchPlan]):
 
     def starting_at(self, first: int) -> Iterator[BatchPlan]:
         """The batches from position `first` on, computed one at a time."""
-        return (self[i] for i in range(first, self.count))
+        return (self[i] for i in range(first, self.length))
 
     def _shuffle_of(self, group_index: int) -> Permutation:
         shuffle = self._group_shuffles.get(group_index)

@@ -25,8 +25,8 @@ log = logging.getLogger("lorakit")
 
 MODEL_EXTENSIONS = ("safetensors", "ckpt", "pt")
 # `.<target>.<random>.tmp` (staging files and folders, lorakit.atomic) and `.<target>.<random>.old` (a state
-# renamed aside while its replacement moves in); `<target>.tmp` / `.old` are the names of earlier versions
-_TEMPORARY = re.compile(r"\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.(?P<kind>tmp|old)|(?P<legacy>.+)\.(?:tmp|old)")
+# renamed aside while its replacement moves in); `<target>.tmp` is the staging folder of earlier versions
+_TEMPORARY = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.(?:tmp|old)|(?P<legacy>.+)\.tmp")
 
 
 def output_folder(cfg: Any) -> Path:
@@ -126,11 +126,15 @@ def clean_stale_temporaries(cfg: Any) -> list[Path]:
         if not target or not pattern.fullmatch(target) or entry.is_symlink():
             continue
         final = folder / target
-        if entry.name.endswith(".old") and not final.exists() and not final.is_symlink():
-            os.replace(entry, final)
-            log.warning("%s: put back the state a killed run had renamed aside (%s)", final, entry.name)
+        try:
+            if entry.name.endswith(".old") and not final.exists() and not final.is_symlink():
+                os.replace(entry, final)
+                log.warning("%s: put back the state a killed run had renamed aside (%s)", final, entry.name)
+                continue
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+        except OSError as exc:  # only tidying: the run can go on
+            log.warning("cannot remove %s, left by an interrupted run (%s)", entry, exc.strerror or exc)
             continue
-        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
         removed.append(entry)
     if removed:
         log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), folder)

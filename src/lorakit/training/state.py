@@ -227,7 +227,7 @@ def check_state_folder(path: str | os.PathLike) -> list[str]:
         return [f"--resume {path}: not a complete lorakit state (missing {', '.join(missing)})"]
     problems = []
     checks = [(_check_safetensors, folder / MODEL_FILE), (read_train_state, folder),
-              *((_torch_load, file) for file in _pickled_files(folder))]
+              *((lambda file: _torch_load(file, mmap=True), file) for file in _pickled_files(folder))]
     if (folder / LOSS_AVERAGE_FILE).exists():
         checks.append((lambda file: _restore_loss_average(file, _Discard()), folder / LOSS_AVERAGE_FILE))
     for check, file in checks:
@@ -339,10 +339,10 @@ def _restore(file: Path, apply: Callable[[Any], None]) -> None:
                               "run that saved it (optimizer, scheduler, network, precision)") from None
 
 
-def _torch_load(file: Path) -> Any:
+def _torch_load(file: Path, mmap: bool = False) -> Any:
     """Tensors and plain data only (`lorakit.safe_load`); random-state files of earlier lorakit versions
     also hold NumPy arrays, which are rebuilt from their bytes without calling anything else."""
-    return load_plain_data(file, allow_numpy_arrays=file.name.startswith("random_states_"))
+    return load_plain_data(file, allow_numpy_arrays=file.name.startswith("random_states_"), mmap=mmap)
 
 
 @torch.no_grad()
