@@ -106,6 +106,27 @@ def test_planted_lora_and_model_files_are_refused_by_name(world, tmp_path, capsy
     assert not marker.exists()
 
 
+CUSTOM_SCHEDULER = """
+import pathlib
+from torch.optim.lr_scheduler import LambdaLR
+
+class WithAPath(LambdaLR):
+    def __init__(self, optimizer):
+        super().__init__(optimizer, lambda step: 1.0)
+        self.log_folder = pathlib.Path("logs")  # an object in its state_dict: not plain data
+"""
+
+
+def test_a_state_that_could_not_be_resumed_is_not_published(world, tmp_path, capsys, monkeypatch):
+    (tmp_path / "my_schedulers.py").write_text(CUSTOM_SCHEDULER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    argv = ["train", *train_args(world["model"], world["data"], out, "--lr_scheduler_type=my_schedulers.WithAPath",
+                                 "--save_every_n_steps=1", "--save_state")]
+    one_line_failure(capsys, argv, f"{out / 'tiny-step00000001-state' / 'scheduler.bin'}: not saved, because it could not be resumed")
+    assert sorted(p.name for p in out.iterdir()) == ["tiny-step00000001.safetensors"]
+
+
 # ------------------------------------------------------------------------------------------ checks before work
 
 

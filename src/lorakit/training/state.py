@@ -205,12 +205,24 @@ def save_state(folder: Path, state: TrainingState, *, epoch: int, step: int, acc
         if state.loss_average is not None:
             average = json.dumps(state.loss_average.state_dict()).encode()
             _write_file(tmp / LOSS_AVERAGE_FILE, lambda f: f.write(average))
+        _require_resumable(tmp, folder)
 
     _atomic_folder(folder, write)
     log.info("saved state %s", folder)
     if world > 1:
         accelerator.wait_for_everyone()
     return folder
+
+
+def _require_resumable(staging: Path, folder: Path) -> None:
+    """Publish no state that `--resume` would refuse: e.g. a custom scheduler (--lr_scheduler_type) whose
+    state_dict holds objects rather than plain data."""
+    for file in _pickled_files(staging):
+        try:
+            _torch_load(file, mmap=True)
+        except CheckpointError as exc:
+            reason = str(exc).split(": ", 1)[-1]
+            raise CheckpointError(f"{folder / file.name}: not saved, because it could not be resumed: {reason}") from None
 
 
 # ------------------------------------------------------------------------------------------------ load
