@@ -23,10 +23,10 @@ from lorakit.data.augment import color_augment, face_crop_placement
 from lorakit.data.batch import Batch
 from lorakit.data.buckets import BucketChoice, Size
 from lorakit.data.captions import CaptionContext, process_caption
+from lorakit.data.epoch_order import BatchPlan, EpochBatches, bucket_groups
 from lorakit.data.images import (
     Placement, apply_placement, bucket_placement, load_image, load_image_and_alpha, sdxl_crop_top_left, to_tensor,
 )
-from lorakit.data.epoch_order import BatchPlan, EpochBatches, bucket_groups
 from lorakit.data.latent_files import read_entry
 from lorakit.data.masks import load_conditioning_mask, place_alpha
 from lorakit.data.specs import SubsetSpec

@@ -41,6 +41,7 @@ class OutputLock:
     def __init__(self, path: Path):
         self.path = path
         self.fd: int | None = None
+        self.made_folder = False  # removed again at release when the run wrote nothing into it
 
     def __enter__(self) -> "OutputLock":
         if self.fd is None:
@@ -53,6 +54,7 @@ class OutputLock:
     # ------------------------------------------------------------------ taking
 
     def acquire(self) -> None:
+        self.made_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if fcntl is None:
             self._acquire_by_existence()
@@ -114,6 +116,11 @@ class OutputLock:
         finally:
             os.close(self.fd)  # releases the flock
             self.fd = None
+        if self.made_folder:
+            try:
+                self.path.parent.rmdir()  # only succeeds when empty: a run that failed before its first file
+            except OSError:
+                pass
 
 
 def _same_file(fd: int, path: Path) -> bool:
