@@ -16,6 +16,12 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_dir(tmp_path_factory):
+    """What lorakit remembers between runs (checked images) goes to a folder of this test session."""
+    os.environ["LORAKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("lorakit-cache"))
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
     """accelerate keeps one process-wide state (e.g. the mixed precision); each in-process run starts afresh."""

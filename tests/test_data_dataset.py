@@ -43,7 +43,6 @@ def folders(tmp_path):
     make_image(train / "10_sks girl" / "b.PNG", (128, 32))
     (train / "10_sks girl" / "b.txt").write_text("Tag1, tag2\nsecond line ignored\n", encoding="utf-8")
     make_image(train / "notes" / "x.png", (64, 64))
-    make_image(train / "0_skipped" / "y.png", (64, 64))
     (train / "10_sks girl" / "readme.md").write_text("not an image")
     reg = tmp_path / "reg"
     for name in ("r1.png", "r2.jpg", "r3.webp"):
@@ -58,12 +57,23 @@ def test_parse_folder_names():
     assert parse_repeat_folder_name("notes") is None
 
 
-def test_scan_skips_unprefixed_and_zero_repeat_folders(folders, caplog):
+def test_scan_skips_unprefixed_folders(folders, caplog):
     train, _ = folders
     with caplog.at_level(logging.WARNING):
         found = scan_repeat_folders(train, is_reg=False)
     assert [(f.path.name, f.num_repeats, f.class_tokens) for f in found] == [("10_sks girl", 10, "sks girl")]
-    assert "notes" in caplog.text and "0_skipped" in caplog.text
+    assert "notes" in caplog.text
+
+
+def test_zero_and_negative_repeat_folders_are_errors_naming_them_all(folders):
+    train, reg = folders
+    make_image(train / "0_never" / "y.png", (64, 64))
+    make_image(reg / "-1_girl" / "y.png", (64, 64))
+    with pytest.raises(DataError, match="0_never") as error:
+        scan_repeat_folders(train, is_reg=False)
+    assert "must be 1 or more" in str(error.value)
+    with pytest.raises(DataError, match="-1_girl"):
+        scan_repeat_folders(reg, is_reg=True)
 
 
 def test_discovery_captions_and_missing_caption_warning(folders, caplog):

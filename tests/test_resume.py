@@ -96,16 +96,18 @@ KILLER = textwrap.dedent("""
 
 def test_killed_during_a_state_save_resumes_cleanly(world, uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", KILLER, *args(world, out, "--save_every_n_steps=2", "--save_state")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
     names = sorted(p.name for p in out.iterdir())
-    assert "tiny-step00000004-state" not in names and "tiny-step00000004-state.tmp" in names
+    staging = [n for n in names if n.startswith(".tiny-step00000004-state.") and n.endswith(".tmp")]
+    assert "tiny-step00000004-state" not in names and len(staging) == 1
     assert "tiny.safetensors" not in names
     for lora in out.glob("*.safetensors"):
         load_file(lora)  # every LoRA file present is complete
-    assert not [n for n in names if n.startswith(".")], "no temporary files of LoRA saves are left"
+    assert [n for n in names if n.startswith(".")] == sorted(staging + [".tiny.lock"]), \
+        "no temporary files of LoRA saves are left; the killed run's lock is"
 
     resumed = run(args(world, out, f"--resume={out / 'tiny-step00000002-state'}", "--save_every_n_steps=2", "--save_state"))
     full_out, full = uninterrupted
@@ -113,7 +115,8 @@ def test_killed_during_a_state_save_resumes_cleanly(world, uninterrupted, tmp_pa
     a, b = load_file(full_out / "tiny.safetensors"), load_file(out / "tiny.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     names = {p.name for p in out.iterdir()}
-    assert "tiny-step00000004-state" in names and "tiny-step00000004-state.tmp" not in names
+    assert "tiny-step00000004-state" in names
+    assert not [n for n in names if n.endswith((".tmp", ".old", ".lock"))], "the killed run's leftovers are cleaned up"
 
 
 def test_initial_step_with_skip_starts_mid_epoch(world, uninterrupted, tmp_path):

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["default_permissions", "staged_file", "staged_folder"]
+__all__ = ["default_permissions", "replace_folder", "staged_file", "staged_folder"]
 
 
 def default_permissions(folder: bool = False) -> int:
@@ -44,18 +44,52 @@ def staged_file(target: str | os.PathLike[str], *, prefix: str | None = None) ->
 
 @contextlib.contextmanager
 def staged_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `target`; on success it replaces `target` (an existing folder there
-    is removed first), on any error it is removed."""
+    """Yield an empty temporary folder beside `target`, named uniquely for this process; on success it replaces
+    `target` (see `replace_folder`), on any error it is removed."""
     import shutil
 
     target = Path(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         os.chmod(staging, default_permissions(folder=True))
         yield staging
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put the complete folder `staging` in place of `target` with renames only.
+
+    An existing `target` is first renamed aside (to a unique `.<name>.<random>.old`), so at every instant either
+    the old or the new folder is complete under some name; a crash between the two renames leaves the old one
+    aside, where `lorakit.training.destination` puts it back on the next start. A symbolic link at `target` is
+    refused (OSError): replacing it would drop the link, writing through it would put files elsewhere.
+    """
+    import shutil
+
+    if target.is_symlink():
+        raise OSError(f"{target} is a symbolic link; lorakit does not replace or write through links")
+    aside = None
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, aside)  # onto the empty folder just made: atomic, and the name is this process's own
+    os.replace(staging, target)
+    _fsync_folder(target.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames in `folder` durable where the platform allows it (not on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

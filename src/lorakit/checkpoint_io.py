@@ -114,7 +114,9 @@ def _read_pickled(file: Path) -> LoadedCheckpoint:
                 "arbitrary objects because that can run code from the file. Convert it to .safetensors with a "
                 "tool you trust, then pass the .safetensors file."
             ) from None
-        raise CheckpointError(f"{file}: not a readable checkpoint, it may be corrupt ({first_line(exc)})") from None
+        from lorakit.safe_load import refusal_message  # torch's own message advises loading the file unsafely
+
+        raise CheckpointError(refusal_message(file, exc)) from None
     except (zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as exc:
         raise CheckpointError(
             f"{file}: not a readable .ckpt/.pt file, it may be truncated or corrupt ({first_line(exc)})"

@@ -26,3 +26,7 @@ class DataError(LorakitError):
 
 class CheckpointError(LorakitError):
     """A model or LoRA file that cannot be read; the message names it."""
+
+
+class TrainingStopped(LorakitError):
+    """A run that cannot continue meaningfully (a NaN or infinite loss); the message names the step."""

@@ -2,7 +2,7 @@
 
 Files are written to a temporary name in the destination folder and moved into place with `os.replace`, so a
 crash or an error never leaves a half-written LoRA behind. `.ckpt`/`.pt` files are read with
-`torch.load(weights_only=True)` only: they are pickles and must never run code.
+`torch.load(weights_only=True)` only (`lorakit.safe_load`): they are pickles and must never run code.
 
 Hashes follow sd-scripts and the web UIs:
 * `sshs_model_hash` / `sshs_legacy_hash` (sd-webui-additional-networks): the state dict is serialised in
@@ -147,7 +147,9 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _load_torch(path: Path) -> dict[str, torch.Tensor]:
-    loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    from lorakit.safe_load import load_plain_data
+
+    loaded = load_plain_data(path)  # tensors and plain data only; anything else is refused by name
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not a LoRA state dict")
     bad = [k for k, v in loaded.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]

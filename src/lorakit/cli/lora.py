@@ -13,6 +13,10 @@ import logging
 import sys
 from pathlib import Path
 
+from lorakit.cli.option_types import (
+    OneLineErrorParser, dynamic_param_problems, finite_float, fraction, json_number_list, non_negative_float, positive_float,
+    positive_int, recipe_text,
+)
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.families.base import ModelFamily
 from lorakit.families.registry import detect_family, family_names, family_title, get_family
@@ -59,7 +63,7 @@ def main(argv: list[str]) -> int:
 
 
 def _parser(tool: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"lorakit lora {tool}", description=description)
+    return OneLineErrorParser(prog=f"lorakit lora {tool}", description=description)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -71,14 +75,14 @@ def _resize(argv: list[str]) -> int:
     p = _parser("resize", "Change the rank of a LoRA by SVD (sd-scripts networks/resize_lora.py).")
     p.add_argument("--model", required=True, help="the LoRA to resize")
     p.add_argument("--save_to", required=True, help="output file (.safetensors, .ckpt, .pt, .pth)")
-    p.add_argument("--new_rank", type=int, default=None, help="rank (largest rank with --dynamic_method or --score_recipes); default 4")
-    p.add_argument("--new_conv_rank", type=int, default=None, help="rank for 3x3 convs; default --new_rank")
+    p.add_argument("--new_rank", type=positive_int, default=None, help="rank (largest rank with --dynamic_method or --score_recipes); default 4")
+    p.add_argument("--new_conv_rank", type=positive_int, default=None, help="rank for 3x3 convs; default --new_rank")
     p.add_argument("--dynamic_method", choices=("sv_ratio", "sv_fro", "sv_cumulative"), default=None)
-    p.add_argument("--dynamic_param", type=float, default=None, help="the dynamic method's parameter")
+    p.add_argument("--dynamic_param", type=positive_float, default=None, help="the dynamic method's parameter")
     p.add_argument("--save_precision", choices=_PRECISION_CHOICES, default=None, help="default float")
     p.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda")
     p.add_argument("--verbose", action="store_true", help="print every module's new rank and retained norm")
-    p.add_argument("--score_recipes", default=None, help="resize_lora recipe, e.g. fro_ckpt=1,thr=-3.55 (docs/tools.md, Recipes)")
+    p.add_argument("--score_recipes", type=recipe_text, default=None, help="resize_lora recipe, e.g. fro_ckpt=1,thr=-3.55 (docs/tools.md, Recipes)")
     p.add_argument("--base_model", default=None, help="with --score_recipes: the model the LoRA applies to")
     args = p.parse_args(argv)
     if args.score_recipes is not None:
@@ -93,6 +97,8 @@ def _resize(argv: list[str]) -> int:
     problems = []
     if args.dynamic_method and args.dynamic_param is None:
         problems.append(f"--dynamic_method {args.dynamic_method} needs --dynamic_param")
+    if args.dynamic_method and args.dynamic_param is not None:
+        problems += dynamic_param_problems(args.dynamic_method, args.dynamic_param)
     if args.new_rank < 1 or (args.new_conv_rank is not None and args.new_conv_rank < 1):
         problems.append("--new_rank and --new_conv_rank must be at least 1")
     if problems:
@@ -123,19 +129,19 @@ def _merge(argv: list[str]) -> int:
     p.add_argument("--sd_model", default=None, help="base model (single file or diffusers folder) to merge into")
     p.add_argument("--save_to", required=True, help="output: a LoRA file, or a model file / diffusers folder with --sd_model")
     p.add_argument("--models", nargs="+", required=True, help="LoRA files, merged in order")
-    p.add_argument("--ratios", nargs="+", type=float, default=None, help="one ratio per LoRA (default 1.0 each)")
+    p.add_argument("--ratios", nargs="+", type=finite_float, default=None, help="one ratio per LoRA (default 1.0 each)")
     p.add_argument("--precision", choices=_PRECISION_CHOICES, default="float", help="precision of the merge arithmetic")
     p.add_argument("--save_precision", choices=_PRECISION_CHOICES, default=None, help="default: as loaded")
     p.add_argument("--v2", action="store_true", help="the base model is SD 2.x")
     p.add_argument("--v_parameterization", action="store_true", default=None, help="SD 2.x v-prediction model (default: --v2)")
     p.add_argument("--concat", action="store_true", help="LoRA+LoRA: stack ranks (exact; output rank = sum of ranks)")
     p.add_argument("--shuffle", action="store_true", help="with --concat: permute the rank axis (ΔW unchanged)")
-    p.add_argument("--new_rank", type=int, default=None, help="LoRA+LoRA: SVD of the summed ΔW to this rank")
-    p.add_argument("--new_conv_rank", type=int, default=None, help="rank of 3x3 convs for the SVD merge")
-    p.add_argument("--clamp_quantile", type=float, default=1.0, help="SVD merge: clip factors at this quantile (1 = off)")
+    p.add_argument("--new_rank", type=positive_int, default=None, help="LoRA+LoRA: SVD of the summed ΔW to this rank")
+    p.add_argument("--new_conv_rank", type=positive_int, default=None, help="rank of 3x3 convs for the SVD merge")
+    p.add_argument("--clamp_quantile", type=fraction, default=1.0, help="SVD merge: clip factors at this quantile (1 = off)")
     p.add_argument("--device", default=None, help="where the arithmetic runs, e.g. cuda")
     p.add_argument("--no_metadata", action="store_true", help="write only the minimal ss_* keys (LoRA output)")
-    p.add_argument("--lbws", nargs="+", default=None, help='block weights, one JSON list per LoRA, e.g. "[1,0,1,...]" (17/26 SD 1.x/2.x, 12/20 SDXL)')
+    p.add_argument("--lbws", nargs="+", type=json_number_list, default=None, help='block weights, one JSON list per LoRA, e.g. "[1,0,1,...]" (17/26 SD 1.x/2.x, 12/20 SDXL)')
     _add_model_merge_options(p)
     args = p.parse_args(argv)
 
@@ -295,10 +301,10 @@ def _extract(argv: list[str]) -> int:
     p.add_argument("--sdxl", action="store_true", help="the models are SDXL (detected anyway)")
     p.add_argument("--flux", action="store_true", help="the models are FLUX transformers (detected anyway)")
     p.add_argument("--family", choices=("auto", *family_names()), default="auto", help="model family (default: detected)")
-    p.add_argument("--dim", type=int, default=4, help="rank of linears and 1x1 convs (default 4)")
-    p.add_argument("--conv_dim", type=int, default=None, help="rank of 3x3 convs; without it they are skipped")
-    p.add_argument("--clamp_quantile", type=float, default=0.99, help="clip factors at this quantile (1 = off)")
-    p.add_argument("--min_diff", type=float, default=0.01, help="text encoder skipped when it moved by at most this")
+    p.add_argument("--dim", type=positive_int, default=4, help="rank of linears and 1x1 convs (default 4)")
+    p.add_argument("--conv_dim", type=positive_int, default=None, help="rank of 3x3 convs; without it they are skipped")
+    p.add_argument("--clamp_quantile", type=fraction, default=0.99, help="clip factors at this quantile (1 = off)")
+    p.add_argument("--min_diff", type=non_negative_float, default=0.01, help="text encoder skipped when it moved by at most this")
     p.add_argument("--load_precision", choices=_PRECISION_CHOICES, default=None, help="precision the models load in")
     p.add_argument("--save_precision", choices=_PRECISION_CHOICES, default=None, help="default float")
     p.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda")
@@ -458,8 +464,8 @@ def _dylora(argv: list[str]) -> int:
     p = _parser("dylora", "Split a DyLoRA file into fixed-rank LoRAs (sd-scripts networks/extract_lora_from_dylora.py).")
     p.add_argument("--model", required=True, help="the DyLoRA file (networks.dylora)")
     p.add_argument("--save_to", required=True, help="output file; with --unit, NAME-0004.safetensors etc. next to it")
-    p.add_argument("--new_rank", type=int, default=None, help="write this one rank to --save_to")
-    p.add_argument("--unit", type=int, default=None, help="write every rank unit, 2·unit, … below the file's rank")
+    p.add_argument("--new_rank", type=positive_int, default=None, help="write this one rank to --save_to")
+    p.add_argument("--unit", type=positive_int, default=None, help="write every rank unit, 2·unit, … below the file's rank")
     p.add_argument("--save_precision", choices=_PRECISION_CHOICES, default=None, help="default: float")
     args = p.parse_args(argv)
 

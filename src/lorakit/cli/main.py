@@ -11,7 +11,7 @@ import sys
 
 from lorakit.errors import LorakitError
 
-USAGE = """usage: lorakit <command> [options]
+USAGE = """usage: lorakit <command> [options]   (lorakit --version prints the version)
 
 commands:
   train     train a LoRA (sd-scripts option names: lorakit train --help)
@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from lorakit import __version__
+
+        print(f"lorakit {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
     commands = {"train": _train, "cache": _cache, "demo": _demo, "lora": _lora, "sample": _sample, "bench": _bench,
@@ -68,7 +73,12 @@ def apply_console_options(cfg) -> None:
     if cfg.console_log_level:
         root.setLevel(cfg.console_log_level)
     if cfg.console_log_file or cfg.console_log_simple:
-        handler = logging.FileHandler(cfg.console_log_file, encoding="utf-8") if cfg.console_log_file else logging.StreamHandler(sys.stderr)
+        try:
+            handler = logging.FileHandler(cfg.console_log_file, encoding="utf-8") if cfg.console_log_file else logging.StreamHandler(sys.stderr)
+        except OSError as exc:
+            from lorakit.errors import ConfigError
+
+            raise ConfigError([f"--console_log_file {cfg.console_log_file}: cannot be written ({exc.strerror or exc})"]) from None
         handler.setFormatter(logging.Formatter("%(message)s" if cfg.console_log_simple else "%(asctime)s %(levelname)s: %(message)s"))
         for old in list(root.handlers):
             root.removeHandler(old)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 
+from lorakit.cli.option_types import OneLineErrorParser, non_negative_float, positive_int, seed
 from lorakit.families.registry import family_names
 
 log = logging.getLogger("lorakit")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="lorakit sample",
         description="Generate images with LoRAs merged into a base model (SD 1.x/2.x, SDXL, SD3, FLUX.1).",
     )
@@ -42,15 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--negative_prompt", default="", help="the negative prompt")
     image.add_argument("--prompt_file", "--from_file", dest="prompt_file", default=None,
                        help=".txt/.toml/.json prompts with --n --w --h --s --d --l --ss line options, as training's --sample_prompts")
-    image.add_argument("--width", type=int, default=None, help="default: the model's resolution (512, 768 with v-param, 1024)")
-    image.add_argument("--height", type=int, default=None, help="default: the model's resolution")
-    image.add_argument("--steps", "--sample_steps", dest="steps", type=int, default=None, help="default 30")
-    image.add_argument("--guidance_scale", "--cfg_scale", "--scale", "--guidance", dest="guidance_scale", type=float,
+    image.add_argument("--width", type=positive_int, default=None, help="default: the model's resolution (512, 768 with v-param, 1024)")
+    image.add_argument("--height", type=positive_int, default=None, help="default: the model's resolution")
+    image.add_argument("--steps", "--sample_steps", dest="steps", type=positive_int, default=None, help="default 30")
+    image.add_argument("--guidance_scale", "--cfg_scale", "--scale", "--guidance", dest="guidance_scale", type=non_negative_float,
                        default=None, help="CFG scale (FLUX: embedded guidance); default 7.5, SD3 5.0, FLUX 3.5")
-    image.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    image.add_argument("--seed", type=seed, default=None, help="default: random (printed)")
     image.add_argument("--sampler", "--sample_sampler", dest="sampler", default=None,
                        help="a --sample_sampler name (ddim, euler_a, dpmsolver++, ...); SD3/FLUX use their flow sampler")
-    image.add_argument("--clip_skip", type=int, default=None, help="SD: use the n-th text-encoder layer from the end")
+    image.add_argument("--clip_skip", type=positive_int, default=None, help="SD: use the n-th text-encoder layer from the end")
     image.add_argument("--output", "--output_dir", "--out", "--outdir", "-o", dest="output", default=".",
                        help="a .png file, or a folder for <time>_<prompt#>_<seed>.png files (default: .)")
 

@@ -23,7 +23,8 @@ from lorakit.config.types import (
 class OptionSection(BaseModel):
     """Base of every option section: unknown names are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no option means anything with NaN or infinity (`--learning_rate nan` trained nothing)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     SECTION: ClassVar[str] = ""
 
 

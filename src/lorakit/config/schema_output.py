@@ -79,6 +79,8 @@ class LorakitOptions(OptionSection):
     dry_run: bool = Field(False, description="check everything and print the plan, then stop")
     config_file: str | None = Field(None, description="TOML file of options (the command line wins)")
     output_config: bool = Field(False, description="write the options to --config_file and stop")
+    skip_bad_images: bool = Field(False, description="leave out images that cannot be decoded (listed in a warning) "
+                                  "instead of stopping; every image is decoded once at start-up either way")
 
     @field_validator("family")
     @classmethod

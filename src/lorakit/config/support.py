@@ -195,6 +195,8 @@ IMPLEMENTED: frozenset[str] = frozenset(
         # logging and precision (cli/main.py, training/trackers.py, training/run.py)
         "console_log_file", "console_log_simple", "log_config", "wandb_run_name", "wandb_api_key", "full_fp16",
         "full_bf16",
+        # images decoded at start-up (data/verify.py)
+        "skip_bad_images",
     }
 )  # fmt: skip
 

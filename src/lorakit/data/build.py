@@ -1,7 +1,9 @@
 """Building a `TrainDataset` from the options: read every subset, check every file, choose buckets.
 
 All problems (unreadable images, bad caption files, masks missing or of the wrong size, images missing from
-a metadata file) are collected and raised together in one `DataError`, before any model loads.
+a metadata file) are collected and raised together in one `DataError`, before any model loads. Every image is
+decoded once (`lorakit.data.verify`, remembered between starts), so a truncated file cannot stop a run
+mid-way; with `--skip_bad_images` such files are left out with one warning that lists them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lorakit.data.images import image_size
 from lorakit.data.info_cache import read_info_cache, write_info_cache
 from lorakit.data.masks import check_mask_size, conditioning_files
 from lorakit.data.specs import DatasetSpec, SubsetSpec
+from lorakit.data.verify import bad_images
 from lorakit.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ class _SubsetImages:
     sizes: list[Size]
     masks: dict[Path, Path]
     problems: list[str]
+    skipped: list[str]  # bad files left out with --skip_bad_images
 
 
 def balance_regularisation(train_count: int, reg_repeats: list[int]) -> list[int]:
@@ -59,19 +63,15 @@ def balance_regularisation(train_count: int, reg_repeats: list[int]) -> list[int
     effective = [0] * len(reg_repeats)
     if not reg_repeats or train_count <= 0:
         return effective
-    count, first_pass = 0, True
-    while count < train_count:
-        for i, repeats in enumerate(reg_repeats):
-            if first_pass:
-                effective[i] = repeats
-                count += repeats
-            else:
-                effective[i] += 1
-                count += 1
-            if count >= train_count:
-                break
-        first_pass = False
-    return effective
+    # the rule in closed form: a loop of one repeat at a time would take 10^9 turns for a folder 1000000000_x
+    count = 0
+    for i, repeats in enumerate(reg_repeats):
+        effective[i] = repeats
+        count += repeats
+        if count >= train_count:
+            return effective
+    rounds, extra = divmod(train_count - count, len(reg_repeats))
+    return [value + rounds + (1 if i < extra else 0) for i, value in enumerate(effective)]
 
 
 def _check_bucket_limits(spec: DatasetSpec, where: str) -> tuple[int, int]:
@@ -106,25 +106,31 @@ def _records_with_info_cache(subset: SubsetSpec, cached: dict[str, tuple[str, Si
     return records, {r.path: cached[str(r.path)][1] for r in records if str(r.path) in cached}
 
 
-def _read_subset(subset: SubsetSpec) -> _SubsetImages:
-    """Images, sizes, masks and problems of one subset."""
+def _read_subset(subset: SubsetSpec, skip_bad: bool = False) -> _SubsetImages:
+    """Images, sizes, masks and problems of one subset; bad image files are left out when `skip_bad`."""
     records, known = _records(subset)
-    sizes, problems, kept = [], [], []
+    sizes, unreadable, kept = [], [], []
     for record in records:
         try:
             sizes.append(known.get(record.path) or image_size(record.path))
             kept.append(record)
         except DataError as err:
-            problems.append(str(err))
+            unreadable.append(str(err))
     masks: dict[Path, Path] = {}
+    problems: list[str] = []
     if subset.conditioning_data_dir is not None:
         masks, mask_problems = conditioning_files([r.path for r in kept], subset.conditioning_data_dir)
         problems += mask_problems
-        problems += [p for r, s in zip(kept, sizes) if r.path in masks
-                     if (p := check_mask_size(masks[r.path], r.path, s))]
+    bad = bad_images([r.path for r in kept] + [masks[r.path] for r in kept if r.path in masks])
+    unreadable += [bad[p] for p in sorted(bad)]
+    good = [i for i, r in enumerate(kept) if r.path not in bad and masks.get(r.path) not in bad]
+    kept, sizes = [kept[i] for i in good], [sizes[i] for i in good]
+    problems += [p for r, s in zip(kept, sizes) if r.path in masks if (p := check_mask_size(masks[r.path], r.path, s))]
+    skipped = unreadable if skip_bad else []
+    problems += [] if skip_bad else unreadable
     if subset.cache_info and subset.metadata_file is None and kept and not problems:
         write_info_cache(subset.image_dir, {str(r.path): (r.caption, s) for r, s in zip(kept, sizes)})
-    return _SubsetImages(kept, sizes, masks, problems)
+    return _SubsetImages(kept, sizes, masks, problems, skipped)
 
 
 def build_train_dataset(cfg: Any, seed: int | None = None) -> TrainDataset:
@@ -138,12 +144,19 @@ def build_train_dataset(cfg: Any, seed: int | None = None) -> TrainDataset:
     images: list[ImageEntry] = []
     parts: list[_Part] = []
     problems: list[str] = []
+    skipped: list[str] = []
     missing: list[tuple[Path, int]] = []
+    skip_bad = bool(getattr(cfg, "skip_bad_images", False))
     for index, spec in enumerate(plan.datasets):
         where = f"dataset config {plan.config_file} [[datasets]] #{index + 1}" if plan.config_file else "the options"
-        parts.append(_build_part(index, spec, where, subsets, images, problems, missing))
+        parts.append(_build_part(index, spec, where, subsets, images, problems, missing, (skip_bad, skipped)))
+    if skipped:
+        logger.warning("--skip_bad_images: left out %d image(s) that cannot be read:\n%s", len(skipped),
+                       "\n".join(f"  - {p}" for p in skipped))
     if problems:
-        raise DataError(f"{len(problems)} problem(s) with the training images:\n"
+        hint = "" if skip_bad or not any(p.startswith("image ") for p in problems) else \
+            " (--skip_bad_images trains without the images that cannot be read)"
+        raise DataError(f"{len(problems)} problem(s) with the training images{hint}:\n"
                         + "\n".join(f"  - {p}" for p in problems))
     message = missing_caption_message(missing, "/".join(sorted({s.caption_extension for s in subsets})))
     if message:
@@ -161,8 +174,8 @@ def build_train_dataset(cfg: Any, seed: int | None = None) -> TrainDataset:
     return dataset
 
 
-def _build_part(index: int, spec: DatasetSpec, where: str, subsets: list[SubsetSpec],
-                images: list[ImageEntry], problems: list[str], missing: list[tuple[Path, int]]) -> _Part:
+def _build_part(index: int, spec: DatasetSpec, where: str, subsets: list[SubsetSpec], images: list[ImageEntry],
+                problems: list[str], missing: list[tuple[Path, int]], skipping: tuple[bool, list[str]]) -> _Part:
     """Read one dataset's subsets, balance its regularisation images and choose buckets."""
     low, high = _check_bucket_limits(spec, where)
     manager = BucketManager(spec.resolution, spec.enable_bucket, spec.bucket_no_upscale, low, high,
@@ -171,11 +184,12 @@ def _build_part(index: int, spec: DatasetSpec, where: str, subsets: list[SubsetS
     reg_ids: list[int] = []
     for subset in spec.subsets:
         try:
-            found = _read_subset(subset)
+            found = _read_subset(subset, skipping[0])
         except DataError as err:
             problems.append(str(err))
             continue
         problems += found.problems
+        skipping[1].extend(found.skipped)
         subset_index = len(subsets)
         subsets.append(subset)
         part.subset_indices.append(subset_index)

@@ -1,7 +1,8 @@
 """The training dataset: images grouped into buckets, pre-formed batches, per-epoch shuffling, latent cache.
 
 Batches are formed here, within one bucket each, and the DataLoader only fetches them (no collation). Each
-epoch's batch list comes from `random.Random(seed + epoch)`; each batch carries its own seed and position,
+epoch's batches are computed on demand from the seed and the epoch (`lorakit.data.epoch_order`), so the
+repeats of a folder cost no memory; each batch carries its own seed and position,
 so flips, crops, colour jitter and caption processing do not depend on the number of worker processes, and
 a resumed run that skips the first batches of an epoch sees exactly the batches an uninterrupted run saw.
 """
@@ -22,12 +23,12 @@ from lorakit.data.augment import color_augment, face_crop_placement
 from lorakit.data.batch import Batch
 from lorakit.data.buckets import BucketChoice, Size
 from lorakit.data.captions import CaptionContext, process_caption
+from lorakit.data.epoch_order import BatchPlan, EpochBatches, bucket_groups
 from lorakit.data.images import (
     Placement, apply_placement, bucket_placement, load_image, load_image_and_alpha, size_condition_crop, to_tensor,
 )
 from lorakit.data.latent_files import read_entry
 from lorakit.data.masks import load_conditioning_mask, place_alpha
-from lorakit.data.sharding import shard_batch_plans
 from lorakit.data.specs import SubsetSpec
 from lorakit.data.summary import DatasetSummary, summarize
 from lorakit.errors import DataError
@@ -50,17 +51,6 @@ class ImageEntry:
     face: tuple[int, int, int, int] | None = None  # (cx, cy, w, h) from the file name
 
 
-@dataclass(frozen=True)
-class BatchPlan:
-    """One pre-formed batch: indices into `TrainDataset.images` from one bucket, its seed and position."""
-
-    bucket: Size
-    image_ids: tuple[int, ...]
-    seed: int
-    epoch: int = 0
-    index: int = 0  # position in the epoch
-
-
 class TrainDataset(Dataset):
     """Pre-formed, single-bucket batches of training (and regularisation) images."""
 
@@ -80,34 +70,25 @@ class TrainDataset(Dataset):
         self.gradient_accumulation_steps = 1
         self.epoch = 0
         self._skip = 0
-        self._plans: list[BatchPlan] = []
+        self._plans: EpochBatches = EpochBatches([], seed, 0)
         self.rank, self.world_size = 0, 1  # this process's share of each epoch (see `shard`)
         self.set_epoch(0)
 
     # ----- epochs, steps and batches -----
 
-    def _bucket_members(self) -> list[tuple[int, Size, list[int]]]:
-        """(dataset index, bucket, image ids with each id repeated) in a fixed order."""
-        members: dict[tuple[int, Size], list[int]] = {}
-        for image_id, entry in enumerate(self.images):
-            key = (entry.dataset_index, entry.choice.bucket)
-            members.setdefault(key, []).extend([image_id] * entry.repeats)
-        return [(d, b, ids) for (d, b), ids in sorted(members.items())]
+    def bucket_counts(self) -> list[tuple[int, Size, int]]:
+        """(dataset index, bucket, images x repeats) of every non-empty bucket, in a fixed order."""
+        return [(g.dataset_index, g.bucket, g.slots) for g in self._groups()]
+
+    def _groups(self):
+        entries = [(e.dataset_index, e.choice.bucket, image_id, e.repeats) for image_id, e in enumerate(self.images)]
+        return bucket_groups(entries, [part.spec.batch_size for part in self.parts])
 
     def set_epoch(self, epoch: int) -> None:
-        """Re-form and shuffle the batches for `epoch` (counted from 1; reproducible from seed + epoch)."""
+        """Use the batches of `epoch` (counted from 1; reproducible from seed + epoch)."""
         self.epoch = epoch
         self._skip = 0
-        rng = random.Random(self.seed + epoch)
-        plans: list[tuple[Size, tuple[int, ...]]] = []
-        for dataset_index, bucket, ids in self._bucket_members():
-            ids = list(ids)
-            rng.shuffle(ids)
-            size = self.parts[dataset_index].spec.batch_size
-            plans += [(bucket, tuple(ids[i:i + size])) for i in range(0, len(ids), size)]
-        rng.shuffle(plans)
-        epoch_plans = [BatchPlan(bucket, ids, rng.getrandbits(63), epoch, i) for i, (bucket, ids) in enumerate(plans)]
-        self._plans = shard_batch_plans(epoch_plans, self.rank, self.world_size)
+        self._plans = EpochBatches(self._groups(), self.seed, epoch, self.rank, self.world_size)
 
     def shard(self, rank: int, world_size: int) -> None:
         """Keep only process `rank`'s share of every epoch's batches (see `lorakit.data.sharding`)."""
@@ -120,7 +101,7 @@ class TrainDataset(Dataset):
         self.gradient_accumulation_steps = max(1, int(gradient_accumulation_steps))
 
     def skip_batches(self, count: int) -> None:
-        """Start the next iteration of this epoch at batch `count` (resuming mid-epoch)."""
+        """Start this epoch's iterations at batch `count` (resuming mid-epoch), until the next `set_epoch`."""
         if not 0 <= count <= len(self._plans):
             raise ValueError(f"cannot skip {count} of {len(self._plans)} batches")
         self._skip = count
@@ -133,13 +114,16 @@ class TrainDataset(Dataset):
         return len(self._plans)
 
     def batch_plans(self) -> list[BatchPlan]:
-        """This epoch's batches in order."""
+        """This epoch's batches in order (as a list: for small datasets and tests)."""
         return list(self._plans)
 
-    def _take_plans(self) -> list[BatchPlan]:
-        """The batches the next iteration yields: the epoch's, minus any skipped (a one-time skip)."""
-        plans, self._skip = self._plans[self._skip:], 0
-        return plans
+    def _plans_to_load(self) -> Iterator[BatchPlan]:
+        """The batches the next iteration yields: the epoch's, from the skipped position on.
+
+        Reading them changes nothing: a multi-process DataLoader starts its sampler twice for its first
+        iteration, and both starts must see the same batches.
+        """
+        return self._plans.starting_at(self._skip)
 
     def _context(self, plan: BatchPlan) -> CaptionContext:
         micro = max(0, plan.epoch - 1) * len(self._plans) + plan.index
@@ -275,7 +259,7 @@ class _PlanSampler(Sampler):
         self.dataset = dataset
 
     def __iter__(self) -> Iterator[BatchPlan]:
-        return iter(self.dataset._take_plans())
+        return self.dataset._plans_to_load()
 
     def __len__(self) -> int:
         return len(self.dataset) - self.dataset._skip

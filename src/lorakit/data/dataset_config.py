@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 # Type names used by the checker: bool, int, number, str, resolution, float_pair, table.
 SUBSET_KEYS: dict[str, str] = {  # allowed at every level ("ascendable" in sd-scripts)
-    "num_repeats": "int", "class_tokens": "str", "caption_extension": "str", "cache_info": "bool",
+    "num_repeats": "count", "class_tokens": "str", "caption_extension": "str", "cache_info": "bool",
     "keep_tokens": "int", "keep_tokens_separator": "str", "shuffle_caption": "bool", "caption_separator": "str",
     "secondary_separator": "str", "enable_wildcard": "bool", "caption_prefix": "str", "caption_suffix": "str",
     "caption_dropout_rate": "number", "caption_dropout_every_n_epochs": "int",
@@ -107,6 +107,7 @@ def _is_number(v: Any) -> bool:
 _CHECKS = {
     "bool": lambda v: isinstance(v, bool),
     "int": _is_int,
+    "count": lambda v: _is_int(v) and v >= 1,
     "number": _is_number,
     "str": lambda v: isinstance(v, str),
     "table": lambda v: isinstance(v, dict),
@@ -115,7 +116,8 @@ _CHECKS = {
         isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)),
     "float_pair": lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) and v[0] <= v[1],
 }
-_WANTED = {"resolution": "a size like 512 or [768, 512]", "float_pair": "[low, high] with low <= high",
+_WANTED = {"count": "a whole number of at least 1 (0 or fewer repeats would never show the images)",
+           "resolution": "a size like 512 or [768, 512]", "float_pair": "[low, high] with low <= high",
            "number": "a number", "interpolation": "one of " + ", ".join(INTERPOLATIONS)}
 
 
@@ -257,8 +259,15 @@ def _path(value: str | None) -> Path | None:
     return None if value is None else Path(value).expanduser()
 
 
+def _require_repeats(values: dict[str, Any], where: str) -> None:
+    """A subset repeated 0 or fewer times would never be seen (with --dataset_repeats 0 from the command line)."""
+    if values["num_repeats"] < 1:
+        raise DataError(f"{where}: num_repeats {values['num_repeats']} (from --dataset_repeats) must be at least 1")
+
+
 def _resolve_subset(sub: dict[str, Any], levels: list[dict[str, Any]], cfg: Any) -> SubsetSpec:
     values = _subset_values([sub, *levels], cfg)
+    _require_repeats(values, f"subset {sub.get('image_dir') or sub.get('metadata_file')}")
     for key in ("is_reg",):
         values[key] = bool(sub.get(key, False))
     return SubsetSpec(image_dir=_path(sub.get("image_dir")), metadata_file=_path(sub.get("metadata_file")),
@@ -326,6 +335,7 @@ def plan_from_folders(cfg: Any) -> DatasetPlan:
 def plan_from_in_json(cfg: Any) -> DatasetPlan:
     """One fine-tuning dataset from `--in_json` (metadata) and `--train_data_dir` (its image folder)."""
     values = _subset_values([], cfg)
+    _require_repeats(values, f"--in_json {cfg.in_json}")
     train_dir = getattr(cfg, "train_data_dir", None)
     subset = SubsetSpec(image_dir=_path(train_dir), metadata_file=Path(cfg.in_json), **values)
     dataset = _resolve_dataset([], cfg, (subset,), "the options", FINE_TUNING)

@@ -50,8 +50,9 @@ def parse_repeat_folder_name(name: str) -> tuple[int, str] | None:
 def scan_repeat_folders(parent: str | Path, is_reg: bool) -> list[RepeatFolder]:
     """List the usable `N_name` subfolders of a train or regularisation folder, sorted by name.
 
-    Folders without a numeric prefix and folders with fewer than 1 repeat are skipped with a warning
-    naming them. A missing folder, or one without any usable subfolder, is a `DataError`.
+    Folders without a numeric prefix are skipped with a warning naming them. A missing or unreadable folder,
+    one without any usable subfolder, and subfolders with fewer than 1 repeat (`0_x`, `-1_x`: an epoch that
+    never shows their images) are a `DataError` naming them all.
     """
     option = "--reg_data_dir" if is_reg else "--train_data_dir"
     root = Path(parent)
@@ -59,7 +60,8 @@ def scan_repeat_folders(parent: str | Path, is_reg: bool) -> list[RepeatFolder]:
         what = "does not exist" if not root.exists() else "is not a folder"
         raise DataError(f"{option} {root} {what}; {FOLDER_HINT} inside it")
     folders: list[RepeatFolder] = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+    no_repeats: list[str] = []
+    for sub in sorted(p for p in readable_entries(root, option) if p.is_dir()):
         parsed = parse_repeat_folder_name(sub.name)
         if parsed is None:
             logger.warning("ignoring folder %s: its name does not start with a number of repeats "
@@ -67,17 +69,28 @@ def scan_repeat_folders(parent: str | Path, is_reg: bool) -> list[RepeatFolder]:
             continue
         repeats, class_tokens = parsed
         if repeats < 1:
-            logger.warning("ignoring folder %s: %d repeats (must be 1 or more)", sub, repeats)
+            no_repeats.append(f"{sub} ({repeats})")
             continue
         folders.append(RepeatFolder(sub, repeats, class_tokens, is_reg))
+    if no_repeats:
+        raise DataError(f"{option}: the number of repeats before the first _ must be 1 or more: "
+                        f"{', '.join(no_repeats)}; rename the folder (e.g. 1_name) or move it out")
     if not folders and not is_reg:
         raise DataError(f"{option} {root} has no usable image folder; {FOLDER_HINT}")
     return folders
 
 
+def readable_entries(folder: Path, what: str = "image folder") -> list[Path]:
+    """The entries of a folder, or a `DataError` naming it when it cannot be listed (permissions, I/O)."""
+    try:
+        return list(folder.iterdir())
+    except OSError as err:
+        raise DataError(f"{what} {folder} cannot be read ({err.strerror or err})") from None
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside `folder` (not recursive), any letter case of the extension, sorted."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in readable_entries(folder) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def caption_candidates(image: Path, caption_extension: str) -> list[Path]:
@@ -95,7 +108,10 @@ def read_caption_file(path: Path, all_lines: bool = False) -> str:
 
     Empty or non-UTF-8 files are a `DataError` naming the file.
     """
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"caption file {path} cannot be read ({err.strerror or err})") from None
     if not data:
         raise DataError(f"caption file {path} is empty (0 bytes); write a caption or delete the file")
     try:

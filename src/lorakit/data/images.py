@@ -49,6 +49,12 @@ def image_size(path: str | Path) -> Size:
     return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
 
 
+def decode_check(path: str | Path) -> None:
+    """Decode the whole file (a header read passes a truncated JPEG); a `DataError` naming it when that fails."""
+    with _opened(Path(path)) as img:
+        img.load()
+
+
 def _decode(path: Path) -> Image.Image:
     """Decode fully with EXIF orientation applied; 16-bit greyscale is scaled down to 8 bits."""
     with _opened(path) as img:

@@ -34,5 +34,9 @@ def read_info_cache(image_dir: Path) -> dict[str, tuple[str, Size]]:
 def write_info_cache(image_dir: Path, entries: dict[str, tuple[str, Size]]) -> None:
     """Write the cache file atomically (a temporary file renamed over it)."""
     payload = {key: {"caption": caption, "resolution": list(size)} for key, (caption, size) in entries.items()}
-    with staged_file(image_dir / INFO_CACHE_NAME, prefix=".metadata_cache.") as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, ensure_ascii=False, indent=1)
+    try:
+        with staged_file(image_dir / INFO_CACHE_NAME, prefix=".metadata_cache.") as tmp, open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, ensure_ascii=False, indent=1)
+    except OSError as err:  # a read-only dataset folder: the cache only saves time, training goes on
+        logger.warning("cannot write %s (%s); image sizes will be read again next time",
+                       image_dir / INFO_CACHE_NAME, err.strerror or err)

@@ -131,8 +131,8 @@ def format_summary(summary: DatasetSummary) -> str:
 
 def summarize(dataset: TrainDataset) -> DatasetSummary:
     """Counts, folders and buckets of a dataset, as printed in the plan and written into the metadata."""
-    members = dataset._bucket_members()
-    parts = [_part_summary(dataset, i, part, members) for i, part in enumerate(dataset.parts)]
+    counts = dataset.bucket_counts()
+    parts = [_part_summary(dataset, i, part, counts) for i, part in enumerate(dataset.parts)]
     image_errors = [abs(e.choice.ar_error) for e in dataset.images]
     return DatasetSummary(
         num_train_images=sum(p.num_train_images for p in parts),
@@ -145,9 +145,9 @@ def summarize(dataset: TrainDataset) -> DatasetSummary:
 
 
 def _part_summary(dataset: TrainDataset, index: int, part: Any,
-                  members: list[tuple[int, Size, list[int]]]) -> DatasetPartSummary:
+                  bucket_counts: list[tuple[int, Size, int]]) -> DatasetPartSummary:
     spec = part.spec
-    counts = {bucket: len(ids) for d, bucket, ids in members if d == index}
+    counts = {bucket: count for d, bucket, count in bucket_counts if d == index}
     order = part.manager.bucket_order(set(counts))
     buckets = [BucketRow(b, counts[b], i, index) for i, b in enumerate(order) if counts.get(b)]
     errors = [abs(e.choice.ar_error) for e in dataset.images if e.dataset_index == index]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,9 +68,12 @@ def _convert(value: Any, conv: type, where: str, key: str) -> Any:
     try:
         if conv is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
-        return conv(value) if conv is not str else str(value)
-    except (TypeError, ValueError):
-        raise ConfigError([f"{where}: {key} must be {'an integer' if conv is int else 'a number'}, got {value!r}"]) from None
+        converted = conv(value) if conv is not str else str(value)
+        if conv is float and not math.isfinite(converted):
+            raise ValueError  # "nan" and "inf" read as floats; no prompt setting means anything with them
+        return converted
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError([f"{where}: {key} must be {'an integer' if conv is int else 'a finite number'}, got {value!r}"]) from None
 
 
 def parse_prompt_line(line: str, where: str) -> dict[str, Any]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lorakit.adapters.formats import lora_file_name, state_dir_name
 from lorakit.training import metadata as md
 from lorakit.training import saving
+from lorakit.training.rescue import save_or_rescue
 from lorakit.training.state import TrainingState, save_state
 
 log = logging.getLogger("lorakit")
@@ -24,6 +25,7 @@ class Checkpointer:
         self.keep_files = saving.retention_for(cfg, num_epochs, states=False)
         self.keep_states = saving.retention_for(cfg, num_epochs, states=True)
         self.saved: list[Path] = []
+        self.before_save: Callable[[int], None] = lambda step: None  # the loop's check that the weights are good
 
     @property
     def _main(self) -> bool:
@@ -38,6 +40,7 @@ class Checkpointer:
     def _intermediate(self, at_epoch: int, at_step: int, **named: int) -> None:
         """A file (and state) named by `named` (epoch= or step=), then retention pruning of that kind."""
         cfg = self.session.cfg
+        self.before_save(at_step)
         self._lora(lora_file_name(cfg.output_name, cfg.save_model_as, **named), at_epoch, at_step)
         self._prune(cfg.save_model_as, self.keep_files, **named)
         if cfg.save_state:
@@ -46,6 +49,7 @@ class Checkpointer:
 
     def final(self, epoch: int, step: int) -> None:
         cfg = self.session.cfg
+        self.before_save(step)
         self._lora(lora_file_name(cfg.output_name, cfg.save_model_as), epoch, step)
         if cfg.save_state or cfg.save_state_on_train_end:
             self._state(state_dir_name(cfg.output_name), epoch, step)
@@ -61,7 +65,7 @@ class Checkpointer:
             meta = md.per_save_metadata({**self.base_meta, **session.base_hashes.result()}, epoch=epoch, step=step)
             self.handle.eval_mode()  # schedule-free optimizers save their averaged (eval) weights
             try:
-                session.trainable.save(path, meta, saving.save_dtype(session.cfg), session.cfg.save_model_as)
+                save_or_rescue(lambda target: session.trainable.save(target, meta, saving.save_dtype(session.cfg), session.cfg.save_model_as), path)
             finally:
                 self.handle.train_mode()
             log.info("saved %s", path)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from lorakit.training import distributed
 from lorakit.training import metadata as md
 from lorakit.training.checkpoints import Checkpointer
+from lorakit.training.loss_log import LossLog, any_process, require_finite_weights
 from lorakit.training.optim import build_optimizer
 from lorakit.training.plan import TrainingPlan, start_position
 from lorakit.training.sample_events import Sampler
@@ -24,7 +25,6 @@ from lorakit.training.schedulers import build_lr_scheduler
 from lorakit.training.session import TrainResult
 from lorakit.training.state import TrainingState, load_state
 from lorakit.training.step import (
-    RunningLoss,
     all_reduce_gradients,
     ends_accumulation,
     set_sync_gradients,
@@ -55,7 +55,9 @@ class Trainer:
         self.seed = seed
         self.step_losses: list[torch.Tensor] = []
         self.step_end_times: list[float] = []  # perf_counter after each optimizer step (for `lorakit bench`)
-        self.running = RunningLoss()
+        self.loss_log = LossLog(plan.steps_per_epoch, any_process(accelerator))  # its average is part of a state
+        self.live.loss_average = self.loss_log.average
+        self.epoch = 0
         self.logged: list[float] = []
         self.global_step = 0
 
@@ -67,6 +69,8 @@ class Trainer:
         self.global_step = start.global_step
         # building these reads no RNG, so they may come after the restored state
         checkpoints = Checkpointer(self.session, self.handle, self.live, self._metadata(), self.plan.num_epochs)
+        self.loss_log.last_saved = lambda: checkpoints.saved[-1] if checkpoints.saved else None
+        checkpoints.before_save = self._before_save
         sampler = Sampler(self.session, self.handle)
         loader = self.dataset.make_loader(self.cfg.max_data_loader_n_workers, self.cfg.persistent_data_loader_workers)
         self.progress = tqdm(total=self.plan.max_train_steps, initial=self.global_step, desc="steps", dynamic_ncols=True,
@@ -92,6 +96,7 @@ class Trainer:
 
     def _epoch(self, loader: Any, epoch: int, skip: int, checkpoints: Checkpointer, sampler: Sampler) -> bool:
         """Train one epoch from batch `skip`; True when max_train_steps is reached."""
+        self.epoch = epoch
         self.dataset.set_epoch(epoch)
         if skip:
             self.dataset.skip_batches(skip)
@@ -129,7 +134,7 @@ class Trainer:
         self.global_step += 1
         step = self.global_step
         self.step_losses.append(loss)
-        self.running.add(loss)
+        self.loss_log.add(step, epoch, loss, self.lr_scheduler.get_last_lr())
         logs = self.session.trainable.after_optimizer_step(self.cfg)
         self.progress.update(1)
         if step % LOG_EVERY == 0 or step == self.plan.max_train_steps:
@@ -142,17 +147,25 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
 
     def _log(self, epoch: int, extra: dict[str, float]) -> None:
-        loss = self.running.mean()
-        self.logged.append(loss)
-        lr = self.lr_scheduler.get_last_lr()[0]
-        postfix = {"loss": f"{loss:.4f}", "epoch": epoch, "lr": f"{lr:.2e}"}
+        """Every step since the last call, each at its own step number (one device sync for all of them)."""
+        records = self.loss_log.flush()  # stops the run at a NaN or infinite loss
+        if not records:
+            return
+        self.logged.append(sum(r.loss for r in records) / len(records))
+        postfix = {"loss": f"{records[-1].average:.4f}", "epoch": epoch, "lr": f"{records[-1].lrs[0]:.2e}"}
         if extra:
             postfix["keys_scaled"] = extra["max_norm/keys_scaled"]
         self.progress.set_postfix(postfix)
         if self.accelerator.trackers:
-            logs = {"loss/average": loss, **extra}
-            logs.update(self.handle.lr_logs(self.lr_scheduler.get_last_lr(), self.group_names))
-            self.accelerator.log(logs, step=self.global_step)
+            for record in records:
+                logs = {"loss/current": record.loss, "loss/average": record.average,
+                        **self.handle.lr_logs(record.lrs, self.group_names)}
+                self.accelerator.log({**logs, **(extra if record is records[-1] else {})}, step=record.step)
+
+    def _before_save(self, step: int) -> None:
+        """No file from a spoiled run: the waiting losses are checked (and logged), then the weights."""
+        self._log(self.epoch, {})
+        require_finite_weights(self.params, step, self.loss_log.last_saved())
 
     def _metadata(self) -> dict[str, str]:
         summary = self.dataset.summary()

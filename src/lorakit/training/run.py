@@ -23,6 +23,8 @@ from lorakit.families.registry import resolve_family
 from lorakit.precision import effective_mixed_precision
 from lorakit.training import distributed
 from lorakit.training import metadata as md
+from lorakit.training.destination import destination_problems
+from lorakit.training.locks import hold_output
 from lorakit.training.loop import Trainer
 from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
 from lorakit.training.session import Session, TrainResult
@@ -59,13 +61,17 @@ def train(cfg: Any) -> TrainResult:
     check_before_loading(cfg, plan, checks.problems)
     if cfg.dry_run:
         return TrainResult(plan)
+    with hold_output(cfg, distributed.rank_from_env() == 0):  # a second run on this output name stops here
+        return _train_with_models(cfg, family, checks.spec, dataset, plan, seed)
 
+
+def _train_with_models(cfg: Any, family: Any, spec: Any, dataset: Any, plan: TrainingPlan, seed: int) -> TrainResult:
     accelerator = make_accelerator(cfg)
     # only the main process writes files, so only it reads the whole base model for their metadata
     hashes = md.BaseModelHashes(cfg if accelerator.is_main_process else None)
     distributed.shard_dataset(dataset, accelerator)
     set_seed(seed)
-    session = setup_session(cfg, family, accelerator, checks.spec)
+    session = setup_session(cfg, family, accelerator, spec)
     session.base_hashes = hashes
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         disk = {"to_disk": True, "latent_format": family.latent_format, "vae_id": vae_identity(cfg),
@@ -76,12 +82,12 @@ def train(cfg: Any) -> TrainResult:
 
 
 def check_before_loading(cfg: Any, plan: TrainingPlan, problems: list[str] | None = None) -> None:
-    """Resume folder, start step and sample prompts, with the problems found so far: every problem at once,
-    before any model loads."""
+    """Resume folder, start step, sample prompts and the places files go, with the problems found so far: every
+    problem at once, before any model loads."""
     from lorakit.sampling.prompts import read_sample_prompts
     from lorakit.training.state import check_state_folder, read_train_state
 
-    problems = list(problems or []) + distributed.config_problems(cfg)
+    problems = list(problems or []) + distributed.config_problems(cfg) + destination_problems(cfg)
     resumed_step = None
     if cfg.resume:
         state_problems = check_state_folder(cfg.resume)

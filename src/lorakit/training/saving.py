@@ -101,7 +101,7 @@ def prune(folder: Path, output_name: str | None, ext: str | None, retention: Ret
     for number, path in _numbered(folder, pattern):
         old = number <= cutoff if keep_above else number < cutoff
         if old:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            path.unlink() if path.is_symlink() or not path.is_dir() else shutil.rmtree(path)  # a link, not its target
             log.info("removed old %s", path)
             removed.append(path)
     return removed
@@ -113,5 +113,8 @@ def save_dtype(cfg: Any) -> torch.dtype | None:
 
 def output_path(cfg: Any, file_name: str) -> Path:
     folder = Path(cfg.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # the save that follows names the problem (and keeps the weights elsewhere: training.rescue)
     return folder / file_name

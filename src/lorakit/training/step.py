@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -69,18 +68,3 @@ def all_reduce_gradients(accelerator: Accelerator, params: list[torch.nn.Paramet
     for param in params:
         if param.grad is not None:
             param.grad = accelerator.reduce(param.grad, reduction="mean")
-
-
-class RunningLoss:
-    """Loss values kept on the device and averaged on demand (no sync per step)."""
-
-    def __init__(self) -> None:
-        self.values: list[torch.Tensor] = []
-
-    def add(self, value: torch.Tensor) -> None:
-        self.values.append(value)
-
-    def mean(self) -> float:
-        value = torch.stack(self.values).float().mean().item()
-        self.values.clear()
-        return value if math.isfinite(value) else float("nan")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -37,22 +38,31 @@ SECRETS = ("wandb_api_key", "huggingface_token")
 #: paths that may reveal a user's folders; --log_config keeps only their last component, as sd-scripts drops them
 PATH_OPTIONS = ("pretrained_model_name_or_path", "vae", "train_data_dir", "reg_data_dir", "output_dir", "logging_dir",
                 "dataset_config", "config_file", "network_weights", "resume", "sample_prompts", "clip_l", "clip_g",
-                "t5xxl", "ae", "in_json", "console_log_file")
+                "t5xxl", "ae", "in_json", "console_log_file", "tokenizer_cache_dir", "log_tracker_config",
+                "conditioning_data_dir", "controlnet_model_name_or_path", "base_weights")
+# an absolute path inside any other value (a POSIX path, ~/..., or a Windows drive path): kept as its last part
+_ABSOLUTE_PATH = re.compile(r"(?:^|(?<=[\s='\",;\[(]))(?:~|[A-Za-z]:)?[/\\](?:[^\s,;'\"=/\\]+[/\\])*([^\s,;'\"=/\\]*)")
 
 
 def tracker_config(cfg: Any) -> dict[str, Any] | None:
-    """--log_config: the run's options as tracker hyper-parameters, without secrets and with paths cut to
-    their last component; None (nothing logged) without --log_config, as in sd-scripts."""
+    """--log_config: the run's options as tracker hyper-parameters, without secrets, with path options cut to
+    their last component and no absolute path left in any other value; None (nothing logged) without
+    --log_config, as in sd-scripts."""
     if not cfg.log_config:
         return None
     config: dict[str, Any] = {}
     for key, value in cfg.model_dump().items():
         if key in SECRETS or value is None:
             continue
-        if key in PATH_OPTIONS and isinstance(value, str):
-            value = Path(value).name
-        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        if key in PATH_OPTIONS:
+            value = [Path(v).name for v in value] if isinstance(value, list) else Path(str(value)).name
+        value = value if isinstance(value, (int, float, str, bool)) else str(value)
+        config[key] = _without_absolute_paths(value) if isinstance(value, str) else value
     return config
+
+
+def _without_absolute_paths(text: str) -> str:
+    return _ABSOLUTE_PATH.sub(lambda match: match.group(1), text)
 
 
 def secret_warnings(cfg: Any) -> list[str]:
