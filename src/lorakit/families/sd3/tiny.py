@@ -112,3 +112,18 @@ def _copy_t5_tokenizer(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(T5_TOKENIZER_ASSET / name, folder / name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `lorakit bench` and the family conformance test: the tiny model as one SAI file (no real-size model yet)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def bench_files(size: str, folder: Path, blocks: tuple[int, int] | None = None) -> tuple[list[str], list[str]]:
+    """The `lorakit train` options naming the tiny model's SAI file (written on first use), and notes."""
+    if size != "tiny":
+        raise ValueError("SD3 has no real-size benchmark model yet; use --size tiny")
+    file = folder / "sd3.safetensors"
+    if not file.exists():
+        save_sai_file(build_tiny_sd3(0, "sd3.5m"), file)
+    return [f"--pretrained_model_name_or_path={file}"], []
