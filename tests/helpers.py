@@ -34,6 +34,23 @@ def write_dreambooth_folder(root: Path, *, count: int = 4, size: int = 64, repea
     return root
 
 
+def write_resume_world(root: Path) -> dict[str, Path]:
+    """A tiny SD 1.5 folder and a 4-image DreamBooth folder (2 repeats): the world the resume tests train in."""
+    save_sd_diffusers_folder(build_tiny_sd("sd1", seed=0), root / "model")
+    return {"model": root / "model", "data": write_dreambooth_folder(root / "data")}
+
+
+def resume_args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """6 steps at batch 2 over 4 images x 2 repeats: 4 steps per epoch, so a resume at step 3 continues mid-epoch
+    and crosses an epoch; dropout makes the step read the global RNG, cosine makes the LR schedule matter."""
+    return [
+        f"--pretrained_model_name_or_path={world['model']}", f"--train_data_dir={world['data']}", "--resolution=64",
+        f"--output_dir={out}", "--output_name=tiny", "--network_module=networks.lora", "--network_dim=4",
+        "--network_alpha=2", "--network_dropout=0.1", "--max_train_steps=6", "--learning_rate=1e-3", "--seed=3",
+        "--train_batch_size=2", "--lr_scheduler=cosine", *extra,
+    ]
+
+
 def network_options(module: str, *args: str, dim: int = 4, alpha: float = 2.0, **extra) -> SimpleNamespace:
     """The network options `build_network` reads, as `lorakit train` would parse them (`args` = --network_args)."""
     values = dict(a.split("=", 1) for a in args)

@@ -26,7 +26,6 @@ from torch import nn
 
 pytest.importorskip("lycoris")
 
-from lorakit.adapters.factory import build_network  # noqa: E402
 from lorakit.adapters.formats import save_lora_file  # noqa: E402
 from lorakit.adapters.lycoris_bridge import LycorisAdapter, LycorisOptions  # noqa: E402
 from lorakit.families.common.unet_blocks import lycoris_block_of as sd_block_index  # noqa: E402

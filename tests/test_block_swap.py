@@ -237,7 +237,7 @@ def test_flux_fp8_with_lora_holds_only_the_resident_blocks():
     from diffusers import FluxTransformer2DModel
 
     from lorakit.adapters.network import LoRANetwork
-    from lorakit.families.flux.family import FluxFamily, image_position_ids
+    from lorakit.families.flux.family import image_position_ids
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(

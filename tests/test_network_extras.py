@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import optimizer_groups, spec_of
-from lorakit.adapters.blocks import apply_block_ranks, block_lr_weights, preset_weights
+from lorakit.adapters.blocks import block_lr_weights, preset_weights
 from lorakit.adapters.lora import lora_delta_weight
 from lorakit.adapters.network import LoRANetwork
 from lorakit.config import parse_train_args

@@ -9,29 +9,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import write_dreambooth_folder
+from helpers import resume_args, write_resume_world
 from lorakit.cli.main import main
 from lorakit.config import parse_train_args
-from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 from lorakit.training.run import train
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("reliable")
-    save_sd_diffusers_folder(build_tiny_sd("sd1", seed=0), root / "model")
-    return {"model": root / "model", "data": write_dreambooth_folder(root / "data")}
+    return write_resume_world(tmp_path_factory.mktemp("reliable"))
 
 
 def args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    # the data-loader options are left at their defaults (8 workers, as many as the CPUs allow): 4 images x 2
-    # repeats at batch 2 = 4 steps per epoch, so a resume at step 3 continues mid-epoch and crosses an epoch
-    return [
-        f"--pretrained_model_name_or_path={world['model']}", f"--train_data_dir={world['data']}", "--resolution=64",
-        f"--output_dir={out}", "--output_name=tiny", "--network_module=networks.lora", "--network_dim=4",
-        "--network_alpha=2", "--network_dropout=0.1", "--max_train_steps=6", "--learning_rate=1e-3", "--seed=3",
-        "--train_batch_size=2", "--lr_scheduler=cosine", "--flip_aug", "--shuffle_caption", *extra,
-    ]
+    return resume_args(world, out, "--flip_aug", "--shuffle_caption", *extra)
 
 
 def run(argv: list[str]):

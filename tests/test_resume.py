@@ -14,30 +14,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import write_dreambooth_folder
+from helpers import resume_args, write_resume_world
 from lorakit.config import parse_train_args
 from lorakit.errors import ConfigError
-from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 from lorakit.training.run import train
 from lorakit.training.state import TRAIN_STATE_FILE
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("resume")
-    save_sd_diffusers_folder(build_tiny_sd("sd1", seed=0), root / "model")
-    return {"model": root / "model", "data": write_dreambooth_folder(root / "data")}
+    return write_resume_world(tmp_path_factory.mktemp("resume"))
 
 
 def args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    # 4 images x 2 repeats at batch 2: 4 steps per epoch, so steps 4-6 cross an epoch boundary. Dropout and
-    # un-cached latents make the step read the global RNG too; cosine makes the LR schedule matter.
-    return [
-        f"--pretrained_model_name_or_path={world['model']}", f"--train_data_dir={world['data']}", "--resolution=64",
-        f"--output_dir={out}", "--output_name=tiny", "--network_module=networks.lora", "--network_dim=4",
-        "--network_alpha=2", "--network_dropout=0.1", "--max_train_steps=6", "--learning_rate=1e-3", "--seed=3",
-        "--train_batch_size=2", "--lr_scheduler=cosine", "--max_data_loader_n_workers=0", *extra,
-    ]
+    return resume_args(world, out, "--max_data_loader_n_workers=0", *extra)
 
 
 def run(argv: list[str]):

@@ -372,7 +372,6 @@ def test_merging_leaves_the_model_forwards_as_they_were(models, loras):
     from lorakit.sampling.apply_lora import LoraMerger, parse_lora_spec, read_lora_file
     from lorakit.tools.targets import forwards_restored
 
-    cfg = build_config({"pretrained_model_name_or_path": str(models["flux"])}, skip_requirements=True)
     family, comps = load_model(models["flux"])
     roots = [comps.denoiser, *comps.text_encoders]
     patched = lambda: [m for root in roots for m in root.modules() if "forward" in m.__dict__]  # noqa: E731

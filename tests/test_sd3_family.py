@@ -18,7 +18,6 @@ from lorakit.families.sd3.conditioning import assemble_conditioning
 from lorakit.families.sd3.family import StableDiffusion3Family
 from lorakit.families.sd3.targets import mmdit_targets
 from lorakit.families.sd3.lora_convert import diffusers_to_kohya, kohya_to_diffusers
-from lorakit.families.sd3.network_args import SD3NetworkArgs
 from lorakit.families.sd3.tiny import build_tiny_sd3, pipeline_of, save_pipeline_folder, save_sai_file
 from lorakit.families.sd3.objective import SD3FlowObjective, SD3FlowOptions, sample_sd3_timesteps
 

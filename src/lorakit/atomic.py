@@ -76,12 +76,12 @@ def replace_folder(staging: Path, target: Path) -> None:
         aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
         os.replace(target, aside)  # onto the empty folder just made: atomic, and the name is this process's own
     os.replace(staging, target)
-    _fsync_folder(target.parent)
+    fsync_folder(target.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Make the renames in `folder` durable where the platform allows it (not on Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

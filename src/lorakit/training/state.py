@@ -42,7 +42,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from lorakit.atomic import staged_folder
+from lorakit.atomic import fsync_folder, staged_folder
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.safe_load import load_plain_data
 
@@ -139,22 +139,9 @@ def _atomic_folder(final: Path, write: Callable[[Path], None]) -> None:
     try:
         with staged_folder(final) as staging:
             write(staging)
-            _fsync_dir(staging)
+            fsync_folder(staging)
     except OSError as exc:
         raise CheckpointError(f"cannot write the training state {final}: {exc.strerror or exc}") from None
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform (Windows); the renames are still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, write: Callable[[Any], None]) -> None:

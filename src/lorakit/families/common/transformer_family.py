@@ -10,8 +10,32 @@ import torch
 from torch import nn
 
 from lorakit.families.base import Components
+from lorakit.families.common.text_cache import caches_text
 
 log = logging.getLogger("lorakit")
+
+def trains_t5(spec: Any) -> bool:
+    """Whether `--network_args train_t5xxl=True` asks for LoRA modules on T5 (with the text encoders training)."""
+    return bool(spec is not None and spec.train_text_encoder and spec.family_args is not None
+                and spec.family_args.train_t5xxl)
+
+
+def t5_family_problems(family_name: str, cfg: Any, spec: Any) -> list[str]:
+    """The option rules every T5-conditioned flow family shares: a trained T5 cannot use cached outputs, and
+    the SNR Huber schedule needs a DDPM schedule these families do not have."""
+    problems = []
+    if caches_text(cfg) and trains_t5(spec):
+        problems.append("--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
+                        "cached outputs carry no gradients to T5's LoRA modules")
+    if cfg.loss_type in ("huber", "smooth_l1") and cfg.huber_schedule == "snr":
+        problems.append(f"--huber_schedule snr is not available for --family {family_name}; use constant or exponential")
+    return problems
+
+
+def t5_family_warnings(family_name: str, cfg: Any) -> list[str]:
+    """--max_token_length sizes CLIP-only prompts; a T5 family reads its own lengths (--t5xxl_max_token_length)."""
+    return [f"--max_token_length is ignored for --family {family_name}"] if cfg.max_token_length is not None else []
+
 
 class ShiftScaleLatents:
     """encode_images/decode_latents for VAEs whose config has both shift_factor and scaling_factor."""

@@ -28,7 +28,9 @@ from lorakit.families.base import (
 from lorakit.families.common.layers import to_fp8
 from lorakit.families.common.text_cache import CaptionCache, caches_text
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
-from lorakit.families.common.transformer_family import BlockSwapFamily, ShiftScaleLatents, note_block_swap
+from lorakit.families.common.transformer_family import (
+    BlockSwapFamily, ShiftScaleLatents, note_block_swap, t5_family_problems, t5_family_warnings, trains_t5,
+)
 from lorakit.families.flux.layers import checkpoint_offloading_to_cpu
 from lorakit.families.flux.lora_keys import LORA_LAYOUT
 from lorakit.families.flux.network_args import FluxNetworkArgs
@@ -95,15 +97,10 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             problems.append("--model_type chroma: Chroma is not supported yet; FLUX.1 dev/schnell are")
             if not cfg.apply_t5_attn_mask:
                 problems.append("--model_type chroma requires --apply_t5_attn_mask")
-        if spec is not None and caches_text(cfg) and _trains_t5(spec):
-            problems.append("--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
-                            "cached outputs carry no gradients to T5's LoRA modules")
-        if cfg.loss_type in ("huber", "smooth_l1") and cfg.huber_schedule == "snr":
-            problems.append(f"--huber_schedule snr is not available for --family {self.name}; use constant or exponential")
-        return problems
+        return problems + t5_family_problems(self.name, cfg, spec)
 
     def option_warnings(self, cfg: Any) -> list[str]:
-        return [f"--max_token_length is ignored for --family {self.name}"] if cfg.max_token_length is not None else []
+        return t5_family_warnings(self.name, cfg)
 
     def parse_network_args(self, args: Mapping[str, str], spec: TargetSpec) -> tuple[Any, list[str]]:
         return FluxNetworkArgs.parse(args, spec.rank)
@@ -114,7 +111,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             load_dtype(cfg), fp8="denoiser" if cfg.fp8_base_unet else ("all" if cfg.fp8_base else None),
         ))
         comps.extras.update(self._conditioning_options(cfg, comps))
-        comps.extras["train_t5xxl"] = spec is not None and _trains_t5(spec)
+        comps.extras["train_t5xxl"] = trains_t5(spec)
         if caches_text(cfg):
             # T5's outputs always, CLIP-L's too unless CLIP-L trains (sd-scripts' "partial" caching: a trained
             # encoder runs every step)
@@ -370,7 +367,3 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
         writer = save_clip_l_file if part == "clip_l" else save_t5_file
         writer(comps.text_encoders[self.separate_parts[part].encoder_index], path, dtype)
-
-
-def _trains_t5(spec: TargetSpec) -> bool:
-    return spec.train_text_encoder and spec.family_args is not None and spec.family_args.train_t5xxl

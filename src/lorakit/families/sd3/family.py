@@ -29,7 +29,9 @@ from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults,
 from lorakit.families.common.layers import to_fp8
 from lorakit.families.common.text_cache import CaptionCache, caches_text
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
-from lorakit.families.common.transformer_family import BlockSwapFamily, ShiftScaleLatents, note_block_swap
+from lorakit.families.common.transformer_family import (
+    BlockSwapFamily, ShiftScaleLatents, note_block_swap, t5_family_problems, t5_family_warnings, trains_t5,
+)
 from lorakit.families.sd3 import pos_embed as scaled_pos_embed
 from lorakit.families.sd3.conditioning import assemble_conditioning, clip_outputs, random_position_crop
 from lorakit.families.sd3.lora_keys import LORA_LAYOUT
@@ -94,15 +96,10 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         problems = super().option_problems(cfg, spec)
         problems += [f"--{name} is an SD 1.x/2.x option; SD3/3.5 is trained without it (remove it)"
                      for name in SD_ONLY_OPTIONS if getattr(cfg, name, None)]
-        if spec is not None and caches_text(cfg) and _trains_t5(spec):
-            problems.append("--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
-                            "cached outputs carry no gradients to T5's LoRA modules")
-        if cfg.loss_type in ("huber", "smooth_l1") and cfg.huber_schedule == "snr":
-            problems.append(f"--huber_schedule snr is not available for --family {self.name}; use constant or exponential")
-        return problems
+        return problems + t5_family_problems(self.name, cfg, spec)
 
     def option_warnings(self, cfg: Any) -> list[str]:
-        return [f"--max_token_length is ignored for --family {self.name}"] if cfg.max_token_length is not None else []
+        return t5_family_warnings(self.name, cfg)
 
     def parse_network_args(self, args: Mapping[str, str], spec: TargetSpec) -> tuple[Any, list[str]]:
         return SD3NetworkArgs.parse(args, spec.rank)
@@ -118,7 +115,7 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         # with CLIP-L/G LoRAs training, only T5's outputs are cached and the CLIPs run every step (sd-scripts' partial caching)
         self.cache_clip = not (spec is not None and spec.train_text_encoder)
         comps.extras.update(self._conditioning_options(cfg, comps))
-        comps.extras["train_t5xxl"] = spec is not None and _trains_t5(spec)
+        comps.extras["train_t5xxl"] = trains_t5(spec)
         if cfg.enable_scaled_pos_embed:
             scaled_pos_embed.enable_scaled_pos_embed(
                 comps.denoiser, comps.vae, scaled_pos_embed.dataset_resolutions(cfg), self.model_type)
@@ -330,10 +327,6 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             raise ConfigError([f"--save_to {path}: a diffusers folder needs the whole pipeline; this SD3 model was read "
                                "from single files, so save it as .safetensors"])
         save_pipeline_atomic(pipeline_of(comps), path)
-
-
-def _trains_t5(spec: TargetSpec) -> bool:
-    return spec.train_text_encoder and spec.family_args is not None and spec.family_args.train_t5xxl
 
 
 def _fp8(cfg: Any) -> str | None:

@@ -9,7 +9,7 @@ Stability AI's SDXL checkpoints (`generative-models`, read by ComfyUI, A1111/For
   `text_projection` stored transposed).
 
 The UNet's SGM names are also what kohya-format SDXL LoRA files use (`lora_unet_input_blocks_4_1_...`), so
-`unet_module_to_sgm` names LoRA targets. The SD 1.x/2.x tables in `families/sd/ldm_keys.py` already describe
+`unet_module_to_sgm` names LoRA targets. The SD 1.x/2.x tables in `families/common/ldm_keys.py` already describe
 the shared LDM block layout; this module adds what SDXL has on top of them. Original -> diffusers goes
 through diffusers' own converters with an explicit config (never a hub lookup).
 """
