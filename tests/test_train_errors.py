@@ -74,3 +74,38 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "--network_dim: must be >= 1" in proc.stderr
+
+
+def test_independent_mistakes_are_reported_together(capsys, tmp_path):
+    """A missing model, a missing data folder, a bad value, a missing prompts file and an unknown optimizer are
+    found in one attempt, not one per attempt."""
+    argv = args_for(tmp_path / "no_model.safetensors", tmp_path / "no_data", tmp_path / "out", "--learning_rate=fast",
+                    f"--sample_prompts={tmp_path / 'no_prompts.txt'}", "--optimizer_type=AdamW9bit")
+    err = assert_clean_failure(capsys, argv, "5 problems", "no_model.safetensors", "no_data", "--learning_rate",
+                               "no_prompts.txt", "--optimizer_type AdamW9bit", out=tmp_path / "out")
+    assert err.count("\n  - ") == 5, err
+
+
+def test_optimizer_scheduler_network_and_family_mistakes_come_before_the_model_loads(capsys, model, tmp_path, monkeypatch):
+    from lorakit.families.registry import get_family
+
+    def must_not_load(*_args, **_kwargs):
+        raise AssertionError("the model was loaded although the options were wrong")
+
+    monkeypatch.setattr(type(get_family("sd")), "load", must_not_load)
+    data = write_dreambooth_folder(tmp_path / "data")
+    argv = args_for(model, data, tmp_path / "out", "--optimizer_args", "betas=(0.9,0.99)", "weight_decay=-1",
+                    "--lr_scheduler=cosine", "--lr_scheduler_args", "num_cycle=2", "--network_args", "conv_dim=four",
+                    "--bucket_reso_steps=32")
+    err = assert_clean_failure(capsys, argv, "--optimizer_type AdamW with --optimizer_args", "weight_decay",
+                               "--lr_scheduler_args num_cycle", "conv_dim", "--bucket_reso_steps must be a multiple of 64",
+                               out=tmp_path / "out")
+    assert err.count("\n  - ") == 4, err
+
+
+def test_options_that_are_right_still_train_after_the_checks(model, tmp_path):
+    """The checks build the optimizer and schedule on a probe: a valid set of options must pass them unchanged."""
+    data = write_dreambooth_folder(tmp_path / "data")
+    argv = args_for(model, data, tmp_path / "out", "--optimizer_args", "betas=(0.9,0.99)", "weight_decay=0.01",
+                    "--lr_scheduler=cosine_with_restarts", "--lr_scheduler_args", "num_cycles=2", "--dry_run")
+    assert main(argv) == 0

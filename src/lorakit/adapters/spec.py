@@ -114,11 +114,21 @@ def with_family_args(spec: TargetSpec, family: "ModelFamily", args: Mapping[str,
 
 
 def _conv_ranks(args: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
-    """conv_dim / conv_alpha (sd-scripts' LoRA-C3Lier), when given; conv_alpha defaults to 1."""
+    """conv_dim / conv_alpha (sd-scripts' LoRA-C3Lier), when given; conv_alpha defaults to 1. The messages are
+    the option checks' own, so a run that reports both says each mistake once."""
     if "conv_dim" not in args:
         return {"conv_rank": None, "conv_alpha": None}
-    try:
-        return {"conv_rank": int(args["conv_dim"]), "conv_alpha": float(args.get("conv_alpha", 1.0))}
-    except ValueError:
-        problems.append(f"--network_args conv_dim/conv_alpha must be numbers (got {dict(args)})")
+    found = len(problems)
+    rank = _number_arg(args, "conv_dim", int, problems)
+    alpha = _number_arg(args, "conv_alpha", float, problems) if "conv_alpha" in args else 1.0
+    if len(problems) > found:
         return {"conv_rank": None, "conv_alpha": None}
+    return {"conv_rank": rank, "conv_alpha": alpha}
+
+
+def _number_arg(args: Mapping[str, str], key: str, kind: type, problems: list[str]) -> Any:
+    try:
+        return kind(args[key])
+    except ValueError:
+        problems.append(f"--network_args: {key} must be {'an integer' if kind is int else 'a number'} (got {args[key]!r})")
+        return None

@@ -61,6 +61,9 @@ def _configure_logging() -> None:
     # third-party libraries are chatty at INFO; their warnings still show
     for name in ("diffusers", "transformers", "accelerate", "torch", "PIL", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # bitsandbytes (imported by the libraries above when installed) warns on CPUs with bf16 instructions that an
+    # optional kernel package is missing; lorakit never runs its 4-bit CPU kernels
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # transformers warns at import that torchvision is absent (only its image processors need it) and shows a
     # progress bar for every small weight file; neither helps someone training a LoRA
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -86,21 +89,25 @@ def apply_console_options(cfg) -> None:
 
 
 def _train(argv: list[str]) -> int:
-    from lorakit.config import build_train_parser, parse_train_args
+    from lorakit.config import build_train_parser, read_train_args
+    from lorakit.errors import ConfigError
 
     if any(arg in ("-h", "--help") for arg in argv):
         build_train_parser().print_help()
         return 0
-    cfg, warnings = parse_train_args(argv)
+    parsed = read_train_args(argv)
+    cfg = parsed.config
+    if cfg is None or (parsed.problems and cfg.output_config):
+        raise ConfigError(parsed.problems)
     apply_console_options(cfg)
-    for warning in warnings:
+    for warning in parsed.warnings:
         logging.getLogger("lorakit").warning(warning)
     if cfg.output_config:
         print(f"wrote the options to {cfg.config_file}")
         return 0
-    from lorakit.training.run import train  # heavy imports only once the options are known to be good
+    from lorakit.training.run import train
 
-    result = train(cfg)
+    result = train(cfg, parsed.problems)  # the options' problems are reported with the files' and the data's
     if result.saved_files:
         print(f"saved {result.saved_files[-1]}")
     return 0

@@ -15,6 +15,7 @@ import argparse
 import functools
 import types as pytypes
 import typing
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic.fields import FieldInfo
@@ -149,6 +150,16 @@ def _family_problems(config: TrainConfig, warnings: list[str]) -> list[str]:
     return checks.problems
 
 
+@dataclass
+class ParsedOptions:
+    """The options as far as they could be read: `config` holds the valid ones (a bad value falls back to its
+    default, so later checks can still run on it; None when even that fails), `problems` every problem found."""
+
+    config: TrainConfig | None
+    warnings: list[str]
+    problems: list[str]
+
+
 def parse_train_args(argv: list[str], *, check_support: bool = True) -> tuple[TrainConfig, list[str]]:
     """Parse `lorakit train` options (and their --config_file) into a TrainConfig.
 
@@ -156,12 +167,21 @@ def parse_train_args(argv: list[str], *, check_support: bool = True) -> tuple[Tr
     With --output_config the options are also written to the --config_file path (the caller should
     stop afterwards, as sd-scripts does). `check_support=False` skips the not-implemented-yet check.
     """
+    parsed = read_train_args(argv, check_support=check_support)
+    if parsed.problems or parsed.config is None:
+        raise ConfigError(parsed.problems)
+    return parsed.config, parsed.warnings
+
+
+def read_train_args(argv: list[str], *, check_support: bool = True) -> ParsedOptions:
+    """Like `parse_train_args`, but return the problems with the config instead of raising, so that a run can
+    report them together with the problems of its files, folders and data (`training.preflight`)."""
     known = set(TrainConfig.model_fields)
     argv, warnings = _expand_abbreviations(list(argv), known)
     try:
         namespace, extras = build_train_parser().parse_known_args(argv)
     except _ArgumentProblem as problem:
-        raise ConfigError([f"--{str(problem).lstrip('-')}"]) from None
+        return ParsedOptions(None, warnings, [f"--{str(problem).lstrip('-')}"])
     cli_values = vars(namespace)
     problems = _unknown_arguments(extras, known)
 
@@ -186,10 +206,9 @@ def parse_train_args(argv: list[str], *, check_support: bool = True) -> tuple[Tr
         problems += unsupported
         warnings += fallbacks
     if config is not None and config.family != "auto" and not writing:
-        problems, warnings = problems + _family_problems(config, warnings), warnings
-    if problems or config is None:
-        raise ConfigError(problems)
-    warnings += cross_field_warnings(config)
-    if writing and config.config_file:
-        write_config_file(config, config.config_file)
-    return config, warnings
+        problems += _family_problems(config, warnings)
+    if config is not None and not problems:
+        warnings += cross_field_warnings(config)
+        if writing and config.config_file:
+            write_config_file(config, config.config_file)
+    return ParsedOptions(config, warnings, problems)

@@ -6,27 +6,20 @@ Nothing here asks which model family or which kind of training it runs.
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from lorakit.data.build import build_train_dataset
 from lorakit.data.cache import vae_identity
-from lorakit.data.summary import format_summary
-from lorakit.errors import ConfigError, DataError
-from lorakit.families.common.text_cache import caches_text
-from lorakit.families.checks import check_family_options
-from lorakit.families.registry import resolve_family
 from lorakit.precision import effective_mixed_precision
 from lorakit.training import distributed
 from lorakit.training import metadata as md
-from lorakit.training.destination import destination_problems
 from lorakit.training.locks import hold_output
 from lorakit.training.loop import Trainer
-from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
+from lorakit.training.plan import TrainingPlan
+from lorakit.training.preflight import check_run
 from lorakit.training.session import Session, TrainResult
 from lorakit.training.setup import setup_session
 from lorakit.training.trackers import logging_dir, tracker_config, tracker_init_kwargs, tracker_names, wandb_login
@@ -34,35 +27,14 @@ from lorakit.training.trackers import logging_dir, tracker_config, tracker_init_
 log = logging.getLogger("lorakit")
 
 
-def train(cfg: Any) -> TrainResult:
-    """Run (or with --dry_run only plan) one LoRA training described by `cfg`."""
-    family = resolve_family(cfg)
-    checks = check_family_options(cfg, family)
-    if cfg.family == "auto":  # a given --family's warnings came with the other option warnings
-        for warning in checks.warnings:
-            log.warning(warning)
-    seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1)
-    try:
-        dataset = build_train_dataset(cfg, seed)  # data problems surface before any model loads
-    except (ConfigError, DataError) as error:
-        if not checks.problems:
-            raise
-        found = error.problems if isinstance(error, ConfigError) else [str(error)]
-        raise ConfigError(checks.problems + found) from None
-    if caches_text(cfg) and dataset.captions_vary():
-        checks.problems.append("--cache_text_encoder_outputs: a dataset subset changes its captions per step (shuffle, "
-                               "dropout, tag dropout, token warm-up or wildcards); remove one or the other")
-    plan = make_plan(cfg, family.name, len(dataset), num_processes=distributed.world_size_from_env())
-    dataset.set_training_length(plan.max_train_steps, cfg.gradient_accumulation_steps)
-    if distributed.rank_from_env() == 0:
-        batch = distributed.effective_batch_message(dataset, plan.num_processes, cfg.gradient_accumulation_steps)
-        print(format_plan(cfg, plan, format_summary(dataset.summary())) + "\n" + batch, flush=True)
-    plan = distributed.per_process_plan(plan)  # resume positions count this process's batches
-    check_before_loading(cfg, plan, checks.problems)
+def train(cfg: Any, option_problems: list[str] | tuple[str, ...] = ()) -> TrainResult:
+    """Run (or with --dry_run only plan) one training described by `cfg`. `option_problems` are what the option
+    parser found: they are reported with every other problem, before any model loads."""
+    checked = check_run(cfg, option_problems)
     if cfg.dry_run:
-        return TrainResult(plan)
+        return TrainResult(checked.plan)
     with hold_output(cfg, distributed.rank_from_env() == 0):  # a second run on this output name stops here
-        return _train_with_models(cfg, family, checks.spec, dataset, plan, seed)
+        return _train_with_models(cfg, checked.family, checked.spec, checked.dataset, checked.plan, checked.seed)
 
 
 def _train_with_models(cfg: Any, family: Any, spec: Any, dataset: Any, plan: TrainingPlan, seed: int) -> TrainResult:
@@ -79,33 +51,6 @@ def _train_with_models(cfg: Any, family: Any, spec: Any, dataset: Any, plan: Tra
         with torch.no_grad():
             distributed.cache_latents(dataset, accelerator, lambda images: family.encode_images(session.comps, images), cfg.vae_batch_size or 1, **disk)
     return _run(session, dataset, plan, seed)
-
-
-def check_before_loading(cfg: Any, plan: TrainingPlan, problems: list[str] | None = None) -> None:
-    """Resume folder, start step, sample prompts and the places files go, with the problems found so far: every
-    problem at once, before any model loads."""
-    from lorakit.sampling.prompts import read_sample_prompts
-    from lorakit.training.state import check_state_folder, read_train_state
-
-    problems = list(problems or []) + distributed.config_problems(cfg) + destination_problems(cfg)
-    resumed_step = None
-    if cfg.resume:
-        state_problems = check_state_folder(cfg.resume)
-        problems += state_problems
-        if not state_problems:
-            resumed_step = read_train_state(cfg.resume).step
-    if not problems:
-        message = initial_step_problem(cfg, plan, resumed_step)
-        problems += [message] if message else []
-    if cfg.sample_prompts:
-        from lorakit.training.sample_events import sampling_problems
-
-        try:
-            problems += sampling_problems(cfg, read_sample_prompts(cfg.sample_prompts))
-        except ConfigError as error:
-            problems += error.problems
-    if problems:
-        raise ConfigError(problems)
 
 
 def make_accelerator(cfg: Any) -> Accelerator:

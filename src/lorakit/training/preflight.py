@@ -1,0 +1,184 @@
+"""Every check a run makes before anything large loads, reported together.
+
+A user who gets one error per attempt pays a model load (minutes for FLUX) for each mistake. So the options'
+own problems, the model files, the family's rules, the adapter spec, the dataset (every image decoded once), the
+optimizer and LR schedule (built for real over a one-element parameter), the resume state, the sample prompts
+and the destination are all checked here, each check going on whatever the others found, and every problem is
+raised in one `ConfigError`. Nothing here asks which family or which kind of training it checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from lorakit.data.build import build_train_dataset
+from lorakit.data.summary import format_summary
+from lorakit.errors import ConfigError, DataError
+from lorakit.families.checks import check_family_options
+from lorakit.families.common.text_cache import caches_text
+from lorakit.families.registry import all_families, resolve_family
+from lorakit.training import distributed
+from lorakit.training.destination import destination_problems
+from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
+
+log = logging.getLogger("lorakit")
+
+MODEL_OPTION = "pretrained_model_name_or_path"
+
+
+@dataclass
+class Checked:
+    """What the checks built on the way, for the run to use: nothing is built twice."""
+
+    family: Any
+    spec: Any
+    dataset: Any
+    plan: TrainingPlan
+    seed: int
+
+
+def check_run(cfg: Any, option_problems: list[str] | tuple[str, ...] = ()) -> Checked:
+    """Check everything about the run `cfg` describes (with the problems the option parser found); raise one
+    ConfigError listing every problem, or return what the checks built."""
+    problems = list(option_problems)
+    missing = model_file_problems(cfg)
+    problems += missing
+    family, spec = _family_and_spec(cfg, problems, model_found=not _names_missing_model(missing))
+    seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1)
+    dataset = _dataset(cfg, seed, problems)
+    plan = _plan(cfg, family, dataset, problems)
+    problems += optimizer_problems(cfg, plan.max_train_steps if plan else 1)
+    problems += before_loading_problems(cfg, plan)
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))  # a given --family's rules ran in the parser too
+    return Checked(family, spec, dataset, plan, seed)
+
+
+def model_file_problems(cfg: Any) -> list[str]:
+    """The base model and every model part given in a file of its own must exist (the loaders name what is
+    missing inside them). Every family's part options are checked: the family may not be known yet."""
+    options = dict.fromkeys([MODEL_OPTION, *(part for family in all_families() for part in family.part_files)])
+    problems = []
+    for option in options:
+        value = getattr(cfg, option, None)
+        if value and not Path(value).exists():
+            what = "model file or diffusers folder" if option == MODEL_OPTION else "file"
+            problems.append(f"--{option} {value}: no such {what}")
+    return problems
+
+
+def _names_missing_model(problems: list[str]) -> bool:
+    return any(problem.startswith(f"--{MODEL_OPTION} ") for problem in problems)
+
+
+def _family_and_spec(cfg: Any, problems: list[str], *, model_found: bool) -> tuple[Any, Any]:
+    """The family (given, or detected from the checkpoint) with its own rules and the adapter spec. A family
+    detected from a file that is not there would be a guess: its rules would only add noise, so they wait."""
+    if cfg.family == "auto" and not model_found:
+        return None, None
+    family = resolve_family(cfg)
+    checks = check_family_options(cfg, family)
+    if cfg.family == "auto":  # a given --family's warnings came with the other option warnings
+        for warning in checks.warnings:
+            log.warning(warning)
+    problems += checks.problems
+    return family, checks.spec
+
+
+def _dataset(cfg: Any, seed: int, problems: list[str]) -> Any:
+    """The training dataset, every image decoded once; its problems join the others."""
+    try:
+        dataset = build_train_dataset(cfg, seed)
+    except ConfigError as error:
+        problems += error.problems
+        return None
+    except DataError as error:
+        problems.append(str(error))
+        return None
+    if caches_text(cfg) and dataset.captions_vary():
+        problems.append("--cache_text_encoder_outputs: a dataset subset changes its captions per step (shuffle, "
+                        "dropout, tag dropout, token warm-up or wildcards); remove one or the other")
+    return dataset
+
+
+def _plan(cfg: Any, family: Any, dataset: Any, problems: list[str]) -> TrainingPlan | None:
+    """The run's length (printed on the main process), once the family and the dataset are known."""
+    if family is None or dataset is None:
+        return None
+    plan = make_plan(cfg, family.name, len(dataset), num_processes=distributed.world_size_from_env())
+    dataset.set_training_length(plan.max_train_steps, cfg.gradient_accumulation_steps)
+    if distributed.rank_from_env() == 0:
+        batch = distributed.effective_batch_message(dataset, plan.num_processes, cfg.gradient_accumulation_steps)
+        print(format_plan(cfg, plan, format_summary(dataset.summary())) + "\n" + batch, flush=True)
+    return distributed.per_process_plan(plan)  # resume positions count this process's batches
+
+
+def optimizer_problems(cfg: Any, total_steps: int) -> list[str]:
+    """--optimizer_type/--optimizer_args and --lr_scheduler/--lr_scheduler_args, checked by building both for
+    real over a one-element parameter: the same code and the same class signatures as the run, so whatever the
+    run would refuse is refused here (an unknown name, a missing package, an argument the class does not take,
+    a value it rejects). The builders' advice is said once, by the run."""
+    from lorakit.training.optim import build_optimizer
+    from lorakit.training.schedulers import build_lr_scheduler
+
+    probe = [{"params": [torch.zeros(1, requires_grad=True)], "lr": cfg.learning_rate}]
+    problems: list[str] = []
+    with _quiet("lorakit", "lorakit.training.optim", "lorakit.training.schedulers"):
+        try:
+            optimizer = build_optimizer(cfg, probe)
+        except ConfigError as error:
+            problems += error.problems
+            if cfg.lr_scheduler == "adafactor":  # that schedule is Adafactor's own: nothing to check it on
+                return problems
+            # the schedule's own options are checked on a plain optimizer
+            optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate or 1.0)
+        try:
+            build_lr_scheduler(cfg, optimizer, max(1, total_steps))
+        except ConfigError as error:
+            problems += error.problems
+    return problems
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def before_loading_problems(cfg: Any, plan: TrainingPlan | None) -> list[str]:
+    """Processes, destination, resume folder and start step, and sample prompts."""
+    from lorakit.sampling.prompts import read_sample_prompts
+    from lorakit.training.state import check_state_folder, read_train_state
+
+    problems = distributed.config_problems(cfg) + destination_problems(cfg)
+    resumed_step = None
+    if cfg.resume:
+        state_problems = check_state_folder(cfg.resume)
+        problems += state_problems
+        if not state_problems:
+            resumed_step = read_train_state(cfg.resume).step
+    if plan is not None and not problems:
+        message = initial_step_problem(cfg, plan, resumed_step)
+        problems += [message] if message else []
+    if cfg.sample_prompts:
+        from lorakit.training.sample_events import sampling_problems
+
+        try:
+            problems += sampling_problems(cfg, read_sample_prompts(cfg.sample_prompts))
+        except ConfigError as error:
+            problems += error.problems
+    return problems
