@@ -62,6 +62,41 @@ def test_resume_rejects_a_finished_state(world, uninterrupted, tmp_path):
         run(args(world, tmp_path, f"--resume={tmp_path / 'missing-state'}"))
 
 
+def test_resume_refuses_changes_the_state_would_overrule(world, uninterrupted, tmp_path, monkeypatch):
+    """The state's optimizer holds the learning rate, its tensors the rank, its random streams the seed: changed
+    on the command line they could not take effect, so each is refused by name before the model loads."""
+    from lorakit.families.registry import get_family
+
+    def must_not_load(*_args, **_kwargs):
+        raise AssertionError("the model was loaded although the resume was refused")
+
+    monkeypatch.setattr(type(get_family("sd")), "load", must_not_load)
+    state = uninterrupted[0] / "tiny-step00000003-state"
+    with pytest.raises(ConfigError) as refused:
+        run(args(world, tmp_path, f"--resume={state}", "--learning_rate=5e-4", "--network_dim=8", "--seed=4"))
+    problems = refused.value.problems
+    assert len(problems) == 3, problems
+    for option, old in (("learning_rate", "0.001"), ("network_dim", "4"), ("seed", "3")):
+        assert any(f"--{option} was {old} when the state was saved" in p and f"give --{option} {old}" in p
+                   for p in problems), problems
+
+
+def test_resume_reports_the_changes_that_take_effect(world, uninterrupted, tmp_path, caplog):
+    """A longer run from the same state: the change is said once, it takes effect, and the file's metadata
+    records what was trained."""
+    state = uninterrupted[0] / "tiny-step00000003-state"
+    with caplog.at_level("WARNING", logger="lorakit"):
+        resumed = run(args(world, tmp_path, f"--resume={state}", "--max_train_steps=8"))
+    assert any("--max_train_steps was 6 when the state was saved and is 8 now" in r.message for r in caplog.records)
+    assert resumed.start_step == 3 and len(resumed.step_losses) == 5
+    saved = (state / "run_options.json").read_text()
+    assert json.loads(saved)["max_train_steps"] == 6 and str(world["model"].parent) not in saved, "no machine paths"
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "tiny.safetensors", "pt") as f:
+        assert f.metadata()["ss_max_train_steps"] == "8"
+
+
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import torch

@@ -23,6 +23,7 @@ from lorakit.training.sample_events import Sampler
 from lorakit.training.saving import SavePolicy, save_every_n_epochs
 from lorakit.training.schedulers import build_lr_scheduler
 from lorakit.training.session import TrainResult
+from lorakit.training.resume_options import saved_options
 from lorakit.training.state import TrainingState, load_state
 from lorakit.training.step import (
     all_reduce_gradients,
@@ -57,6 +58,7 @@ class Trainer:
         self.step_end_times: list[float] = []  # perf_counter after each optimizer step (for `lorakit bench`)
         self.loss_log = LossLog(plan.steps_per_epoch, any_process(accelerator))  # its average is part of a state
         self.live.loss_average = self.loss_log.average
+        self.live.run_options = saved_options(cfg)
         self.epoch = 0
         self.logged: list[float] = []
         self.global_step = 0

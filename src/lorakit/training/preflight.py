@@ -27,6 +27,7 @@ from lorakit.families.registry import all_families, resolve_family
 from lorakit.training import distributed
 from lorakit.training.destination import destination_problems
 from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
+from lorakit.training.resume_options import resume_changes
 
 log = logging.getLogger("lorakit")
 
@@ -171,6 +172,10 @@ def before_loading_problems(cfg: Any, plan: TrainingPlan | None) -> list[str]:
         problems += state_problems
         if not state_problems:
             resumed_step = read_train_state(cfg.resume).step
+            changes, notes = resume_changes(cfg, cfg.resume)
+            problems += changes
+            for note in notes:
+                log.warning(note)
     if plan is not None and not problems:
         message = initial_step_problem(cfg, plan, resumed_step)
         problems += [message] if message else []

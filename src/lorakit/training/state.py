@@ -11,6 +11,8 @@ A state folder holds what an interrupted run needs to continue bit for bit (name
     random_states_1.pkl    ... of process 1, and so on (only with several processes)
     train_state.json       {"current_epoch": e, "current_step": s}
     loss_average.json      the window of the logged moving-average loss (so a resumed run logs the same values)
+    run_options.json       the run's options (no secrets, paths cut to their last part): a resume says what it
+                           changes and refuses what cannot take effect (lorakit.training.resume_options)
 
 Everything is written into a staging folder `.<name>.<random>.tmp` (unique to the writing process) and the
 folder is renamed when complete, so a crash during a save leaves the previous states untouched and never a
@@ -55,6 +57,7 @@ SCALER_FILE = "scaler.pt"
 RNG_FILE = "random_states_0.pkl"  # the main process's; required in every state
 TRAIN_STATE_FILE = "train_state.json"
 LOSS_AVERAGE_FILE = "loss_average.json"
+OPTIONS_FILE = "run_options.json"  # read by training/resume_options.py
 REQUIRED = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAIN_STATE_FILE)
 PICKLED = (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE)  # besides the random_states_*.pkl files
 
@@ -74,6 +77,7 @@ class TrainingState:
     noise_generator: torch.Generator
     scaler: Any = None
     loss_average: Any = None  # lorakit.training.loss_log.MovingAverage: state_dict() of plain numbers
+    run_options: dict[str, Any] | None = None  # the options, so that a resume can say what it changes
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,9 @@ def save_state(folder: Path, state: TrainingState, *, epoch: int, step: int, acc
         if state.loss_average is not None:
             average = json.dumps(state.loss_average.state_dict()).encode()
             _write_file(tmp / LOSS_AVERAGE_FILE, lambda f: f.write(average))
+        if state.run_options is not None:
+            options = json.dumps(state.run_options, indent=1, sort_keys=True).encode()
+            _write_file(tmp / OPTIONS_FILE, lambda f: f.write(options))
         _require_resumable(tmp, folder)
 
     _atomic_folder(folder, write)

@@ -45,11 +45,14 @@ _ABSOLUTE_PATH = re.compile(r"(?:^|(?<=[\s='\",;\[(]))(?:~|[A-Za-z]:)?[/\\](?:[^
 
 
 def tracker_config(cfg: Any) -> dict[str, Any] | None:
-    """--log_config: the run's options as tracker hyper-parameters, without secrets, with path options cut to
-    their last component and no absolute path left in any other value; None (nothing logged) without
-    --log_config, as in sd-scripts."""
-    if not cfg.log_config:
-        return None
+    """--log_config: the run's options as tracker hyper-parameters (`portable_options`); None (nothing logged)
+    without --log_config, as in sd-scripts."""
+    return portable_options(cfg) if cfg.log_config else None
+
+
+def portable_options(cfg: Any) -> dict[str, Any]:
+    """The run's options without secrets, with path options cut to their last component and no absolute path
+    left in any other value: what may be logged or written into a file others may read."""
     config: dict[str, Any] = {}
     for key, value in cfg.model_dump().items():
         if key in SECRETS or value is None:
