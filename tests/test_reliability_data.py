@@ -146,3 +146,28 @@ def test_image_checks_are_remembered_until_a_file_changes(tmp_path, monkeypatch)
     truncate(paths[1])
     os.utime(paths[1], ns=(time.time_ns(), time.time_ns()))
     assert list(verify.bad_images(paths)) == [paths[1]] and decoded[4:] == [paths[1]]
+
+
+
+def _prediction_warnings(caplog, argv: list[str]) -> list[str]:
+    caplog.clear()
+    cfg, _ = parse_train_args(argv)
+    with caplog.at_level("WARNING", logger="lorakit"):
+        train(cfg)
+    return [r.message for r in caplog.records if "prediction_type" in r.message]
+
+
+@pytest.mark.parametrize("version, flag, declared", [("sd2v", [], "v_prediction"), ("sd1", ["--v_parameterization"], "epsilon")])
+def test_a_scheduler_config_that_disagrees_with_v_parameterization_is_named(tmp_path, caplog, version, flag, declared):
+    """As in sd-scripts the flag decides what is trained, but a folder that says otherwise is named with its value."""
+    from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
+
+    save_sd_diffusers_folder(build_tiny_sd(version, seed=0), tmp_path / "model")
+    argv = [f"--pretrained_model_name_or_path={tmp_path / 'model'}", "--resolution=64", "--dry_run",
+            f"--train_data_dir={write_dreambooth_folder(tmp_path / 'data')}", f"--output_dir={tmp_path / 'out'}",
+            "--network_module=networks.lora", *(["--v2"] if version == "sd2v" else [])]
+    said = _prediction_warnings(caplog, argv + flag)
+    assert len(said) == 1 and f"prediction_type={declared!r}" in said[0], said
+    assert str(tmp_path / "model" / "scheduler" / "scheduler_config.json") in said[0]
+    agreeing = ["--v_parameterization"] if declared == "v_prediction" else []
+    assert not _prediction_warnings(caplog, argv + agreeing), "no warning when they agree"

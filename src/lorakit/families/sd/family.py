@@ -17,6 +17,7 @@ from lorakit.adapters.targets import AdapterTarget
 from lorakit.data.latent_files import LatentFileFormat
 from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
 from lorakit.families.common.headers import safetensors_keys
+from lorakit.families.common.prediction import prediction_type_warnings
 from lorakit.families.common.text_cache import CaptionCache, whole_caption_cache
 from lorakit.families.common.text_encoders import clip_targets
 from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing, unet_targets
@@ -75,6 +76,9 @@ class StableDiffusionFamily(ModelFamily):
         if keys is None:
             return source.is_file()
         return any(k.startswith("model.diffusion_model.") for k in keys) and any(k.startswith("cond_stage_model.") for k in keys)
+
+    def option_warnings(self, cfg: Any) -> list[str]:
+        return prediction_type_warnings(cfg)
 
     # -- loading -----------------------------------------------------------------------------------------
 

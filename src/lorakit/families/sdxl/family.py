@@ -23,6 +23,7 @@ from lorakit.adapters.spec import TargetSpec
 from lorakit.adapters.targets import AdapterTarget, RankChoice, kohya_name
 from lorakit.data.latent_files import LatentFileFormat
 from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
+from lorakit.families.common.prediction import prediction_type_warnings
 from lorakit.families.common.text_cache import CaptionCache, whole_caption_cache
 from lorakit.families.common.text_encoders import clip_targets
 from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing
@@ -82,7 +83,7 @@ class StableDiffusionXLFamily(ModelFamily):
             warnings.append("--clip_skip is ignored for SDXL: it always uses the penultimate layer of both encoders")
         if cfg.mixed_precision == "fp16" and not cfg.no_half_vae:
             warnings.append("the SDXL VAE overflows in fp16 (NaN latents are zeroed); add --no_half_vae to keep it in float32")
-        return warnings
+        return warnings + prediction_type_warnings(cfg)
 
     # -- loading -----------------------------------------------------------------------------------------
 
