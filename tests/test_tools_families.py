@@ -374,8 +374,9 @@ def test_inspect_names_the_family_and_its_loaders(case, capsys):
     diffusers, _ = decoder.raw_decode(out[end:].lstrip())
     assert kohya["family"] == diffusers["family"] == case.name
     assert (kohya["layout"], diffusers["layout"]) == ("kohya", "diffusers")
-    expected = {  # peers.md §4.2
-        "sdxl": ("yes", "yes (converted on load)", "no", "text encoder only (U-Net PEFT keys are not mapped)"),
+    expected = {  # peers.md §4.2 and §4.2.1
+        "sdxl": ("yes", "yes (converted on load)", "no",
+                 "partly: its U-Net attention projections (96 of 207 modules) are dropped ('lora key not loaded')"),
         "sd3": ("no (A1111 1.10+ reads SD3 only in the diffusers layout; Forge has no SD3)", "no (convert: lorakit lora convert --to diffusers)",
                 "A1111 1.10+ only (Forge has no SD3)", "yes"),
         "flux": ("Forge only (A1111 has no FLUX)", "yes (converted on load)", "Forge only (A1111 has no FLUX)", "yes"),

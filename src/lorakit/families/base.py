@@ -152,6 +152,9 @@ class ModelFamily:
     webui_kohya: ClassVar[str] = "yes"  # A1111/Forge on the kohya layout
     webui_diffusers: ClassVar[str] = "no"  # A1111/Forge on the diffusers/PEFT layout
     comfy_diffusers: ClassVar[str] = "yes"  # ComfyUI on the diffusers/PEFT layout
+    # diffusers/PEFT-layout module paths (regular expressions) a loader's key map lacks -> what they are
+    comfy_drops: ClassVar[Mapping[str, str]] = {}
+    diffusers_skips: ClassVar[Mapping[str, str]] = {}
     diffusers_kohya: ClassVar[str] = "yes (converted on load)"  # diffusers on a plain kohya LoRA
     diffusers_ignores: ClassVar[Mapping[str, str]] = {}  # kohya prefix diffusers drops -> what the modules are
 
@@ -329,8 +332,10 @@ class ModelFamily:
         """The kohya state of a diffusers/PEFT file, where the family converts whole states (None: per module)."""
         return None
 
-    def loader_support(self, style: str, algorithm: str, keys: list[str]) -> dict[str, str]:
-        """Which loaders (sd-scripts, ComfyUI, A1111/Forge, diffusers) read a file of this family in `style`."""
+    def loader_support(self, style: str, algorithm: str, keys: list[str], *, dora_on_output: bool = False
+                       ) -> dict[str, str]:
+        """Which loaders (sd-scripts, ComfyUI, A1111/Forge, diffusers) read a file of this family in `style`, from
+        its keys: a loader that maps only some of its modules gets a "partly" naming what it drops."""
         plain = algorithm.startswith(("lora", "locon"))
         has_alpha = any(k.endswith(".alpha") for k in keys)
         if style == "kohya":
@@ -338,11 +343,44 @@ class ModelFamily:
             reads = self.diffusers_kohya if plain else "no"
             if ignored and reads.startswith("yes"):
                 reads += f", but its {' and '.join(ignored)} modules are ignored"
-            return {"sd-scripts": "yes" if plain or algorithm == "oft" else "no (LyCORIS module needed)",
-                    "ComfyUI": "yes", "A1111/Forge": self.webui_kohya, "diffusers": reads}
-        return {
-            "sd-scripts": "no (convert to kohya: lorakit lora convert --to kohya)",
-            "ComfyUI": self.comfy_diffusers,
-            "A1111/Forge": self.webui_diffusers,
-            "diffusers": "yes" if plain and not has_alpha else ("yes, but .alpha keys are ignored" if plain else "no"),
-        }
+            verdicts = {"sd-scripts": "yes" if plain or algorithm == "oft" else "no (LyCORIS module needed)",
+                        "ComfyUI": "yes", "A1111/Forge": self.webui_kohya, "diffusers": reads}
+        else:
+            modules = sorted({peft_module_path(k) for k in keys})
+            reads = "yes" if plain and not has_alpha else ("yes, but .alpha keys are ignored" if plain else "no")
+            verdicts = {
+                "sd-scripts": "no (convert to kohya: lorakit lora convert --to kohya)",
+                "ComfyUI": partial_verdict(self.comfy_diffusers, modules, self.comfy_drops, "dropped ('lora key not loaded')"),
+                "A1111/Forge": self.webui_diffusers,
+                "diffusers": partial_verdict(reads, modules, self.diffusers_skips, "ignored"),
+            }
+        if dora_on_output:  # they divide the magnitude by the norm of W, training by that of W + ΔW
+            for loader in ("ComfyUI", "A1111/Forge"):
+                if verdicts[loader].startswith(("yes", "partly", "Forge", "A1111")):
+                    verdicts[loader] = ("loads, but applies the output-axis DoRA magnitude (wd_on_output=True) "
+                                        "differently from training: its images differ")
+        return verdicts
+
+
+def peft_module_path(key: str) -> str:
+    """The module path of a diffusers/PEFT LoRA key (its tensor suffix cut)."""
+    key = key.removeprefix("base_model.model.")
+    for marker in (".lora_A", ".lora_B", ".lora_magnitude_vector", ".alpha"):
+        if marker in key:
+            return key[: key.index(marker)]
+    return key.rsplit(".", 1)[0]
+
+
+def partial_verdict(verdict: str, modules: list[str], unmapped: Mapping[str, str], fate: str) -> str:
+    """`verdict`, or "partly" when some modules match a pattern of `unmapped` (a loader's key map lacks them),
+    "no" when all do."""
+    if not verdict.startswith("yes"):
+        return verdict
+    lost = {what: sum(1 for m in modules if re.search(pattern, m)) for pattern, what in unmapped.items()}
+    lost = {what: n for what, n in lost.items() if n}
+    if not lost:
+        return verdict
+    described = " and ".join(f"its {what} ({n} of {len(modules)} modules)" for what, n in lost.items())
+    if sum(lost.values()) >= len(modules):
+        return f"no: {described} are {fate}"
+    return f"partly: {described} are {fate}"

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from lorakit.families.base import ModelFamily
+from lorakit.families.base import ModelFamily, peft_module_path
 from lorakit.families.registry import get_family, guess_lora_family
 from lorakit.tools.lora_state import detect_algorithm
 
@@ -25,7 +25,7 @@ _COMPONENT_PREFIXES = (
     ("lora_unet_", "unet"), ("lora_te1_", "text_encoder_1"), ("lora_te2_", "text_encoder_2"),
     ("lora_te3_", "text_encoder_3"), ("lora_te_", "text_encoder"), ("unet.", "unet"),
     ("transformer.", "transformer"), ("text_encoder_3.", "text_encoder_3"), ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
-    ("lycoris_", "unet"),
+    ("lycoris_", "unet"), ("text_encoders.t5xxl.", "t5xxl"),
 )
 _DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora_A.default.weight")
 _LOADERS = ("sd-scripts", "ComfyUI", "A1111/Forge", "diffusers")
@@ -49,12 +49,13 @@ def _component(key: str) -> str:
 
 def _module_name(key: str, style: str) -> str:
     """kohya module names hold no dots; PEFT paths do, so their tensor suffix is cut instead."""
-    if style == "kohya":
-        return key.partition(".")[0]
-    for marker in (".lora_A", ".lora_B", ".lora_magnitude_vector", ".alpha"):
-        if marker in key:
-            return key[: key.index(marker)]
-    return key.rsplit(".", 1)[0]
+    return key.partition(".")[0] if style == "kohya" else peft_module_path(key)
+
+
+def _dora_on_output(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """A `dora_scale` of shape (out, 1, ...) holds one magnitude per output channel (wd_on_output=True); the
+    input-axis form is (1, in, ...)."""
+    return any(k.endswith(".dora_scale") and v.dim() >= 2 and v.shape[0] > 1 for k, v in state_dict.items())
 
 
 def describe(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict:
@@ -80,18 +81,19 @@ def describe(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
         "alphas": {f"{a:g}": n for a, n in sorted(alphas.items())} or {"(none: alpha = rank)": len(downs)},
         "dtypes": dict(dtypes),
         "parameters": sum(v.numel() for v in state_dict.values()),
-        "loaders": loader_support(style, algorithm, family, keys),
+        "loaders": loader_support(style, algorithm, family, keys, dora_on_output=_dora_on_output(state_dict)),
         "metadata": {k: metadata[k] for k in sorted(metadata) if k.startswith(("ss_", "sshs_", "modelspec."))},
     }
 
 
-def loader_support(style: str, algorithm: str, family: str | None, keys: list[str]) -> dict[str, str]:
+def loader_support(style: str, algorithm: str, family: str | None, keys: list[str], *, dora_on_output: bool = False
+                   ) -> dict[str, str]:
     """For each loader, `yes`, `no` or a short qualification, for this layout, algorithm and family (the family's
     own table; a file of no known family gets what holds for any)."""
     if style not in ("kohya", "diffusers"):
         return {loader: "unknown layout" for loader in _LOADERS}
     known: ModelFamily = get_family(family) if family else ModelFamily()
-    return known.loader_support(style, algorithm, keys)
+    return known.loader_support(style, algorithm, keys, dora_on_output=dora_on_output)
 
 
 def format_report(path: str, report: dict, *, show_all_metadata: bool = False) -> str:

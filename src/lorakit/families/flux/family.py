@@ -69,6 +69,10 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     separate_parts = {"clip_l": SeparatePart(0, "lora_te1", "CLIP-L"), "t5xxl": SeparatePart(1, "lora_te3", "T5-XXL")}
     single_file_kinds = ("safetensors", "diffusers")  # "diffusers": the transformer alone under diffusers' names
     uses_own_scheduler = True
+    # T5 modules: ComfyUI maps them under its own name (what lorakit writes), not diffusers-style ones; diffusers
+    # ignores T5 LoRA modules whatever their names
+    comfy_drops = {r"^text_encoder_2\.encoder\.": "T5 modules under diffusers-style names"}
+    diffusers_skips = {r"^(text_encoders\.t5xxl\.|text_encoder_2\.encoder\.)": "T5 modules"}
     webui_kohya = "Forge only (A1111 has no FLUX)"
     webui_diffusers = "Forge only (A1111 has no FLUX)"
     diffusers_ignores = {"lora_te3_": "T5 (lora_te3)"}

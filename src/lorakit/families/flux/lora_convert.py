@@ -24,12 +24,14 @@ from collections.abc import Mapping
 import torch
 
 from lorakit.errors import CheckpointError
+from lorakit.families.common.t5_lora_names import t5_file_path, t5_module_path
 from lorakit.families.flux import bfl_keys
 from lorakit.families.flux.lora_keys import LORA_LAYOUT as FLUX_LAYOUT
 
 __all__ = ["diffusers_to_kohya", "kohya_to_diffusers"]
 
-TEXT_COMPONENTS = {"lora_te1": "text_encoder", "lora_te3": "text_encoder_2"}
+TEXT_COMPONENTS = {"lora_te1": "text_encoder", "lora_te3": "text_encoder_2"}  # the pipeline's components
+T5_PREFIX = "lora_te3"
 _BLOCK = re.compile(r"lora_unet_(double|single)_blocks_(\d+)_")
 _PATH_BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 
@@ -41,6 +43,17 @@ def _layer_table(num_double: int, num_single: int) -> dict[str, tuple[str, ...]]
         for bfl_path in group:
             table[bfl_keys.embedder_kohya_name(bfl_path)] = (bfl_keys.TOP_LEVEL[bfl_path],)
     return table
+
+
+def _file_path(model_path: str) -> str:
+    """T5's modules go under ComfyUI's name in a diffusers-layout file (common/t5_lora_names.py)."""
+    component, _, inner = model_path.partition(".")
+    return t5_file_path(inner) if component == TEXT_COMPONENTS[T5_PREFIX] else model_path
+
+
+def _model_path(file_path: str) -> str:
+    inner = t5_module_path(file_path)
+    return file_path if inner is None else f"{TEXT_COMPONENTS[T5_PREFIX]}.{inner}"
 
 
 def _block_counts(indices: list[tuple[str, int]]) -> tuple[int, int]:
@@ -108,7 +121,7 @@ def kohya_to_diffusers(
         if name in table:
             paths = [f"transformer.{p}" for p in table[name]]
         elif name.startswith(("lora_te1_", "lora_te3_")) and (path := FLUX_LAYOUT.kohya_to_path(name)):
-            paths = [path]
+            paths = [_file_path(path)]
         else:
             raise CheckpointError(f"key {name}.lora_down.weight is not a FLUX LoRA module")
         for path, a, b, part_alpha in _split(down, up, alpha, len(paths), paths):
@@ -164,7 +177,7 @@ def diffusers_to_kohya(
             name, index = owner[path]
             fused.setdefault(name, {})[index] = tensors
             continue
-        name = FLUX_LAYOUT.path_to_kohya(path)
+        name = FLUX_LAYOUT.path_to_kohya(_model_path(path))
         if name is None or not name.startswith(tuple(TEXT_COMPONENTS)):
             raise CheckpointError(f"key {path}.lora_A.weight is not a module of a FLUX model")
         out.update(_kohya_tensors(name, tensors["down"], tensors["up"], _alpha(tensors)))

@@ -52,7 +52,8 @@ class StableDiffusionFamily(ModelFamily):
     version_prefixes = ("sd_v",)
     architecture_fragments = ("stable-diffusion-v",)
     inference = InferenceDefaults(steps=30, guidance_scale=7.5, resolution=512)
-    comfy_diffusers = "text encoder only (U-Net PEFT keys are not mapped)"
+    # ComfyUI knows a diffusers-layout U-Net attention projection only by its old `processor.to_q` name
+    comfy_drops = {r"^unet\..*\.attn\d\.to_(q|k|v|out\.0)$": "U-Net attention projections"}
 
     def __init__(self) -> None:
         self.text_cache: CaptionCache | None = None

@@ -68,6 +68,10 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     single_file_kinds = ("safetensors",)
     save_formats = ("kohya", "diffusers")
     uses_own_scheduler = True
+    # T5 modules: ComfyUI maps them under its own name (what lorakit writes), not diffusers-style ones; diffusers
+    # ignores T5 LoRA modules whatever their names
+    comfy_drops = {r"^text_encoder_3\.encoder\.": "T5 modules under diffusers-style names"}
+    diffusers_skips = {r"^(text_encoders\.t5xxl\.|text_encoder_3\.encoder\.)": "T5 modules"}
     webui_kohya = "no (A1111 1.10+ reads SD3 only in the diffusers layout; Forge has no SD3)"
     webui_diffusers = "A1111 1.10+ only (Forge has no SD3)"
     diffusers_kohya = "no (convert: lorakit lora convert --to diffusers)"

@@ -23,10 +23,14 @@ import torch
 
 from lorakit.adapters.formats import tensors_by_module
 from lorakit.errors import CheckpointError
+from lorakit.families.common.t5_lora_names import t5_file_path, t5_module_path
 from lorakit.families.sd3.sai_keys import EMBEDDERS, Layer, _block_layers, kohya_name, swap_halves
 
 ALPHAS_METADATA_KEY = "lorakit.kohya_alphas"
+# diffusers' component names; T5's modules are written under ComfyUI's name (common/t5_lora_names.py) and read
+# under both
 TE_COMPONENTS = {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"}
+T5_PREFIX = "lora_te3"
 _CLIP = re.compile(r"text_model_encoder_layers_(\d+)_(self_attn|mlp)_(q_proj|k_proj|v_proj|out_proj|fc1|fc2)")
 _T5 = re.compile(r"encoder_block_(\d+)_layer_(\d+)_(SelfAttention|DenseReluDense)_(q|k|v|o|wi_0|wi_1|wo)")
 _BLOCK = re.compile(r"lora_unet_joint_blocks_(\d+)_")
@@ -90,6 +94,8 @@ def _kohya_module_to_pairs(name: str, down: torch.Tensor, up: torch.Tensor, hidd
         path = _text_encoder_path(prefix, name[len(prefix) + 1:])
         if path is None:
             raise CheckpointError(f"{name}: not a CLIP or T5 layer name of an SD3 text encoder")
+        if prefix == T5_PREFIX:
+            return [(t5_file_path(path), down, up)]
         return [(f"{TE_COMPONENTS[prefix]}.{path}", down, up)]
     layer = _unet_layer(name)
     if layer is None:
@@ -169,6 +175,8 @@ def diffusers_to_kohya(
         if a is None or b is None:
             raise CheckpointError(f"{path}: has only one of lora_A / lora_B")
         component, _, inner = path.partition(".")
+        if (t5_path := t5_module_path(path)) is not None:
+            component, inner = TE_COMPONENTS[T5_PREFIX], t5_path
         if component != "transformer":
             name = _text_encoder_kohya_name(component, inner)
             out.update(_kohya_tensors(name, a, b, alphas.get(name)))
@@ -198,7 +206,8 @@ def _kohya_tensors(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float
 def _text_encoder_kohya_name(component: str, inner: str) -> str:
     prefix = {v: k for k, v in TE_COMPONENTS.items()}.get(component)
     if prefix is None:
-        raise CheckpointError(f"{component}.{inner}: unknown component {component!r} (expected transformer or text_encoder[_2|_3])")
+        raise CheckpointError(f"{component}.{inner}: unknown component {component!r} (expected transformer, "
+                              "text_encoder[_2|_3] or text_encoders.t5xxl.transformer)")
     return f"{prefix}_{inner.replace('.', '_')}"
 
 
