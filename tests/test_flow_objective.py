@@ -133,3 +133,18 @@ def test_ip_noise_gamma_perturbs_input_not_target():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="timestep_sampling"):
         FlowOptions(timestep_sampling="cosine")
+
+
+@pytest.mark.parametrize("family_name", ["sd3", "flux"])
+def test_ddpm_only_options_are_accepted_with_a_warning_on_flow_families(family_name, tmp_path):
+    """sd-scripts' flow trainers ignore noise offset, multires noise and the SNR weightings; lorakit says so."""
+    from lorakit.config import parse_train_args
+    from lorakit.families.registry import get_family
+
+    cfg, _ = parse_train_args([f"--pretrained_model_name_or_path={tmp_path}", f"--train_data_dir={tmp_path}",
+                               "--resolution=64", f"--output_dir={tmp_path}", "--noise_offset=0.05",
+                               "--min_snr_gamma=5", "--multires_noise_iterations=6"], check_support=False)
+    warnings = get_family(family_name).option_warnings(cfg)
+    for option in ("noise_offset", "min_snr_gamma", "multires_noise_iterations"):
+        assert any(w.startswith(f"--{option} has no effect on --family {family_name}") for w in warnings), warnings
+    assert len(warnings) == 3

@@ -233,9 +233,21 @@ def test_missing_package_names_it(monkeypatch, name, package):
         build_optimizer(make_cfg(optimizer_type=name), [{"params": list(tiny_model().parameters())}])
 
 
-def test_missing_custom_module_names_it():
-    with pytest.raises(ConfigError, match="pip install no-such-optimizers"):
+def test_missing_custom_module_names_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"no module 'no_such_optimizers' is installed or in the working directory") as error:
         build_optimizer(make_cfg(optimizer_type="no_such_optimizers.Fancy"), [{"params": list(tiny_model().parameters())}])
+    assert "pip install" not in str(error.value)
+
+
+def test_a_module_in_the_working_directory_is_found_by_the_command(tmp_path, monkeypatch):
+    """The `lorakit` entry point does not put the working directory on the path (`python script.py` would)."""
+    (tmp_path / "my_local_optimizers.py").write_text(
+        "import torch\n\nclass SignSGD(torch.optim.SGD):\n    pass\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    handle = build_optimizer(make_cfg(optimizer_type="my_local_optimizers.SignSGD"), [{"params": list(tiny_model().parameters())}])
+    assert type(handle.optimizer).__name__ == "SignSGD"
 
 
 @pytest.mark.parametrize(("name", "suggestion"), [("AdamW9bit", "AdamW8bit"), ("Prodigi", "Prodigy"),

@@ -41,3 +41,17 @@ def test_bf16_run_places_weights_and_vae(tmp_path, no_half_vae):
         assert vae_weight.dtype == torch.float32 and torch.equal(vae_weight, reference)
     else:
         assert vae_weight.dtype == torch.bfloat16 and torch.equal(vae_weight, reference.to(torch.bfloat16))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs as asked on a GPU")
+def test_metadata_records_the_precision_that_ran(tmp_path):
+    """fp16 without a GPU trains in float32: the file says so (sd-scripts' value for float32 is "no")."""
+    from lorakit.training.metadata import RunFacts, training_metadata
+
+    model = write_tiny_checkpoints(tmp_path, "sd1")["safetensors"]
+    cfg, _ = parse_train_args([f"--pretrained_model_name_or_path={model}", f"--train_data_dir={tmp_path}",
+                               f"--output_dir={tmp_path / 'out'}", "--network_module=networks.lora",
+                               "--mixed_precision=fp16", "--resolution=64"])
+    facts = RunFacts(num_train_images=1, num_reg_images=0, num_batches_per_epoch=1, num_epochs=1, max_train_steps=1,
+                     warmup_steps=0, optimizer="AdamW", seed=0)
+    assert training_metadata(cfg, facts)["ss_mixed_precision"] == "no"

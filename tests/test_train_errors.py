@@ -109,3 +109,12 @@ def test_options_that_are_right_still_train_after_the_checks(model, tmp_path):
     argv = args_for(model, data, tmp_path / "out", "--optimizer_args", "betas=(0.9,0.99)", "weight_decay=0.01",
                     "--lr_scheduler=cosine_with_restarts", "--lr_scheduler_args", "num_cycles=2", "--dry_run")
     assert main(argv) == 0
+
+
+def test_a_bucket_minimum_below_one_step_is_an_error_and_the_plan_shows_the_limits_in_use(capsys, model, tmp_path):
+    data = write_dreambooth_folder(tmp_path / "data")
+    bucketed = ("--enable_bucket", "--max_bucket_reso=100")
+    argv = args_for(model, data, tmp_path / "out", *bucketed, "--min_bucket_reso=10")
+    assert_clean_failure(capsys, argv, "min_bucket_reso 10 is below bucket_reso_steps 64", out=tmp_path / "out")
+    assert main(args_for(model, data, tmp_path / "out", *bucketed, "--min_bucket_reso=64", "--dry_run")) == 0
+    assert "buckets 64-128, steps 64" in capsys.readouterr().out, "max_bucket_reso 100 is rounded up to 128"

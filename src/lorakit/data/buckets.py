@@ -122,6 +122,7 @@ class BucketManager:
         self.enable_bucket = enable_bucket
         self.no_upscale = enable_bucket and no_upscale
         self.steps = steps
+        self.min_reso, self.max_reso = min_reso, max_reso  # the limits in use (rounded to the steps)
         self.max_area = resolution[0] * resolution[1]
         if not enable_bucket:
             self.predefined: list[Size] = [resolution]

@@ -75,7 +75,12 @@ def balance_regularisation(train_count: int, reg_repeats: list[int]) -> list[int
 
 
 def _check_bucket_limits(spec: DatasetSpec, where: str) -> tuple[int, int]:
-    """Rounded bucket limits; a resolution outside them is a `DataError`."""
+    """Rounded bucket limits; a resolution outside them, or a minimum below one step (buckets of zero width), is a
+    `DataError`."""
+    if spec.enable_bucket and not spec.bucket_no_upscale and spec.min_bucket_reso < spec.bucket_reso_steps:
+        raise DataError(f"{where}: min_bucket_reso {spec.min_bucket_reso} is below bucket_reso_steps "
+                        f"{spec.bucket_reso_steps}: a bucket side is at least one step; raise --min_bucket_reso or "
+                        "lower --bucket_reso_steps")
     low, high = adjust_bucket_limits(spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps)
     if spec.enable_bucket and not spec.bucket_no_upscale:
         if min(spec.resolution) < low or max(spec.resolution) > high:

@@ -156,8 +156,8 @@ def _part_summary(dataset: TrainDataset, index: int, part: Any,
     return DatasetPartSummary(
         index=index, resolution=spec.resolution, batch_size=spec.batch_size,
         enable_bucket=spec.enable_bucket, bucket_no_upscale=spec.bucket_no_upscale,
-        min_bucket_reso=spec.min_bucket_reso if spec.enable_bucket else None,
-        max_bucket_reso=spec.max_bucket_reso if spec.enable_bucket else None,
+        min_bucket_reso=part.manager.min_reso if spec.enable_bucket else None,  # as rounded to the steps
+        max_bucket_reso=part.manager.max_reso if spec.enable_bucket else None,
         bucket_reso_steps=spec.bucket_reso_steps, num_train_images=part.num_train_images,
         num_reg_images=part.num_reg_images, batches_per_epoch=batches,
         mean_ar_error=sum(errors) / len(errors) if errors else 0.0,

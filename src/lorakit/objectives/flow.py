@@ -40,6 +40,20 @@ RESOLUTION_SHIFT_POINTS = ((256.0, 0.5), (4096.0, 1.15))
 # ---------------------------------------------------------------------------------------------------------
 
 
+# DDPM-schedule options a flow objective has no use for; sd-scripts' flow trainers ignore them too (their noise
+# comes from the flow's own sampling, and their loss post-processing returns the loss unchanged)
+DDPM_ONLY_OPTIONS = (
+    "noise_offset", "adaptive_noise_scale", "multires_noise_iterations", "min_snr_gamma",
+    "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "debiased_estimation_loss", "zero_terminal_snr",
+)
+
+
+def ignored_option_warnings(cfg: Any, family_name: str) -> list[str]:
+    """One warning per DDPM-only option given to a flow-matching family: accepted, as sd-scripts does, but said."""
+    return [f"--{name} has no effect on --family {family_name} (flow matching; sd-scripts ignores it there too)"
+            for name in DDPM_ONLY_OPTIONS if getattr(cfg, name, None)]
+
+
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """σ' = s·σ / (1 + (s − 1)·σ): moves mass toward high noise for s > 1 (Esser et al. 2024, eq. 23)."""
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)

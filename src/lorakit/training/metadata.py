@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lorakit
+from lorakit.precision import effective_mixed_precision
 
 # Kept by --no_metadata, as sd-scripts does (the modelspec keys are always added).
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
@@ -60,7 +61,7 @@ def training_metadata(cfg: Any, facts: RunFacts) -> dict[str, str]:
         "ss_max_train_steps": _s(facts.max_train_steps),
         "ss_lr_warmup_steps": _s(facts.warmup_steps),
         "ss_lr_scheduler": _s(cfg.lr_scheduler),
-        "ss_mixed_precision": _s(cfg.mixed_precision),
+        "ss_mixed_precision": _s(effective_mixed_precision(cfg)),  # what ran: fp16 without a GPU runs fp32
         "ss_full_fp16": _s(cfg.full_fp16),
         "ss_clip_skip": _s(cfg.clip_skip),
         "ss_max_token_length": _s(cfg.max_token_length),

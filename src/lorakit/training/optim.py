@@ -14,7 +14,9 @@ import difflib
 import importlib
 import inspect
 import logging
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -154,15 +156,39 @@ def pip_name(module: str) -> str:
 
 
 def import_module(module: str, what: str, package: str | None = None) -> Any:
-    """Import `module`, turning a missing package into a ConfigError that says what to install."""
+    """Import `module`, also from the working directory (the `lorakit` command, unlike `python script.py`, does
+    not put it on the path), turning a missing module into a ConfigError that says where it was looked for and,
+    for a known third-party module, what to install."""
     try:
-        return importlib.import_module(module)
+        return _import_also_from_working_directory(module)
     except ImportError as exc:
+        top = module.split(".")[0]
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name is not None and exc.name.split(".")[0] == top
+        if missing and package is None and top not in PIP_NAMES:
+            raise ConfigError([
+                f"{what}: no module {top!r} is installed or in the working directory {Path.cwd()} "
+                f"(put {top}.py or a {top}/ folder there, on PYTHONPATH, or install the package that provides it)"
+            ]) from exc
         package = package or pip_name(module)
         raise ConfigError([
             f"{what} needs the Python package '{package}', which is not installed or failed to import "
             f"({exc}); install it with: pip install {package}"
         ]) from exc
+
+
+def _import_also_from_working_directory(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        cwd = str(Path.cwd())
+        if exc.name is None or exc.name.split(".")[0] != module.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)  # last: a file here never hides an installed package
+        try:
+            return importlib.import_module(module)
+        except ModuleNotFoundError:
+            sys.path.remove(cwd)
+            raise
 
 
 def class_from(module: Any, name: str, what: str, base: type | None = None) -> Callable[..., Any]:

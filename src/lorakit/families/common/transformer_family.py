@@ -11,6 +11,7 @@ from torch import nn
 
 from lorakit.families.base import Components
 from lorakit.families.common.text_cache import caches_text
+from lorakit.objectives.flow import ignored_option_warnings
 
 log = logging.getLogger("lorakit")
 
@@ -33,8 +34,10 @@ def t5_family_problems(family_name: str, cfg: Any, spec: Any) -> list[str]:
 
 
 def t5_family_warnings(family_name: str, cfg: Any) -> list[str]:
-    """--max_token_length sizes CLIP-only prompts; a T5 family reads its own lengths (--t5xxl_max_token_length)."""
-    return [f"--max_token_length is ignored for --family {family_name}"] if cfg.max_token_length is not None else []
+    """--max_token_length sizes CLIP-only prompts; a T5 family reads its own lengths (--t5xxl_max_token_length).
+    The DDPM-only noise and loss options are accepted and ignored, as in sd-scripts: said once each."""
+    warnings = [f"--max_token_length is ignored for --family {family_name}"] if cfg.max_token_length is not None else []
+    return warnings + ignored_option_warnings(cfg, family_name)
 
 
 class ShiftScaleLatents:
