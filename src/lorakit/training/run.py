@@ -16,8 +16,8 @@ from accelerate.utils import set_seed
 from lorakit.data.build import build_train_dataset
 from lorakit.data.cache import vae_identity
 from lorakit.data.summary import format_summary
+from lorakit.data.text_cache import CaptionCache, plan_text_cache, text_cache_problems
 from lorakit.errors import ConfigError, DataError
-from lorakit.families.common.text_cache import caches_text
 from lorakit.families.checks import check_family_options
 from lorakit.families.registry import resolve_family
 from lorakit.precision import effective_mixed_precision
@@ -49,29 +49,44 @@ def train(cfg: Any) -> TrainResult:
             raise
         found = error.problems if isinstance(error, ConfigError) else [str(error)]
         raise ConfigError(checks.problems + found) from None
-    if caches_text(cfg) and dataset.captions_vary():
-        checks.problems.append("--cache_text_encoder_outputs: a dataset subset changes its captions per step (shuffle, "
-                               "dropout, tag dropout, token warm-up or wildcards); remove one or the other")
+    checks.problems.extend(text_cache_problems(cfg, dataset))
+    text_cache = _text_cache(cfg, family, checks, dataset)
     plan = make_plan(cfg, family.name, len(dataset), num_processes=distributed.world_size_from_env())
     dataset.set_training_length(plan.max_train_steps, cfg.gradient_accumulation_steps)
     if distributed.rank_from_env() == 0:
         batch = distributed.effective_batch_message(dataset, plan.num_processes, cfg.gradient_accumulation_steps)
-        print(format_plan(cfg, plan, format_summary(dataset.summary())) + "\n" + batch, flush=True)
+        text = "\n" + text_cache.describe() if text_cache is not None else ""
+        print(format_plan(cfg, plan, format_summary(dataset.summary())) + text + "\n" + batch, flush=True)
     plan = distributed.per_process_plan(plan)  # resume positions count this process's batches
     check_before_loading(cfg, plan, checks.problems)
     if cfg.dry_run:
         return TrainResult(plan)
     with hold_output(cfg, distributed.rank_from_env() == 0):  # a second run on this output name stops here
-        return _train_with_models(cfg, family, checks.spec, dataset, plan, seed)
+        return _train_with_models(cfg, family, checks.spec, dataset, plan, seed, text_cache)
 
 
-def _train_with_models(cfg: Any, family: Any, spec: Any, dataset: Any, plan: TrainingPlan, seed: int) -> TrainResult:
+def _text_cache(cfg: Any, family: Any, checks: Any, dataset: Any) -> CaptionCache | None:
+    """The run's text-encoder cache, its files checked now; the encoders still load when sample prompts or a
+    trained encoder need them."""
+    if checks.problems:
+        return None
+    spec = checks.spec
+    wanted = bool(cfg.sample_prompts) or bool(spec is not None and spec.train_text_encoder)
+    try:
+        return plan_text_cache(cfg, dataset, family.text_cache_format, encoders_wanted=wanted)
+    except ConfigError as error:
+        checks.problems.extend(error.problems)
+        return None
+
+
+def _train_with_models(cfg: Any, family: Any, spec: Any, dataset: Any, plan: TrainingPlan, seed: int,
+                       text_cache: CaptionCache | None = None) -> TrainResult:
     accelerator = make_accelerator(cfg)
     # only the main process writes files, so only it reads the whole base model for their metadata
     hashes = md.BaseModelHashes(cfg if accelerator.is_main_process else None)
     distributed.shard_dataset(dataset, accelerator)
     set_seed(seed)
-    session = setup_session(cfg, family, accelerator, spec)
+    session = setup_session(cfg, family, accelerator, spec, text_cache)
     session.base_hashes = hashes
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         disk = {"to_disk": True, "latent_format": family.latent_format, "vae_id": vae_identity(cfg),
