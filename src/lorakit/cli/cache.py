@@ -16,17 +16,12 @@ import torch
 log = logging.getLogger("lorakit")
 
 
-def cache_main(argv: list[str]) -> int:
-    from lorakit.cli.main import apply_console_options
-    from lorakit.config import parse_train_args
+def cache_files(cfg: Any) -> int:
+    """Write the cache files of the run `cfg` (the parsed train options) describes."""
     from lorakit.data.build import build_train_dataset
     from lorakit.data.cache import run_cache, vae_identity
     from lorakit.families.registry import resolve_family
 
-    cfg, warnings = parse_train_args(argv)
-    apply_console_options(cfg)
-    for warning in warnings:
-        log.warning(warning)
     family = resolve_family(cfg)
     dataset = build_train_dataset(cfg)
     text_cache = _plan_text(cfg, family, dataset)

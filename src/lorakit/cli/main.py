@@ -151,6 +151,11 @@ def _dataset(argv: list[str]) -> int:
 
 def _cache(argv: list[str]) -> int:
     """`lorakit cache`: the train command's options; latents (and text-encoder outputs) to their cache files."""
-    from lorakit.cli.cache import cache_main
+    from lorakit.cli.cache import cache_files
+    from lorakit.config import parse_train_args
 
-    return cache_main(argv)
+    cfg, warnings = parse_train_args(argv)
+    apply_console_options(cfg)
+    for warning in warnings:
+        logging.getLogger("lorakit").warning(warning)
+    return cache_files(cfg)

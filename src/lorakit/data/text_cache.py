@@ -72,7 +72,9 @@ class CaptionCache:
             for index, caption in enumerate(missing):
                 self._rows[caption] = {name: value[index] for name, value in fresh.items()}
         rows = [self._rows[c] if c in self._rows else self._read(c) for c in captions]
-        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
+        # a file holds every output; a row encoded here may hold fewer (a trained encoder's stay out of memory)
+        names = [name for name in rows[0] if all(name in row for row in rows)]
+        return {name: torch.stack([row[name] for row in rows]) for name in names}
 
     def _read(self, caption: str) -> dict[str, torch.Tensor]:
         try:

@@ -192,12 +192,13 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         """CLIP-L pooled output and T5 hidden states (`clip_skip` does not apply to FLUX, as in sd-scripts)."""
         if self.text_cache is None:
             outputs = self.text_encoder_outputs(comps, captions)
-        else:
+        elif self.cache_clip:
             outputs = self.text_cache.outputs(captions, lambda texts: self.text_encoder_outputs(comps, texts))
-            if not self.cache_clip:  # the trained CLIP-L runs every step, with gradients
-                fresh = self._clip_outputs(comps, captions)
-                device = fresh["l_pooled"].device
-                outputs = {**{k: v.to(device) for k, v in outputs.items()}, **fresh}
+        else:  # the trained CLIP-L runs every step, with gradients; only T5 is encoded for the cache
+            outputs = self.text_cache.outputs(captions, lambda texts: self._t5_outputs(comps, texts))
+            fresh = self._clip_outputs(comps, captions)
+            device = fresh["l_pooled"].device
+            outputs = {**{k: v.to(device) for k, v in outputs.items()}, **fresh}
         return TextConditioning({"pooled": outputs["l_pooled"], "t5": outputs["t5_out"], "t5_mask": outputs["t5_attn_mask"]})
 
     def text_encoder_outputs(self, comps: Components, captions: list[str], clip_skip: int | None = None

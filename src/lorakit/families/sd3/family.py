@@ -192,12 +192,13 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         """
         if self.text_cache is None:
             outputs = self.text_encoder_outputs(comps, captions)
-        else:
+        elif self.cache_clip:
             outputs = self.text_cache.outputs(captions, lambda texts: self.text_encoder_outputs(comps, texts))
-            if not self.cache_clip:  # the trained CLIPs run every step, with gradients
-                fresh = self._clip_parts(comps, captions)
-                device = fresh["lg_out"].device
-                outputs = {**{k: v.to(device) for k, v in outputs.items()}, **fresh}
+        else:  # the trained CLIPs run every step, with gradients; only T5 is encoded for the cache
+            outputs = self.text_cache.outputs(captions, lambda texts: self._t5_part(comps, texts))
+            fresh = self._clip_parts(comps, captions)
+            device = fresh["lg_out"].device
+            outputs = {**{k: v.to(device) for k, v in outputs.items()}, **fresh}
         extras = comps.extras
         parts = split_outputs(outputs, extras["apply_lg_attn_mask"], extras["apply_t5_attn_mask"])
         return TextConditioning(assemble_conditioning(parts, extras["dropout_rates"], self.training_dropout))
