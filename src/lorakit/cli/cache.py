@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from lorakit.precision import WEIGHT_DTYPES, effective_mixed_precision
+
 log = logging.getLogger("lorakit")
 
 
@@ -55,7 +57,10 @@ def _write_text(cfg: Any, family: Any, comps: Any, text_cache: Any, device: torc
     for encoder in comps.text_encoders:
         encoder.to(device)
     batch = cfg.text_encoder_batch_size or cfg.train_batch_size
-    text_cache.write_pending(lambda captions: family.text_encoder_outputs(comps, captions, cfg.clip_skip), batch, True)
+    precision = effective_mixed_precision(cfg)
+    # as a training step would encode (fp8 weights compute in the autocast dtype)
+    with torch.autocast(device.type, dtype=WEIGHT_DTYPES[precision], enabled=precision != "no"):
+        text_cache.write_pending(lambda captions: family.text_encoder_outputs(comps, captions, cfg.clip_skip), batch, True)
     suffix = family.text_cache_format.suffix
     print(f"text-encoder cache (*{suffix}): {todo} written now, {valid} captions already cached and valid"
           + ("" if todo else "; the text encoders were not loaded"))

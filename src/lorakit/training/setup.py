@@ -40,8 +40,9 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     if text_cache is not None:
         # before the network attaches: the files hold the base encoders' outputs, as sd-scripts caches them
         text_cache.device = device
-        distributed.cache_text_outputs(text_cache, accelerator, lambda captions: family.text_encoder_outputs(
-            comps, captions, cfg.clip_skip), cfg.text_encoder_batch_size or cfg.train_batch_size)
+        with accelerator.autocast():  # as the step would encode (fp8 weights compute in the autocast dtype)
+            distributed.cache_text_outputs(text_cache, accelerator, lambda captions: family.text_encoder_outputs(
+                comps, captions, cfg.clip_skip), cfg.text_encoder_batch_size or cfg.train_batch_size)
     trained_encoders = family.text_encoders_to_train(comps, spec)
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(comps, bool(trained_encoders))
