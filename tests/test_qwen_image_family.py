@@ -1,0 +1,160 @@
+"""Qwen-Image family: loading a diffusers folder and the single files ComfyUI and musubi-tuner use, missing parts
+named, the objective's conditioning, LoRA names against ComfyUI's key table, diffusers' QwenImagePipeline as an
+independent reader of our files, and the memory options (fp8, block swap, CPU-offloaded checkpointing)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import load_local_pipeline, random_network
+from lorakit.adapters.formats import save_lora_file
+from lorakit.errors import CheckpointError, ConfigError
+from lorakit.families.base import ModelSource, TextConditioning
+from lorakit.families.qwen_image.family import QwenImageFamily
+from lorakit.families.qwen_image.loading import load_qwen_image_components
+from lorakit.families.qwen_image.tiny import build_tiny_qwen_image, save_pipeline_folder, save_single_files
+from lorakit.families.registry import detect_family, guess_lora_family
+
+
+def options(**overrides):
+    base = dict(network_dim=4, network_alpha=2.0, network_args=None, network_train_unet_only=True,
+                network_train_text_encoder_only=False, blocks_to_swap=None)
+    base.update(overrides)
+    return SimpleNamespace(**base, network_kwargs=lambda: {})
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen")
+    comps = build_tiny_qwen_image(0)
+    files = save_single_files(comps, root / "single")
+    files["folder"] = save_pipeline_folder(comps, root / "diffusers")
+    return files
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Equal weights (the language-model head, unused for conditioning and absent from ComfyUI's file, aside)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    sa.pop("lm_head.weight", None), sb.pop("lm_head.weight", None)
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_folder_and_single_files_load_the_same_model(saved):
+    folder = load_qwen_image_components(str(saved["folder"]))
+    single = load_qwen_image_components(str(saved["transformer"]), text_encoder=str(saved["text_encoder"]), vae=str(saved["vae"]))
+    assert _same_weights(folder.denoiser, single.denoiser) and _same_weights(folder.vae, single.vae)
+    assert _same_weights(folder.text_encoders[0], single.text_encoders[0])
+    assert folder.tokenizers[0]("a photo").input_ids == single.tokenizers[0]("a photo").input_ids
+    assert detect_family(str(saved["transformer"])) == detect_family(str(saved["folder"])) == "qwen_image"
+
+
+def test_missing_parts_are_named(saved, tmp_path):
+    with pytest.raises(CheckpointError, match="--text_encoder and --vae"):
+        load_qwen_image_components(str(saved["transformer"]))
+    lonely = tmp_path / "te.safetensors"
+    lonely.write_bytes(saved["text_encoder"].read_bytes())
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        load_qwen_image_components(str(saved["transformer"]), text_encoder=str(lonely), vae=str(saved["vae"]))
+    with pytest.raises(CheckpointError, match="preprocessor_config.json"):
+        (tmp_path / "tokenizer").mkdir()
+        for file in (saved["transformer"].parent / "tokenizer").iterdir():
+            (tmp_path / "tokenizer" / file.name).write_bytes(file.read_bytes())
+        load_qwen_image_components(str(saved["transformer"]), text_encoder=str(lonely), vae=str(saved["vae"]), edit=True)
+
+
+def test_text_conditioning_follows_the_pipeline():
+    """Our text tokens are the pipeline's prompt embeddings (template, last hidden state, 34 tokens dropped)."""
+    from lorakit.families.qwen_image.tiny import pipeline_of
+
+    comps = build_tiny_qwen_image(0)
+    ours = QwenImageFamily().encode_text(comps, ["a photo of sks toy", "toy"])
+    embeds, mask = pipeline_of(comps).encode_prompt(["a photo of sks toy", "toy"], device="cpu")
+    assert torch.equal(ours.tensors["text_mask"], mask.bool())
+    torch.testing.assert_close(ours.tensors["text"], embeds)
+
+
+def test_cached_text_equals_fresh_text():
+    from lorakit.families.common.ragged_cache import RaggedCaptionCache
+
+    family, comps = QwenImageFamily(), build_tiny_qwen_image(0)
+    fresh = family.encode_text(comps, ["a photo of sks toy", "toy"])
+    family.text_cache = RaggedCaptionCache()
+    family.encode_text(comps, ["toy"])
+    cached = family.encode_text(comps, ["a photo of sks toy", "toy"])
+    assert len(family.text_cache) == 2
+    for name in ("text", "text_mask"):
+        torch.testing.assert_close(cached.tensors[name], fresh.tensors[name])
+
+
+def test_lora_names_follow_musubi_and_comfyui_key_table():
+    """ComfyUI's Qwen-Image model keeps diffusers' module names; comfy/lora.py maps `lora_unet_<path with _>` of
+    every `diffusion_model.<path>.weight` (plus `transformer.<path>`, `<path>` and `lycoris_<path with _>`)."""
+    comps = build_tiny_qwen_image(0)
+    family = QwenImageFamily()
+    from helpers import targets_of
+
+    names = {t.name for t in targets_of(family, comps, options())}
+    comfy_table = {"lora_unet_" + k[: -len(".weight")].replace(".", "_")
+                   for k in comps.denoiser.state_dict() if k.endswith(".weight")}
+    assert names <= comfy_table
+    per_block = {n.removeprefix("lora_unet_transformer_blocks_0_") for n in names if n.startswith("lora_unet_transformer_blocks_0_")}
+    assert per_block == {"attn_to_q", "attn_to_k", "attn_to_v", "attn_add_q_proj", "attn_add_k_proj", "attn_add_v_proj",
+                         "attn_to_out_0", "attn_to_add_out", "img_mlp_net_0_proj", "img_mlp_net_2", "txt_mlp_net_0_proj",
+                         "txt_mlp_net_2"}
+    assert guess_lora_family(sorted(names)) == "qwen_image"
+    assert all(family.lora_layout.kohya_to_path(n) for n in names)
+
+
+def _render(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red square on a blue background", num_inference_steps=2, width=64, height=64,
+                generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+
+def test_diffusers_pipeline_reads_our_lora_file(saved, tmp_path):
+    from diffusers import QwenImagePipeline
+
+    family = QwenImageFamily()
+    ours = load_local_pipeline(QwenImagePipeline, saved["folder"])
+    comps = SimpleNamespace(denoiser=ours.transformer, text_encoders=[ours.text_encoder])
+    network = random_network(family, comps, options(), seed=3)
+    path = tmp_path / "lora.safetensors"
+    save_lora_file(network.state_dict_kohya(), path, {"ss_network_module": "networks.lora_qwen_image"})
+    base = _render(ours)
+    network.merge_to_base()
+    merged = _render(ours)
+    theirs = load_local_pipeline(QwenImagePipeline, saved["folder"])
+    theirs.load_lora_weights(str(path), adapter_name="ours")
+    loaded = _render(theirs)
+    assert (merged - base).abs().max() > 1e-2
+    assert (loaded - merged).abs().max() < 1e-4
+
+
+def _velocity(comps, family=None, batch=None):
+    family = family or QwenImageFamily()
+    torch.manual_seed(1)
+    latents = torch.randn(1, 16, 8, 8)
+    text = TextConditioning({"text": torch.randn(1, 5, 32), "text_mask": torch.ones(1, 5, dtype=torch.bool)})
+    return family.predict(comps, latents, torch.tensor([400.0]), text, batch)
+
+
+def test_fp8_block_swap_and_offloaded_checkpointing_keep_the_output(saved):
+    family = QwenImageFamily()
+    reference = _velocity(build_tiny_qwen_image(0, layers=4))
+    fp8 = family.load_model(ModelSource(str(saved["folder"]), fp8="denoiser"))
+    assert fp8.denoiser.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    swapped = build_tiny_qwen_image(0, layers=4)
+    with pytest.raises(ConfigError, match="at most 2"):
+        family._check_block_swap(SimpleNamespace(blocks_to_swap=3), swapped)
+    family.prepare_block_swap(swapped, SimpleNamespace(blocks_to_swap=2), None)
+    torch.testing.assert_close(_velocity(swapped, family), reference)
+    offloaded = build_tiny_qwen_image(0, layers=4)
+    offloaded.extras["cpu_offload_checkpointing"] = True
+    family.enable_gradient_checkpointing(offloaded, False)
+    offloaded.denoiser.train()
+    for p in offloaded.denoiser.parameters():
+        p.requires_grad_(False)
+    torch.testing.assert_close(_velocity(offloaded), reference)
