@@ -158,3 +158,69 @@ def test_fp8_block_swap_and_offloaded_checkpointing_keep_the_output(saved):
     for p in offloaded.denoiser.parameters():
         p.requires_grad_(False)
     torch.testing.assert_close(_velocity(offloaded), reference)
+
+
+def _paired_data(root, count: int = 2):
+    """Targets and their references (same file names), and a dataset TOML giving the references per image."""
+    from PIL import Image
+
+    images, references = root / "images", root / "references"
+    images.mkdir(parents=True), references.mkdir()
+    for index in range(count):
+        Image.new("RGB", (64, 64), (40 * index, 90, 200)).save(images / f"pair_{index}.png")
+        Image.new("RGB", (64, 64), (200, 40 * index, 90)).save(references / f"pair_{index}.png")
+        (images / f"pair_{index}.caption").write_text("make it blue", encoding="utf-8")
+    config = root / "dataset.toml"
+    config.write_text(
+        '[general]\ncaption_extension = ".caption"\n\n[[datasets]]\nresolution = 64\nbatch_size = 2\n\n'
+        f'  [[datasets.subsets]]\n  image_dir = "{images.as_posix()}"\n  conditioning_data_dir = "{references.as_posix()}"\n',
+        encoding="utf-8")
+    return config
+
+
+def test_edit_trains_on_pairs_from_the_command_line(tmp_path):
+    """Qwen-Image-Edit from a diffusers Edit folder, references given per image by conditioning_data_dir."""
+    from safetensors import safe_open
+
+    from lorakit.cli.main import main
+
+    folder = save_pipeline_folder(build_tiny_qwen_image(0, edit=True), tmp_path / "edit")
+    config = _paired_data(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = ["train", f"--pretrained_model_name_or_path={folder}", f"--dataset_config={config}", f"--output_dir={out}",
+            "--output_name=edit", "--network_module=networks.lora_qwen_image", "--network_dim=4",
+            "--network_train_unet_only", "--max_train_steps=2", "--learning_rate=1e-3", "--seed=1",
+            "--max_data_loader_n_workers=0", "--timestep_sampling=shift", "--discrete_flow_shift=2.2"]
+    assert main(argv) == 0
+    with safe_open(str(out / "edit.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+        assert any(k.startswith("lora_unet_transformer_blocks_1_attn_to_q.") for k in f.keys())
+    assert metadata["modelspec.architecture"] == "Qwen-Image-Edit/lora"
+    assert metadata["modelspec.implementation"] == "https://github.com/QwenLM/Qwen-Image"
+
+
+def test_edit_needs_references(tmp_path):
+    from lorakit.cli.main import main
+    from helpers import write_dreambooth_folder
+
+    folder = save_pipeline_folder(build_tiny_qwen_image(0, edit=True), tmp_path / "edit")
+    data = write_dreambooth_folder(tmp_path / "data", count=2, repeats=1)
+    argv = ["train", f"--pretrained_model_name_or_path={folder}", f"--train_data_dir={data}", f"--output_dir={tmp_path}",
+            "--network_module=networks.lora_qwen_image", "--max_train_steps=1", "--dry_run"]
+    assert main(argv) != 0
+
+
+def test_edit_reference_enters_the_sequence_and_the_text_encoder():
+    """Edit's prediction depends on the reference image through both the transformer and Qwen2.5-VL, and equals
+    the velocity of the noisy tokens with the reference latents (VAE mode) appended, as the Edit pipeline."""
+    family, comps = QwenImageFamily(), build_tiny_qwen_image(0, edit=True)
+    torch.manual_seed(2)
+    noisy, references = torch.randn(1, 16, 8, 8), torch.rand(1, 3, 64, 64) * 2 - 1
+    batch = SimpleNamespace(captions=["make it blue"], conditioning_images=references)
+    with torch.no_grad():
+        ours = family.predict(comps, noisy, torch.tensor([300.0]), None, batch)
+        other = family.predict(comps, noisy, torch.tensor([300.0]), None, SimpleNamespace(captions=["make it blue"], conditioning_images=-references))
+        text = TextConditioning(family._encode(comps, ["make it blue"], references))
+        expected = family.velocity(comps, noisy, torch.tensor([300.0]), text, family.encode_images(comps, references, sample=False))
+    torch.testing.assert_close(ours, expected)
+    assert (ours - other).abs().max() > 1e-4

@@ -43,7 +43,7 @@ def train(cfg: Any) -> TrainResult:
             log.warning(warning)
     seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1)
     try:
-        dataset = build_train_dataset(cfg, seed)  # data problems surface before any model loads
+        dataset = build_train_dataset(cfg, seed, family.conditioning_use(cfg))  # data problems surface before any model loads
     except (ConfigError, DataError) as error:
         if not checks.problems:
             raise

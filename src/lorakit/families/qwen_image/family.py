@@ -85,7 +85,7 @@ class QwenImageFamily(BlockSwapFamily, ModelFamily):
         if spec is not None and spec.train_text_encoder and not spec.train_unet:
             problems.append("--network_train_text_encoder_only: Qwen-Image LoRAs train the transformer only (as "
                             "musubi-tuner); Qwen2.5-VL carries no adapter")
-        if caches_text(cfg) and cfg.model_version == "edit":
+        if caches_text(cfg) and trains_edit(cfg):
             problems.append("--cache_text_encoder_outputs cannot be used with --model_version edit: the Edit model "
                             "encodes each caption with its reference image")
         if cfg.loss_type in ("huber", "smooth_l1") and cfg.huber_schedule == "snr":
@@ -97,6 +97,12 @@ class QwenImageFamily(BlockSwapFamily, ModelFamily):
         if not cfg.network_train_unet_only:
             notes.append("Qwen-Image LoRAs train the transformer only (as musubi-tuner): Qwen2.5-VL stays frozen")
         return notes
+
+    def conditioning_use(self, cfg: Any) -> Any:
+        """Edit trains on pairs: every subset gives each image its reference (`conditioning_data_dir`)."""
+        from lorakit.data.conditioning import ConditioningUse
+
+        return ConditioningUse.REQUIRED if trains_edit(cfg) else super().conditioning_use(cfg)
 
     # ----------------------------------------------------------------------------------------- loading
 
@@ -285,6 +291,16 @@ class QwenImageFamily(BlockSwapFamily, ModelFamily):
             raise ConfigError([f"--save_to {path}: a diffusers folder needs the whole pipeline; this Qwen-Image model "
                                "was read from single files, so save it as .safetensors"])
         save_pipeline_atomic(self.pipeline(comps), path)
+
+
+def trains_edit(cfg: Any) -> bool:
+    """--model_version edit, or a diffusers folder of QwenImageEditPipeline without --model_version."""
+    from lorakit.families.qwen_image.detect import pipeline_is_edit
+
+    if cfg.model_version is not None:
+        return cfg.model_version == "edit"
+    source = Path(cfg.pretrained_model_name_or_path or "")
+    return source.is_dir() and pipeline_is_edit(source)
 
 
 def reference_pixels(batch: Any) -> torch.Tensor | None:
