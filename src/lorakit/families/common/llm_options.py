@@ -12,5 +12,6 @@ from lorakit.config.schema_data import OptionSection
 
 class LanguageModelEncoderOptions(OptionSection):
     SECTION: ClassVar[str] = "language_model_encoder"
+    NOT_AVAILABLE: ClassVar[dict[str, str]] = {}
 
     text_encoder: str | None = Field(None, description="[LLM-conditioned DiT] text encoder file (Qwen2.5-VL, Qwen3)")
