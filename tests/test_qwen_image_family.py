@@ -224,3 +224,21 @@ def test_edit_reference_enters_the_sequence_and_the_text_encoder():
         expected = family.velocity(comps, noisy, torch.tensor([300.0]), text, family.encode_images(comps, references, sample=False))
     torch.testing.assert_close(ours, expected)
     assert (ours - other).abs().max() > 1e-4
+
+
+def test_a_lora_learns_a_fixed_batch_and_its_file_moves_the_output(tmp_path):
+    from family_learning import train_on_a_fixed_batch
+
+    losses, file_gap = train_on_a_fixed_batch(QwenImageFamily(), lambda: build_tiny_qwen_image(0), tmp_path)
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert file_gap < 1e-5
+
+
+def test_edit_lora_learns_a_fixed_batch_of_pairs(tmp_path):
+    from family_learning import train_on_a_fixed_batch
+
+    references = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    batch = SimpleNamespace(captions=["sks toy on a table", "a red square"], conditioning_images=references)
+    losses, file_gap = train_on_a_fixed_batch(QwenImageFamily(), lambda: build_tiny_qwen_image(0, edit=True), tmp_path, batch)
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert file_gap < 1e-5

@@ -51,7 +51,7 @@ class ZImageFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     bucket_step = 16  # 8× autoencoder, then 2×2 patches
     oft_attention = ATTENTION
     lora_hints = (LoraHint(14, ("lora_unet_layers_", "lora_unet_noise_refiner_", "lora_unet_context_refiner_",
-                                "noise_refiner.", "context_refiner.", ".attention.to_out.0", ".feed_forward.w1")),)
+                                "noise_refiner.", "context_refiner.", "attention.to_out.0.", "feed_forward.w1.")),)
     version_prefixes = ("z_image",)
     architecture_fragments = ("Z-Image",)
     inference = InferenceDefaults(steps=8, guidance_scale=0.0, resolution=1024)  # Z-Image-Turbo's
