@@ -58,3 +58,40 @@ def train_on_a_fixed_batch(family, build, tmp_path, batch=None, steps: int = 25)
         loaded.merge_to_base()
         again = _fixed_loss(family, fresh, objective, latents, text, batch)
     return losses, abs(float(trained) - float(again))
+
+
+def sample_with_lora_matches_the_attached_network(family, model: str, tmp_path, scale: float = 4.0) -> tuple[float, float]:
+    """`lorakit sample --lora file;0.8` (the LoRA merged into the weights) against the same file attached to the
+    trainer's network at 0.8 in the family's pipeline: (mean pixel change the LoRA makes, largest difference)."""
+    import numpy as np
+    from PIL import Image
+
+    from lorakit.cli.main import main
+    from lorakit.families.base import ModelSource
+    from lorakit.sampling.generate import generate_sample
+    from lorakit.sampling.prompts import SamplePrompt
+
+    comps = family.load_model(ModelSource(model))
+    network = LoRANetwork(targets_of(family, comps, _options(4)))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in network.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    lora = tmp_path / "sample_lora.safetensors"
+    save_lora_file(network.state_dict_kohya(), lora, {})
+
+    def run(*extra: str) -> np.ndarray:
+        out = tmp_path / f"sample{len(extra)}.png"
+        argv = ["sample", "--ckpt_path", model, "--prompt", "a red square", "--width", "64", "--height", "64",
+                "--steps", "2", "--seed", "1", "--guidance_scale", str(scale), "--output", str(out), *extra]
+        assert main(argv) == 0
+        with Image.open(out) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+    base, merged = run(), run("--lora", f"{lora};0.8")
+    network.set_multiplier(0.8)
+    network.apply_to()
+    pipe = family.pipeline(comps)
+    pipe.set_progress_bar_config(disable=True)
+    attached = np.asarray(generate_sample(pipe, SamplePrompt(0, "a red square", "", 64, 64, 1, 2, scale)), dtype=np.int16)
+    return float(np.abs(merged - base).mean()), float(np.abs(merged - attached).max())

@@ -242,3 +242,10 @@ def test_edit_lora_learns_a_fixed_batch_of_pairs(tmp_path):
     losses, file_gap = train_on_a_fixed_batch(QwenImageFamily(), lambda: build_tiny_qwen_image(0, edit=True), tmp_path, batch)
     assert losses[-1] < 0.8 * losses[0], losses
     assert file_gap < 1e-5
+
+
+def test_lorakit_sample_merges_the_lora_as_the_network_runs(saved, tmp_path):
+    from family_learning import sample_with_lora_matches_the_attached_network
+
+    change, gap = sample_with_lora_matches_the_attached_network(QwenImageFamily(), str(saved["folder"]), tmp_path)
+    assert change > 1.0 and gap <= 2

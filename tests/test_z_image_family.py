@@ -216,3 +216,10 @@ def test_a_lora_learns_a_fixed_batch_and_its_file_moves_the_output(tmp_path):
     losses, file_gap = train_on_a_fixed_batch(ZImageFamily(), lambda: build_tiny_z_image(0), tmp_path)
     assert losses[-1] < 0.8 * losses[0], losses
     assert file_gap < 1e-5
+
+
+def test_lorakit_sample_merges_the_lora_as_the_network_runs(saved, tmp_path):
+    from family_learning import sample_with_lora_matches_the_attached_network
+
+    change, gap = sample_with_lora_matches_the_attached_network(ZImageFamily(), str(saved["folder"]), tmp_path, scale=0.0)
+    assert change > 1.0 and gap <= 2

@@ -60,8 +60,8 @@ class QwenImageFamily(BlockSwapFamily, ModelFamily):
     part_files = ("text_encoder", "vae")
     single_file_kinds = ("safetensors",)
     uses_own_scheduler = True
-    webui_kohya = "Forge Neo only (A1111 and Forge have no Qwen-Image)"
-    webui_diffusers = "Forge Neo only (A1111 and Forge have no Qwen-Image)"
+    webui_kohya = "no (A1111 and Forge have no Qwen-Image; Forge Neo's loader was not checked)"
+    webui_diffusers = "no (A1111 and Forge have no Qwen-Image; Forge Neo's loader was not checked)"
 
     def __init__(self) -> None:
         self.text_cache: RaggedCaptionCache | None = None
@@ -249,6 +249,13 @@ class QwenImageFamily(BlockSwapFamily, ModelFamily):
 
         return QwenImagePipeline(scheduler=flow_scheduler(), vae=comps.vae, text_encoder=comps.text_encoders[0],
                                  tokenizer=comps.tokenizers[0], transformer=comps.denoiser)
+
+    def loader_support(self, style: str, algorithm: str, keys: list[str]) -> dict[str, str]:
+        """As the other families, except that sd-scripts has no Qwen-Image: its sibling musubi-tuner is the reference."""
+        support = super().loader_support(style, algorithm, keys)
+        if style == "kohya":
+            support["sd-scripts"] = "no (sd-scripts has no Qwen-Image; musubi-tuner reads it as it is)"
+        return support
 
     # ----------------------------------------------------------------------------------------- metadata
 

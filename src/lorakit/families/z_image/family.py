@@ -59,8 +59,8 @@ class ZImageFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     single_file_kinds = ("safetensors", "diffusers")  # "diffusers": the transformer alone under diffusers' names
     save_formats = ("kohya", "diffusers")
     uses_own_scheduler = True
-    webui_kohya = "Forge Neo only (A1111 and Forge have no Z-Image)"
-    webui_diffusers = "Forge Neo only (A1111 and Forge have no Z-Image)"
+    webui_kohya = "no (A1111 and Forge have no Z-Image; Forge Neo's loader was not checked)"
+    webui_diffusers = "no (A1111 and Forge have no Z-Image; Forge Neo's loader was not checked)"
     diffusers_kohya = "no (convert: lorakit lora convert --to diffusers, or train with --save_format diffusers)"
 
     def __init__(self) -> None:
@@ -208,6 +208,13 @@ class ZImageFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         from lorakit.families.z_image.lora_convert import diffusers_to_kohya
 
         return diffusers_to_kohya(state, metadata)
+
+    def loader_support(self, style: str, algorithm: str, keys: list[str]) -> dict[str, str]:
+        """As the other families, except that sd-scripts has no Z-Image: its sibling musubi-tuner is the reference."""
+        support = super().loader_support(style, algorithm, keys)
+        if style == "kohya":
+            support["sd-scripts"] = "no (sd-scripts has no Z-Image; musubi-tuner reads it after its convert_z_image_lora_to_comfy.py --reverse)"
+        return support
 
     # ----------------------------------------------------------------------------------------- metadata
 
