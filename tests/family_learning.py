@@ -95,3 +95,39 @@ def sample_with_lora_matches_the_attached_network(family, model: str, tmp_path, 
     pipe.set_progress_bar_config(disable=True)
     attached = np.asarray(generate_sample(pipe, SamplePrompt(0, "a red square", "", 64, 64, 1, 2, scale)), dtype=np.int16)
     return float(np.abs(merged - base).mean()), float(np.abs(merged - attached).max())
+
+
+ALGORITHMS = {  # --network_module and --network_args of every adapter algorithm the other families train
+    "dora": ("networks.lora", "dora_wd=True"),
+    "lora_fa": ("networks.lora_fa",),
+    "dylora": ("networks.dylora", "unit=2"),
+    "oft": ("networks.oft",),  # the attention layers (`oft_attention`)
+    "lokr": ("lycoris.kohya", "algo=lokr", "preset=full", "factor=4"),
+    "loha": ("lycoris.kohya", "algo=loha", "preset=attn-mlp"),
+}
+
+
+def algorithm_trains_and_round_trips(family, build, name: str) -> None:
+    """A network of the algorithm on the family's layers: one step changes the output, and its file loads back."""
+    from helpers import build_from_options, network_options
+
+    module, *args = ALGORITHMS[name]
+    cfg = network_options(module, *args, dim=4, alpha=1e-2 if name == "oft" else 2.0, network_train_unet_only=True)
+    comps = build()
+    network = build_from_options(cfg, family, comps, torch.device("cpu"))
+    network.apply_to()
+    objective = family.objective(OBJECTIVE_OPTIONS, comps)
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    text = family.encode_text(comps, ["sks toy"])
+    batch = SimpleNamespace(captions=["sks toy"])
+    with torch.no_grad():
+        before = float(_fixed_loss(family, comps, objective, latents, text, batch))
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
+    _fixed_loss(family, comps, objective, latents, text, batch).backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = float(_fixed_loss(family, comps, objective, latents, text, batch))
+    assert abs(after - before) > 1e-7, name
+    state = network.state_dict_kohya()
+    again = build_from_options(cfg, family, build(), torch.device("cpu"))
+    assert again.load_kohya_state_dict(state, source="x.safetensors") == []

@@ -249,3 +249,10 @@ def test_lorakit_sample_merges_the_lora_as_the_network_runs(saved, tmp_path):
 
     change, gap = sample_with_lora_matches_the_attached_network(QwenImageFamily(), str(saved["folder"]), tmp_path)
     assert change > 1.0 and gap <= 2
+
+
+@pytest.mark.parametrize("name", ["dora", "dylora", "oft", "lokr"])
+def test_every_adapter_algorithm_trains_on_the_transformer(name):
+    from family_learning import algorithm_trains_and_round_trips
+
+    algorithm_trains_and_round_trips(QwenImageFamily(), lambda: build_tiny_qwen_image(0), name)
