@@ -199,15 +199,16 @@ def test_edit_trains_on_pairs_from_the_command_line(tmp_path):
     assert metadata["modelspec.implementation"] == "https://github.com/QwenLM/Qwen-Image"
 
 
-def test_edit_needs_references(tmp_path):
+def test_edit_needs_references(tmp_path, capsys):
     from lorakit.cli.main import main
     from helpers import write_dreambooth_folder
 
     folder = save_pipeline_folder(build_tiny_qwen_image(0, edit=True), tmp_path / "edit")
     data = write_dreambooth_folder(tmp_path / "data", count=2, repeats=1)
-    argv = ["train", f"--pretrained_model_name_or_path={folder}", f"--train_data_dir={data}", f"--output_dir={tmp_path}",
+    argv = ["train", f"--pretrained_model_name_or_path={folder}", f"--train_data_dir={data}", f"--output_dir={tmp_path}", "--resolution=64",
             "--network_module=networks.lora_qwen_image", "--max_train_steps=1", "--dry_run"]
     assert main(argv) != 0
+    assert "conditioning" in capsys.readouterr().err
 
 
 def test_edit_reference_enters_the_sequence_and_the_text_encoder():
