@@ -200,6 +200,14 @@ class ModelFamily:
         """Options the family ignores or reads differently, said once at start-up."""
         return []
 
+    def conditioning_use(self, cfg: Any) -> Any:
+        """What a run of this model does with `conditioning_data_dir` subsets (`data.conditioning.ConditioningUse`):
+        loss masks only, as sd-scripts, unless the model itself reads one reference image per training image (an
+        image-editing model trains on such pairs). Decided from the options alone, before anything loads."""
+        from lorakit.data.conditioning import ConditioningUse
+
+        return ConditioningUse.MASK
+
     def parse_network_args(self, args: Mapping[str, str], spec: "TargetSpec") -> tuple[Any, list[str]]:
         """The family's own `--network_args` (e.g. FLUX's per-type ranks) as a typed value, and the problems.
 

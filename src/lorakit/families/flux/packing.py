@@ -1,25 +1,13 @@
-"""FLUX.1's latent packing and token positions, and sd-scripts' split of `--blocks_to_swap` (pure functions)."""
+"""FLUX.1's token positions and sd-scripts' split of `--blocks_to_swap` (pure functions); the 2×2 latent packing
+lives in `families/common/packing.py`."""
 
 from __future__ import annotations
 
 import torch
 
-PATCH = 2  # latents are packed into 2x2 patches
+from lorakit.families.common.packing import PATCH, pack_latents, unpack_latents
 
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2·W/2, 4C): each 2×2 patch becomes one token, channels outermost."""
-    b, c, h, w = latents.shape
-    patches = latents.view(b, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(b, (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
-
-
-def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The inverse of `pack_latents` for latents of `height`×`width`."""
-    b, _, features = tokens.shape
-    c = features // (PATCH * PATCH)
-    grid = tokens.view(b, height // PATCH, width // PATCH, c, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
-    return grid.reshape(b, c, height, width)
+__all__ = ["PATCH", "image_position_ids", "max_blocks_to_swap", "pack_latents", "swapped_blocks", "unpack_latents"]
 
 
 def image_position_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
