@@ -60,7 +60,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     oft_attention = _ATTENTION
     lora_hints = (LoraHint(20, ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.single_transformer_blocks.",
                                 "lora_te3_")),)
-    version_prefixes = ("flux", "chroma")
+    version_prefixes = ("flux",)  # Chroma's files (`chroma`) are the Chroma family's
     architecture_fragments = ("flux",)
     inference = InferenceDefaults(steps=30, guidance_scale=3.5, resolution=1024)
     part_files = ("clip_l", "t5xxl", "ae")
@@ -92,9 +92,8 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     def option_problems(self, cfg: Any, spec: TargetSpec | None = None) -> list[str]:
         problems = super().option_problems(cfg, spec)
         if cfg.model_type == "chroma":
-            problems.append("--model_type chroma: Chroma is not supported yet; FLUX.1 dev/schnell are")
-            if not cfg.apply_t5_attn_mask:
-                problems.append("--model_type chroma requires --apply_t5_attn_mask")
+            problems.append("--model_type chroma: this is a FLUX.1 model; Chroma trains with --family chroma (detected from "
+                            "a Chroma checkpoint with --family auto)")
         if spec is not None and caches_text(cfg) and _trains_t5(spec):
             problems.append("--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
                             "cached outputs carry no gradients to T5's LoRA modules")

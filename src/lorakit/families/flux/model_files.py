@@ -21,6 +21,7 @@ from lorakit.atomic import staged_file
 from lorakit.checkpoint_io import write_safetensors_atomic, write_safetensors_streaming
 from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
 from lorakit.families.flux import bfl_keys
+from lorakit.families.common.bfl_parts import save_t5_file
 from lorakit.families.flux.loading import load_clip_l_file, load_t5_file, load_transformer_file
 
 __all__ = ["load_flux_parts", "save_clip_l_file", "save_t5_file", "save_transformer_file"]
@@ -98,9 +99,3 @@ def save_clip_l_file(clip: nn.Module, path: str | Path, dtype: torch.dtype | Non
     """CLIP-L in the transformers layout with the `text_model.` level (`clip_l.safetensors`)."""
     state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in clip.state_dict().items()}
     write_safetensors_atomic(_cast(state, dtype), path, _metadata("clip_l", clip.config.to_dict()))
-
-
-def save_t5_file(t5: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """The T5 encoder in the transformers layout (`t5xxl_fp16.safetensors`); the tied embedding stored once."""
-    state = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    write_safetensors_atomic(_cast(state, dtype), path, _metadata("t5xxl", t5.config.to_dict()))
