@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the list is read by the option parser, which should not imp
 FAMILIES: dict[str, str] = {
     "sd3": "lorakit.families.sd3.family:StableDiffusion3Family",
     "flux": "lorakit.families.flux.family:FluxFamily",
+    "chroma": "lorakit.families.chroma.family:ChromaFamily",
     "sdxl": "lorakit.families.sdxl.family:StableDiffusionXLFamily",
     "sd": "lorakit.families.sd.family:StableDiffusionFamily",
 }

@@ -53,10 +53,12 @@ def image_grid(rows: list[list[Image.Image]], gap: int = 2, background: tuple[in
 def takes_weighted_embeddings(pipe: Any) -> bool:
     """Whether our weighted-prompt encoder fits the pipeline: one CLIP text encoder that accepts prompt_embeds.
 
-    Pipelines with a second encoder or pooled embeddings (SDXL, SD3, FLUX) get the prompt text without the
-    weighting syntax instead.
+    Pipelines with a second encoder or pooled embeddings (SDXL, SD3, FLUX), or one encoder that is not CLIP (T5,
+    a language model), get the prompt text without the weighting syntax instead.
     """
-    has_single_clip = getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None
+    encoder = getattr(pipe, "text_encoder", None)
+    is_clip = getattr(getattr(encoder, "config", None), "model_type", "") == "clip_text_model"
+    has_single_clip = is_clip and getattr(pipe, "tokenizer", None) is not None
     has_more = any(getattr(pipe, name, None) is not None for name in ("text_encoder_2", "text_encoder_3"))
     return has_single_clip and not has_more
 
