@@ -37,7 +37,7 @@ def _fixed_batch(family, cfg, comps):
     return family.objective(cfg, comps).noise(latents, generator=torch.Generator().manual_seed(1)), text
 
 
-@pytest.mark.parametrize("name", ["chroma"])
+@pytest.mark.parametrize("name", ["chroma", "flux2"])
 def test_lora_learns_a_fixed_batch_and_its_file_moves_the_output_as_trained(name, tmp_path):
     family, cfg, spec, comps, options = _setup(name, tmp_path)
     noised, text = _fixed_batch(family, cfg, comps)

@@ -223,7 +223,7 @@ def test_inspect_resize_and_extract(saved, tmp_path, capsys):
     lora = tmp_path / "lora.safetensors"
     save_lora_file(network.state_dict_kohya(), lora, {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "chroma"})
     assert main(["lora", "inspect", str(lora)]) == 0
-    assert "Chroma" in capsys.readouterr().out
+    assert "family       chroma" in capsys.readouterr().out
     assert main(["lora", "resize", "--model", str(lora), "--save_to", str(tmp_path / "r2.safetensors"), "--new_rank", "2"]) == 0
     assert {v.shape[0] for k, v in load_lora_file(tmp_path / "r2.safetensors")[0].items() if k.endswith("lora_down.weight")} == {2}
     merged = tmp_path / "merged.safetensors"

@@ -92,13 +92,21 @@ NETWORK_MODULES_DONE = (
 )
 
 
+def _network_modules_done() -> tuple[str, ...]:
+    """NETWORK_MODULES_DONE and the LoRA/OFT modules the registered families add (their reference trainers' own)."""
+    from lorakit.families.registry import all_families
+
+    added = [m for family in all_families() for m in (*family.lora_network_modules, *family.oft_network_modules)]
+    return tuple(dict.fromkeys((*NETWORK_MODULES_DONE, *added)))
+
+
 def _network_module(value: Any) -> str | None:
     if value is None or value in NETWORK_MODULES_DONE:
         return None
-    return (
-        f"--network_module {value} is recognised but not implemented yet in lorakit; "
-        f"use one of {', '.join(NETWORK_MODULES_DONE)}"
-    )
+    done = _network_modules_done()
+    if value in done:
+        return None
+    return f"--network_module {value} is recognised but not implemented yet in lorakit; use one of {', '.join(done)}"
 
 
 def _lr_scheduler(value: Any) -> str | None:
