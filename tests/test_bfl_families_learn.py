@@ -69,3 +69,28 @@ def test_lora_learns_a_fixed_batch_and_its_file_moves_the_output_as_trained(name
     with torch.no_grad():
         from_file = family.predict(merged_comps, noised.noisy, noised.timesteps, text, None)
     torch.testing.assert_close(from_file, trained, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["chroma", "flux2"])
+@pytest.mark.parametrize("extra", [
+    ["--network_module=FAMILY", "--network_args", "dora_wd=True", "train_blocks=single"],
+    ["--network_module=networks.lora_fa"],
+    ["--network_module=networks.dylora", "--network_args", "unit=2"],
+    ["--network_module=networks.oft", "--network_alpha=0.01"],
+    ["--network_module=lycoris.kohya", "--network_args", "algo=lokr", "preset=attn-only", "factor=4"],
+], ids=["dora", "lora_fa", "dylora", "oft", "lycoris_lokr"])
+def test_every_adapter_algorithm_trains_from_the_command_line(name, extra, tmp_path):
+    from helpers import write_dreambooth_folder
+    from lorakit.adapters.formats import load_lora_file
+
+    args, _ = fixtures(name).bench_files("tiny", tmp_path / "model")
+    data = write_dreambooth_folder(tmp_path / "data", count=1, repeats=1)
+    argv = ["train", f"--family={name}", *args, f"--train_data_dir={data}", "--resolution=64", f"--output_dir={tmp_path / 'out'}",
+            "--output_name=tiny", "--network_dim=4", "--network_alpha=2", "--max_train_steps=2", "--learning_rate=1e-3",
+            "--max_data_loader_n_workers=0", "--network_train_unet_only",
+            *[a.replace("FAMILY", get_family(name).default_network_module) for a in extra]]
+    assert main(argv) == 0
+    tensors, metadata = load_lora_file(tmp_path / "out" / "tiny.safetensors")
+    assert metadata["ss_base_model_version"] == get_family(name).base_model(None).version
+    assert tensors and all(v.isfinite().all() for v in tensors.values())
+    assert any(v.abs().sum() > 0 for k, v in tensors.items() if not k.endswith("alpha"))
