@@ -75,6 +75,7 @@ class Flux2Family(BlockSwapFamily, ModelFamily):
     uses_own_scheduler = True
     webui_kohya = "no (A1111 has no FLUX.2)"
     webui_diffusers = "no (A1111 has no FLUX.2)"
+    comfy_diffusers = "not checked (ComfyUI maps FLUX.2 LoRAs by BFL names: convert with --to kohya)"
 
     def __init__(self) -> None:
         self.text_cache: CaptionCache | None = None
