@@ -1,4 +1,4 @@
-"""Layer stand-ins shared by the transformer families (FLUX, SD3).
+"""Layer stand-ins shared by the transformer families (FLUX.1, SD3, Chroma, FLUX.2).
 
 `FusedLinearView`: BFL's FLUX and SAI's SD3 fuse q/k/v (and, in FLUX single blocks, the MLP input) into one
 Linear, and LoRA files name and shape their factors after that fused layer: one `lora_down` (r, in) and one

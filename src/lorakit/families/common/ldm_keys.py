@@ -30,8 +30,8 @@ from diffusers.loaders.single_file_utils import (
     convert_open_clip_checkpoint,
 )
 
-from lorakit.families.base import Components
 from lorakit.checkpoint_io import write_safetensors_atomic, write_torch_atomic
+from lorakit.families.base import Components
 from lorakit.families.common.module_io import CONFIGS_CKPT_KEY, CONFIGS_METADATA_KEY
 
 UNET_PREFIX = "model.diffusion_model."

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from lorakit.families.base import Components
 from lorakit.data.text_cache import caches_text
+from lorakit.families.base import Components
 from lorakit.objectives.flow import ignored_option_warnings
 
 log = logging.getLogger("lorakit")

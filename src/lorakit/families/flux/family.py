@@ -25,19 +25,46 @@ from lorakit.data.text_cache import CaptionCache, run_text_cache
 from lorakit.data.text_files import TextFileFormat
 from lorakit.errors import ConfigError
 from lorakit.families.base import (
-    BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, SeparatePart, TextConditioning,
+    BaseModelFacts,
+    Components,
+    InferenceDefaults,
+    LoraHint,
+    ModelFamily,
+    ModelSource,
+    SeparatePart,
+    TextConditioning,
 )
 from lorakit.families.common.layers import to_fp8
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
 from lorakit.families.common.transformer_family import (
-    BlockSwapFamily, ShiftScaleLatents, note_block_swap, t5_family_problems, t5_family_warnings, trains_t5,
+    BlockSwapFamily,
+    ShiftScaleLatents,
+    note_block_swap,
+    t5_family_problems,
+    t5_family_warnings,
+    trains_t5,
 )
 from lorakit.families.flux.layers import checkpoint_offloading_to_cpu
 from lorakit.families.flux.lora_keys import LORA_LAYOUT
 from lorakit.families.flux.network_args import FluxNetworkArgs
-from lorakit.families.flux.packing import PATCH, image_position_ids, max_blocks_to_swap, pack_latents, swapped_blocks, unpack_latents
-from lorakit.families.flux.targets import BFL_ATTENTION_CLASS, BFL_BLOCK_CLASSES, transformer_targets
-from lorakit.objectives.flow import FlowObjective, apply_model_prediction_type, timesteps_to_sigmas
+from lorakit.families.flux.packing import (
+    PATCH,
+    image_position_ids,
+    max_blocks_to_swap,
+    pack_latents,
+    swapped_blocks,
+    unpack_latents,
+)
+from lorakit.families.flux.targets import (
+    BFL_ATTENTION_CLASS,
+    BFL_BLOCK_CLASSES,
+    transformer_targets,
+)
+from lorakit.objectives.flow import (
+    FlowObjective,
+    apply_model_prediction_type,
+    timesteps_to_sigmas,
+)
 from lorakit.precision import load_dtype
 from lorakit.transfer import to_device
 
@@ -63,7 +90,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     oft_attention = _ATTENTION
     lora_hints = (LoraHint(20, ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.single_transformer_blocks.",
                                 "lora_te3_")),)
-    version_prefixes = ("flux", "chroma")
+    version_prefixes = ("flux",)  # Chroma's files (`chroma`) are the Chroma family's
     architecture_fragments = ("flux",)
     inference = InferenceDefaults(steps=30, guidance_scale=3.5, resolution=1024)
     part_files = ("clip_l", "t5xxl", "ae")
@@ -105,9 +132,8 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     def option_problems(self, cfg: Any, spec: TargetSpec | None = None) -> list[str]:
         problems = super().option_problems(cfg, spec)
         if cfg.model_type == "chroma":
-            problems.append("--model_type chroma: Chroma is not supported yet; FLUX.1 dev/schnell are")
-            if not cfg.apply_t5_attn_mask:
-                problems.append("--model_type chroma requires --apply_t5_attn_mask")
+            problems.append("--model_type chroma: this is a FLUX.1 model; Chroma trains with --family chroma (detected from "
+                            "a Chroma checkpoint with --family auto)")
         return problems + t5_family_problems(self.name, cfg, spec)
 
     def option_warnings(self, cfg: Any) -> list[str]:

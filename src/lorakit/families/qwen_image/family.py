@@ -28,7 +28,15 @@ from lorakit.data.latent_files import LatentFileFormat
 from lorakit.data.text_cache import CaptionCache, caches_text, run_text_cache
 from lorakit.data.text_files import TextFileFormat
 from lorakit.errors import ConfigError
-from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
+from lorakit.families.base import (
+    BaseModelFacts,
+    Components,
+    InferenceDefaults,
+    LoraHint,
+    ModelFamily,
+    ModelSource,
+    TextConditioning,
+)
 from lorakit.families.common.layers import checkpoint_offloading_to_cpu, to_fp8
 from lorakit.families.common.packing import PATCH, pack_latents, unpack_latents
 from lorakit.families.common.transformer_family import BlockSwapFamily, note_block_swap
@@ -261,9 +269,9 @@ class QwenImageFamily(BlockSwapFamily, ModelFamily):
         return QwenImagePipeline(scheduler=flow_scheduler(), vae=comps.vae, text_encoder=comps.text_encoders[0],
                                  tokenizer=comps.tokenizers[0], transformer=comps.denoiser)
 
-    def loader_support(self, style: str, algorithm: str, keys: list[str]) -> dict[str, str]:
+    def loader_support(self, style: str, algorithm: str, keys: list[str], **flags: Any) -> dict[str, str]:
         """As the other families, except that sd-scripts has no Qwen-Image: its sibling musubi-tuner is the reference."""
-        support = super().loader_support(style, algorithm, keys)
+        support = super().loader_support(style, algorithm, keys, **flags)
         if style == "kohya":
             support["sd-scripts"] = "no (sd-scripts has no Qwen-Image; musubi-tuner reads it as it is)"
         return support

@@ -27,9 +27,23 @@ from accelerate import init_empty_weights
 from lorakit.checkpoint_io import read_checkpoint
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
-from lorakit.families.common.module_io import assign_weights, embedded_config, from_pretrained, read_json, reject_checkpoint
-from lorakit.families.common.qwen_tokenizers import find_beside, qwen_image_processor_in, qwen_tokenizer_in
-from lorakit.families.qwen_image.detect import keys_are_qwen_image, pipeline_is_edit, strip_prefix
+from lorakit.families.common.module_io import (
+    assign_weights,
+    embedded_config,
+    from_pretrained,
+    read_json,
+    reject_checkpoint,
+)
+from lorakit.families.common.qwen_tokenizers import (
+    find_beside,
+    qwen_image_processor_in,
+    qwen_tokenizer_in,
+)
+from lorakit.families.qwen_image.detect import (
+    keys_are_qwen_image,
+    pipeline_is_edit,
+    strip_prefix,
+)
 
 _PACKAGE = resources.files("lorakit") / "families" / "qwen_image"
 MISSING_TOKENIZER = ("no Qwen tokenizer found: put the Qwen2.5-VL tokenizer files (tokenizer.json or vocab.json + "

@@ -18,9 +18,15 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from lorakit.checkpoint_io import write_safetensors_atomic
 from lorakit.families.base import Components
-from lorakit.families.common.tiny_parts import tiny_qwen_image_processor, tiny_qwen_tokenizer
+from lorakit.families.common.tiny_parts import (
+    tiny_qwen_image_processor,
+    tiny_qwen_tokenizer,
+)
 from lorakit.families.qwen_image.loading import flow_scheduler
-from lorakit.families.qwen_image.model_files import configs_metadata, save_transformer_file
+from lorakit.families.qwen_image.model_files import (
+    configs_metadata,
+    save_transformer_file,
+)
 
 TEXT_WIDTH = 32
 

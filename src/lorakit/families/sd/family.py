@@ -17,12 +17,25 @@ from lorakit.adapters.targets import AdapterTarget
 from lorakit.data.latent_files import LatentFileFormat
 from lorakit.data.text_cache import CaptionCache, run_text_cache
 from lorakit.data.text_files import TextFileFormat
-from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
+from lorakit.families.base import (
+    BaseModelFacts,
+    Components,
+    InferenceDefaults,
+    LoraHint,
+    ModelFamily,
+    ModelSource,
+    TextConditioning,
+)
 from lorakit.families.common.headers import safetensors_keys
 from lorakit.families.common.prediction import prediction_type_warnings
 from lorakit.families.common.text_cache import whole_cache_problems
 from lorakit.families.common.text_encoders import clip_targets
-from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing, unet_targets
+from lorakit.families.common.unet import (
+    decode_scaled,
+    encode_scaled,
+    gradient_checkpointing,
+    unet_targets,
+)
 from lorakit.families.common.unet_blocks import BLOCK_LAYOUT
 from lorakit.families.sd.lora_keys import LORA_LAYOUT
 from lorakit.objectives.ddpm import DDPMObjective

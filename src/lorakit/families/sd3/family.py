@@ -27,14 +27,33 @@ from lorakit.data.latent_files import LatentFileFormat
 from lorakit.data.text_cache import CaptionCache, run_text_cache
 from lorakit.data.text_files import TextFileFormat
 from lorakit.errors import ConfigError
-from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
+from lorakit.families.base import (
+    BaseModelFacts,
+    Components,
+    InferenceDefaults,
+    LoraHint,
+    ModelFamily,
+    ModelSource,
+    TextConditioning,
+)
 from lorakit.families.common.layers import to_fp8
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
 from lorakit.families.common.transformer_family import (
-    BlockSwapFamily, ShiftScaleLatents, note_block_swap, t5_family_problems, t5_family_warnings, trains_t5,
+    BlockSwapFamily,
+    ShiftScaleLatents,
+    note_block_swap,
+    t5_family_problems,
+    t5_family_warnings,
+    trains_t5,
 )
 from lorakit.families.sd3 import pos_embed as scaled_pos_embed
-from lorakit.families.sd3.conditioning import WIDTH_KEY, assemble_conditioning, clip_outputs, random_position_crop, split_outputs
+from lorakit.families.sd3.conditioning import (
+    WIDTH_KEY,
+    assemble_conditioning,
+    clip_outputs,
+    random_position_crop,
+    split_outputs,
+)
 from lorakit.families.sd3.lora_keys import LORA_LAYOUT
 from lorakit.families.sd3.network_args import SD3NetworkArgs
 from lorakit.families.sd3.objective import SD3FlowObjective, precondition_to_x0

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from lorakit.families.base import Components
 from lorakit.checkpoint_io import write_safetensors_atomic
-from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
+from lorakit.families.base import Components
 from lorakit.families.common.ldm_keys import vae_to_ldm
+from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
 from lorakit.families.sd3 import sai_keys
 
 __all__ = ["component_configs", "load_sai_parts", "pipeline_of", "save_sai_single_file", "text_encoder_state"]

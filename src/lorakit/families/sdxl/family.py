@@ -24,11 +24,23 @@ from lorakit.adapters.targets import AdapterTarget, RankChoice, kohya_name
 from lorakit.data.latent_files import LatentFileFormat
 from lorakit.data.text_cache import CaptionCache, run_text_cache
 from lorakit.data.text_files import TextFileFormat
-from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
+from lorakit.families.base import (
+    BaseModelFacts,
+    Components,
+    InferenceDefaults,
+    LoraHint,
+    ModelFamily,
+    ModelSource,
+    TextConditioning,
+)
 from lorakit.families.common.prediction import prediction_type_warnings
 from lorakit.families.common.text_cache import whole_cache_problems
 from lorakit.families.common.text_encoders import clip_targets
-from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing
+from lorakit.families.common.unet import (
+    decode_scaled,
+    encode_scaled,
+    gradient_checkpointing,
+)
 from lorakit.families.common.unet import unet_targets as diffusers_unet_targets
 from lorakit.families.sdxl.blocks import BLOCK_LAYOUT
 from lorakit.families.sdxl.lora_keys import LORA_LAYOUT

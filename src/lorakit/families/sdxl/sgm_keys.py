@@ -21,12 +21,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_open_clip_checkpoint,
+)
 
-from lorakit.families.base import Components
 from lorakit.checkpoint_io import write_safetensors_atomic, write_torch_atomic
+from lorakit.families.base import Components
 from lorakit.families.common import ldm_keys
-from lorakit.families.common.ldm_keys import CONFIGS_CKPT_KEY, CONFIGS_METADATA_KEY, UNET_PREFIX, VAE_PREFIX
+from lorakit.families.common.ldm_keys import (
+    CONFIGS_CKPT_KEY,
+    CONFIGS_METADATA_KEY,
+    UNET_PREFIX,
+    VAE_PREFIX,
+)
 
 TE1_PREFIX = "conditioner.embedders.0.transformer."
 TE2_PREFIX = "conditioner.embedders.1.model."

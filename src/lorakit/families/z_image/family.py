@@ -25,9 +25,21 @@ from lorakit.data.latent_files import LatentFileFormat
 from lorakit.data.text_cache import CaptionCache, run_text_cache
 from lorakit.data.text_files import TextFileFormat
 from lorakit.errors import ConfigError
-from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
+from lorakit.families.base import (
+    BaseModelFacts,
+    Components,
+    InferenceDefaults,
+    LoraHint,
+    ModelFamily,
+    ModelSource,
+    TextConditioning,
+)
 from lorakit.families.common.layers import checkpoint_offloading_to_cpu, to_fp8
-from lorakit.families.common.transformer_family import BlockSwapFamily, ShiftScaleLatents, note_block_swap
+from lorakit.families.common.transformer_family import (
+    BlockSwapFamily,
+    ShiftScaleLatents,
+    note_block_swap,
+)
 from lorakit.families.z_image.lora_keys import LORA_LAYOUT
 from lorakit.families.z_image.targets import ATTENTION, transformer_targets
 from lorakit.objectives.flow import FlowObjective, timesteps_to_sigmas
@@ -115,7 +127,10 @@ class ZImageFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         return comps
 
     def load_model(self, source: ModelSource) -> Components:
-        from lorakit.families.z_image.loading import load_transformer, load_z_image_components
+        from lorakit.families.z_image.loading import (
+            load_transformer,
+            load_z_image_components,
+        )
 
         dtype = source.dtype or torch.float32
         if source.denoiser_only or (source.partial and not Path(source.path).is_dir()):
@@ -221,9 +236,9 @@ class ZImageFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
         return diffusers_to_kohya(state, metadata)
 
-    def loader_support(self, style: str, algorithm: str, keys: list[str]) -> dict[str, str]:
+    def loader_support(self, style: str, algorithm: str, keys: list[str], **flags: Any) -> dict[str, str]:
         """As the other families, except that sd-scripts has no Z-Image: its sibling musubi-tuner is the reference."""
-        support = super().loader_support(style, algorithm, keys)
+        support = super().loader_support(style, algorithm, keys, **flags)
         if style == "kohya":
             support["sd-scripts"] = "no (sd-scripts has no Z-Image; musubi-tuner reads it after its convert_z_image_lora_to_comfy.py --reverse)"
         return support

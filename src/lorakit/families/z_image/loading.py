@@ -25,9 +25,19 @@ from lorakit.checkpoint_io import read_checkpoint
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
 from lorakit.families.common.ldm_keys import ldm_to_vae
-from lorakit.families.common.module_io import assign_weights, embedded_config, from_pretrained, read_json, reject_checkpoint
+from lorakit.families.common.module_io import (
+    assign_weights,
+    embedded_config,
+    from_pretrained,
+    read_json,
+    reject_checkpoint,
+)
 from lorakit.families.common.qwen_tokenizers import find_beside, qwen_tokenizer_in
-from lorakit.families.z_image.comfy_keys import comfy_to_diffusers, is_comfy_layout, strip_prefix
+from lorakit.families.z_image.comfy_keys import (
+    comfy_to_diffusers,
+    is_comfy_layout,
+    strip_prefix,
+)
 
 _PACKAGE = resources.files("lorakit") / "families" / "z_image"
 MISSING_TOKENIZER = ("no Qwen3 tokenizer found: put the Qwen3 tokenizer files (tokenizer.json, tokenizer_config.json "

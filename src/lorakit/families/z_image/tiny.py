@@ -16,7 +16,10 @@ from transformers import Qwen3Config, Qwen3Model
 from lorakit.checkpoint_io import write_safetensors_atomic
 from lorakit.families.base import Components
 from lorakit.families.common.ldm_keys import vae_to_ldm
-from lorakit.families.common.tiny_parts import TINY_QWEN3_CHAT_TEMPLATE, tiny_qwen_tokenizer
+from lorakit.families.common.tiny_parts import (
+    TINY_QWEN3_CHAT_TEMPLATE,
+    tiny_qwen_tokenizer,
+)
 from lorakit.families.z_image.loading import flow_scheduler
 from lorakit.families.z_image.model_files import configs_metadata, save_transformer_file
 
