@@ -58,6 +58,8 @@ class StableDiffusionXLFamily(ModelFamily):
     architecture_fragments = ("stable-diffusion-xl",)
     inference = InferenceDefaults(steps=30, guidance_scale=7.5, resolution=1024)
     comfy_diffusers = "text encoder only (U-Net PEFT keys are not mapped)"
+    image_tasks = ("img2img", "inpaint")
+    single_file_denoiser_prefixes = ("model.diffusion_model.",)
 
     def __init__(self) -> None:
         self.vae_in_float32 = False
@@ -197,6 +199,18 @@ class StableDiffusionXLFamily(ModelFamily):
             unet=comps.denoiser, scheduler=build_sampler(sampler or "ddim", comps.extras.get("prediction_type", "epsilon")),
         )
 
+    def task_pipeline(self, comps: Components, task: str, sampler: str | None = None) -> Any:
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+        classes = {"img2img": StableDiffusionXLImg2ImgPipeline, "inpaint": StableDiffusionXLInpaintPipeline}
+        return classes[task](**self.pipeline(comps, sampler).components)
+
+    def prompt_embedding_kwargs(self, pipe: Any, prompts: list[str], negatives: list[str], *,
+                                max_embeddings_multiples: int, clip_skip: int | None) -> dict[str, Any] | None:
+        from lorakit.families.sdxl.prompt_embeds import sdxl_embeddings
+
+        return sdxl_embeddings(pipe, prompts, negatives, max_embeddings_multiples)
+
     # -- metadata ----------------------------------------------------------------------------------------
 
     def metadata(self, cfg: Any) -> dict[str, str]:
@@ -208,10 +222,10 @@ class StableDiffusionXLFamily(ModelFamily):
 
     # -- whole-model files -------------------------------------------------------------------------------
 
-    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
+    def save_single_file(self, comps: Components, path: Path, kind: str, dtype: torch.dtype | None = None) -> None:
         from lorakit.families.sdxl.sgm_keys import save_sdxl_single_file
 
-        save_sdxl_single_file(comps, path, fmt=kind)
+        save_sdxl_single_file(comps, path, fmt=kind, dtype=dtype)
 
     def save_folder(self, comps: Components, path: Path) -> None:
         from lorakit.families.sdxl.model_files import save_sdxl_diffusers_folder
