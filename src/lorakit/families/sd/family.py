@@ -171,7 +171,7 @@ class StableDiffusionFamily(ModelFamily):
 
     def prompt_embedding_kwargs(self, pipe: Any, prompts: list[str], negatives: list[str], *,
                                 max_embeddings_multiples: int, clip_skip: int | None) -> dict[str, Any] | None:
-        from lorakit.families.common.prompt_embeds import single_clip_embeddings
+        from lorakit.families.common.prompt_weighting import single_clip_embeddings
 
         return single_clip_embeddings(pipe, prompts, negatives, max_embeddings_multiples, clip_skip)
 

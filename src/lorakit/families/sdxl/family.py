@@ -207,9 +207,9 @@ class StableDiffusionXLFamily(ModelFamily):
 
     def prompt_embedding_kwargs(self, pipe: Any, prompts: list[str], negatives: list[str], *,
                                 max_embeddings_multiples: int, clip_skip: int | None) -> dict[str, Any] | None:
-        from lorakit.families.sdxl.prompt_embeds import sdxl_embeddings
+        from lorakit.families.common.prompt_weighting import dual_clip_embeddings
 
-        return sdxl_embeddings(pipe, prompts, negatives, max_embeddings_multiples)
+        return dual_clip_embeddings(pipe, prompts, negatives, max_embeddings_multiples)
 
     # -- metadata ----------------------------------------------------------------------------------------
 
