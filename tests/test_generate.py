@@ -75,18 +75,19 @@ def peft_file(kohya: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
 def test_lora_unmerged_and_merged_equal_diffusers(models, loras, tmp_path, family):
     extra = ("--scale", "1") if family == "flux" else ()
-    base = pixels(generate(models[family], tmp_path / "base", *extra)[0])
     attached = pixels(generate(models[family], tmp_path / "attached", "--network_module", "networks.lora",
                                "--network_weights", str(loras[family]), "--network_mul", "0.8", *extra)[0])
-    merged = pixels(generate(models[family], tmp_path / "merged", "--lora", f"{loras[family]};0.8", "--network_merge", *extra)[0])
-    assert np.abs(attached - base).mean() > 1.0  # the LoRA shows
     pipe = diffusers_pipe(family, models[family])
+    base = theirs(family, pipe)
     lora_file = loras[family] if family in ("sd", "sdxl") else peft_file(loras[family], tmp_path)
     pipe.load_lora_weights(str(lora_file), adapter_name="file")
     pipe.set_adapters(["file"], [0.8])
     expected = theirs(family, pipe)
+    assert np.abs(expected - base).mean() > 1.0  # the LoRA shows
     assert_within_2(attached, expected)
-    assert_within_2(merged, expected)
+    if family in ("sd", "flux"):  # merged into the weights (lorakit sample's tests cover every family's merge)
+        merged = pixels(generate(models[family], tmp_path / "merged", "--lora", f"{loras[family]};0.8", "--network_merge", *extra)[0])
+        assert_within_2(merged, expected)
 
 
 @pytest.fixture(scope="module")
@@ -148,14 +149,19 @@ def test_batches_seeds_prompt_file_and_png_text(models, tmp_path):
 
 
 def test_seed_rules(models, tmp_path):
+    from lorakit.sampling.gen_jobs import PromptSettings, image_jobs
+
     fixed = generate(models["sd"], tmp_path / "a", seed=42)
     assert Image.open(fixed[0]).text["seed"] == "42"
     same = generate(models["sd"], tmp_path / "b", "--images_per_prompt", "2", "--iter_same_seed", seed=42)
     assert len({Image.open(f).text["seed"] for f in same}) == 1
-    drawn = generate(models["sd"], tmp_path / "c", "--images_per_prompt", "2", seed=42)
-    again = generate(models["sd"], tmp_path / "d", "--images_per_prompt", "2", seed=42)
-    assert [Image.open(f).text["seed"] for f in drawn] == [Image.open(f).text["seed"] for f in again]
-    assert len({Image.open(f).text["seed"] for f in drawn}) == 2
+    prompt = PromptSettings("p", "", 64, 64, 2, 5.0)
+
+    def drawn(seed):
+        return [j.seed for j in image_jobs([prompt, prompt], images_per_prompt=2, n_iter=1, seed=seed, iter_same_seed=False,
+                                           init_images=[], mask_images=[])]
+
+    assert drawn(42) == drawn(42) and len(set(drawn(42))) == 4 and drawn(None) != drawn(None)
 
 
 def test_per_prompt_network_multipliers(models, loras, tmp_path):
