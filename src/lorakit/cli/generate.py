@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--iter_same_seed", action="store_true", help="one seed for every image of a pass")
     prompts.add_argument("--W", "--width", dest="width", type=positive_int, default=None)
     prompts.add_argument("--H", "--height", dest="height", type=positive_int, default=None)
-    prompts.add_argument("--steps", type=positive_int, default=None, help="default: the family's (30; FLUX 20...)")
+    prompts.add_argument("--steps", type=positive_int, default=None, help="default 30")
     prompts.add_argument("--scale", "--cfg_scale", "--guidance_scale", dest="scale", type=non_negative_float, default=None,
-                         help="CFG scale (FLUX: true CFG, default 1)")
+                         help="CFG scale (default 7.5, SD3 5; FLUX: true CFG, default 1)")
     prompts.add_argument("--guidance", type=non_negative_float, default=None, help="FLUX's embedded guidance (default 3.5)")
     prompts.add_argument("--negative_scale", type=finite_float, default=None, help=argparse.SUPPRESS)
     prompts.add_argument("--sampler", "--sample_sampler", dest="sampler", default=None, help="ddim (default), euler_a, dpmsolver++, ...")

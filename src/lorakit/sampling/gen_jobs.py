@@ -41,7 +41,7 @@ class PromptSettings:
     width: int
     height: int
     steps: int
-    scale: float
+    scale: float | None  # None: the family's default (the pipeline decides what the scale guides)
     guidance: float | None = None
     negative_scale: float | None = None
     strength: float | None = None
@@ -70,7 +70,7 @@ class LineDefaults:
     width: int
     height: int
     steps: int
-    scale: float
+    scale: float | None
     guidance: float | None
     negative_prompt: str = ""
     strength: float | None = None

@@ -180,7 +180,7 @@ def _jobs(options: GenerateOptions, family: ModelFamily, loras: list[LoraFile]) 
     size = family.inference_resolution(ModelSource(options.model, v2=options.v2, v_parameterization=options.v_parameterization))
     defaults = gen_jobs.LineDefaults(
         width=options.width or size, height=options.height or size, steps=options.steps or family.inference.steps,
-        scale=options.scale if options.scale is not None else family.inference.guidance_scale, guidance=options.guidance,
+        scale=options.scale, guidance=options.guidance,
         negative_prompt=options.negative_prompt, strength=options.strength, sampler=options.sampler,
     )
     prompts = [gen_jobs.parse_line(line, defaults, where) for line, where in gen_jobs.read_lines(options.prompt, options.from_file)]
@@ -270,11 +270,7 @@ class Generator:
         pipe = self._pipeline(task, settings.sampler)
         kwargs = self._prompt_kwargs(pipe, batch)
         accepted = inspect.signature(pipe.__call__).parameters
-        if "true_cfg_scale" in accepted:  # a guidance-distilled model: --guidance is embedded, --scale is true CFG
-            kwargs.update(guidance_scale=settings.guidance if settings.guidance is not None else self.family.inference.guidance_scale,
-                          true_cfg_scale=settings.scale)
-        else:
-            kwargs["guidance_scale"] = settings.scale
+        kwargs.update(self._guidance(settings, "true_cfg_scale" in accepted))
         if task != "text":
             kwargs.update(image=init, strength=strength if strength is not None else 0.8)
         if masks is not None:
@@ -283,6 +279,15 @@ class Generator:
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         out = pipe(**kwargs, num_inference_steps=steps, width=width, height=height, generator=generators, output_type=output)
         return out.images
+
+    def _guidance(self, settings: gen_jobs.PromptSettings, embedded: bool) -> dict[str, float]:
+        """A guidance-distilled model (its pipeline takes `true_cfg_scale`): --guidance is embedded (default the
+        family's) and --scale is true CFG (default 1: none), as flux_minimal_inference.py; else --scale is CFG."""
+        default = self.family.inference.guidance_scale
+        if embedded:
+            return {"guidance_scale": default if settings.guidance is None else settings.guidance,
+                    "true_cfg_scale": 1.0 if settings.scale is None else settings.scale}
+        return {"guidance_scale": default if settings.scale is None else settings.scale}
 
     def _pipeline(self, task: str, sampler: str | None) -> Any:
         name = (sampler or "").lower() or None
@@ -318,14 +323,15 @@ class Generator:
         target = self.outdir / name
         target.parent.mkdir(parents=True, exist_ok=True)
         with staged_file(target) as tmp:
-            image.save(tmp, format="PNG", pnginfo=png_text(job, self._sampler_name(job)))
+            scale = next(iter(self._guidance(job.settings, False).values()))
+            image.save(tmp, format="PNG", pnginfo=png_text(job, self._sampler_name(job), scale))
         self.written.append(target)
 
     def _sampler_name(self, job: gen_jobs.ImageJob) -> str:
         return (job.settings.sampler or self.options.sampler or "ddim").lower()
 
 
-def png_text(job: gen_jobs.ImageJob, sampler: str) -> PngInfo:
+def png_text(job: gen_jobs.ImageJob, sampler: str, scale: float) -> PngInfo:
     """The text chunks gen_img.py writes (its names and order)."""
     s = job.settings
     info = PngInfo()
@@ -333,7 +339,7 @@ def png_text(job: gen_jobs.ImageJob, sampler: str) -> PngInfo:
     info.add_text("seed", str(job.seed))
     info.add_text("sampler", sampler)
     info.add_text("steps", str(s.steps))
-    info.add_text("scale", str(s.scale))
+    info.add_text("scale", str(scale))
     if s.negative_prompt:
         info.add_text("negative-prompt", s.negative_prompt)
     if s.clip_prompt is not None:
