@@ -215,3 +215,26 @@ def test_refusals_are_listed_together(models, tmp_path, capsys):
     for fragment in ("img2img is not available", "nowhere.png: file or folder not found", "--textual_inversion_embeddings",
                      "unknown sampler"):
         assert fragment in err
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_textual_inversion_embedding_equals_diffusers(models, tmp_path, family):
+    """An sd-scripts-layout embedding (SD: `emb_params`; SDXL: `clip_l`, `clip_g`), two vectors, used by its file name."""
+    from safetensors.torch import save_file
+
+    pipe = diffusers_pipe(family, models[family])
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    generator = torch.Generator().manual_seed(4)
+    vectors = [torch.randn(2, e.get_input_embeddings().weight.shape[1], generator=generator) for e in encoders]
+    file = tmp_path / "sksemb.safetensors"
+    save_file({"emb_params": vectors[0]} if family == "sd" else {"clip_l": vectors[0], "clip_g": vectors[1]}, file)
+    prompt = "a photo of sksemb on a table"
+    ours = pixels(generate(models[family], tmp_path / "ti", "--textual_inversion_embeddings", str(file), prompt=prompt)[0])
+    base = pixels(generate(models[family], tmp_path / "base", prompt="a photo of on a table")[0])
+    assert np.abs(ours - base).mean() > 1.0
+    if family == "sd":
+        pipe.load_textual_inversion(vectors[0], token="sksemb")
+    else:
+        pipe.load_textual_inversion(vectors[0], token="sksemb", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(vectors[1], token="sksemb", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    assert_within_2(ours, theirs(family, pipe, prompt=prompt))

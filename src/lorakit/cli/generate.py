@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     nets.add_argument("--lora", "--lora_weights", dest="loras", action="extend", nargs="+", default=[], metavar="PATH[;MULTIPLIER]")
     nets.add_argument("--network_merge", "--merge_lora_weights", dest="network_merge", action="store_true",
                       help="merge the networks into the weights (faster; --am then cannot change them)")
+    nets.add_argument("--textual_inversion_embeddings", nargs="*", default=[],
+                      help="embedding files (sd-scripts', A1111's or diffusers' layout); write the file name in the prompt")
     nets.add_argument("--network_show_meta", action="store_true", help="log each network file's metadata")
 
     image = p.add_argument_group("img2img, inpainting, highres fix")
@@ -98,7 +100,6 @@ NOT_AVAILABLE = {
     "network_pre_calc": "use --network_merge",
     "network_merge_n_models": "use --network_merge (every network) or none",
     "network_regional_mask_max_color_codes": "regional prompts are not implemented",
-    "textual_inversion_embeddings": "textual-inversion embeddings are not implemented yet",
     "control_net_models": "ControlNet is not implemented yet",
     "control_net_lllite_models": "ControlNet-LLLite is not implemented yet",
     "guide_image_path": "ControlNet is not implemented yet",
@@ -133,7 +134,8 @@ def main(argv: list[str]) -> int:
         batch_size=args.batch_size, seed=args.seed, iter_same_seed=args.iter_same_seed, width=args.width, height=args.height,
         steps=args.steps, scale=args.scale, guidance=args.guidance, negative_scale=args.negative_scale, sampler=args.sampler,
         clip_skip=args.clip_skip, max_embeddings_multiples=args.max_embeddings_multiples, networks=networks,
-        network_merge=args.network_merge, image_path=args.image_path, mask_path=args.mask_path, strength=args.strength,
+        network_merge=args.network_merge, embeddings=list(args.textual_inversion_embeddings or []),
+        image_path=args.image_path, mask_path=args.mask_path, strength=args.strength,
         highres_fix_scale=args.highres_fix_scale, highres_fix_steps=args.highres_fix_steps,
         highres_fix_strength=args.highres_fix_strength, highres_fix_save_1st=args.highres_fix_save_1st,
         highres_fix_latents_upscaling=args.highres_fix_latents_upscaling, sequential_file_name=args.sequential_file_name,

@@ -283,6 +283,11 @@ class ModelFamily:
         mask) over these very modules, with the same scheduler as `pipeline`."""
         raise NotImplementedError(f"the {self.title} family has no {task} pipeline")
 
+    def load_embedding(self, comps: Components, state: dict[str, torch.Tensor], token: str, source: str) -> None:
+        """Add a textual-inversion embedding's vectors (`state`, read from `source`) to the text encoders and
+        tokenizers under `token` (multi-vector embeddings as `token`, `token_1`, ... as diffusers does)."""
+        raise NotImplementedError(f"the {self.title} family takes no textual-inversion embeddings")
+
     def prompt_embedding_kwargs(self, pipe: Any, prompts: list[str], negatives: list[str], *,
                                 max_embeddings_multiples: int, clip_skip: int | None) -> dict[str, Any] | None:
         """The pipeline's prompt-embedding arguments for weighted and long prompts (sd-scripts' `(word:1.2)`

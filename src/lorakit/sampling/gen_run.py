@@ -60,6 +60,7 @@ class GenerateOptions:
     clip_skip: int | None = None
     max_embeddings_multiples: int | None = None
     networks: list[str] = field(default_factory=list)  # "path;multiplier"
+    embeddings: list[str] = field(default_factory=list)  # textual-inversion files; the token is the file's stem
     network_merge: bool = False
     image_path: str | None = None
     mask_path: str | None = None
@@ -98,8 +99,19 @@ def run_generate(options: GenerateOptions) -> list[Path]:
         for lora in plan.loras:
             log.info("merged %s x%g into %d layers", lora.spec.path, lora.spec.multiplier, merger.merge(lora))
     _place(comps, _PlaceAt(plan.device if not options.offload else torch.device("cpu"), plan.dtype, plan.denoiser_dtype))
+    _load_embeddings(plan.family, comps, options.embeddings)
     networks = [] if options.network_merge else [merger.attach(lora) for lora in plan.loras]
     return Generator(options, plan, comps, networks).run()
+
+
+def _load_embeddings(family: ModelFamily, comps: Any, files: list[str]) -> None:
+    """--textual_inversion_embeddings: each file's vectors under its file name, as gen_img.py names them."""
+    from lorakit.adapters.formats import load_lora_file
+
+    for file in files:
+        state, _ = load_lora_file(file)
+        family.load_embedding(comps, state, Path(file).stem, file)
+        log.info("textual inversion: %s as %r", file, Path(file).stem)
 
 
 @dataclass
@@ -141,6 +153,9 @@ def check(options: GenerateOptions) -> Plan:
         except ConfigError as exc:
             problems += exc.problems
     problems += [f"--network_weights {s.path}: file not found" for s in specs if not Path(s.path).is_file()]
+    problems += [f"--textual_inversion_embeddings {f}: file not found" for f in options.embeddings if not Path(f).is_file()]
+    if options.embeddings and type(family).load_embedding is ModelFamily.load_embedding:
+        problems.append(f"--textual_inversion_embeddings: {family.title} models take no textual-inversion embeddings")
     if problems:
         raise ConfigError(problems)
     loras = [read_lora_file(spec, "--network_weights") for spec in specs]

@@ -169,6 +169,12 @@ class StableDiffusionFamily(ModelFamily):
         classes = {"img2img": StableDiffusionImg2ImgPipeline, "inpaint": StableDiffusionInpaintPipeline}
         return classes[task](**self.pipeline(comps, sampler).components)
 
+    def load_embedding(self, comps: Components, state: dict[str, torch.Tensor], token: str, source: str) -> None:
+        from lorakit.families.common.prompt_weighting import add_embedding
+
+        # sd-scripts' (and A1111's safetensors) files hold `emb_params`, diffusers' one tensor under its token
+        add_embedding(self.pipeline(comps), state, token, source, ("emb_params",), single_tensor=True)
+
     def prompt_embedding_kwargs(self, pipe: Any, prompts: list[str], negatives: list[str], *,
                                 max_embeddings_multiples: int, clip_skip: int | None) -> dict[str, Any] | None:
         from lorakit.families.common.prompt_weighting import single_clip_embeddings

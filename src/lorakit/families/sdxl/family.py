@@ -205,6 +205,14 @@ class StableDiffusionXLFamily(ModelFamily):
         classes = {"img2img": StableDiffusionXLImg2ImgPipeline, "inpaint": StableDiffusionXLInpaintPipeline}
         return classes[task](**self.pipeline(comps, sampler).components)
 
+    def load_embedding(self, comps: Components, state: dict[str, torch.Tensor], token: str, source: str) -> None:
+        from lorakit.families.common.prompt_weighting import add_embedding
+
+        # sd-scripts' and A1111's SDXL files hold one tensor per encoder: `clip_l` and `clip_g`
+        pipe = self.pipeline(comps)
+        add_embedding(pipe, state, token, source, ("clip_l",), pipe.text_encoder, pipe.tokenizer)
+        add_embedding(pipe, state, token, source, ("clip_g",), pipe.text_encoder_2, pipe.tokenizer_2)
+
     def prompt_embedding_kwargs(self, pipe: Any, prompts: list[str], negatives: list[str], *,
                                 max_embeddings_multiples: int, clip_skip: int | None) -> dict[str, Any] | None:
         from lorakit.families.common.prompt_weighting import dual_clip_embeddings
