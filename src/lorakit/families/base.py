@@ -151,6 +151,12 @@ class ModelFamily:
     single_file_kinds: ClassVar[tuple[str, ...]] = ("safetensors", "ckpt")
     save_formats: ClassVar[tuple[str, ...]] = ("kohya",)  # LoRA layouts training can write (--save_format)
     uses_own_scheduler: ClassVar[bool] = False  # samples with its own flow scheduler whatever the sampler name
+    image_tasks: ClassVar[tuple[str, ...]] = ()  # pipelines besides text-to-image: "img2img", "inpaint"
+    # whole-model files (`lorakit model convert/merge`)
+    single_file_denoiser_only: ClassVar[bool] = False  # its single file holds the denoiser alone (parts elsewhere)
+    single_file_without_encoders: ClassVar[bool] = False  # a single file may leave the text encoders out
+    save_precisions: ClassVar[tuple[str, ...]] = ("float", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16")  # --save_precision of whole models
+    single_file_denoiser_prefixes: ClassVar[tuple[str, ...]] = ()  # key prefixes of the denoiser in its single file
     # which loaders read this family's LoRA files (`lorakit lora inspect`; peers.md §4 has the loaders' key tables)
     webui_kohya: ClassVar[str] = "yes"  # A1111/Forge on the kohya layout
     webui_diffusers: ClassVar[str] = "no"  # A1111/Forge on the diffusers/PEFT layout
@@ -300,6 +306,23 @@ class ModelFamily:
         own flow scheduler whatever the name set `uses_own_scheduler`."""
         raise NotImplementedError
 
+    def task_pipeline(self, comps: Components, task: str, sampler: str | None = None) -> Any:
+        """The diffusers pipeline for `task` (one of `image_tasks`: "img2img" from an init image, "inpaint" with a
+        mask) over these very modules, with the same scheduler as `pipeline`."""
+        raise NotImplementedError(f"the {self.title} family has no {task} pipeline")
+
+    def load_embedding(self, comps: Components, state: dict[str, torch.Tensor], token: str, source: str) -> None:
+        """Add a textual-inversion embedding's vectors (`state`, read from `source`) to the text encoders and
+        tokenizers under `token` (multi-vector embeddings as `token`, `token_1`, ... as diffusers does)."""
+        raise NotImplementedError(f"the {self.title} family takes no textual-inversion embeddings")
+
+    def prompt_embedding_kwargs(self, pipe: Any, prompts: list[str], negatives: list[str], *,
+                                max_embeddings_multiples: int, clip_skip: int | None) -> dict[str, Any] | None:
+        """The pipeline's prompt-embedding arguments for weighted and long prompts (sd-scripts' `(word:1.2)`
+        syntax, `--max_embeddings_multiples` chunks of 75 tokens), or None where the family encodes the plain text
+        itself (the weighting syntax is then removed from the prompt)."""
+        return None
+
     def inference_resolution(self, source: ModelSource) -> int:
         """`lorakit sample`'s default image side for this model."""
         return self.inference.resolution
@@ -333,8 +356,9 @@ class ModelFamily:
         return self.base_model(None).version
 
     # -- whole-model files for the tools ----------------------------------------------------------------------
-    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
-        """The model as one original-layout file (`kind` is one of `single_file_kinds`)."""
+    def save_single_file(self, comps: Components, path: Path, kind: str, dtype: torch.dtype | None = None) -> None:
+        """The model as one original-layout file (`kind` is one of `single_file_kinds`), its floating tensors
+        cast to `dtype` as they are written (None: as loaded); streamed, so saving adds little to the model."""
         raise NotImplementedError
 
     def save_folder(self, comps: Components, path: Path) -> None:

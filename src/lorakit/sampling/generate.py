@@ -9,7 +9,7 @@ from PIL import Image
 
 from lorakit.families.base import Components, ModelFamily
 from lorakit.sampling.prompts import SamplePrompt
-from lorakit.sampling.weighting import encode_weighted_prompts, plain_text
+from lorakit.families.common.prompt_weighting import encode_weighted_prompts, plain_text
 
 
 @torch.no_grad()

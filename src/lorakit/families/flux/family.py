@@ -96,6 +96,10 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     part_files = ("clip_l", "t5xxl", "ae")
     separate_parts = {"clip_l": SeparatePart(0, "lora_te1", "CLIP-L"), "t5xxl": SeparatePart(1, "lora_te3", "T5-XXL")}
     single_file_kinds = ("safetensors", "diffusers")  # "diffusers": the transformer alone under diffusers' names
+    single_file_denoiser_only = True  # flux1-dev.safetensors: the transformer; CLIP-L, T5 and the AE have their own
+    single_file_denoiser_prefixes = ("",)
+    # convert_diffusers_to_flux.py's precisions (library.utils.str_to_dtype)
+    save_precisions = ("float", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16", "fp8", "fp8_e4m3fn", "fp8_e5m2")
     uses_own_scheduler = True
     # T5 modules: ComfyUI maps them under its own name (what lorakit writes), not diffusers-style ones; diffusers
     # ignores T5 LoRA modules whatever their names
@@ -396,19 +400,24 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
     # ----------------------------------------------------------------------------------------- whole-model files
 
-    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
+    def save_single_file(self, comps: Components, path: Path, kind: str, dtype: torch.dtype | None = None) -> None:
         """The transformer alone, in BFL layout (`kind` "diffusers": under diffusers' names, as sd-scripts'
         flux_merge_lora.py --diffusers); its text encoders go to their own files (`save_part_file`)."""
         from lorakit.families.flux.model_files import save_transformer_file
 
-        save_transformer_file(comps.denoiser, path, layout="diffusers" if kind == "diffusers" else "bfl")
+        save_transformer_file(comps.denoiser, path, dtype, layout="diffusers" if kind == "diffusers" else "bfl")
 
     def save_folder(self, comps: Components, path: Path) -> None:
+        """The whole FluxPipeline folder; a model read from the transformer's file alone is written as diffusers'
+        transformer folder (config.json and its weights), which `FluxTransformer2DModel.from_pretrained` and
+        lorakit (as the model, with --clip_l, --t5xxl, --ae) read."""
         from lorakit.checkpoint_io import save_pipeline_atomic
 
         if any(part is None for part in (comps.vae, *comps.text_encoders)) or not comps.tokenizers:
-            raise ConfigError([f"--save_to {path}: a diffusers folder needs the whole pipeline; this FLUX model was read "
-                               "from single files, so save it as .safetensors"])
+            from lorakit.checkpoint_io import save_model_folder_atomic
+
+            save_model_folder_atomic(comps.denoiser, path)
+            return
         save_pipeline_atomic(self.pipeline(comps), path)
 
     def save_part_file(self, comps: Components, part: str, path: Path, dtype: torch.dtype | None) -> None:

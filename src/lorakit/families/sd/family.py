@@ -69,6 +69,8 @@ class StableDiffusionFamily(ModelFamily):
     inference = InferenceDefaults(steps=30, guidance_scale=7.5, resolution=512)
     # ComfyUI knows a diffusers-layout U-Net attention projection only by its old `processor.to_q` name
     comfy_drops = {r"^unet\..*\.attn\d\.to_(q|k|v|out\.0)$": "U-Net attention projections"}
+    image_tasks = ("img2img", "inpaint")
+    single_file_denoiser_prefixes = ("model.diffusion_model.",)
 
     def __init__(self) -> None:
         self.text_cache: CaptionCache | None = None
@@ -196,6 +198,24 @@ class StableDiffusionFamily(ModelFamily):
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
 
+    def task_pipeline(self, comps: Components, task: str, sampler: str | None = None) -> Any:
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+        classes = {"img2img": StableDiffusionImg2ImgPipeline, "inpaint": StableDiffusionInpaintPipeline}
+        return classes[task](**self.pipeline(comps, sampler).components)
+
+    def load_embedding(self, comps: Components, state: dict[str, torch.Tensor], token: str, source: str) -> None:
+        from lorakit.families.common.prompt_weighting import add_embedding
+
+        # sd-scripts' (and A1111's safetensors) files hold `emb_params`, diffusers' one tensor under its token
+        add_embedding(self.pipeline(comps), state, token, source, ("emb_params",), single_tensor=True)
+
+    def prompt_embedding_kwargs(self, pipe: Any, prompts: list[str], negatives: list[str], *,
+                                max_embeddings_multiples: int, clip_skip: int | None) -> dict[str, Any] | None:
+        from lorakit.families.common.prompt_weighting import single_clip_embeddings
+
+        return single_clip_embeddings(pipe, prompts, negatives, max_embeddings_multiples, clip_skip)
+
     def inference_resolution(self, source: ModelSource) -> int:
         # the SD 2.x v-prediction models were trained at 768 px
         return 768 if source.v_parameterization else self.inference.resolution
@@ -216,10 +236,10 @@ class StableDiffusionFamily(ModelFamily):
 
     # -- whole-model files -------------------------------------------------------------------------------
 
-    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
+    def save_single_file(self, comps: Components, path: Path, kind: str, dtype: torch.dtype | None = None) -> None:
         from lorakit.families.common.ldm_keys import save_sd_single_file
 
-        save_sd_single_file(comps, path, fmt=kind)
+        save_sd_single_file(comps, path, fmt=kind, dtype=dtype)
 
     def save_folder(self, comps: Components, path: Path) -> None:
         from lorakit.families.sd.model_files import save_sd_diffusers_folder

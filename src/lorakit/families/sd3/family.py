@@ -86,6 +86,8 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     inference = InferenceDefaults(steps=30, guidance_scale=5.0, resolution=1024)
     part_files = ("vae", "clip_l", "clip_g", "t5xxl")
     single_file_kinds = ("safetensors",)
+    single_file_without_encoders = True  # SAI's sd3_medium.safetensors holds the MMDiT and the VAE alone
+    single_file_denoiser_prefixes = ("model.diffusion_model.",)
     save_formats = ("kohya", "diffusers")
     uses_own_scheduler = True
     # T5 modules: ComfyUI maps them under its own name (what lorakit writes), not diffusers-style ones; diffusers
@@ -160,7 +162,7 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
         dtype = source.dtype or torch.float32
         if source.partial and not Path(source.path).is_dir():
-            comps = load_sai_parts(source.path, dtype)  # the tools merge into whatever parts the file holds
+            comps = load_sai_parts(source.path, dtype, source.files)  # the tools work on whatever parts are given
         else:
             files = source.files
             comps = load_sd3_components(source.path, clip_l=files.get("clip_l"), clip_g=files.get("clip_g"),
@@ -359,10 +361,10 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
     # ----------------------------------------------------------------------------------------- whole-model files
 
-    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
+    def save_single_file(self, comps: Components, path: Path, kind: str, dtype: torch.dtype | None = None) -> None:
         from lorakit.families.sd3.model_files import save_sai_single_file
 
-        save_sai_single_file(comps, path)
+        save_sai_single_file(comps, path, dtype)
 
     def save_folder(self, comps: Components, path: Path) -> None:
         from lorakit.checkpoint_io import save_pipeline_atomic

@@ -74,6 +74,8 @@ class StableDiffusionXLFamily(ModelFamily):
     inference = InferenceDefaults(steps=30, guidance_scale=7.5, resolution=1024)
     # ComfyUI knows a diffusers-layout U-Net attention projection only by its old `processor.to_q` name
     comfy_drops = {r"^unet\..*\.attn\d\.to_(q|k|v|out\.0)$": "U-Net attention projections"}
+    image_tasks = ("img2img", "inpaint")
+    single_file_denoiser_prefixes = ("model.diffusion_model.",)
 
     def __init__(self) -> None:
         self.vae_in_float32 = False
@@ -226,6 +228,26 @@ class StableDiffusionXLFamily(ModelFamily):
             unet=comps.denoiser, scheduler=build_sampler(sampler or "ddim", comps.extras.get("prediction_type", "epsilon")),
         )
 
+    def task_pipeline(self, comps: Components, task: str, sampler: str | None = None) -> Any:
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+        classes = {"img2img": StableDiffusionXLImg2ImgPipeline, "inpaint": StableDiffusionXLInpaintPipeline}
+        return classes[task](**self.pipeline(comps, sampler).components)
+
+    def load_embedding(self, comps: Components, state: dict[str, torch.Tensor], token: str, source: str) -> None:
+        from lorakit.families.common.prompt_weighting import add_embedding
+
+        # sd-scripts' and A1111's SDXL files hold one tensor per encoder: `clip_l` and `clip_g`
+        pipe = self.pipeline(comps)
+        add_embedding(pipe, state, token, source, ("clip_l",), pipe.text_encoder, pipe.tokenizer)
+        add_embedding(pipe, state, token, source, ("clip_g",), pipe.text_encoder_2, pipe.tokenizer_2)
+
+    def prompt_embedding_kwargs(self, pipe: Any, prompts: list[str], negatives: list[str], *,
+                                max_embeddings_multiples: int, clip_skip: int | None) -> dict[str, Any] | None:
+        from lorakit.families.common.prompt_weighting import dual_clip_embeddings
+
+        return dual_clip_embeddings(pipe, prompts, negatives, max_embeddings_multiples)
+
     # -- metadata ----------------------------------------------------------------------------------------
 
     def metadata(self, cfg: Any) -> dict[str, str]:
@@ -237,10 +259,10 @@ class StableDiffusionXLFamily(ModelFamily):
 
     # -- whole-model files -------------------------------------------------------------------------------
 
-    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
+    def save_single_file(self, comps: Components, path: Path, kind: str, dtype: torch.dtype | None = None) -> None:
         from lorakit.families.sdxl.sgm_keys import save_sdxl_single_file
 
-        save_sdxl_single_file(comps, path, fmt=kind)
+        save_sdxl_single_file(comps, path, fmt=kind, dtype=dtype)
 
     def save_folder(self, comps: Components, path: Path) -> None:
         from lorakit.families.sdxl.model_files import save_sdxl_diffusers_folder
