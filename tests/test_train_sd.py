@@ -132,13 +132,21 @@ def test_network_weights_are_the_starting_point(models, data_dir, tmp_path):
         assert (value - start[key]).abs().max() < 1e-4, key
 
 
-def test_dry_run_prints_plan_and_loads_nothing(data_dir, tmp_path, capsys):
-    missing_model = tmp_path / "not_there.safetensors"
-    args = train_args(missing_model, data_dir, tmp_path / "out", "--dry_run")
+def test_dry_run_prints_plan_and_loads_nothing(models, data_dir, tmp_path, capsys, monkeypatch):
+    from lorakit.families.registry import get_family
+
+    def must_not_load(*_args, **_kwargs):
+        raise AssertionError("--dry_run loaded the model")
+
+    monkeypatch.setattr(type(get_family("sd")), "load", must_not_load)
+    args = train_args(models["sd1"]["folder"], data_dir, tmp_path / "out", "--dry_run")
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "total steps       2" in printed and "64x64" in printed
     assert not (tmp_path / "out").exists()
+    # a dry run checks what a run would: a missing model is named (before, it planned on regardless)
+    assert main(train_args(tmp_path / "not_there.safetensors", data_dir, tmp_path / "out", "--dry_run")) == 2
+    assert "not_there.safetensors: no such model file or diffusers folder" in capsys.readouterr().err
 
 
 def test_tensorboard_logging(models, data_dir, tmp_path):

@@ -160,7 +160,7 @@ class ChromaFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             text_encoders=self.text_cache is None or self.text_cache.needs_encoders,
         ))
         # the tiny test tokenizer stops at 32
-        default_length = min(T5_MAX_LENGTH, *(t.model_max_length for t in comps.tokenizers[:1]))
+        default_length = min([T5_MAX_LENGTH, *(t.model_max_length for t in comps.tokenizers[:1])])
         comps.extras.update({
             "t5_max_length": cfg.t5xxl_max_token_length or default_length,
             "model_prediction_type": cfg.model_prediction_type,

@@ -157,7 +157,7 @@ class Flux2Family(BlockSwapFamily, ModelFamily):
                                f"{self.size.upper()}"])
         comps.extras.update({
             # the tiny test tokenizer stops at 64
-            "max_length": min(MAX_LENGTH, *(t.model_max_length for t in comps.tokenizers[:1])),
+            "max_length": min([MAX_LENGTH, *(t.model_max_length for t in comps.tokenizers[:1])]),
             "model_prediction_type": cfg.model_prediction_type,
             "cpu_offload_checkpointing": bool(cfg.cpu_offload_checkpointing),
         })
