@@ -15,6 +15,8 @@ USAGE = """usage: lorakit <command> [options]   (lorakit --version prints the ve
 
 commands:
   train     train a LoRA (sd-scripts option names: lorakit train --help)
+  textual-inversion   train a token embedding (train_textual_inversion.py's options: --token_string, --init_word, ...)
+  controlnet          train a ControlNet (SD 1.x/2.x, FLUX.1) or a ControlNet-LLLite (SDXL) on image/conditioning pairs
   cache     encode the dataset's latents to sd-scripts' .npz cache files, without training (train options)
   demo      train a LoRA on the built-in toy model and dataset on the CPU, with before/after samples
   lora      LoRA file tools: resize, merge, extract, convert, inspect, dylora, sample (lorakit lora --help)
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorakit {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "cache": _cache, "demo": _demo, "lora": _lora, "sample": _sample, "bench": _bench,
+    commands = {"train": _train, "textual-inversion": _textual_inversion, "controlnet": _controlnet, "cache": _cache, "demo": _demo, "lora": _lora, "sample": _sample, "bench": _bench,
                 "tag": _tag, "caption": _caption, "dataset": _dataset}
     if command not in commands:
         print(f"lorakit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
@@ -85,7 +87,7 @@ def apply_console_options(cfg) -> None:
         root.addHandler(handler)
 
 
-def _train(argv: list[str]) -> int:
+def _train(argv: list[str], kind_name: str = "NETWORK") -> int:
     from lorakit.config import build_train_parser, parse_train_args
 
     if any(arg in ("-h", "--help") for arg in argv):
@@ -100,10 +102,35 @@ def _train(argv: list[str]) -> int:
         return 0
     from lorakit.training.run import train  # heavy imports only once the options are known to be good
 
-    result = train(cfg)
+    result = train(cfg, _training_type(kind_name))
     if result.saved_files:
         print(f"saved {result.saved_files[-1]}")
     return 0
+
+
+def _training_type(name: str):
+    """The training type a command trains (imported only once its options are known to be good)."""
+    if name == "TEXTUAL_INVERSION":
+        from lorakit.training.textual_inversion import TEXTUAL_INVERSION
+
+        return TEXTUAL_INVERSION
+    if name == "CONTROLNET":
+        from lorakit.training.controlnet import CONTROLNET
+
+        return CONTROLNET
+    from lorakit.training.network_trainable import NETWORK
+
+    return NETWORK
+
+
+def _textual_inversion(argv: list[str]) -> int:
+    """`lorakit textual-inversion`: sd-scripts' train_textual_inversion.py / sdxl_train_textual_inversion.py."""
+    return _train(argv, "TEXTUAL_INVERSION")
+
+
+def _controlnet(argv: list[str]) -> int:
+    """`lorakit controlnet`: train_control_net.py, sdxl_train_control_net_lllite.py, flux_train_control_net.py."""
+    return _train(argv, "CONTROLNET")
 
 
 def _demo(argv: list[str]) -> int:

@@ -148,6 +148,9 @@ class ModelFamily:
     single_file_kinds: ClassVar[tuple[str, ...]] = ("safetensors", "ckpt")
     save_formats: ClassVar[tuple[str, ...]] = ("kohya",)  # LoRA layouts training can write (--save_format)
     uses_own_scheduler: ClassVar[bool] = False  # samples with its own flow scheduler whatever the sampler name
+    #: textual inversion: the embedding file's key for each text encoder, in `Components.text_encoders` order
+    #: (sd-scripts' names); empty: the family has no textual inversion
+    textual_inversion_keys: ClassVar[tuple[str, ...]] = ()
     # which loaders read this family's LoRA files (`lorakit lora inspect`; peers.md §4 has the loaders' key tables)
     webui_kohya: ClassVar[str] = "yes"  # A1111/Forge on the kohya layout
     webui_diffusers: ClassVar[str] = "no"  # A1111/Forge on the diffusers/PEFT layout

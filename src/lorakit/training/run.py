@@ -25,30 +25,34 @@ from lorakit.training import distributed
 from lorakit.training import metadata as md
 from lorakit.training.destination import destination_problems
 from lorakit.training.locks import hold_output
+from lorakit.training.network_trainable import NETWORK
 from lorakit.training.loop import Trainer
 from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
 from lorakit.training.session import Session, TrainResult
 from lorakit.training.setup import setup_session
 from lorakit.training.trackers import logging_dir, tracker_config, tracker_init_kwargs, tracker_names, wandb_login
+from lorakit.training.trainable import TrainingType
 
 log = logging.getLogger("lorakit")
 
 
-def train(cfg: Any) -> TrainResult:
-    """Run (or with --dry_run only plan) one LoRA training described by `cfg`."""
+def train(cfg: Any, kind: TrainingType = NETWORK) -> TrainResult:
+    """Run (or with --dry_run only plan) one training of the given type (LoRA by default) described by `cfg`."""
     family = resolve_family(cfg)
     checks = check_family_options(cfg, family)
+    checks.problems += kind.option_problems(cfg, family)
     if cfg.family == "auto":  # a given --family's warnings came with the other option warnings
         for warning in checks.warnings:
             log.warning(warning)
     seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1)
     try:
-        dataset = build_train_dataset(cfg, seed)  # data problems surface before any model loads
+        dataset = build_train_dataset(cfg, seed, kind.conditioning)  # data problems surface before any model loads
     except (ConfigError, DataError) as error:
         if not checks.problems:
             raise
         found = error.problems if isinstance(error, ConfigError) else [str(error)]
         raise ConfigError(checks.problems + found) from None
+    kind.prepare_dataset(cfg, dataset)
     if caches_text(cfg) and dataset.captions_vary():
         checks.problems.append("--cache_text_encoder_outputs: a dataset subset changes its captions per step (shuffle, "
                                "dropout, tag dropout, token warm-up or wildcards); remove one or the other")
@@ -62,16 +66,17 @@ def train(cfg: Any) -> TrainResult:
     if cfg.dry_run:
         return TrainResult(plan)
     with hold_output(cfg, distributed.rank_from_env() == 0):  # a second run on this output name stops here
-        return _train_with_models(cfg, family, checks.spec, dataset, plan, seed)
+        return _train_with_models(cfg, family, checks.spec, dataset, plan, seed, kind)
 
 
-def _train_with_models(cfg: Any, family: Any, spec: Any, dataset: Any, plan: TrainingPlan, seed: int) -> TrainResult:
+def _train_with_models(cfg: Any, family: Any, spec: Any, dataset: Any, plan: TrainingPlan, seed: int,
+                       kind: TrainingType) -> TrainResult:
     accelerator = make_accelerator(cfg)
     # only the main process writes files, so only it reads the whole base model for their metadata
     hashes = md.BaseModelHashes(cfg if accelerator.is_main_process else None)
     distributed.shard_dataset(dataset, accelerator)
     set_seed(seed)
-    session = setup_session(cfg, family, accelerator, spec)
+    session = setup_session(cfg, family, accelerator, spec, kind)
     session.base_hashes = hashes
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         disk = {"to_disk": True, "latent_format": family.latent_format, "vae_id": vae_identity(cfg),

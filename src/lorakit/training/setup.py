@@ -11,15 +11,17 @@ from accelerate import Accelerator
 from lorakit.adapters.spec import TargetSpec, target_spec_from_config
 from lorakit.families.base import ModelFamily
 from lorakit.precision import WEIGHT_DTYPES
-from lorakit.training.network_trainable import NetworkTrainable
+from lorakit.training.network_trainable import NETWORK
 from lorakit.training.session import Session
+from lorakit.training.trainable import TrainingType
 
 log = logging.getLogger("lorakit")
 
 
-def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec: TargetSpec | None = None) -> Session:
-    """Load the model, place it, and attach the adapter network the spec describes (built from `cfg` when None)
-    as the run's `Trainable`."""
+def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec: TargetSpec | None = None,
+                  kind: TrainingType = NETWORK) -> Session:
+    """Load the model, place it, and attach what the training type trains (for LoRA training: the adapter network
+    the spec describes, built from `cfg` when None) as the run's `Trainable`."""
     spec = spec or target_spec_from_config(cfg, family)
     comps = family.load(cfg, spec)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
@@ -34,13 +36,10 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
         _move(module, torch.device("cpu") if swap_blocks and module is comps.denoiser else device, dtype)
     if swap_blocks:
         family.prepare_block_swap(comps, cfg, device)
-    trained_encoders = family.text_encoders_to_train(comps, spec)
+    trainable = kind.build(cfg, spec, family, comps, device)
     if cfg.gradient_checkpointing:
-        family.enable_gradient_checkpointing(comps, bool(trained_encoders))
-    trainable = NetworkTrainable.attach(spec, family, comps, device, cfg.save_format)
+        family.enable_gradient_checkpointing(comps, trainable.trains_text_encoders)
     _full_precision(cfg, trainable.module, accelerator)
-    for encoder in trained_encoders:
-        encoder.train()  # LoRA dropout acts only in train mode; the frozen weights have no dropout of their own
     comps.denoiser.train()
     return Session(cfg, family, comps, trainable, family.objective(cfg, comps), accelerator, weight_dtype,
                    trainable.trains_text_encoders)

@@ -53,6 +53,8 @@ class StableDiffusionFamily(ModelFamily):
     inference = InferenceDefaults(steps=30, guidance_scale=7.5, resolution=512)
     comfy_diffusers = "text encoder only (U-Net PEFT keys are not mapped)"
 
+    textual_inversion_keys = ("emb_params",)
+
     def __init__(self) -> None:
         self.text_cache: CaptionCache | None = None
 

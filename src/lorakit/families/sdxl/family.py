@@ -59,6 +59,8 @@ class StableDiffusionXLFamily(ModelFamily):
     inference = InferenceDefaults(steps=30, guidance_scale=7.5, resolution=1024)
     comfy_diffusers = "text encoder only (U-Net PEFT keys are not mapped)"
 
+    textual_inversion_keys = ("clip_l", "clip_g")
+
     def __init__(self) -> None:
         self.vae_in_float32 = False
         self.text_cache: CaptionCache | None = None
