@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -123,6 +123,35 @@ class InferenceDefaults:
     steps: int = 30
     guidance_scale: float = 7.5
     resolution: int = 512
+
+
+class FamilyControlNet(Protocol):
+    """How a ControlNet (or a ControlNet-LLLite) attaches to a family's denoiser (`families/<name>/controlnet.py`).
+
+    `build` attaches it so that the family's `predict` adds what it computes from `batch.conditioning_images`;
+    its files are the layouts the family's ControlNet readers load."""
+
+    title: str  # for messages: "ControlNet", "ControlNet-LLLite"
+    modelspec_kind: str  # the ModelSpec architecture suffix of its files
+
+    def option_problems(self, cfg: Any) -> list[str]:
+        """Its own option checks, before anything loads."""
+
+    def build(self, cfg: Any, comps: Components, device: torch.device) -> nn.Module:
+        """A new ControlNet (from the denoiser, or from --controlnet_model_name_or_path) attached to `comps`."""
+
+    def save(self, module: nn.Module, path: Path, metadata: dict[str, str], save_dtype: torch.dtype | None,
+             model_format: str) -> None:
+        """Its single file (atomically)."""
+
+    def save_folder(self, module: nn.Module, folder: Path) -> bool:
+        """Its diffusers folder, where diffusers reads one (False: this kind has no diffusers layout)."""
+
+    def pipeline(self, comps: Components, module: nn.Module, sampler: str) -> Any:
+        """A pipeline over the model and this ControlNet; it takes the control image `sample_inputs` names."""
+
+    def sample_inputs(self, image: Any) -> dict[str, Any]:
+        """The pipeline inputs for a control image (a PIL image)."""
 
 
 class ModelFamily:
@@ -267,6 +296,10 @@ class ModelFamily:
                         ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors and metadata of a LoRA file in `save_format` (one of `save_formats`)."""
         return state, metadata
+
+    def controlnet(self, cfg: Any) -> FamilyControlNet | None:
+        """The ControlNet `lorakit controlnet` trains on this family (None: the family has none)."""
+        return None
 
     # -- sampling ---------------------------------------------------------------------------------------------
     def pipeline(self, comps: Components, sampler: str | None = None) -> Any:
