@@ -143,3 +143,43 @@ def test_exact_resume(sd_model, tmp_path):
                         f"--resume={first / 'cn-step00000002-state'}")) == 0
     a, b = read(full / "cn.safetensors")[0], read(resumed / "cn.safetensors")[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----- SDXL: ControlNet-LLLite -----
+
+@pytest.fixture(scope="module")
+def sdxl_model(tmp_path_factory) -> Path:
+    from lorakit.families.sdxl.tiny import build_tiny_sdxl, save_sdxl_diffusers_folder
+
+    folder = tmp_path_factory.mktemp("cn_sdxl") / "sdxl"
+    save_sdxl_diffusers_folder(build_tiny_sdxl(seed=0), folder)
+    return folder
+
+
+def test_sdxl_lllite_file_layout_round_trip_and_samples(sdxl_model, tmp_path):
+    from lorakit.families.sdxl.controlnet import KEY_PATTERN, ControlNetLLLite
+
+    images, conditioning = pairs(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a square --cn {conditioning / 'p0.png'} --d 1 --w 64 --h 64 --s 2\n")
+    out = tmp_path / "out"
+    assert main(cn_args(sdxl_model, images, conditioning, out, "--lllite", "--cond_emb_dim=8", "--network_dim=8",
+                        f"--sample_prompts={prompts}", "--sample_every_n_steps=2")) == 0
+    assert len(list((out / "sample").glob("cn_000002_00_*.png"))) == 1
+    assert not (out / "cn_diffusers").exists()  # LLLite has no diffusers layout
+    state, meta = read(out / "cn.safetensors")
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/control-net-lllite"
+    assert state and all(KEY_PATTERN.match(key) for key in state), [k for k in state if not KEY_PATTERN.match(k)]
+    name = "lllite_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"  # the tiny model's second level
+    assert state[f"{name}.conditioning1.0.weight"].shape == (4, 3, 4, 4)  # cond_emb_dim / 2 channels, 4x4 stride 4
+    assert state[f"{name}.conditioning1.2.weight"].shape == (8, 4, 4, 4)  # depth 2: stride 4 more, to 1/16
+    assert state[f"{name}.down.0.weight"].shape[0] == 8 and state[f"{name}.mid.0.weight"].shape == (8, 16)
+    assert not any(state[k].abs().sum() == 0 for k in state if k.endswith("up.0.weight"))  # trained from zero
+    unet = get_family("sdxl").load_model(ModelSource(str(sdxl_model))).denoiser
+    again = ControlNetLLLite(unet, 8, 8)
+    again.load_file_state(state, "file")
+    back = again.state_dict_file()
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    sdxl_layers = {k.split(".")[0] for k in state}
+    assert {n.rsplit("_", 2)[0] for n in sdxl_layers} >= {"lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1",
+                                                           "lllite_unet_middle_block_1_transformer_blocks_0_attn2"}
