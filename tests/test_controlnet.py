@@ -183,3 +183,46 @@ def test_sdxl_lllite_file_layout_round_trip_and_samples(sdxl_model, tmp_path):
     sdxl_layers = {k.split(".")[0] for k in state}
     assert {n.rsplit("_", 2)[0] for n in sdxl_layers} >= {"lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1",
                                                            "lllite_unet_middle_block_1_transformer_blocks_0_attn2"}
+
+
+# ----- FLUX.1 ControlNet -----
+
+def test_flux_controlnet_files_and_diffusers(tmp_path):
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    from lorakit.families.flux.tiny import build_tiny_flux, save_pipeline_folder
+
+    model = save_pipeline_folder(build_tiny_flux(0), tmp_path / "flux")
+    images, conditioning = pairs(tmp_path)
+    out = tmp_path / "out"
+    assert main(cn_args(model, images, conditioning, out, "--controlnet_double_blocks=1",
+                        "--controlnet_single_blocks=1", "--guidance_scale=1.0")) == 0
+    state, meta = read(out / "cn.safetensors")
+    for key in ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "img_in.weight",
+                "controlnet_blocks.0.weight", "controlnet_blocks_for_single.0.weight", "pos_embed_input.weight",
+                "input_hint_block.0.weight", "input_hint_block.14.weight"):
+        assert key in state, key
+    assert meta["modelspec.architecture"] == "flux-1-dev/controlnet"
+    assert state["controlnet_blocks.0.weight"].abs().sum() > 0  # trained from zero
+    from_folder = FluxControlNetModel.from_pretrained(out / "cn_diffusers", local_files_only=True)
+    assert from_folder.input_hint_block is not None and len(from_folder.single_transformer_blocks) == 1
+
+    family = get_family("flux")
+    comps = family.load_model(ModelSource(str(model)))
+    cfg = SimpleNamespace(controlnet_model_name_or_path=str(out / "cn.safetensors"), output_name="x", lllite=False,
+                          controlnet_double_blocks=1, controlnet_single_blocks=1)
+    trainable = CONTROLNET.build(cfg, None, family, comps, torch.device("cpu"))
+    for key, value in from_folder.state_dict().items():  # the single file reads back into diffusers' names
+        assert torch.equal(value, trainable.module.state_dict()[key]), key
+    pipe = trainable.sample_pipeline(family, comps, "euler")
+    pipe.set_progress_bar_config(disable=True)
+    prompt = SamplePrompt(0, "a square", width=64, height=64, seed=4, sample_steps=3, scale=3.5,
+                          extras={"controlnet_image": str(conditioning / "p1.png")})
+    spelled, inputs = trainable.sample_inputs(prompt)
+    ours = generate_sample(pipe, spelled, inputs=inputs, output_type="np")
+    theirs_pipe = load_local_pipeline(FluxControlNetPipeline, model, controlnet=from_folder)
+    theirs_pipe.scheduler = pipe.scheduler  # the flow scheduler lorakit samples FLUX with
+    theirs = theirs_pipe("a square", control_image=Image.open(conditioning / "p1.png"), num_inference_steps=3,
+                         guidance_scale=3.5, width=64, height=64, generator=torch.Generator().manual_seed(4),
+                         output_type="np").images[0]
+    assert abs(ours - theirs).max() < 1e-4

@@ -94,8 +94,10 @@ def fused_split_sizes(parts: int, total: int, width: int) -> list[int]:
     return [width] * (parts - 1) + [total - width * (parts - 1)]
 
 
-def bfl_to_diffusers(state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """A BFL-layout FLUX transformer state dict (prefixed or not) in diffusers' FluxTransformer2DModel names."""
+def bfl_to_diffusers(state: dict[str, torch.Tensor], source: str = "checkpoint", final_layer: bool = True
+                     ) -> dict[str, torch.Tensor]:
+    """A BFL-layout FLUX transformer state dict (prefixed or not) in diffusers' FluxTransformer2DModel names
+    (without `final_layer`: the blocks and embedders of a ControlNet, which has none)."""
     state = strip_prefix(state)
     if "img_in.weight" not in state:
         raise CheckpointError(f"{source}: not a FLUX transformer in BFL layout (no img_in.weight)")
@@ -105,7 +107,7 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor], source: str = "checkpoint")
         for leaf in ("weight", "bias"):
             if f"{bfl}.{leaf}" in state:
                 out[f"{diff}.{leaf}"] = state[f"{bfl}.{leaf}"]
-    for leaf in ("weight", "bias"):
+    for leaf in ("weight", "bias") if final_layer else ():  # a ControlNet has no final layer
         out[f"{FINAL_MODULATION[1]}.{leaf}"] = _swap_halves(state[f"{FINAL_MODULATION[0]}.{leaf}"])
     for (bfl_prefix, diff_prefix), layers, norms, fused in (
         (DOUBLE_PREFIX, DOUBLE_LAYERS, DOUBLE_NORMS, DOUBLE_FUSED),
