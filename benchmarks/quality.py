@@ -3,7 +3,7 @@
     python benchmarks/quality.py --steps 150 -- --network_dim=4 --network_alpha=4
     python benchmarks/quality.py --steps 150 -- --network_args conv_dim=8 conv_alpha=8
     python benchmarks/quality.py --task textual-inversion --steps 200
-    python benchmarks/quality.py --task controlnet --steps 600 --images 100 -- --learning_rate=5e-3
+    python benchmarks/quality.py --task controlnet --steps 600 --images 100
 
 `--task lora` (the default) trains on the demo's concept dataset (extra `lorakit train` options after `--` override
 the demo's), then reports the concept score of samples (fraction of images showing the concept, 0..1) and the

@@ -94,7 +94,7 @@ def control_arguments(model: Path, pictures: Path, masks: Path, output_dir: Path
     return [
         f"--pretrained_model_name_or_path={model}", f"--train_data_dir={pictures}",
         f"--conditioning_data_dir={masks}", "--caption_extension=.caption", "--resolution=64", "--train_batch_size=8",
-        f"--output_dir={output_dir}", "--output_name=toy_controlnet", "--learning_rate=3e-4", "--optimizer_type=AdamW",
+        f"--output_dir={output_dir}", "--output_name=toy_controlnet", "--learning_rate=5e-4", "--optimizer_type=AdamW",
         f"--max_train_steps={steps}", "--cache_latents", "--seed=42", "--max_data_loader_n_workers=0",
     ]
 
