@@ -32,7 +32,7 @@ EXTRA_KEYS = (
     "preprocessor",
     "is_negative_embedding",
 )
-_ADAPTER_SUFFIXES = ("/lora", "/textual-inversion")
+_ADAPTER_SUFFIXES = ("/lora", "/textual-inversion", "/controlnet", "/control-net-lllite")
 
 
 def thumbnail_data_url(value: str) -> str:

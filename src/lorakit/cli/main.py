@@ -15,6 +15,8 @@ USAGE = """usage: lorakit <command> [options]   (lorakit --version prints the ve
 
 commands:
   train     train a LoRA (sd-scripts option names: lorakit train --help)
+  textual-inversion   train a token embedding (train_textual_inversion.py's options: --token_string, --init_word, ...)
+  controlnet          train a ControlNet (SD 1.x/2.x, FLUX.1) or a ControlNet-LLLite (SDXL) on image/conditioning pairs
   cache     encode the dataset's latents (and, with --cache_text_encoder_outputs_to_disk, its captions) to
             sd-scripts' .npz cache files, without training (train options)
   demo      train a LoRA on the built-in toy model and dataset on the CPU, with before/after samples
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorakit {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "cache": _cache, "demo": _demo, "lora": _lora, "sample": _sample, "generate": _generate, "model": _model, "bench": _bench,
+    commands = {"train": _train, "textual-inversion": _textual_inversion, "controlnet": _controlnet, "cache": _cache,
+                "demo": _demo, "lora": _lora, "sample": _sample, "generate": _generate, "model": _model, "bench": _bench,
                 "tag": _tag, "caption": _caption, "dataset": _dataset}
     if command not in commands:
         print(f"lorakit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
@@ -91,7 +94,7 @@ def apply_console_options(cfg) -> None:
         root.addHandler(handler)
 
 
-def _train(argv: list[str]) -> int:
+def _train(argv: list[str], kind_name: str = "NETWORK") -> int:
     from lorakit.config import build_train_parser, read_train_args
     from lorakit.errors import ConfigError
 
@@ -110,10 +113,36 @@ def _train(argv: list[str]) -> int:
         return 0
     from lorakit.training.run import train
 
-    result = train(cfg, parsed.problems)  # the options' problems are reported with the files' and the data's
+    # the options' problems are reported with the files' and the data's
+    result = train(cfg, _training_type(kind_name), parsed.problems)
     if result.saved_files:
         print(f"saved {result.saved_files[-1]}")
     return 0
+
+
+def _training_type(name: str):
+    """The training type a command trains (imported only once its options are known to be good)."""
+    if name == "TEXTUAL_INVERSION":
+        from lorakit.training.textual_inversion import TEXTUAL_INVERSION
+
+        return TEXTUAL_INVERSION
+    if name == "CONTROLNET":
+        from lorakit.training.controlnet import CONTROLNET
+
+        return CONTROLNET
+    from lorakit.training.network_trainable import NETWORK
+
+    return NETWORK
+
+
+def _textual_inversion(argv: list[str]) -> int:
+    """`lorakit textual-inversion`: sd-scripts' train_textual_inversion.py / sdxl_train_textual_inversion.py."""
+    return _train(argv, "TEXTUAL_INVERSION")
+
+
+def _controlnet(argv: list[str]) -> int:
+    """`lorakit controlnet`: train_control_net.py, sdxl_train_control_net_lllite.py, flux_train_control_net.py."""
+    return _train(argv, "CONTROLNET")
 
 
 def _demo(argv: list[str]) -> int:

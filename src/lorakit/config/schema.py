@@ -15,6 +15,7 @@ from pydantic import ValidationInfo, model_validator
 
 from lorakit.config.rules import cross_field_problems
 from lorakit.config.schema_data import DatasetOptions, LoggingOptions, ModelOptions, OptionSection
+from lorakit.config.schema_kinds import ControlNetOptions, TextualInversionOptions
 from lorakit.config.schema_loss import MemoryOptions, NoiseLossOptions, TextEncoderOptions
 from lorakit.config.schema_output import LorakitOptions, MetadataOptions, SamplingOptions, SavingOptions
 from lorakit.config.schema_train import (
@@ -44,6 +45,8 @@ class TrainConfig(
     DeepSpeedOptions,
     LoggingOptions,
     LorakitOptions,
+    TextualInversionOptions,
+    ControlNetOptions,
     *family_option_sections(),
 ):
     """All options of `lorakit train` (see the section classes for the fields and their help); the model

@@ -69,8 +69,6 @@ _HINTS: dict[str, str] = {
         ),
         _REMOVE,
     ),
-    # model
-    "controlnet_model_name_or_path": _REMOVE,
 }  # fmt: skip
 
 #: Options that select something lorakit does differently; training continues with this warning.
@@ -204,6 +202,10 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "full_bf16",
         # images decoded at start-up (data/verify.py)
         "skip_bad_images",
+        # textual inversion and ControlNet (training/textual_inversion.py, training/controlnet.py)
+        "token_string", "init_word", "num_vectors_per_token", "use_object_template", "use_style_template", "weights",
+        "lllite", "cond_emb_dim",
+        "controlnet_model_name_or_path",
     }
 )  # fmt: skip
 

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -128,6 +128,35 @@ class InferenceDefaults:
     resolution: int = 512
 
 
+class FamilyControlNet(Protocol):
+    """How a ControlNet (or a ControlNet-LLLite) attaches to a family's denoiser (`families/<name>/controlnet.py`).
+
+    `build` attaches it so that the family's `predict` adds what it computes from `batch.conditioning_images`;
+    its files are the layouts the family's ControlNet readers load."""
+
+    title: str  # for messages: "ControlNet", "ControlNet-LLLite"
+    modelspec_kind: str  # the ModelSpec architecture suffix of its files
+
+    def option_problems(self, cfg: Any) -> list[str]:
+        """Its own option checks, before anything loads."""
+
+    def build(self, cfg: Any, comps: Components, device: torch.device) -> nn.Module:
+        """A new ControlNet (from the denoiser, or from --controlnet_model_name_or_path) attached to `comps`."""
+
+    def save(self, module: nn.Module, path: Path, metadata: dict[str, str], save_dtype: torch.dtype | None,
+             model_format: str) -> None:
+        """Its single file (atomically)."""
+
+    def save_folder(self, module: nn.Module, folder: Path) -> bool:
+        """Its diffusers folder, where diffusers reads one (False: this kind has no diffusers layout)."""
+
+    def pipeline(self, comps: Components, module: nn.Module, sampler: str) -> Any:
+        """A pipeline over the model and this ControlNet; it takes the control image `sample_inputs` names."""
+
+    def sample_inputs(self, image: Any) -> dict[str, Any]:
+        """The pipeline inputs for a control image (a PIL image)."""
+
+
 class ModelFamily:
     """What a model family provides. Subclasses set the class attributes and implement the methods."""
 
@@ -157,6 +186,9 @@ class ModelFamily:
     single_file_without_encoders: ClassVar[bool] = False  # a single file may leave the text encoders out
     save_precisions: ClassVar[tuple[str, ...]] = ("float", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16")  # --save_precision of whole models
     single_file_denoiser_prefixes: ClassVar[tuple[str, ...]] = ()  # key prefixes of the denoiser in its single file
+    #: textual inversion: the embedding file's key for each text encoder, in `Components.text_encoders` order
+    #: (sd-scripts' names); empty: the family has no textual inversion
+    textual_inversion_keys: ClassVar[tuple[str, ...]] = ()
     # which loaders read this family's LoRA files (`lorakit lora inspect`; peers.md §4 has the loaders' key tables)
     webui_kohya: ClassVar[str] = "yes"  # A1111/Forge on the kohya layout
     webui_diffusers: ClassVar[str] = "no"  # A1111/Forge on the diffusers/PEFT layout
@@ -298,6 +330,10 @@ class ModelFamily:
                         ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors and metadata of a LoRA file in `save_format` (one of `save_formats`)."""
         return state, metadata
+
+    def controlnet(self, cfg: Any) -> FamilyControlNet | None:
+        """The ControlNet `lorakit controlnet` trains on this family (None: the family has none)."""
+        return None
 
     # -- sampling ---------------------------------------------------------------------------------------------
     def pipeline(self, comps: Components, sampler: str | None = None) -> Any:

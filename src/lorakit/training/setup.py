@@ -13,16 +13,18 @@ from lorakit.data.text_cache import CaptionCache
 from lorakit.families.base import ModelFamily
 from lorakit.precision import WEIGHT_DTYPES
 from lorakit.training import distributed
-from lorakit.training.network_trainable import NetworkTrainable
+from lorakit.training.network_trainable import NETWORK
 from lorakit.training.session import Session
+from lorakit.training.trainable import TrainingType
 
 log = logging.getLogger("lorakit")
 
 
 def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec: TargetSpec | None = None,
-                  text_cache: CaptionCache | None = None) -> Session:
-    """Load the model, place it, write the text-encoder cache files still missing, and attach the adapter network
-    the spec describes (built from `cfg` when None) as the run's `Trainable`."""
+                  kind: TrainingType = NETWORK, text_cache: CaptionCache | None = None) -> Session:
+    """Load the model, place it, write the text-encoder cache files still missing, and attach what the training
+    type trains (for LoRA training: the adapter network the spec describes, built from `cfg` when None) as the
+    run's `Trainable`."""
     spec = spec or target_spec_from_config(cfg, family)
     comps = family.load(cfg, spec, text_cache)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
@@ -43,13 +45,10 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
         with accelerator.autocast():  # as the step would encode (fp8 weights compute in the autocast dtype)
             distributed.cache_text_outputs(text_cache, accelerator, lambda captions: family.text_encoder_outputs(
                 comps, captions, cfg.clip_skip), cfg.text_encoder_batch_size or cfg.train_batch_size)
-    trained_encoders = family.text_encoders_to_train(comps, spec)
+    trainable = kind.build(cfg, spec, family, comps, device)
     if cfg.gradient_checkpointing:
-        family.enable_gradient_checkpointing(comps, bool(trained_encoders))
-    trainable = NetworkTrainable.attach(spec, family, comps, device, cfg.save_format)
+        family.enable_gradient_checkpointing(comps, trainable.trains_text_encoders)
     _full_precision(cfg, trainable.module, accelerator)
-    for encoder in trained_encoders:
-        encoder.train()  # LoRA dropout acts only in train mode; the frozen weights have no dropout of their own
     comps.denoiser.train()
     return Session(cfg, family, comps, trainable, family.objective(cfg, comps), accelerator, weight_dtype,
                    trainable.trains_text_encoders)

@@ -21,10 +21,15 @@ hold its tensors in a training state, switch modes around sampling — so the lo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lorakit.data.conditioning import ConditioningUse
+    from lorakit.families.base import Components, ModelFamily
+    from lorakit.sampling.prompts import SamplePrompt
 
 
 class Trainable(Protocol):
@@ -54,3 +59,30 @@ class Trainable(Protocol):
 
     def save(self, path: Path, metadata: dict[str, str], save_dtype: torch.dtype | None, model_format: str) -> None:
         """Write its file (atomically) in its own format, with `metadata`."""
+
+    def sample_pipeline(self, family: "ModelFamily", comps: "Components", sampler: str) -> Any:
+        """The pipeline sample images come from (the family's, or one that also runs what is trained beside the
+        model, such as a ControlNet)."""
+
+    def sample_inputs(self, prompt: "SamplePrompt") -> tuple["SamplePrompt", dict[str, Any]]:
+        """A sample prompt as this kind of training samples it (new tokens spelled out) and the pipeline's extra
+        inputs for it (a control image)."""
+
+
+class TrainingType(Protocol):
+    """A kind of training as a command selects it, before anything loads: its checks, what its dataset needs,
+    and how it builds its `Trainable` on the loaded model."""
+
+    #: for messages and the plan ("LoRA", "textual inversion", "ControlNet")
+    title: str
+    #: what its datasets do with `conditioning_data_dir` (data/conditioning.py)
+    conditioning: "ConditioningUse"
+
+    def option_problems(self, cfg: Any, family: "ModelFamily") -> list[str]:
+        """Its own option checks (every problem), run with the family's before any model loads."""
+
+    def prepare_dataset(self, cfg: Any, dataset: Any) -> None:
+        """Changes to the built dataset before training (textual inversion's caption replacements)."""
+
+    def build(self, cfg: Any, spec: Any, family: "ModelFamily", comps: "Components", device: torch.device) -> Trainable:
+        """The `Trainable` on the loaded, frozen model."""

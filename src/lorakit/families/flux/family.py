@@ -44,6 +44,7 @@ from lorakit.families.common.transformer_family import (
     t5_family_warnings,
     trains_t5,
 )
+from lorakit.families.flux.controlnet import controlnet_inputs
 from lorakit.families.flux.layers import checkpoint_offloading_to_cpu
 from lorakit.families.flux.lora_keys import LORA_LAYOUT
 from lorakit.families.flux.network_args import FluxNetworkArgs
@@ -266,7 +267,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.full((noisy.shape[0],), comps.extras["guidance_scale"], device=noisy.device, dtype=dtype)
-        output = transformer(
+        inputs = dict(
             hidden_states=pack_latents(noisy),
             encoder_hidden_states=t5,
             pooled_projections=text.tensors["pooled"].to(dtype),
@@ -275,8 +276,9 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             txt_ids=torch.zeros(t5.shape[1], 3, device=noisy.device, dtype=dtype),
             guidance=guidance,
             joint_attention_kwargs=self._attention_kwargs(comps, text, height, width),
-            return_dict=False,
-        )[0]
+        )
+        control = controlnet_inputs(comps, batch, **inputs)  # an attached ControlNet's residuals
+        output = transformer(**inputs, **control, return_dict=False)[0]
         velocity = unpack_latents(output, height, width)
         return apply_model_prediction_type(velocity, noisy, sigmas, comps.extras["model_prediction_type"])
 
@@ -356,6 +358,11 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             scheduler=flow_scheduler(), vae=comps.vae, text_encoder=clip, tokenizer=comps.tokenizers[0],
             text_encoder_2=t5, tokenizer_2=comps.tokenizers[1], transformer=comps.denoiser,
         )
+
+    def controlnet(self, cfg: Any) -> Any:
+        from lorakit.families.flux.controlnet import FluxControlNet
+
+        return FluxControlNet(self.pipeline)
 
     def lora_to_diffusers(self, state, metadata, *, keep_alpha: bool = False):
         from lorakit.families.flux.lora_convert import kohya_to_diffusers

@@ -72,6 +72,8 @@ class StableDiffusionFamily(ModelFamily):
     image_tasks = ("img2img", "inpaint")
     single_file_denoiser_prefixes = ("model.diffusion_model.",)
 
+    textual_inversion_keys = ("emb_params",)
+
     def __init__(self) -> None:
         self.text_cache: CaptionCache | None = None
 
@@ -165,8 +167,16 @@ class StableDiffusionFamily(ModelFamily):
         return _final_layer_norm(encoder)(states)
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: Any) -> torch.Tensor:
+        from lorakit.families.sd.controlnet import controlnet_residuals
+
         context = text.tensors["encoder_hidden_states"].to(noisy.dtype)
-        return comps.denoiser(noisy, timesteps, encoder_hidden_states=context).sample
+        control = controlnet_residuals(comps, noisy, timesteps, context, batch)
+        return comps.denoiser(noisy, timesteps, encoder_hidden_states=context, **control).sample
+
+    def controlnet(self, cfg: Any) -> Any:
+        from lorakit.families.sd.controlnet import UNetControlNet
+
+        return UNetControlNet()
 
     # -- adapters ----------------------------------------------------------------------------------------
 

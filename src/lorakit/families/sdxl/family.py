@@ -43,6 +43,7 @@ from lorakit.families.common.unet import (
 )
 from lorakit.families.common.unet import unet_targets as diffusers_unet_targets
 from lorakit.families.sdxl.blocks import BLOCK_LAYOUT
+from lorakit.families.sdxl.controlnet import attach_condition
 from lorakit.families.sdxl.lora_keys import LORA_LAYOUT
 from lorakit.objectives.ddpm import DDPMObjective
 from lorakit.precision import load_dtype
@@ -76,6 +77,8 @@ class StableDiffusionXLFamily(ModelFamily):
     comfy_drops = {r"^unet\..*\.attn\d\.to_(q|k|v|out\.0)$": "U-Net attention projections"}
     image_tasks = ("img2img", "inpaint")
     single_file_denoiser_prefixes = ("model.diffusion_model.",)
+
+    textual_inversion_keys = ("clip_l", "clip_g")
 
     def __init__(self) -> None:
         self.vae_in_float32 = False
@@ -190,7 +193,14 @@ class StableDiffusionXLFamily(ModelFamily):
             "time_ids": to_device(size_time_ids(batch, noisy, vae_scale_factor(comps)), noisy.device, noisy.dtype),
         }
         context = text.tensors["encoder_hidden_states"].to(noisy.dtype)
+        attach_condition(comps, batch)  # an attached ControlNet-LLLite reads the batch's conditioning images
         return unet(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
+
+    def controlnet(self, cfg: Any) -> Any:
+        """SDXL's ControlNet is the ControlNet-LLLite (with or without --lllite), as sd-scripts trains it."""
+        from lorakit.families.sdxl.controlnet import SdxlLLLite
+
+        return SdxlLLLite(self.pipeline)
 
     # -- adapters ----------------------------------------------------------------------------------------
 
