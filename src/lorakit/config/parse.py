@@ -20,6 +20,8 @@ from typing import Any, Literal
 from pydantic.fields import FieldInfo
 
 from lorakit.config.rules import cross_field_warnings
+from lorakit.config.rules_finetune import model_training_problems, model_training_warnings
+from lorakit.config.schema_finetune import command_problems
 from lorakit.config.schema import SECTIONS, TrainConfig, section_of
 from lorakit.config.support import check_supported
 from lorakit.config.toml_io import closest, read_config_file, write_config_file
@@ -149,8 +151,9 @@ def _family_problems(config: TrainConfig, warnings: list[str]) -> list[str]:
     return checks.problems
 
 
-def parse_train_args(argv: list[str], *, check_support: bool = True) -> tuple[TrainConfig, list[str]]:
-    """Parse `lorakit train` options (and their --config_file) into a TrainConfig.
+def parse_train_args(argv: list[str], *, check_support: bool = True, command: str = "train") -> tuple[TrainConfig, list[str]]:
+    """Parse `lorakit train` options (or those of `lorakit <command>`: finetune, dreambooth) and their
+    --config_file into a TrainConfig.
 
     Returns the config and the warnings to show. Raises ConfigError listing every problem found.
     With --output_config the options are also written to the --config_file path (the caller should
@@ -181,6 +184,9 @@ def parse_train_args(argv: list[str], *, check_support: bool = True) -> tuple[Tr
 
     config, found = check_options(values, origins, skip_requirements=writing)
     problems += found
+    if config is not None:
+        config.for_command(command)
+        problems += command_problems(config, command) + model_training_problems(config)
     if config is not None and check_support:
         unsupported, fallbacks = check_supported(config)
         problems += unsupported
@@ -189,7 +195,7 @@ def parse_train_args(argv: list[str], *, check_support: bool = True) -> tuple[Tr
         problems, warnings = problems + _family_problems(config, warnings), warnings
     if problems or config is None:
         raise ConfigError(problems)
-    warnings += cross_field_warnings(config)
+    warnings += cross_field_warnings(config) + model_training_warnings(config)
     if writing and config.config_file:
         write_config_file(config, config.config_file)
     return config, warnings

@@ -15,7 +15,7 @@ family defines them all.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -44,6 +44,16 @@ class Components:
     text_encoders: list[nn.Module]
     tokenizers: list[Any]
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+def part_names(comps: "Components") -> list[str]:
+    """Names of a model's parts: `denoiser`, `vae`, `text_encoder_0`, `text_encoder_1`, ..."""
+    return ["denoiser", "vae", *(f"text_encoder_{i}" for i in range(len(comps.text_encoders)))]
+
+
+def part_modules(comps: "Components") -> dict[str, nn.Module | None]:
+    """The model's parts by name (`part_names`); a part the model was loaded without is None."""
+    return dict(zip(part_names(comps), [comps.denoiser, comps.vae, *comps.text_encoders]))
 
 
 @dataclass
@@ -316,6 +326,26 @@ class ModelFamily:
     def save_part_file(self, comps: Components, part: str, path: Path, dtype: torch.dtype | None) -> None:
         """A part read from a file of its own (`separate_parts`) written back in its layout."""
         raise NotImplementedError(f"the {self.title} family keeps no parts in files of their own")
+
+    # -- whole-model training (full fine-tune, DreamBooth) ----------------------------------------------------
+    def checkpoint_parts(self, comps: Components) -> tuple[str, ...]:
+        """The parts (`part_names`) the family's original single file holds, of those this model has."""
+        return tuple(name for name, module in part_modules(comps).items() if module is not None)
+
+    def checkpoint_pieces(self, comps: Components, parts: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        """The named parts' tensors under the names the original single file gives them, in file order and in
+        pieces (a block at a time where a conversion builds new tensors), so a writer holds one piece at a time."""
+        raise NotImplementedError
+
+    def lr_blocks(self, comps: Components) -> tuple[int, Callable[[str], int]] | None:
+        """sd-scripts' `--block_lr` blocks of the denoiser: their count and the block of a parameter name
+        (None: the family has no --block_lr)."""
+        return None
+
+    def parameters_to_freeze(self, comps: Components, last_blocks: int) -> list[str]:
+        """Denoiser parameter names sd-scripts' `--num_last_block_to_freeze N` freezes (empty: the family has
+        no such option; the option check says so)."""
+        return []
 
     # -- LoRA files -------------------------------------------------------------------------------------------
     def lora_to_diffusers(self, state: dict[str, torch.Tensor], metadata: dict[str, str], *, keep_alpha: bool = False

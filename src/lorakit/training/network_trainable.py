@@ -58,6 +58,12 @@ class NetworkTrainable:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.network.trainable_parameters()
 
+    def before_step(self, global_step: int) -> None:
+        """Nothing changes during a LoRA run."""
+
+    def file_suffix(self, cfg: Any) -> str:
+        return f".{cfg.save_model_as}"
+
     def parameter_groups(self, cfg: Any) -> tuple[list[dict[str, Any]], list[str]]:
         """Block-wise LR groups when *_lr_weight is given, else the network's own (with LoRA+).
 

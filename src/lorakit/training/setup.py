@@ -42,8 +42,7 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     for encoder in trained_encoders:
         encoder.train()  # LoRA dropout acts only in train mode; the frozen weights have no dropout of their own
     comps.denoiser.train()
-    return Session(cfg, family, comps, trainable, family.objective(cfg, comps), accelerator, weight_dtype,
-                   trainable.trains_text_encoders)
+    return Session(cfg, family, comps, trainable, family.objective(cfg, comps), accelerator, weight_dtype)
 
 
 def _full_precision(cfg: Any, trained: torch.nn.Module, accelerator: Accelerator) -> None:

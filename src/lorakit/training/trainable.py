@@ -16,6 +16,8 @@ shaped so that the other kinds of training the system has are each one more impl
 Why these members: everything the loop did with the LoRA network before was one of them — build optimizer
 groups, clip and reduce gradients over its parameters, apply max-norm after a step, save its file with metadata,
 hold its tensors in a training state, switch modes around sampling — so the loop needs nothing more.
+Whole-model training added two: `before_step` (DreamBooth stops training the text encoder at a step) and
+`file_suffix` (a checkpoint may be a diffusers folder, with no extension).
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ class Trainable(Protocol):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters gradients are reduced and clipped over."""
+
+    def before_step(self, global_step: int) -> None:
+        """Before each micro-batch of optimizer step `global_step` + 1 (0-based count of steps done): what
+        trains may change with the step (DreamBooth's --stop_text_encoder_training turns the text encoder off);
+        a function of the step alone, so a resumed run continues alike."""
+
+    def file_suffix(self, cfg: Any) -> str:
+        """What follows the stem in its file names (`.safetensors`), or "" for a folder (a diffusers model)."""
 
     def after_optimizer_step(self, cfg: Any) -> dict[str, float]:
         """Work after every optimizer step (e.g. max-norm); returns values to log (empty when none)."""

@@ -52,9 +52,11 @@ def whole_caption_cache(cfg: Any) -> CaptionCache | None:
     """
     if not caches_text(cfg):
         return None
-    if not getattr(cfg, "network_train_unet_only", False):
-        raise ConfigError([
-            "--cache_text_encoder_outputs needs --network_train_unet_only: cached outputs cannot carry gradients "
-            "to text-encoder LoRA modules"
-        ])
+    trains = getattr(cfg, "trains_text_encoder", not getattr(cfg, "network_train_unet_only", False))
+    if trains:
+        if getattr(cfg, "trains_model_weights", False):
+            raise ConfigError(["--cache_text_encoder_outputs cannot be used while a text encoder trains: cached "
+                               "outputs carry no gradients (leave out --train_text_encoder, or the cache)"])
+        raise ConfigError(["--cache_text_encoder_outputs needs --network_train_unet_only: cached outputs cannot carry "
+                           "gradients to text-encoder LoRA modules"])
     return CaptionCache()

@@ -74,13 +74,13 @@ def save_transformer_file(transformer: nn.Module, path: str | Path, dtype: torch
         write_safetensors_atomic(_cast(state, dtype), path, _metadata("transformer", transformer.config))
         return
     meta_state = {k: torch.empty(v.shape, dtype=dtype if dtype and v.is_floating_point() else v.dtype, device="meta") for k, v in state.items()}
-    layout = {k: (v.shape, v.dtype) for piece in _bfl_pieces(meta_state) for k, v in piece.items()}
-    pieces = (_cast(piece, dtype) for piece in _bfl_pieces(state))
+    layout = {k: (v.shape, v.dtype) for piece in bfl_pieces(meta_state) for k, v in piece.items()}
+    pieces = (_cast(piece, dtype) for piece in bfl_pieces(state))
     with staged_file(Path(path)) as tmp:
         write_safetensors_streaming(tmp, layout, pieces, _metadata("transformer", transformer.config))
 
 
-def _bfl_pieces(state: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+def bfl_pieces(state: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
     """`diffusers_to_bfl` of the top-level layers, then of one block at a time (each renamed to block 0 for the
     conversion and back), in file order."""
     blocks = (bfl_keys.DOUBLE_PREFIX, bfl_keys.SINGLE_PREFIX)

@@ -17,6 +17,8 @@ class FluxOptions(EncoderFileOptions):
     model_type: Literal["flux", "chroma"] = Field("flux", description="[FLUX] flux or chroma")
     guidance_scale: float = Field(3.5, description="[FLUX] guidance embedding value during training")
     split_mode: bool = Field(False, description="[FLUX] deprecated; means --blocks_to_swap 18")
+    double_blocks_to_swap: int | None = Field(None, ge=0, description="[FLUX] deprecated: --blocks_to_swap N + single // 2")
+    single_blocks_to_swap: int | None = Field(None, ge=0, description="[FLUX] deprecated: adds N // 2 to --blocks_to_swap")
 
 
 OPTIONS = FluxOptions

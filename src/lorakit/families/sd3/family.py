@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +330,22 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             raise ConfigError([f"--save_to {path}: a diffusers folder needs the whole pipeline; this SD3 model was read "
                                "from single files, so save it as .safetensors"])
         save_pipeline_atomic(pipeline_of(comps), path)
+
+    def checkpoint_parts(self, comps: Components) -> tuple[str, ...]:
+        from lorakit.families.sd3.model_files import present_parts
+
+        return present_parts(comps)
+
+    def checkpoint_pieces(self, comps: Components, parts: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        from lorakit.families.sd3.model_files import sai_part_state
+
+        for part in parts:
+            yield sai_part_state(comps, part)
+
+    def parameters_to_freeze(self, comps: Components, last_blocks: int) -> list[str]:
+        from lorakit.families.sd3.model_files import frozen_x_block_parameters
+
+        return frozen_x_block_parameters(dict(comps.denoiser.config), last_blocks)
 
 
 def _trains_t5(spec: TargetSpec) -> bool:
