@@ -15,6 +15,9 @@ USAGE = """usage: lorakit <command> [options]   (lorakit --version prints the ve
 
 commands:
   train     train a LoRA (sd-scripts option names: lorakit train --help)
+  finetune  fine-tune the model's own weights, any family (fine_tune.py, sdxl_train.py, sd3_train.py,
+            flux_train.py command lines; docs/finetune.md)
+  dreambooth  DreamBooth as train_db.py: the text encoder trains unless --stop_text_encoder_training -1
   cache     encode the dataset's latents to sd-scripts' .npz cache files, without training (train options)
   demo      train a LoRA on the built-in toy model and dataset on the CPU, with before/after samples
   lora      LoRA file tools: resize, merge, extract, convert, inspect, dylora, sample (lorakit lora --help)
@@ -24,7 +27,8 @@ commands:
   caption   caption a folder's images with BLIP, GIT or Qwen2.5-VL from a local model folder (lorakit caption --help)
   dataset   metadata and image tools: merge-captions, merge-tags, clean, resize, canny (lorakit dataset --help)
 
-Any sd-scripts train_network.py command line works after `lorakit train`.
+Any sd-scripts train_network.py command line works after `lorakit train`; fine_tune.py, sdxl_train.py,
+sd3_train.py and flux_train.py command lines after `lorakit finetune`, train_db.py's after `lorakit dreambooth`.
 """
 
 
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorakit {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "cache": _cache, "demo": _demo, "lora": _lora, "sample": _sample, "bench": _bench,
+    commands = {"train": _train, "finetune": _finetune, "dreambooth": _dreambooth, "cache": _cache, "demo": _demo, "lora": _lora, "sample": _sample, "bench": _bench,
                 "tag": _tag, "caption": _caption, "dataset": _dataset}
     if command not in commands:
         print(f"lorakit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
@@ -85,13 +89,13 @@ def apply_console_options(cfg) -> None:
         root.addHandler(handler)
 
 
-def _train(argv: list[str]) -> int:
+def _train(argv: list[str], command: str = "train") -> int:
     from lorakit.config import build_train_parser, parse_train_args
 
     if any(arg in ("-h", "--help") for arg in argv):
         build_train_parser().print_help()
         return 0
-    cfg, warnings = parse_train_args(argv)
+    cfg, warnings = parse_train_args(argv, command=command)
     apply_console_options(cfg)
     for warning in warnings:
         logging.getLogger("lorakit").warning(warning)
@@ -100,10 +104,23 @@ def _train(argv: list[str]) -> int:
         return 0
     from lorakit.training.run import train  # heavy imports only once the options are known to be good
 
-    result = train(cfg)
+    kind = None
+    if cfg.trains_model_weights:
+        from lorakit.training.finetune_setup import FinetuneKind
+
+        kind = FinetuneKind()
+    result = train(cfg, kind)
     if result.saved_files:
         print(f"saved {result.saved_files[-1]}")
     return 0
+
+
+def _finetune(argv: list[str]) -> int:
+    return _train(argv, "finetune")
+
+
+def _dreambooth(argv: list[str]) -> int:
+    return _train(argv, "dreambooth")
 
 
 def _demo(argv: list[str]) -> int:

@@ -157,6 +157,8 @@ class ModelFamily:
     separate_parts: ClassVar[Mapping[str, SeparatePart]] = {}
     single_file_kinds: ClassVar[tuple[str, ...]] = ("safetensors", "ckpt")
     save_formats: ClassVar[tuple[str, ...]] = ("kohya",)  # LoRA layouts training can write (--save_format)
+    block_lr_count: ClassVar[int] = 0  # values --block_lr takes (0: the family has no --block_lr)
+    freezes_last_blocks: ClassVar[bool] = False  # --num_last_block_to_freeze applies (parameters_to_freeze)
     uses_own_scheduler: ClassVar[bool] = False  # samples with its own flow scheduler whatever the sampler name
     # which loaders read this family's LoRA files (`lorakit lora inspect`; peers.md §4 has the loaders' key tables)
     webui_kohya: ClassVar[str] = "yes"  # A1111/Forge on the kohya layout
@@ -337,9 +339,8 @@ class ModelFamily:
         pieces (a block at a time where a conversion builds new tensors), so a writer holds one piece at a time."""
         raise NotImplementedError
 
-    def lr_blocks(self, comps: Components) -> tuple[int, Callable[[str], int]] | None:
-        """sd-scripts' `--block_lr` blocks of the denoiser: their count and the block of a parameter name
-        (None: the family has no --block_lr)."""
+    def lr_blocks(self, comps: Components) -> Callable[[str], int] | None:
+        """The `--block_lr` block (0 .. block_lr_count-1) of a denoiser parameter name (None: no --block_lr)."""
         return None
 
     def parameters_to_freeze(self, comps: Components, last_blocks: int) -> list[str]:

@@ -18,7 +18,6 @@ from lorakit.data.cache import vae_identity
 from lorakit.data.summary import format_summary
 from lorakit.errors import ConfigError, DataError
 from lorakit.families.common.text_cache import caches_text
-from lorakit.families.checks import check_family_options
 from lorakit.families.registry import resolve_family
 from lorakit.precision import effective_mixed_precision
 from lorakit.training import distributed
@@ -28,16 +27,18 @@ from lorakit.training.locks import hold_output
 from lorakit.training.loop import Trainer
 from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
 from lorakit.training.session import Session, TrainResult
-from lorakit.training.setup import setup_session
+from lorakit.training.setup import NetworkKind, TrainableKind, setup_session
 from lorakit.training.trackers import logging_dir, tracker_config, tracker_init_kwargs, tracker_names, wandb_login
 
 log = logging.getLogger("lorakit")
 
 
-def train(cfg: Any) -> TrainResult:
-    """Run (or with --dry_run only plan) one LoRA training described by `cfg`."""
+def train(cfg: Any, kind: TrainableKind | None = None) -> TrainResult:
+    """Run (or with --dry_run only plan) one training described by `cfg`: of what `kind` trains (the adapter
+    network when None; `FinetuneKind` the model's own weights)."""
+    kind = kind or NetworkKind()
     family = resolve_family(cfg)
-    checks = check_family_options(cfg, family)
+    checks = kind.checks(cfg, family)
     if cfg.family == "auto":  # a given --family's warnings came with the other option warnings
         for warning in checks.warnings:
             log.warning(warning)
@@ -62,16 +63,17 @@ def train(cfg: Any) -> TrainResult:
     if cfg.dry_run:
         return TrainResult(plan)
     with hold_output(cfg, distributed.rank_from_env() == 0):  # a second run on this output name stops here
-        return _train_with_models(cfg, family, checks.spec, dataset, plan, seed)
+        return _train_with_models(cfg, family, checks.spec, dataset, plan, seed, kind)
 
 
-def _train_with_models(cfg: Any, family: Any, spec: Any, dataset: Any, plan: TrainingPlan, seed: int) -> TrainResult:
+def _train_with_models(cfg: Any, family: Any, spec: Any, dataset: Any, plan: TrainingPlan, seed: int,
+                       kind: TrainableKind) -> TrainResult:
     accelerator = make_accelerator(cfg)
     # only the main process writes files, so only it reads the whole base model for their metadata
     hashes = md.BaseModelHashes(cfg if accelerator.is_main_process else None)
     distributed.shard_dataset(dataset, accelerator)
     set_seed(seed)
-    session = setup_session(cfg, family, accelerator, spec)
+    session = setup_session(cfg, family, accelerator, spec, kind)
     session.base_hashes = hashes
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         disk = {"to_disk": True, "latent_format": family.latent_format, "vae_id": vae_identity(cfg),

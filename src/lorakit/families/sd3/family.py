@@ -63,6 +63,7 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     architecture_fragments = ("stable-diffusion-3",)
     inference = InferenceDefaults(steps=30, guidance_scale=5.0, resolution=1024)
     part_files = ("vae", "clip_l", "clip_g", "t5xxl")
+    freezes_last_blocks = True  # sd3_train.py's --num_last_block_to_freeze
     single_file_kinds = ("safetensors",)
     save_formats = ("kohya", "diffusers")
     uses_own_scheduler = True

@@ -50,6 +50,7 @@ class StableDiffusionXLFamily(ModelFamily):
     title = "SDXL"
     default_network_module = "networks.lora"
     bucket_step = 32
+    block_lr_count = 23  # sdxl_train.py's --block_lr
     block_layout = BLOCK_LAYOUT
     all_layers_args = {"conv_dim": "1", "conv_alpha": "1"}
     oft_attention = re.compile(r"_attn\d_(to_q|to_k|to_v|to_out_0)$")
@@ -225,13 +226,13 @@ class StableDiffusionXLFamily(ModelFamily):
         for part in parts:
             yield sgm_part_state(comps, part)
 
-    def lr_blocks(self, comps: Components) -> tuple[int, Callable[[str], int]]:
+    def lr_blocks(self, comps: Components) -> Callable[[str], int]:
         """sdxl_train.py's 23 `--block_lr` blocks, read off the SGM name of each U-Net parameter."""
         from lorakit.families.sdxl.blocks import block_lr_index
         from lorakit.families.sdxl.sgm_keys import SgmUnetNames
 
         names = SgmUnetNames(dict(comps.denoiser.config))
-        return 23, lambda name: block_lr_index(names.key(name))
+        return lambda name: block_lr_index(names.key(name))
 
 
 def sgm_module_path(comps: Components):
