@@ -285,8 +285,8 @@ def recorded(monkeypatch):
     seen = {"results": [], "swappers": []}
     train, install = loop.train, block_swap.install_block_swap
 
-    def recording_train(cfg):
-        result = train(cfg)
+    def recording_train(cfg, *kind):
+        result = train(cfg, *kind)
         seen["results"].append(result)
         return result
 

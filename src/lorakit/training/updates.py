@@ -45,7 +45,7 @@ def build_updates(cfg: Any, accelerator: Any, optimizer: Any, params: list[nn.Pa
     if getattr(cfg, "blockwise_fused_optimizers", False):
         return StepDuringBackward(cfg, accelerator, optimizer, blocks_of(params, names), stochastic=False)
     if getattr(cfg, "fused_optimizer_groups", None):
-        groups = _lr_ordered(optimizer.optimizer.param_groups, set(params))
+        groups = _lr_ordered(getattr(optimizer, "optimizer", optimizer).param_groups, set(params))
         return StepDuringBackward(cfg, accelerator, optimizer, split_in_groups(groups, cfg.fused_optimizer_groups), stochastic=False)
     return StepAfterBackward(cfg, accelerator, optimizer, params)
 
