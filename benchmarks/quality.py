@@ -4,6 +4,7 @@
     python benchmarks/quality.py --steps 150 -- --network_args conv_dim=8 conv_alpha=8
     python benchmarks/quality.py --task textual-inversion --steps 200
     python benchmarks/quality.py --task controlnet --steps 600 --images 100
+    python benchmarks/quality.py --finetune --steps 300            # lorakit finetune: the whole U-Net trains
 
 `--task lora` (the default) trains on the demo's concept dataset (extra `lorakit train` options after `--` override
 the demo's), then reports the concept score of samples (fraction of images showing the concept, 0..1) and the
@@ -26,7 +27,7 @@ from pathlib import Path
 from lorakit.cli.main import main as lorakit_main
 from lorakit.sampling.generate import image_grid
 from lorakit.toy import tasks
-from lorakit.toy.demo import base_model_dir, sample_rows, train_arguments
+from lorakit.toy.demo import base_model_dir, finetune_arguments, sample_rows, train_arguments
 from lorakit.toy.evaluate import denoising_loss, held_out_concept_set, load_with_lora
 from lorakit.toy.score import concept_score
 from lorakit.toy.world import concept_prompts, make_dataset
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--sample_steps", type=int, default=20)
     parser.add_argument("--picture", type=Path, default=None, help="write the samples (before / after) here")
+    parser.add_argument("--finetune", action="store_true", help="fine-tune the model's own weights instead of a LoRA")
     args = parser.parse_args(own)
     model = base_model_dir()
     if model is None:
@@ -62,21 +64,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = make_dataset(work / "data", args.images, concept=True, seed=7, size=64, repeats=1)
-        options = merge_options(train_arguments(model, data, work / "out", args.steps), extra)
+        arguments = finetune_arguments if args.finetune else train_arguments
+        options = merge_options(arguments(model, data, work / "out", args.steps), extra)
         started = time.perf_counter()
-        if lorakit_main(["train", *options]) != 0:
+        if lorakit_main(["finetune" if args.finetune else "train", *options]) != 0:
             raise SystemExit(2)
         seconds = time.perf_counter() - started
-        lora = work / "out" / "demo_lora.safetensors"
+        # a fine-tune is a new model (a diffusers folder); a LoRA is applied to the base model
+        trained, lora = (work / "out" / "demo_finetune", None) if args.finetune else (model, work / "out" / "demo_lora.safetensors")
+        suffix = "finetune" if args.finetune else "lora"
         held_out = held_out_concept_set()
         result = {
+            "command": "finetune" if args.finetune else "train",
             "options": extra,
             "steps": args.steps,
             "train_seconds": round(seconds, 1),
             "heldout_loss_base": round(denoising_loss(*load_with_lora(model, None), held_out), 5),
-            "heldout_loss_lora": round(denoising_loss(*load_with_lora(model, lora), held_out), 5),
+            f"heldout_loss_{suffix}": round(denoising_loss(*load_with_lora(trained, lora), held_out), 5),
             "concept_score_base": concept_score(sample_rows(model, None, concept_prompts(), args.sample_steps)),
-            "concept_score_lora": concept_score(sample_rows(model, lora, concept_prompts(), args.sample_steps)),
+            f"concept_score_{suffix}": concept_score(sample_rows(trained, lora, concept_prompts(), args.sample_steps)),
         }
     print(json.dumps(result))
 

@@ -15,13 +15,15 @@ family defines them all.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
+
+from lorakit.errors import ConfigError
 
 if TYPE_CHECKING:
     from lorakit.adapters.blocks import BlockLayout
@@ -46,6 +48,16 @@ class Components:
     text_encoders: list[nn.Module]
     tokenizers: list[Any]
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+def part_names(comps: "Components") -> list[str]:
+    """Names of a model's parts: `denoiser`, `vae`, `text_encoder_0`, `text_encoder_1`, ..."""
+    return ["denoiser", "vae", *(f"text_encoder_{i}" for i in range(len(comps.text_encoders)))]
+
+
+def part_modules(comps: "Components") -> dict[str, nn.Module | None]:
+    """The model's parts by name (`part_names`); a part the model was loaded without is None."""
+    return dict(zip(part_names(comps), [comps.denoiser, comps.vae, *comps.text_encoders]))
 
 
 @dataclass
@@ -179,6 +191,9 @@ class ModelFamily:
     separate_parts: ClassVar[Mapping[str, SeparatePart]] = {}
     single_file_kinds: ClassVar[tuple[str, ...]] = ("safetensors", "ckpt")
     save_formats: ClassVar[tuple[str, ...]] = ("kohya",)  # LoRA layouts training can write (--save_format)
+    trains_whole_model: ClassVar[bool] = False  # `lorakit finetune`/`dreambooth` (its checkpoint_pieces)
+    block_lr_count: ClassVar[int] = 0  # values --block_lr takes (0: the family has no --block_lr)
+    freezes_last_blocks: ClassVar[bool] = False  # --num_last_block_to_freeze applies (parameters_to_freeze)
     uses_own_scheduler: ClassVar[bool] = False  # samples with its own flow scheduler whatever the sampler name
     image_tasks: ClassVar[tuple[str, ...]] = ()  # pipelines besides text-to-image: "img2img", "inpaint"
     # whole-model files (`lorakit model convert/merge`)
@@ -404,6 +419,26 @@ class ModelFamily:
     def save_part_file(self, comps: Components, part: str, path: Path, dtype: torch.dtype | None) -> None:
         """A part read from a file of its own (`separate_parts`) written back in its layout."""
         raise NotImplementedError(f"the {self.title} family keeps no parts in files of their own")
+
+    # -- whole-model training (full fine-tune, DreamBooth) ----------------------------------------------------
+    def checkpoint_parts(self, comps: Components) -> tuple[str, ...]:
+        """The parts (`part_names`) the family's original single file holds, of those this model has."""
+        return tuple(name for name, module in part_modules(comps).items() if module is not None)
+
+    def checkpoint_pieces(self, comps: Components, parts: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        """The named parts' tensors under the names the original single file gives them, in file order and in
+        pieces (a block at a time where a conversion builds new tensors), so a writer holds one piece at a time.
+        Defined by the families that `trains_whole_model`."""
+        raise ConfigError([f"whole-model training is not available for the {self.title} family yet (LoRA training is)"])
+
+    def lr_blocks(self, comps: Components) -> Callable[[str], int] | None:
+        """The `--block_lr` block (0 .. block_lr_count-1) of a denoiser parameter name (None: no --block_lr)."""
+        return None
+
+    def parameters_to_freeze(self, comps: Components, last_blocks: int) -> list[str]:
+        """Denoiser parameter names sd-scripts' `--num_last_block_to_freeze N` freezes (empty: the family has
+        no such option; the option check says so)."""
+        return []
 
     # -- LoRA files -------------------------------------------------------------------------------------------
     def lora_to_diffusers(self, state: dict[str, torch.Tensor], metadata: dict[str, str], *, keep_alpha: bool = False

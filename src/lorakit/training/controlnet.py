@@ -22,10 +22,12 @@ from lorakit.data.conditioning import ConditioningUse
 from lorakit.families.base import Components, FamilyControlNet, ModelFamily
 from lorakit.training.kinds import foreign_option_problems
 
+from lorakit.training.trainable import FrozenModelTraining, TrainableDefaults
+
 log = logging.getLogger("lorakit")
 
 
-class ControlNetTrainable:
+class ControlNetTrainable(TrainableDefaults):
     """A family's ControlNet attached to the loaded model, as the loop trains it."""
 
     trains_text_encoders = False
@@ -69,7 +71,7 @@ class ControlNetTrainable:
             return prompt, self.control.sample_inputs(image.convert("RGB"))
 
 
-class ControlNetTraining:
+class ControlNetTraining(FrozenModelTraining):
     """`lorakit controlnet`: the family's ControlNet, trained on image and conditioning-image pairs."""
 
     title = "ControlNet"

@@ -26,10 +26,12 @@ from lorakit.families.base import Components, ModelFamily
 from lorakit.families.registry import describe_lora_names
 from lorakit.training.kinds import foreign_option_problems
 
+from lorakit.training.trainable import FrozenModelTraining, TrainableDefaults
+
 log = logging.getLogger("lorakit")
 
 
-class NetworkTrainable:
+class NetworkTrainable(TrainableDefaults):
     """An adapter network attached to a loaded model, as the loop trains it."""
 
     modelspec_kind = "lora"
@@ -110,15 +112,8 @@ class NetworkTrainable:
         state, meta = self.family.lora_file_state(self.network.state_dict_kohya(), metadata, self.save_format)
         save_lora_file(state, path, meta, save_dtype=save_dtype, model_format=model_format)
 
-    def sample_pipeline(self, family: ModelFamily, comps: Components, sampler: str) -> Any:
-        """The family's own pipeline: the network acts inside the model's layers."""
-        return family.pipeline(comps, sampler)
 
-    def sample_inputs(self, prompt: Any) -> tuple[Any, dict[str, Any]]:
-        return prompt, {}
-
-
-class NetworkTraining:
+class NetworkTraining(FrozenModelTraining):
     """`lorakit train`: an adapter network (LoRA and the other algorithms) on any family."""
 
     title = "LoRA"

@@ -54,7 +54,7 @@ def check_run(cfg: Any, option_problems: list[str] | tuple[str, ...] = (), kind:
     problems = list(option_problems)
     missing = model_file_problems(cfg)
     problems += missing
-    family, spec = _family_and_spec(cfg, problems, model_found=not _names_missing_model(missing))
+    family, spec = _family_and_spec(cfg, problems, kind, model_found=not _names_missing_model(missing))
     if kind is not None and family is not None:
         problems += kind.option_problems(cfg, family)
     seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1)
@@ -85,13 +85,14 @@ def _names_missing_model(problems: list[str]) -> bool:
     return any(problem.startswith(f"--{MODEL_OPTION} ") for problem in problems)
 
 
-def _family_and_spec(cfg: Any, problems: list[str], *, model_found: bool) -> tuple[Any, Any]:
-    """The family (given, or detected from the checkpoint) with its own rules and the adapter spec. A family
-    detected from a file that is not there would be a guess: its rules would only add noise, so they wait."""
+def _family_and_spec(cfg: Any, problems: list[str], kind: Any, *, model_found: bool) -> tuple[Any, Any]:
+    """The family (given, or detected from the checkpoint) with its own rules and the spec of what the training
+    type trains on it. A family detected from a file that is not there would be a guess: its rules would only add
+    noise, so they wait."""
     if cfg.family == "auto" and not model_found:
         return None, None
     family = resolve_family(cfg)
-    checks = check_family_options(cfg, family)
+    checks = check_family_options(cfg, family, spec_of=kind.spec if kind is not None else None)
     if cfg.family == "auto":  # a given --family's warnings came with the other option warnings
         for warning in checks.warnings:
             log.warning(warning)

@@ -23,8 +23,10 @@ from lorakit.adapters.formats import load_lora_file, save_lora_file
 from lorakit.data.conditioning import ConditioningUse
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.families.base import Components, ModelFamily
-from lorakit.families.common.text_cache import caches_text
+from lorakit.data.text_cache import caches_text
 from lorakit.training.kinds import foreign_option_problems
+
+from lorakit.training.trainable import FrozenModelTraining, TrainableDefaults
 
 log = logging.getLogger("lorakit")
 
@@ -80,7 +82,7 @@ class NewTokenHooks:
         return torch.where(new, picked, known)
 
 
-class EmbeddingTrainable:
+class EmbeddingTrainable(TrainableDefaults):
     """New token vectors in the text encoders, as the loop trains them."""
 
     modelspec_kind = "textual-inversion"
@@ -125,7 +127,7 @@ class EmbeddingTrainable:
                        negative_prompt=prompt.negative_prompt.replace(self.tokens[0], spelled)), {}
 
 
-class TextualInversionTraining:
+class TextualInversionTraining(FrozenModelTraining):
     """`lorakit textual-inversion`: new token vectors for the families that name their embedding keys."""
 
     title = "textual inversion"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
     name = "flux"
     title = "FLUX.1"
+    trains_whole_model = True
     default_network_module = "networks.lora_flux"
     lora_network_modules = ("networks.lora_flux",)
     oft_network_modules = ("networks.oft_flux",)
@@ -142,7 +143,14 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         return problems + t5_family_problems(self.name, cfg, spec)
 
     def option_warnings(self, cfg: Any) -> list[str]:
-        return t5_family_warnings(self.name, cfg)
+        warnings = t5_family_warnings(self.name, cfg)
+        swap = _deprecated_blocks_to_swap(cfg)
+        if swap:
+            # flux_train.py maps them so, when --blocks_to_swap is not given
+            cfg.blocks_to_swap = swap
+            warnings.append(f"--double_blocks_to_swap/--single_blocks_to_swap are deprecated; taken as --blocks_to_swap "
+                            f"{swap} (double + single // 2)")
+        return warnings
 
     def parse_network_args(self, args: Mapping[str, str], spec: TargetSpec) -> tuple[Any, list[str]]:
         return FluxNetworkArgs.parse(args, spec.rank)
@@ -432,3 +440,20 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
         writer = save_clip_l_file if part == "clip_l" else save_t5_file
         writer(comps.text_encoders[self.separate_parts[part].encoder_index], path, dtype)
+
+    def checkpoint_parts(self, comps: Components) -> tuple[str, ...]:
+        return ("denoiser",)  # a BFL file holds the transformer; the AE and the encoders have files of their own
+
+    def checkpoint_pieces(self, comps: Components, parts: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        """The transformer in BFL names, one block at a time (fusing q/k/v builds new tensors)."""
+        from lorakit.families.flux.model_files import bfl_pieces
+
+        if "denoiser" in parts:
+            yield from bfl_pieces(comps.denoiser.state_dict())
+
+
+def _deprecated_blocks_to_swap(cfg: Any) -> int:
+    double, single = getattr(cfg, "double_blocks_to_swap", None), getattr(cfg, "single_blocks_to_swap", None)
+    if cfg.blocks_to_swap is not None or (double is None and single is None):
+        return 0
+    return (double or 0) + (single or 0) // 2

@@ -20,6 +20,8 @@ class FluxOptions(EncoderFileOptions):
     # lorakit controlnet: sd-scripts' flux_train_control_net.py builds 2 double and 0 single blocks
     controlnet_double_blocks: int = Field(2, ge=0, description="[FLUX ControlNet] double blocks of the ControlNet")
     controlnet_single_blocks: int = Field(0, ge=0, description="[FLUX ControlNet] single blocks of the ControlNet")
+    double_blocks_to_swap: int | None = Field(None, ge=0, description="[FLUX] deprecated: --blocks_to_swap N + single // 2")
+    single_blocks_to_swap: int | None = Field(None, ge=0, description="[FLUX] deprecated: adds N // 2 to --blocks_to_swap")
 
 
 OPTIONS = FluxOptions

@@ -7,6 +7,7 @@ Targets follow sd-scripts' `networks.lora`: the U-Net's Transformer2DModel linea
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ class StableDiffusionFamily(ModelFamily):
 
     name = "sd"
     title = "SD 1.x/2.x"
+    trains_whole_model = True
     default_network_module = "networks.lora"
     bucket_step = 64
     takes_v2 = True
@@ -255,6 +257,12 @@ class StableDiffusionFamily(ModelFamily):
         from lorakit.families.sd.model_files import save_sd_diffusers_folder
 
         save_sd_diffusers_folder(comps, path)
+
+    def checkpoint_pieces(self, comps: Components, parts: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        from lorakit.families.common.ldm_keys import ldm_part_state
+
+        for part in parts:
+            yield ldm_part_state(comps, part)
 
 
 def _version(v2: bool, v_parameterization: bool) -> str:

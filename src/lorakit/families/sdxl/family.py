@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,10 @@ class StableDiffusionXLFamily(ModelFamily):
 
     name = "sdxl"
     title = "SDXL"
+    trains_whole_model = True
     default_network_module = "networks.lora"
     bucket_step = 32
+    block_lr_count = 23  # sdxl_train.py's --block_lr
     block_layout = BLOCK_LAYOUT
     all_layers_args = {"conv_dim": "1", "conv_alpha": "1"}
     oft_attention = re.compile(r"_attn\d_(to_q|to_k|to_v|to_out_0)$")
@@ -278,6 +281,20 @@ class StableDiffusionXLFamily(ModelFamily):
         from lorakit.families.sdxl.model_files import save_sdxl_diffusers_folder
 
         save_sdxl_diffusers_folder(comps, path)
+
+    def checkpoint_pieces(self, comps: Components, parts: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        from lorakit.families.sdxl.sgm_keys import sgm_part_state
+
+        for part in parts:
+            yield sgm_part_state(comps, part)
+
+    def lr_blocks(self, comps: Components) -> Callable[[str], int]:
+        """sdxl_train.py's 23 `--block_lr` blocks, read off the SGM name of each U-Net parameter."""
+        from lorakit.families.sdxl.blocks import block_lr_index
+        from lorakit.families.sdxl.sgm_keys import SgmUnetNames
+
+        names = SgmUnetNames(dict(comps.denoiser.config))
+        return lambda name: block_lr_index(names.key(name))
 
 
 def sgm_module_path(comps: Components):
