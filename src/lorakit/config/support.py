@@ -67,7 +67,7 @@ _HINTS: dict[str, str] = {
     # dataset
     **dict.fromkeys(
         (
-            "debug_dataset", "dataset_class", "weighted_captions",
+            "debug_dataset", "dataset_class",
         ),
         _REMOVE,
     ),
@@ -107,12 +107,6 @@ def _lr_scheduler(value: Any) -> str | None:
     return "--lr_scheduler reduce_lr_on_plateau needs a validation metric, which LoRA training does not produce; use cosine or constant"
 
 
-def _max_token_length(value: Any) -> str | None:
-    if value is None:
-        return None
-    return f"--max_token_length {value} is recognised but not implemented yet in lorakit; prompts use 75 tokens"
-
-
 _NETWORK_KEYS_DONE = (
     "conv_dim", "conv_alpha", "rank_dropout", "module_dropout",
     # DoRA (adapters/dora.py)
@@ -143,7 +137,6 @@ def _network_args(cfg: TrainConfig) -> list[str]:
 PARTIAL: dict[str, Callable[[Any], str | None]] = {
     "network_module": _network_module,
     "lr_scheduler": _lr_scheduler,
-    "max_token_length": _max_token_length,
 }
 
 #: Options implemented in full (plus those in PARTIAL, whose values are checked).
@@ -153,7 +146,9 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "train_data_dir", "reg_data_dir", "dataset_config", "resolution", "train_batch_size", "enable_bucket",
         "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "caption_extension",
         "caption_extention", "cache_latents", "vae_batch_size", "prior_loss_weight", "max_data_loader_n_workers",
-        "persistent_data_loader_workers", "max_token_length",
+        "persistent_data_loader_workers",
+        # long and weighted captions of CLIP encoders (families/common/clip_prompts.py)
+        "max_token_length", "weighted_captions",
         "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "network_weights",
         "network_train_unet_only", "network_train_text_encoder_only", "unet_lr", "text_encoder_lr",
         "optimizer_type", "optimizer_args", "learning_rate", "max_grad_norm", "lr_scheduler", "lr_warmup_steps",

@@ -23,6 +23,7 @@ from lorakit.adapters.spec import TargetSpec
 from lorakit.adapters.targets import AdapterTarget, RankChoice, kohya_name
 from lorakit.data.latent_files import LatentFileFormat
 from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
+from lorakit.families.common.clip_prompts import ClipPrompts, encoder_ids
 from lorakit.families.common.prediction import prediction_type_warnings
 from lorakit.families.common.text_cache import CaptionCache, whole_caption_cache
 from lorakit.families.common.text_encoders import clip_targets
@@ -36,7 +37,6 @@ from lorakit.transfer import to_device
 
 log = logging.getLogger("lorakit")
 
-TOKENS_PER_CHUNK = 77
 BASE_MODEL_VERSION = "sdxl_base_v1-0"
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -64,6 +64,7 @@ class StableDiffusionXLFamily(ModelFamily):
     def __init__(self) -> None:
         self.vae_in_float32 = False
         self.text_cache: CaptionCache | None = None
+        self.prompts = ClipPrompts()  # --max_token_length / --weighted_captions of a training run
 
     @property
     def latent_format(self) -> LatentFileFormat:
@@ -97,6 +98,7 @@ class StableDiffusionXLFamily(ModelFamily):
         """Remember the SDXL-specific switches that change how images and text are encoded."""
         self.vae_in_float32 = bool(cfg.no_half_vae)
         self.text_cache = whole_caption_cache(cfg)
+        self.prompts = ClipPrompts.from_options(cfg)
 
     def load_model(self, source: ModelSource) -> Components:
         from lorakit.families.sdxl.loading import load_sdxl_components
@@ -125,12 +127,9 @@ class StableDiffusionXLFamily(ModelFamily):
 
     # -- text --------------------------------------------------------------------------------------------
 
-    def tokenize(self, comps: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids for CLIP-L (padded with the end token) and bigG (padded with "!", id 0)."""
-        return tuple(
-            tokenizer(captions, padding="max_length", max_length=TOKENS_PER_CHUNK, truncation=True, return_tensors="pt").input_ids
-            for tokenizer in comps.tokenizers
-        )
+    def tokenize(self, comps: Components, captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Ids (B, windows, 77) and weights for CLIP-L (padded with the end token) and bigG (padded with "!", id 0)."""
+        return [self.prompts.tokenize(tokenizer, captions) for tokenizer in comps.tokenizers]
 
     def encode_text(self, comps: Components, captions: list[str], clip_skip: int | None = None) -> TextConditioning:
         """`encoder_hidden_states` (B, 77, w1 + w2) and `text_embeds` (B, projection) for the captions.
@@ -146,11 +145,14 @@ class StableDiffusionXLFamily(ModelFamily):
 
     def _run_encoders(self, comps: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         te1, te2 = comps.text_encoders
-        ids1, ids2 = self.tokenize(comps, captions)
-        hidden1 = te1(to_device(ids1, te1.device), output_hidden_states=True).hidden_states[-2]
-        out2 = te2(to_device(ids2, te2.device), output_hidden_states=True)
-        hidden = torch.cat([hidden1, out2.hidden_states[-2].to(hidden1.dtype)], dim=-1)
-        return hidden, out2.text_embeds
+        (ids1, weights1), (ids2, weights2) = self.tokenize(comps, captions)
+        prompts, batch = self.prompts, len(captions)
+        hidden1 = te1(to_device(encoder_ids(ids1), te1.device), output_hidden_states=True).hidden_states[-2]
+        out2 = te2(to_device(encoder_ids(ids2), te2.device), output_hidden_states=True)
+        hidden1 = prompts.weigh(prompts.join(hidden1, batch), weights1)
+        hidden2 = prompts.weigh(prompts.join(out2.hidden_states[-2], batch), weights2)
+        # with --max_token_length the pooled embedding is the first window's, as in sd-scripts
+        return torch.cat([hidden1, hidden2.to(hidden1.dtype)], dim=-1), out2.text_embeds[:: prompts.windows]
 
     # -- prediction --------------------------------------------------------------------------------------
 
