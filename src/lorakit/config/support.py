@@ -30,14 +30,6 @@ _HINTS: dict[str, str] = {
         ),
         _REMOVE,
     ),
-    # validation
-    **dict.fromkeys(
-        (
-            "validation_split", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
-            "max_validation_steps",
-        ),
-        _REMOVE,
-    ),
     # saving
     **dict.fromkeys(
         (
@@ -101,12 +93,6 @@ def _network_module(value: Any) -> str | None:
     )
 
 
-def _lr_scheduler(value: Any) -> str | None:
-    if value != "reduce_lr_on_plateau":
-        return None
-    return "--lr_scheduler reduce_lr_on_plateau needs a validation metric, which LoRA training does not produce; use cosine or constant"
-
-
 _NETWORK_KEYS_DONE = (
     "conv_dim", "conv_alpha", "rank_dropout", "module_dropout",
     # DoRA (adapters/dora.py)
@@ -136,7 +122,6 @@ def _network_args(cfg: TrainConfig) -> list[str]:
 #: Implemented options whose values are only partly supported: option -> check of the value.
 PARTIAL: dict[str, Callable[[Any], str | None]] = {
     "network_module": _network_module,
-    "lr_scheduler": _lr_scheduler,
 }
 
 #: Options implemented in full (plus those in PARTIAL, whose values are checked).
@@ -147,6 +132,9 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "caption_extension",
         "caption_extention", "cache_latents", "vae_batch_size", "prior_loss_weight", "max_data_loader_n_workers",
         "persistent_data_loader_workers",
+        # validation loss (data/holdout.py, training/validation.py)
+        "validation_split", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
+        "max_validation_steps",
         # long and weighted captions of CLIP encoders (families/common/clip_prompts.py)
         "max_token_length", "weighted_captions",
         "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "network_weights",

@@ -72,6 +72,7 @@ class TrainDataset(Dataset):
         self._skip = 0
         self._plans: EpochBatches = EpochBatches([], seed, 0)
         self.rank, self.world_size = 0, 1  # this process's share of each epoch (see `shard`)
+        self.validation: TrainDataset | None = None  # images held out by a validation split (data/holdout.py)
         self.set_epoch(0)
 
     # ----- epochs, steps and batches -----

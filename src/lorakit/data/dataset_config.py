@@ -47,11 +47,11 @@ SUBSET_ONLY_KEYS: dict[str, str] = {
 DATASET_KEYS: dict[str, str] = {  # allowed in [general] and [[datasets]]
     "resolution": "resolution", "batch_size": "int", "enable_bucket": "bool", "min_bucket_reso": "int",
     "max_bucket_reso": "int", "bucket_reso_steps": "int", "bucket_no_upscale": "bool",
-    "network_multiplier": "number",
+    "network_multiplier": "number", "validation_split": "fraction", "validation_seed": "int",
 }
 # sd-scripts keys this version does not implement; a value other than the harmless default is an error.
 NOT_IMPLEMENTED_KEYS: dict[str, Any] = {
-    "custom_attributes": None, "validation_seed": None, "validation_split": 0,
+    "custom_attributes": None,
 }
 # Keys a subset of a given kind must not have (beyond the subset-only keys that define the kind).
 KIND_FORBIDDEN: dict[str, tuple[str, ...]] = {
@@ -109,6 +109,7 @@ _CHECKS = {
     "int": _is_int,
     "count": lambda v: _is_int(v) and v >= 1,
     "number": _is_number,
+    "fraction": lambda v: _is_number(v) and 0 <= v < 1,
     "str": lambda v: isinstance(v, str),
     "table": lambda v: isinstance(v, dict),
     "interpolation": lambda v: isinstance(v, str) and v in INTERPOLATIONS,
@@ -118,6 +119,7 @@ _CHECKS = {
 }
 _WANTED = {"count": "a whole number of at least 1 (0 or fewer repeats would never show the images)",
            "resolution": "a size like 512 or [768, 512]", "float_pair": "[low, high] with low <= high",
+           "fraction": "a number from 0 up to (not including) 1",
            "number": "a number", "interpolation": "one of " + ", ".join(INTERPOLATIONS)}
 
 

@@ -103,6 +103,14 @@ def _dataset(cfg: Any, seed: int, problems: list[str]) -> Any:
     except DataError as error:
         problems.append(str(error))
         return None
+    if cfg.lr_scheduler == "reduce_lr_on_plateau" and not cfg.lr_scheduler_type and dataset.validation is None:
+        problems.append("--lr_scheduler reduce_lr_on_plateau lowers the LR when the validation loss stops "
+                        "improving: hold out images with --validation_split (or the dataset key validation_split)")
+    asked = [f"--{n}" for n in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps")
+             if getattr(cfg, n) is not None]
+    if asked and dataset.validation is None:
+        log.warning("%s: no images are held out for validation (validation_split is 0), so no validation runs",
+                    ", ".join(asked))
     if caches_text(cfg) and dataset.captions_vary():
         problems.append("--cache_text_encoder_outputs: a dataset subset changes its captions per step (shuffle, "
                         "dropout, tag dropout, token warm-up or wildcards); remove one or the other")
