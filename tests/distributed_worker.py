@@ -53,6 +53,8 @@ def instrumented(record: dict[str, Any]) -> Iterator[None]:
         record["rng"].append(rng_digest(self.session.noise_generator))
         if "cache" not in record:
             record["cache"] = cache_digest(self.dataset)
+            text_cache = getattr(self.session.family, "text_cache", None)
+            record["text_files"] = len(text_cache.files) if text_cache is not None else 0
 
     def recording_load_state(path: Any, live: Any) -> Any:
         info = real_load_state(path, live)

@@ -65,7 +65,8 @@ def two_processes(world) -> dict[str, dict]:
                               f"--resume={root / 'full' / 'tiny-step00000002-state'}"),
         "memory": train_args(world, root / "memory", "--max_train_steps=1", "--cache_latents",
                              f"--sample_prompts={world['prompts']}", "--sample_every_n_steps=1"),
-        "disk": train_args(world, root / "disk", "--max_train_steps=1", "--cache_latents_to_disk"),
+        "disk": train_args(world, root / "disk", "--max_train_steps=1", "--cache_latents_to_disk",
+                           "--cache_text_encoder_outputs_to_disk", "--network_train_unet_only"),
     }
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
@@ -153,7 +154,14 @@ def test_latent_caching_is_shared_by_the_processes(world, two_processes):
     assert rank0["memory"] == 4 and rank0 == rank1  # every process holds all 4 images' latents, the same ones
     disk0, disk1 = (ranks["disk"]["cache"] for ranks in two_processes["ranks"])
     assert disk0 == disk1 == {"files": 4}
-    assert len(list((world["data"]).rglob("*.npz"))) == 4
+    assert len(list((world["data"]).rglob("*_sd.npz"))) == 4
+
+
+def test_text_encoder_cache_files_are_shared_by_the_processes(world, two_processes):
+    """Each process writes every second missing file; afterwards both read all four captions' files."""
+    assert [ranks["disk"]["text_files"] for ranks in two_processes["ranks"]] == [4, 4]
+    assert len(list((world["data"]).rglob("*_sd_te.npz"))) == 4
+    assert two_processes["stdout"].count("text encoders     loaded (4 *_sd_te.npz files to write)") == 1
 
 
 # ---------------------------------------------------------------------------------------------- helpers

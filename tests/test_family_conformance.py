@@ -18,6 +18,7 @@ from lorakit.adapters.algorithms import available_modules
 from lorakit.adapters.key_layout import KeyLayout
 from lorakit.cli.main import main
 from lorakit.data.latent_files import LatentFileFormat
+from lorakit.data.text_files import TextFileFormat
 from lorakit.families.base import ModelFamily, ModelSource
 from lorakit.families.registry import all_families, detect_family, family_names, fixtures, get_family, guess_lora_family
 from lorakit.tools.common import load_lora
@@ -46,7 +47,8 @@ def _required_members() -> list[str]:
 
 def test_the_protocol_has_required_members():
     assert {"load", "load_model", "adapter_targets", "encode_text", "predict", "metadata", "base_model",
-            "owns_checkpoint", "latent_format", "lora_layout", "save_single_file", "save_folder"} <= set(_required_members())
+            "owns_checkpoint", "latent_format", "text_cache_format", "text_encoder_outputs", "lora_layout", "save_single_file",
+            "save_folder"} <= set(_required_members())
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -56,6 +58,7 @@ def test_family_implements_the_protocol(name):
     missing = [m for m in _required_members() if getattr(type(family), m) is getattr(ModelFamily, m)]
     assert not missing, f"{name} does not define {missing}"
     assert isinstance(family.latent_format, LatentFileFormat) and isinstance(family.lora_layout, KeyLayout)
+    assert isinstance(family.text_cache_format, TextFileFormat) and family.text_cache_format.keys
     assert family.default_network_module in available_modules(family)
     assert family.single_file_kinds and family.save_formats[0] == "kohya" and family.lora_hints
     default = family.base_model(None)
@@ -68,7 +71,7 @@ def test_families_keep_their_files_apart():
     for attribute in ("title",):
         values = [getattr(f, attribute) for f in families]
         assert len(set(values)) == len(values), attribute
-    suffixes = [f.latent_format.suffix for f in families]
+    suffixes = [f.latent_format.suffix for f in families] + [f.text_cache_format.suffix for f in families]
     assert len(set(suffixes)) == len(suffixes), suffixes
 
 

@@ -71,19 +71,19 @@ class Spy:
     def __init__(self, monkeypatch):
         self.objectives: list = []
         self.encoded: list[tuple[list[str], bool]] = []
-        objective, run_encoders = StableDiffusionXLFamily.objective, StableDiffusionXLFamily._run_encoders
+        objective, run_encoders = StableDiffusionXLFamily.objective, StableDiffusionXLFamily.text_encoder_outputs
 
         def spy_objective(family, cfg, comps):
             result = objective(family, cfg, comps)
             self.objectives.append(result)
             return result
 
-        def spy_run_encoders(family, comps, captions):
+        def spy_run_encoders(family, comps, captions, clip_skip=None):
             self.encoded.append((list(captions), torch.is_grad_enabled()))
-            return run_encoders(family, comps, captions)
+            return run_encoders(family, comps, captions, clip_skip)
 
         monkeypatch.setattr(StableDiffusionXLFamily, "objective", spy_objective)
-        monkeypatch.setattr(StableDiffusionXLFamily, "_run_encoders", spy_run_encoders)
+        monkeypatch.setattr(StableDiffusionXLFamily, "text_encoder_outputs", spy_run_encoders)
 
 
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

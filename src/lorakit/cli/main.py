@@ -15,7 +15,8 @@ USAGE = """usage: lorakit <command> [options]   (lorakit --version prints the ve
 
 commands:
   train     train a LoRA (sd-scripts option names: lorakit train --help)
-  cache     encode the dataset's latents to sd-scripts' .npz cache files, without training (train options)
+  cache     encode the dataset's latents (and, with --cache_text_encoder_outputs_to_disk, its captions) to
+            sd-scripts' .npz cache files, without training (train options)
   demo      train a LoRA on the built-in toy model and dataset on the CPU, with before/after samples
   lora      LoRA file tools: resize, merge, extract, convert, inspect, dylora, sample (lorakit lora --help)
   sample    generate images with LoRAs merged into a base model, any family (lorakit sample --help)
@@ -156,23 +157,12 @@ def _dataset(argv: list[str]) -> int:
 
 
 def _cache(argv: list[str]) -> int:
-    """`lorakit cache`: the train command's options; the VAE encodes every image once, nothing is trained."""
-    import torch
-
+    """`lorakit cache`: the train command's options; latents (and text-encoder outputs) to their cache files."""
+    from lorakit.cli.cache import cache_files
     from lorakit.config import parse_train_args
-    from lorakit.data.cache import run_cache, vae_identity
-    from lorakit.families.registry import resolve_family
 
     cfg, warnings = parse_train_args(argv)
     apply_console_options(cfg)
     for warning in warnings:
         logging.getLogger("lorakit").warning(warning)
-    family = resolve_family(cfg)
-    comps = family.load(cfg)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    comps.vae.to(device)
-    with torch.no_grad():
-        report = run_cache(cfg, lambda images: family.encode_images(comps, images), latent_format=family.latent_format,
-                           vae_id=vae_identity(cfg))
-    print(f"latent cache: {report.encoded} encoded now, {report.reused} already cached and valid")
-    return 0
+    return cache_files(cfg)

@@ -397,9 +397,6 @@ def _disk_cache_implies_memory(c: TrainConfig) -> list[str]:
         messages.append("--cache_latents_to_disk turns on --cache_latents")
     if c.cache_text_encoder_outputs_to_disk and not c.cache_text_encoder_outputs:
         messages.append("--cache_text_encoder_outputs_to_disk turns on --cache_text_encoder_outputs")
-    if c.cache_text_encoder_outputs_to_disk:
-        messages.append("--cache_text_encoder_outputs_to_disk: text-encoder outputs are cached in memory (each caption "
-                        "encoded once per run); no *_te_outputs.npz files are written or read")
     return messages
 
 

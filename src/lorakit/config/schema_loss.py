@@ -45,8 +45,9 @@ class TextEncoderOptions(OptionSection):
     SECTION: ClassVar[str] = "text_encoder"
 
     cache_text_encoder_outputs: bool = Field(False, description="cache text-encoder outputs in memory")
-    cache_text_encoder_outputs_to_disk: bool = Field(False, description="cache text-encoder outputs to disk")
-    text_encoder_batch_size: int | None = Field(None, ge=1, description="[DiT] text-encoder caching batch")
+    cache_text_encoder_outputs_to_disk: bool = Field(False, description="cache text-encoder outputs to npz files beside the images")
+    text_encoder_batch_size: int | None = Field(None, ge=1, description="captions encoded at once when caching to disk "
+                                                "(default: --train_batch_size)")
 
 
 class MemoryOptions(OptionSection):

@@ -38,8 +38,6 @@ _HINTS: dict[str, str] = {
         ),
         "remove it and upload the files from --output_dir yourself",
     ),
-    # text_encoder
-    "text_encoder_batch_size": _REMOVE,
     # training
     **dict.fromkeys(
         (
@@ -168,7 +166,7 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "initial_epoch", "initial_step", "skip_until_initial_step", "sample_prompts", "sample_every_n_steps",
         "sample_every_n_epochs", "sample_at_first", "sample_sampler",
         # SDXL (families/sdxl/)
-        "no_half_vae", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
+        "no_half_vae", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "text_encoder_batch_size",
         # flow-matching models, fp8 and block swap (objectives/flow.py, families/common/)
         "fp8_base", "fp8_base_unet", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "timestep_sampling",
         "sigmoid_scale", "discrete_flow_shift", "model_prediction_type", "blocks_to_swap", "cpu_offload_checkpointing",

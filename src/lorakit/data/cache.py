@@ -131,15 +131,15 @@ def vae_identity(cfg: Any) -> str:
 
 
 def run_cache(cfg: Any, encode: Encode, latent_format: LatentFileFormat, vae_id: str = "",
-              progress: bool = True) -> CacheReport:
-    """Build the dataset described by `cfg` and cache all its latents to disk (for `lorakit cache`).
+              progress: bool = True, dataset: TrainDataset | None = None) -> CacheReport:
+    """Cache all latents of the dataset described by `cfg` (built here unless given) to disk (`lorakit cache`).
 
     `encode` maps pixels (B, 3, H, W) in [-1, 1] to model-ready latents; `latent_format` is the model family's
     cache file format; `vae_id` names the VAE so caches made with another VAE are re-encoded.
     """
     from lorakit.data.build import build_train_dataset
 
-    dataset = build_train_dataset(cfg)
+    dataset = dataset if dataset is not None else build_train_dataset(cfg)
     return cache_dataset_latents(dataset, encode, getattr(cfg, "vae_batch_size", None) or 1, progress,
                                  to_disk=True, latent_format=latent_format, vae_id=vae_id,
                                  skip_check=bool(getattr(cfg, "skip_cache_check", False)))

@@ -235,6 +235,13 @@ class TrainDataset(Dataset):
         """Counts, folders and buckets, as printed in the plan and written into the LoRA metadata."""
         return summarize(self)
 
+    def fixed_caption(self, image_id: int) -> str:
+        """The caption every step sees for an image, when its subset does not change captions per step (what
+        text-encoder caching encodes)."""
+        entry = self.images[image_id]
+        return process_caption(entry.caption, self.subsets[entry.subset_index], random.Random(0), CaptionContext(),
+                               self.replacements)
+
     def captions_vary(self) -> bool:
         """True when some caption changes between steps, so text-encoder outputs cannot be cached."""
         return any(subset.varies_captions for subset in self.subsets)

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from lorakit.adapters.spec import TargetSpec
     from lorakit.adapters.targets import AdapterTarget
     from lorakit.data.latent_files import LatentFileFormat
+    from lorakit.data.text_cache import CaptionCache
+    from lorakit.data.text_files import TextFileFormat
 
 
 @dataclass
@@ -77,6 +79,7 @@ class ModelSource:
     fp8: str | None = None
     partial: bool = False
     denoiser_only: bool = False  # only the denoiser is needed (converting it alone): nothing else is loaded
+    text_encoders: bool = True  # False: the text encoders and their tokenizers are not built (empty lists)
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,11 @@ class ModelFamily:
         raise NotImplementedError
 
     @property
+    def text_cache_format(self) -> "TextFileFormat":
+        """The family's text-encoder cache files (sd-scripts' suffix and keys, the options the outputs depend on)."""
+        raise NotImplementedError
+
+    @property
     def lora_layout(self) -> "KeyLayout":
         """How this family's LoRA files name modules, in the kohya and the diffusers/PEFT layouts."""
         raise NotImplementedError
@@ -203,9 +211,11 @@ class ModelFamily:
         return None
 
     # -- training ---------------------------------------------------------------------------------------------
-    def load(self, cfg: Any, spec: "TargetSpec | None" = None) -> Components:
+    def load(self, cfg: Any, spec: "TargetSpec | None" = None, text_cache: "CaptionCache | None" = None) -> Components:
         """The base model for training, with the family's training-time settings read from `cfg` and from what
-        the run trains (`spec`: which encoders carry adapters decides what can be cached)."""
+        the run trains (`spec`: which encoders carry adapters decides what can be cached). `text_cache` is the
+        run's cache of text-encoder outputs (`data/text_cache.py`; None: an in-memory one when `cfg` asks for
+        caching); when its `needs_encoders` is False the text encoders are not built (`ModelSource.text_encoders`)."""
         raise NotImplementedError
 
     def load_model(self, source: ModelSource) -> Components:
@@ -224,6 +234,13 @@ class ModelFamily:
         raise NotImplementedError
 
     def encode_text(self, comps: Components, captions: list[str], clip_skip: int | None = None) -> TextConditioning:
+        """The denoiser's text conditioning for the captions (from the text cache where the run keeps one)."""
+        raise NotImplementedError
+
+    def text_encoder_outputs(self, comps: Components, captions: list[str], clip_skip: int | None = None
+                             ) -> dict[str, torch.Tensor]:
+        """The text encoders' outputs for the captions, batched, under the keys of `text_cache_format`'s files:
+        what text-encoder caching stores and `encode_text` assembles into the conditioning."""
         raise NotImplementedError
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning,

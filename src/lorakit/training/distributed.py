@@ -225,6 +225,23 @@ def cache_latents(dataset: Any, accelerator: Any, encode: Callable[[torch.Tensor
     return report
 
 
+def cache_text_outputs(cache: Any, accelerator: Any, encode: Callable[[list[str]], dict[str, torch.Tensor]],
+                       batch_size: int) -> int:
+    """Write the text cache's pending files with the work divided among the processes, as latents are: every
+    process checked the files before loading (a barrier keeps anyone from writing before all have), writes every
+    N-th pending file, and after a second barrier every process reads the complete set."""
+    if not cache.pending:
+        return 0
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world > 1:
+        accelerator.wait_for_everyone()
+    written = cache.write_pending(encode, batch_size, accelerator.is_main_process, rank, world)
+    if world > 1:
+        accelerator.wait_for_everyone()
+    cache.adopt_pending()
+    return written
+
+
 def _image_share(dataset: Any, rank: int, world: int) -> list[int]:
     order = sorted(range(len(dataset.images)), key=lambda i: (dataset.images[i].choice.bucket, i))
     return order[rank::world]

@@ -22,7 +22,7 @@ from lorakit.data.build import build_train_dataset
 from lorakit.data.summary import format_summary
 from lorakit.errors import ConfigError, DataError
 from lorakit.families.checks import check_family_options
-from lorakit.families.common.text_cache import caches_text
+from lorakit.data.text_cache import CaptionCache, plan_text_cache, text_cache_problems
 from lorakit.families.registry import all_families, resolve_family
 from lorakit.training import distributed
 from lorakit.training.destination import destination_problems
@@ -43,6 +43,7 @@ class Checked:
     dataset: Any
     plan: TrainingPlan
     seed: int
+    text_cache: CaptionCache | None = None  # the text-encoder cache, its files checked
 
 
 def check_run(cfg: Any, option_problems: list[str] | tuple[str, ...] = ()) -> Checked:
@@ -54,12 +55,13 @@ def check_run(cfg: Any, option_problems: list[str] | tuple[str, ...] = ()) -> Ch
     family, spec = _family_and_spec(cfg, problems, model_found=not _names_missing_model(missing))
     seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1)
     dataset = _dataset(cfg, seed, problems)
-    plan = _plan(cfg, family, dataset, problems)
+    text_cache = _text_cache(cfg, family, spec, dataset, problems)
+    plan = _plan(cfg, family, dataset, text_cache)
     problems += optimizer_problems(cfg, plan.max_train_steps if plan else 1)
     problems += before_loading_problems(cfg, plan)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))  # a given --family's rules ran in the parser too
-    return Checked(family, spec, dataset, plan, seed)
+    return Checked(family, spec, dataset, plan, seed, text_cache)
 
 
 def model_file_problems(cfg: Any) -> list[str]:
@@ -111,13 +113,24 @@ def _dataset(cfg: Any, seed: int, problems: list[str]) -> Any:
     if asked and dataset.validation is None:
         log.warning("%s: no images are held out for validation (validation_split is 0), so no validation runs",
                     ", ".join(asked))
-    if caches_text(cfg) and dataset.captions_vary():
-        problems.append("--cache_text_encoder_outputs: a dataset subset changes its captions per step (shuffle, "
-                        "dropout, tag dropout, token warm-up or wildcards); remove one or the other")
+    problems += text_cache_problems(cfg, dataset)
     return dataset
 
 
-def _plan(cfg: Any, family: Any, dataset: Any, problems: list[str]) -> TrainingPlan | None:
+def _text_cache(cfg: Any, family: Any, spec: Any, dataset: Any, problems: list[str]) -> CaptionCache | None:
+    """The run's text-encoder cache, its files checked now; the encoders still load when sample prompts or a
+    trained encoder need them."""
+    if family is None or dataset is None or problems:
+        return None
+    wanted = bool(cfg.sample_prompts) or bool(spec is not None and spec.train_text_encoder)
+    try:
+        return plan_text_cache(cfg, dataset, family.text_cache_format, encoders_wanted=wanted)
+    except ConfigError as error:
+        problems += error.problems
+        return None
+
+
+def _plan(cfg: Any, family: Any, dataset: Any, text_cache: CaptionCache | None) -> TrainingPlan | None:
     """The run's length (printed on the main process), once the family and the dataset are known."""
     if family is None or dataset is None:
         return None
@@ -125,7 +138,8 @@ def _plan(cfg: Any, family: Any, dataset: Any, problems: list[str]) -> TrainingP
     dataset.set_training_length(plan.max_train_steps, cfg.gradient_accumulation_steps)
     if distributed.rank_from_env() == 0:
         batch = distributed.effective_batch_message(dataset, plan.num_processes, cfg.gradient_accumulation_steps)
-        print(format_plan(cfg, plan, format_summary(dataset.summary())) + "\n" + batch, flush=True)
+        text = "\n" + text_cache.describe() if text_cache is not None else ""
+        print(format_plan(cfg, plan, format_summary(dataset.summary())) + text + "\n" + batch, flush=True)
     return distributed.per_process_plan(plan)  # resume positions count this process's batches
 
 

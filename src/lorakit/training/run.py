@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from lorakit.data.cache import vae_identity
+from lorakit.data.text_cache import CaptionCache
 from lorakit.precision import effective_mixed_precision
 from lorakit.training import distributed
 from lorakit.training import metadata as md
@@ -34,16 +35,18 @@ def train(cfg: Any, option_problems: list[str] | tuple[str, ...] = ()) -> TrainR
     if cfg.dry_run:
         return TrainResult(checked.plan)
     with hold_output(cfg, distributed.rank_from_env() == 0):  # a second run on this output name stops here
-        return _train_with_models(cfg, checked.family, checked.spec, checked.dataset, checked.plan, checked.seed)
+        return _train_with_models(cfg, checked.family, checked.spec, checked.dataset, checked.plan, checked.seed,
+                                  checked.text_cache)
 
 
-def _train_with_models(cfg: Any, family: Any, spec: Any, dataset: Any, plan: TrainingPlan, seed: int) -> TrainResult:
+def _train_with_models(cfg: Any, family: Any, spec: Any, dataset: Any, plan: TrainingPlan, seed: int,
+                       text_cache: CaptionCache | None = None) -> TrainResult:
     accelerator = make_accelerator(cfg)
     # only the main process writes files, so only it reads the whole base model for their metadata
     hashes = md.BaseModelHashes(cfg if accelerator.is_main_process else None)
     distributed.shard_dataset(dataset, accelerator)
     set_seed(seed)
-    session = setup_session(cfg, family, accelerator, spec)
+    session = setup_session(cfg, family, accelerator, spec, text_cache)
     session.base_hashes = hashes
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         disk = {"to_disk": True, "latent_format": family.latent_format, "vae_id": vae_identity(cfg),

@@ -9,19 +9,22 @@ import torch
 from accelerate import Accelerator
 
 from lorakit.adapters.spec import TargetSpec, target_spec_from_config
+from lorakit.data.text_cache import CaptionCache
 from lorakit.families.base import ModelFamily
 from lorakit.precision import WEIGHT_DTYPES
+from lorakit.training import distributed
 from lorakit.training.network_trainable import NetworkTrainable
 from lorakit.training.session import Session
 
 log = logging.getLogger("lorakit")
 
 
-def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec: TargetSpec | None = None) -> Session:
-    """Load the model, place it, and attach the adapter network the spec describes (built from `cfg` when None)
-    as the run's `Trainable`."""
+def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec: TargetSpec | None = None,
+                  text_cache: CaptionCache | None = None) -> Session:
+    """Load the model, place it, write the text-encoder cache files still missing, and attach the adapter network
+    the spec describes (built from `cfg` when None) as the run's `Trainable`."""
     spec = spec or target_spec_from_config(cfg, family)
-    comps = family.load(cfg, spec)
+    comps = family.load(cfg, spec, text_cache)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     device = accelerator.device
     swap_blocks = family.swaps_blocks(cfg)
@@ -34,6 +37,12 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
         _move(module, torch.device("cpu") if swap_blocks and module is comps.denoiser else device, dtype)
     if swap_blocks:
         family.prepare_block_swap(comps, cfg, device)
+    if text_cache is not None:
+        # before the network attaches: the files hold the base encoders' outputs, as sd-scripts caches them
+        text_cache.device = device
+        with accelerator.autocast():  # as the step would encode (fp8 weights compute in the autocast dtype)
+            distributed.cache_text_outputs(text_cache, accelerator, lambda captions: family.text_encoder_outputs(
+                comps, captions, cfg.clip_skip), cfg.text_encoder_batch_size or cfg.train_batch_size)
     trained_encoders = family.text_encoders_to_train(comps, spec)
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(comps, bool(trained_encoders))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lorakit.families.base import Components
-from lorakit.families.common.text_cache import caches_text
+from lorakit.data.text_cache import caches_text
 from lorakit.objectives.flow import ignored_option_warnings
 
 log = logging.getLogger("lorakit")

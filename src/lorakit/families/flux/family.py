@@ -21,12 +21,13 @@ import torch
 from lorakit.adapters.spec import TargetSpec
 from lorakit.adapters.targets import AdapterTarget, RankChoice
 from lorakit.data.latent_files import LatentFileFormat
+from lorakit.data.text_cache import CaptionCache, run_text_cache
+from lorakit.data.text_files import TextFileFormat
 from lorakit.errors import ConfigError
 from lorakit.families.base import (
     BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, SeparatePart, TextConditioning,
 )
 from lorakit.families.common.layers import to_fp8
-from lorakit.families.common.text_cache import CaptionCache, caches_text
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
 from lorakit.families.common.transformer_family import (
     BlockSwapFamily, ShiftScaleLatents, note_block_swap, t5_family_problems, t5_family_warnings, trains_t5,
@@ -87,6 +88,12 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         return LatentFileFormat("_flux.npz", True)
 
     @property
+    def text_cache_format(self) -> TextFileFormat:
+        return TextFileFormat("_flux_te.npz", ("l_pooled", "t5_out", "txt_ids", "t5_attn_mask"),
+                              switches=("apply_t5_attn_mask",), settings=("t5xxl_max_token_length",),
+                              encoder_files=("clip_l", "t5xxl"))
+
+    @property
     def lora_layout(self):
         return LORA_LAYOUT
 
@@ -109,18 +116,18 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     def parse_network_args(self, args: Mapping[str, str], spec: TargetSpec) -> tuple[Any, list[str]]:
         return FluxNetworkArgs.parse(args, spec.rank)
 
-    def load(self, cfg: Any, spec: TargetSpec | None = None) -> Components:
+    def load(self, cfg: Any, spec: TargetSpec | None = None, text_cache: CaptionCache | None = None) -> Components:
+        self.text_cache = run_text_cache(cfg, text_cache)
         comps = self.load_model(ModelSource(
             cfg.pretrained_model_name_or_path, {k: getattr(cfg, k) for k in self.part_files if getattr(cfg, k)},
             load_dtype(cfg), fp8="denoiser" if cfg.fp8_base_unet else ("all" if cfg.fp8_base else None),
+            text_encoders=self.text_cache is None or self.text_cache.needs_encoders,
         ))
         comps.extras.update(self._conditioning_options(cfg, comps))
         comps.extras["train_t5xxl"] = trains_t5(spec)
-        if caches_text(cfg):
-            # T5's outputs always, CLIP-L's too unless CLIP-L trains (sd-scripts' "partial" caching: a trained
-            # encoder runs every step)
-            self.text_cache = CaptionCache()
-            self.cache_clip = not (spec is not None and spec.train_text_encoder)
+        # T5's outputs always, CLIP-L's too unless CLIP-L trains (sd-scripts' "partial" caching: a trained
+        # encoder runs every step)
+        self.cache_clip = not (spec is not None and spec.train_text_encoder)
         self._check_block_swap(cfg, comps)
         return comps
 
@@ -137,7 +144,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             comps = load_flux_parts(source.path, clip_l=files.get("clip_l"), t5xxl=files.get("t5xxl"), dtype=dtype)
         else:
             comps = load_flux_components(source.path, clip_l=files.get("clip_l"), t5xxl=files.get("t5xxl"), ae=files.get("ae"),
-                                         dtype=dtype)
+                                         dtype=dtype, text_encoders=source.text_encoders)
         if source.fp8:
             layers = to_fp8(comps.denoiser)
             if source.fp8 == "all":
@@ -148,8 +155,11 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     @staticmethod
     def _conditioning_options(cfg: Any, comps: Components) -> dict[str, Any]:
         variant = "schnell" if comps.extras.get("schnell") else "dev"
-        # the tokenizer's own limit wins over the default (lorakit's tiny test tokenizer stops at 32)
-        default_length = min(T5_MAX_LENGTH[variant], comps.tokenizers[1].model_max_length)
+        # the tokenizer's own limit wins over the default (lorakit's tiny test tokenizer stops at 32); without
+        # tokenizers the captions' outputs are all cached and no length is needed
+        default_length = T5_MAX_LENGTH[variant]
+        if comps.tokenizers:
+            default_length = min(default_length, comps.tokenizers[1].model_max_length)
         return {
             "variant": variant,
             "guidance_scale": float(cfg.guidance_scale),
@@ -182,18 +192,27 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     def encode_text(self, comps: Components, captions: list[str], clip_skip: int | None = None) -> TextConditioning:
         """CLIP-L pooled output and T5 hidden states (`clip_skip` does not apply to FLUX, as in sd-scripts)."""
         if self.text_cache is None:
-            return TextConditioning({**self._clip_outputs(comps, captions), **self._t5_outputs(comps, captions)})
-        if self.cache_clip:
-            cached = self.text_cache.outputs(captions, lambda texts: {**self._clip_outputs(comps, texts), **self._t5_outputs(comps, texts)})
-            return TextConditioning(cached)
-        cached = self.text_cache.outputs(captions, lambda texts: self._t5_outputs(comps, texts))
-        return TextConditioning({**self._clip_outputs(comps, captions), **cached})
+            outputs = self.text_encoder_outputs(comps, captions)
+        elif self.cache_clip:
+            outputs = self.text_cache.outputs(captions, lambda texts: self.text_encoder_outputs(comps, texts))
+        else:  # the trained CLIP-L runs every step, with gradients; only T5 is encoded for the cache
+            outputs = self.text_cache.outputs(captions, lambda texts: self._t5_outputs(comps, texts))
+            fresh = self._clip_outputs(comps, captions)
+            device = fresh["l_pooled"].device
+            outputs = {**{k: v.to(device) for k, v in outputs.items()}, **fresh}
+        return TextConditioning({"pooled": outputs["l_pooled"], "t5": outputs["t5_out"], "t5_mask": outputs["t5_attn_mask"]})
+
+    def text_encoder_outputs(self, comps: Components, captions: list[str], clip_skip: int | None = None
+                             ) -> dict[str, torch.Tensor]:
+        """sd-scripts' `l_pooled` (CLIP-L's pooled output), `t5_out` (T5's last hidden states), `txt_ids` (zeros:
+        the text tokens' positions) and `t5_attn_mask`."""
+        return {**self._clip_outputs(comps, captions), **self._t5_outputs(comps, captions)}
 
     @staticmethod
     def _clip_outputs(comps: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         clip, clip_tok = comps.text_encoders[0], comps.tokenizers[0]
         clip_ids = clip_tok(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-        return {"pooled": clip(to_device(clip_ids, clip.device)).pooler_output}
+        return {"l_pooled": clip(to_device(clip_ids, clip.device)).pooler_output}
 
     @staticmethod
     def _t5_outputs(comps: Components, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -204,7 +223,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         mask = to_device(tokens.attention_mask, t5.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and comps.extras.get("train_t5xxl", False)):
             hidden = t5(to_device(tokens.input_ids, t5.device), attention_mask=mask if comps.extras["apply_t5_attn_mask"] else None).last_hidden_state
-        return {"t5": hidden, "t5_mask": mask}
+        return {"t5_out": hidden, "t5_attn_mask": mask, "txt_ids": hidden.new_zeros(*hidden.shape[:2], 3)}
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: Any) -> torch.Tensor:
         """The transformer's velocity for the noisy latents, turned per --model_prediction_type."""

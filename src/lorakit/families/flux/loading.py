@@ -79,10 +79,13 @@ def load_flux_components(
     t5xxl: str | None = None,
     ae: str | None = None,
     dtype: torch.dtype = torch.float32,
+    text_encoders: bool = True,
 ) -> Components:
     """transformer, AE, [CLIP-L, T5-XXL] and their tokenizers from a diffusers folder or BFL single files.
 
-    Every problem with the user's files raises `CheckpointError` naming the file (and the flag to fix).
+    Without `text_encoders` no encoder and no tokenizer is built (their outputs are cached), and neither
+    `--clip_l` nor `--t5xxl` is required. Every problem with the user's files raises `CheckpointError` naming
+    the file (and the flag to fix).
     """
     source = Path(path)
     if not source.exists():
@@ -92,18 +95,20 @@ def load_flux_components(
             raise CheckpointError(f"{value}: file not found ({flag})")
     parts: dict[str, Any] = {}
     if source.is_dir() and (source / "model_index.json").is_file():
-        parts = _load_pipeline_folder(source, dtype, skip={"clip_l": clip_l, "t5xxl": t5xxl, "ae": ae})
+        skip = {"clip_l": clip_l or not text_encoders, "t5xxl": t5xxl or not text_encoders, "ae": ae}
+        parts = _load_pipeline_folder(source, dtype, skip=skip)
     elif source.is_dir():
         parts["transformer"] = _from_pretrained(FluxTransformer2DModel, source, "", torch_dtype=dtype)
     else:
         parts["transformer"] = load_transformer_file(source, dtype)
-    if clip_l:
+    if clip_l and text_encoders:
         parts["clip_l"], parts["clip_tokenizer"] = load_clip_l_file(Path(clip_l), dtype), bundled_clip_tokenizer(CLIP_PAD_END)
-    if t5xxl:
+    if t5xxl and text_encoders:
         parts["t5xxl"], parts["t5_tokenizer"] = load_t5_file(Path(t5xxl), dtype), find_t5_tokenizer([Path(t5xxl)], T5_TOKENIZER_DIRS, _MISSING_T5_TOKENIZER)
     if ae:
         parts["ae"] = load_ae_file(Path(ae), dtype)
-    missing = [flag for flag, key in (("--clip_l", "clip_l"), ("--t5xxl", "t5xxl"), ("--ae", "ae")) if key not in parts]
+    needed = (("--clip_l", "clip_l"), ("--t5xxl", "t5xxl"), ("--ae", "ae")) if text_encoders else (("--ae", "ae"),)
+    missing = [flag for flag, key in needed if key not in parts]
     if missing:
         raise CheckpointError(
             f"{path}: a FLUX transformer file holds only the transformer; also pass {', '.join(missing)} "
@@ -111,6 +116,8 @@ def load_flux_components(
         )
     transformer = parts["transformer"].eval()
     extras = {"source": str(path), "schnell": not transformer.config.guidance_embeds}
+    if not text_encoders:
+        return Components(transformer, parts["ae"].eval(), [], [], extras)
     return Components(
         transformer, parts["ae"].eval(), [parts["clip_l"].eval(), parts["t5xxl"].eval()],
         [parts["clip_tokenizer"], parts["t5_tokenizer"]], extras,

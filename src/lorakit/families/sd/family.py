@@ -15,11 +15,13 @@ import torch
 from lorakit.adapters.spec import TargetSpec
 from lorakit.adapters.targets import AdapterTarget
 from lorakit.data.latent_files import LatentFileFormat
+from lorakit.data.text_cache import CaptionCache, run_text_cache
+from lorakit.data.text_files import TextFileFormat
 from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
 from lorakit.families.common.clip_prompts import ClipPrompts, encoder_ids
 from lorakit.families.common.headers import safetensors_keys
 from lorakit.families.common.prediction import prediction_type_warnings
-from lorakit.families.common.text_cache import CaptionCache, whole_caption_cache
+from lorakit.families.common.text_cache import whole_cache_problems
 from lorakit.families.common.text_encoders import clip_targets
 from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing, unet_targets
 from lorakit.families.common.unet_blocks import BLOCK_LAYOUT
@@ -65,6 +67,12 @@ class StableDiffusionFamily(ModelFamily):
         return LatentFileFormat("_sd.npz", False, 0.18215)
 
     @property
+    def text_cache_format(self) -> TextFileFormat:
+        # sd-scripts caches no SD 1.x/2.x text outputs: lorakit's own file, named like the other families'
+        return TextFileFormat("_sd_te.npz", ("hidden_state",),
+                              settings=("clip_skip", "max_token_length", "weighted_captions"))
+
+    @property
     def lora_layout(self):
         return LORA_LAYOUT
 
@@ -82,23 +90,28 @@ class StableDiffusionFamily(ModelFamily):
     def option_warnings(self, cfg: Any) -> list[str]:
         return prediction_type_warnings(cfg)
 
+    def option_problems(self, cfg: Any, spec: TargetSpec | None = None) -> list[str]:
+        return super().option_problems(cfg, spec) + whole_cache_problems(cfg)
+
     # -- loading -----------------------------------------------------------------------------------------
 
-    def load(self, cfg: Any, spec: TargetSpec | None = None) -> Components:
+    def load(self, cfg: Any, spec: TargetSpec | None = None, text_cache: CaptionCache | None = None) -> Components:
         # sd-scripts has no text-encoder cache for SD 1.x/2.x (its option is SDXL's); here the same option
         # saves running the frozen encoder on the same captions every step
-        self.text_cache = whole_caption_cache(cfg)
+        self.text_cache = run_text_cache(cfg, text_cache)
         self.prompts = ClipPrompts.from_options(cfg)
         return self.load_model(ModelSource(
             cfg.pretrained_model_name_or_path, {"vae": cfg.vae} if cfg.vae else {}, load_dtype(cfg),
             v2=cfg.v2, v_parameterization=cfg.v_parameterization,
+            text_encoders=self.text_cache is None or self.text_cache.needs_encoders,
         ))
 
     def load_model(self, source: ModelSource) -> Components:
         from lorakit.families.sd.loading import load_sd_components
 
         return load_sd_components(source.path, v2=source.v2, v_parameterization=source.v_parameterization,
-                                  vae_path=source.files.get("vae"), dtype=source.dtype or torch.float32)
+                                  vae_path=source.files.get("vae"), dtype=source.dtype or torch.float32,
+                                  text_encoders=source.text_encoders)
 
     def objective(self, cfg: Any, comps: Components) -> DDPMObjective:
         return DDPMObjective.from_options(cfg, "v_prediction" if cfg.v_parameterization else "epsilon")
@@ -119,9 +132,14 @@ class StableDiffusionFamily(ModelFamily):
         """`encoder_hidden_states` (B, 77, width), or (B, 75·n + 2, width) with --max_token_length; with
         --cache_text_encoder_outputs each distinct caption is encoded once and reused (the encoder is frozen then)."""
         def encode(texts: list[str]) -> dict[str, torch.Tensor]:
-            return {"encoder_hidden_states": self._run_encoder(comps, texts, clip_skip)}
+            return self.text_encoder_outputs(comps, texts, clip_skip)
 
-        return TextConditioning(encode(captions) if self.text_cache is None else self.text_cache.outputs(captions, encode))
+        outputs = encode(captions) if self.text_cache is None else self.text_cache.outputs(captions, encode)
+        return TextConditioning({"encoder_hidden_states": outputs["hidden_state"]})
+
+    def text_encoder_outputs(self, comps: Components, captions: list[str], clip_skip: int | None = None
+                             ) -> dict[str, torch.Tensor]:
+        return {"hidden_state": self._run_encoder(comps, captions, clip_skip)}
 
     def _run_encoder(self, comps: Components, captions: list[str], clip_skip: int | None) -> torch.Tensor:
         encoder = comps.text_encoders[0]

@@ -84,11 +84,13 @@ def load_sd_components(
     v_parameterization: bool,
     vae_path: str | None = None,
     dtype: torch.dtype = torch.float32,
+    text_encoders: bool = True,
 ) -> Components:
     """Load an SD 1.x/2.x model from a diffusers folder or a single `.safetensors`/`.ckpt` file.
 
     `v2` selects SD 2.x (OpenCLIP text encoder) as sd-scripts' `--v2` does; `v_parameterization` selects the
-    v-prediction objective. `vae_path` replaces the VAE (`--vae`). Every problem with the user's files raises
+    v-prediction objective. `vae_path` replaces the VAE (`--vae`). Without `text_encoders` the text encoder and
+    its tokenizer are not built (their outputs are cached). Every problem with the user's files raises
     `CheckpointError` naming the file.
     """
     source = Path(path)
@@ -98,10 +100,10 @@ def load_sd_components(
         raise CheckpointError(f"{vae_path}: VAE file or folder not found")  # before spending time on the model
     version = "sd2" if v2 else "sd1"
     if source.is_dir():
-        unet, vae, text_encoder, tokenizer = _load_diffusers_folder(source, version, dtype)
+        unet, vae, text_encoder, tokenizer = _load_diffusers_folder(source, version, dtype, text_encoders)
     else:
-        unet, vae, text_encoder = _load_single_file(source, version, v_parameterization, dtype)
-        tokenizer = bundled_clip_tokenizer(CLIP_PAD_OPENCLIP if v2 else CLIP_PAD_END)
+        unet, vae, text_encoder = _load_single_file(source, version, v_parameterization, dtype, text_encoders)
+        tokenizer = bundled_clip_tokenizer(CLIP_PAD_OPENCLIP if v2 else CLIP_PAD_END) if text_encoders else None
     if vae_path is not None:
         vae = load_vae(vae_path, dict(vae.config), dtype=dtype)
     extras = {
@@ -110,7 +112,7 @@ def load_sd_components(
         "version": version,
         "source": str(path),
     }
-    return Components(unet, vae, [text_encoder], [tokenizer], extras)
+    return Components(unet, vae, [text_encoder] if text_encoders else [], [tokenizer] if text_encoders else [], extras)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,11 +120,13 @@ def load_sd_components(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _load_diffusers_folder(folder: Path, version: str, dtype: torch.dtype):
+def _load_diffusers_folder(folder: Path, version: str, dtype: torch.dtype, text_encoders: bool = True):
     """unet/, vae/, text_encoder/ via from_pretrained on local files; tokenizer/ if present, else bundled."""
     _check_diffusers_folder(folder, version)
     unet = from_pretrained(UNet2DConditionModel, folder, "unet", torch_dtype=dtype)
     vae = from_pretrained(AutoencoderKL, folder, "vae", torch_dtype=dtype)
+    if not text_encoders:
+        return unet.eval(), vae.eval(), None, None
     text_encoder = from_pretrained(CLIPTextModel, folder, "text_encoder", dtype=dtype)
     if (folder / "tokenizer").is_dir():
         tokenizer = folder_clip_tokenizer(folder / "tokenizer")
@@ -155,31 +159,31 @@ def _check_diffusers_folder(folder: Path, version: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _load_single_file(file: Path, version: str, v_parameterization: bool, dtype: torch.dtype):
-    """An original-layout (LDM) checkpoint -> (unet, vae, text_encoder), converted with an explicit config."""
+def _load_single_file(file: Path, version: str, v_parameterization: bool, dtype: torch.dtype, text_encoders: bool = True):
+    """An original-layout (LDM) checkpoint -> (unet, vae, text_encoder or None), converted with an explicit config."""
     checkpoint = read_checkpoint(file)
     _check_is_sd_checkpoint(checkpoint)
     _check_version(str(file), version, _detect_version(checkpoint.state_dict))
     configs = embedded_configs(checkpoint, CONFIG_NAMES) or _bundled_configs(version == "sd2", v_parameterization)
-    unet, vae, text_encoder = _empty_modules(configs)
+    unet, vae, text_encoder = _empty_modules(configs, text_encoders)
     weights = checkpoint.state_dict
     converted = {
         "unet": ldm_keys.ldm_to_unet(weights, configs["unet"]),
         "vae": ldm_keys.ldm_to_vae(weights, configs["vae"]),
-        "text_encoder": (
-            ldm_keys.openclip_to_clip(weights, text_encoder)
-            if version == "sd2"
-            else ldm_keys.ldm_to_clip(weights)
-        ),
     }
+    if text_encoders:
+        converted["text_encoder"] = (
+            ldm_keys.openclip_to_clip(weights, text_encoder) if version == "sd2" else ldm_keys.ldm_to_clip(weights)
+        )
     del weights, checkpoint  # the converted dicts hold the only references to the tensors now
     hint = "" if configs.get("_embedded") else _bundled_hint(version)
-    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+    modules = (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))
+    for name, module in modules[: 3 if text_encoders else 2]:
         assign_weights(
             module, converted.pop(name), file=str(file), component=name, dtype=dtype, hint=hint, extra_ok=True,
             fit_unit_dims=True,
         )
-    return unet.eval(), vae.eval(), text_encoder.eval()
+    return unet.eval(), vae.eval(), text_encoder.eval() if text_encoders else None
 
 
 def _bundled_configs(v2: bool, v_parameterization: bool) -> dict[str, Any]:
@@ -197,12 +201,12 @@ def _bundled_hint(version: str) -> str:
     )
 
 
-def _empty_modules(configs: dict[str, Any]) -> tuple[nn.Module, nn.Module, nn.Module]:
+def _empty_modules(configs: dict[str, Any], text_encoders: bool = True) -> tuple[nn.Module, nn.Module, nn.Module | None]:
     """UNet, VAE and text encoder with parameters on the meta device: allocating them costs nothing."""
     with init_empty_weights(), skip_weight_init():
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])) if text_encoders else None
     return unet, vae, text_encoder
 
 

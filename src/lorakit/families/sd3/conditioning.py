@@ -16,15 +16,39 @@ from lorakit.transfer import to_device
 CLIP_MAX_LENGTH = 77
 
 
-def clip_outputs(encoder: torch.nn.Module, tokenizer: Any, captions: list[str], use_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate hidden states (padding zeroed under the mask option) and the projected pooled output."""
+#: what sd-scripts assumes when splitting CLIP-L's part off the concatenated outputs (files without our width key)
+CLIP_L_WIDTH = 768
+WIDTH_KEY = "lorakit_clip_l_width"  # CLIP-L's (hidden, pooled) widths in `lg_out` / `lg_pooled` (tiny models differ)
+
+
+def clip_outputs(encoder: torch.nn.Module, tokenizer: Any, captions: list[str], use_mask: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Penultimate hidden states, the projected pooled output and the token mask. Under the mask option the
+    encoder does not attend to padding; the padded outputs are zeroed later (`split_outputs`), so the stored
+    outputs are sd-scripts' (which keeps them as they come)."""
     tokens = tokenizer(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt")
     ids, mask = to_device(tokens.input_ids, encoder.device), to_device(tokens.attention_mask, encoder.device)
     out = encoder(ids, attention_mask=mask if use_mask else None, output_hidden_states=True)
-    hidden = out.hidden_states[-2]
-    if use_mask:
-        hidden = hidden * mask[..., None].to(hidden.dtype)
-    return hidden, out.text_embeds
+    return out.hidden_states[-2], out.text_embeds, mask
+
+
+def split_outputs(outputs: dict[str, torch.Tensor], apply_lg_attn_mask: bool, apply_t5_attn_mask: bool
+                  ) -> dict[str, torch.Tensor]:
+    """sd-scripts' `lg_out`, `lg_pooled`, `t5_out` and masks -> each encoder's part, padding zeroed under the mask
+    options (what `assemble_conditioning` takes)."""
+    lg, lg_pooled, t5 = outputs["lg_out"], outputs["lg_pooled"], outputs["t5_out"]
+    widths = outputs.get(WIDTH_KEY)
+    hidden_l, pooled_l = (int(w) for w in widths.reshape(-1, 2)[0]) if widths is not None else (CLIP_L_WIDTH, CLIP_L_WIDTH)
+    l, g = lg[..., :hidden_l], lg[..., hidden_l:]
+    if apply_lg_attn_mask:
+        l, g = _masked(l, outputs["clip_l_attn_mask"]), _masked(g, outputs["clip_g_attn_mask"])
+    if apply_t5_attn_mask:
+        t5 = _masked(t5, outputs["t5_attn_mask"])
+    return {"l": l, "g": g, "l_pooled": lg_pooled[..., :pooled_l], "g_pooled": lg_pooled[..., pooled_l:], "t5": t5}
+
+
+def _masked(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return hidden * mask.to(device=hidden.device, dtype=hidden.dtype)[..., None]
 
 
 def assemble_conditioning(parts: dict[str, torch.Tensor], dropout_rates: tuple[float, float, float], training: bool) -> dict[str, torch.Tensor]:

@@ -24,16 +24,17 @@ import torch
 from lorakit.adapters.spec import TargetSpec
 from lorakit.adapters.targets import AdapterTarget, RankChoice
 from lorakit.data.latent_files import LatentFileFormat
+from lorakit.data.text_cache import CaptionCache, run_text_cache
+from lorakit.data.text_files import TextFileFormat
 from lorakit.errors import ConfigError
 from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
 from lorakit.families.common.layers import to_fp8
-from lorakit.families.common.text_cache import CaptionCache, caches_text
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
 from lorakit.families.common.transformer_family import (
     BlockSwapFamily, ShiftScaleLatents, note_block_swap, t5_family_problems, t5_family_warnings, trains_t5,
 )
 from lorakit.families.sd3 import pos_embed as scaled_pos_embed
-from lorakit.families.sd3.conditioning import assemble_conditioning, clip_outputs, random_position_crop
+from lorakit.families.sd3.conditioning import WIDTH_KEY, assemble_conditioning, clip_outputs, random_position_crop, split_outputs
 from lorakit.families.sd3.lora_keys import LORA_LAYOUT
 from lorakit.families.sd3.network_args import SD3NetworkArgs
 from lorakit.families.sd3.objective import SD3FlowObjective, precondition_to_x0
@@ -87,6 +88,14 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         return LatentFileFormat("_sd3.npz", True, 1.5305, 0.0609)
 
     @property
+    def text_cache_format(self) -> TextFileFormat:
+        return TextFileFormat(
+            "_sd3_te.npz", ("lg_out", "lg_pooled", "t5_out", "clip_l_attn_mask", "clip_g_attn_mask", "t5_attn_mask"),
+            switches=("apply_lg_attn_mask", "apply_t5_attn_mask"), settings=("t5xxl_max_token_length",),
+            encoder_files=("clip_l", "clip_g", "t5xxl"),
+        )
+
+    @property
     def lora_layout(self):
         return LORA_LAYOUT
 
@@ -110,12 +119,12 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
     # ----------------------------------------------------------------------------------------- loading
 
-    def load(self, cfg: Any, spec: TargetSpec | None = None) -> Components:
+    def load(self, cfg: Any, spec: TargetSpec | None = None, text_cache: CaptionCache | None = None) -> Components:
+        self.text_cache = run_text_cache(cfg, text_cache)
         comps = self.load_model(ModelSource(
             cfg.pretrained_model_name_or_path, {k: getattr(cfg, k) for k in self.part_files if getattr(cfg, k)},
-            load_dtype(cfg), fp8=_fp8(cfg),
+            load_dtype(cfg), fp8=_fp8(cfg), text_encoders=self.text_cache is None or self.text_cache.needs_encoders,
         ))
-        self.text_cache = CaptionCache() if caches_text(cfg) else None
         # with CLIP-L/G LoRAs training, only T5's outputs are cached and the CLIPs run every step (sd-scripts' partial caching)
         self.cache_clip = not (spec is not None and spec.train_text_encoder)
         comps.extras.update(self._conditioning_options(cfg, comps))
@@ -136,19 +145,21 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         else:
             files = source.files
             comps = load_sd3_components(source.path, clip_l=files.get("clip_l"), clip_g=files.get("clip_g"),
-                                        t5xxl=files.get("t5xxl"), vae=files.get("vae"), dtype=dtype)
+                                        t5xxl=files.get("t5xxl"), vae=files.get("vae"), dtype=dtype,
+                                        text_encoders=source.text_encoders)
         self.model_type = comps.extras["model_type"]
         if source.fp8:
             layers = to_fp8(comps.denoiser)
-            if source.fp8 == "all":
+            if source.fp8 == "all" and comps.text_encoders:
                 layers += to_fp8(comps.text_encoders[2])  # sd-scripts keeps the CLIPs out of fp8 (always)
             log.info("--fp8_base: %d linear layers store float8_e4m3fn weights", layers)
         return comps
 
     @staticmethod
     def _conditioning_options(cfg: Any, comps: Components) -> dict[str, Any]:
-        # the tokenizer's own limit wins over the default (lorakit's tiny test tokenizer stops at 32)
-        default_length = min(T5_MAX_LENGTH, comps.tokenizers[2].model_max_length)
+        # the tokenizer's own limit wins over the default (lorakit's tiny test tokenizer stops at 32); without
+        # tokenizers the captions' outputs are all cached and no length is needed
+        default_length = min(T5_MAX_LENGTH, comps.tokenizers[2].model_max_length) if comps.tokenizers else T5_MAX_LENGTH
         return {
             "t5_max_length": cfg.t5xxl_max_token_length or default_length,
             "apply_lg_attn_mask": bool(cfg.apply_lg_attn_mask),
@@ -181,22 +192,35 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         the per-encoder dropout still draws anew every step, as sd-scripts applies it to cached outputs too.
         """
         if self.text_cache is None:
-            parts = {**self._clip_parts(comps, captions), **self._t5_part(comps, captions)}
+            outputs = self.text_encoder_outputs(comps, captions)
         elif self.cache_clip:
-            parts = self.text_cache.outputs(captions, lambda texts: {**self._clip_parts(comps, texts), **self._t5_part(comps, texts)})
-        else:
-            parts = {**self._clip_parts(comps, captions), **self.text_cache.outputs(captions, lambda texts: self._t5_part(comps, texts))}
-        return TextConditioning(assemble_conditioning(parts, comps.extras["dropout_rates"], self.training_dropout))
+            outputs = self.text_cache.outputs(captions, lambda texts: self.text_encoder_outputs(comps, texts))
+        else:  # the trained CLIPs run every step, with gradients; only T5 is encoded for the cache
+            outputs = self.text_cache.outputs(captions, lambda texts: self._t5_part(comps, texts))
+            fresh = self._clip_parts(comps, captions)
+            device = fresh["lg_out"].device
+            outputs = {**{k: v.to(device) for k, v in outputs.items()}, **fresh}
+        extras = comps.extras
+        parts = split_outputs(outputs, extras["apply_lg_attn_mask"], extras["apply_t5_attn_mask"])
+        return TextConditioning(assemble_conditioning(parts, extras["dropout_rates"], self.training_dropout))
 
     training_dropout = True  # the sampling pipeline turns it off
+
+    def text_encoder_outputs(self, comps: Components, captions: list[str], clip_skip: int | None = None
+                             ) -> dict[str, torch.Tensor]:
+        """sd-scripts' `lg_out` (CLIP-L‖G penultimate states), `lg_pooled`, `t5_out` and the three token masks."""
+        return {**self._clip_parts(comps, captions), **self._t5_part(comps, captions)}
 
     @staticmethod
     def _clip_parts(comps: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         (clip_l, clip_g, _), (tok_l, tok_g, _) = comps.text_encoders, comps.tokenizers
         mask = comps.extras["apply_lg_attn_mask"]
-        l_hidden, l_pooled = clip_outputs(clip_l, tok_l, captions, mask)
-        g_hidden, g_pooled = clip_outputs(clip_g, tok_g, captions, mask)
-        return {"l": l_hidden, "g": g_hidden, "l_pooled": l_pooled, "g_pooled": g_pooled}
+        l_hidden, l_pooled, l_mask = clip_outputs(clip_l, tok_l, captions, mask)
+        g_hidden, g_pooled, g_mask = clip_outputs(clip_g, tok_g, captions, mask)
+        widths = torch.tensor([l_hidden.shape[-1], l_pooled.shape[-1]]).expand(len(captions), 2)
+        return {"lg_out": torch.cat([l_hidden, g_hidden.to(l_hidden.dtype)], dim=-1),
+                "lg_pooled": torch.cat([l_pooled, g_pooled.to(l_pooled.dtype)], dim=-1),
+                "clip_l_attn_mask": l_mask, "clip_g_attn_mask": g_mask, WIDTH_KEY: widths}
 
     @staticmethod
     def _t5_part(comps: Components, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -206,9 +230,7 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         use_mask = extras["apply_t5_attn_mask"]
         with torch.set_grad_enabled(torch.is_grad_enabled() and extras.get("train_t5xxl", False)):
             hidden = t5(to_device(tokens.input_ids, t5.device), attention_mask=mask if use_mask else None).last_hidden_state
-        if use_mask:
-            hidden = hidden * mask[..., None].to(hidden.dtype)
-        return {"t5": hidden}
+        return {"t5_out": hidden, "t5_attn_mask": mask}
 
     # ----------------------------------------------------------------------------------------- prediction
 

@@ -67,9 +67,12 @@ def bundled_config(name: str) -> dict[str, Any]:
 
 def load_sd3_components(
     path: str, *, clip_l: str | None = None, clip_g: str | None = None, t5xxl: str | None = None,
-    vae: str | None = None, dtype: torch.dtype = torch.float32,
+    vae: str | None = None, dtype: torch.dtype = torch.float32, text_encoders: bool = True,
 ) -> Components:
-    """MMDiT, VAE, [CLIP-L, CLIP-G, T5-XXL] and their tokenizers; every problem names the file and the flag."""
+    """MMDiT, VAE, [CLIP-L, CLIP-G, T5-XXL] and their tokenizers; every problem names the file and the flag.
+
+    Without `text_encoders` no encoder and no tokenizer is built (their outputs are cached), and none is required.
+    """
     source = Path(path)
     if not source.exists():
         raise CheckpointError(f"{path}: SD3 model file or folder not found (--pretrained_model_name_or_path)")
@@ -77,26 +80,30 @@ def load_sd3_components(
     for name, value in overrides.items():
         if value is not None and not Path(value).exists():
             raise CheckpointError(f"{value}: file or folder not found (--{name})")
+    skip = {k for k, v in overrides.items() if v} | (set() if text_encoders else set(TEXT_ENCODERS))
     if source.is_dir():
-        parts = _load_pipeline_folder(source, dtype, skip={k for k, v in overrides.items() if v})
+        parts = _load_pipeline_folder(source, dtype, skip=skip)
     else:
-        parts = _load_single_file(source, dtype, skip={k for k, v in overrides.items() if v})
-    for name in TEXT_ENCODERS:
+        parts = _load_single_file(source, dtype, skip=skip)
+    for name in TEXT_ENCODERS if text_encoders else ():
         if overrides[name]:
             parts[name] = load_text_encoder_file(Path(overrides[name]), name, dtype)
     if vae:
         parts["vae"] = load_vae_source(Path(vae), dtype)
-    missing = [f"--{name}" for name in (*TEXT_ENCODERS, "vae") if name not in parts]
+    needed = (*TEXT_ENCODERS, "vae") if text_encoders else ("vae",)
+    missing = [f"--{name}" for name in needed if name not in parts]
     if missing:
         raise CheckpointError(
             f"{path}: this SD3 checkpoint does not contain {', '.join(m[2:] for m in missing)}; pass "
             f"{', '.join(missing)} (as with sd-scripts' sd3_train_network.py)"
         )
-    if "t5_tokenizer" not in parts:
-        parts["t5_tokenizer"] = find_t5_tokenizer([Path(t5xxl)] if t5xxl else [source], T5_TOKENIZER_DIRS, _MISSING_T5_TOKENIZER)
     transformer = parts["transformer"].eval()
-    encoders = [parts[name].eval() for name in TEXT_ENCODERS]
-    tokenizers = [bundled_clip_tokenizer(CLIP_PAD_END), bundled_clip_tokenizer(CLIP_PAD_OPENCLIP), parts["t5_tokenizer"]]
+    encoders, tokenizers = [], []
+    if text_encoders:
+        if "t5_tokenizer" not in parts:
+            parts["t5_tokenizer"] = find_t5_tokenizer([Path(t5xxl)] if t5xxl else [source], T5_TOKENIZER_DIRS, _MISSING_T5_TOKENIZER)
+        encoders = [parts[name].eval() for name in TEXT_ENCODERS]
+        tokenizers = [bundled_clip_tokenizer(CLIP_PAD_END), bundled_clip_tokenizer(CLIP_PAD_OPENCLIP), parts["t5_tokenizer"]]
     extras = {"source": str(path), "model_type": sai_keys.model_type(dict(transformer.config))}
     return Components(transformer, parts["vae"].eval(), encoders, tokenizers, extras)
 

@@ -22,10 +22,12 @@ import torch
 from lorakit.adapters.spec import TargetSpec
 from lorakit.adapters.targets import AdapterTarget, RankChoice, kohya_name
 from lorakit.data.latent_files import LatentFileFormat
+from lorakit.data.text_cache import CaptionCache, run_text_cache
+from lorakit.data.text_files import TextFileFormat
 from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
 from lorakit.families.common.clip_prompts import ClipPrompts, encoder_ids
 from lorakit.families.common.prediction import prediction_type_warnings
-from lorakit.families.common.text_cache import CaptionCache, whole_caption_cache
+from lorakit.families.common.text_cache import whole_cache_problems
 from lorakit.families.common.text_encoders import clip_targets
 from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing
 from lorakit.families.common.unet import unet_targets as diffusers_unet_targets
@@ -71,6 +73,11 @@ class StableDiffusionXLFamily(ModelFamily):
         return LatentFileFormat("_sdxl.npz", False, 0.13025)
 
     @property
+    def text_cache_format(self) -> TextFileFormat:
+        return TextFileFormat("_te_outputs.npz", ("hidden_state1", "hidden_state2", "pool2"),
+                              settings=("max_token_length", "weighted_captions"))
+
+    @property
     def lora_layout(self):
         return LORA_LAYOUT
 
@@ -78,6 +85,9 @@ class StableDiffusionXLFamily(ModelFamily):
         from lorakit.families.sdxl.detect import is_sdxl_checkpoint
 
         return is_sdxl_checkpoint(path)
+
+    def option_problems(self, cfg: Any, spec: TargetSpec | None = None) -> list[str]:
+        return super().option_problems(cfg, spec) + whole_cache_problems(cfg)
 
     def option_warnings(self, cfg: Any) -> list[str]:
         warnings = []
@@ -89,22 +99,24 @@ class StableDiffusionXLFamily(ModelFamily):
 
     # -- loading -----------------------------------------------------------------------------------------
 
-    def load(self, cfg: Any, spec: TargetSpec | None = None) -> Components:
-        self._read_options(cfg)
+    def load(self, cfg: Any, spec: TargetSpec | None = None, text_cache: CaptionCache | None = None) -> Components:
+        self._read_options(cfg, text_cache)
         return self.load_model(ModelSource(cfg.pretrained_model_name_or_path, {"vae": cfg.vae} if cfg.vae else {},
-                                           load_dtype(cfg), v_parameterization=cfg.v_parameterization))
+                                           load_dtype(cfg), v_parameterization=cfg.v_parameterization,
+                                           text_encoders=self.text_cache is None or self.text_cache.needs_encoders))
 
-    def _read_options(self, cfg: Any) -> None:
+    def _read_options(self, cfg: Any, text_cache: CaptionCache | None = None) -> None:
         """Remember the SDXL-specific switches that change how images and text are encoded."""
         self.vae_in_float32 = bool(cfg.no_half_vae)
-        self.text_cache = whole_caption_cache(cfg)
+        self.text_cache = run_text_cache(cfg, text_cache)
         self.prompts = ClipPrompts.from_options(cfg)
 
     def load_model(self, source: ModelSource) -> Components:
         from lorakit.families.sdxl.loading import load_sdxl_components
 
         return load_sdxl_components(source.path, v_parameterization=source.v_parameterization,
-                                    vae_path=source.files.get("vae"), dtype=source.dtype or torch.float32)
+                                    vae_path=source.files.get("vae"), dtype=source.dtype or torch.float32,
+                                    text_encoders=source.text_encoders)
 
     def objective(self, cfg: Any, comps: Components) -> DDPMObjective:
         return DDPMObjective.from_options(cfg, "v_prediction" if cfg.v_parameterization else "epsilon")
@@ -138,21 +150,26 @@ class StableDiffusionXLFamily(ModelFamily):
         each distinct caption is encoded once and reused (the encoders are frozen then).
         """
         def encode(texts: list[str]) -> dict[str, torch.Tensor]:
-            hidden, pooled = self._run_encoders(comps, texts)
-            return {"encoder_hidden_states": hidden, "text_embeds": pooled}
+            return self.text_encoder_outputs(comps, texts)
 
-        return TextConditioning(encode(captions) if self.text_cache is None else self.text_cache.outputs(captions, encode))
+        outputs = encode(captions) if self.text_cache is None else self.text_cache.outputs(captions, encode)
+        hidden1 = outputs["hidden_state1"]
+        hidden = torch.cat([hidden1, outputs["hidden_state2"].to(hidden1.dtype)], dim=-1)
+        return TextConditioning({"encoder_hidden_states": hidden, "text_embeds": outputs["pool2"]})
 
-    def _run_encoders(self, comps: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_encoder_outputs(self, comps: Components, captions: list[str], clip_skip: int | None = None
+                             ) -> dict[str, torch.Tensor]:
+        """sd-scripts' `hidden_state1` (CLIP-L's penultimate layer), `hidden_state2` (bigG's) and `pool2` (bigG's
+        projected pooled output)."""
         te1, te2 = comps.text_encoders
         (ids1, weights1), (ids2, weights2) = self.tokenize(comps, captions)
         prompts, batch = self.prompts, len(captions)
         hidden1 = te1(to_device(encoder_ids(ids1), te1.device), output_hidden_states=True).hidden_states[-2]
         out2 = te2(to_device(encoder_ids(ids2), te2.device), output_hidden_states=True)
-        hidden1 = prompts.weigh(prompts.join(hidden1, batch), weights1)
-        hidden2 = prompts.weigh(prompts.join(out2.hidden_states[-2], batch), weights2)
-        # with --max_token_length the pooled embedding is the first window's, as in sd-scripts
-        return torch.cat([hidden1, hidden2.to(hidden1.dtype)], dim=-1), out2.text_embeds[:: prompts.windows]
+        return {"hidden_state1": prompts.weigh(prompts.join(hidden1, batch), weights1),
+                "hidden_state2": prompts.weigh(prompts.join(out2.hidden_states[-2], batch), weights2),
+                # with --max_token_length the pooled embedding is the first window's, as in sd-scripts
+                "pool2": out2.text_embeds[:: prompts.windows]}
 
     # -- prediction --------------------------------------------------------------------------------------
 

@@ -65,12 +65,13 @@ def noise_scheduler_config(v_parameterization: bool) -> dict[str, Any]:
 
 
 def load_sdxl_components(
-    path: str, *, v_parameterization: bool = False, vae_path: str | None = None, dtype: torch.dtype = torch.float32
+    path: str, *, v_parameterization: bool = False, vae_path: str | None = None, dtype: torch.dtype = torch.float32,
+    text_encoders: bool = True,
 ) -> Components:
     """Load SDXL from a diffusers folder or a single SGM-layout `.safetensors`/`.ckpt` file.
 
-    `vae_path` replaces the VAE (`--vae`). Every problem with the user's files raises `CheckpointError`
-    naming the file.
+    `vae_path` replaces the VAE (`--vae`). Without `text_encoders` neither encoder nor tokenizer is built (their
+    outputs are cached). Every problem with the user's files raises `CheckpointError` naming the file.
     """
     source = Path(path)
     if not source.exists():
@@ -78,10 +79,10 @@ def load_sdxl_components(
     if vae_path is not None and not Path(vae_path).exists():
         raise CheckpointError(f"{vae_path}: VAE file or folder not found")  # before spending time on the model
     if source.is_dir():
-        unet, vae, te1, te2, tokenizers = _load_diffusers_folder(source, dtype)
+        unet, vae, encoders, tokenizers = _load_diffusers_folder(source, dtype, text_encoders)
     else:
-        unet, vae, te1, te2 = _load_single_file(source, dtype)
-        tokenizers = [bundled_clip_tokenizer(CLIP_PAD_END), bundled_clip_tokenizer(CLIP_PAD_OPENCLIP)]
+        unet, vae, encoders = _load_single_file(source, dtype, text_encoders)
+        tokenizers = [bundled_clip_tokenizer(CLIP_PAD_END), bundled_clip_tokenizer(CLIP_PAD_OPENCLIP)] if text_encoders else []
     if vae_path is not None:
         vae = load_vae(vae_path, dict(vae.config), dtype=dtype)
     extras = {
@@ -89,7 +90,7 @@ def load_sdxl_components(
         "prediction_type": "v_prediction" if v_parameterization else "epsilon",
         "source": str(path),
     }
-    return Components(unet, vae, [te1, te2], tokenizers, extras)
+    return Components(unet, vae, encoders, tokenizers, extras)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -97,18 +98,20 @@ def load_sdxl_components(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _load_diffusers_folder(folder: Path, dtype: torch.dtype):
+def _load_diffusers_folder(folder: Path, dtype: torch.dtype, text_encoders: bool = True):
     """unet/, vae/, text_encoder/, text_encoder_2/ from local files; tokenizer folders if present, else bundled."""
     _check_diffusers_folder(folder)
     unet = from_pretrained(UNet2DConditionModel, folder, "unet", torch_dtype=dtype)
     vae = from_pretrained(AutoencoderKL, folder, "vae", torch_dtype=dtype)
+    if not text_encoders:
+        return unet.eval(), vae.eval(), [], []
     te1 = from_pretrained(CLIPTextModel, folder, "text_encoder", dtype=dtype)
     te2 = from_pretrained(CLIPTextModelWithProjection, folder, "text_encoder_2", dtype=dtype)
     tokenizers = [
         folder_clip_tokenizer(folder / sub) if (folder / sub).is_dir() else bundled_clip_tokenizer(pad)
         for sub, pad in (("tokenizer", CLIP_PAD_END), ("tokenizer_2", CLIP_PAD_OPENCLIP))
     ]
-    return unet.eval(), vae.eval(), te1.eval(), te2.eval(), tokenizers
+    return unet.eval(), vae.eval(), [te1.eval(), te2.eval()], tokenizers
 
 
 def _check_diffusers_folder(folder: Path) -> None:
@@ -145,37 +148,40 @@ def _family_hint(pipeline: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _load_single_file(file: Path, dtype: torch.dtype):
-    """An SGM-layout checkpoint -> (unet, vae, te1, te2), converted with an explicit config."""
+def _load_single_file(file: Path, dtype: torch.dtype, text_encoders: bool = True):
+    """An SGM-layout checkpoint -> (unet, vae, [te1, te2] or []), converted with an explicit config."""
     checkpoint = read_checkpoint(file)
     _check_is_sdxl_checkpoint(checkpoint)
     configs = embedded_configs(checkpoint, CONFIG_NAMES) or {name: bundled_config(name) for name in CONFIG_NAMES}
-    unet, vae, te1, te2 = _empty_modules(configs)
+    modules = _empty_modules(configs, text_encoders)
     weights = checkpoint.state_dict
     converted = {
         "unet": sgm_keys.sgm_to_unet(weights, configs["unet"]),
         "vae": ldm_keys.ldm_to_vae(weights, configs["vae"]),
-        "text_encoder": sgm_keys.sgm_to_te1(weights),
-        "text_encoder_2": sgm_keys.sgm_to_te2(weights, te2),
     }
+    if text_encoders:
+        converted["text_encoder"] = sgm_keys.sgm_to_te1(weights)
+        converted["text_encoder_2"] = sgm_keys.sgm_to_te2(weights, modules[3])
     del weights, checkpoint  # the converted dicts hold the only references to the tensors now
     hint = "" if configs.get("_embedded") else _BUNDLED_HINT
-    for name, module in zip(CONFIG_NAMES, (unet, vae, te1, te2)):
+    for name, module in zip(CONFIG_NAMES, modules):
         assign_weights(
             module, converted.pop(name), file=str(file), component=name, dtype=dtype, hint=hint, extra_ok=True,
             fit_unit_dims=True,
         )
-    return unet.eval(), vae.eval(), te1.eval(), te2.eval()
+    unet, vae, *encoders = (module.eval() for module in modules)
+    return unet, vae, encoders
 
 
-def _empty_modules(configs: dict[str, Any]):
-    """UNet, VAE and both text encoders with parameters on the meta device: allocating them costs nothing."""
+def _empty_modules(configs: dict[str, Any], text_encoders: bool = True) -> list:
+    """UNet, VAE and both text encoders (unless not wanted) with parameters on the meta device: allocating them
+    costs nothing."""
     with init_empty_weights(), skip_weight_init():
-        unet = UNet2DConditionModel.from_config(configs["unet"])
-        vae = AutoencoderKL.from_config(configs["vae"])
-        te1 = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"]))
-    return unet, vae, te1, te2
+        modules = [UNet2DConditionModel.from_config(configs["unet"]), AutoencoderKL.from_config(configs["vae"])]
+        if text_encoders:
+            modules += [CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),
+                        CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"]))]
+    return modules
 
 
 # ---------------------------------------------------------------------------------------------------------
