@@ -47,13 +47,6 @@ _HINTS: dict[str, str] = {
     ),
     # optimizer
     "fused_backward_pass": _REMOVE,
-    # network
-    **dict.fromkeys(
-        (
-            "dim_from_weights", "base_weights", "base_weights_multiplier",
-        ),
-        _REMOVE,
-    ),
     # dataset
     **dict.fromkeys(
         (
@@ -133,6 +126,8 @@ IMPLEMENTED: frozenset[str] = frozenset(
         # validation loss (data/holdout.py, training/validation.py)
         "validation_split", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
         "max_validation_steps",
+        # LoRA files read besides the run's own (training/network_files.py)
+        "dim_from_weights", "base_weights", "base_weights_multiplier",
         # long and weighted captions of CLIP encoders (families/common/clip_prompts.py)
         "max_token_length", "weighted_captions",
         "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "network_weights",

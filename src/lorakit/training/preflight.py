@@ -26,6 +26,7 @@ from lorakit.data.text_cache import CaptionCache, plan_text_cache, text_cache_pr
 from lorakit.families.registry import all_families, resolve_family
 from lorakit.training import distributed
 from lorakit.training.destination import destination_problems
+from lorakit.training.network_files import base_weight_problems, sized_spec
 from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
 from lorakit.training.resume_options import resume_changes
 
@@ -92,7 +93,8 @@ def _family_and_spec(cfg: Any, problems: list[str], *, model_found: bool) -> tup
         for warning in checks.warnings:
             log.warning(warning)
     problems += checks.problems
-    return family, checks.spec
+    problems += base_weight_problems(cfg, family)
+    return family, sized_spec(cfg, family, checks.spec, problems)
 
 
 def _dataset(cfg: Any, seed: int, problems: list[str]) -> Any:

@@ -13,6 +13,7 @@ from lorakit.data.text_cache import CaptionCache
 from lorakit.families.base import ModelFamily
 from lorakit.precision import WEIGHT_DTYPES
 from lorakit.training import distributed
+from lorakit.training.network_files import merge_base_weights
 from lorakit.training.network_trainable import NetworkTrainable
 from lorakit.training.session import Session
 
@@ -25,6 +26,7 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     the spec describes (built from `cfg` when None) as the run's `Trainable`."""
     spec = spec or target_spec_from_config(cfg, family)
     comps = family.load(cfg, spec, text_cache)
+    merge_base_weights(cfg, family, comps)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     device = accelerator.device
     swap_blocks = family.swaps_blocks(cfg)
