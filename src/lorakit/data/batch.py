@@ -24,6 +24,7 @@ class Batch:
     crop_top_lefts: list[tuple[int, int]] | None = None
     target_sizes: list[tuple[int, int]] | None = None
     masks: torch.Tensor | None = None  # (B, 1, H, W) loss masks in [0, 1] at pixel size; see data.masks
+    custom_attributes: list[dict] | None = None  # each image's subset `custom_attributes` table ({} when none)
 
     def __len__(self) -> int:
         return len(self.captions)

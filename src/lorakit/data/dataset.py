@@ -157,7 +157,9 @@ class TrainDataset(Dataset):
         return Batch(captions=captions, loss_weights=torch.tensor(weights, dtype=torch.float32),
                      images=None if cached else stacked, latents=stacked if cached else None,
                      original_sizes=originals, crop_top_lefts=crops, target_sizes=[target] * len(captions),
-                     masks=_stack_masks(masks, target))
+                     masks=_stack_masks(masks, target),
+                     custom_attributes=[dict(self.subsets[self.images[i].subset_index].custom_attributes or {})
+                                        for i in plan.image_ids])
 
     def _placement(self, entry: ImageEntry, subset: SubsetSpec, bucket: Size, flip: bool,
                    rng: random.Random) -> Placement:

@@ -36,7 +36,8 @@ def step_loss(session: Any, batch: Batch, objective: Any = None, generator: torc
     noised = objective.noise(latents, generator=generator)
     with accelerator.autocast():
         prediction = family.predict(comps, noised.noisy, noised.timesteps, text, batch)
-    elementwise = objective.elementwise_loss(prediction.float(), noised.target.float(), noised.timesteps)
+    target = preserved_target(session, batch, noised, text)
+    elementwise = objective.elementwise_loss(prediction.float(), target.float(), noised.timesteps)
     if batch.masks is not None:
         # --masked_loss / alpha_mask: weight each latent pixel by the mask, area-averaged to latent size
         elementwise = elementwise * mask_to_latent(to_device(batch.masks, device), tuple(elementwise.shape[-2:]))
@@ -46,6 +47,20 @@ def step_loss(session: Any, batch: Batch, objective: Any = None, generator: torc
     if timestep_weights is not None:
         weights = weights * timestep_weights
     return (per_sample * weights).mean()
+
+
+def preserved_target(session: Any, batch: Batch, noised: Any, text: Any) -> torch.Tensor:
+    """The target, where images of a subset with `custom_attributes = {diff_output_preservation = true}` learn
+    the model's own prediction without what is being trained (sd-scripts' differential output preservation: the
+    trained weights are switched off for one more forward pass, without gradients)."""
+    rows = [i for i, attributes in enumerate(batch.custom_attributes or []) if attributes.get("diff_output_preservation")]
+    if not rows:
+        return noised.target
+    with torch.no_grad(), session.trainable.switched_off(), session.accelerator.autocast():
+        prior = session.family.predict(session.comps, noised.noisy, noised.timesteps, text, batch)
+    target = noised.target.clone()
+    target[rows] = prior[rows].to(target.dtype)
+    return target
 
 
 def set_sync_gradients(accelerator: Accelerator, sync: bool) -> None:

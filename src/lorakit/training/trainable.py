@@ -45,6 +45,10 @@ class Trainable(Protocol):
     def after_optimizer_step(self, cfg: Any) -> dict[str, float]:
         """Work after every optimizer step (e.g. max-norm); returns values to log (empty when none)."""
 
+    def switched_off(self) -> Any:
+        """A context in which the model computes as if nothing were trained (the base model's own prediction, for
+        sd-scripts' differential output preservation, `custom_attributes`)."""
+
     def metadata(self, cfg: Any) -> dict[str, str]:
         """The keys this kind of file adds to the run's shared metadata (e.g. `ss_network_dim`)."""
 
