@@ -38,30 +38,24 @@ _HINTS: dict[str, str] = {
         ),
         "remove it and upload the files from --output_dir yourself",
     ),
-    # training
-    **dict.fromkeys(
-        (
-            "torch_compile", "dynamo_backend", "dynamo_mode", "dynamo_fullgraph", "dynamo_dynamic",
-        ),
-        _REMOVE,
-    ),
-    # optimizer
-    "fused_backward_pass": _REMOVE,
     # dataset
     **dict.fromkeys(
         (
-            "debug_dataset", "dataset_class",
+            "dataset_class",
         ),
         _REMOVE,
     ),
-    # model
-    "controlnet_model_name_or_path": _REMOVE,
 }  # fmt: skip
 
-#: Options that select something lorakit does differently; training continues with this warning.
+#: Options that select something lorakit does differently, or that do nothing in LoRA training (in sd-scripts
+#: either); training continues with this warning.
 FALLBACKS: dict[str, str] = {
     "xformers": "--xformers: lorakit uses PyTorch SDPA attention instead; training continues",
     "mem_eff_attn": "--mem_eff_attn: lorakit uses PyTorch SDPA attention instead; training continues",
+    "fused_backward_pass": "--fused_backward_pass applies to full fine-tuning only; LoRA training runs without it, "
+                           "as sd-scripts' train_network does (its Adafactor and accumulation checks still apply)",
+    "controlnet_model_name_or_path": "--controlnet_model_name_or_path is read by ControlNet training only; LoRA "
+                                     "training ignores it, as sd-scripts' train_network does",
 }
 
 #: Options that tune sd-scripts' loading; lorakit's loading needs no such switch, so they are accepted silently.
@@ -171,24 +165,30 @@ IMPLEMENTED: frozenset[str] = frozenset(
         # logging and precision (cli/main.py, training/trackers.py, training/run.py)
         "console_log_file", "console_log_simple", "log_config", "wandb_run_name", "wandb_api_key", "full_fp16",
         "full_bf16",
+        # the batches printed and written instead of training (training/debug_dataset.py)
+        "debug_dataset",
+        # torch.compile of the denoiser (training/setup.py)
+        "torch_compile", "dynamo_backend", "dynamo_mode", "dynamo_fullgraph", "dynamo_dynamic",
         # images decoded at start-up (data/verify.py)
         "skip_bad_images",
     }
 )  # fmt: skip
 
-def _family_tables() -> tuple[frozenset[str], dict[str, str]]:
+def _family_tables() -> tuple[frozenset[str], dict[str, str], dict[str, str]]:
     """The options the model families add (`families/<name>/options.py`): implemented, except those a family
-    marks NOT_AVAILABLE (with the hint to give)."""
+    marks NOT_AVAILABLE (refused, with the hint to give) or NO_EFFECT (accepted with the warning to give)."""
     from lorakit.families.registry import family_option_sections
 
     sections = family_option_sections()
-    refused = {name: hint for section in sections for name, hint in section.NOT_AVAILABLE.items()}
+    refused = {name: hint for section in sections for name, hint in getattr(section, "NOT_AVAILABLE", {}).items()}
+    warned = {name: text for section in sections for name, text in getattr(section, "NO_EFFECT", {}).items()}
     fields = {name for section in sections for name in section.model_fields}
-    return frozenset(fields - set(refused)), refused
+    return frozenset(fields - set(refused) - set(warned)), refused, warned
 
 
-_FAMILY_IMPLEMENTED, _FAMILY_REFUSED = _family_tables()
+_FAMILY_IMPLEMENTED, _FAMILY_REFUSED, _FAMILY_WARNED = _family_tables()
 IMPLEMENTED = IMPLEMENTED | _FAMILY_IMPLEMENTED
+FALLBACKS.update(_FAMILY_WARNED)
 
 #: Recognised but not implemented yet: option name -> what the user can do instead.
 UNSUPPORTED: dict[str, str] = {name: hint for name, hint in {**_HINTS, **_FAMILY_REFUSED}.items() if name not in IMPLEMENTED}

@@ -34,6 +34,11 @@ def train(cfg: Any, option_problems: list[str] | tuple[str, ...] = ()) -> TrainR
     checked = check_run(cfg, option_problems)
     if cfg.dry_run:
         return TrainResult(checked.plan)
+    if cfg.debug_dataset:
+        from lorakit.training.debug_dataset import debug_dataset
+
+        debug_dataset(cfg, checked.dataset)
+        return TrainResult(checked.plan)
     with hold_output(cfg, distributed.rank_from_env() == 0):  # a second run on this output name stops here
         return _train_with_models(cfg, checked.family, checked.spec, checked.dataset, checked.plan, checked.seed,
                                   checked.text_cache)

@@ -49,12 +49,24 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(comps, bool(trained_encoders))
     trainable = NetworkTrainable.attach(spec, family, comps, device, cfg.save_format)
+    if cfg.torch_compile:
+        compile_denoiser(cfg, comps.denoiser)
     _full_precision(cfg, trainable.module, accelerator)
     for encoder in trained_encoders:
         encoder.train()  # LoRA dropout acts only in train mode; the frozen weights have no dropout of their own
     comps.denoiser.train()
     return Session(cfg, family, comps, trainable, family.objective(cfg, comps), accelerator, weight_dtype,
                    trainable.trains_text_encoders)
+
+
+def compile_denoiser(cfg: Any, denoiser: torch.nn.Module) -> None:
+    """--torch_compile: the denoiser (with its adapters attached) compiled in place by torch.compile with
+    --dynamo_backend/--dynamo_mode/--dynamo_fullgraph/--dynamo_dynamic, as sd-scripts has accelerate compile the
+    U-Net/DiT; the module keeps its identity and parameter names, so files and states are unchanged."""
+    backend = (cfg.dynamo_backend or "inductor").lower()
+    log.info("--torch_compile: the denoiser compiles on its first steps (backend %s)", backend)
+    denoiser.compile(backend=backend, mode=cfg.dynamo_mode, fullgraph=cfg.dynamo_fullgraph,
+                     dynamic=True if cfg.dynamo_dynamic else None)
 
 
 def _full_precision(cfg: Any, trained: torch.nn.Module, accelerator: Accelerator) -> None:
