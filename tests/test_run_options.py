@@ -56,3 +56,26 @@ def test_options_without_effect_warn():
     assert any(w.startswith("--controlnet_model_name_or_path is read by ControlNet training only") for w in warnings)
     for name in ("save_clip", "fused_backward_pass", "torch_compile", "debug_dataset", "weighted_captions"):
         assert name not in UNSUPPORTED
+
+
+def test_deepspeed_is_accepted_checked_at_start_up_and_configured(world, tmp_path, monkeypatch):
+    import importlib.util
+
+    from lorakit.errors import ConfigError
+    from lorakit.training import distributed
+    from lorakit.training.preflight import check_run
+
+    argv = resume_args(world, tmp_path, "--deepspeed", "--zero_stage=3", "--offload_optimizer_device=cpu",
+                       "--zero3_save_16bit_model", "--fp16_master_weights_and_gradients", "--gradient_accumulation_steps=2")
+    cfg, _ = parse_train_args(argv)  # no "not implemented" refusal
+    if importlib.util.find_spec("deepspeed") is None:  # this machine: the run stops before any model loads
+        with pytest.raises(ConfigError, match="--deepspeed needs the DeepSpeed package, which is not installed"):
+            check_run(cfg)
+        monkeypatch.setattr(distributed, "deepspeed_problems", lambda cfg: [])
+    config = distributed.deepspeed_plugin(cfg, world_size=2).deepspeed_config
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["train_batch_size"] == 2 * 2 * 2
+    assert config["gradient_accumulation_steps"] == 2 and config["gradient_clipping"] == 1.0
+    assert config["fp16"]["fp16_master_weights_and_grads"] is True

@@ -21,15 +21,6 @@ _REMOVE = "remove it to train without it"
 #: Hints for options sd-scripts has, for as long as lorakit lacks them. `UNSUPPORTED` (below) is this table minus
 #: `IMPLEMENTED`, so landing a feature means adding its names to `IMPLEMENTED` and nothing else.
 _HINTS: dict[str, str] = {
-    # deepspeed
-    **dict.fromkeys(
-        (
-            "deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",
-            "offload_param_device", "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
-            "fp16_master_weights_and_gradients",
-        ),
-        _REMOVE,
-    ),
     # saving
     **dict.fromkeys(
         (
@@ -162,6 +153,9 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "save_format",
         # several processes (training/distributed.py)
         "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph",
+        # DeepSpeed through accelerate's plugin (training/distributed.py; the package is checked at start-up)
+        "deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
+        "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients",
         # logging and precision (cli/main.py, training/trackers.py, training/run.py)
         "console_log_file", "console_log_simple", "log_config", "wandb_run_name", "wandb_api_key", "full_fp16",
         "full_bf16",
