@@ -21,14 +21,6 @@ _REMOVE = "remove it to train without it"
 #: Hints for options sd-scripts has, for as long as lorakit lacks them. `UNSUPPORTED` (below) is this table minus
 #: `IMPLEMENTED`, so landing a feature means adding its names to `IMPLEMENTED` and nothing else.
 _HINTS: dict[str, str] = {
-    # saving
-    **dict.fromkeys(
-        (
-            "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
-            "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
-        ),
-        "remove it and upload the files from --output_dir yourself",
-    ),
     # dataset
     **dict.fromkeys(
         (
@@ -161,6 +153,9 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "full_bf16",
         # the batches printed and written instead of training (training/debug_dataset.py)
         "debug_dataset",
+        # Hugging Face Hub uploads and resume (training/hub.py)
+        "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+        "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
         # torch.compile of the denoiser (training/setup.py)
         "torch_compile", "dynamo_backend", "dynamo_mode", "dynamo_fullgraph", "dynamo_dynamic",
         # images decoded at start-up (data/verify.py)

@@ -26,6 +26,7 @@ from lorakit.data.text_cache import CaptionCache, plan_text_cache, text_cache_pr
 from lorakit.families.registry import all_families, resolve_family
 from lorakit.training import distributed
 from lorakit.training.destination import destination_problems
+from lorakit.training.hub import download_hub_state, hub_problems
 from lorakit.training.network_files import base_weight_problems, sized_spec
 from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
 from lorakit.training.resume_options import resume_changes
@@ -59,6 +60,10 @@ def check_run(cfg: Any, option_problems: list[str] | tuple[str, ...] = ()) -> Ch
     text_cache = _text_cache(cfg, family, spec, dataset, problems)
     plan = _plan(cfg, family, dataset, text_cache)
     problems += optimizer_problems(cfg, plan.max_train_steps if plan else 1)
+    found = hub_problems(cfg)
+    if not found:
+        download_hub_state(cfg, found)  # before the state folder is checked: that is the download
+    problems += found
     problems += before_loading_problems(cfg, plan)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))  # a given --family's rules ran in the parser too
