@@ -21,14 +21,10 @@ _REMOVE = "remove it to train without it"
 #: Hints for options sd-scripts has, for as long as lorakit lacks them. `UNSUPPORTED` (below) is this table minus
 #: `IMPLEMENTED`, so landing a feature means adding its names to `IMPLEMENTED` and nothing else.
 _HINTS: dict[str, str] = {
-    # dataset
-    **dict.fromkeys(
-        (
-            "dataset_class",
-        ),
-        _REMOVE,
-    ),
-}  # fmt: skip
+    "dataset_class": "a dataset class written for sd-scripts (a MinimalDataset returning its batch dicts) cannot "
+                     "drive lorakit's data pipeline yet; describe the images with --train_data_dir, --in_json or "
+                     "--dataset_config instead",
+}
 
 #: Options that select something lorakit does differently, or that do nothing in LoRA training (in sd-scripts
 #: either); training continues with this warning.

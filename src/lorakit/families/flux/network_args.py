@@ -22,10 +22,11 @@ KNOWN_KEYS = frozenset(
      "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
 )
 NOT_YET = {
-    "network_reg_dims": "regex ranks are not implemented yet",
-    "network_reg_lrs": "regex learning rates are not implemented yet",
-    "ggpo_sigma": "LoRA-GGPO is not implemented yet",
-    "ggpo_beta": "LoRA-GGPO is not implemented yet",
+    "network_reg_dims": "ranks chosen by regular expression are not implemented yet in lorakit; remove it and set "
+                        "ranks per layer type (img_attn_dim=…, single_dim=…) and block (train_*_block_indices)",
+    "network_reg_lrs": "learning rates chosen by regular expression are not implemented yet in lorakit; remove it",
+    "ggpo_sigma": "LoRA-GGPO is not implemented yet in lorakit; remove ggpo_sigma and ggpo_beta",
+    "ggpo_beta": "LoRA-GGPO is not implemented yet in lorakit; remove ggpo_sigma and ggpo_beta",
 }
 
 
