@@ -28,7 +28,7 @@ def t5_family_problems(family_name: str, cfg: Any, spec: Any) -> list[str]:
     if caches_text(cfg) and trains_t5(spec):
         problems.append("--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
                         "cached outputs carry no gradients to T5's LoRA modules")
-    if cfg.weighted_captions:
+    if getattr(cfg, "weighted_captions", False):
         problems.append(f"--weighted_captions is not available for --family {family_name}: its T5 prompts have no "
                         "attention weights (sd-scripts refuses it too); remove it and write captions without weights")
     if cfg.loss_type in ("huber", "smooth_l1") and cfg.huber_schedule == "snr":
