@@ -96,7 +96,7 @@ def test_conditioning_mask_red_channel_and_flip(tmp_path):
 
 
 def test_mask_of_wrong_size_and_missing_mask_named(tmp_path):
-    with pytest.raises(DataError, match=r"mask .*a.png is 32x32 but its image .*a.png is 64x64"):
+    with pytest.raises(DataError, match=r"conditioning image .*a.png is 32x32 but its image .*a.png is 64x64"):
         build_train_dataset(masked_folders(tmp_path, mask_size=(32, 32)))
 
 

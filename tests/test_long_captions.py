@@ -118,6 +118,10 @@ def test_options_reach_the_family_and_t5_families_refuse_weights(tmp_path):
     cfg, _ = parse_train_args(base + ["--max_token_length", "225", "--weighted_captions"])
     assert ClipPrompts.from_options(cfg) == ClipPrompts(225, True)
     assert get_family("sd").option_problems(cfg) == []
+    from lorakit.families.registry import family_names
+
+    for name in family_names():
+        refused = any(p.startswith("--weighted_captions is not available") for p in get_family(name).option_problems(cfg))
+        assert refused is (name not in ("sd", "sdxl")), name
     for name in ("flux", "sd3"):
-        assert any(p.startswith("--weighted_captions is not available") for p in get_family(name).option_problems(cfg))
         assert f"--max_token_length is ignored for --family {name}" in get_family(name).option_warnings(cfg)

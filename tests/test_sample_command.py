@@ -98,7 +98,7 @@ def assert_close(a: np.ndarray, b: np.ndarray) -> None:
 def write_sd_model(folder: Path) -> Path:
     """The tiny SD 1.x with a non-zero bias in the text encoder's final LayerNorm, as real CLIP models have: with
     a zero bias every token's features average to ~0, and the weighted-prompt encoder's mean rescaling divides
-    0 by 0 whenever the rounding lands on exactly zero (`sampling/weighting.py`)."""
+    0 by 0 whenever the rounding lands on exactly zero (`families/common/prompt_weighting.py`)."""
     from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 
     comps = build_tiny_sd("sd1", seed=0)

@@ -13,7 +13,7 @@ from lorakit.config import parse_train_args
 from lorakit.errors import ConfigError
 from lorakit.sampling.prompts import read_sample_prompts
 from lorakit.objectives.samplers import SAMPLERS
-from lorakit.sampling.weighting import encode_weighted_prompts, parse_prompt_weights
+from lorakit.families.common.prompt_weighting import encode_weighted_prompts, parse_prompt_weights
 from lorakit.families.sd.tiny import build_tiny_sd, save_sd_diffusers_folder
 from lorakit.training.run import train
 from lorakit.training.sample_events import SampleSchedule, sample_file_name
@@ -84,7 +84,7 @@ def test_weighted_encoder_matches_plain_encoding_without_weights():
 
 
 def test_weighting_restores_the_mean_and_survives_a_zero_mean():
-    from lorakit.sampling.weighting import _weighted
+    from lorakit.families.common.prompt_weighting import _weighted
 
     hidden = torch.randn(1, 6, 4, generator=torch.Generator().manual_seed(0)) + 0.5
     weights = torch.tensor([1.0, 1.5, 1.0, 0.5, 1.0, 1.0]).reshape(1, -1, 1)

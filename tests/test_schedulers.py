@@ -145,7 +145,7 @@ def test_custom_torch_scheduler_type():
 
 
 def test_custom_scheduler_errors_are_config_errors():
-    with pytest.raises(ConfigError, match="pip install no-such-schedules"):
+    with pytest.raises(ConfigError, match="no module .no_such_schedules. is installed or in the working directory"):
         ours(lr_scheduler_type="no_such_schedules.Fancy")
     with pytest.raises(ConfigError, match="did you mean StepLR"):
         ours(lr_scheduler_type="StepLRR", lr_scheduler_args=["step_size=10"])

@@ -29,6 +29,9 @@ from lorakit.errors import CheckpointError
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _ZIP_MAGIC = b"PK\x03\x04"
+# diffusers and transformers serialise each weight file in one buffer before writing it: smaller shards keep a
+# saved folder's extra memory to one shard's size instead of a whole component's
+MAX_SHARD_SIZE = "2GB"
 
 
 @dataclass
@@ -150,11 +153,31 @@ def first_line(exc: BaseException) -> str:
 
 
 def write_safetensors_atomic(
-    state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Write a safetensors file via a temporary file in the same folder, so a crash never leaves half a file."""
-    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    _write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    """Write a safetensors file via a temporary file in the same folder, so a crash never leaves half a file.
+
+    The tensors are written one at a time (the header first, from their shapes), never serialised into one
+    buffer beside them: writing a whole model adds one tensor to the memory it takes, not a second model.
+    With `dtype`, floating tensors are cast to it as they are written."""
+    def written_dtype(tensor: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+    if any(written_dtype(v) not in _SAFETENSORS_DTYPES for v in state_dict.values()):
+        tensors = {k: v.detach().to(written_dtype(v)).contiguous() for k, v in state_dict.items()}
+        _write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        return
+    layout = {k: (v.shape, written_dtype(v)) for k, v in state_dict.items()}
+    pieces = ({k: v.to(written_dtype(v))} for k, v in state_dict.items())
+    _write_atomic(Path(path), lambda tmp: write_safetensors_streaming(tmp, layout, pieces, metadata or {}))
+
+
+def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The floating tensors of `state` in `dtype` (None: unchanged); other tensors as they are."""
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def write_torch_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -174,13 +197,23 @@ def save_pipeline_atomic(pipeline: Any, path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with staged_folder(target) as staging:
-        pipeline.save_pretrained(str(staging), safe_serialization=True)
+        pipeline.save_pretrained(str(staging), safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
+    return target
+
+
+def save_model_folder_atomic(model: Any, path: str | os.PathLike[str]) -> Path:
+    """One diffusers model's `save_pretrained` folder (config.json and its weights), staged and renamed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with staged_folder(target) as staging:
+        model.save_pretrained(str(staging), safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
     return target
 
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float64: "F64", torch.int16: "I16", torch.int8: "I8",
 }
 
 
@@ -189,7 +222,7 @@ def write_safetensors_streaming(
 ) -> None:
     """A safetensors file whose header is written from `layout` first and whose tensors then arrive in pieces
     (in the order of `layout`), so no more than one piece is ever held beside the model."""
-    header: dict[str, object] = {"__metadata__": metadata}
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, (shape, dtype) in layout.items():
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()

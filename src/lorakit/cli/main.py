@@ -20,6 +20,8 @@ commands:
   demo      train a LoRA on the built-in toy model and dataset on the CPU, with before/after samples
   lora      LoRA file tools: resize, merge, extract, convert, inspect, dylora, sample (lorakit lora --help)
   sample    generate images with LoRAs merged into a base model, any family (lorakit sample --help)
+  generate  generate images: prompt files, batches, LoRAs, img2img, inpainting, highres fix (lorakit generate --help)
+  model     base-model tools: convert, merge, inspect (lorakit model --help)
   bench     step time of the trainer against the bare model step (lorakit bench --help)
   tag       tag a folder's images with a WD14 tagger (ONNX) into .txt files or metadata (lorakit tag --help)
   caption   caption a folder's images with BLIP, GIT or Qwen2.5-VL from a local model folder (lorakit caption --help)
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorakit {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "cache": _cache, "demo": _demo, "lora": _lora, "sample": _sample, "bench": _bench,
+    commands = {"train": _train, "cache": _cache, "demo": _demo, "lora": _lora, "sample": _sample, "generate": _generate, "model": _model, "bench": _bench,
                 "tag": _tag, "caption": _caption, "dataset": _dataset}
     if command not in commands:
         print(f"lorakit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
@@ -130,6 +132,18 @@ def _sample(argv: list[str]) -> int:
     from lorakit.cli.sample import main as sample_main
 
     return sample_main(argv)
+
+
+def _generate(argv: list[str]) -> int:
+    from lorakit.cli.generate import main as generate_main
+
+    return generate_main(argv)
+
+
+def _model(argv: list[str]) -> int:
+    from lorakit.cli.model import main as model_main
+
+    return model_main(argv)
 
 
 def _bench(argv: list[str]) -> int:

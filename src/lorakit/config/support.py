@@ -48,12 +48,21 @@ NETWORK_MODULES_DONE = (
 )
 
 
+def _family_network_modules() -> tuple[str, ...]:
+    """The network modules the registered families name as their own (imported only when a module is not in
+    NETWORK_MODULES_DONE, so parsing the usual options imports no model code)."""
+    from lorakit.families.registry import family_class, family_names
+
+    modules = (m for name in family_names() for cls in [family_class(name)] for m in (*cls.lora_network_modules, *cls.oft_network_modules))
+    return tuple(dict.fromkeys(m for m in modules if m not in NETWORK_MODULES_DONE))
+
+
 def _network_module(value: Any) -> str | None:
-    if value is None or value in NETWORK_MODULES_DONE:
+    if value is None or value in NETWORK_MODULES_DONE or value in _family_network_modules():
         return None
     return (
         f"--network_module {value} is recognised but not implemented yet in lorakit; "
-        f"use one of {', '.join(NETWORK_MODULES_DONE)}"
+        f"use one of {', '.join(NETWORK_MODULES_DONE + _family_network_modules())}"
     )
 
 

@@ -22,7 +22,7 @@ from lorakit.data.finetune import read_metadata_file
 from lorakit.data.holdout import TRAINING, VALIDATION, split_items
 from lorakit.data.images import image_size
 from lorakit.data.info_cache import read_info_cache, write_info_cache
-from lorakit.data.masks import check_mask_size, conditioning_files
+from lorakit.data.conditioning import ConditioningUse, check_conditioning_size, conditioning_files
 from lorakit.data.specs import DatasetSpec, SubsetSpec
 from lorakit.data.verify import bad_images
 from lorakit.errors import DataError
@@ -49,7 +49,7 @@ class _SubsetImages:
 
     records: list[ImageRecord]
     sizes: list[Size]
-    masks: dict[Path, Path]
+    conditioning: dict[Path, Path]  # image -> its conditioning image
     problems: list[str]
     skipped: list[str]  # bad files left out with --skip_bad_images
 
@@ -113,7 +113,8 @@ def _records_with_info_cache(subset: SubsetSpec, cached: dict[str, tuple[str, Si
 
 
 def _read_subset(subset: SubsetSpec, skip_bad: bool = False) -> _SubsetImages:
-    """Images, sizes, masks and problems of one subset; bad image files are left out when `skip_bad`."""
+    """Images, sizes, conditioning images and problems of one subset; bad image files are left out when
+    `skip_bad` (an image whose conditioning image cannot be read goes with it)."""
     records, known = _records(subset)
     sizes, unreadable, kept = [], [], []
     for record in records:
@@ -122,40 +123,44 @@ def _read_subset(subset: SubsetSpec, skip_bad: bool = False) -> _SubsetImages:
             kept.append(record)
         except DataError as err:
             unreadable.append(str(err))
-    masks: dict[Path, Path] = {}
+    pairs: dict[Path, Path] = {}
     problems: list[str] = []
     if subset.conditioning_data_dir is not None:
-        masks, mask_problems = conditioning_files([r.path for r in kept], subset.conditioning_data_dir)
-        problems += mask_problems
-    bad = bad_images([r.path for r in kept] + [masks[r.path] for r in kept if r.path in masks])
+        pairs, pair_problems = conditioning_files([r.path for r in kept], subset.conditioning_data_dir)
+        problems += pair_problems
+    bad = bad_images([r.path for r in kept] + [pairs[r.path] for r in kept if r.path in pairs])
     unreadable += [bad[p] for p in sorted(bad)]
-    good = [i for i, r in enumerate(kept) if r.path not in bad and masks.get(r.path) not in bad]
+    good = [i for i, r in enumerate(kept) if r.path not in bad and pairs.get(r.path) not in bad]
     kept, sizes = [kept[i] for i in good], [sizes[i] for i in good]
-    problems += [p for r, s in zip(kept, sizes) if r.path in masks if (p := check_mask_size(masks[r.path], r.path, s))]
+    problems += [p for r, s in zip(kept, sizes) if r.path in pairs
+                 if (p := check_conditioning_size(pairs[r.path], r.path, s))]
     skipped = unreadable if skip_bad else []
     problems += [] if skip_bad else unreadable
     if subset.cache_info and subset.metadata_file is None and kept and not problems:
         write_info_cache(subset.image_dir, {str(r.path): (r.caption, s) for r, s in zip(kept, sizes)})
-    return _SubsetImages(kept, sizes, masks, problems, skipped)
+    return _SubsetImages(kept, sizes, pairs, problems, skipped)
 
 
-def build_train_dataset(cfg: Any, seed: int | None = None) -> TrainDataset:
+def build_train_dataset(cfg: Any, seed: int | None = None,
+                        conditioning: ConditioningUse = ConditioningUse.MASK) -> TrainDataset:
     """Find, check and bucket every image named by `cfg` (sd-scripts option names).
 
-    All unreadable images, bad caption files and bad masks are reported together in one `DataError`. With a
-    validation split the held-out images are left out, and the dataset's `validation` holds them.
+    `conditioning` says what the run's training type does with conditioning images (`data/conditioning.py`).
+    All unreadable images, bad caption files and bad or missing conditioning images are reported together in
+    one `DataError`. With a validation split the held-out images are left out, and the dataset's `validation`
+    holds them.
     """
-    dataset = _build(cfg, seed, TRAINING)
+    dataset = _build(cfg, seed, conditioning, TRAINING)
     if any(part.spec.validation_split for part in dataset.parts):
-        dataset.validation = _build(cfg, seed, VALIDATION)
+        dataset.validation = _build(cfg, seed, conditioning, VALIDATION)
         if dataset.validation is not None:
             logger.info("validation: %d held-out image(s)", len(dataset.validation.images))
     return dataset
 
 
-def _build(cfg: Any, seed: int | None, role: str) -> TrainDataset | None:
+def _build(cfg: Any, seed: int | None, conditioning: ConditioningUse, role: str) -> TrainDataset | None:
     """The training dataset, or (role VALIDATION) the held-out images, None when there are none."""
-    plan = plan_datasets(cfg)
+    plan = plan_datasets(cfg, conditioning)
     seed = int(seed if seed is not None else getattr(cfg, "seed", None) or 0)
     subsets: list[SubsetSpec] = []
     images: list[ImageEntry] = []
@@ -170,7 +175,8 @@ def _build(cfg: Any, seed: int | None, role: str) -> TrainDataset | None:
                                  (role, seed)))
     if role == VALIDATION:
         images = [e for e in images if e.repeats > 0]
-        return TrainDataset(subsets, images, parts, seed, 1.0, plan.from_config_file) if images else None
+        return TrainDataset(subsets, images, parts, seed, 1.0, plan.from_config_file,
+                            conditioning_masks=bool(getattr(cfg, "masked_loss", False))) if images else None
     if skipped:
         logger.warning("--skip_bad_images: left out %d image(s) that cannot be read:\n%s", len(skipped),
                        "\n".join(f"  - {p}" for p in skipped))
@@ -189,7 +195,7 @@ def _build(cfg: Any, seed: int | None, role: str) -> TrainDataset | None:
     images = [e for e in images if e.repeats > 0]
     prior = getattr(cfg, "prior_loss_weight", None)
     dataset = TrainDataset(subsets, images, parts, seed, 1.0 if prior is None else float(prior),
-                           plan.from_config_file)
+                           plan.from_config_file, conditioning_masks=bool(getattr(cfg, "masked_loss", False)))
     dataset.set_training_length(getattr(cfg, "max_train_steps", None) or 0,
                                 getattr(cfg, "gradient_accumulation_steps", None) or 1)
     return dataset
@@ -234,7 +240,7 @@ def _build_part(index: int, spec: DatasetSpec, where: str, subsets: list[SubsetS
             if subset.is_reg:
                 reg_ids.append(len(images))
             images.append(ImageEntry(record.path, record.caption, subset_index, index, size, choice,
-                                     repeats, found.masks.get(record.path),
+                                     repeats, found.conditioning.get(record.path),
                                      face_box_from_name(record.path) if subset.face_crop_aug_range else None))
     _apply_reg_balance(part, images, reg_ids)
     return part
@@ -249,7 +255,8 @@ def _split(found: _SubsetImages, subset: SubsetSpec, spec: DatasetSpec, split: t
         return _SubsetImages([], [], {}, found.problems, found.skipped)
     seed = spec.validation_seed if spec.validation_seed is not None else run_seed
     kept = split_items(list(zip(found.records, found.sizes)), spec.validation_split, seed, role)
-    return _SubsetImages([r for r, _ in kept], [s for _, s in kept], found.masks, found.problems, found.skipped)
+    return _SubsetImages([r for r, _ in kept], [s for _, s in kept], found.conditioning, found.problems,
+                         found.skipped)
 
 
 def _tag_key(subset: SubsetSpec) -> str:

@@ -28,7 +28,8 @@ from lorakit.data.images import (
     Placement, apply_placement, bucket_placement, load_image, load_image_and_alpha, size_condition_crop, to_tensor,
 )
 from lorakit.data.latent_files import read_entry
-from lorakit.data.masks import load_conditioning_mask, place_alpha
+from lorakit.data.conditioning import load_conditioning_image, mask_from_conditioning
+from lorakit.data.masks import place_alpha
 from lorakit.data.specs import SubsetSpec
 from lorakit.data.summary import DatasetSummary, summarize
 from lorakit.errors import DataError
@@ -47,7 +48,7 @@ class ImageEntry:
     original_size: Size  # (width, height)
     choice: BucketChoice
     repeats: int  # after regularisation balancing
-    mask_path: Path | None = None  # conditioning image used as loss mask
+    conditioning_path: Path | None = None  # its conditioning image (data/conditioning.py)
     face: tuple[int, int, int, int] | None = None  # (cx, cy, w, h) from the file name
 
 
@@ -55,13 +56,14 @@ class TrainDataset(Dataset):
     """Pre-formed, single-bucket batches of training (and regularisation) images."""
 
     def __init__(self, subsets: list[SubsetSpec], images: list[ImageEntry], parts: list[Any], seed: int,
-                 prior_loss_weight: float = 1.0, from_config_file: bool = False):
+                 prior_loss_weight: float = 1.0, from_config_file: bool = False, conditioning_masks: bool = False):
         self.subsets = subsets
         self.images = images
         self.parts = parts
         self.seed = seed
         self.prior_loss_weight = prior_loss_weight
         self.from_config_file = from_config_file
+        self.conditioning_masks = conditioning_masks  # --masked_loss: a conditioning image is also the loss mask
         self.latents: dict[tuple[int, bool], torch.Tensor] | None = None
         self.cached_alpha: dict[tuple[int, bool], torch.Tensor] = {}
         self.latent_files: dict[int, tuple[Path, Any]] | None = None  # image id -> (file, format)
@@ -136,7 +138,8 @@ class TrainDataset(Dataset):
         plan = index if isinstance(index, BatchPlan) else self._plans[index]
         rng = random.Random(plan.seed)
         context = self._context(plan)
-        captions, weights, pixels, masks, originals, crops = [], [], [], [], [], []
+        cached = self.latents is not None or self.latent_files is not None
+        captions, weights, pixels, masks, conditioning, originals, crops = [], [], [], [], [], [], []
         for image_id in plan.image_ids:
             entry = self.images[image_id]
             subset = self.subsets[entry.subset_index]
@@ -145,19 +148,20 @@ class TrainDataset(Dataset):
             weights.append(self.prior_loss_weight if subset.is_reg else 1.0)
             originals.append((entry.original_size[1], entry.original_size[0]))
             crops.append(size_condition_crop(plan.bucket, entry.original_size, flip))
-            if self.latents is not None or self.latent_files is not None:
-                latent, mask = self._cached(image_id, plan.bucket, flip)
+            if cached:
+                latent, alpha, placement = self._cached(image_id, plan.bucket, flip)
             else:
-                latent, mask = self._load_pixels(entry, subset, plan.bucket, flip, rng)
+                latent, alpha, placement = self._load_pixels(entry, subset, plan.bucket, flip, rng)
+            pair = self._conditioning(entry, subset, placement)
             pixels.append(latent)
-            masks.append(mask)
+            conditioning.append(pair)
+            masks.append(mask_from_conditioning(pair) if pair is not None and self.conditioning_masks else alpha)
         stacked = torch.stack(pixels)
-        cached = self.latents is not None or self.latent_files is not None
         target = (plan.bucket[1], plan.bucket[0])
         return Batch(captions=captions, loss_weights=torch.tensor(weights, dtype=torch.float32),
                      images=None if cached else stacked, latents=stacked if cached else None,
                      original_sizes=originals, crop_top_lefts=crops, target_sizes=[target] * len(captions),
-                     masks=_stack_masks(masks, target),
+                     masks=_stack_masks(masks, target), conditioning_images=_stack_conditioning(conditioning),
                      custom_attributes=[dict(self.subsets[self.images[i].subset_index].custom_attributes or {})
                                         for i in plan.image_ids])
 
@@ -170,28 +174,28 @@ class TrainDataset(Dataset):
         return bucket_placement(bucket, entry.choice.resized_size, subset.random_crop, rng, flip)
 
     def _load_pixels(self, entry: ImageEntry, subset: SubsetSpec, bucket: Size, flip: bool,
-                     rng: random.Random) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pixels in [-1, 1] fitted to the bucket, with the image's mask placed the same way."""
+                     rng: random.Random) -> tuple[torch.Tensor, torch.Tensor | None, Placement]:
+        """Pixels in [-1, 1] fitted to the bucket, its alpha mask placed the same way, and the placement."""
         placement = self._placement(entry, subset, bucket, flip, rng)
-        img, alpha = _decode(entry.path, subset.alpha_mask and entry.mask_path is None)
+        img, alpha = _decode(entry.path, subset.alpha_mask)
         img = apply_placement(img, placement, subset.resize_interpolation)
         if subset.color_aug:
-            img = color_augment(img, rng)
-        return to_tensor(img), self._mask(entry, subset, placement, alpha)
+            img = color_augment(img, rng)  # the image only: a conditioning image keeps its colours
+        mask = place_alpha(alpha, placement, subset.resize_interpolation) if subset.alpha_mask else None
+        return to_tensor(img), mask, placement
 
-    def _mask(self, entry: ImageEntry, subset: SubsetSpec, placement: Placement,
-              alpha: Any) -> torch.Tensor | None:
-        """The loss mask: the conditioning image when there is one, else the image's decoded alpha channel."""
-        if entry.mask_path is not None:
-            return load_conditioning_mask(entry.mask_path, placement, subset.resize_interpolation)
-        if subset.alpha_mask:
-            return place_alpha(alpha, placement, subset.resize_interpolation)
-        return None
+    def _conditioning(self, entry: ImageEntry, subset: SubsetSpec, placement: Placement) -> torch.Tensor | None:
+        """The image's conditioning image placed exactly like the image (resize, crop, flip), or None."""
+        if entry.conditioning_path is None:
+            return None
+        return load_conditioning_image(entry.conditioning_path, placement, subset.resize_interpolation)
 
-    def _cached(self, image_id: int, bucket: Size, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cached latents and the image's mask (alpha from the cache, conditioning masks from their file)."""
+    def _cached(self, image_id: int, bucket: Size, flip: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None, Placement]:
+        """Cached latents, the image's alpha mask (from the cache) and the centred placement caching used."""
         entry = self.images[image_id]
         subset = self.subsets[entry.subset_index]
+        placement = bucket_placement(bucket, entry.choice.resized_size, flip=flip)
         if self.latent_files is not None:
             path, fmt = self.latent_files[image_id]
             try:
@@ -202,10 +206,7 @@ class TrainDataset(Dataset):
                 alpha = alpha.flip(-1)
         else:
             latent, alpha = self.latents[(image_id, flip)], self.cached_alpha.get((image_id, flip))
-        if entry.mask_path is not None:
-            placement = bucket_placement(bucket, entry.choice.resized_size, flip=flip)
-            return latent, load_conditioning_mask(entry.mask_path, placement, subset.resize_interpolation)
-        return latent, alpha if subset.alpha_mask else None
+        return latent, alpha if subset.alpha_mask else None, placement
 
     def make_loader(self, num_workers: int = 0, persistent: bool = False) -> DataLoader:
         """A DataLoader over this epoch's batches (call `set_epoch` before iterating each epoch).
@@ -260,6 +261,19 @@ def _stack_masks(masks: list[torch.Tensor | None], target_hw: tuple[int, int]) -
         return None
     full = [torch.ones(target_hw) if mask is None else mask for mask in masks]
     return torch.stack(full).unsqueeze(1)
+
+
+def _stack_conditioning(images: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """(B, 3, H, W) conditioning images in [-1, 1], or None when the batch has none.
+
+    A batch is drawn from one dataset, whose subsets are all of one kind, so either every image has one or none.
+    """
+    if all(image is None for image in images):
+        return None
+    if any(image is None for image in images):
+        raise DataError("a batch mixes images with and without conditioning images; put conditioning subsets "
+                        "in a [[datasets]] of their own")
+    return torch.stack(images)
 
 
 class _PlanSampler(Sampler):

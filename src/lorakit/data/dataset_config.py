@@ -7,7 +7,8 @@ problem in the file (unknown keys, keys at the wrong level, wrong types, mixed d
 once in one `DataError`.
 
 A dataset's kind follows from its subsets' keys, as in sd-scripts: `metadata_file` makes a fine-tuning
-subset, `conditioning_data_dir` a conditioning (mask) subset, anything else a DreamBooth folder.
+subset, `conditioning_data_dir` a conditioning subset, anything else a DreamBooth folder. Whether conditioning
+subsets are allowed, needed or only taken as loss masks is the training type's `ConditioningUse`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from lorakit.data.conditioning import ConditioningUse
 from lorakit.data.discovery import scan_repeat_folders
 from lorakit.data.specs import CONDITIONING, DREAMBOOTH, FINE_TUNING, DatasetPlan, DatasetSpec, SubsetSpec
 from lorakit.errors import DataError
@@ -157,9 +159,12 @@ def subset_kind(subset: dict[str, Any]) -> str:
     return DREAMBOOTH
 
 
-def _check_subset_kind(subset: dict[str, Any], where: str, masked_loss: bool) -> list[str]:
-    """Rules that depend on the subset's kind (required keys, forbidden keys, conditioning needs masks)."""
+def _check_subset_kind(subset: dict[str, Any], where: str, use: ConditioningUse, masked_loss: bool) -> list[str]:
+    """Rules that depend on the subset's kind (required keys, forbidden keys, what conditioning is for)."""
     kind = subset_kind(subset)
+    if use is ConditioningUse.REQUIRED and kind != CONDITIONING:
+        return [f"{where}: conditioning_data_dir is required (this training learns from image and conditioning "
+                "image pairs)"]
     problems = [f"{where}: {key} is not allowed in a {KIND_NAMES[kind]} subset"
                 for key in KIND_FORBIDDEN[kind] if key in subset]
     if kind != FINE_TUNING and "image_dir" not in subset:
@@ -170,13 +175,14 @@ def _check_subset_kind(subset: dict[str, Any], where: str, masked_loss: bool) ->
         if subset.get("alpha_mask"):
             problems.append(f"{where}: alpha_mask cannot be used with conditioning_data_dir (the "
                             "conditioning image is the mask)")
-        if not masked_loss:
-            problems.append(f"{where}: conditioning_data_dir needs --masked_loss (lorakit uses conditioning "
-                            "images as loss masks)")
+        if use is ConditioningUse.MASK and not masked_loss:
+            problems.append(f"{where}: conditioning_data_dir needs --masked_loss (this training uses conditioning "
+                            "images only as loss masks)")
     return problems
 
 
-def _check_dataset(dataset: Any, where: str, general_allowed: dict[str, str], masked_loss: bool) -> list[str]:
+def _check_dataset(dataset: Any, where: str, general_allowed: dict[str, str], use: ConditioningUse,
+                   masked_loss: bool) -> list[str]:
     if not isinstance(dataset, dict):
         return [f"{where} must be a table"]
     only_in_subsets = {k: "[[datasets.subsets]]" for k in SUBSET_ONLY_KEYS}
@@ -191,7 +197,7 @@ def _check_dataset(dataset: Any, where: str, general_allowed: dict[str, str], ma
         sub_where = f"{where} subset #{j}"
         problems += _check_table(subset, sub_where, {**SUBSET_KEYS, **SUBSET_ONLY_KEYS}, subset_misplaced)
         if isinstance(subset, dict):
-            problems += _check_subset_kind(subset, sub_where, masked_loss)
+            problems += _check_subset_kind(subset, sub_where, use, masked_loss)
             kinds.add(subset_kind(subset))
     if len(kinds) > 1:
         problems.append(f"{where} mixes subset kinds ({', '.join(KIND_NAMES[k] for k in sorted(kinds))}); "
@@ -199,7 +205,8 @@ def _check_dataset(dataset: Any, where: str, general_allowed: dict[str, str], ma
     return problems
 
 
-def validate_dataset_config(data: dict[str, Any], path: str | Path, masked_loss: bool = False) -> None:
+def validate_dataset_config(data: dict[str, Any], path: str | Path, masked_loss: bool = False,
+                            use: ConditioningUse = ConditioningUse.MASK) -> None:
     """Raise one `DataError` listing every problem of a parsed dataset config."""
     problems: list[str] = []
     for key in data:
@@ -214,7 +221,7 @@ def validate_dataset_config(data: dict[str, Any], path: str | Path, masked_loss:
         problems.append("no [[datasets]] entry; add [[datasets]] with at least one [[datasets.subsets]]")
         datasets = []
     for i, dataset in enumerate(datasets, start=1):
-        problems += _check_dataset(dataset, f"[[datasets]] #{i}", general_allowed, masked_loss)
+        problems += _check_dataset(dataset, f"[[datasets]] #{i}", general_allowed, use, masked_loss)
     if problems:
         raise DataError(f"{len(problems)} problem(s) in dataset config {path}:\n"
                         + "\n".join(f"  - {p}" for p in problems))
@@ -289,11 +296,11 @@ def _resolve_dataset(levels: list[dict[str, Any]], cfg: Any, subsets: tuple[Subs
     return DatasetSpec(subsets=subsets, resolution=resolution, kind=kind, **values)
 
 
-def plan_from_config_file(path: str | Path, cfg: Any) -> DatasetPlan:
+def plan_from_config_file(path: str | Path, cfg: Any, use: ConditioningUse = ConditioningUse.MASK) -> DatasetPlan:
     """Read, check and resolve a `--dataset_config` file into datasets of resolved subsets."""
     file = Path(path)
     data = read_dataset_config(file)
-    validate_dataset_config(data, file, bool(getattr(cfg, "masked_loss", False)))
+    validate_dataset_config(data, file, bool(getattr(cfg, "masked_loss", False)), use)
     general = data.get("general", {})
     datasets: list[DatasetSpec] = []
     for i, dataset in enumerate(data["datasets"], start=1):
@@ -314,8 +321,14 @@ def _conditioning_dir_for(cfg: Any, folder: Path) -> Path | None:
     return sub if sub.is_dir() else Path(root)
 
 
-def plan_from_folders(cfg: Any) -> DatasetPlan:
-    """One dataset from the `N_name` folders of `--train_data_dir` (and `--reg_data_dir`)."""
+def plan_from_folders(cfg: Any, use: ConditioningUse = ConditioningUse.MASK) -> DatasetPlan:
+    """One dataset from the `N_name` folders of `--train_data_dir` (and `--reg_data_dir`).
+
+    `--conditioning_data_dir` pairs them with conditioning images (with --masked_loss only, when the training
+    type takes them as masks): a subfolder of the same name when there is one, else the folder itself.
+    """
+    if use is ConditioningUse.REQUIRED:
+        return plan_from_pair_folders(cfg)
     train_dir = getattr(cfg, "train_data_dir", None)
     if not train_dir:
         raise DataError("no training images given: pass --train_data_dir (a folder with subfolders named "
@@ -324,15 +337,32 @@ def plan_from_folders(cfg: Any) -> DatasetPlan:
     reg_dir = getattr(cfg, "reg_data_dir", None)
     if reg_dir:
         folders += scan_repeat_folders(reg_dir, is_reg=True)
-    masked = bool(getattr(cfg, "masked_loss", False)) and getattr(cfg, "conditioning_data_dir", None)
+    wanted = bool(getattr(cfg, "masked_loss", False)) or use is ConditioningUse.OPTIONAL
+    paired = wanted and getattr(cfg, "conditioning_data_dir", None)
     subsets = []
     for folder in folders:
         values = _subset_values([], cfg)
         values.update(num_repeats=folder.num_repeats, class_tokens=folder.class_tokens, is_reg=folder.is_reg)
-        conditioning = _conditioning_dir_for(cfg, folder.path) if masked and not folder.is_reg else None
+        conditioning = _conditioning_dir_for(cfg, folder.path) if paired and not folder.is_reg else None
         subsets.append(SubsetSpec(image_dir=folder.path, conditioning_data_dir=conditioning, **values))
     dataset = _resolve_dataset([], cfg, tuple(subsets), "the options")
     return DatasetPlan(datasets=(dataset,))
+
+
+def plan_from_pair_folders(cfg: Any) -> DatasetPlan:
+    """sd-scripts' ControlNet trainers without a dataset config: `--train_data_dir` holds the images themselves
+    (one subset, 1 repeat) and `--conditioning_data_dir` their conditioning images."""
+    train_dir, pair_dir = getattr(cfg, "train_data_dir", None), getattr(cfg, "conditioning_data_dir", None)
+    missing = [f"--{name} is required (or --dataset_config)" for name, value in
+               (("train_data_dir", train_dir), ("conditioning_data_dir", pair_dir)) if not value]
+    if missing:
+        raise DataError("; ".join(missing) + ": this training learns from image and conditioning image pairs")
+    values = _subset_values([], cfg)
+    values.update(num_repeats=1)
+    if values["random_crop"]:
+        raise DataError("--random_crop cannot be used with conditioning images (sd-scripts refuses it too)")
+    subset = SubsetSpec(image_dir=_path(train_dir), conditioning_data_dir=_path(pair_dir), **values)
+    return DatasetPlan(datasets=(_resolve_dataset([], cfg, (subset,), "the options", CONDITIONING),))
 
 
 def plan_from_in_json(cfg: Any) -> DatasetPlan:
@@ -345,13 +375,16 @@ def plan_from_in_json(cfg: Any) -> DatasetPlan:
     return DatasetPlan(datasets=(dataset,))
 
 
-def plan_datasets(cfg: Any) -> DatasetPlan:
+def plan_datasets(cfg: Any, use: ConditioningUse = ConditioningUse.MASK) -> DatasetPlan:
     """The datasets to train on: `--dataset_config` if given, else `--in_json`, else the image folders."""
     config_file = getattr(cfg, "dataset_config", None)
     if not config_file:
-        return plan_from_in_json(cfg) if getattr(cfg, "in_json", None) else plan_from_folders(cfg)
-    ignored = [name for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(cfg, name, None)]
+        if getattr(cfg, "in_json", None) and use is not ConditioningUse.REQUIRED:
+            return plan_from_in_json(cfg)
+        return plan_from_folders(cfg, use)
+    ignored = [name for name in ("train_data_dir", "reg_data_dir", "in_json", "conditioning_data_dir")
+               if getattr(cfg, name, None)]
     if ignored:
         logger.warning("--dataset_config is given, so %s %s ignored",
                        ", ".join("--" + n for n in ignored), "is" if len(ignored) == 1 else "are")
-    return plan_from_config_file(config_file, cfg)
+    return plan_from_config_file(config_file, cfg, use)

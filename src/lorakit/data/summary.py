@@ -101,7 +101,9 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 def _kind(row: SubsetRow) -> str:
     kind = "reg" if row.is_reg else "train"
-    if row.conditioning_data_dir or row.alpha_mask:
+    if row.conditioning_data_dir:
+        kind += " +conditioning"
+    if row.alpha_mask:
         kind += " +mask"
     return kind
 

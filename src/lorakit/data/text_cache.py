@@ -54,6 +54,7 @@ class CaptionCache:
     pending: list[PendingFile] = field(default_factory=list)  # files to write before training
     needs_encoders: bool = True  # False: every caption is in `files` and nothing else runs the encoders
     device: torch.device | None = None  # where rows read from files go (the training device)
+    ragged_mask: str | None = None  # the format's mask of real tokens, for encoders of varying lengths
     _rows: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -70,11 +71,11 @@ class CaptionCache:
             with torch.no_grad():
                 fresh = encode(missing)
             for index, caption in enumerate(missing):
-                self._rows[caption] = {name: value[index] for name, value in fresh.items()}
+                self._rows[caption] = caption_row(fresh, index, self.ragged_mask)
         rows = [self._rows[c] if c in self._rows else self._read(c) for c in captions]
         # a file holds every output; a row encoded here may hold fewer (a trained encoder's stay out of memory)
         names = [name for name in rows[0] if all(name in row for row in rows)]
-        return {name: torch.stack([row[name] for row in rows]) for name in names}
+        return {name: stack_rows([row[name] for row in rows]) for name in names}
 
     def _read(self, caption: str) -> dict[str, torch.Tensor]:
         try:
@@ -109,7 +110,7 @@ class CaptionCache:
             with torch.no_grad():
                 outputs = encode(chunk)
             for index, caption in enumerate(chunk):
-                row = {name: value[index] for name, value in outputs.items()}
+                row = caption_row(outputs, index, self.ragged_mask)
                 for item in by_caption[caption]:
                     write_text_file(item.path, item.request, row)
                 bar.update(len(by_caption[caption]))
@@ -123,12 +124,30 @@ class CaptionCache:
         self.pending = []
 
 
-def run_text_cache(cfg: Any, given: CaptionCache | None) -> CaptionCache | None:
+def caption_row(outputs: dict[str, torch.Tensor], index: int, ragged_mask: str | None) -> dict[str, torch.Tensor]:
+    """One caption's outputs from a batch; with a mask of real tokens, the outputs of that length lose their
+    padding (a caption's tokens do not depend on the captions it was batched with)."""
+    row = {name: value[index] for name, value in outputs.items()}
+    if ragged_mask is None:
+        return row
+    keep = row[ragged_mask].bool()
+    return {name: value[keep] if value.dim() and value.shape[0] == keep.shape[0] else value for name, value in row.items()}
+
+
+def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """A batch of rows; rows of different lengths are zero-padded to the longest (a mask pads with False)."""
+    longest = max(row.shape[0] if row.dim() else 0 for row in rows)
+    if all(row.dim() == 0 or row.shape[0] == longest for row in rows):
+        return torch.stack(rows)
+    return torch.stack([torch.cat([row, row.new_zeros(longest - row.shape[0], *row.shape[1:])]) for row in rows])
+
+
+def run_text_cache(cfg: Any, given: CaptionCache | None, fmt: TextFileFormat | None = None) -> CaptionCache | None:
     """The cache a family's `load` uses: the run's (`given`), else an in-memory one when `cfg` asks for caching
-    (callers that load a family outside a run)."""
+    (callers that load a family outside a run; `fmt` tells rows of varying length apart)."""
     if given is not None:
         return given
-    return CaptionCache() if caches_text(cfg) else None
+    return CaptionCache(ragged_mask=fmt.ragged_mask if fmt else None) if caches_text(cfg) else None
 
 
 def text_cache_problems(cfg: Any, dataset: TrainDataset) -> list[str]:
@@ -150,7 +169,7 @@ def plan_text_cache(cfg: Any, dataset: TrainDataset, fmt: TextFileFormat, encode
     if not caches_text(cfg):
         return None
     if not (to_disk or getattr(cfg, "cache_text_encoder_outputs_to_disk", False)):
-        return CaptionCache()
+        return CaptionCache(ragged_mask=fmt.ragged_mask)
     skip_check = bool(getattr(cfg, "skip_cache_check", False))
     files: dict[str, Path] = {}
     pending: list[PendingFile] = []
@@ -162,7 +181,7 @@ def plan_text_cache(cfg: Any, dataset: TrainDataset, fmt: TextFileFormat, encode
             pending.append(PendingFile(caption, path, request))
     if files and pending:
         logger.info("text-encoder cache: %d files valid, %d to write", len(files), len(pending))
-    return CaptionCache(fmt, files, pending, needs_encoders=bool(pending) or encoders_wanted)
+    return CaptionCache(fmt, files, pending, needs_encoders=bool(pending) or encoders_wanted, ragged_mask=fmt.ragged_mask)
 
 
 def _image_captions(dataset: TrainDataset, fmt: TextFileFormat) -> dict[Path, str]:

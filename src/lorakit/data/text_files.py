@@ -40,6 +40,9 @@ class TextFileFormat:
     switches: tuple[str, ...] = ()  # options sd-scripts stores as booleans under their own name
     settings: tuple[str, ...] = ()  # other options the outputs depend on (recorded by lorakit only)
     encoder_files: tuple[str, ...] = ()  # options naming text-encoder files of their own (`clip_l`, `t5xxl`)
+    # language-model encoders give each caption its own number of tokens: the output named here is the (B, L)
+    # mask of real tokens, every output of length L is stored without its padding and padded again per batch
+    ragged_mask: str | None = None
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,7 @@ class ModelFamily:
     oft_network_modules: ClassVar[tuple[str, ...]] = ()  # OFT modules rotating each fused part on its own
     bucket_step: ClassVar[int] = 64  # --bucket_reso_steps must be a multiple of this
     takes_v2: ClassVar[bool] = False  # --v2 (an SD 2.x model) applies
+    reads_caption_weights: ClassVar[bool] = False  # --weighted_captions applies (CLIP prompts, clip_prompts.py)
     block_layout: ClassVar["BlockLayout | None"] = None  # block-wise ranks, LR weights, LBW; None: no blocks
     all_layers_args: ClassVar[Mapping[str, str]] = {}  # --network_args listing every layer a LoRA file may name
     oft_attention: ClassVar[re.Pattern[str]] = re.compile(r"(?!)")  # OFT's default layers, by kohya name
@@ -151,6 +152,12 @@ class ModelFamily:
     single_file_kinds: ClassVar[tuple[str, ...]] = ("safetensors", "ckpt")
     save_formats: ClassVar[tuple[str, ...]] = ("kohya",)  # LoRA layouts training can write (--save_format)
     uses_own_scheduler: ClassVar[bool] = False  # samples with its own flow scheduler whatever the sampler name
+    image_tasks: ClassVar[tuple[str, ...]] = ()  # pipelines besides text-to-image: "img2img", "inpaint"
+    # whole-model files (`lorakit model convert/merge`)
+    single_file_denoiser_only: ClassVar[bool] = False  # its single file holds the denoiser alone (parts elsewhere)
+    single_file_without_encoders: ClassVar[bool] = False  # a single file may leave the text encoders out
+    save_precisions: ClassVar[tuple[str, ...]] = ("float", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16")  # --save_precision of whole models
+    single_file_denoiser_prefixes: ClassVar[tuple[str, ...]] = ()  # key prefixes of the denoiser in its single file
     # which loaders read this family's LoRA files (`lorakit lora inspect`; peers.md §4 has the loaders' key tables)
     webui_kohya: ClassVar[str] = "yes"  # A1111/Forge on the kohya layout
     webui_diffusers: ClassVar[str] = "no"  # A1111/Forge on the diffusers/PEFT layout
@@ -191,6 +198,9 @@ class ModelFamily:
                             f"(got {cfg.bucket_reso_steps})")
         if cfg.v2 and not self.takes_v2:
             problems.append(f"--v2 selects an SD 2.x model and cannot be used with --family {self.name}")
+        if getattr(cfg, "weighted_captions", False) and not self.reads_caption_weights:
+            problems.append(f"--weighted_captions is not available for --family {self.name}: its prompts carry no "
+                            "attention weights (sd-scripts refuses it too); remove it and write captions without weights")
         if cfg.save_format not in self.save_formats:
             problems.append(f"--save_format {cfg.save_format}: the {self.name} family writes the kohya layout only "
                             "(convert afterwards with `lorakit lora convert --to diffusers`)")
@@ -199,6 +209,14 @@ class ModelFamily:
     def option_warnings(self, cfg: Any) -> list[str]:
         """Options the family ignores or reads differently, said once at start-up."""
         return []
+
+    def conditioning_use(self, cfg: Any) -> Any:
+        """What a run of this model does with `conditioning_data_dir` subsets (`data.conditioning.ConditioningUse`):
+        loss masks only, as sd-scripts, unless the model itself reads one reference image per training image (an
+        image-editing model trains on such pairs). Decided from the options alone, before anything loads."""
+        from lorakit.data.conditioning import ConditioningUse
+
+        return ConditioningUse.MASK
 
     def parse_network_args(self, args: Mapping[str, str], spec: "TargetSpec") -> tuple[Any, list[str]]:
         """The family's own `--network_args` (e.g. FLUX's per-type ranks) as a typed value, and the problems.
@@ -292,6 +310,23 @@ class ModelFamily:
         own flow scheduler whatever the name set `uses_own_scheduler`."""
         raise NotImplementedError
 
+    def task_pipeline(self, comps: Components, task: str, sampler: str | None = None) -> Any:
+        """The diffusers pipeline for `task` (one of `image_tasks`: "img2img" from an init image, "inpaint" with a
+        mask) over these very modules, with the same scheduler as `pipeline`."""
+        raise NotImplementedError(f"the {self.title} family has no {task} pipeline")
+
+    def load_embedding(self, comps: Components, state: dict[str, torch.Tensor], token: str, source: str) -> None:
+        """Add a textual-inversion embedding's vectors (`state`, read from `source`) to the text encoders and
+        tokenizers under `token` (multi-vector embeddings as `token`, `token_1`, ... as diffusers does)."""
+        raise NotImplementedError(f"the {self.title} family takes no textual-inversion embeddings")
+
+    def prompt_embedding_kwargs(self, pipe: Any, prompts: list[str], negatives: list[str], *,
+                                max_embeddings_multiples: int, clip_skip: int | None) -> dict[str, Any] | None:
+        """The pipeline's prompt-embedding arguments for weighted and long prompts (sd-scripts' `(word:1.2)`
+        syntax, `--max_embeddings_multiples` chunks of 75 tokens), or None where the family encodes the plain text
+        itself (the weighting syntax is then removed from the prompt)."""
+        return None
+
     def inference_resolution(self, source: ModelSource) -> int:
         """`lorakit sample`'s default image side for this model."""
         return self.inference.resolution
@@ -325,8 +360,9 @@ class ModelFamily:
         return self.base_model(None).version
 
     # -- whole-model files for the tools ----------------------------------------------------------------------
-    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
-        """The model as one original-layout file (`kind` is one of `single_file_kinds`)."""
+    def save_single_file(self, comps: Components, path: Path, kind: str, dtype: torch.dtype | None = None) -> None:
+        """The model as one original-layout file (`kind` is one of `single_file_kinds`), its floating tensors
+        cast to `dtype` as they are written (None: as loaded); streamed, so saving adds little to the model."""
         raise NotImplementedError
 
     def save_folder(self, comps: Components, path: Path) -> None:

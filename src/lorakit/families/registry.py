@@ -20,7 +20,11 @@ if TYPE_CHECKING:  # the list is read by the option parser, which should not imp
 
 FAMILIES: dict[str, str] = {
     "sd3": "lorakit.families.sd3.family:StableDiffusion3Family",
+    "flux2": "lorakit.families.flux2.family:Flux2Family",  # before FLUX.1, whose version prefix `flux` starts its own
     "flux": "lorakit.families.flux.family:FluxFamily",
+    "chroma": "lorakit.families.chroma.family:ChromaFamily",
+    "qwen_image": "lorakit.families.qwen_image.family:QwenImageFamily",
+    "z_image": "lorakit.families.z_image.family:ZImageFamily",
     "sdxl": "lorakit.families.sdxl.family:StableDiffusionXLFamily",
     "sd": "lorakit.families.sd.family:StableDiffusionFamily",
 }

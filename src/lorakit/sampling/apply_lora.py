@@ -169,9 +169,7 @@ class LoraMerger:
     @torch.no_grad()
     def merge(self, lora: LoraFile) -> int:
         """Merge one file at its multiplier; returns how many layers changed."""
-        network = self._factory_network(lora) if lora.algorithm in ("oft", "lycoris") else self._per_layer_network(lora)
-        for warning in network.load_kohya_state_dict(lora.state, source=lora.spec.path, describe=describe_lora_names):
-            log.debug(warning)  # a layer the file leaves out is not merged (below)
+        network = self._loaded_network(lora)
         in_file = {key.partition(".")[0] for key in lora.state}
         merged = 0
         for name, module in network.lora_modules.items():
@@ -180,6 +178,24 @@ class LoraMerger:
                 module.merge_to_base(lora.spec.multiplier)
                 merged += 1
         return merged
+
+    def attach(self, lora: LoraFile) -> LoRANetwork:
+        """The file's network attached to the model unmerged, at its multiplier (`set_multiplier` changes it
+        between images; `restore` detaches it); only the layers the file names carry a module."""
+        network = self._loaded_network(lora)
+        in_file = {key.partition(".")[0] for key in lora.state}
+        for name, module in network.lora_modules.items():
+            if name in in_file:
+                module.to(self.comps.denoiser.device)
+                module.apply_to()
+        network.set_multiplier(lora.spec.multiplier)
+        return network
+
+    def _loaded_network(self, lora: LoraFile) -> LoRANetwork:
+        network = self._factory_network(lora) if lora.algorithm in ("oft", "lycoris") else self._per_layer_network(lora)
+        for warning in network.load_kohya_state_dict(lora.state, source=lora.spec.path, describe=describe_lora_names):
+            log.debug(warning)  # a layer the file leaves out is not merged nor attached
+        return network
 
     def _per_layer_network(self, lora: LoraFile) -> LoRANetwork:
         """LoRA and DoRA: one module per file module on the family's layer of that name, at the file's rank."""

@@ -9,7 +9,7 @@ from PIL import Image
 
 from lorakit.families.base import Components, ModelFamily
 from lorakit.sampling.prompts import SamplePrompt
-from lorakit.sampling.weighting import encode_weighted_prompts, plain_text
+from lorakit.families.common.prompt_weighting import encode_weighted_prompts, plain_text
 
 
 @torch.no_grad()
@@ -53,10 +53,11 @@ def image_grid(rows: list[list[Image.Image]], gap: int = 2, background: tuple[in
 def takes_weighted_embeddings(pipe: Any) -> bool:
     """Whether our weighted-prompt encoder fits the pipeline: one CLIP text encoder that accepts prompt_embeds.
 
-    Pipelines with a second encoder or pooled embeddings (SDXL, SD3, FLUX) get the prompt text without the
-    weighting syntax instead.
+    Pipelines with a second encoder or pooled embeddings (SDXL, SD3, FLUX), or whose one encoder is a language
+    model rather than CLIP, get the prompt text without the weighting syntax instead.
     """
-    has_single_clip = getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None
+    encoder = getattr(pipe, "text_encoder", None)
+    has_single_clip = encoder is not None and getattr(pipe, "tokenizer", None) is not None and "CLIP" in type(encoder).__name__
     has_more = any(getattr(pipe, name, None) is not None for name in ("text_encoder_2", "text_encoder_3"))
     return has_single_clip and not has_more
 
@@ -87,8 +88,12 @@ def _call_pipeline(pipe: Any, kwargs: dict[str, Any], prompt: SamplePrompt, gene
     if embedded is not None and "guidance" in accepted:
         kwargs["guidance"] = embedded  # FLUX-style embedded guidance (--g), where the pipeline has it
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    # a pipeline whose `guidance_scale` is an optional embedded value (default None) takes the CFG scale as
+    # `true_cfg_scale`; the others (FLUX's default 3.5 included) as `guidance_scale`, as before
+    embedded_only = "true_cfg_scale" in accepted and accepted["guidance_scale"].default is None
+    kwargs["true_cfg_scale" if embedded_only else "guidance_scale"] = prompt.scale
     out = pipe(
-        **kwargs, num_inference_steps=prompt.sample_steps, guidance_scale=prompt.scale, width=prompt.width,
-        height=prompt.height, generator=generator, output_type="pil",
+        **kwargs, num_inference_steps=prompt.sample_steps, width=prompt.width, height=prompt.height,
+        generator=generator, output_type="pil",
     )
     return out.images[0]

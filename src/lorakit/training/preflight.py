@@ -21,6 +21,7 @@ import torch
 from lorakit.data.build import build_train_dataset
 from lorakit.data.summary import format_summary
 from lorakit.errors import ConfigError, DataError
+from lorakit.families.base import ModelFamily
 from lorakit.families.checks import check_family_options
 from lorakit.data.text_cache import CaptionCache, plan_text_cache, text_cache_problems
 from lorakit.families.registry import all_families, resolve_family
@@ -56,7 +57,7 @@ def check_run(cfg: Any, option_problems: list[str] | tuple[str, ...] = ()) -> Ch
     problems += missing
     family, spec = _family_and_spec(cfg, problems, model_found=not _names_missing_model(missing))
     seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1)
-    dataset = _dataset(cfg, seed, problems)
+    dataset = _dataset(cfg, seed, problems, family)
     text_cache = _text_cache(cfg, family, spec, dataset, problems)
     plan = _plan(cfg, family, dataset, text_cache)
     problems += optimizer_problems(cfg, plan.max_train_steps if plan else 1)
@@ -102,10 +103,12 @@ def _family_and_spec(cfg: Any, problems: list[str], *, model_found: bool) -> tup
     return family, sized_spec(cfg, family, checks.spec, problems)
 
 
-def _dataset(cfg: Any, seed: int, problems: list[str]) -> Any:
-    """The training dataset, every image decoded once; its problems join the others."""
+def _dataset(cfg: Any, seed: int, problems: list[str], family: Any) -> Any:
+    """The training dataset, every image decoded once; its problems join the others. The family says what its
+    runs do with conditioning images (an image-editing model needs one per image)."""
     try:
-        dataset = build_train_dataset(cfg, seed)
+        conditioning = family.conditioning_use(cfg) if family is not None else ModelFamily().conditioning_use(cfg)
+        dataset = build_train_dataset(cfg, seed, conditioning)
     except ConfigError as error:
         problems += error.problems
         return None

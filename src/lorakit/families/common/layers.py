@@ -1,4 +1,4 @@
-"""Layer stand-ins shared by the transformer families (FLUX, SD3).
+"""Layer stand-ins shared by the transformer families (FLUX.1, SD3, Chroma, FLUX.2).
 
 `FusedLinearView`: BFL's FLUX and SAI's SD3 fuse q/k/v (and, in FLUX single blocks, the MLP input) into one
 Linear, and LoRA files name and shape their factors after that fused layer: one `lora_down` (r, in) and one
@@ -11,6 +11,9 @@ the last part took its rows), which is exactly a LoRA on the fused layer.
 
 `to_fp8` (sd-scripts' `--fp8_base`): Linear weights stored as float8_e4m3fn and upcast per layer in forward,
 halving the frozen model's memory against bf16. It works on the CPU as well, which the tests use.
+
+`checkpoint_offloading_to_cpu` (sd-scripts' `--cpu_offload_checkpointing`): gradient checkpointing whose saved
+block inputs wait in CPU memory.
 """
 
 from __future__ import annotations
@@ -188,3 +191,19 @@ def to_fp8(root: nn.Module) -> int:
             module.weight.data = module.weight.data.to(FP8_DTYPE)
             count += 1
     return count
+
+
+def checkpoint_offloading_to_cpu(function, *args):
+    """Gradient checkpointing whose saved block inputs live in (pinned) CPU memory until backward.
+
+    sd-scripts' `--cpu_offload_checkpointing`: the reentrant checkpoint saves its inputs with
+    `save_for_backward`, which `save_on_cpu` intercepts. Reentrant checkpointing only back-propagates when
+    an input requires grad, so the hidden states are marked as such (the adapters inside need the graph).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    args = list(args)
+    if isinstance(args[0], torch.Tensor) and not args[0].requires_grad:
+        args[0] = args[0].detach().requires_grad_(True)
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return checkpoint(function, *args, use_reentrant=True)

@@ -30,8 +30,8 @@ from diffusers.loaders.single_file_utils import (
     convert_open_clip_checkpoint,
 )
 
+from lorakit.checkpoint_io import cast_floating, write_safetensors_atomic, write_torch_atomic
 from lorakit.families.base import Components
-from lorakit.checkpoint_io import write_safetensors_atomic, write_torch_atomic
 from lorakit.families.common.module_io import CONFIGS_CKPT_KEY, CONFIGS_METADATA_KEY
 
 UNET_PREFIX = "model.diffusion_model."
@@ -342,7 +342,8 @@ def components_to_ldm(components: Components) -> dict[str, torch.Tensor]:
 
 
 def save_sd_single_file(
-    components: Components, path: str | Path, *, fmt: Literal["safetensors", "ckpt"] = "safetensors"
+    components: Components, path: str | Path, *, fmt: Literal["safetensors", "ckpt"] = "safetensors",
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Write `components` as one original-layout checkpoint, atomically.
 
@@ -353,8 +354,8 @@ def save_sd_single_file(
     configs_json = json.dumps(component_configs(components))
     if fmt == "safetensors":
         metadata = {CONFIGS_METADATA_KEY: configs_json, "lorakit.sd_version": components.extras.get("version", "sd1")}
-        write_safetensors_atomic(state, path, metadata)
+        write_safetensors_atomic(state, path, metadata, dtype)
     elif fmt == "ckpt":
-        write_torch_atomic({"state_dict": state, CONFIGS_CKPT_KEY: configs_json}, path)
+        write_torch_atomic({"state_dict": cast_floating(state, dtype), CONFIGS_CKPT_KEY: configs_json}, path)
     else:
         raise ValueError(f"fmt must be 'safetensors' or 'ckpt', not {fmt!r}")

@@ -16,8 +16,8 @@ from typing import Any, NoReturn, Sequence
 import torch
 from torch import nn
 
-from lorakit.errors import CheckpointError
 from lorakit.checkpoint_io import LoadedCheckpoint, first_line
+from lorakit.errors import CheckpointError
 
 __all__ = [
     "CONFIGS_CKPT_KEY",

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from lorakit.adapters.targets import AdapterTarget, RankChoice, clip_path_prefix, collect_targets
+from lorakit.adapters.targets import (
+    AdapterTarget,
+    RankChoice,
+    clip_path_prefix,
+    collect_targets,
+)
 
 #: transformers' module classes whose linears LoRA adapts (sd-scripts: attention and MLP)
 CLIP_PARENTS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer, T5Tokenizer
 
-from lorakit.errors import CheckpointError
 from lorakit.checkpoint_io import first_line
+from lorakit.errors import CheckpointError
 
 # OpenAI's CLIP BPE vocabulary (49,408 tokens): vocab.json + merges.txt.
 _CLIP_TOKENIZER_DIR = resources.files("lorakit") / "assets" / "clip_tokenizer"

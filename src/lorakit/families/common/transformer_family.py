@@ -9,8 +9,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from lorakit.families.base import Components
 from lorakit.data.text_cache import caches_text
+from lorakit.families.base import Components
 from lorakit.objectives.flow import ignored_option_warnings
 
 log = logging.getLogger("lorakit")
@@ -28,9 +28,6 @@ def t5_family_problems(family_name: str, cfg: Any, spec: Any) -> list[str]:
     if caches_text(cfg) and trains_t5(spec):
         problems.append("--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
                         "cached outputs carry no gradients to T5's LoRA modules")
-    if getattr(cfg, "weighted_captions", False):
-        problems.append(f"--weighted_captions is not available for --family {family_name}: its T5 prompts have no "
-                        "attention weights (sd-scripts refuses it too); remove it and write captions without weights")
     if cfg.loss_type in ("huber", "smooth_l1") and cfg.huber_schedule == "snr":
         problems.append(f"--huber_schedule snr is not available for --family {family_name}; use constant or exponential")
     return problems

@@ -13,7 +13,12 @@ from diffusers import AutoencoderKL
 from lorakit.checkpoint_io import LoadedCheckpoint, read_checkpoint
 from lorakit.errors import CheckpointError
 from lorakit.families.common import ldm_keys
-from lorakit.families.common.module_io import assign_weights, embedded_configs, from_pretrained, skip_weight_init
+from lorakit.families.common.module_io import (
+    assign_weights,
+    embedded_configs,
+    from_pretrained,
+    skip_weight_init,
+)
 
 CONFIG_NAMES = ("unet", "vae", "text_encoder")  # the parts lorakit's own single files carry configs for
 

@@ -2,8 +2,9 @@
 
 BFL files fuse what diffusers keeps apart: `img_attn.qkv` = [to_q; to_k; to_v], `txt_attn.qkv` = [add_q_proj;
 add_k_proj; add_v_proj], a single block's `linear1` = [to_q; to_k; to_v; proj_mlp]. The final modulation stores
-(shift, scale) where diffusers stores (scale, shift). diffusers' own converter assumes width 3072, so these
-tables derive every split from the tensors' shapes and work at any width (the tiny test models included).
+(shift, scale) where diffusers stores (scale, shift). diffusers' own converter assumes width 3072; the
+table-driven converter of `common/bfl_keys.py` derives every split from the tensors' shapes instead and works at
+any width (the tiny test models included).
 
 The same tables name LoRA modules: the kohya name of a layer is `lora_unet_` + its BFL path with dots
 replaced by underscores (`lora_unet_double_blocks_0_img_attn_qkv`), which is what ComfyUI, Forge and
@@ -12,11 +13,23 @@ diffusers' kohya-FLUX reader expect.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from lorakit.errors import CheckpointError
+from lorakit.families.common import bfl_keys as common
+from lorakit.families.common.bfl_keys import (
+    COMFY_PREFIX,
+    DOUBLE_PREFIX,
+    SINGLE_PREFIX,
+    BflTables,
+    block_count,
+    fused_split_sizes,
+    has_key,
+    is_bfl_transformer,
+    strip_prefix,
+)
+
+__all__ = ["COMFY_PREFIX", "DOUBLE_PREFIX", "SINGLE_PREFIX", "TABLES", "block_count", "fused_split_sizes", "has_key", "is_bfl_transformer",
+           "strip_prefix", "bfl_to_diffusers", "diffusers_to_bfl", "transformer_config_from_bfl", "lora_targets_by_block"]
 
 # Top-level layers: BFL path -> diffusers path.
 TOP_LEVEL = {
@@ -60,104 +73,18 @@ SINGLE_LAYERS = {"linear2": "proj_out", "modulation.lin": "norm.linear"}
 SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
 SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
 
-DOUBLE_PREFIX = ("double_blocks", "transformer_blocks")
-SINGLE_PREFIX = ("single_blocks", "single_transformer_blocks")
-# ComfyUI and some merges store the transformer under this prefix; BFL's own files have none.
-COMFY_PREFIX = "model.diffusion_model."
-
-
-def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
-    first, second = tensor.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
-def strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the ComfyUI `model.diffusion_model.` prefix if the file uses it."""
-    if any(k.startswith(COMFY_PREFIX) for k in state):
-        return {k[len(COMFY_PREFIX) :]: v for k, v in state.items() if k.startswith(COMFY_PREFIX)}
-    return state
-
-
-def is_bfl_transformer(state: dict[str, torch.Tensor]) -> bool:
-    return any(k.startswith(("double_blocks.", "single_blocks.", COMFY_PREFIX + "double_blocks.")) for k in state)
-
-
-def block_count(state: dict[str, torch.Tensor], prefix: str) -> int:
-    indices = {int(m[1]) for k in state if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
-    return max(indices) + 1 if indices else 0
-
-
-def fused_split_sizes(parts: int, total: int, width: int) -> list[int]:
-    """Row counts of a fused weight: `width` per attention part, the rest for a trailing MLP part."""
-    if parts == 3:
-        return [width] * 3
-    return [width] * (parts - 1) + [total - width * (parts - 1)]
+TABLES = BflTables(TOP_LEVEL, DOUBLE_LAYERS, DOUBLE_NORMS, DOUBLE_FUSED, SINGLE_LAYERS, SINGLE_NORMS, SINGLE_FUSED,
+                   final_modulation=FINAL_MODULATION)
 
 
 def bfl_to_diffusers(state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """A BFL-layout FLUX transformer state dict (prefixed or not) in diffusers' FluxTransformer2DModel names."""
-    state = strip_prefix(state)
-    if "img_in.weight" not in state:
-        raise CheckpointError(f"{source}: not a FLUX transformer in BFL layout (no img_in.weight)")
-    width = state["img_in.weight"].shape[0]
-    out: dict[str, torch.Tensor] = {}
-    for bfl, diff in TOP_LEVEL.items():
-        for leaf in ("weight", "bias"):
-            if f"{bfl}.{leaf}" in state:
-                out[f"{diff}.{leaf}"] = state[f"{bfl}.{leaf}"]
-    for leaf in ("weight", "bias"):
-        out[f"{FINAL_MODULATION[1]}.{leaf}"] = _swap_halves(state[f"{FINAL_MODULATION[0]}.{leaf}"])
-    for (bfl_prefix, diff_prefix), layers, norms, fused in (
-        (DOUBLE_PREFIX, DOUBLE_LAYERS, DOUBLE_NORMS, DOUBLE_FUSED),
-        (SINGLE_PREFIX, SINGLE_LAYERS, SINGLE_NORMS, SINGLE_FUSED),
-    ):
-        for index in range(block_count(state, bfl_prefix)):
-            src, dst = f"{bfl_prefix}.{index}.", f"{diff_prefix}.{index}."
-            for bfl, diff in layers.items():
-                for leaf in ("weight", "bias"):
-                    out[f"{dst}{diff}.{leaf}"] = _take(state, f"{src}{bfl}.{leaf}", source)
-            for bfl, diff in norms.items():
-                out[f"{dst}{diff}"] = _take(state, f"{src}{bfl}", source)
-            for bfl, parts in fused.items():
-                for leaf in ("weight", "bias"):
-                    tensor = _take(state, f"{src}{bfl}.{leaf}", source)
-                    sizes = fused_split_sizes(len(parts), tensor.shape[0], width)
-                    for part, piece in zip(parts, torch.split(tensor, sizes, dim=0)):
-                        out[f"{dst}{part}.{leaf}"] = piece.contiguous()
-    return out
+    return common.bfl_to_diffusers(TABLES, state, source)
 
 
 def diffusers_to_bfl(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
     """diffusers FluxTransformer2DModel weights in BFL names (the layout of `flux1-dev.safetensors`)."""
-    out: dict[str, torch.Tensor] = {}
-    for bfl, diff in TOP_LEVEL.items():
-        for leaf in ("weight", "bias"):
-            if f"{diff}.{leaf}" in state:
-                out[f"{bfl}.{leaf}"] = state[f"{diff}.{leaf}"]
-    for leaf in ("weight", "bias"):  # like the top-level layers, converted when present (a block-only state has none)
-        if f"{FINAL_MODULATION[1]}.{leaf}" in state:
-            out[f"{FINAL_MODULATION[0]}.{leaf}"] = _swap_halves(state[f"{FINAL_MODULATION[1]}.{leaf}"])
-    for (bfl_prefix, diff_prefix), layers, norms, fused in (
-        (DOUBLE_PREFIX, DOUBLE_LAYERS, DOUBLE_NORMS, DOUBLE_FUSED),
-        (SINGLE_PREFIX, SINGLE_LAYERS, SINGLE_NORMS, SINGLE_FUSED),
-    ):
-        for index in range(block_count(state, diff_prefix)):
-            src, dst = f"{diff_prefix}.{index}.", f"{bfl_prefix}.{index}."
-            for bfl, diff in layers.items():
-                for leaf in ("weight", "bias"):
-                    out[f"{dst}{bfl}.{leaf}"] = state[f"{src}{diff}.{leaf}"]
-            for bfl, diff in norms.items():
-                out[f"{dst}{bfl}"] = state[f"{src}{diff}"]
-            for bfl, parts in fused.items():
-                for leaf in ("weight", "bias"):
-                    out[f"{dst}{bfl}.{leaf}"] = torch.cat([state[f"{src}{part}.{leaf}"] for part in parts], dim=0)
-    return {prefix + k: v for k, v in out.items()}
-
-
-def _take(state: dict[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
-    if key not in state:
-        raise CheckpointError(f"{source}: the FLUX transformer lacks {key}; the file may be truncated or another model")
-    return state[key]
+    return common.diffusers_to_bfl(TABLES, state, prefix)
 
 
 def transformer_config_from_bfl(state: dict[str, torch.Tensor], axes_dims_rope: tuple[int, ...] | None) -> dict:
@@ -185,34 +112,28 @@ def transformer_config_from_bfl(state: dict[str, torch.Tensor], axes_dims_rope: 
 # ---------------------------------------------------------------------------------------------------------
 
 
+#: sd-scripts' lora_flux layers of one double and one single block: (BFL sub-path, diffusers parts, kind)
+DOUBLE_LORA_ROWS = (
+    ("img_attn.qkv", DOUBLE_FUSED["img_attn.qkv"], "img_attn"), ("img_attn.proj", ("attn.to_out.0",), "img_attn"),
+    ("img_mlp.0", ("ff.net.0.proj",), "img_mlp"), ("img_mlp.2", ("ff.net.2",), "img_mlp"),
+    ("img_mod.lin", ("norm1.linear",), "img_mod"),
+    ("txt_attn.qkv", DOUBLE_FUSED["txt_attn.qkv"], "txt_attn"), ("txt_attn.proj", ("attn.to_add_out",), "txt_attn"),
+    ("txt_mlp.0", ("ff_context.net.0.proj",), "txt_mlp"), ("txt_mlp.2", ("ff_context.net.2",), "txt_mlp"),
+    ("txt_mod.lin", ("norm1_context.linear",), "txt_mod"),
+)
+SINGLE_LORA_ROWS = (
+    ("linear1", SINGLE_FUSED["linear1"], "single"), ("linear2", ("proj_out",), "single"),
+    ("modulation.lin", ("norm.linear",), "single_mod"),
+)
+
+
 def lora_targets_by_block(num_double: int, num_single: int) -> list[tuple[str, str, tuple[str, ...], str]]:
     """(kohya name, BFL path, diffusers paths, kind) for every LoRA-able block layer, as sd-scripts' lora_flux.
 
     `kind` selects the per-type rank (`img_attn`, `txt_attn`, `img_mlp`, `txt_mlp`, `img_mod`, `txt_mod`,
     `single`, `single_mod`); fused BFL layers list several diffusers layers.
     """
-    rows: list[tuple[str, str, tuple[str, ...], str]] = []
-    double = [
-        ("img_attn.qkv", DOUBLE_FUSED["img_attn.qkv"], "img_attn"), ("img_attn.proj", ("attn.to_out.0",), "img_attn"),
-        ("img_mlp.0", ("ff.net.0.proj",), "img_mlp"), ("img_mlp.2", ("ff.net.2",), "img_mlp"),
-        ("img_mod.lin", ("norm1.linear",), "img_mod"),
-        ("txt_attn.qkv", DOUBLE_FUSED["txt_attn.qkv"], "txt_attn"), ("txt_attn.proj", ("attn.to_add_out",), "txt_attn"),
-        ("txt_mlp.0", ("ff_context.net.0.proj",), "txt_mlp"), ("txt_mlp.2", ("ff_context.net.2",), "txt_mlp"),
-        ("txt_mod.lin", ("norm1_context.linear",), "txt_mod"),
-    ]
-    single = [
-        ("linear1", SINGLE_FUSED["linear1"], "single"), ("linear2", ("proj_out",), "single"),
-        ("modulation.lin", ("norm.linear",), "single_mod"),
-    ]
-    for index in range(num_double):
-        for bfl, parts, kind in double:
-            path = f"double_blocks.{index}.{bfl}"
-            rows.append((_kohya(path), path, tuple(f"transformer_blocks.{index}.{p}" for p in parts), kind))
-    for index in range(num_single):
-        for bfl, parts, kind in single:
-            path = f"single_blocks.{index}.{bfl}"
-            rows.append((_kohya(path), path, tuple(f"single_transformer_blocks.{index}.{p}" for p in parts), kind))
-    return rows
+    return common.block_lora_rows(DOUBLE_LORA_ROWS, SINGLE_LORA_ROWS, num_double, num_single)
 
 
 # `in_dims` order in sd-scripts: img, time, vector, guidance, txt.
@@ -222,9 +143,5 @@ EMBEDDER_GROUPS = (
 )
 
 
-def _kohya(bfl_path: str) -> str:
-    return "lora_unet_" + bfl_path.replace(".", "_")
-
-
 def embedder_kohya_name(bfl_path: str) -> str:
-    return _kohya(bfl_path)
+    return common.kohya_name(bfl_path)

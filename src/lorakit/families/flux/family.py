@@ -25,19 +25,46 @@ from lorakit.data.text_cache import CaptionCache, run_text_cache
 from lorakit.data.text_files import TextFileFormat
 from lorakit.errors import ConfigError
 from lorakit.families.base import (
-    BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, SeparatePart, TextConditioning,
+    BaseModelFacts,
+    Components,
+    InferenceDefaults,
+    LoraHint,
+    ModelFamily,
+    ModelSource,
+    SeparatePart,
+    TextConditioning,
 )
 from lorakit.families.common.layers import to_fp8
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
 from lorakit.families.common.transformer_family import (
-    BlockSwapFamily, ShiftScaleLatents, note_block_swap, t5_family_problems, t5_family_warnings, trains_t5,
+    BlockSwapFamily,
+    ShiftScaleLatents,
+    note_block_swap,
+    t5_family_problems,
+    t5_family_warnings,
+    trains_t5,
 )
 from lorakit.families.flux.layers import checkpoint_offloading_to_cpu
 from lorakit.families.flux.lora_keys import LORA_LAYOUT
 from lorakit.families.flux.network_args import FluxNetworkArgs
-from lorakit.families.flux.packing import PATCH, image_position_ids, max_blocks_to_swap, pack_latents, swapped_blocks, unpack_latents
-from lorakit.families.flux.targets import BFL_ATTENTION_CLASS, BFL_BLOCK_CLASSES, transformer_targets
-from lorakit.objectives.flow import FlowObjective, apply_model_prediction_type, timesteps_to_sigmas
+from lorakit.families.flux.packing import (
+    PATCH,
+    image_position_ids,
+    max_blocks_to_swap,
+    pack_latents,
+    swapped_blocks,
+    unpack_latents,
+)
+from lorakit.families.flux.targets import (
+    BFL_ATTENTION_CLASS,
+    BFL_BLOCK_CLASSES,
+    transformer_targets,
+)
+from lorakit.objectives.flow import (
+    FlowObjective,
+    apply_model_prediction_type,
+    timesteps_to_sigmas,
+)
 from lorakit.precision import load_dtype
 from lorakit.transfer import to_device
 
@@ -63,12 +90,16 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     oft_attention = _ATTENTION
     lora_hints = (LoraHint(20, ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.single_transformer_blocks.",
                                 "lora_te3_")),)
-    version_prefixes = ("flux", "chroma")
+    version_prefixes = ("flux",)  # Chroma's files (`chroma`) are the Chroma family's
     architecture_fragments = ("flux",)
     inference = InferenceDefaults(steps=30, guidance_scale=3.5, resolution=1024)
     part_files = ("clip_l", "t5xxl", "ae")
     separate_parts = {"clip_l": SeparatePart(0, "lora_te1", "CLIP-L"), "t5xxl": SeparatePart(1, "lora_te3", "T5-XXL")}
     single_file_kinds = ("safetensors", "diffusers")  # "diffusers": the transformer alone under diffusers' names
+    single_file_denoiser_only = True  # flux1-dev.safetensors: the transformer; CLIP-L, T5 and the AE have their own
+    single_file_denoiser_prefixes = ("",)
+    # convert_diffusers_to_flux.py's precisions (library.utils.str_to_dtype)
+    save_precisions = ("float", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16", "fp8", "fp8_e4m3fn", "fp8_e5m2")
     uses_own_scheduler = True
     # T5 modules: ComfyUI maps them under its own name (what lorakit writes), not diffusers-style ones; diffusers
     # ignores T5 LoRA modules whatever their names
@@ -105,9 +136,8 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     def option_problems(self, cfg: Any, spec: TargetSpec | None = None) -> list[str]:
         problems = super().option_problems(cfg, spec)
         if cfg.model_type == "chroma":
-            problems.append("--model_type chroma: Chroma is not supported yet; FLUX.1 dev/schnell are")
-            if not cfg.apply_t5_attn_mask:
-                problems.append("--model_type chroma requires --apply_t5_attn_mask")
+            problems.append("--model_type chroma: this is a FLUX.1 model; Chroma trains with --family chroma (detected from "
+                            "a Chroma checkpoint with --family auto)")
         return problems + t5_family_problems(self.name, cfg, spec)
 
     def option_warnings(self, cfg: Any) -> list[str]:
@@ -370,19 +400,24 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
     # ----------------------------------------------------------------------------------------- whole-model files
 
-    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
+    def save_single_file(self, comps: Components, path: Path, kind: str, dtype: torch.dtype | None = None) -> None:
         """The transformer alone, in BFL layout (`kind` "diffusers": under diffusers' names, as sd-scripts'
         flux_merge_lora.py --diffusers); its text encoders go to their own files (`save_part_file`)."""
         from lorakit.families.flux.model_files import save_transformer_file
 
-        save_transformer_file(comps.denoiser, path, layout="diffusers" if kind == "diffusers" else "bfl")
+        save_transformer_file(comps.denoiser, path, dtype, layout="diffusers" if kind == "diffusers" else "bfl")
 
     def save_folder(self, comps: Components, path: Path) -> None:
+        """The whole FluxPipeline folder; a model read from the transformer's file alone is written as diffusers'
+        transformer folder (config.json and its weights), which `FluxTransformer2DModel.from_pretrained` and
+        lorakit (as the model, with --clip_l, --t5xxl, --ae) read."""
         from lorakit.checkpoint_io import save_pipeline_atomic
 
         if any(part is None for part in (comps.vae, *comps.text_encoders)) or not comps.tokenizers:
-            raise ConfigError([f"--save_to {path}: a diffusers folder needs the whole pipeline; this FLUX model was read "
-                               "from single files, so save it as .safetensors"])
+            from lorakit.checkpoint_io import save_model_folder_atomic
+
+            save_model_folder_atomic(comps.denoiser, path)
+            return
         save_pipeline_atomic(self.pipeline(comps), path)
 
     def save_part_file(self, comps: Components, part: str, path: Path, dtype: torch.dtype | None) -> None:

@@ -14,25 +14,36 @@ the file's tensors assigned into them, so loading holds one copy of the weights.
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+)
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
 
+from lorakit.checkpoint_io import read_checkpoint
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
-from lorakit.checkpoint_io import read_checkpoint
+from lorakit.families.common.bfl_parts import (
+    SHARED_CONFIGS,
+    load_ae_file,
+    load_t5_file,
+    shared_config,
+)
 from lorakit.families.common.module_io import (
-    reject_checkpoint,
     assign_weights,
     embedded_config,
     from_pretrained,
     read_json,
+    reject_checkpoint,
 )
 from lorakit.families.common.tokenizers import (
     CLIP_PAD_END,
@@ -42,7 +53,6 @@ from lorakit.families.common.tokenizers import (
     t5_tokenizer_in,
 )
 from lorakit.families.flux import bfl_keys
-from lorakit.families.common.ldm_keys import ldm_to_vae
 
 _PACKAGE = resources.files("lorakit") / "families" / "flux"
 REAL_AXES_DIMS_ROPE = (16, 56, 56)
@@ -55,7 +65,10 @@ _MISSING_T5_TOKENIZER = (
 
 
 def bundled_config(name: str) -> dict[str, Any]:
-    """One of the bundled real configs: transformer_dev, transformer_schnell, ae, clip_l, t5xxl."""
+    """One of the bundled real configs: transformer_dev, transformer_schnell, ae, clip_l, t5xxl (the last two
+    shared with Chroma, in `common/configs/`)."""
+    if name in SHARED_CONFIGS:
+        return shared_config(name)
     return json.loads((_PACKAGE / "configs" / f"{name}.json").read_text(encoding="utf-8"))
 
 
@@ -211,40 +224,6 @@ def load_clip_l_file(file: Path, dtype: torch.dtype) -> CLIPTextModel:
     return model
 
 
-def load_t5_file(file: Path, dtype: torch.dtype) -> T5EncoderModel:
-    """The T5-XXL encoder from `t5xxl_fp16.safetensors` (transformers T5EncoderModel layout)."""
-    checkpoint = read_checkpoint(file)
-    config = T5Config.from_dict(embedded_config(checkpoint, "t5xxl") or bundled_config("t5xxl"))
-    with init_empty_weights():
-        model = T5EncoderModel(config)
-    weights = {k.removeprefix("text_encoders.t5xxl.transformer."): v for k, v in checkpoint.state_dict.items()}
-    if not any(k.startswith("encoder.block.") for k in weights):
-        raise CheckpointError(f"{file}: not a T5 encoder (no encoder.block.* weights) (--t5xxl)")
-    # the token embedding is shared: files store it as `shared.weight`, `encoder.embed_tokens.weight` or both
-    embedding = weights.get("shared.weight", weights.get("encoder.embed_tokens.weight"))
-    if embedding is not None:
-        weights["shared.weight"] = weights["encoder.embed_tokens.weight"] = embedding
-    assign_weights(model, weights, file=str(file), component="T5-XXL", dtype=dtype, extra_ok=True)
-    return model
-
-
-def load_ae_file(file: Path, dtype: torch.dtype) -> AutoencoderKL:
-    """The FLUX autoencoder from `ae.safetensors` (LDM layout) or a diffusers-layout VAE file."""
-    checkpoint = read_checkpoint(file)
-    config = embedded_config(checkpoint, "ae") or bundled_config("ae")
-    state = checkpoint.state_dict
-    if any(k.startswith("encoder.down.") for k in state) or any(".encoder.down." in k for k in state):
-        weights = ldm_to_vae(state, config)
-    elif any(k.startswith("encoder.down_blocks.") for k in state):
-        weights = state
-    else:
-        raise CheckpointError(f"{file}: not an autoencoder (no encoder.down.* weights) (--ae)")
-    with init_empty_weights():
-        model = AutoencoderKL.from_config(config)
-    assign_weights(model, weights, file=str(file), component="autoencoder", dtype=dtype)
-    return model
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------
@@ -252,12 +231,15 @@ def load_ae_file(file: Path, dtype: torch.dtype) -> AutoencoderKL:
 
 def is_flux_source(path: str) -> bool:
     """Whether `path` is a FLUX.1 model (for family detection): a diffusers folder whose pipeline or transformer
-    class is FLUX's, or a file with BFL/diffusers FLUX transformer keys (safetensors: only the header is read)."""
+    class is FLUX.1's, or a file with BFL/diffusers FLUX.1 transformer keys (safetensors: only the header is read).
+
+    Chroma and FLUX.2 share the BFL block names, so a file is FLUX.1's only with FLUX.1's own pooled-text embedder
+    (`vector_in`, diffusers' `time_text_embed.text_embedder`), which neither of them has."""
     source = Path(path)
     if source.is_dir():
-        for file, needle in ((source / "model_index.json", "Flux"), (source / "transformer" / "config.json", "Flux"),
-                             (source / "config.json", "FluxTransformer2DModel")):
-            if file.is_file() and needle in str(read_json(file).get("_class_name", "")):
+        for file, wanted in ((source / "model_index.json", _FLUX1_PIPELINE), (source / "transformer" / "config.json", _FLUX1_MODEL),
+                             (source / "config.json", _FLUX1_MODEL)):
+            if file.is_file() and wanted.fullmatch(str(read_json(file).get("_class_name", ""))):
                 return True
         return False
     if not source.is_file() or source.suffix.lower() != ".safetensors":
@@ -269,4 +251,10 @@ def is_flux_source(path: str) -> bool:
             keys = list(handle.keys())
     except Exception:  # an unreadable file is reported by the family that loads it
         return False
-    return bfl_keys.is_bfl_transformer(dict.fromkeys(keys)) or any(k.startswith("single_transformer_blocks.") for k in keys)
+    if bfl_keys.is_bfl_transformer(dict.fromkeys(keys)):
+        return bfl_keys.has_key(keys, "vector_in.in_layer.weight")
+    return any(k.startswith("single_transformer_blocks.") for k in keys) and "time_text_embed.text_embedder.linear_1.weight" in keys
+
+
+_FLUX1_PIPELINE = re.compile(r"Flux(?!2)\w*Pipeline")  # FluxPipeline, FluxImg2ImgPipeline, ... (not Flux2*)
+_FLUX1_MODEL = re.compile(r"FluxTransformer2DModel")

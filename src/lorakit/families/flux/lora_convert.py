@@ -1,39 +1,19 @@
-"""FLUX LoRA files: kohya/BFL layout <-> diffusers/PEFT layout, both ways.
-
-kohya (`networks.lora_flux`) names BFL layers, so one factor pair covers a fused layer: `img_attn.qkv` =
-[to_q; to_k; to_v], `txt_attn.qkv` = [add_q_proj; add_k_proj; add_v_proj], a single block's `linear1` =
-[to_q; to_k; to_v; proj_mlp]. diffusers' FluxPipeline names the diffusers layers
-(`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`). The layer table is the trainer's
-(`bfl_keys.lora_targets_by_block`, `bfl_keys.TOP_LEVEL`), so both directions agree with training.
-
-* Splitting a fused pair (down D, up U): every part gets the same D and its rows of U — exact. An up that is
-  block-diagonal over the parts (one independent LoRA per part, saved at rank k·r) is split into the small
-  pairs it is made of instead.
-* Fusing parts back: parts sharing one A give (A, [B_1; …; B_k]) — exact, and the inverse of the split; parts
-  with different A's give the block-diagonal form at the summed rank with the A's stacked, each B scaled so
-  every part keeps its own scale under the one alpha of the fused module — exact in ΔW.
-* Alpha: folded into lora_B by default (PEFT assumes alpha = rank); with `keep_alpha` the factors are copied
-  bit for bit and `<path>.alpha` is written beside them, which this reader takes back.
-"""
+"""FLUX.1 LoRA files: kohya/BFL layout <-> diffusers/PEFT layout, both ways (the converter of
+`common/bfl_lora_convert.py` over FLUX.1's layer table: `bfl_keys.lora_targets_by_block` and the embedders)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 
-from lorakit.errors import CheckpointError
-from lorakit.families.common.t5_lora_names import t5_file_path, t5_module_path
+from lorakit.families.common.bfl_lora_convert import BflLoraConverter
 from lorakit.families.flux import bfl_keys
 from lorakit.families.flux.lora_keys import LORA_LAYOUT as FLUX_LAYOUT
 
 __all__ = ["diffusers_to_kohya", "kohya_to_diffusers"]
 
-TEXT_COMPONENTS = {"lora_te1": "text_encoder", "lora_te3": "text_encoder_2"}  # the pipeline's components
-T5_PREFIX = "lora_te3"
-_BLOCK = re.compile(r"lora_unet_(double|single)_blocks_(\d+)_")
-_PATH_BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+TEXT_COMPONENTS = {"lora_te1": "text_encoder", "lora_te3": "text_encoder_2"}
 
 
 def _layer_table(num_double: int, num_single: int) -> dict[str, tuple[str, ...]]:
@@ -45,181 +25,18 @@ def _layer_table(num_double: int, num_single: int) -> dict[str, tuple[str, ...]]
     return table
 
 
-def _file_path(model_path: str) -> str:
-    """T5's modules go under ComfyUI's name in a diffusers-layout file (common/t5_lora_names.py)."""
-    component, _, inner = model_path.partition(".")
-    return t5_file_path(inner) if component == TEXT_COMPONENTS[T5_PREFIX] else model_path
-
-
-def _model_path(file_path: str) -> str:
-    inner = t5_module_path(file_path)
-    return file_path if inner is None else f"{TEXT_COMPONENTS[T5_PREFIX]}.{inner}"
-
-
-def _block_counts(indices: list[tuple[str, int]]) -> tuple[int, int]:
-    double = max((i + 1 for kind, i in indices if kind in ("double", "transformer_blocks")), default=0)
-    single = max((i + 1 for kind, i in indices if kind in ("single", "single_transformer_blocks")), default=0)
-    return double, single
-
-
-def _group(state: Mapping[str, torch.Tensor], split) -> dict[str, dict[str, torch.Tensor]]:
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        name, role = split(key)
-        modules.setdefault(name, {})[role] = value
-    return modules
-
-
-def _split_sizes(parts: int, rows: int, width: int) -> list[int]:
-    return bfl_keys.fused_split_sizes(parts, rows, width) if parts > 1 else [rows]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# kohya -> diffusers
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _kohya_role(key: str) -> tuple[str, str]:
-    name, _, suffix = key.partition(".")
-    role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(suffix)
-    if role is None:
-        raise CheckpointError(f"key {key} is not a LoRA tensor (lora_down.weight, lora_up.weight or alpha)")
-    return name, role
-
-
-def _block_diagonal_columns(up: torch.Tensor, sizes: list[int]) -> list[slice] | None:
-    """The rank columns of each part when `up` is block-diagonal over the parts' rows (and not all zero)."""
-    parts, rank = len(sizes), up.shape[1]
-    if parts < 2 or rank % parts or not bool(up.any()):
-        return None
-    width = rank // parts
-    columns = [slice(j * width, (j + 1) * width) for j in range(parts)]
-    start = 0
-    for size, own in zip(sizes, columns):
-        rows = up[start:start + size]
-        outside = torch.cat([rows[:, : own.start], rows[:, own.stop:]], dim=1)
-        if bool(outside.any()):
-            return None
-        start += size
-    return columns
+CONVERTER = BflLoraConverter(_layer_table, tuple(TEXT_COMPONENTS), FLUX_LAYOUT, "FLUX", t5_prefix="lora_te3")
 
 
 def kohya_to_diffusers(
     state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, keep_alpha: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A kohya FLUX LoRA as PEFT keys (alpha folded into lora_B, or kept as `.alpha` with `keep_alpha`)."""
-    modules = _group(state, _kohya_role)
-    counts = _block_counts([(m[1], int(m[2])) for name in modules if (m := _BLOCK.match(name))])
-    table = _layer_table(*counts)
-    out: dict[str, torch.Tensor] = {}
-    for name, tensors in modules.items():
-        if "down" not in tensors or "up" not in tensors:
-            raise CheckpointError(f"module {name} has no {'lora_down' if 'down' not in tensors else 'lora_up'} weight")
-        down, up = tensors["down"], tensors["up"]
-        rank = down.shape[0]
-        alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
-        if name in table:
-            paths = [f"transformer.{p}" for p in table[name]]
-        elif name.startswith(("lora_te1_", "lora_te3_")) and (path := FLUX_LAYOUT.kohya_to_path(name)):
-            paths = [_file_path(path)]
-        else:
-            raise CheckpointError(f"key {name}.lora_down.weight is not a FLUX LoRA module")
-        for path, a, b, part_alpha in _split(down, up, alpha, len(paths), paths):
-            if keep_alpha:
-                out[f"{path}.alpha"] = torch.tensor(part_alpha, dtype=torch.float32)
-            elif part_alpha != a.shape[0]:
-                # fold in float32 (at least) and return to the file's dtype, so half-precision files stay half
-                b = (b.to(torch.promote_types(b.dtype, torch.float32)) * (part_alpha / a.shape[0])).to(b.dtype)
-            out[f"{path}.lora_A.weight"] = a.contiguous().clone()  # q, k and v may share one down matrix
-            out[f"{path}.lora_B.weight"] = b.contiguous()
-    return out, dict(metadata or {})
-
-
-def _split(down: torch.Tensor, up: torch.Tensor, alpha: float, parts: int, paths: list[str]):
-    """(path, A, B, alpha) per part of a (possibly fused) kohya module; each part keeps the module's scale."""
-    if parts == 1:
-        return [(paths[0], down, up, alpha)]
-    sizes = _split_sizes(parts, up.shape[0], down.shape[1])
-    rows = torch.split(up, sizes, dim=0)
-    columns = _block_diagonal_columns(up, sizes)
-    if columns is None:
-        return [(path, down, b, alpha) for path, b in zip(paths, rows)]
-    # k independent rank-r LoRAs saved at rank k·r: each keeps scale alpha/(k·r) = (alpha/k)/r
-    return [(path, down[cols], b[:, cols], alpha / parts) for path, b, cols in zip(paths, rows, columns)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# diffusers -> kohya
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _peft_role(key: str) -> tuple[str, str]:
-    key = key.removeprefix("base_model.model.").replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-    for suffix, role in ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".alpha", "alpha")):
-        if key.endswith(suffix):
-            return key[: -len(suffix)], role
-    raise CheckpointError(f"key {key} is not a PEFT LoRA tensor (<module>.lora_A.weight, .lora_B.weight or .alpha)")
+    return CONVERTER.kohya_to_diffusers(state, metadata, keep_alpha=keep_alpha)
 
 
 def diffusers_to_kohya(
     state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A PEFT-layout FLUX LoRA as kohya keys (fused BFL modules); alpha from `.alpha` keys, else rank."""
-    pairs = _group(state, _peft_role)
-    counts = _block_counts([(m[1], int(m[2])) for path in pairs if (m := _PATH_BLOCK.search(path))])
-    owner = {f"transformer.{p}": (name, index) for name, parts in _layer_table(*counts).items() for index, p in enumerate(parts)}
-    fused: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    out: dict[str, torch.Tensor] = {}
-    for path, tensors in pairs.items():
-        if "down" not in tensors or "up" not in tensors:
-            raise CheckpointError(f"module {path} has only one of lora_A / lora_B")
-        if path in owner:
-            name, index = owner[path]
-            fused.setdefault(name, {})[index] = tensors
-            continue
-        name = FLUX_LAYOUT.path_to_kohya(_model_path(path))
-        if name is None or not name.startswith(tuple(TEXT_COMPONENTS)):
-            raise CheckpointError(f"key {path}.lora_A.weight is not a module of a FLUX model")
-        out.update(_kohya_tensors(name, tensors["down"], tensors["up"], _alpha(tensors)))
-    table = _layer_table(*counts)
-    for name, parts in fused.items():
-        if len(parts) != len(table[name]):
-            missing = [p for i, p in enumerate(table[name]) if i not in parts]
-            raise CheckpointError(f"module transformer.{missing[0]} is missing: {name} needs all of {', '.join(table[name])}")
-        down, up, alpha = _fuse([parts[i] for i in range(len(parts))])
-        out.update(_kohya_tensors(name, down, up, alpha))
-    return out, dict(metadata or {})
-
-
-def _alpha(tensors: dict[str, torch.Tensor]) -> float:
-    return float(tensors["alpha"]) if "alpha" in tensors else float(tensors["down"].shape[0])
-
-
-def _fuse(parts: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One (down, up, alpha) for the parts of a fused layer, exact in every part's ΔW."""
-    downs, ups = [p["down"] for p in parts], [p["up"] for p in parts]
-    scales = [_alpha(p) / p["down"].shape[0] for p in parts]
-    if all(torch.equal(d, downs[0]) for d in downs):
-        rank = downs[0].shape[0]
-        if all(s == scales[0] for s in scales):
-            return downs[0], torch.cat(ups, dim=0), _alpha(parts[0])
-        ups = [(u.float() * (s / scales[0])).to(u.dtype) for u, s in zip(ups, scales)]
-        return downs[0], torch.cat(ups, dim=0), scales[0] * rank
-    # independent pairs: block-diagonal up over the stacked downs; one alpha whose scale is the first part's
-    total = sum(d.shape[0] for d in downs)
-    scale = scales[0]
-    up = torch.zeros(sum(u.shape[0] for u in ups), total, dtype=ups[0].dtype)
-    row = col = 0
-    for u, s in zip(ups, scales):
-        block = u if s == scale else (u.float() * (s / scale)).to(u.dtype)
-        up[row:row + u.shape[0], col:col + u.shape[1]] = block
-        row, col = row + u.shape[0], col + u.shape[1]
-    return torch.cat(downs, dim=0), up, scale * total
-
-
-def _kohya_tensors(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
-    return {
-        f"{name}.lora_down.weight": down.contiguous(),
-        f"{name}.lora_up.weight": up.contiguous(),
-        f"{name}.alpha": torch.tensor(alpha, dtype=torch.float32),
-    }
+    return CONVERTER.diffusers_to_kohya(state, metadata)

@@ -10,18 +10,21 @@ the `lorakit.configs` metadata (as the tiny models' files do) and is written to 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lorakit.checkpoint_io import write_safetensors_atomic
 from lorakit.families.base import Components
-from lorakit.atomic import staged_file
-from lorakit.checkpoint_io import write_safetensors_atomic, write_safetensors_streaming
+from lorakit.families.common.bfl_parts import save_bfl_transformer, save_t5_file
 from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
 from lorakit.families.flux import bfl_keys
-from lorakit.families.flux.loading import load_clip_l_file, load_t5_file, load_transformer_file
+from lorakit.families.flux.loading import (
+    load_clip_l_file,
+    load_t5_file,
+    load_transformer_file,
+)
 
 __all__ = ["load_flux_parts", "save_clip_l_file", "save_t5_file", "save_transformer_file"]
 
@@ -65,42 +68,16 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str
 
 
 def save_transformer_file(transformer: nn.Module, path: str | Path, dtype: torch.dtype | None = None, *, layout: str = "bfl") -> None:
-    """The transformer as one BFL-layout `.safetensors` (what `flux1-dev.safetensors` holds), streamed: the
-    fused BFL weights are built one block at a time and written at once, so saving adds about one block to the
-    memory the loaded model takes (sd-scripts' `--mem_eff_load_save`). `layout="diffusers"` keeps diffusers'
-    names (sd-scripts' `flux_merge_lora.py --diffusers`)."""
-    state = transformer.state_dict()
+    """The transformer as one BFL-layout `.safetensors` (what `flux1-dev.safetensors` holds), streamed one block at
+    a time (`common/bfl_parts.py`, sd-scripts' `--mem_eff_load_save`). `layout="diffusers"` keeps diffusers' names
+    (sd-scripts' `flux_merge_lora.py --diffusers`)."""
     if layout == "diffusers":
-        write_safetensors_atomic(_cast(state, dtype), path, _metadata("transformer", transformer.config))
+        write_safetensors_atomic(_cast(transformer.state_dict(), dtype), path, _metadata("transformer", transformer.config))
         return
-    meta_state = {k: torch.empty(v.shape, dtype=dtype if dtype and v.is_floating_point() else v.dtype, device="meta") for k, v in state.items()}
-    layout = {k: (v.shape, v.dtype) for piece in _bfl_pieces(meta_state) for k, v in piece.items()}
-    pieces = (_cast(piece, dtype) for piece in _bfl_pieces(state))
-    with staged_file(Path(path)) as tmp:
-        write_safetensors_streaming(tmp, layout, pieces, _metadata("transformer", transformer.config))
-
-
-def _bfl_pieces(state: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
-    """`diffusers_to_bfl` of the top-level layers, then of one block at a time (each renamed to block 0 for the
-    conversion and back), in file order."""
-    blocks = (bfl_keys.DOUBLE_PREFIX, bfl_keys.SINGLE_PREFIX)
-    yield bfl_keys.diffusers_to_bfl({k: v for k, v in state.items() if not k.startswith(tuple(f"{d}." for _, d in blocks))})
-    for bfl_prefix, diff_prefix in blocks:
-        for index in range(bfl_keys.block_count(state, diff_prefix)):
-            source = f"{diff_prefix}.{index}."
-            block = {f"{diff_prefix}.0.{k[len(source):]}": v for k, v in state.items() if k.startswith(source)}
-            converted = bfl_keys.diffusers_to_bfl(block)
-            first = f"{bfl_prefix}.0."
-            yield {f"{bfl_prefix}.{index}.{k[len(first):]}": v for k, v in converted.items() if k.startswith(first)}
+    save_bfl_transformer(transformer, path, bfl_keys.diffusers_to_bfl, dtype)
 
 
 def save_clip_l_file(clip: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """CLIP-L in the transformers layout with the `text_model.` level (`clip_l.safetensors`)."""
     state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in clip.state_dict().items()}
     write_safetensors_atomic(_cast(state, dtype), path, _metadata("clip_l", clip.config.to_dict()))
-
-
-def save_t5_file(t5: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """The T5 encoder in the transformers layout (`t5xxl_fp16.safetensors`); the tied embedding stored once."""
-    state = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    write_safetensors_atomic(_cast(state, dtype), path, _metadata("t5xxl", t5.config.to_dict()))

@@ -18,15 +18,18 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from lorakit.families.base import Components
 from lorakit.checkpoint_io import write_safetensors_atomic
+from lorakit.families.base import Components
+from lorakit.families.common.ldm_keys import vae_to_ldm
+from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
+from lorakit.families.common.tiny_parts import (
+    T5_TOKENIZER_ASSET,
+    TINY_T5_MAX_LENGTH,
+    bundled_tiny_t5_tokenizer,
+)
 from lorakit.families.common.tokenizers import bundled_clip_tokenizer
 from lorakit.families.flux import bfl_keys
-from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
-from lorakit.families.common.tiny_parts import T5_TOKENIZER_ASSET, TINY_T5_MAX_LENGTH, bundled_tiny_t5_tokenizer
 from lorakit.families.flux.loading import flow_scheduler
-from lorakit.families.common.ldm_keys import vae_to_ldm
-
 
 
 def build_tiny_flux(seed: int = 0, *, guidance_embeds: bool = True) -> Components:

@@ -17,13 +17,26 @@ from lorakit.adapters.targets import AdapterTarget
 from lorakit.data.latent_files import LatentFileFormat
 from lorakit.data.text_cache import CaptionCache, run_text_cache
 from lorakit.data.text_files import TextFileFormat
-from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
+from lorakit.families.base import (
+    BaseModelFacts,
+    Components,
+    InferenceDefaults,
+    LoraHint,
+    ModelFamily,
+    ModelSource,
+    TextConditioning,
+)
 from lorakit.families.common.clip_prompts import ClipPrompts, encoder_ids
 from lorakit.families.common.headers import safetensors_keys
 from lorakit.families.common.prediction import prediction_type_warnings
 from lorakit.families.common.text_cache import whole_cache_problems
 from lorakit.families.common.text_encoders import clip_targets
-from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing, unet_targets
+from lorakit.families.common.unet import (
+    decode_scaled,
+    encode_scaled,
+    gradient_checkpointing,
+    unet_targets,
+)
 from lorakit.families.common.unet_blocks import BLOCK_LAYOUT
 from lorakit.families.sd.lora_keys import LORA_LAYOUT
 from lorakit.objectives.ddpm import DDPMObjective
@@ -47,6 +60,7 @@ class StableDiffusionFamily(ModelFamily):
     bucket_step = 64
     takes_v2 = True
     block_layout = BLOCK_LAYOUT
+    reads_caption_weights = True
     all_layers_args = {"conv_dim": "1", "conv_alpha": "1"}
     oft_attention = re.compile(r"_attn\d_(to_q|to_k|to_v|to_out_0)$")
     lora_hints = (LoraHint(50, ("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_", "lora_te_",
@@ -56,6 +70,8 @@ class StableDiffusionFamily(ModelFamily):
     inference = InferenceDefaults(steps=30, guidance_scale=7.5, resolution=512)
     # ComfyUI knows a diffusers-layout U-Net attention projection only by its old `processor.to_q` name
     comfy_drops = {r"^unet\..*\.attn\d\.to_(q|k|v|out\.0)$": "U-Net attention projections"}
+    image_tasks = ("img2img", "inpaint")
+    single_file_denoiser_prefixes = ("model.diffusion_model.",)
 
     def __init__(self) -> None:
         self.text_cache: CaptionCache | None = None
@@ -186,6 +202,24 @@ class StableDiffusionFamily(ModelFamily):
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
 
+    def task_pipeline(self, comps: Components, task: str, sampler: str | None = None) -> Any:
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+        classes = {"img2img": StableDiffusionImg2ImgPipeline, "inpaint": StableDiffusionInpaintPipeline}
+        return classes[task](**self.pipeline(comps, sampler).components)
+
+    def load_embedding(self, comps: Components, state: dict[str, torch.Tensor], token: str, source: str) -> None:
+        from lorakit.families.common.prompt_weighting import add_embedding
+
+        # sd-scripts' (and A1111's safetensors) files hold `emb_params`, diffusers' one tensor under its token
+        add_embedding(self.pipeline(comps), state, token, source, ("emb_params",), single_tensor=True)
+
+    def prompt_embedding_kwargs(self, pipe: Any, prompts: list[str], negatives: list[str], *,
+                                max_embeddings_multiples: int, clip_skip: int | None) -> dict[str, Any] | None:
+        from lorakit.families.common.prompt_weighting import single_clip_embeddings
+
+        return single_clip_embeddings(pipe, prompts, negatives, max_embeddings_multiples, clip_skip)
+
     def inference_resolution(self, source: ModelSource) -> int:
         # the SD 2.x v-prediction models were trained at 768 px
         return 768 if source.v_parameterization else self.inference.resolution
@@ -206,10 +240,10 @@ class StableDiffusionFamily(ModelFamily):
 
     # -- whole-model files -------------------------------------------------------------------------------
 
-    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
+    def save_single_file(self, comps: Components, path: Path, kind: str, dtype: torch.dtype | None = None) -> None:
         from lorakit.families.common.ldm_keys import save_sd_single_file
 
-        save_sd_single_file(comps, path, fmt=kind)
+        save_sd_single_file(comps, path, fmt=kind, dtype=dtype)
 
     def save_folder(self, comps: Components, path: Path) -> None:
         from lorakit.families.sd.model_files import save_sd_diffusers_folder

@@ -20,9 +20,15 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from lorakit.checkpoint_io import LoadedCheckpoint, read_checkpoint
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
-from lorakit.checkpoint_io import LoadedCheckpoint, read_checkpoint
+from lorakit.families.common import ldm_keys
+from lorakit.families.common.ldm_keys import (
+    SD1_TEXT_PREFIX,
+    SD2_TEXT_PREFIX,
+    UNET_PREFIX,
+)
 from lorakit.families.common.module_io import (
     assign_weights,
     embedded_configs,
@@ -37,9 +43,7 @@ from lorakit.families.common.tokenizers import (
     bundled_clip_tokenizer,
     folder_clip_tokenizer,
 )
-from lorakit.families.common import ldm_keys
 from lorakit.families.common.vae_files import load_vae
-from lorakit.families.common.ldm_keys import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, UNET_PREFIX
 
 _CONFIG_DIR = resources.files("lorakit") / "families" / "sd" / "configs"
 _VERSION_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}

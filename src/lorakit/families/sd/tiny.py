@@ -17,7 +17,11 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from lorakit.families.base import Components
 from lorakit.families.common.tiny_parts import tiny_vae_config
-from lorakit.families.common.tokenizers import CLIP_PAD_END, CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
+from lorakit.families.common.tokenizers import (
+    CLIP_PAD_END,
+    CLIP_PAD_OPENCLIP,
+    bundled_clip_tokenizer,
+)
 from lorakit.families.sd.loading import noise_scheduler_config
 from lorakit.families.sd.model_files import save_sd_diffusers_folder  # noqa: F401 (the fixtures' folder writer)
 

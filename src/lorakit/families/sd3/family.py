@@ -27,14 +27,33 @@ from lorakit.data.latent_files import LatentFileFormat
 from lorakit.data.text_cache import CaptionCache, run_text_cache
 from lorakit.data.text_files import TextFileFormat
 from lorakit.errors import ConfigError
-from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
+from lorakit.families.base import (
+    BaseModelFacts,
+    Components,
+    InferenceDefaults,
+    LoraHint,
+    ModelFamily,
+    ModelSource,
+    TextConditioning,
+)
 from lorakit.families.common.layers import to_fp8
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
 from lorakit.families.common.transformer_family import (
-    BlockSwapFamily, ShiftScaleLatents, note_block_swap, t5_family_problems, t5_family_warnings, trains_t5,
+    BlockSwapFamily,
+    ShiftScaleLatents,
+    note_block_swap,
+    t5_family_problems,
+    t5_family_warnings,
+    trains_t5,
 )
 from lorakit.families.sd3 import pos_embed as scaled_pos_embed
-from lorakit.families.sd3.conditioning import WIDTH_KEY, assemble_conditioning, clip_outputs, random_position_crop, split_outputs
+from lorakit.families.sd3.conditioning import (
+    WIDTH_KEY,
+    assemble_conditioning,
+    clip_outputs,
+    random_position_crop,
+    split_outputs,
+)
 from lorakit.families.sd3.lora_keys import LORA_LAYOUT
 from lorakit.families.sd3.network_args import SD3NetworkArgs
 from lorakit.families.sd3.objective import SD3FlowObjective, precondition_to_x0
@@ -67,6 +86,8 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     inference = InferenceDefaults(steps=30, guidance_scale=5.0, resolution=1024)
     part_files = ("vae", "clip_l", "clip_g", "t5xxl")
     single_file_kinds = ("safetensors",)
+    single_file_without_encoders = True  # SAI's sd3_medium.safetensors holds the MMDiT and the VAE alone
+    single_file_denoiser_prefixes = ("model.diffusion_model.",)
     save_formats = ("kohya", "diffusers")
     uses_own_scheduler = True
     # T5 modules: ComfyUI maps them under its own name (what lorakit writes), not diffusers-style ones; diffusers
@@ -141,7 +162,7 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
         dtype = source.dtype or torch.float32
         if source.partial and not Path(source.path).is_dir():
-            comps = load_sai_parts(source.path, dtype)  # the tools merge into whatever parts the file holds
+            comps = load_sai_parts(source.path, dtype, source.files)  # the tools work on whatever parts are given
         else:
             files = source.files
             comps = load_sd3_components(source.path, clip_l=files.get("clip_l"), clip_g=files.get("clip_g"),
@@ -340,10 +361,10 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
     # ----------------------------------------------------------------------------------------- whole-model files
 
-    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
+    def save_single_file(self, comps: Components, path: Path, kind: str, dtype: torch.dtype | None = None) -> None:
         from lorakit.families.sd3.model_files import save_sai_single_file
 
-        save_sai_single_file(comps, path)
+        save_sai_single_file(comps, path, dtype)
 
     def save_folder(self, comps: Components, path: Path) -> None:
         from lorakit.checkpoint_io import save_pipeline_atomic

@@ -23,17 +23,23 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
 
+from lorakit.checkpoint_io import LoadedCheckpoint, read_checkpoint
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
-from lorakit.checkpoint_io import LoadedCheckpoint, read_checkpoint
+from lorakit.families.common.ldm_keys import ldm_to_vae
 from lorakit.families.common.module_io import (
-    reject_checkpoint,
     assign_weights,
     embedded_config,
     from_pretrained,
     read_json,
+    reject_checkpoint,
 )
 from lorakit.families.common.tokenizers import (
     CLIP_PAD_END,
@@ -42,7 +48,6 @@ from lorakit.families.common.tokenizers import (
     find_t5_tokenizer,
     t5_tokenizer_in,
 )
-from lorakit.families.common.ldm_keys import ldm_to_vae
 from lorakit.families.sd3 import sai_keys
 
 _PACKAGE = resources.files("lorakit") / "families" / "sd3"

@@ -24,7 +24,13 @@ import torch
 from lorakit.adapters.formats import tensors_by_module
 from lorakit.errors import CheckpointError
 from lorakit.families.common.t5_lora_names import t5_file_path, t5_module_path
-from lorakit.families.sd3.sai_keys import EMBEDDERS, Layer, _block_layers, kohya_name, swap_halves
+from lorakit.families.sd3.sai_keys import (
+    EMBEDDERS,
+    Layer,
+    _block_layers,
+    kohya_name,
+    swap_halves,
+)
 
 ALPHAS_METADATA_KEY = "lorakit.kohya_alphas"
 # diffusers' component names; T5's modules are written under ComfyUI's name (common/t5_lora_names.py) and read

@@ -8,14 +8,15 @@ back; the file is written to a temporary name and renamed into place.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from lorakit.families.base import Components
 from lorakit.checkpoint_io import write_safetensors_atomic
-from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
+from lorakit.families.base import Components
 from lorakit.families.common.ldm_keys import vae_to_ldm
+from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
 from lorakit.families.sd3 import sai_keys
 
 __all__ = ["component_configs", "load_sai_parts", "pipeline_of", "save_sai_single_file", "text_encoder_state"]
@@ -23,12 +24,16 @@ __all__ = ["component_configs", "load_sai_parts", "pipeline_of", "save_sai_singl
 ENCODER_NAMES = ("clip_l", "clip_g", "t5xxl")
 
 
-def load_sai_parts(path: str | Path, dtype: torch.dtype = torch.float32) -> Components:
-    """The parts an SAI file holds (the MMDiT always; VAE and encoders when present, else None); no tokenizers
-    are needed to merge into or extract from weights."""
-    from lorakit.families.sd3.loading import _load_single_file
+def load_sai_parts(path: str | Path, dtype: torch.dtype = torch.float32, files: Mapping[str, str] | None = None) -> Components:
+    """The parts an SAI file holds (the MMDiT always; VAE and encoders when present, else None), those given in
+    `files` (`vae`, `clip_l`, `clip_g`, `t5xxl`) read from there instead; no tokenizers are needed to merge into,
+    extract from or pack weights (sd-scripts' merge_sd3_safetensors.py)."""
+    from lorakit.families.sd3.loading import _load_single_file, load_text_encoder_file, load_vae_source
 
-    parts = _load_single_file(Path(path), dtype, skip=set())
+    files = dict(files or {})
+    parts = _load_single_file(Path(path), dtype, skip=set(files))
+    for name, file in files.items():
+        parts[name] = load_vae_source(Path(file), dtype) if name == "vae" else load_text_encoder_file(Path(file), name, dtype)
     encoders = [parts[name].eval() if name in parts else None for name in ENCODER_NAMES]
     transformer = parts["transformer"].eval()
     vae = parts["vae"].eval() if "vae" in parts else None
@@ -49,9 +54,7 @@ def save_sai_single_file(comps: Components, path: str | Path, dtype: torch.dtype
         configs[name] = encoder.config.to_dict()
         prefix = sai_keys.TE_PREFIXES[name]
         state.update({prefix + k: v for k, v in text_encoder_state(encoder).items()})
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    write_safetensors_atomic(state, path, {CONFIGS_METADATA_KEY: json.dumps(configs, default=list)})
+    write_safetensors_atomic(state, path, {CONFIGS_METADATA_KEY: json.dumps(configs, default=list)}, dtype)
 
 
 def pipeline_of(comps: Components):

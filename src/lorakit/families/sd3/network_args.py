@@ -9,11 +9,15 @@ modulation, final linear) adds the embedders. Only the literal `True` turns on `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from lorakit.errors import ConfigError
-from lorakit.families.common.network_args import parse_indices, parse_int, parse_int_list
+from lorakit.families.common.network_args import (
+    parse_indices,
+    parse_int,
+    parse_int_list,
+)
 
 TYPE_DIM_KEYS = ("context_attn_dim", "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim", "x_mod_dim")
 KNOWN_KEYS = frozenset(

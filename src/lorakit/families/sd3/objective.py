@@ -23,7 +23,13 @@ import torch
 
 from lorakit.objectives.ddpm import NoisedBatch
 from lorakit.objectives.flow import (
-    NUM_TRAIN_TIMESTEPS, WEIGHTING_SCHEMES, add_flow_noise, density_samples, flow_elementwise_loss, loss_weighting, option_or_default,
+    NUM_TRAIN_TIMESTEPS,
+    WEIGHTING_SCHEMES,
+    add_flow_noise,
+    density_samples,
+    flow_elementwise_loss,
+    loss_weighting,
+    option_or_default,
     shift_sigmas,
 )
 from lorakit.objectives.losses import LossOptions

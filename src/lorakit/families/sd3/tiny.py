@@ -16,16 +16,33 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
 
-from lorakit.families.base import Components
 from lorakit.checkpoint_io import write_safetensors_atomic
-from lorakit.families.common.tokenizers import CLIP_PAD_END, CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
-from lorakit.families.common.tiny_parts import T5_TOKENIZER_ASSET, TINY_T5_MAX_LENGTH, bundled_tiny_t5_tokenizer
+from lorakit.families.base import Components
 from lorakit.families.common.ldm_keys import vae_to_ldm
-from lorakit.families.sd3 import sai_keys
-from lorakit.families.sd3.model_files import component_configs, pipeline_of, text_encoder_state
 from lorakit.families.common.module_io import CONFIGS_METADATA_KEY
+from lorakit.families.common.tiny_parts import (
+    T5_TOKENIZER_ASSET,
+    TINY_T5_MAX_LENGTH,
+    bundled_tiny_t5_tokenizer,
+)
+from lorakit.families.common.tokenizers import (
+    CLIP_PAD_END,
+    CLIP_PAD_OPENCLIP,
+    bundled_clip_tokenizer,
+)
+from lorakit.families.sd3 import sai_keys
+from lorakit.families.sd3.model_files import (
+    component_configs,
+    pipeline_of,
+    text_encoder_state,
+)
 
 VARIANTS = {
     "sd3": {"dual_attention_layers": (), "qk_norm": None},

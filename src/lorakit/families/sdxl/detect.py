@@ -11,8 +11,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from lorakit.errors import CheckpointError
 from lorakit.checkpoint_io import read_checkpoint
+from lorakit.errors import CheckpointError
 
 UNET_LABEL_EMB = "model.diffusion_model.label_emb."
 OPENCLIP_G_PREFIX = "conditioner.embedders.1."

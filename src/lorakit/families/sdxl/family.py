@@ -24,12 +24,24 @@ from lorakit.adapters.targets import AdapterTarget, RankChoice, kohya_name
 from lorakit.data.latent_files import LatentFileFormat
 from lorakit.data.text_cache import CaptionCache, run_text_cache
 from lorakit.data.text_files import TextFileFormat
-from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
+from lorakit.families.base import (
+    BaseModelFacts,
+    Components,
+    InferenceDefaults,
+    LoraHint,
+    ModelFamily,
+    ModelSource,
+    TextConditioning,
+)
 from lorakit.families.common.clip_prompts import ClipPrompts, encoder_ids
 from lorakit.families.common.prediction import prediction_type_warnings
 from lorakit.families.common.text_cache import whole_cache_problems
 from lorakit.families.common.text_encoders import clip_targets
-from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing
+from lorakit.families.common.unet import (
+    decode_scaled,
+    encode_scaled,
+    gradient_checkpointing,
+)
 from lorakit.families.common.unet import unet_targets as diffusers_unet_targets
 from lorakit.families.sdxl.blocks import BLOCK_LAYOUT
 from lorakit.families.sdxl.lora_keys import LORA_LAYOUT
@@ -53,6 +65,7 @@ class StableDiffusionXLFamily(ModelFamily):
     default_network_module = "networks.lora"
     bucket_step = 32
     block_layout = BLOCK_LAYOUT
+    reads_caption_weights = True
     all_layers_args = {"conv_dim": "1", "conv_alpha": "1"}
     oft_attention = re.compile(r"_attn\d_(to_q|to_k|to_v|to_out_0)$")
     lora_hints = (LoraHint(40, ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_",
@@ -62,6 +75,8 @@ class StableDiffusionXLFamily(ModelFamily):
     inference = InferenceDefaults(steps=30, guidance_scale=7.5, resolution=1024)
     # ComfyUI knows a diffusers-layout U-Net attention projection only by its old `processor.to_q` name
     comfy_drops = {r"^unet\..*\.attn\d\.to_(q|k|v|out\.0)$": "U-Net attention projections"}
+    image_tasks = ("img2img", "inpaint")
+    single_file_denoiser_prefixes = ("model.diffusion_model.",)
 
     def __init__(self) -> None:
         self.vae_in_float32 = False
@@ -218,6 +233,26 @@ class StableDiffusionXLFamily(ModelFamily):
             unet=comps.denoiser, scheduler=build_sampler(sampler or "ddim", comps.extras.get("prediction_type", "epsilon")),
         )
 
+    def task_pipeline(self, comps: Components, task: str, sampler: str | None = None) -> Any:
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+        classes = {"img2img": StableDiffusionXLImg2ImgPipeline, "inpaint": StableDiffusionXLInpaintPipeline}
+        return classes[task](**self.pipeline(comps, sampler).components)
+
+    def load_embedding(self, comps: Components, state: dict[str, torch.Tensor], token: str, source: str) -> None:
+        from lorakit.families.common.prompt_weighting import add_embedding
+
+        # sd-scripts' and A1111's SDXL files hold one tensor per encoder: `clip_l` and `clip_g`
+        pipe = self.pipeline(comps)
+        add_embedding(pipe, state, token, source, ("clip_l",), pipe.text_encoder, pipe.tokenizer)
+        add_embedding(pipe, state, token, source, ("clip_g",), pipe.text_encoder_2, pipe.tokenizer_2)
+
+    def prompt_embedding_kwargs(self, pipe: Any, prompts: list[str], negatives: list[str], *,
+                                max_embeddings_multiples: int, clip_skip: int | None) -> dict[str, Any] | None:
+        from lorakit.families.common.prompt_weighting import dual_clip_embeddings
+
+        return dual_clip_embeddings(pipe, prompts, negatives, max_embeddings_multiples)
+
     # -- metadata ----------------------------------------------------------------------------------------
 
     def metadata(self, cfg: Any) -> dict[str, str]:
@@ -229,10 +264,10 @@ class StableDiffusionXLFamily(ModelFamily):
 
     # -- whole-model files -------------------------------------------------------------------------------
 
-    def save_single_file(self, comps: Components, path: Path, kind: str) -> None:
+    def save_single_file(self, comps: Components, path: Path, kind: str, dtype: torch.dtype | None = None) -> None:
         from lorakit.families.sdxl.sgm_keys import save_sdxl_single_file
 
-        save_sdxl_single_file(comps, path, fmt=kind)
+        save_sdxl_single_file(comps, path, fmt=kind, dtype=dtype)
 
     def save_folder(self, comps: Components, path: Path) -> None:
         from lorakit.families.sdxl.model_files import save_sdxl_diffusers_folder

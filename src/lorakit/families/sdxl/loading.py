@@ -19,9 +19,10 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from lorakit.checkpoint_io import LoadedCheckpoint, read_checkpoint
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
-from lorakit.checkpoint_io import LoadedCheckpoint, read_checkpoint
+from lorakit.families.common import ldm_keys
 from lorakit.families.common.module_io import (
     assign_weights,
     embedded_configs,
@@ -36,7 +37,6 @@ from lorakit.families.common.tokenizers import (
     bundled_clip_tokenizer,
     folder_clip_tokenizer,
 )
-from lorakit.families.common import ldm_keys
 from lorakit.families.common.vae_files import load_vae
 from lorakit.families.sdxl import sgm_keys
 from lorakit.families.sdxl.detect import keys_are_sdxl

@@ -21,12 +21,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_open_clip_checkpoint,
+)
 
+from lorakit.checkpoint_io import cast_floating, write_safetensors_atomic, write_torch_atomic
 from lorakit.families.base import Components
-from lorakit.checkpoint_io import write_safetensors_atomic, write_torch_atomic
 from lorakit.families.common import ldm_keys
-from lorakit.families.common.ldm_keys import CONFIGS_CKPT_KEY, CONFIGS_METADATA_KEY, UNET_PREFIX, VAE_PREFIX
+from lorakit.families.common.ldm_keys import (
+    CONFIGS_CKPT_KEY,
+    CONFIGS_METADATA_KEY,
+    UNET_PREFIX,
+    VAE_PREFIX,
+)
 
 TE1_PREFIX = "conditioner.embedders.0.transformer."
 TE2_PREFIX = "conditioner.embedders.1.model."
@@ -154,15 +162,16 @@ def components_to_sgm(components: Components) -> dict[str, torch.Tensor]:
 
 
 def save_sdxl_single_file(
-    components: Components, path: str | Path, *, fmt: Literal["safetensors", "ckpt"] = "safetensors"
+    components: Components, path: str | Path, *, fmt: Literal["safetensors", "ckpt"] = "safetensors",
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Write `components` as one SGM-layout checkpoint, atomically, with the configs in its metadata
     (`lorakit.configs`) so architectures of any size, tiny test models included, load back."""
     state = components_to_sgm(components)
     configs_json = json.dumps(component_configs(components))
     if fmt == "safetensors":
-        write_safetensors_atomic(state, path, {CONFIGS_METADATA_KEY: configs_json, "lorakit.family": "sdxl"})
+        write_safetensors_atomic(state, path, {CONFIGS_METADATA_KEY: configs_json, "lorakit.family": "sdxl"}, dtype)
     elif fmt == "ckpt":
-        write_torch_atomic({"state_dict": state, CONFIGS_CKPT_KEY: configs_json}, path)
+        write_torch_atomic({"state_dict": cast_floating(state, dtype), CONFIGS_CKPT_KEY: configs_json}, path)
     else:
         raise ValueError(f"fmt must be 'safetensors' or 'ckpt', not {fmt!r}")

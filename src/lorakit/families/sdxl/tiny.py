@@ -17,10 +17,14 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lorakit.families.base import Components
-from lorakit.families.common.tokenizers import CLIP_PAD_END, CLIP_PAD_OPENCLIP, bundled_clip_tokenizer
+from lorakit.families.common.tiny_parts import tiny_vae_config
+from lorakit.families.common.tokenizers import (
+    CLIP_PAD_END,
+    CLIP_PAD_OPENCLIP,
+    bundled_clip_tokenizer,
+)
 from lorakit.families.sdxl.loading import bundled_config, noise_scheduler_config
 from lorakit.families.sdxl.model_files import save_sdxl_diffusers_folder  # noqa: F401 (the fixtures' folder writer)
-from lorakit.families.common.tiny_parts import tiny_vae_config
 
 TE1_WIDTH, TE2_WIDTH, TIME_EMBED_DIM = 32, 64, 8
 

@@ -126,3 +126,78 @@ def _weighted(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     weighted = hidden * weights
     after = weighted.mean(dim=(-2, -1), keepdim=True)
     return torch.where(after == 0, weighted, weighted * (before / after))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# whole pipelines' prompt embeddings (`ModelFamily.prompt_embedding_kwargs`)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def single_clip_embeddings(pipe: Any, prompts: list[str], negatives: list[str], max_chunks: int,
+                           clip_skip: int | None) -> dict[str, torch.Tensor]:
+    """`prompt_embeds` / `negative_prompt_embeds` of a one-CLIP pipeline, weighted and up to `max_chunks` × 75
+    tokens (prompts and negatives padded to the same number of chunks, as classifier-free guidance needs)."""
+    texts = [_with_embedding_tokens(pipe, t, pipe.tokenizer) for t in [*prompts, *negatives]]
+    embeds = encode_weighted_prompts(pipe.text_encoder, pipe.tokenizer, texts, clip_skip, max(1, max_chunks))
+    return {"prompt_embeds": embeds[: len(prompts)], "negative_prompt_embeds": embeds[len(prompts):]}
+
+
+@torch.no_grad()
+def dual_clip_embeddings(pipe: Any, prompts: list[str], negatives: list[str], max_chunks: int) -> dict[str, torch.Tensor]:
+    """SDXL-style conditioning: each encoder's penultimate layer (weighted, chunked) joined along the width, and
+    the second encoder's projected pooled output of the first chunk (the unweighted prompt's)."""
+    texts = [*prompts, *negatives]
+    chunks = max(1, min(max(1, max_chunks), max(-(-len(weighted_token_ids(pipe.tokenizer, t, max_chunks)[0]) // CHUNK_TOKENS) for t in texts)))
+    hidden = [_penultimate_weighted(pipe, encoder, tokenizer, texts, chunks)
+              for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))]
+    joined = torch.cat([hidden[0], hidden[1].to(hidden[0].dtype)], dim=-1)
+    pooled = _pooled(pipe, pipe.text_encoder_2, pipe.tokenizer_2, texts)
+    n = len(prompts)
+    return {"prompt_embeds": joined[:n], "negative_prompt_embeds": joined[n:],
+            "pooled_prompt_embeds": pooled[:n], "negative_pooled_prompt_embeds": pooled[n:]}
+
+
+def _penultimate_weighted(pipe: Any, encoder: Any, tokenizer: Any, texts: list[str], chunks: int) -> torch.Tensor:
+    outputs = []
+    for text in texts:
+        ids, weights = weighted_token_ids(tokenizer, _with_embedding_tokens(pipe, text, tokenizer), chunks)
+        chunk_ids, chunk_weights = _chunked(tokenizer, ids, weights, chunks)
+        hidden = encoder(chunk_ids.to(encoder.device), output_hidden_states=True).hidden_states[-2]
+        hidden = hidden.reshape(1, -1, hidden.shape[-1]).float()
+        outputs.append(_weighted(hidden, chunk_weights.reshape(1, -1, 1).to(hidden.device)))
+    return torch.cat(outputs).to(encoder.dtype)
+
+
+def _pooled(pipe: Any, encoder: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    ids = tokenizer([plain_text(_with_embedding_tokens(pipe, t, tokenizer)) for t in texts], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return encoder(ids.to(encoder.device), output_hidden_states=True)[0]
+
+
+def _with_embedding_tokens(pipe: Any, text: str, tokenizer: Any) -> str:
+    """A multi-vector embedding's token spelled out as its vectors' tokens (`tok tok_1 tok_2`), as diffusers' own
+    prompt encoding does (`maybe_convert_prompt`); text without such tokens is unchanged."""
+    convert = getattr(pipe, "maybe_convert_prompt", None)
+    return convert(text, tokenizer) if convert is not None else text
+
+
+def add_embedding(pipe: Any, state: dict[str, torch.Tensor], token: str, source: str, keys: tuple[str, ...],
+                  text_encoder: Any = None, tokenizer: Any = None, *, single_tensor: bool = False) -> None:
+    """One encoder's vectors of a textual-inversion file (the first of `keys` it holds; with `single_tensor` also
+    a file's only tensor, diffusers' layout) added through diffusers' `load_textual_inversion`, which appends the
+    token rows to this tokenizer and encoder."""
+    from lorakit.errors import CheckpointError
+
+    vectors = next((state[k] for k in keys if k in state), None)
+    if vectors is None and single_tensor and len(state) == 1:
+        vectors = next(iter(state.values()))
+    if vectors is None:
+        raise CheckpointError(f"{source}: no embedding vectors under {' or '.join(keys)} (keys: {', '.join(list(state)[:5])})")
+    encoder = text_encoder if text_encoder is not None else pipe.text_encoder
+    width = encoder.get_input_embeddings().weight.shape[1]
+    if vectors.shape[-1] != width:
+        raise CheckpointError(f"{source}: the embedding's vectors are {vectors.shape[-1]} wide, the text encoder's {width}: "
+                              "is it for another model?")
+    extra = {"text_encoder": text_encoder, "tokenizer": tokenizer} if text_encoder is not None else {}
+    pipe.load_textual_inversion(vectors.reshape(-1, width).to(encoder.dtype), token=token, **extra)
