@@ -96,10 +96,27 @@ def lora_targets(spec: TargetSpec, family: "ModelFamily", comps: "Components") -
     """The family's layers, with sd-scripts' block-wise ranks (`block_dims`, `*_lr_weight`, …) applied."""
     from lorakit.adapters.blocks import apply_block_ranks, is_blockwise
 
+    if spec.module_sizes is not None:
+        return sized_targets(spec, family, comps)
     targets = family.adapter_targets(comps, spec)
     if not is_blockwise(spec.args):
         return targets
     return apply_block_ranks(targets, spec.args, spec.rank, spec.alpha, family.block_layout)
+
+
+def sized_targets(spec: TargetSpec, family: "ModelFamily", comps: "Components") -> list[AdapterTarget]:
+    """--dim_from_weights (sd-scripts' `create_network_from_weights`): the layers the --network_weights file
+    names, each with the file's rank and alpha, whatever --network_dim and the size keys of --network_args say.
+    Modules of the file the model does not have (or does not train here) are named in a warning."""
+    sizes = spec.module_sizes or {}
+    every_layer = with_family_args(spec, family, family.all_layers_args)
+    found = [AdapterTarget(t.name, t.module, t.component, *sizes[t.name])
+             for t in family.adapter_targets(comps, every_layer) if t.name in sizes]
+    left = sorted(set(sizes) - {t.name for t in found})
+    if left:
+        log.warning("--dim_from_weights: %d module(s) of %s are not built (not in this model, or in a part that does "
+                    "not train): %s", len(left), spec.weights, ", ".join(left[:5]) + (" ..." if len(left) > 5 else ""))
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ class TargetSpec:
     algorithm: Any = None  # the algorithm's own parsed options (see factory.parse_algorithm_args)
     family_args: Any = None  # the family's own parsed keys (ModelFamily.parse_network_args)
     weights: str | None = None  # --network_weights
+    # --dim_from_weights: kohya name -> (rank, alpha) of every module of --network_weights; only these are built
+    module_sizes: Mapping[str, tuple[int, float]] | None = None
 
     @property
     def alpha(self) -> float:

@@ -180,6 +180,7 @@ class ModelFamily:
     oft_network_modules: ClassVar[tuple[str, ...]] = ()  # OFT modules rotating each fused part on its own
     bucket_step: ClassVar[int] = 64  # --bucket_reso_steps must be a multiple of this
     takes_v2: ClassVar[bool] = False  # --v2 (an SD 2.x model) applies
+    reads_caption_weights: ClassVar[bool] = False  # --weighted_captions applies (CLIP prompts, clip_prompts.py)
     block_layout: ClassVar["BlockLayout | None"] = None  # block-wise ranks, LR weights, LBW; None: no blocks
     all_layers_args: ClassVar[Mapping[str, str]] = {}  # --network_args listing every layer a LoRA file may name
     oft_attention: ClassVar[re.Pattern[str]] = re.compile(r"(?!)")  # OFT's default layers, by kohya name
@@ -244,6 +245,9 @@ class ModelFamily:
                             f"(got {cfg.bucket_reso_steps})")
         if cfg.v2 and not self.takes_v2:
             problems.append(f"--v2 selects an SD 2.x model and cannot be used with --family {self.name}")
+        if getattr(cfg, "weighted_captions", False) and not self.reads_caption_weights:
+            problems.append(f"--weighted_captions is not available for --family {self.name}: its prompts carry no "
+                            "attention weights (sd-scripts refuses it too); remove it and write captions without weights")
         if cfg.save_format not in self.save_formats:
             problems.append(f"--save_format {cfg.save_format}: the {self.name} family writes the kohya layout only "
                             "(convert afterwards with `lorakit lora convert --to diffusers`)")

@@ -25,6 +25,7 @@ class FinetuneTraining:
     """`lorakit finetune` / `lorakit dreambooth`: the model's own weights (full fine-tune and DreamBooth)."""
 
     title = "fine-tune"
+    preserves_outputs = False  # the trained weights are the model's own: nothing to switch off
     conditioning = ConditioningUse.MASK  # as sd-scripts' fine-tuning scripts: conditioning subsets are loss masks
 
     def option_problems(self, cfg: Any, family: ModelFamily) -> list[str]:

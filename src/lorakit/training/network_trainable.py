@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,16 @@ class NetworkTrainable(TrainableDefaults):
             for name, module in network.lora_modules.items():
                 log.info("%s: dim %s, alpha %s", name, getattr(module, "rank", "?"), float(getattr(module, "alpha", 0.0)))
         return trainable
+
+    @contextmanager
+    def switched_off(self) -> Iterator[None]:
+        """The base model alone: every adapter at multiplier 0 (OFT rotates by the identity, LoRA adds nothing)."""
+        previous = self.network.multiplier
+        self.network.set_multiplier(0.0)
+        try:
+            yield
+        finally:
+            self.network.set_multiplier(previous)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.network.trainable_parameters()
@@ -117,6 +129,7 @@ class NetworkTraining(FrozenModelTraining):
     """`lorakit train`: an adapter network (LoRA and the other algorithms) on any family."""
 
     title = "LoRA"
+    preserves_outputs = True  # the network at multiplier 0 is the base model
     conditioning = ConditioningUse.MASK  # as sd-scripts' train_network: conditioning subsets are loss masks
 
     def option_problems(self, cfg: Any, family: ModelFamily) -> list[str]:

@@ -20,6 +20,7 @@ from lorakit.families.base import ModelFamily
 from lorakit.families.common.transformer_family import SWAP_TRAINED
 from lorakit.precision import WEIGHT_DTYPES
 from lorakit.training import distributed
+from lorakit.training.network_files import merge_base_weights
 from lorakit.training.network_trainable import NETWORK
 from lorakit.training.session import Session
 from lorakit.training.trainable import TrainingType
@@ -34,6 +35,7 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     run's `Trainable`."""
     spec = spec or kind.spec(cfg, family)
     comps = family.load(cfg, spec, text_cache)
+    merge_base_weights(cfg, family, comps)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     device = accelerator.device
     swap_blocks = family.swaps_blocks(cfg)
@@ -59,9 +61,21 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     trainable = kind.build(cfg, spec, family, comps, device)
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(comps, trainable.trains_text_encoders)
+    if cfg.torch_compile:
+        compile_denoiser(cfg, comps.denoiser)
     _full_precision(cfg, trainable.module, accelerator)
     comps.denoiser.train()
     return Session(cfg, family, comps, trainable, family.objective(cfg, comps), accelerator, weight_dtype)
+
+
+def compile_denoiser(cfg: Any, denoiser: torch.nn.Module) -> None:
+    """--torch_compile: the denoiser (with its adapters attached) compiled in place by torch.compile with
+    --dynamo_backend/--dynamo_mode/--dynamo_fullgraph/--dynamo_dynamic, as sd-scripts has accelerate compile the
+    U-Net/DiT; the module keeps its identity and parameter names, so files and states are unchanged."""
+    backend = (cfg.dynamo_backend or "inductor").lower()
+    log.info("--torch_compile: the denoiser compiles on its first steps (backend %s)", backend)
+    denoiser.compile(backend=backend, mode=cfg.dynamo_mode, fullgraph=cfg.dynamo_fullgraph,
+                     dynamic=True if cfg.dynamo_dynamic else None)
 
 
 def _full_precision(cfg: Any, trained: torch.nn.Module, accelerator: Accelerator) -> None:
