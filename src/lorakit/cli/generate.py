@@ -76,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--highres_fix_strength", type=non_negative_float, default=None)
     image.add_argument("--highres_fix_save_1st", action="store_true")
     image.add_argument("--highres_fix_latents_upscaling", action="store_true")
+    image.add_argument("--highres_fix_disable_control_net", action="store_true", help="the second pass without ControlNet")
+
+    control = p.add_argument_group("ControlNet")
+    control.add_argument("--control_net_models", nargs="*", default=None,
+                         help="ControlNet files (original layout) or diffusers folders: SD 1.x/2.x, FLUX.1")
+    control.add_argument("--control_net_lllite_models", nargs="*", default=None, help="ControlNet-LLLite files: SDXL")
+    control.add_argument("--control_net_multipliers", "--control_net_weights", dest="control_net_multipliers", nargs="*",
+                         type=finite_float, default=None, help="one weight per ControlNet (default 1.0)")
+    control.add_argument("--control_net_ratios", nargs="*", type=finite_float, default=None,
+                         help="the fraction of the steps each ControlNet guides (default 1.0)")
+    control.add_argument("--control_net_preps", nargs="*", default=None, help="canny_LOW_HIGH or none, one per ControlNet")
+    control.add_argument("--guide_image_path", nargs="*", default=None,
+                         help="control images (files or folders), used in turn; a prompt line's --cn wins")
 
     run = p.add_argument_group("precision, device, memory")
     run.add_argument("--dtype", "--precision", dest="dtype", default=None, help="fp32, fp16 or bf16")
@@ -93,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+CONTROL_OPTIONS = ("control_net_models", "control_net_lllite_models", "control_net_multipliers", "control_net_ratios",
+                   "control_net_preps", "guide_image_path")
+
 NOT_AVAILABLE = {
     "interactive": "prompts come from --prompt or --from_file",
     "from_module": "prompts come from --prompt or --from_file",
@@ -100,9 +116,6 @@ NOT_AVAILABLE = {
     "network_pre_calc": "use --network_merge",
     "network_merge_n_models": "use --network_merge (every network) or none",
     "network_regional_mask_max_color_codes": "regional prompts are not implemented",
-    "control_net_models": "ControlNet is not implemented yet",
-    "control_net_lllite_models": "ControlNet-LLLite is not implemented yet",
-    "guide_image_path": "ControlNet is not implemented yet",
     "highres_fix_upscaler": "the first pass is upscaled with LANCZOS (or --highres_fix_latents_upscaling)",
     "ds_depth_1": "Deep Shrink is not implemented",
     "gradual_latent_timesteps": "gradual latent is not implemented",
@@ -139,6 +152,8 @@ def main(argv: list[str]) -> int:
         highres_fix_scale=args.highres_fix_scale, highres_fix_steps=args.highres_fix_steps,
         highres_fix_strength=args.highres_fix_strength, highres_fix_save_1st=args.highres_fix_save_1st,
         highres_fix_latents_upscaling=args.highres_fix_latents_upscaling, sequential_file_name=args.sequential_file_name,
+        highres_fix_disable_control_net=args.highres_fix_disable_control_net,
+        **{name: list(getattr(args, name) or []) for name in CONTROL_OPTIONS},
         dtype=args.dtype, denoiser_dtype=args.denoiser_dtype, device=args.device, offload=args.offload, problems=problems,
     )
     for path in run_generate(options):

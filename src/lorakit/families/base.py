@@ -162,11 +162,30 @@ class FamilyControlNet(Protocol):
     def save_folder(self, module: nn.Module, folder: Path) -> bool:
         """Its diffusers folder, where diffusers reads one (False: this kind has no diffusers layout)."""
 
-    def pipeline(self, comps: Components, module: nn.Module, sampler: str) -> Any:
-        """A pipeline over the model and this ControlNet; it takes the control image `sample_inputs` names."""
+    def pipeline(self, comps: Components, module: nn.Module | list[nn.Module], sampler: str | None,
+                 task: str = "text") -> Any:
+        """A pipeline over the model and this ControlNet (or several, each with its own control image) for `task`
+        ("text", or one of the family's `image_tasks`); it takes the inputs `sample_inputs` and
+        `generation_inputs` name."""
 
     def sample_inputs(self, image: Any) -> dict[str, Any]:
-        """The pipeline inputs for a control image (a PIL image)."""
+        """The pipeline inputs for a control image (a PIL image) of training's sample prompts."""
+
+    # -- `lorakit generate` (gen_img.py's --control_net_models / --control_net_lllite_models) --------------
+    generate_option: str  # the option naming its files: "control_net_models" or "control_net_lllite_models"
+
+    def file_problems(self, path: str) -> list[str]:
+        """What is wrong with a file or folder given to `lorakit generate`, read from its header or config
+        (nothing loaded); empty when it is one this family's ControlNet reads."""
+
+    def load(self, path: str, comps: Components, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """A file or folder as `save` / `save_folder` write it, ready to sample with (attached to the denoiser
+        where it works inside it)."""
+
+    def generation_inputs(self, task: str, images: list[list[Any]], multipliers: list[float], kept_steps: list[int],
+                          denoising_steps: int) -> dict[str, Any]:
+        """The pipeline inputs for several ControlNets: per ControlNet, one PIL control image per image of the
+        batch, its multiplier and how many of the first `denoising_steps` it guides (gen_img.py's ratio)."""
 
 
 class ModelFamily:
@@ -351,7 +370,8 @@ class ModelFamily:
         return state, metadata
 
     def controlnet(self, cfg: Any) -> FamilyControlNet | None:
-        """The ControlNet `lorakit controlnet` trains on this family (None: the family has none)."""
+        """The ControlNet `lorakit controlnet` trains on this family (None: the family has none); `lorakit
+        generate` asks with `cfg` None."""
         return None
 
     # -- sampling ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Prompt lines (`--prompt`, or one per line of `--from_file`; empty lines and `#` 
 gen_img.py's options after ` --`: `--n` negative prompt, `--w`/`--h` size, `--s` steps, `--d` seeds
 (comma-separated, one per image), `--l` CFG scale, `--nl` negative scale, `--t` img2img strength, `--am`
 multipliers of the networks (comma-separated), `--c` a CLIP prompt (kept in the PNG text), `--f` the file name,
-plus training's `--g` (embedded guidance) and `--ss` (sampler). Seeds follow gen_img.py: `--seed` alone with
+plus training's `--g` (embedded guidance), `--ss` (sampler) and `--cn` (the control image: one path, or one per
+ControlNet separated by commas; `gen_control.py`). Seeds follow gen_img.py: `--seed` alone with
 one image is that seed; otherwise each image's seed is drawn from a generator seeded with `--seed` (random
 without it), the same one for a whole pass with `--iter_same_seed`, or taken from the line's `--d`.
 """
@@ -26,6 +27,7 @@ _LINE_OPTIONS: dict[str, tuple[str, Any]] = {
     "nl": ("negative_scale", lambda v: None if v.lower() == "none" else float(v)), "t": ("strength", float),
     "am": ("network_muls", lambda v: [float(x) for x in v.split(",") if x.strip()]), "c": ("clip_prompt", str),
     "f": ("filename", str), "g": ("guidance", float), "ss": ("sampler", str),
+    "cn": ("control_images", lambda v: tuple(x.strip() for x in v.split(",") if x.strip())),
 }
 #: gen_img.py options this command reads but does not act on: said once, never silently
 _WITHOUT_EFFECT = {"ow", "oh", "nw", "nh", "ct", "cl", "dsd1", "dst1", "dsd2", "dst2", "dsr", "glt", "glr", "gle", "gls",
@@ -50,6 +52,7 @@ class PromptSettings:
     clip_prompt: str | None = None
     filename: str | None = None
     sampler: str | None = None
+    control_images: tuple[str, ...] | None = None
     raw: str = ""
     where: str = ""
 
@@ -63,6 +66,7 @@ class ImageJob:
     number: int
     init_image: str | None = None
     mask_image: str | None = None
+    control_images: tuple[str, ...] | None = None  # one per ControlNet
 
 
 @dataclass
@@ -107,7 +111,8 @@ def parse_line(raw: str, defaults: LineDefaults, where: str) -> PromptSettings:
         steps=max(1, min(1000, values.get("steps", defaults.steps))), scale=values.get("scale", defaults.scale),
         guidance=values.get("guidance", defaults.guidance), negative_scale=values.get("negative_scale", defaults.negative_scale),
         strength=values.get("strength", defaults.strength), clip_prompt=values.get("clip_prompt"), filename=values.get("filename"),
-        sampler=values.get("sampler", defaults.sampler), raw=raw.strip(), where=where,
+        sampler=values.get("sampler", defaults.sampler), control_images=values.get("control_images") or None,
+        raw=raw.strip(), where=where,
     )
     seeds, muls = values.get("seeds"), values.get("network_muls")
     return replace(settings, seeds=tuple(seeds) if seeds else None, network_muls=tuple(muls) if muls else None)

@@ -4,7 +4,8 @@ The model loads through its family (`load_model`), the networks are merged (`--n
 unmerged so each prompt's `--am` multipliers apply, and every image comes from the family's own diffusers
 pipeline over these modules (`pipeline`, `task_pipeline` for img2img and inpainting) with one CPU generator per
 image, so an image depends on its seed alone, not on its batch. Weighted and long prompts are encoded by the
-family (`prompt_embedding_kwargs`). Each PNG carries gen_img.py's text chunks (prompt, seed, sampler, steps,
+family (`prompt_embedding_kwargs`). ControlNets (`gen_control.py`) load through the family's `controlnet`, and
+their batches come from its ControlNet pipelines. Each PNG carries gen_img.py's text chunks (prompt, seed, sampler, steps,
 scale, negative prompt, ...). Everything is checked before the model loads.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from lorakit.atomic import staged_file
 from lorakit.errors import ConfigError
 from lorakit.families.base import ModelFamily, ModelSource
 from lorakit.families.common.prompt_weighting import plain_text
-from lorakit.sampling import gen_jobs
+from lorakit.sampling import gen_control, gen_jobs
 from lorakit.sampling.apply_lora import LoraFile, LoraMerger, check_family, parse_lora_spec, read_lora_file
 from lorakit.sampling.minimal import SampleOptions, _device_and_dtypes, _place, sampler_problem
 
@@ -70,6 +71,13 @@ class GenerateOptions:
     highres_fix_strength: float | None = None
     highres_fix_save_1st: bool = False
     highres_fix_latents_upscaling: bool = False
+    highres_fix_disable_control_net: bool = False
+    control_net_models: list[str] = field(default_factory=list)
+    control_net_lllite_models: list[str] = field(default_factory=list)
+    control_net_multipliers: list[float] = field(default_factory=list)
+    control_net_ratios: list[float] = field(default_factory=list)
+    control_net_preps: list[str] = field(default_factory=list)
+    guide_image_path: list[str] = field(default_factory=list)
     sequential_file_name: bool = False
     dtype: str | None = None
     denoiser_dtype: str | None = None
@@ -87,6 +95,7 @@ class Plan:
     dtype: torch.dtype
     denoiser_dtype: Any
     embedded_guidance: bool = False
+    control: gen_control.ControlPlan | None = None
 
 
 def run_generate(options: GenerateOptions) -> list[Path]:
@@ -101,7 +110,8 @@ def run_generate(options: GenerateOptions) -> list[Path]:
     _place(comps, _PlaceAt(plan.device if not options.offload else torch.device("cpu"), plan.dtype, plan.denoiser_dtype))
     _load_embeddings(plan.family, comps, options.embeddings)
     networks = [] if options.network_merge else [merger.attach(lora) for lora in plan.loras]
-    return Generator(options, plan, comps, networks).run()
+    controls = gen_control.load_controls(plan.control, comps, plan.device, plan.dtype) if plan.control else []
+    return Generator(options, plan, comps, networks, controls).run()
 
 
 def _load_embeddings(family: ModelFamily, comps: Any, files: list[str]) -> None:
@@ -146,6 +156,7 @@ def check(options: GenerateOptions) -> Plan:
     if options.negative_scale is not None:
         problems.append("--negative_scale: not available (the pipelines guide with one negative prompt and --scale)")
     device, dtype, denoiser_dtype = _device_and_dtypes(_as_sample(options), problems)
+    control = gen_control.control_plan(options, family, problems)
     specs = []
     for text in options.networks:
         try:
@@ -161,8 +172,8 @@ def check(options: GenerateOptions) -> Plan:
     loras = [read_lora_file(spec, "--network_weights") for spec in specs]
     for lora in loras:
         check_family(lora, family.name)
-    jobs = _jobs(options, family, loras)
-    return Plan(family, loras, jobs, device, dtype, denoiser_dtype)
+    jobs = _jobs(options, family, loras, control)
+    return Plan(family, loras, jobs, device, dtype, denoiser_dtype, control=control)
 
 
 def _as_sample(options: GenerateOptions) -> SampleOptions:
@@ -191,7 +202,8 @@ def _task_problems(options: GenerateOptions, family: ModelFamily) -> list[str]:
     return problems
 
 
-def _jobs(options: GenerateOptions, family: ModelFamily, loras: list[LoraFile]) -> list[gen_jobs.ImageJob]:
+def _jobs(options: GenerateOptions, family: ModelFamily, loras: list[LoraFile], control: gen_control.ControlPlan | None
+          ) -> list[gen_jobs.ImageJob]:
     size = family.inference_resolution(ModelSource(options.model, v2=options.v2, v_parameterization=options.v_parameterization))
     defaults = gen_jobs.LineDefaults(
         width=options.width or size, height=options.height or size, steps=options.steps or family.inference.steps,
@@ -209,14 +221,17 @@ def _jobs(options: GenerateOptions, family: ModelFamily, loras: list[LoraFile]) 
             problems.append(f"{p.where}: --am cannot change merged networks (leave out --network_merge)")
         if p.negative_scale is not None:
             problems.append(f"{p.where}: --nl (negative scale) is not available")
+    problems += gen_control.line_problems(control, prompts)
     if defaults.unused:
         log.warning("prompt options without effect here: %s", ", ".join(f"--{f}" for f in sorted(defaults.unused)))
     if problems:
         raise ConfigError(problems)
-    return gen_jobs.image_jobs(prompts, images_per_prompt=options.images_per_prompt, n_iter=options.n_iter, seed=options.seed,
+    jobs = gen_jobs.image_jobs(prompts, images_per_prompt=options.images_per_prompt, n_iter=options.n_iter, seed=options.seed,
                                iter_same_seed=options.iter_same_seed,
                                init_images=gen_jobs.image_files(options.image_path, "--image_path"),
                                mask_images=gen_jobs.image_files(options.mask_path, "--mask_path"))
+    return [replace(job, control_images=gen_control.job_control_images(control, job.settings, index))
+            for index, job in enumerate(jobs)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,10 +242,10 @@ def _jobs(options: GenerateOptions, family: ModelFamily, loras: list[LoraFile]) 
 class Generator:
     """Runs the batches: one pipeline per (task, sampler), kept for the run."""
 
-    def __init__(self, options: GenerateOptions, plan: Plan, comps: Any, networks: list[Any]):
+    def __init__(self, options: GenerateOptions, plan: Plan, comps: Any, networks: list[Any], controls: list[Any]):
         self.options, self.plan, self.comps, self.networks = options, plan, comps, networks
-        self.family = plan.family
-        self.pipelines: dict[tuple[str, str | None], Any] = {}
+        self.family, self.controls = plan.family, controls
+        self.pipelines: dict[tuple[str, str | None, bool], Any] = {}
         self.outdir = Path(options.outdir)
         self.stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
         self.written: list[Path] = []
@@ -277,17 +292,23 @@ class Generator:
         else:
             upscaled = [image.resize((settings.width, settings.height), resample=Image.LANCZOS) for image in first]
         return self._call(batch, settings.width, settings.height, settings.steps, [j.seed + 1 for j in batch],
-                          init=upscaled, masks=None, strength=settings.strength or 0.8)
+                          init=upscaled, masks=None, strength=settings.strength or 0.8,
+                          controlled=not self.options.highres_fix_disable_control_net)
 
-    def _call(self, batch, width, height, steps, seeds, *, init, masks, strength, output: str = "pil"):
+    def _call(self, batch, width, height, steps, seeds, *, init, masks, strength, output: str = "pil", controlled=True):
         settings = batch[0].settings
         task = "inpaint" if masks is not None else ("img2img" if init is not None else "text")
-        pipe = self._pipeline(task, settings.sampler)
+        controlled = controlled and bool(self.controls)
+        pipe = self._pipeline(task, settings.sampler, controlled)
         kwargs = self._prompt_kwargs(pipe, batch)
-        accepted = inspect.signature(pipe.__call__).parameters
+        accepted = getattr(pipe, "accepted_inputs", None) or inspect.signature(pipe.__call__).parameters
         kwargs.update(self._guidance(settings, "true_cfg_scale" in accepted))
+        strength = strength if strength is not None else 0.8
         if task != "text":
-            kwargs.update(image=init, strength=strength if strength is not None else 0.8)
+            kwargs.update(image=init, strength=strength)
+        if controlled:  # gen_img.py's ratio counts the steps the pipeline denoises (fewer for img2img)
+            denoising = steps if task == "text" else min(int(steps * strength), steps)
+            kwargs.update(gen_control.control_inputs(self.plan.control, task, batch, width, height, denoising))
         if masks is not None:
             kwargs["mask_image"] = masks
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
@@ -304,11 +325,16 @@ class Generator:
                     "true_cfg_scale": 1.0 if settings.scale is None else settings.scale}
         return {"guidance_scale": default if settings.scale is None else settings.scale}
 
-    def _pipeline(self, task: str, sampler: str | None) -> Any:
+    def _pipeline(self, task: str, sampler: str | None, controlled: bool) -> Any:
         name = (sampler or "").lower() or None
-        key = (task, name)
+        key = (task, name, controlled)
         if key not in self.pipelines:
-            pipe = self.family.pipeline(self.comps, name) if task == "text" else self.family.task_pipeline(self.comps, task, name)
+            if controlled:
+                pipe = self.plan.control.control.pipeline(self.comps, self.controls, name, task)
+            elif task == "text":
+                pipe = self.family.pipeline(self.comps, name)
+            else:
+                pipe = self.family.task_pipeline(self.comps, task, name)
             if self.options.offload:
                 _offload(pipe, self.plan.device)
             pipe.set_progress_bar_config(desc=f"{task} ({type(pipe.scheduler).__name__})", leave=False)

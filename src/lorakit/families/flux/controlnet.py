@@ -25,7 +25,9 @@ from torch import nn
 
 from lorakit.adapters.formats import load_lora_file, save_lora_file
 from lorakit.atomic import staged_folder
+from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
+from lorakit.families.common.controlnet_files import controlnet_file_problems, diffusers_control_inputs
 from lorakit.families.flux.bfl_keys import bfl_to_diffusers, diffusers_to_bfl
 
 HINT_CHANNELS = 16  # the hint encoder's output: 16 channels, packed 2x2 into the transformer's 64 inputs
@@ -134,16 +136,58 @@ class FluxControlNet:
             module.save_pretrained(staging, safe_serialization=True)
         return True
 
-    def pipeline(self, comps: Components, module: nn.Module, sampler: str) -> Any:
-        from diffusers import FluxControlNetPipeline
+    def pipeline(self, comps: Components, module: nn.Module | list[nn.Module], sampler: str | None,
+                 task: str = "text") -> Any:
+        """diffusers' FLUX ControlNet pipeline (several ControlNets: its FluxMultiControlNetModel, which adds
+        their residuals); FLUX.1 has no image tasks."""
+        from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
 
         base = self.base_pipeline(comps, sampler)
+        if isinstance(module, list):
+            module = module[0] if len(module) == 1 else FluxMultiControlNetModel(module)
         return FluxControlNetPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
                                       tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2,
                                       tokenizer_2=base.tokenizer_2, transformer=base.transformer, controlnet=module)
 
     def sample_inputs(self, image: Any) -> dict[str, Any]:
         return {"control_image": image}
+
+    # -- lorakit generate ---------------------------------------------------------------------------------
+
+    generate_option = "control_net_models"
+
+    def file_problems(self, path: str) -> list[str]:
+        return controlnet_file_problems(path, "FluxControlNetModel", ("pos_embed_input.weight", "input_hint_block.0.weight"),
+                                        "a FLUX.1 ControlNet file (sd-scripts' layout: pos_embed_input, input_hint_block, "
+                                        "controlnet_blocks)")
+
+    def load(self, path: str, comps: Components, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """A diffusers folder, or a file whose block counts are read from its keys."""
+        from diffusers import FluxControlNetModel
+
+        if Path(path).is_dir():
+            module = FluxControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        else:
+            state = controlnet_from_file(load_lora_file(path)[0], path)
+            module = new_controlnet(comps.denoiser, _count(state, "transformer_blocks."),
+                                    _count(state, "single_transformer_blocks."))
+            try:
+                module.load_state_dict(state)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{path} does not fit this model's ControlNet (different layers or sizes): "
+                                      f"{' '.join(str(exc).split())[:300]}") from None
+        # a cast only where needed: diffusers warns about every `.to(dtype)`
+        module = module.to(device) if module.dtype == dtype else module.to(device=device, dtype=dtype)
+        return module.eval().requires_grad_(False)
+
+    def generation_inputs(self, task: str, images: list[list[Any]], multipliers: list[float], kept_steps: list[int],
+                          denoising_steps: int) -> dict[str, Any]:
+        return diffusers_control_inputs("control_image", images, multipliers, kept_steps, denoising_steps)
+
+
+def _count(state: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many numbered blocks under `prefix` the weights hold."""
+    return len({key[len(prefix):].split(".")[0] for key in state if key.startswith(prefix)})
 
 
 def controlnet_inputs(comps: Components, batch: Any, **model_inputs: Any) -> dict[str, Any]:

@@ -22,7 +22,9 @@ from torch import nn
 
 from lorakit.adapters.formats import load_lora_file, save_lora_file
 from lorakit.atomic import staged_folder
+from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
+from lorakit.families.common.controlnet_files import controlnet_file_problems, diffusers_control_inputs
 from lorakit.families.common.ldm_keys import UNET_RESNET, UNET_TOP_LEVEL, _rename_inner, _rename_prefix, unet_block_prefixes
 
 def _extra_prefixes(config: dict[str, Any]) -> dict[str, str]:
@@ -102,12 +104,17 @@ class UNetControlNet:
             module.save_pretrained(staging, safe_serialization=True)
         return True
 
-    def pipeline(self, comps: Components, module: nn.Module, sampler: str) -> Any:
-        from diffusers import StableDiffusionControlNetPipeline
+    def pipeline(self, comps: Components, module: nn.Module | list[nn.Module], sampler: str | None,
+                 task: str = "text") -> Any:
+        """diffusers' ControlNet pipeline for the task over these very modules (several ControlNets: diffusers'
+        MultiControlNetModel, which adds their residuals)."""
+        import diffusers
 
         from lorakit.objectives.samplers import build_sampler
 
-        return StableDiffusionControlNetPipeline(
+        if isinstance(module, list) and len(module) == 1:
+            module = module[0]
+        return getattr(diffusers, _PIPELINES[task])(
             vae=comps.vae, text_encoder=comps.text_encoders[0], tokenizer=comps.tokenizers[0], unet=comps.denoiser,
             controlnet=module, scheduler=build_sampler(sampler or "ddim", comps.extras.get("prediction_type", "epsilon")),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -115,6 +122,41 @@ class UNetControlNet:
 
     def sample_inputs(self, image: Any) -> dict[str, Any]:
         return {"image": image}
+
+    # -- lorakit generate ---------------------------------------------------------------------------------
+
+    generate_option = "control_net_models"
+
+    def file_problems(self, path: str) -> list[str]:
+        return controlnet_file_problems(path, "ControlNetModel", ("input_hint_block.0.weight", "zero_convs.0.0.weight"),
+                                        "an SD 1.x/2.x ControlNet (input_hint_block.*, zero_convs.*)")
+
+    def load(self, path: str, comps: Components, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        from diffusers import ControlNetModel
+
+        if Path(path).is_dir():
+            module = ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        else:
+            module = ControlNetModel.from_unet(comps.denoiser, load_weights_from_unet=False)
+            state = {k.removeprefix("control_model."): v for k, v in load_lora_file(path)[0].items()}
+            try:
+                module.load_state_dict(ldm_to_controlnet(state, module.config))
+            except (RuntimeError, KeyError, StopIteration) as exc:
+                raise CheckpointError(f"{path} does not fit this model's ControlNet (different layers or sizes): "
+                                      f"{' '.join(str(exc).split())[:300]}") from None
+        # a cast only where needed: diffusers warns about every `.to(dtype)`
+        module = module.to(device) if module.dtype == dtype else module.to(device=device, dtype=dtype)
+        return module.eval().requires_grad_(False)
+
+    def generation_inputs(self, task: str, images: list[list[Any]], multipliers: list[float], kept_steps: list[int],
+                          denoising_steps: int) -> dict[str, Any]:
+        # diffusers' text pipeline reads several ControlNets' images nested per image, its image tasks per ControlNet
+        return diffusers_control_inputs("image" if task == "text" else "control_image", images, multipliers,
+                                        kept_steps, denoising_steps, per_image=task == "text")
+
+
+_PIPELINES = {"text": "StableDiffusionControlNetPipeline", "img2img": "StableDiffusionControlNetImg2ImgPipeline",
+              "inpaint": "StableDiffusionControlNetInpaintPipeline"}
 
 
 def controlnet_residuals(comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,

@@ -29,6 +29,8 @@ from torch import nn
 from lorakit.adapters.formats import load_lora_file, save_lora_file
 from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
+from lorakit.families.common.controlnet_files import known_layout
+from lorakit.families.common.headers import safetensors_keys
 
 PREFIX = "lllite_unet_"
 #: the layers LLLite attaches to, by diffusers module path: (level or None for the middle block, path)
@@ -62,14 +64,15 @@ class LLLiteModule(nn.Module):
 
     def residual(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """What is added to the layer's input `x` (B, tokens, in_dim) for conditioning images (b, 3, H, W)."""
-        cx = self.conditioning1(image.to(dtype=self.up[0].weight.dtype))
+        weight = self.up[0].weight
+        cx = self.conditioning1(image.to(device=weight.device, dtype=weight.dtype))
         cx = cx.flatten(2).transpose(1, 2)  # (b, h*w, c), the token order of the attention input
         if x.shape[0] != cx.shape[0]:  # classifier-free guidance runs the batch twice
             cx = cx.repeat(x.shape[0] // cx.shape[0], 1, 1)
-        cx = self.mid(torch.cat([cx, self.down(x.to(cx.dtype))], dim=2))
+        cx = self.mid(torch.cat([cx, self.down(x.to(device=cx.device, dtype=cx.dtype))], dim=2))
         if self.dropout and self.training:
             cx = nn.functional.dropout(cx, p=self.dropout)
-        return self.up(cx).to(x.dtype)
+        return self.up(cx).to(device=x.device, dtype=x.dtype)
 
 
 class ControlNetLLLite(nn.Module):
@@ -92,14 +95,16 @@ class ControlNetLLLite(nn.Module):
             self.lllite[name] = LLLiteModule(layer.in_features, min(depth, 3), cond_emb_dim, mlp_dim, dropout)
             self._layers[name] = layer
         self.image: torch.Tensor | None = None
+        self.multiplier = 1.0  # gen_img.py's --control_net_multipliers: the residuals' scale
         self._handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in self._layers.items()]
 
     def _hook(self, name: str):
         def add_residual(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
-            if self.image is None:
+            if self.image is None or self.multiplier == 0.0:
                 return None
             x = inputs[0]
-            return (x + self.lllite[name].residual(x, self.image), *inputs[1:])
+            residual = self.lllite[name].residual(x, self.image)
+            return (x + (residual if self.multiplier == 1.0 else residual * self.multiplier), *inputs[1:])
         return add_residual
 
     def set_cond_image(self, image: torch.Tensor | None) -> None:
@@ -118,28 +123,55 @@ class ControlNetLLLite(nn.Module):
 
 
 class LLLitePipeline:
-    """The SDXL pipeline with the LLLite fed a control image for the length of one call."""
+    """An SDXL pipeline with ControlNet-LLLites fed their control images for the length of one call.
 
-    def __init__(self, pipe: Any, lllite: ControlNetLLLite):
+    `control_image` is one PIL image (every LLLite, every image of the batch) or, per LLLite, a list with one
+    image per image of the batch; `control_scales` are the LLLites' multipliers and `control_steps` how many of
+    the first steps each one guides (gen_img.py's ratio: it is switched off for the steps after)."""
+
+    def __init__(self, pipe: Any, lllites: ControlNetLLLite | list[ControlNetLLLite]):
         import inspect
 
-        self.pipe, self.lllite = pipe, lllite
-        self.accepted_inputs = {*inspect.signature(pipe.__call__).parameters, "control_image"}
+        self.pipe = pipe
+        self.lllites = list(lllites) if isinstance(lllites, (list, tuple)) else [lllites]
+        self.accepted_inputs = {*inspect.signature(pipe.__call__).parameters, "control_image", "control_scales",
+                                "control_steps"}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipe, name)
 
-    def __call__(self, *, control_image: Any = None, **kwargs: Any) -> Any:
+    def __call__(self, *, control_image: Any = None, control_scales: list[float] | None = None,
+                 control_steps: list[int] | None = None, **kwargs: Any) -> Any:
         width, height = kwargs.get("width") or 1024, kwargs.get("height") or 1024
-        tensor = None
-        if control_image is not None:
-            array = np.asarray(control_image.convert("RGB").resize((width, height)), dtype=np.float32) / 127.5 - 1.0
-            tensor = torch.from_numpy(array).permute(2, 0, 1)[None].to(self.pipe.unet.device)
-        self.lllite.set_cond_image(tensor)
+        per_module = control_image if isinstance(control_image, list) else [control_image] * len(self.lllites)
+        for index, (lllite, images) in enumerate(zip(self.lllites, per_module)):
+            lllite.set_cond_image(None if images is None else _image_batch(images, width, height))
+            lllite.multiplier = 1.0 if control_scales is None else control_scales[index]
+        if control_steps is not None:
+            kwargs["callback_on_step_end"] = self._switch_off_after(control_steps)
         try:
             return self.pipe(**kwargs)
         finally:
-            self.lllite.set_cond_image(None)
+            for lllite in self.lllites:
+                lllite.set_cond_image(None)
+                lllite.multiplier = 1.0
+
+    def _switch_off_after(self, control_steps: list[int]) -> Any:
+        def after_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            for lllite, kept in zip(self.lllites, control_steps):
+                if step + 1 >= kept:
+                    lllite.set_cond_image(None)
+            return tensors
+        return after_step
+
+
+def _image_batch(images: Any, width: int, height: int) -> torch.Tensor:
+    """PIL control images (one, or one per image of the batch) as sd-scripts feeds LLLite: RGB in [-1, 1]."""
+    tensors = []
+    for image in images if isinstance(images, list) else [images]:
+        array = np.asarray(image.convert("RGB").resize((width, height)), dtype=np.float32) / 127.5 - 1.0
+        tensors.append(torch.from_numpy(array).permute(2, 0, 1))
+    return torch.stack(tensors)
 
 
 class SdxlLLLite:
@@ -148,8 +180,8 @@ class SdxlLLLite:
     title = "ControlNet-LLLite"
     modelspec_kind = "control-net-lllite"  # sd-scripts' ModelSpec suffix for these files
 
-    def __init__(self, base_pipeline: Any):
-        self.base_pipeline = base_pipeline  # the family's own pipeline builder
+    def __init__(self, base_pipeline: Any, task_pipeline: Any):
+        self.base_pipeline, self.task_pipeline = base_pipeline, task_pipeline  # the family's own pipeline builders
 
     def option_problems(self, cfg: Any) -> list[str]:
         source = cfg.controlnet_model_name_or_path or cfg.network_weights
@@ -176,11 +208,42 @@ class SdxlLLLite:
     def save_folder(self, module: nn.Module, folder: Path) -> bool:
         return False  # LLLite has no diffusers layout
 
-    def pipeline(self, comps: Components, module: nn.Module, sampler: str) -> Any:
-        return LLLitePipeline(self.base_pipeline(comps, sampler), module)
+    def pipeline(self, comps: Components, module: nn.Module | list[nn.Module], sampler: str | None,
+                 task: str = "text") -> Any:
+        base = self.base_pipeline(comps, sampler) if task == "text" else self.task_pipeline(comps, task, sampler)
+        return LLLitePipeline(base, module)
 
     def sample_inputs(self, image: Any) -> dict[str, Any]:
         return {"control_image": image}
+
+    # -- lorakit generate ---------------------------------------------------------------------------------
+
+    generate_option = "control_net_lllite_models"
+
+    def file_problems(self, path: str) -> list[str]:
+        if Path(path).is_dir():
+            return [f"{path}: a ControlNet-LLLite is one file (sd-scripts' layout), not a folder"]
+        keys = safetensors_keys(path)
+        if keys is None or (keys and all(KEY_PATTERN.match(key) for key in keys)):
+            return []
+        other = known_layout(keys)
+        return [f"{path}: not an SDXL ControlNet-LLLite file (lllite_unet_* modules with conditioning1, down, mid, up)"
+                + (f"; it is {other}" if other and "LLLite" not in other else "")]
+
+    def load(self, path: str, comps: Components, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """sd-scripts reads the sizes from the file: `down.0`'s outputs and twice `conditioning1.0`'s."""
+        state = load_lora_file(path)[0]
+        mlp = next((v.shape[0] for k, v in state.items() if k.endswith("down.0.weight")), None)
+        cond = next((v.shape[0] * 2 for k, v in state.items() if k.endswith("conditioning1.0.weight")), None)
+        if mlp is None or cond is None:
+            raise CheckpointError(f"{path}: not a ControlNet-LLLite file (no down.0 / conditioning1.0 weights)")
+        module = ControlNetLLLite(comps.denoiser, cond, mlp)
+        module.load_file_state(state, path)
+        return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    def generation_inputs(self, task: str, images: list[list[Any]], multipliers: list[float], kept_steps: list[int],
+                          denoising_steps: int) -> dict[str, Any]:
+        return {"control_image": images, "control_scales": multipliers, "control_steps": kept_steps}
 
 
 def attach_condition(comps: Components, batch: Any) -> None:

@@ -208,7 +208,7 @@ class StableDiffusionXLFamily(ModelFamily):
         """SDXL's ControlNet is the ControlNet-LLLite (with or without --lllite), as sd-scripts trains it."""
         from lorakit.families.sdxl.controlnet import SdxlLLLite
 
-        return SdxlLLLite(self.pipeline)
+        return SdxlLLLite(self.pipeline, self.task_pipeline)
 
     # -- adapters ----------------------------------------------------------------------------------------
 
