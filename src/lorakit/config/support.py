@@ -124,6 +124,19 @@ _NETWORK_KEYS_DONE = (
 )
 
 
+def generic_lora_keys() -> frozenset[str]:
+    """The --network_args keys `networks.lora` reads on every family."""
+    return frozenset(_NETWORK_KEYS_DONE)
+
+
+def _family_lora_keys() -> frozenset[str]:
+    """The keys some family's LoRA module reads (`networks.lora` is the family's own LoRA module: FLUX's
+    `train_t5xxl`, SD3's `emb_dims`, ...); the family, known later, refuses those it does not read."""
+    from lorakit.families.registry import all_families
+
+    return frozenset(key for family in all_families() for key in family.family_arg_keys("networks.lora") or ())
+
+
 def _network_args(cfg: TrainConfig) -> list[str]:
     if cfg.network_module not in (None, "networks.lora"):
         return []  # other modules validate their own keys (e.g. families/flux/network_args.py)
@@ -131,11 +144,12 @@ def _network_args(cfg: TrainConfig) -> list[str]:
         keys = cfg.network_kwargs()
     except ConfigError:
         return []  # malformed items are reported by the cross-field rules
+    known = generic_lora_keys() | _family_lora_keys()
     return [
         f"--network_args {key} is recognised but not implemented yet in lorakit; "
         f"supported keys: {', '.join(_NETWORK_KEYS_DONE)}"
         for key in keys
-        if key not in _NETWORK_KEYS_DONE
+        if key not in known
     ]
 
 

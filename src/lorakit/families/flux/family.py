@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lorakit.adapters.algorithms import reads_family_args
 from lorakit.adapters.spec import TargetSpec
 from lorakit.adapters.targets import AdapterTarget, RankChoice
 from lorakit.data.latent_files import LatentFileFormat
@@ -33,7 +34,7 @@ from lorakit.families.common.transformer_family import (
 )
 from lorakit.families.flux.layers import checkpoint_offloading_to_cpu
 from lorakit.families.flux.lora_keys import LORA_LAYOUT
-from lorakit.families.flux.network_args import FluxNetworkArgs
+from lorakit.families.flux.network_args import NETWORK_ARG_KEYS, FluxNetworkArgs
 from lorakit.families.flux.packing import PATCH, image_position_ids, max_blocks_to_swap, pack_latents, swapped_blocks, unpack_latents
 from lorakit.families.flux.targets import BFL_ATTENTION_CLASS, BFL_BLOCK_CLASSES, transformer_targets
 from lorakit.objectives.flow import FlowObjective, apply_model_prediction_type, timesteps_to_sigmas
@@ -108,6 +109,9 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
     def parse_network_args(self, args: Mapping[str, str], spec: TargetSpec) -> tuple[Any, list[str]]:
         return FluxNetworkArgs.parse(args, spec.rank)
+
+    def family_arg_keys(self, module: str) -> frozenset[str] | None:
+        return NETWORK_ARG_KEYS if reads_family_args(self.network_module(module), self) else None
 
     def load(self, cfg: Any, spec: TargetSpec | None = None) -> Components:
         comps = self.load_model(ModelSource(

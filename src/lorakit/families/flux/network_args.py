@@ -28,6 +28,8 @@ NOT_YET = {
     "loraplus_unet_lr_ratio": "LoRA+ is not implemented for FLUX yet",
     "loraplus_text_encoder_lr_ratio": "LoRA+ is not implemented for FLUX yet",
 }
+#: every key networks.lora_flux has (those lorakit does not do yet are refused by FluxNetworkArgs.parse with a reason)
+NETWORK_ARG_KEYS = KNOWN_KEYS | frozenset(NOT_YET)
 
 
 @dataclass(frozen=True)

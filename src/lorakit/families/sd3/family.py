@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lorakit.adapters.algorithms import reads_family_args
 from lorakit.adapters.spec import TargetSpec
 from lorakit.adapters.targets import AdapterTarget, RankChoice
 from lorakit.data.latent_files import LatentFileFormat
@@ -35,7 +36,7 @@ from lorakit.families.common.transformer_family import (
 from lorakit.families.sd3 import pos_embed as scaled_pos_embed
 from lorakit.families.sd3.conditioning import assemble_conditioning, clip_outputs, random_position_crop
 from lorakit.families.sd3.lora_keys import LORA_LAYOUT
-from lorakit.families.sd3.network_args import SD3NetworkArgs
+from lorakit.families.sd3.network_args import KNOWN_KEYS, SD3NetworkArgs
 from lorakit.families.sd3.objective import SD3FlowObjective, precondition_to_x0
 from lorakit.families.sd3.targets import mmdit_targets
 from lorakit.precision import load_dtype
@@ -107,6 +108,9 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
     def parse_network_args(self, args: Mapping[str, str], spec: TargetSpec) -> tuple[Any, list[str]]:
         return SD3NetworkArgs.parse(args, spec.rank)
+
+    def family_arg_keys(self, module: str) -> frozenset[str] | None:
+        return KNOWN_KEYS if reads_family_args(self.network_module(module), self) else None
 
     # ----------------------------------------------------------------------------------------- loading
 
