@@ -26,7 +26,7 @@ from lorakit.errors import ConfigError
 from lorakit.families.base import (
     BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, SeparatePart, TextConditioning,
 )
-from lorakit.families.common.layers import to_fp8
+from lorakit.families.common.layers import fp8_parts, to_fp8
 from lorakit.families.common.text_cache import CaptionCache, caches_text
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
 from lorakit.families.common.transformer_family import (
@@ -116,7 +116,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     def load(self, cfg: Any, spec: TargetSpec | None = None) -> Components:
         comps = self.load_model(ModelSource(
             cfg.pretrained_model_name_or_path, {k: getattr(cfg, k) for k in self.part_files if getattr(cfg, k)},
-            load_dtype(cfg), fp8="denoiser" if cfg.fp8_base_unet else ("all" if cfg.fp8_base else None),
+            load_dtype(cfg), fp8=fp8_parts(cfg),
         ))
         comps.extras.update(self._conditioning_options(cfg, comps))
         comps.extras["train_t5xxl"] = trains_t5(spec)

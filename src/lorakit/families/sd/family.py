@@ -20,7 +20,8 @@ from lorakit.families.common.headers import safetensors_keys
 from lorakit.families.common.prediction import prediction_type_warnings
 from lorakit.families.common.text_cache import CaptionCache, whole_caption_cache
 from lorakit.families.common.text_encoders import clip_targets
-from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing, unet_targets
+from lorakit.families.common.layers import fp8_parts
+from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing, store_fp8, unet_targets
 from lorakit.families.common.unet_blocks import BLOCK_LAYOUT
 from lorakit.families.sd.lora_keys import LORA_LAYOUT
 from lorakit.objectives.ddpm import DDPMObjective
@@ -87,10 +88,12 @@ class StableDiffusionFamily(ModelFamily):
         # sd-scripts has no text-encoder cache for SD 1.x/2.x (its option is SDXL's); here the same option
         # saves running the frozen encoder on the same captions every step
         self.text_cache = whole_caption_cache(cfg)
-        return self.load_model(ModelSource(
+        comps = self.load_model(ModelSource(
             cfg.pretrained_model_name_or_path, {"vae": cfg.vae} if cfg.vae else {}, load_dtype(cfg),
             v2=cfg.v2, v_parameterization=cfg.v_parameterization,
         ))
+        store_fp8(comps.denoiser, comps.text_encoders, fp8_parts(cfg))
+        return comps
 
     def load_model(self, source: ModelSource) -> Components:
         from lorakit.families.sd.loading import load_sd_components

@@ -27,7 +27,7 @@ from lorakit.adapters.targets import AdapterTarget, RankChoice
 from lorakit.data.latent_files import LatentFileFormat
 from lorakit.errors import ConfigError
 from lorakit.families.base import BaseModelFacts, Components, InferenceDefaults, LoraHint, ModelFamily, ModelSource, TextConditioning
-from lorakit.families.common.layers import to_fp8
+from lorakit.families.common.layers import fp8_parts, to_fp8
 from lorakit.families.common.text_cache import CaptionCache, caches_text
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
 from lorakit.families.common.transformer_family import (
@@ -117,7 +117,7 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     def load(self, cfg: Any, spec: TargetSpec | None = None) -> Components:
         comps = self.load_model(ModelSource(
             cfg.pretrained_model_name_or_path, {k: getattr(cfg, k) for k in self.part_files if getattr(cfg, k)},
-            load_dtype(cfg), fp8=_fp8(cfg),
+            load_dtype(cfg), fp8=fp8_parts(cfg),
         ))
         self.text_cache = CaptionCache() if caches_text(cfg) else None
         # with CLIP-L/G LoRAs training, only T5's outputs are cached and the CLIPs run every step (sd-scripts' partial caching)
@@ -337,8 +337,3 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         save_pipeline_atomic(pipeline_of(comps), path)
 
 
-def _fp8(cfg: Any) -> str | None:
-    """Which frozen linears store float8 weights: with --fp8_base_unet the MMDiT's, with --fp8_base T5's too."""
-    if cfg.fp8_base_unet:
-        return "denoiser"
-    return "all" if cfg.fp8_base else None
