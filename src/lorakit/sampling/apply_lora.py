@@ -166,12 +166,19 @@ class LoraMerger:
             self._layers = {t.name: t for t in self.family.adapter_targets(self.comps, every_layer)}
         return self._layers
 
-    @torch.no_grad()
-    def merge(self, lora: LoraFile) -> int:
-        """Merge one file at its multiplier; returns how many layers changed."""
+    def network(self, lora: LoraFile) -> LoRANetwork:
+        """The network the file was trained as, over this model's layers, with the file's tensors loaded (not
+        attached: each module's `delta_weight`/`merged_weight` give the file's change of its layer)."""
         network = self._factory_network(lora) if lora.algorithm in ("oft", "lycoris") else self._per_layer_network(lora)
         for warning in network.load_kohya_state_dict(lora.state, source=lora.spec.path, describe=describe_lora_names):
-            log.debug(warning)  # a layer the file leaves out is not merged (below)
+            log.debug(warning)  # a layer the file leaves out is not merged
+        return network
+
+    @torch.no_grad()
+    def merge(self, lora: LoraFile, network: LoRANetwork | None = None) -> int:
+        """Merge one file at its multiplier (into `network`, its `network(lora)` built beforehand, when given);
+        returns how many layers changed."""
+        network = network or self.network(lora)
         in_file = {key.partition(".")[0] for key in lora.state}
         merged = 0
         for name, module in network.lora_modules.items():
