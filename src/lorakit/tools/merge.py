@@ -98,7 +98,7 @@ def merge_into_model(
     the model first, so a bad file leaves the model untouched.
     """
     with model_index(components, family) as index:
-        by_factors = [_by_factors(lora, index) for lora in loras]
+        by_factors = [_by_factors(lora) for lora in loras]
         for lora, plain in zip(loras, by_factors):
             if plain:
                 _check_against_model(lora, index)
@@ -118,12 +118,10 @@ def merge_into_model(
     return len(changed)
 
 
-def _by_factors(lora: LoadedLora, index: dict[str, ToolTarget]) -> bool:
-    """Whether a file merges as LoRA factors onto the family's layers; others (DoRA, OFT, LyCORIS algorithms,
-    LyCORIS presets naming other layers) merge through the network they were trained as."""
-    if lora.modules is None or any(key.rpartition(".")[2] in ("w_norm", "b_norm") for key in lora.tensors):
-        return False
-    return all(name in index for name in lora.modules)
+def _by_factors(lora: LoadedLora) -> bool:
+    """Whether a file merges as LoRA factors onto the model's named layers (LyCORIS presets' names included);
+    others (DoRA, OFT, the other LyCORIS algorithms, norm modules) merge through the network they were trained as."""
+    return lora.modules is not None and not any(key.rpartition(".")[2] in ("w_norm", "b_norm") for key in lora.tensors)
 
 
 def _file_networks(components, family, loras, ratios, by_factors) -> list:
