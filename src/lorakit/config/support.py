@@ -82,7 +82,7 @@ FALLBACKS: dict[str, str] = {
 }
 
 #: Options that tune sd-scripts' loading; lorakit's loading needs no such switch, so they are accepted silently.
-NO_EFFECT: frozenset[str] = frozenset({"lowram", "highvram", "disable_mmap_load_safetensors", "tokenizer_cache_dir"})
+NO_EFFECT: frozenset[str] = frozenset({"lowram", "highvram", "disable_mmap_load_safetensors"})
 
 
 #: Network modules lorakit builds (adapters/factory.py); each family module checks its own --network_args.
@@ -178,7 +178,7 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "metadata_license", "metadata_tags", "metadata_usage_hint", "metadata_thumbnail", "metadata_merged_from",
         "metadata_trigger_phrase", "metadata_preprocessor", "metadata_is_negative_embedding",
         "logging_dir", "log_with", "log_prefix", "console_log_level", "log_tracker_name", "log_tracker_config",
-        "dry_run", "config_file", "output_config",
+        "dry_run", "config_file", "output_config", "tokenizer_cache_dir",
         # noise and loss (objectives/noise.py, objectives/losses.py)
         "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
         "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength", "zero_terminal_snr",

@@ -77,6 +77,7 @@ class ModelSource:
     fp8: str | None = None
     partial: bool = False
     denoiser_only: bool = False  # only the denoiser is needed (converting it alone): nothing else is loaded
+    tokenizer_cache_dir: str | None = None  # --tokenizer_cache_dir: where a fetched tokenizer is kept and looked for
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     def load(self, cfg: Any, spec: TargetSpec | None = None) -> Components:
         comps = self.load_model(ModelSource(
             cfg.pretrained_model_name_or_path, {k: getattr(cfg, k) for k in self.part_files if getattr(cfg, k)},
-            load_dtype(cfg), fp8=fp8_parts(cfg),
+            load_dtype(cfg), fp8=fp8_parts(cfg), tokenizer_cache_dir=cfg.tokenizer_cache_dir,
         ))
         comps.extras.update(self._conditioning_options(cfg, comps))
         comps.extras["train_t5xxl"] = trains_t5(spec)
@@ -141,7 +141,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             comps = load_flux_parts(source.path, clip_l=files.get("clip_l"), t5xxl=files.get("t5xxl"), dtype=dtype)
         else:
             comps = load_flux_components(source.path, clip_l=files.get("clip_l"), t5xxl=files.get("t5xxl"), ae=files.get("ae"),
-                                         dtype=dtype)
+                                         dtype=dtype, tokenizer_cache_dir=source.tokenizer_cache_dir)
         if source.fp8:
             layers = to_fp8(comps.denoiser)
             if source.fp8 == "all":

@@ -117,7 +117,7 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     def load(self, cfg: Any, spec: TargetSpec | None = None) -> Components:
         comps = self.load_model(ModelSource(
             cfg.pretrained_model_name_or_path, {k: getattr(cfg, k) for k in self.part_files if getattr(cfg, k)},
-            load_dtype(cfg), fp8=fp8_parts(cfg),
+            load_dtype(cfg), fp8=fp8_parts(cfg), tokenizer_cache_dir=cfg.tokenizer_cache_dir,
         ))
         self.text_cache = CaptionCache() if caches_text(cfg) else None
         # with CLIP-L/G LoRAs training, only T5's outputs are cached and the CLIPs run every step (sd-scripts' partial caching)
@@ -140,7 +140,8 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         else:
             files = source.files
             comps = load_sd3_components(source.path, clip_l=files.get("clip_l"), clip_g=files.get("clip_g"),
-                                        t5xxl=files.get("t5xxl"), vae=files.get("vae"), dtype=dtype)
+                                        t5xxl=files.get("t5xxl"), vae=files.get("vae"), dtype=dtype,
+                                        tokenizer_cache_dir=source.tokenizer_cache_dir)
         self.model_type = comps.extras["model_type"]
         if source.fp8:
             layers = to_fp8(comps.denoiser)
