@@ -167,12 +167,15 @@ def check(options: GenerateOptions) -> Plan:
     problems += [f"--textual_inversion_embeddings {f}: file not found" for f in options.embeddings if not Path(f).is_file()]
     if options.embeddings and type(family).load_embedding is ModelFamily.load_embedding:
         problems.append(f"--textual_inversion_embeddings: {family.title} models take no textual-inversion embeddings")
+    prompts, defaults = _prompts(options, family, problems)
+    if control is not None or not (options.control_net_models or options.control_net_lllite_models):
+        problems += gen_control.line_problems(control, prompts)  # the lines' --cn with the options' files
     if problems:
         raise ConfigError(problems)
     loras = [read_lora_file(spec, "--network_weights") for spec in specs]
     for lora in loras:
         check_family(lora, family.name)
-    jobs = _jobs(options, family, loras, control)
+    jobs = _jobs(options, prompts, defaults, loras, control)
     return Plan(family, loras, jobs, device, dtype, denoiser_dtype, control=control)
 
 
@@ -202,15 +205,31 @@ def _task_problems(options: GenerateOptions, family: ModelFamily) -> list[str]:
     return problems
 
 
-def _jobs(options: GenerateOptions, family: ModelFamily, loras: list[LoraFile], control: gen_control.ControlPlan | None
-          ) -> list[gen_jobs.ImageJob]:
+def _prompts(options: GenerateOptions, family: ModelFamily, problems: list[str]
+             ) -> tuple[list[gen_jobs.PromptSettings], gen_jobs.LineDefaults]:
+    """The prompt lines read (none while the prompt source itself is a problem)."""
     size = family.inference_resolution(ModelSource(options.model, v2=options.v2, v_parameterization=options.v_parameterization))
     defaults = gen_jobs.LineDefaults(
         width=options.width or size, height=options.height or size, steps=options.steps or family.inference.steps,
         scale=options.scale, guidance=options.guidance,
         negative_prompt=options.negative_prompt, strength=options.strength, sampler=options.sampler,
     )
-    prompts = [gen_jobs.parse_line(line, defaults, where) for line, where in gen_jobs.read_lines(options.prompt, options.from_file)]
+    if (options.prompt is None) == (options.from_file is None) or (options.from_file and not Path(options.from_file).is_file()):
+        return [], defaults  # already a problem
+    prompts = []
+    try:
+        for line, where in gen_jobs.read_lines(options.prompt, options.from_file):
+            try:
+                prompts.append(gen_jobs.parse_line(line, defaults, where))
+            except ConfigError as exc:
+                problems += exc.problems
+    except ConfigError as exc:
+        problems += exc.problems
+    return prompts, defaults
+
+
+def _jobs(options: GenerateOptions, prompts: list[gen_jobs.PromptSettings], defaults: gen_jobs.LineDefaults,
+          loras: list[LoraFile], control: gen_control.ControlPlan | None) -> list[gen_jobs.ImageJob]:
     problems = []
     for p in prompts:
         if p.sampler and (problem := sampler_problem(p.sampler, f"{p.where}: --ss")):
@@ -221,7 +240,6 @@ def _jobs(options: GenerateOptions, family: ModelFamily, loras: list[LoraFile], 
             problems.append(f"{p.where}: --am cannot change merged networks (leave out --network_merge)")
         if p.negative_scale is not None:
             problems.append(f"{p.where}: --nl (negative scale) is not available")
-    problems += gen_control.line_problems(control, prompts)
     if defaults.unused:
         log.warning("prompt options without effect here: %s", ", ".join(f"--{f}" for f in sorted(defaults.unused)))
     if problems:
