@@ -246,3 +246,33 @@ def test_problems_are_reported_together_before_loading(files, tmp_path, capsys):
                  "--control_net_models", str(files.sd_cn), "--guide_image_path", str(files.guide)])
     assert code == 2 and "not a FLUX.1 ControlNet file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_sd_controlnet_img2img_and_inpainting_equal_diffusers(files, tmp_path, task):
+    """With --image_path (and --mask_path) the ControlNet runs in diffusers' ControlNet img2img / inpaint pipelines."""
+    import diffusers
+    from diffusers import ControlNetModel
+
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(init)
+    mask_image = Image.new("L", (64, 64), 0)
+    mask_image.paste(255, (16, 16, 48, 48))
+    mask_image.save(mask)
+    extra = ["--image_path", str(init), "--strength", "0.7"] + (["--mask_path", str(mask)] if task == "inpaint" else [])
+    ours = generate(files.sd, tmp_path / "ours", "--control_net_models", str(files.sd_cn), "--guide_image_path",
+                    str(files.guide), *extra, steps=4)
+    plain = generate(files.sd, tmp_path / "plain", *extra, steps=4)
+    assert np.abs(ours - plain).mean() > 1.0
+    name = {"img2img": "StableDiffusionControlNetImg2ImgPipeline", "inpaint": "StableDiffusionControlNetInpaintPipeline"}[task]
+    controlnet = ControlNetModel.from_pretrained(str(files.sd_cn_folder), local_files_only=True)
+    pipe = getattr(diffusers, name).from_pretrained(str(files.sd), controlnet=controlnet, safety_checker=None,
+                                                    local_files_only=True)
+    pipe.scheduler = build_sampler("ddim", "epsilon")
+    pipe.set_progress_bar_config(disable=True)
+    # gen_img.py's default weight is 1.0 (these pipelines' own default is 0.8)
+    kwargs = {"controlnet_conditioning_scale": 1.0, **({"mask_image": [Image.open(mask)]} if task == "inpaint" else {})}
+    theirs = pipe(prompt=PROMPT, negative_prompt="", image=[Image.open(init).convert("RGB")], strength=0.7,
+                  control_image=[Image.open(files.guide).convert("RGB")], num_inference_steps=4, width=64, height=64,
+                  guidance_scale=5.0, generator=[torch.Generator().manual_seed(7)], **kwargs).images[0]
+    assert_within_2(ours, pixels(theirs))
