@@ -350,7 +350,7 @@ def test_mistakes_exit_2_with_a_message(models, loras, tmp_path, capsys, case):
         "syntax": (["--lora", f"{loras['sd']};strong"], "the multiplier after ';' must be a number"),
         "sampler": (["--sampler", "warp_drive"], "--sampler warp_drive: unknown sampler"),
         "prompt": (["--prompt_file", str(tmp_path / "none.txt")], "--prompt_file"),
-        "not_yet": (["--apply_t5_attn_mask"], "--apply_t5_attn_mask: not available in lorakit sample yet"),
+        "not_yet": (["--do_not_use_t5xxl"], "--do_not_use_t5xxl: not available in lorakit sample yet"),
         "peft": (["--lora", str(write_state(tmp_path / "peft.safetensors", "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"))],
                  "key unet.down_blocks.0.attentions.0.proj_in.lora_A.weight is in the diffusers/PEFT layout"),
         "loha": (["--lora", str(write_state(tmp_path / "loha.safetensors", "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a"))],

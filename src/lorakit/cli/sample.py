@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from lorakit.cli.option_types import OneLineErrorParser, non_negative_float, positive_int, seed
+from lorakit.cli.option_types import OneLineErrorParser, finite_float, non_negative_float, positive_int, seed
 from lorakit.families.registry import family_names
 
 log = logging.getLogger("lorakit")
@@ -36,13 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="PATH[;MULTIPLIER]",
                       help="a LoRA file and its multiplier (default 1.0); repeat the option or give several. "
                            "Quote the value in a shell: ';' ends a command")
-    lora.add_argument("--merge_lora_weights", action="store_true", help="accepted: LoRAs are always merged")
+    lora.add_argument("--merge_lora_weights", "--network_merge", dest="merge_lora_weights", action="store_true",
+                      help="accepted: LoRAs are always merged")
+    # gen_img_diffusers.py's spelling: files and multipliers in two lists
+    lora.add_argument("--network_module", nargs="*", default=None, help="accepted: the module is read from each file")
+    lora.add_argument("--network_weights", nargs="*", default=None, help="LoRA files (with --network_mul)")
+    lora.add_argument("--network_mul", nargs="*", type=finite_float, default=None,
+                      help="one multiplier per --network_weights file (default 1.0)")
 
     image = p.add_argument_group("image")
     image.add_argument("--prompt", default=None, help="the prompt")
     image.add_argument("--negative_prompt", default="", help="the negative prompt")
     image.add_argument("--prompt_file", "--from_file", dest="prompt_file", default=None,
-                       help=".txt/.toml/.json prompts with --n --w --h --s --d --l --ss line options, as training's --sample_prompts")
+                       help=".txt/.toml/.json prompts with --n --w --h --s --d --l --ss --f line options, as training's "
+                            "--sample_prompts (--f: the image's file name, as in gen_img.py)")
     image.add_argument("--width", type=positive_int, default=None, help="default: the model's resolution (512, 768 with v-param, 1024)")
     image.add_argument("--height", type=positive_int, default=None, help="default: the model's resolution")
     image.add_argument("--steps", "--sample_steps", dest="steps", type=positive_int, default=None, help="default 30")
@@ -63,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cuda if available, else cpu)")
     run.add_argument("--fp16", action="store_const", const="fp16", dest="dtype", help="same as --dtype fp16")
     run.add_argument("--bf16", action="store_const", const="bf16", dest="dtype", help="same as --dtype bf16")
-    run.add_argument("--offload", action="store_true", help="accepted and ignored: the whole model stays on --device")
+    run.add_argument("--offload", action="store_true",
+                     help="keep the models on the CPU, each moved to --device only while it runs (CUDA)")
+    masks = p.add_argument_group("attention masks (sd3_minimal_inference.py, flux_minimal_inference.py)")
+    masks.add_argument("--apply_t5_attn_mask", action="store_true",
+                       help="SD3, FLUX.1: hide T5's padding in the encoder (FLUX.1: and from the transformer's attention)")
+    masks.add_argument("--apply_lg_attn_mask", action="store_true", help="SD3: hide CLIP-L/G's padding in the encoders")
 
     later = p.add_argument_group("sd-scripts options not available here yet (refused with a message)")
     for name in NOT_YET:
@@ -74,8 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
 #: options of sd-scripts' minimal inference scripts that this command does not implement: refused, never ignored
 NOT_YET = {
     "interactive": "prompts are read from --prompt or --prompt_file",
-    "apply_t5_attn_mask": "the images come from the diffusers pipeline, which does not mask T5 padding",
-    "apply_lg_attn_mask": "the images come from the diffusers pipeline, which does not mask CLIP padding",
     "t5xxl_token_length": "the pipeline's T5 sequence length is used",
     "do_not_use_t5xxl": "the model's T5 is always used",
     "clip_l_dtype": "one --dtype covers the text encoders and the VAE",
@@ -103,15 +113,18 @@ def main(argv: list[str]) -> int:
     refused = [f"--{name}: not available in lorakit sample yet; {why}" for name, why in NOT_YET.items() if getattr(args, name) is not None]
     if refused:
         raise ConfigError(refused)
-    if args.offload:
-        log.warning("--offload: not implemented; the whole model stays on --device")
+    weights, muls = args.network_weights or [], args.network_mul or []
+    if len(muls) > len(weights):
+        raise ConfigError([f"--network_mul: {len(muls)} values for {len(weights)} --network_weights files"])
+    loras = list(args.loras) + [f"{path};{muls[i] if i < len(muls) else 1.0}" for i, path in enumerate(weights)]
     model_files = {name: getattr(args, name) for name in MODEL_FILE_OPTIONS if getattr(args, name)}
     options = SampleOptions(
-        model=args.model, loras=list(args.loras), prompt=args.prompt, negative_prompt=args.negative_prompt,
+        model=args.model, loras=loras, prompt=args.prompt, negative_prompt=args.negative_prompt,
         prompt_file=args.prompt_file, width=args.width, height=args.height, steps=args.steps,
         guidance_scale=args.guidance_scale, seed=args.seed, sampler=args.sampler, clip_skip=args.clip_skip,
         output=args.output, dtype=args.dtype, denoiser_dtype=args.denoiser_dtype, device=args.device,
         family=args.family, v2=args.v2, v_parameterization=args.v_parameterization, model_files=model_files,
+        offload=args.offload, apply_t5_attn_mask=args.apply_t5_attn_mask, apply_lg_attn_mask=args.apply_lg_attn_mask,
     )
     for path in run_sample(options):
         print(f"wrote {path}")

@@ -414,6 +414,14 @@ class ModelFamily:
         itself (the weighting syntax is then removed from the prompt)."""
         return None
 
+    #: sd-scripts' minimal-inference options hiding text padding (`apply_t5_attn_mask`, ...) this family's sampling honours
+    text_mask_options: tuple[str, ...] = ()
+
+    def masked_prompt_inputs(self, comps: Components, prompt: str, negative: str, masks: frozenset[str]) -> dict[str, Any]:
+        """The pipeline's prompt inputs for one image, encoded with the padding hidden as the `masks` options
+        (among `text_mask_options`) say; empty where the family has none."""
+        return {}
+
     def inference_resolution(self, source: ModelSource) -> int:
         """`lorakit sample`'s default image side for this model."""
         return self.inference.resolution

@@ -28,7 +28,7 @@ from lorakit.families.base import ModelFamily, ModelSource
 from lorakit.families.common.prompt_weighting import plain_text
 from lorakit.sampling import gen_control, gen_jobs
 from lorakit.sampling.apply_lora import LoraFile, LoraMerger, check_family, parse_lora_spec, read_lora_file
-from lorakit.sampling.minimal import SampleOptions, _device_and_dtypes, _place, sampler_problem
+from lorakit.sampling.minimal import SampleOptions, _device_and_dtypes, _place, offload_models, sampler_problem
 
 log = logging.getLogger("lorakit")
 
@@ -354,7 +354,7 @@ class Generator:
             else:
                 pipe = self.family.task_pipeline(self.comps, task, name)
             if self.options.offload:
-                _offload(pipe, self.plan.device)
+                offload_models(pipe, self.plan.device)
             pipe.set_progress_bar_config(desc=f"{task} ({type(pipe.scheduler).__name__})", leave=False)
             self.pipelines[key] = pipe
         return self.pipelines[key]
@@ -423,11 +423,3 @@ def _open(path: str, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
     with Image.open(path) as image:
         image = image.convert(mode)
         return image if image.size == size else image.resize(size, resample=Image.LANCZOS)
-
-
-def _offload(pipe: Any, device: torch.device) -> None:
-    """--offload: each model moves to the GPU only while it runs (diffusers' model CPU offload)."""
-    if device.type == "cpu":
-        log.info("--offload: the model runs on the CPU; nothing to offload")
-        return
-    pipe.enable_model_cpu_offload(device=device)

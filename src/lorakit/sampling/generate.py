@@ -76,7 +76,9 @@ def generate_sample(pipe: Any, prompt: SamplePrompt, *, clip_skip: int | None = 
     """One image for a sample prompt; a prompt with a seed gives the same image on every device. `inputs` are
     the pipeline's further inputs (a control image); `output_type` "np" gives the floats instead of a picture."""
     generator = torch.Generator(device="cpu").manual_seed(prompt.seed) if prompt.seed is not None else None
-    kwargs = {**_prompt_kwargs(pipe, prompt, clip_skip), **(inputs or {})}
+    given = inputs or {}
+    # inputs with the prompt already encoded (`prompt_embeds`) replace the text
+    kwargs = {**({} if "prompt_embeds" in given else _prompt_kwargs(pipe, prompt, clip_skip)), **given}
     if prompt.guidance_scale is not None:
         kwargs["guidance_scale_embedded"] = prompt.guidance_scale
     return _call_pipeline(pipe, kwargs, prompt, generator, output_type)

@@ -55,6 +55,13 @@ class SampleOptions:
     v2: bool = False
     v_parameterization: bool = False
     model_files: dict[str, str] = field(default_factory=dict)  # the parts in files of their own (vae, t5xxl, ...)
+    offload: bool = False  # each model on the device only while it runs
+    apply_t5_attn_mask: bool = False
+    apply_lg_attn_mask: bool = False
+
+    @property
+    def text_masks(self) -> frozenset[str]:
+        return frozenset(n for n in ("apply_t5_attn_mask", "apply_lg_attn_mask") if getattr(self, n))
 
 
 @dataclass
@@ -74,6 +81,10 @@ def run_sample(options: SampleOptions) -> list[Path]:
     source = _model_source(options, plan, family)
     for lora in plan.loras:
         check_family(lora, family.name)
+    unknown_masks = sorted(options.text_masks - set(family.text_mask_options))
+    if unknown_masks:
+        raise ConfigError([f"--{name}: {family.title} models have no such text attention mask (SD3 and FLUX.1 do)"
+                           for name in unknown_masks])
     prompts = _prompts(options, family, source)  # the prompt file is read before the model loads
     targets = _output_paths(options.output, prompts)
     comps = family.load_model(source)
@@ -83,8 +94,8 @@ def run_sample(options: SampleOptions) -> list[Path]:
         for lora in plan.loras:
             layers = merger.merge(lora)
             log.info("merged %s x%g into %d layers", lora.spec.path, lora.spec.multiplier, layers)
-    _place(comps, plan)
-    return _generate(family, comps, prompts, targets, options)
+    _place(comps, replace(plan, device=torch.device("cpu")) if options.offload else plan)
+    return _generate(family, comps, prompts, targets, options, plan.device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,14 +259,26 @@ def _prompts(options: SampleOptions, family: ModelFamily, source: ModelSource) -
 
 def _output_paths(output: str, prompts: list[SamplePrompt]) -> list[Path]:
     """A .png output names the image (several prompts: NAME_00.png, NAME_01.png, ...); a folder gets
-    `<time>_<prompt#>_<seed>.png` files, as training names its samples."""
+    `<time>_<prompt#>_<seed>.png` files, as training names its samples. A prompt line's `--f NAME` (gen_img.py's
+    file name) wins in both cases: NAME.png in the output's folder (NAME_<prompt#>.png when NAME is taken)."""
+    from lorakit.sampling.gen_jobs import safe_file_name
+
     path = Path(output)
-    if path.suffix.lower() == ".png":
-        if len(prompts) == 1:
-            return [path]
-        return [path.with_name(f"{path.stem}_{p.index:02d}{path.suffix}") for p in prompts]
+    folder = path.parent if path.suffix.lower() == ".png" else path
     stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
-    return [path / f"{stamp}_{p.index:02d}_{p.seed}.png" for p in prompts]
+    targets, named = [], set()
+    for p in prompts:
+        name = p.extras.get("file_name")
+        if name:
+            stem = safe_file_name(name)[: -len(".png")]
+            stem = stem if stem not in named else f"{stem}_{p.index:02d}"
+            named.add(stem)
+            targets.append(folder / f"{stem}.png")
+        elif path.suffix.lower() == ".png":
+            targets.append(path if len(prompts) == 1 else path.with_name(f"{path.stem}_{p.index:02d}{path.suffix}"))
+        else:
+            targets.append(path / f"{stamp}_{p.index:02d}_{p.seed}.png")
+    return targets
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,7 +311,9 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     module.to(device=device)
 
 
-def _generate(family: Any, comps: Any, prompts: list[SamplePrompt], targets: list[Path], options: SampleOptions) -> list[Path]:
+def _generate(family: Any, comps: Any, prompts: list[SamplePrompt], targets: list[Path], options: SampleOptions,
+              device: torch.device) -> list[Path]:
+    from lorakit.families.common.prompt_weighting import plain_text
     from lorakit.sampling.generate import generate_sample
 
     pipelines: dict[str | None, Any] = {}
@@ -297,7 +322,13 @@ def _generate(family: Any, comps: Any, prompts: list[SamplePrompt], targets: lis
         sampler = (prompt.sample_sampler or options.sampler or "").lower() or None
         if sampler not in pipelines:
             pipelines[sampler] = _pipeline(family, comps, sampler)
-        image = generate_sample(pipelines[sampler], prompt, clip_skip=options.clip_skip)
+            if options.offload:
+                offload_models(pipelines[sampler], device)
+        inputs = None
+        if options.text_masks:  # the prompt encoded by the family, its padding hidden
+            inputs = family.masked_prompt_inputs(comps, plain_text(prompt.prompt), plain_text(prompt.negative_prompt),
+                                                 options.text_masks)
+        image = generate_sample(pipelines[sampler], prompt, clip_skip=options.clip_skip, inputs=inputs)
         if image.size != (prompt.width, prompt.height):
             log.warning("%s: the pipeline made a %dx%d image (asked for %dx%d)", target, *image.size, prompt.width, prompt.height)
         written.append(write_png(image, target))
@@ -313,6 +344,19 @@ def _pipeline(family: Any, comps: Any, sampler: str | None) -> Any:
     if sampler and SAMPLERS[sampler][0] != used:
         log.warning("--sampler %s: this model samples with its own %s (as sd-scripts does)", sampler, used)
     return pipe
+
+
+def offload_models(pipe: Any, device: torch.device) -> None:
+    """--offload: the models stay on the CPU and each moves to `device` only while it runs, the one before it going
+    back (diffusers' model CPU offload); on the CPU there is nothing to move."""
+    if device.type == "cpu":
+        log.info("--offload: the model runs on the CPU; nothing to offload")
+        return
+    install_offload(pipe, device)
+
+
+def install_offload(pipe: Any, device: torch.device) -> None:
+    pipe.enable_model_cpu_offload(device=device)
 
 
 def write_png(image: Any, path: Path) -> Path:

@@ -3,7 +3,8 @@
 Formats (sd-scripts inventory §7.2):
 * `.txt`: one prompt per line; empty lines and `#` comments skipped; the line is split on " --" and every piece
   after the first is an option: `--w` width, `--h` height, `--d` seed, `--s` steps, `--l` CFG scale, `--g`
-  guidance scale, `--n` negative prompt, `--ss` sampler, `--cn` control image, `--ctr`, `--rcfg`, `--fs`.
+  guidance scale, `--n` negative prompt, `--ss` sampler, `--cn` control image, `--ctr`, `--rcfg`, `--fs`, and
+  gen_img.py's `--f` file name (used by `lorakit sample`; training names its samples as sd-scripts does).
 * `.toml`: a `[prompt]` table of defaults and `[[prompt.subset]]` entries (a subset's key wins; sd-scripts
   raises on a key present in both, which is not copied here).
 * `.json`: a list of entries, each a table of the TOML keys or a string in the .txt syntax.
@@ -29,7 +30,7 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "w": ("width", int), "h": ("height", int), "d": ("seed", int), "s": ("sample_steps", int),
     "l": ("scale", float), "g": ("guidance_scale", float), "n": ("negative_prompt", str),
     "ss": ("sample_sampler", str), "cn": ("controlnet_image", str), "ctr": ("cfg_trunc_ratio", float),
-    "rcfg": ("renorm_cfg", float), "fs": ("flow_shift", float),
+    "rcfg": ("renorm_cfg", float), "fs": ("flow_shift", float), "f": ("file_name", str),
 }
 _KEY_TYPES: dict[str, type] = {"prompt": str, **{key: conv for key, conv in _FLAGS.values()}}
 _KEY_ALIASES = {"negative_prompt": "negative_prompt", "steps": "sample_steps", "sampler": "sample_sampler"}

@@ -132,6 +132,9 @@ class Sampler:
         self.schedule = SampleSchedule.from_config(cfg)
         # sd-scripts' sample defaults for every family (512 px, 30 steps, scale 7.5); a prompt line overrides them
         self.prompts: list[SamplePrompt] = read_sample_prompts(cfg.sample_prompts, SampleDefaults()) if cfg.sample_prompts else []
+        if any("file_name" in p.extras for p in self.prompts):
+            log.warning("--sample_prompts: a line's --f (file name) is for lorakit sample; training names its samples "
+                        "as sd-scripts does")
         self.folder = Path(cfg.output_dir) / "sample"
         self.written: list[Path] = []
         accelerator = session.accelerator

@@ -359,6 +359,13 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             for encoder in comps.text_encoders[: 2 if comps.extras.get("train_t5xxl") else 1]:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    text_mask_options = ("apply_t5_attn_mask",)
+
+    def masked_prompt_inputs(self, comps: Components, prompt: str, negative: str, masks: frozenset[str]) -> dict[str, Any]:
+        from lorakit.families.flux.masked_text import masked_prompt_inputs
+
+        return masked_prompt_inputs(comps, prompt, negative)
+
     def pipeline(self, comps: Components, sampler: str | None = None) -> Any:
         """A diffusers FluxPipeline over these very modules (an attached LoRA shows in its images). FLUX samples
         with the flow Euler scheduler whatever `sampler` says, as sd-scripts does."""

@@ -318,6 +318,13 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             for encoder in comps.text_encoders[: 3 if comps.extras.get("train_t5xxl") else 2]:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    text_mask_options = ("apply_lg_attn_mask", "apply_t5_attn_mask")
+
+    def masked_prompt_inputs(self, comps: Components, prompt: str, negative: str, masks: frozenset[str]) -> dict[str, Any]:
+        from lorakit.families.sd3.masked_text import masked_prompt_inputs
+
+        return masked_prompt_inputs(comps, prompt, negative, "apply_lg_attn_mask" in masks, "apply_t5_attn_mask" in masks)
+
     def pipeline(self, comps: Components, sampler: str | None = None) -> Any:
         """A diffusers StableDiffusion3Pipeline over these very modules (flow Euler, shift 3, as SD3 samples)."""
         from lorakit.families.sd3.model_files import pipeline_of
