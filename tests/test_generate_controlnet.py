@@ -276,3 +276,19 @@ def test_sd_controlnet_img2img_and_inpainting_equal_diffusers(files, tmp_path, t
                   control_image=[Image.open(files.guide).convert("RGB")], num_inference_steps=4, width=64, height=64,
                   guidance_scale=5.0, generator=[torch.Generator().manual_seed(7)], **kwargs).images[0]
     assert_within_2(ours, pixels(theirs))
+
+
+def test_lllite_img2img_and_highres_fix_without_control(files, tmp_path):
+    """LLLite guides SDXL img2img; --highres_fix_disable_control_net leaves the second pass to the plain pipeline."""
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(6).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(init)
+    lllite = ("--control_net_lllite_models", str(files.lllite), "--guide_image_path", str(files.guide))
+    guided = generate(files.sdxl, tmp_path / "guided", *lllite, "--image_path", str(init), "--strength", "0.7")
+    plain = generate(files.sdxl, tmp_path / "plain", "--image_path", str(init), "--strength", "0.7")
+    assert np.abs(guided - plain).mean() > 1.0
+    highres = ("--W", "128", "--H", "128", "--highres_fix_scale", "0.5", "--highres_fix_steps", "2", "--strength", "0.6")
+    off = generate(files.sd, tmp_path / "off", "--control_net_models", str(files.sd_cn), "--guide_image_path",
+                   str(files.guide), *highres, "--highres_fix_disable_control_net")
+    on = generate(files.sd, tmp_path / "on", "--control_net_models", str(files.sd_cn), "--guide_image_path",
+                  str(files.guide), *highres)
+    assert off.shape == (128, 128, 3) and np.abs(off - on).mean() > 1.0
