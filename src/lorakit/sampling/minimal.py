@@ -81,10 +81,7 @@ def run_sample(options: SampleOptions) -> list[Path]:
     source = _model_source(options, plan, family)
     for lora in plan.loras:
         check_family(lora, family.name)
-    unknown_masks = sorted(options.text_masks - set(family.text_mask_options))
-    if unknown_masks:
-        raise ConfigError([f"--{name}: {family.title} models have no such text attention mask (SD3 and FLUX.1 do)"
-                           for name in unknown_masks])
+    _check_text_masks(options, family)
     prompts = _prompts(options, family, source)  # the prompt file is read before the model loads
     targets = _output_paths(options.output, prompts)
     comps = family.load_model(source)
@@ -195,6 +192,17 @@ def _device_and_dtypes(options: SampleOptions, problems: list[str]) -> tuple[tor
         else:
             problems.append(f"--flux_dtype {options.denoiser_dtype}: expected fp8 or one of {', '.join(DTYPES)}")
     return device, DTYPES.get(dtype_name, torch.float32), denoiser
+
+
+def _check_text_masks(options: SampleOptions, family: ModelFamily) -> None:
+    from lorakit.families.registry import all_families
+
+    problems = []
+    for name in sorted(options.text_masks - set(family.text_mask_options)):
+        takers = ", ".join(f.title for f in all_families() if name in f.text_mask_options) or "none"
+        problems.append(f"--{name}: {family.title} models have no such text attention mask (models that have: {takers})")
+    if problems:
+        raise ConfigError(problems)
 
 
 def _family(options: SampleOptions) -> ModelFamily:
