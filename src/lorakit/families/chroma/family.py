@@ -49,6 +49,7 @@ from lorakit.families.common.bfl_packing import (
     unpack_latents,
 )
 from lorakit.families.common.bfl_targets import block_targets, embedder_targets
+from lorakit.families.common.flow_metadata import flow_sampling_metadata
 from lorakit.families.common.layers import checkpoint_offloading_to_cpu, to_fp8
 from lorakit.families.common.text_encoders import t5_targets
 from lorakit.families.common.transformer_family import (
@@ -317,15 +318,9 @@ class ChromaFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             "ss_v2": "False",
             "ss_model_type": "chroma",
             "ss_apply_t5_attn_mask": "True",
-            "ss_weighting_scheme": str(cfg.weighting_scheme),
-            "ss_logit_mean": str(cfg.logit_mean),
-            "ss_logit_std": str(cfg.logit_std),
-            "ss_mode_scale": str(cfg.mode_scale),
+            **flow_sampling_metadata(cfg),
             "ss_guidance_scale": "0.0",
-            "ss_timestep_sampling": str(cfg.timestep_sampling),
-            "ss_sigmoid_scale": str(cfg.sigmoid_scale),
             "ss_model_prediction_type": str(cfg.model_prediction_type),
-            "ss_discrete_flow_shift": str(cfg.discrete_flow_shift),
         }
 
     def base_model(self, version: str | None, *, variant: str | None = None, v_prediction: bool = False) -> BaseModelFacts:

@@ -35,6 +35,7 @@ from lorakit.families.base import (
     SeparatePart,
     TextConditioning,
 )
+from lorakit.families.common.flow_metadata import flow_sampling_metadata
 from lorakit.families.common.layers import fp8_parts, to_fp8
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
 from lorakit.families.common.transformer_family import (
@@ -396,15 +397,9 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             "ss_v2": "False",
             "ss_model_type": str(cfg.model_type),
             "ss_apply_t5_attn_mask": str(bool(cfg.apply_t5_attn_mask)),
-            "ss_weighting_scheme": str(cfg.weighting_scheme),
-            "ss_logit_mean": str(cfg.logit_mean),
-            "ss_logit_std": str(cfg.logit_std),
-            "ss_mode_scale": str(cfg.mode_scale),
+            **flow_sampling_metadata(cfg),
             "ss_guidance_scale": str(cfg.guidance_scale),
-            "ss_timestep_sampling": str(cfg.timestep_sampling),
-            "ss_sigmoid_scale": str(cfg.sigmoid_scale),
             "ss_model_prediction_type": str(cfg.model_prediction_type),
-            "ss_discrete_flow_shift": str(cfg.discrete_flow_shift),
         }
 
     def base_model(self, version: str | None, *, variant: str | None = None, v_prediction: bool = False) -> BaseModelFacts:

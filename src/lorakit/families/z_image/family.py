@@ -34,6 +34,7 @@ from lorakit.families.base import (
     ModelSource,
     TextConditioning,
 )
+from lorakit.families.common.flow_metadata import flow_sampling_metadata
 from lorakit.families.common.layers import checkpoint_offloading_to_cpu, to_fp8
 from lorakit.families.common.transformer_family import (
     BlockSwapFamily,
@@ -249,13 +250,7 @@ class ZImageFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         return {
             "ss_base_model_version": BASE_MODEL_VERSION,
             "ss_v2": "False",
-            "ss_weighting_scheme": str(cfg.weighting_scheme),
-            "ss_logit_mean": str(cfg.logit_mean),
-            "ss_logit_std": str(cfg.logit_std),
-            "ss_mode_scale": str(cfg.mode_scale),
-            "ss_timestep_sampling": str(cfg.timestep_sampling),
-            "ss_sigmoid_scale": str(cfg.sigmoid_scale),
-            "ss_discrete_flow_shift": str(cfg.discrete_flow_shift),
+            **flow_sampling_metadata(cfg),
         }
 
     def base_model(self, version: str | None, *, variant: str | None = None, v_prediction: bool = False) -> BaseModelFacts:
