@@ -43,9 +43,7 @@ from lorakit.families.common.bfl_network_args import BflNetworkArgs
 from lorakit.families.common.bfl_packing import (
     PATCH,
     image_position_ids,
-    max_blocks_to_swap,
     pack_latents,
-    swapped_blocks,
     unpack_latents,
 )
 from lorakit.families.common.bfl_targets import block_targets, embedder_targets
@@ -55,7 +53,7 @@ from lorakit.families.common.text_encoders import t5_targets
 from lorakit.families.common.transformer_family import (
     BlockSwapFamily,
     ShiftScaleLatents,
-    note_block_swap,
+    plan_double_single_swap,
     t5_family_problems,
     t5_family_warnings,
     trains_t5,
@@ -200,13 +198,7 @@ class ChromaFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         swap = cfg.blocks_to_swap or 0
         if not swap:
             return
-        config = comps.denoiser.config
-        most = max_blocks_to_swap(config.num_layers, config.num_single_layers)
-        if swap > most:
-            raise ConfigError([f"--blocks_to_swap {swap}: this model ({config.num_layers} double, {config.num_single_layers} "
-                               f"single blocks) allows at most {most}; Chroma allows 35"])
-        double, single = swapped_blocks(swap)
-        note_block_swap(comps, [("double blocks", "transformer_blocks", double), ("single blocks", "single_transformer_blocks", single)])
+        plan_double_single_swap(comps, swap, "Chroma allows 35")
 
     # ----------------------------------------------------------------------------------------- training
 
