@@ -132,3 +132,13 @@ def test_offload_moves_each_model_in_only_while_it_runs(models):
     assert all(getattr(pipe, n)._hf_hook.execution_device is not None for n in ("text_encoder", "unet", "vae"))
     last_text_encoder_move = len(moves) - 1 - moves[::-1].index("text_encoder")
     assert moves.count("text_encoder") >= 2 and last_text_encoder_move < moves.index("unet") < moves.index("vae")
+
+
+def test_chroma_takes_the_t5_mask_it_always_has(tmp_path):
+    """sd-scripts requires --apply_t5_attn_mask for Chroma; diffusers' ChromaPipeline always masks T5's padding, so
+    the option is taken and the image is the pipeline's masked one."""
+    from lorakit.families.chroma.tiny import build_tiny_chroma, save_pipeline_folder
+
+    model = save_pipeline_folder(build_tiny_chroma(0), tmp_path / "chroma")
+    masked = sample(model, tmp_path / "masked.png", "--apply_t5_attn_mask")
+    assert np.array_equal(masked, sample(model, tmp_path / "plain.png"))

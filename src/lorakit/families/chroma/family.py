@@ -278,6 +278,13 @@ class ChromaFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         if train_text_encoder and comps.extras.get("train_t5xxl"):
             comps.text_encoders[0].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    # Chroma is always sampled with T5's padding hidden (diffusers' ChromaPipeline masks it, as `masking.py` says), so
+    # flux_minimal_inference.py's --apply_t5_attn_mask, which sd-scripts requires for Chroma, asks for what it does
+    text_mask_options = ("apply_t5_attn_mask",)
+
+    def masked_prompt_inputs(self, comps: Components, prompt: str, negative: str, masks: frozenset[str]) -> dict[str, Any]:
+        return {}  # the pipeline's own encoding is the masked one
+
     def pipeline(self, comps: Components, sampler: str | None = None) -> Any:
         """A diffusers ChromaPipeline over these very modules; it samples with its flow Euler scheduler whatever
         `sampler` says, as sd-scripts does."""
