@@ -142,3 +142,23 @@ def test_chroma_takes_the_t5_mask_it_always_has(tmp_path):
     model = save_pipeline_folder(build_tiny_chroma(0), tmp_path / "chroma")
     masked = sample(model, tmp_path / "masked.png", "--apply_t5_attn_mask")
     assert np.array_equal(masked, sample(model, tmp_path / "plain.png"))
+
+
+def test_generate_takes_the_masks_too(models, tmp_path):
+    """`lorakit generate --apply_t5_attn_mask` on FLUX.1: the prompt without padding, as diffusers encodes it with
+    max_sequence_length = its token count (two images with their own seeds, made one at a time)."""
+    from diffusers import FluxPipeline
+
+    out = tmp_path / "gen"
+    assert main(["generate", "--ckpt", str(models["flux"]), "--prompt", PROMPT, "--W", "64", "--H", "64", "--steps", "2",
+                 "--scale", "1", "--seed", "3", "--images_per_prompt", "2", "--batch_size", "2", "--outdir", str(out),
+                 "--sequential_file_name", "--apply_t5_attn_mask"]) == 0
+    images = sorted(out.glob("*.png"))
+    assert len(images) == 2
+    pipe = FluxPipeline.from_pretrained(str(models["flux"]), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    seed = int(Image.open(images[1]).text["seed"])
+    theirs = pipe(prompt=PROMPT, guidance_scale=3.5, num_inference_steps=2, width=64, height=64,
+                  max_sequence_length=len(pipe.tokenizer_2(PROMPT).input_ids),
+                  generator=torch.Generator().manual_seed(seed)).images[0]
+    assert_within_2(pixels(Image.open(images[1])), pixels(theirs))

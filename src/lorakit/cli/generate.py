@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flux_dtype", "--denoiser_dtype", dest="denoiser_dtype", default=None, help="fp8 stores the denoiser's linears in float8")
     run.add_argument("--device", default=None)
     run.add_argument("--offload", action="store_true", help="CUDA: each model on the GPU only while it runs")
+    run.add_argument("--apply_t5_attn_mask", action="store_true", help="SD3, FLUX.1: hide T5's padding (as lorakit sample)")
+    run.add_argument("--apply_lg_attn_mask", action="store_true", help="SD3: hide CLIP-L/G's padding (as lorakit sample)")
     for flag in ("--xformers", "--sdpa", "--diffusers_xformers", "--opt_channels_last", "--no_half_vae", "--no_preview"):
         run.add_argument(flag, action="store_true", help="accepted: PyTorch's attention is used, in the model's precision")
 
@@ -119,7 +121,6 @@ NOT_AVAILABLE = {
     "highres_fix_upscaler": "the first pass is upscaled with LANCZOS (or --highres_fix_latents_upscaling)",
     "ds_depth_1": "Deep Shrink is not implemented",
     "gradual_latent_timesteps": "gradual latent is not implemented",
-    "apply_t5_attn_mask": "the pipelines do not mask T5 padding",
     "vae_batch_size": "the VAE decodes each batch at once",
 }
 
@@ -155,6 +156,7 @@ def main(argv: list[str]) -> int:
         highres_fix_disable_control_net=args.highres_fix_disable_control_net,
         **{name: list(getattr(args, name) or []) for name in CONTROL_OPTIONS},
         dtype=args.dtype, denoiser_dtype=args.denoiser_dtype, device=args.device, offload=args.offload, problems=problems,
+        text_masks=frozenset(n for n in ("apply_t5_attn_mask", "apply_lg_attn_mask") if getattr(args, n)),
     )
     for path in run_generate(options):
         print(f"wrote {path}")

@@ -28,7 +28,9 @@ from lorakit.families.base import ModelFamily, ModelSource
 from lorakit.families.common.prompt_weighting import plain_text
 from lorakit.sampling import gen_control, gen_jobs
 from lorakit.sampling.apply_lora import LoraFile, LoraMerger, check_family, parse_lora_spec, read_lora_file
-from lorakit.sampling.minimal import SampleOptions, _device_and_dtypes, _place, offload_models, sampler_problem
+from lorakit.sampling.minimal import (
+    SampleOptions, _device_and_dtypes, _place, offload_models, sampler_problem, text_mask_problems,
+)
 
 log = logging.getLogger("lorakit")
 
@@ -79,6 +81,7 @@ class GenerateOptions:
     control_net_preps: list[str] = field(default_factory=list)
     guide_image_path: list[str] = field(default_factory=list)
     sequential_file_name: bool = False
+    text_masks: frozenset[str] = frozenset()  # --apply_t5_attn_mask / --apply_lg_attn_mask
     dtype: str | None = None
     denoiser_dtype: str | None = None
     device: str | None = None
@@ -151,6 +154,7 @@ def check(options: GenerateOptions) -> Plan:
     elif options.from_file and not Path(options.from_file).is_file():
         problems.append(f"--from_file {options.from_file}: file not found")
     problems += _task_problems(options, family)
+    problems += text_mask_problems(options.text_masks, family)
     if options.sampler:
         problems += [p for p in [sampler_problem(options.sampler, f"--sampler {options.sampler}")] if p]
     if options.negative_scale is not None:
@@ -269,7 +273,8 @@ class Generator:
         self.written: list[Path] = []
 
     def run(self) -> list[Path]:
-        groups = gen_jobs.batches(self.plan.jobs, self.options.batch_size)
+        # masked prompts are encoded one image at a time (their lengths differ); an image depends on its seed alone
+        groups = gen_jobs.batches(self.plan.jobs, 1 if self.options.text_masks else self.options.batch_size)
         for index, batch in enumerate(groups, start=1):
             log.info("batch %d/%d: %d image(s) at %dx%d", index, len(groups), len(batch), batch[0].settings.width, batch[0].settings.height)
             self._set_multipliers(batch[0].settings)
@@ -362,6 +367,9 @@ class Generator:
     def _prompt_kwargs(self, pipe: Any, batch: list[gen_jobs.ImageJob]) -> dict[str, Any]:
         prompts = [j.settings.prompt for j in batch]
         negatives = [j.settings.negative_prompt for j in batch]
+        if self.options.text_masks:  # one image per batch (`run`)
+            return self.family.masked_prompt_inputs(self.comps, plain_text(prompts[0]), plain_text(negatives[0]),
+                                                    self.options.text_masks)
         embeds = self.family.prompt_embedding_kwargs(pipe, prompts, negatives,
                                                      max_embeddings_multiples=self.options.max_embeddings_multiples or 1,
                                                      clip_skip=self.options.clip_skip)

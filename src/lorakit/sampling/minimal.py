@@ -195,14 +195,20 @@ def _device_and_dtypes(options: SampleOptions, problems: list[str]) -> tuple[tor
 
 
 def _check_text_masks(options: SampleOptions, family: ModelFamily) -> None:
+    problems = text_mask_problems(options.text_masks, family)
+    if problems:
+        raise ConfigError(problems)
+
+
+def text_mask_problems(masks: frozenset[str], family: ModelFamily) -> list[str]:
+    """The `--apply_*_attn_mask` options this family's sampling does not have."""
     from lorakit.families.registry import all_families
 
     problems = []
-    for name in sorted(options.text_masks - set(family.text_mask_options)):
+    for name in sorted(masks - set(family.text_mask_options)):
         takers = ", ".join(f.title for f in all_families() if name in f.text_mask_options) or "none"
         problems.append(f"--{name}: {family.title} models have no such text attention mask (models that have: {takers})")
-    if problems:
-        raise ConfigError(problems)
+    return problems
 
 
 def _family(options: SampleOptions) -> ModelFamily:

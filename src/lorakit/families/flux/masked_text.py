@@ -19,11 +19,9 @@ T5_LENGTH = 512  # diffusers' FluxPipeline's default, the length the unmasked im
 
 @torch.no_grad()
 def masked_prompt_inputs(comps: Any, prompt: str, negative: str) -> dict[str, Any]:
-    """`prompt_embeds` and `pooled_prompt_embeds` (and the negative ones for a negative prompt)."""
+    """`prompt_embeds`, `pooled_prompt_embeds` and the negative ones (used where the pipeline guides with true CFG)."""
     inputs: dict[str, Any] = {}
     for prefix, text in (("", prompt), ("negative_", negative)):
-        if prefix and not text:
-            continue
         pooled, hidden = _encode(comps, text)
         inputs[f"{prefix}prompt_embeds"], inputs[f"{prefix}pooled_prompt_embeds"] = hidden, pooled
     return inputs
