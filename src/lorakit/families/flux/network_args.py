@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorakit.families.common.bfl_network_args import KNOWN_KEYS, NOT_YET, TYPE_DIM_KEYS
+from lorakit.families.common.bfl_network_args import KNOWN_KEYS, TYPE_DIM_KEYS
 from lorakit.families.common.bfl_network_args import BflNetworkArgs as FluxNetworkArgs
 
-__all__ = ["FluxNetworkArgs", "KNOWN_KEYS", "NOT_YET", "TYPE_DIM_KEYS"]
+__all__ = ["FluxNetworkArgs", "KNOWN_KEYS", "TYPE_DIM_KEYS"]
