@@ -219,6 +219,7 @@ def lycoris_roots(family: "ModelFamily", comps: "Components", spec: TargetSpec, 
 
 def _lycoris_network(spec: TargetSpec, family: "ModelFamily", comps: "Components") -> LoRANetwork:
     from lorakit.adapters.lycoris_bridge import LycorisAdapter, lycoris_family_targets, lycoris_targets, preset_classes
+    from lorakit.adapters.lycoris_native import NATIVE_ALGOS, native_adapter
 
     options = spec.algorithm
     if options.module_kwargs["weight_decompose"] and options.dropout:
@@ -235,6 +236,8 @@ def _lycoris_network(spec: TargetSpec, family: "ModelFamily", comps: "Components
 
     def make(target: AdapterTarget) -> AdapterModule:
         try:
+            if options.algo in NATIVE_ALGOS and not isinstance(target.module, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
+                return native_adapter(target, options)
             return LycorisAdapter(target, options)
         except ValueError as exc:  # e.g. BOFT: the layer's width has no factorisation for this --network_dim
             raise ConfigError([
