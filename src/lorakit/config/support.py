@@ -21,9 +21,12 @@ _REMOVE = "remove it to train without it"
 #: Hints for options sd-scripts has, for as long as lorakit lacks them. `UNSUPPORTED` (below) is this table minus
 #: `IMPLEMENTED`, so landing a feature means adding its names to `IMPLEMENTED` and nothing else.
 _HINTS: dict[str, str] = {
-    "dataset_class": "a dataset class written for sd-scripts (a MinimalDataset returning its batch dicts) cannot "
-                     "drive lorakit's data pipeline yet; describe the images with --train_data_dir, --in_json or "
-                     "--dataset_config instead",
+    "dataset_class": "a dataset class written for sd-scripts (a MinimalDataset subclass) hands over finished batches "
+                     "of tensors made with sd-scripts' own tokenizers and transforms, which lorakit's data pipeline "
+                     "(buckets, caches, repeats, caption options) cannot take; write the class's images and captions "
+                     "out once as a folder (one image file and one .txt caption per example: docs/datasets.md, "
+                     "'A dataset class of sd-scripts') and train on it with --train_data_dir DIR, or list them in a "
+                     "--dataset_config TOML or an --in_json metadata file",
 }
 
 #: Options that select something lorakit does differently, or that do nothing in LoRA training (in sd-scripts
