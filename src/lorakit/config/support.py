@@ -176,10 +176,10 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "skip_bad_images",
         # textual inversion and ControlNet (training/textual_inversion.py, training/controlnet.py)
         "token_string", "init_word", "num_vectors_per_token", "use_object_template", "use_style_template", "weights",
+        # (controlnet_model_name_or_path and fused_backward_pass are in FALLBACKS: LoRA training ignores them)
         "lllite", "cond_emb_dim",
-        "controlnet_model_name_or_path",
         # whole-model training (training/finetune*.py, training/fused_step.py, training/ema.py)
-        "fused_backward_pass", "train_text_encoder", "learning_rate_te", "learning_rate_te1", "learning_rate_te2",
+        "train_text_encoder", "learning_rate_te", "learning_rate_te1", "learning_rate_te2",
         "learning_rate_te3", "stop_text_encoder_training", "no_token_padding", "train_t5xxl", "use_t5xxl_cache_only",
         "block_lr", "num_last_block_to_freeze", "blockwise_fused_optimizers", "fused_optimizer_groups", "mem_eff_save",
         "diffusers_xformers", "skip_latents_validity_check",
