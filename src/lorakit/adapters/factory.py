@@ -217,13 +217,11 @@ def lycoris_roots(family: "ModelFamily", comps: "Components", spec: TargetSpec, 
     return roots
 
 
-def _lycoris_network(spec: TargetSpec, family: "ModelFamily", comps: "Components") -> LoRANetwork:
-    from lorakit.adapters.lycoris_bridge import LycorisAdapter, lycoris_family_targets, lycoris_targets, preset_classes
-    from lorakit.adapters.lycoris_native import NATIVE_ALGOS, native_adapter
+def lycoris_network_targets(spec: TargetSpec, family: "ModelFamily", comps: "Components") -> list[AdapterTarget]:
+    """The layers a `lycoris.kohya` network of this spec adapts, with their ranks."""
+    from lorakit.adapters.lycoris_bridge import lycoris_family_targets, lycoris_targets, preset_classes
 
     options = spec.algorithm
-    if options.module_kwargs["weight_decompose"] and options.dropout:
-        log.warning("dropout/--network_dropout is ignored with dora_wd=True; rank and module dropout still apply")
     denoiser: list[AdapterTarget] | None = None
     if spec.train_unet:
         query = with_family_args(spec, family, {}, train_unet=True, train_text_encoder=False)
@@ -231,6 +229,17 @@ def _lycoris_network(spec: TargetSpec, family: "ModelFamily", comps: "Components
     targets = lycoris_targets(lycoris_roots(family, comps, spec, walk_denoiser=denoiser is None), options)
     if denoiser is not None:
         targets += lycoris_family_targets(denoiser, options)
+    return targets
+
+
+def _lycoris_network(spec: TargetSpec, family: "ModelFamily", comps: "Components") -> LoRANetwork:
+    from lorakit.adapters.lycoris_bridge import LycorisAdapter
+    from lorakit.adapters.lycoris_native import NATIVE_ALGOS, native_adapter
+
+    options = spec.algorithm
+    if options.module_kwargs["weight_decompose"] and options.dropout:
+        log.warning("dropout/--network_dropout is ignored with dora_wd=True; rank and module dropout still apply")
+    targets = lycoris_network_targets(spec, family, comps)
     if not targets:
         raise ConfigError([f"--network_args preset={options.preset}: selects no layer of this model"])
 

@@ -32,7 +32,7 @@ DEFAULT_MODULE = "networks.lora"
 class TargetSpec:
     """The adapter network of a run: sizes, components, options of the algorithm and of the family."""
 
-    module: str = DEFAULT_MODULE  # the network module (`--network_module`, networks.lora when not given)
+    module: str = DEFAULT_MODULE  # the network module, as the family reads `--network_module` (`network_module`)
     rank: int = 4  # --network_dim (4 when not given, as sd-scripts' create_network)
     alpha_option: float | None = None  # --network_alpha as given (0 or None: each algorithm's default)
     dropout: float | None = None  # --network_dropout
@@ -101,7 +101,7 @@ def make_target_spec(family: "ModelFamily", *, module: str | None = None, rank: 
     args = dict(args or {})
     problems: list[str] = []
     base = TargetSpec(
-        module=module or DEFAULT_MODULE, rank=int(rank or 4), alpha_option=alpha, dropout=dropout,
+        module=family.network_module(module), rank=int(rank or 4), alpha_option=alpha, dropout=dropout,
         rank_dropout=parse_float(args, "rank_dropout", problems), module_dropout=parse_float(args, "module_dropout", problems),
         train_unet=train_unet, train_text_encoder=train_text_encoder, args=args, weights=weights,
     )

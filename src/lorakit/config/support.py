@@ -47,7 +47,7 @@ FALLBACK_READERS: dict[str, tuple[str, ...]] = {
 }
 
 #: Options that tune sd-scripts' loading; lorakit's loading needs no such switch, so they are accepted silently.
-NO_EFFECT: frozenset[str] = frozenset({"lowram", "highvram", "disable_mmap_load_safetensors", "tokenizer_cache_dir"})
+NO_EFFECT: frozenset[str] = frozenset({"lowram", "highvram", "disable_mmap_load_safetensors"})
 
 
 #: Network modules lorakit builds (adapters/factory.py); each family module checks its own --network_args.
@@ -86,6 +86,19 @@ _NETWORK_KEYS_DONE = (
 )
 
 
+def generic_lora_keys() -> frozenset[str]:
+    """The --network_args keys `networks.lora` reads on every family."""
+    return frozenset(_NETWORK_KEYS_DONE)
+
+
+def _family_lora_keys() -> frozenset[str]:
+    """The keys some family's LoRA module reads (`networks.lora` is the family's own LoRA module: FLUX's
+    `train_t5xxl`, SD3's `emb_dims`, ...); the family, known later, refuses those it does not read."""
+    from lorakit.families.registry import all_families
+
+    return frozenset(key for family in all_families() for key in family.family_arg_keys("networks.lora") or ())
+
+
 def _network_args(cfg: TrainConfig) -> list[str]:
     if cfg.network_module not in (None, "networks.lora"):
         return []  # other modules validate their own keys (e.g. families/flux/network_args.py)
@@ -93,11 +106,12 @@ def _network_args(cfg: TrainConfig) -> list[str]:
         keys = cfg.network_kwargs()
     except ConfigError:
         return []  # malformed items are reported by the cross-field rules
+    known = generic_lora_keys() | _family_lora_keys()
     return [
         f"--network_args {key} is recognised but not implemented yet in lorakit; "
         f"supported keys: {', '.join(_NETWORK_KEYS_DONE)}"
         for key in keys
-        if key not in _NETWORK_KEYS_DONE
+        if key not in known
     ]
 
 
@@ -131,7 +145,7 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "metadata_license", "metadata_tags", "metadata_usage_hint", "metadata_thumbnail", "metadata_merged_from",
         "metadata_trigger_phrase", "metadata_preprocessor", "metadata_is_negative_embedding",
         "logging_dir", "log_with", "log_prefix", "console_log_level", "log_tracker_name", "log_tracker_config",
-        "dry_run", "config_file", "output_config",
+        "dry_run", "config_file", "output_config", "tokenizer_cache_dir",
         # noise and loss (objectives/noise.py, objectives/losses.py)
         "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
         "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength", "zero_terminal_snr",

@@ -115,10 +115,10 @@ class NetworkTrainable(TrainableDefaults):
         return {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm, "norm/avg_key_norm": mean_norm}
 
     def metadata(self, cfg: Any) -> dict[str, str]:
-        """sd-scripts' `ss_network_*` keys; without --network_module the family's sd-scripts module is what the
-        file is (and what readers look for)."""
+        """sd-scripts' `ss_network_*` keys; the module is the one the family trained (its own LoRA module for
+        `networks.lora` or none: what the file is, and what readers look for)."""
         meta = {
-            "ss_network_module": cfg.network_module or self.family.default_network_module,
+            "ss_network_module": self.spec.module,
             "ss_network_dim": str(self.spec.rank),
             "ss_network_alpha": str(cfg.network_alpha),
             "ss_network_dropout": str(cfg.network_dropout),

@@ -32,12 +32,8 @@ from lorakit.families.common.headers import safetensors_keys
 from lorakit.families.common.prediction import prediction_type_warnings
 from lorakit.families.common.text_cache import whole_cache_problems
 from lorakit.families.common.text_encoders import clip_targets
-from lorakit.families.common.unet import (
-    decode_scaled,
-    encode_scaled,
-    gradient_checkpointing,
-    unet_targets,
-)
+from lorakit.families.common.layers import fp8_parts
+from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing, store_fp8, unet_targets
 from lorakit.families.common.unet_blocks import BLOCK_LAYOUT
 from lorakit.families.sd.lora_keys import LORA_LAYOUT
 from lorakit.objectives.ddpm import DDPMObjective
@@ -120,11 +116,13 @@ class StableDiffusionFamily(ModelFamily):
         # saves running the frozen encoder on the same captions every step
         self.text_cache = run_text_cache(cfg, text_cache)
         self.prompts = ClipPrompts.from_options(cfg)
-        return self.load_model(ModelSource(
+        comps = self.load_model(ModelSource(
             cfg.pretrained_model_name_or_path, {"vae": cfg.vae} if cfg.vae else {}, load_dtype(cfg),
             v2=cfg.v2, v_parameterization=cfg.v_parameterization,
             text_encoders=self.text_cache is None or self.text_cache.needs_encoders,
         ))
+        store_fp8(comps.denoiser, comps.text_encoders, fp8_parts(cfg))
+        return comps
 
     def load_model(self, source: ModelSource) -> Components:
         from lorakit.families.sd.loading import load_sd_components

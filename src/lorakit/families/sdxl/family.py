@@ -38,11 +38,8 @@ from lorakit.families.common.clip_prompts import ClipPrompts, encoder_ids
 from lorakit.families.common.prediction import prediction_type_warnings
 from lorakit.families.common.text_cache import whole_cache_problems
 from lorakit.families.common.text_encoders import clip_targets
-from lorakit.families.common.unet import (
-    decode_scaled,
-    encode_scaled,
-    gradient_checkpointing,
-)
+from lorakit.families.common.layers import fp8_parts
+from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing, store_fp8
 from lorakit.families.common.unet import unet_targets as diffusers_unet_targets
 from lorakit.families.sdxl.blocks import BLOCK_LAYOUT
 from lorakit.families.sdxl.controlnet import attach_condition
@@ -122,9 +119,11 @@ class StableDiffusionXLFamily(ModelFamily):
 
     def load(self, cfg: Any, spec: TargetSpec | None = None, text_cache: CaptionCache | None = None) -> Components:
         self._read_options(cfg, text_cache)
-        return self.load_model(ModelSource(cfg.pretrained_model_name_or_path, {"vae": cfg.vae} if cfg.vae else {},
-                                           load_dtype(cfg), v_parameterization=cfg.v_parameterization,
-                                           text_encoders=self.text_cache is None or self.text_cache.needs_encoders))
+        comps = self.load_model(ModelSource(cfg.pretrained_model_name_or_path, {"vae": cfg.vae} if cfg.vae else {},
+                                            load_dtype(cfg), v_parameterization=cfg.v_parameterization,
+                                            text_encoders=self.text_cache is None or self.text_cache.needs_encoders))
+        store_fp8(comps.denoiser, comps.text_encoders, fp8_parts(cfg))
+        return comps
 
     def _read_options(self, cfg: Any, text_cache: CaptionCache | None = None) -> None:
         """Remember the SDXL-specific switches that change how images and text are encoded."""
