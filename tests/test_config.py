@@ -391,12 +391,10 @@ def test_support_tables_cover_every_field_once():
     assert set(PARTIAL) <= IMPLEMENTED
 
 
-def test_unsupported_option_message():
-    problems = problems_of(BASE + ["--dataset_class", "x.Y"])
-    assert len(problems) == 1 and problems[0].startswith(
-        "--dataset_class is recognised but not implemented yet in lorakit; a dataset class written for sd-scripts")
-    # every other option sd-scripts' LoRA training has is implemented, or accepted with a warning
-    assert set(UNSUPPORTED) == {"dataset_class"}
+def test_no_option_is_refused():
+    # every option sd-scripts' LoRA training has is implemented, or accepted with a warning
+    assert parse("--dataset_class", "x.Y").dataset_class == "x.Y"
+    assert UNSUPPORTED == {}
 
 
 def test_partially_supported_values():

@@ -20,14 +20,7 @@ _REMOVE = "remove it to train without it"
 
 #: Hints for options sd-scripts has, for as long as lorakit lacks them. `UNSUPPORTED` (below) is this table minus
 #: `IMPLEMENTED`, so landing a feature means adding its names to `IMPLEMENTED` and nothing else.
-_HINTS: dict[str, str] = {
-    "dataset_class": "a dataset class written for sd-scripts (a MinimalDataset subclass) hands over finished batches "
-                     "of tensors made with sd-scripts' own tokenizers and transforms, which lorakit's data pipeline "
-                     "(buckets, caches, repeats, caption options) cannot take; write the class's images and captions "
-                     "out once as a folder (one image file and one .txt caption per example: docs/datasets.md, "
-                     "'A dataset class of sd-scripts') and train on it with --train_data_dir DIR, or list them in a "
-                     "--dataset_config TOML or an --in_json metadata file",
-}
+_HINTS: dict[str, str] = {}
 
 #: Options that select something lorakit does differently, or that do nothing in LoRA training (in sd-scripts
 #: either); training continues with this warning.
@@ -128,6 +121,8 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "caption_extension",
         "caption_extention", "cache_latents", "vae_batch_size", "prior_loss_weight", "max_data_loader_n_workers",
         "persistent_data_loader_workers",
+        # examples from a class of the user's own (data/dataset_class.py)
+        "dataset_class",
         # validation loss (data/holdout.py, training/validation.py)
         "validation_split", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
         "max_validation_steps",
