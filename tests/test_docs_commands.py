@@ -260,8 +260,8 @@ def fresh_accelerator_state():
 @pytest.mark.parametrize(("doc", "index"), sorted(RUN), ids=lambda v: str(v))
 def test_doc_line_runs(doc, index, tmp_path, monkeypatch, capsys):
     words = doc_commands()[doc][index]
-    cwd = tmp_path / "work"
-    cwd.mkdir()
+    cwd = tmp_path / "world" / "work"  # lines name files beside the working folder too (../models/model.ckpt)
+    cwd.mkdir(parents=True)
     for name, kind in RUN[doc, index].items():
         place(cwd, name, kind, doc)
     monkeypatch.chdir(cwd)
@@ -269,8 +269,8 @@ def test_doc_line_runs(doc, index, tmp_path, monkeypatch, capsys):
     if words[0] in TRAINING:
         argv += [] if "--max_train_steps" in option_names(argv) else ["--max_train_steps=1"]
         argv += ["--max_data_loader_n_workers=0"]
-    before = set(cwd.rglob("*"))
+    before = set(cwd.parent.rglob("*"))
     status = main(argv)
     assert status == 0, capsys.readouterr().err
     if "inspect" not in words[:2]:  # every other command writes its result
-        assert set(cwd.rglob("*")) - before, f"{doc} line {index} wrote nothing"
+        assert set(cwd.parent.rglob("*")) - before, f"{doc} line {index} wrote nothing"
