@@ -18,6 +18,7 @@ here, run or consciously left to the parse check. Lines that need a GPU, a model
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -55,26 +56,45 @@ RUN: dict[tuple[str, int], dict[str, str]] = {
     ("README.md", 2): {"model.safetensors": SD1, **TRAIN_IMAGES},
     ("README.md", 3): {"../models/model.ckpt": "sd1_ckpt", "../data/db/char1": IMAGES, "../data/db/reg1": IMAGES},
     ("docs/datasets.md", 0): {"model.safetensors": SD1, **TRAIN_IMAGES},
+    ("docs/datasets.md", 5): {"imgs": "flat_images"},
+    ("docs/datasets.md", 6): {"imgs": "flat_images"},
+    ("docs/datasets.md", 7): {"meta.json": "meta_json"},
+    ("docs/datasets.md", 8): {"model.safetensors": SD1, "imgs": "flat_images", "meta_clean.json": "meta_json"},
     ("docs/datasets.md", 11): {"model.safetensors": SD1, "my_data.py": "doc_python"},
+    ("docs/controlnet.md", 0): {"sd15.safetensors": SD1, "images": "flat_images", "canny": "flat_images",
+                                "prompts.txt": PROMPTS},
     ("docs/families.md", 0): {"v1-5-pruned.safetensors": SD1, "dataset.toml": DATASET_TOML},
+    ("docs/finetune.md", 3): {"v1-5-pruned.safetensors": SD1, "images": "flat_images", "meta_lat.json": "meta_json"},
     ("docs/finetune.md", 4): {"v1-5-pruned.safetensors": SD1, "train": IMAGES, "reg": IMAGES},
     ("docs/generate.md", 0): {"model.safetensors": SD1, "my_lora.safetensors": LORA},
     ("docs/generate.md", 3): {"model.safetensors": SD1, "sksstyle.safetensors": EMBEDDING},
+    ("docs/generate.md", 4): {"model.safetensors": SD1, "init.png": PNG},
     ("docs/generate.md", 5): {"model.safetensors": SD1, "photo.png": PNG, "mask.png": MASK},
     ("docs/models.md", 0): {"path/to/sd15_diffusers": SD1_FOLDER},
+    ("docs/models.md", 1): {"sd15.safetensors": SD1, "path/to": "folder"},  # the line above's folder
     ("docs/models.md", 2): {"sd21_768v.ckpt": SD2V_CKPT},
     ("docs/models.md", 9): {"a.safetensors": SD1, "b.safetensors": SD1, "c.safetensors": SD1},
+    ("docs/models.md", 10): {"a.safetensors": SD1, "b.safetensors": "sd1_tuned"},
+    ("docs/models.md", 12): {"path/to/diffusers_folder": SD1_FOLDER},
     ("docs/models.md", 13): {"model.safetensors": SD1},
     ("docs/optimizers.md", 0): {"model.safetensors": SD1, "train": "images10"},  # 10% of 10 images held out
     ("docs/sample.md", 1): {"model.safetensors": SD1, "style.safetensors": LORA, "character.safetensors": LORA},
     ("docs/textual_inversion.md", 0): {"model.safetensors": SD1, "data": IMAGES, "prompts.txt": PROMPTS},
     ("docs/tools.md", 0): {"my_lora.safetensors": LORA},
+    ("docs/tools.md", 1): {"my_lora.safetensors": LORA},
     ("docs/tools.md", 2): {"model.safetensors": SD1, "char.safetensors": LORA, "style.safetensors": LORA},
+    ("docs/tools.md", 3): {"sd15_diffusers": SD1_FOLDER, "char.safetensors": LORA},
+    ("docs/tools.md", 7): {"a.safetensors": LORA, "b.safetensors": LORA},
     ("docs/tools.md", 8): {"a.safetensors": LORA, "b.safetensors": LORA},
+    ("docs/tools.md", 9): {"a.safetensors": LORA, "b.safetensors": LORA},
     ("docs/tools.md", 10): {"base.safetensors": SD1, "dreambooth.safetensors": "sd1_tuned"},
     ("docs/tools.md", 13): {"my_lora.safetensors": LORA},
+    ("docs/tools.md", 14): {"peft_lora.safetensors": "peft_lora"},
     ("docs/tools.md", 18): {"my_lora.safetensors": LORA},
+    ("docs/tools.md", 19): {"a.safetensors": LORA, "b.safetensors": LORA},
+    ("docs/tools.md", 20): {"char.safetensors": LORA, "style.safetensors": LORA},
     ("docs/tools.md", 23): {"model.safetensors": SD1, "lora.safetensors": LORA},
+    ("docs/tools.md", 24): {"model.safetensors": SD1, "lora.safetensors": LORA},
     ("docs/training.md", 2): {"model.safetensors": SD1, "train": "images10"},
 }
 
@@ -203,6 +223,14 @@ def _store() -> Path:
     from safetensors.torch import save_file
 
     save_file({"emb_params": torch.randn(2, width) * 0.01}, str(root / "embedding.safetensors"))
+    flat = root / "flat_images"
+    shutil.copytree(root / "images" / "1_sks toy", flat)
+    for caption in flat.glob("*.caption"):
+        caption.with_suffix(".txt").write_text("toy, red_square, 1girl", encoding="utf-8")
+    (root / "meta.json").write_text(json.dumps({c.stem: {"caption": c.read_text(encoding="utf-8"), "tags": "red_square"}
+                                                for c in flat.glob("*.caption")}), encoding="utf-8")
+    assert main(["lora", "convert", "--model", str(root / "lora.safetensors"), "--save_to",
+                 str(root / "peft_lora.safetensors"), "--to", "diffusers"]) == 0
     Image.new("RGB", (64, 64), (120, 40, 200)).save(root / "png.png")
     Image.new("L", (64, 64), 255).save(root / "mask.png")
     return root
@@ -218,10 +246,14 @@ def place(cwd: Path, name: str, kind: str, doc: str) -> None:
         shutil.copytree(store / "sd1_folder", target)
     elif kind in (SD2V_CKPT, "sd1_ckpt"):
         shutil.copyfile(store / ("sd2v.ckpt" if kind == SD2V_CKPT else "sd1.ckpt"), target)
-    elif kind in (IMAGES, "images10"):
+    elif kind in (IMAGES, "images10", "flat_images"):
         shutil.copytree(store / kind, target)
+    elif kind in ("meta_json", "peft_lora"):
+        shutil.copyfile(store / {"meta_json": "meta.json", "peft_lora": "peft_lora.safetensors"}[kind], target)
     elif kind in (PNG, MASK):
         shutil.copyfile(store / f"{kind}.png" if kind == MASK else store / "png.png", target)
+    elif kind == "folder":
+        target.mkdir()
     elif kind == PROMPTS:
         target.write_text("a toy --w 64 --h 64 --s 2\n", encoding="utf-8")
     elif kind == DATASET_TOML:
