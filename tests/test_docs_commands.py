@@ -22,6 +22,7 @@ import json
 import re
 import shlex
 import shutil
+import textwrap
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,7 +33,8 @@ from lorakit.cli.main import main
 from lorakit.config import parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
-FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^[ \t]*```[^\n]*\n(.*?)^[ \t]*```", re.S | re.M)
+PYTHON_FENCE = re.compile(r"^[ \t]*```python\n(.*?)^[ \t]*```", re.S | re.M)
 START = re.compile(r"\s*(lorakit\s|accelerate\s.*-m lorakit\s|python -m lorakit\s)")
 TRAINING = ("train", "finetune", "dreambooth", "controlnet", "textual-inversion", "cache")
 
@@ -40,7 +42,7 @@ TRAINING = ("train", "finetune", "dreambooth", "controlnet", "textual-inversion"
 COUNTS = {
     "README.md": 4, "docs/controlnet.md": 3, "docs/datasets.md": 12, "docs/families-qwen-zimage.md": 3,
     "docs/families.md": 11, "docs/finetune.md": 5, "docs/flux.md": 1, "docs/generate.md": 7, "docs/models.md": 14,
-    "docs/multi_gpu.md": 4, "docs/optimizers.md": 1, "docs/sample.md": 3, "docs/sd3.md": 2, "docs/sdxl.md": 2,
+    "docs/multi_gpu.md": 4, "docs/optimizers.md": 2, "docs/sample.md": 3, "docs/sd3.md": 2, "docs/sdxl.md": 2,
     "docs/textual_inversion.md": 1, "docs/tools.md": 25, "docs/training.md": 3,
 }
 
@@ -78,6 +80,8 @@ RUN: dict[tuple[str, int], dict[str, str]] = {
     ("docs/models.md", 12): {"path/to/diffusers_folder": SD1_FOLDER},
     ("docs/models.md", 13): {"model.safetensors": SD1},
     ("docs/optimizers.md", 0): {"model.safetensors": SD1, "train": "images10"},  # 10% of 10 images held out
+    ("docs/optimizers.md", 1): {"model.safetensors": SD1, **TRAIN_IMAGES, "my_optimizers/sign_sgd.py": "python_block_0"},
+    ("docs/sd3.md", 1): {"sd3.5_medium.safetensors": "sd35m", "my_sd3_dataset_config.toml": DATASET_TOML},
     ("docs/sample.md", 1): {"model.safetensors": SD1, "style.safetensors": LORA, "character.safetensors": LORA},
     ("docs/textual_inversion.md", 0): {"model.safetensors": SD1, "data": IMAGES, "prompts.txt": PROMPTS},
     ("docs/tools.md", 0): {"my_lora.safetensors": LORA},
@@ -98,6 +102,9 @@ RUN: dict[tuple[str, int], dict[str, str]] = {
     ("docs/training.md", 2): {"model.safetensors": SD1, "train": "images10"},
 }
 
+#: what a run's file must hold where the doc promises it: (doc, index) -> (file pattern, key prefix)
+EXPECTED_KEYS = {("docs/sd3.md", 1): ("out/*.safetensors", "lora_te3_"),  # train_t5xxl=True: LoRA on T5 too
+                 ("docs/datasets.md", 11): ("out/squares.safetensors", "lora_unet_")}
 #: the options a shortened training line (`...`) stands for, where it does not give them
 SHORTENED = {"--pretrained_model_name_or_path": "model.safetensors", "--train_data_dir": "train",
              "--output_dir": "out", "--resolution": "64", "--network_module": "networks.lora"}
@@ -259,9 +266,13 @@ def place(cwd: Path, name: str, kind: str, doc: str) -> None:
     elif kind == DATASET_TOML:
         target.write_text(f"[general]\nresolution = 64\ncaption_extension = '.caption'\n[[datasets]]\n"
                           f"[[datasets.subsets]]\nimage_dir = '{store / 'images' / '1_sks toy'}'\n", encoding="utf-8")
-    elif kind == "doc_python":  # the doc's own Python block of that name
-        text = (ROOT / doc).read_text(encoding="utf-8")
-        block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if f"# {name}" in b)
+    elif kind == "sd35m":
+        from lorakit.families.sd3.tiny import build_tiny_sd3, save_sai_file
+
+        save_sai_file(build_tiny_sd3(1, "sd3.5m"), target)
+    elif kind == "doc_python" or kind.startswith("python_block_"):  # the doc's own Python block (by name or number)
+        blocks = [textwrap.dedent(b) for b in PYTHON_FENCE.findall((ROOT / doc).read_text(encoding="utf-8"))]
+        block = next(b for b in blocks if f"# {name}" in b) if kind == "doc_python" else blocks[int(kind.rsplit("_", 1)[1])]
         target.write_text(block, encoding="utf-8")
 
 
@@ -306,3 +317,11 @@ def test_doc_line_runs(doc, index, tmp_path, monkeypatch, capsys):
     assert status == 0, capsys.readouterr().err
     if "inspect" not in words[:2]:  # every other command writes its result
         assert set(cwd.parent.rglob("*")) - before, f"{doc} line {index} wrote nothing"
+    if (doc, index) in EXPECTED_KEYS:
+        from safetensors import safe_open
+
+        pattern, prefix = EXPECTED_KEYS[doc, index]
+        files = sorted(cwd.glob(pattern))
+        assert files, pattern
+        with safe_open(str(files[-1]), framework="pt") as f:
+            assert any(k.startswith(prefix) for k in f.keys()), prefix
