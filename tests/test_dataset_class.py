@@ -103,3 +103,16 @@ def test_a_missing_module_or_class_is_named(module_dir):
         dataset_class_metadata(SimpleNamespace(dataset_class="user_squares.Square", output_dir=out))
     with pytest.raises(DataError, match=r"user_squares.Squares\(options\) failed \(AttributeError"):
         dataset_class_metadata(SimpleNamespace(dataset_class="user_squares.Squares", output_dir=out))
+
+
+def test_other_data_options_are_ignored_with_a_warning():
+    from lorakit.config import parse_train_args
+
+    cfg, warnings = parse_train_args(["--pretrained_model_name_or_path=m.safetensors", "--dataset_class=my_data.Squares",
+                                      "--train_data_dir=data", "--in_json=meta.json", "--resolution=64",
+                                      "--output_dir=out"])
+    assert cfg.dataset_class == "my_data.Squares"
+    assert "--dataset_class is given, so --train_data_dir, --in_json are ignored" in warnings
+    # without any data option the class alone is enough
+    parse_train_args(["--pretrained_model_name_or_path=m.safetensors", "--dataset_class=my_data.Squares",
+                      "--resolution=64", "--output_dir=out"])
