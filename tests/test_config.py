@@ -350,7 +350,6 @@ def test_dry_run_needs_no_output_dir_and_dataset_config_no_resolution():
         (["--lr_warmup_steps", "100"], "--lr_scheduler constant has none"),
         (["--log_with", "tensorboard"], "--log_with tensorboard requires --logging_dir"),
         (["--min_timestep", "500", "--max_timestep", "100"], "--min_timestep (500) must be smaller"),
-        (["--enable_bucket", "--max_bucket_reso", "256"], "--max_bucket_reso (256) must be >="),
         (["--family", "sdxl", "--bucket_reso_steps", "48"], "multiple of 32 for --family sdxl"),
         (["--family", "sdxl", "--v2"], "--v2 selects an SD 2.x model"),
         (["--base_weights", "a.safetensors", "--base_weights_multiplier", "1", "0.5"], "one value per --base_weights"),

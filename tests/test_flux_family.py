@@ -15,13 +15,8 @@ from lorakit.adapters.formats import save_lora_file
 from lorakit.adapters.network import LoRANetwork
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.families.flux import bfl_keys
-from lorakit.families.flux.family import (
-    FluxFamily,
-    image_position_ids,
-    max_blocks_to_swap,
-    pack_latents,
-    unpack_latents,
-)
+from lorakit.families.common.bfl_packing import image_position_ids, max_blocks_to_swap, pack_latents, unpack_latents
+from lorakit.families.flux.family import FluxFamily
 from lorakit.families.flux.layers import FP8_DTYPE, to_fp8
 from lorakit.families.flux.loading import load_flux_components
 from lorakit.families.flux.tiny import build_tiny_flux, save_bfl_files, save_pipeline_folder

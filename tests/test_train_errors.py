@@ -118,3 +118,11 @@ def test_a_bucket_minimum_below_one_step_is_an_error_and_the_plan_shows_the_limi
     assert_clean_failure(capsys, argv, "min_bucket_reso 10 is below bucket_reso_steps 64", out=tmp_path / "out")
     assert main(args_for(model, data, tmp_path / "out", *bucketed, "--min_bucket_reso=64", "--dry_run")) == 0
     assert "buckets 64-128, steps 64" in capsys.readouterr().out, "max_bucket_reso 100 is rounded up to 128"
+
+
+def test_a_resolution_outside_the_bucket_range_is_one_problem_with_the_rounded_limits(capsys, model, tmp_path):
+    data = write_dreambooth_folder(tmp_path / "data")
+    argv = args_for(model, data, tmp_path / "out", "--enable_bucket", "--min_bucket_reso=200", "--max_bucket_reso=300")
+    err = assert_clean_failure(capsys, argv, "resolution 64x64 must lie within the bucket range",
+                               out=tmp_path / "out")
+    assert "1 problem in the options" in err, "the option rules and the dataset must not both report it"

@@ -214,12 +214,8 @@ def _bucket_limits(c: TrainConfig) -> list[str]:
         problems.append(
             f"--min_bucket_reso ({c.min_bucket_reso}) must not exceed --max_bucket_reso ({c.max_bucket_reso})"
         )
-    # The dataset config may set its own resolution; the dataset loader checks that case.
-    elif c.enable_bucket and not c.bucket_no_upscale and c.resolution and not c.dataset_config:
-        if max(c.resolution) > c.max_bucket_reso:
-            problems.append(f"--max_bucket_reso ({c.max_bucket_reso}) must be >= the largest side of --resolution")
-        if min(c.resolution) < c.min_bucket_reso:
-            problems.append(f"--min_bucket_reso ({c.min_bucket_reso}) must be <= the smallest side of --resolution")
+    # A resolution outside the bucket range is the dataset builder's check (data/build.py): it sees the
+    # dataset config's own resolutions and the limits rounded to the bucket step, and runs in the same preflight
     return problems
 
 

@@ -85,8 +85,9 @@ def _check_bucket_limits(spec: DatasetSpec, where: str) -> tuple[int, int]:
     low, high = adjust_bucket_limits(spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps)
     if spec.enable_bucket and not spec.bucket_no_upscale:
         if min(spec.resolution) < low or max(spec.resolution) > high:
-            raise DataError(f"{where}: resolution {spec.resolution[0]}x{spec.resolution[1]} must lie within "
-                            f"min_bucket_reso {low} and max_bucket_reso {high}")
+            raise DataError(f"{where}: resolution {spec.resolution[0]}x{spec.resolution[1]} must lie within the bucket "
+                            f"range {low} to {high} (min_bucket_reso and max_bucket_reso, rounded to bucket_reso_steps "
+                            f"{spec.bucket_reso_steps}); lower min_bucket_reso, raise max_bucket_reso or change the resolution")
     return low, high
 
 

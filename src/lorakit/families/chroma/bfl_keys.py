@@ -17,7 +17,15 @@ import torch
 
 from lorakit.errors import CheckpointError
 from lorakit.families.common import bfl_keys as common
-from lorakit.families.common.bfl_keys import BflTables, block_count, strip_prefix
+from lorakit.families.common.bfl_keys import (
+    DOUBLE_FUSED,
+    DOUBLE_NORMS,
+    SINGLE_FUSED,
+    SINGLE_NORMS,
+    BflTables,
+    block_count,
+    strip_prefix,
+)
 
 APPROXIMATOR = "distilled_guidance_layer"
 TOP_LEVEL = {
@@ -35,19 +43,7 @@ DOUBLE_LAYERS = {
     "txt_mlp.0": "ff_context.net.0.proj",
     "txt_mlp.2": "ff_context.net.2",
 }
-DOUBLE_NORMS = {
-    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
-    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
-    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
-    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
-}
-DOUBLE_FUSED = {
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-}
 SINGLE_LAYERS = {"linear2": "proj_out"}
-SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
-SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
 
 #: sd-scripts' lora_flux layers of one Chroma block: (BFL sub-path, diffusers parts, per-type rank kind)
 DOUBLE_LORA_ROWS = (

@@ -43,18 +43,17 @@ from lorakit.families.common.bfl_network_args import BflNetworkArgs
 from lorakit.families.common.bfl_packing import (
     PATCH,
     image_position_ids,
-    max_blocks_to_swap,
     pack_latents,
-    swapped_blocks,
     unpack_latents,
 )
 from lorakit.families.common.bfl_targets import block_targets, embedder_targets, reg_ranked
+from lorakit.families.common.flow_metadata import flow_sampling_metadata
 from lorakit.families.common.layers import checkpoint_offloading_to_cpu, to_fp8
 from lorakit.families.common.text_encoders import t5_targets
 from lorakit.families.common.transformer_family import (
     BlockSwapFamily,
     ShiftScaleLatents,
-    note_block_swap,
+    plan_double_single_swap,
     t5_family_problems,
     t5_family_warnings,
     trains_t5,
@@ -199,13 +198,7 @@ class ChromaFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         swap = cfg.blocks_to_swap or 0
         if not swap:
             return
-        config = comps.denoiser.config
-        most = max_blocks_to_swap(config.num_layers, config.num_single_layers)
-        if swap > most:
-            raise ConfigError([f"--blocks_to_swap {swap}: this model ({config.num_layers} double, {config.num_single_layers} "
-                               f"single blocks) allows at most {most}; Chroma allows 35"])
-        double, single = swapped_blocks(swap)
-        note_block_swap(comps, [("double blocks", "transformer_blocks", double), ("single blocks", "single_transformer_blocks", single)])
+        plan_double_single_swap(comps, swap, "Chroma allows 35")
 
     # ----------------------------------------------------------------------------------------- training
 
@@ -317,15 +310,9 @@ class ChromaFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             "ss_v2": "False",
             "ss_model_type": "chroma",
             "ss_apply_t5_attn_mask": "True",
-            "ss_weighting_scheme": str(cfg.weighting_scheme),
-            "ss_logit_mean": str(cfg.logit_mean),
-            "ss_logit_std": str(cfg.logit_std),
-            "ss_mode_scale": str(cfg.mode_scale),
+            **flow_sampling_metadata(cfg),
             "ss_guidance_scale": "0.0",
-            "ss_timestep_sampling": str(cfg.timestep_sampling),
-            "ss_sigmoid_scale": str(cfg.sigmoid_scale),
             "ss_model_prediction_type": str(cfg.model_prediction_type),
-            "ss_discrete_flow_shift": str(cfg.discrete_flow_shift),
         }
 
     def base_model(self, version: str | None, *, variant: str | None = None, v_prediction: bool = False) -> BaseModelFacts:

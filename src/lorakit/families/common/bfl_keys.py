@@ -26,6 +26,23 @@ DOUBLE_PREFIX = ("double_blocks", "transformer_blocks")
 SINGLE_PREFIX = ("single_blocks", "single_transformer_blocks")
 
 
+# What every BFL model's blocks share: the query/key RMS norms (`.scale` in BFL files) and the fused QKV
+# projections of the double blocks (a BFL layer -> the diffusers layers stacked in it, in order).
+DOUBLE_NORMS = {
+    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+}
+DOUBLE_FUSED = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
+SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+# FLUX.1 and Chroma stack [q; k; v; mlp] in a single block's `linear1` (the MLP part takes the remaining rows)
+SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+
+
 @dataclass(frozen=True)
 class BflTables:
     """One model's BFL <-> diffusers tables.

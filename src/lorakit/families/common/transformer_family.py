@@ -86,6 +86,23 @@ def note_block_swap(comps: Components, plan: Sequence[tuple[str, str, int]]) -> 
         log.info("--blocks_to_swap: %s swapped (it only saves GPU memory; on the CPU the moves are plain copies)", summary)
 
 
+def plan_double_single_swap(comps: Components, swap: int, family_limit: str = "") -> None:
+    """sd-scripts' --blocks_to_swap for a BFL-layout transformer (FLUX.1, Chroma, FLUX.2): N//2 double and
+    2·(N − N//2) single blocks on the CPU, refused when fewer than two blocks of a kind would stay on the device
+    (`family_limit` names the limit of the full-size model, e.g. "FLUX.1 allows 35")."""
+    from lorakit.errors import ConfigError
+    from lorakit.families.common.bfl_packing import max_blocks_to_swap, swapped_blocks
+
+    config = comps.denoiser.config
+    most = max_blocks_to_swap(config.num_layers, config.num_single_layers)
+    if swap > most:
+        limit = f"; {family_limit}" if family_limit else ""
+        raise ConfigError([f"--blocks_to_swap {swap}: this model ({config.num_layers} double, {config.num_single_layers} "
+                           f"single blocks) allows at most {most}{limit}"])
+    double, single = swapped_blocks(swap)
+    note_block_swap(comps, [("double blocks", "transformer_blocks", double), ("single blocks", "single_transformer_blocks", single)])
+
+
 def ensure_block_swap(comps: Components, device: torch.device | str) -> list:
     """Install the recorded block swap on `device` once (a no-op without `--blocks_to_swap`). From then on the
     swapped weights live on the CPU, and every forward of the denoiser starts from the prepared placement."""

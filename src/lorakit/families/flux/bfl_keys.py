@@ -17,6 +17,10 @@ import torch
 
 from lorakit.families.common import bfl_keys as common
 from lorakit.families.common.bfl_keys import (
+    DOUBLE_FUSED,
+    DOUBLE_NORMS,
+    SINGLE_FUSED,
+    SINGLE_NORMS,
     COMFY_PREFIX,
     DOUBLE_PREFIX,
     SINGLE_PREFIX,
@@ -57,21 +61,7 @@ DOUBLE_LAYERS = {
     "txt_mlp.0": "ff_context.net.0.proj",
     "txt_mlp.2": "ff_context.net.2",
 }
-DOUBLE_NORMS = {
-    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
-    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
-    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
-    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
-}
-# Fused BFL layers -> the diffusers layers stacked in them, in order. The last part of `linear1` takes the
-# remaining rows (the MLP is wider than the attention projections).
-DOUBLE_FUSED = {
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-}
 SINGLE_LAYERS = {"linear2": "proj_out", "modulation.lin": "norm.linear"}
-SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
-SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
 
 TABLES = BflTables(TOP_LEVEL, DOUBLE_LAYERS, DOUBLE_NORMS, DOUBLE_FUSED, SINGLE_LAYERS, SINGLE_NORMS, SINGLE_FUSED,
                    final_modulation=FINAL_MODULATION)

@@ -36,12 +36,13 @@ from lorakit.families.base import (
     TextConditioning,
 )
 from lorakit.families.common.bfl_targets import reg_ranked
+from lorakit.families.common.flow_metadata import flow_sampling_metadata
 from lorakit.families.common.layers import fp8_parts, to_fp8
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
 from lorakit.families.common.transformer_family import (
     BlockSwapFamily,
     ShiftScaleLatents,
-    note_block_swap,
+    plan_double_single_swap,
     t5_family_problems,
     t5_family_warnings,
     trains_t5,
@@ -53,9 +54,7 @@ from lorakit.families.flux.network_args import NETWORK_ARG_KEYS, FluxNetworkArgs
 from lorakit.families.flux.packing import (
     PATCH,
     image_position_ids,
-    max_blocks_to_swap,
     pack_latents,
-    swapped_blocks,
     unpack_latents,
 )
 from lorakit.families.flux.targets import (
@@ -221,15 +220,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         swap = cfg.blocks_to_swap or (18 if getattr(cfg, "split_mode", False) else 0)
         if not swap:
             return
-        config = comps.denoiser.config
-        most = max_blocks_to_swap(config.num_layers, config.num_single_layers)
-        if swap > most:
-            raise ConfigError([
-                f"--blocks_to_swap {swap}: this model ({config.num_layers} double, {config.num_single_layers} single "
-                f"blocks) allows at most {most}; FLUX.1 allows 35"
-            ])
-        double, single = swapped_blocks(swap)
-        note_block_swap(comps, [("double blocks", "transformer_blocks", double), ("single blocks", "single_transformer_blocks", single)])
+        plan_double_single_swap(comps, swap, "FLUX.1 allows 35")
 
     def objective(self, cfg: Any, comps: Components) -> FlowObjective:
         return FlowObjective.from_options(cfg, patch_size=PATCH)
@@ -396,15 +387,9 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             "ss_v2": "False",
             "ss_model_type": str(cfg.model_type),
             "ss_apply_t5_attn_mask": str(bool(cfg.apply_t5_attn_mask)),
-            "ss_weighting_scheme": str(cfg.weighting_scheme),
-            "ss_logit_mean": str(cfg.logit_mean),
-            "ss_logit_std": str(cfg.logit_std),
-            "ss_mode_scale": str(cfg.mode_scale),
+            **flow_sampling_metadata(cfg),
             "ss_guidance_scale": str(cfg.guidance_scale),
-            "ss_timestep_sampling": str(cfg.timestep_sampling),
-            "ss_sigmoid_scale": str(cfg.sigmoid_scale),
             "ss_model_prediction_type": str(cfg.model_prediction_type),
-            "ss_discrete_flow_shift": str(cfg.discrete_flow_shift),
         }
 
     def base_model(self, version: str | None, *, variant: str | None = None, v_prediction: bool = False) -> BaseModelFacts:

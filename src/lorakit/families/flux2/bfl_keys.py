@@ -16,6 +16,9 @@ import torch
 
 from lorakit.families.common import bfl_keys as common
 from lorakit.families.common.bfl_keys import (
+    DOUBLE_FUSED,
+    DOUBLE_NORMS,
+    SINGLE_NORMS,
     BflTables,
     block_count,
     has_key,
@@ -43,18 +46,7 @@ DOUBLE_LAYERS = {
     "txt_mlp.0": "ff_context.linear_in",
     "txt_mlp.2": "ff_context.linear_out",
 }
-DOUBLE_NORMS = {
-    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
-    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
-    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
-    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
-}
-DOUBLE_FUSED = {
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-}
 SINGLE_LAYERS = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out"}
-SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
 TABLES = BflTables(TOP_LEVEL, DOUBLE_LAYERS, DOUBLE_NORMS, DOUBLE_FUSED, SINGLE_LAYERS, SINGLE_NORMS, {},
                    final_modulation=FINAL_MODULATION, leaves=("weight",), what="FLUX.2 transformer")
 

@@ -35,10 +35,10 @@ from lorakit.families.base import (
 )
 from lorakit.families.common.bfl_lora_convert import BflLoraConverter
 from lorakit.families.common.bfl_network_args import BflNetworkArgs
-from lorakit.families.common.bfl_packing import max_blocks_to_swap, swapped_blocks
 from lorakit.families.common.bfl_targets import block_targets, embedder_targets
+from lorakit.families.common.flow_metadata import flow_sampling_metadata
 from lorakit.families.common.layers import checkpoint_offloading_to_cpu, to_fp8
-from lorakit.families.common.transformer_family import BlockSwapFamily, note_block_swap
+from lorakit.families.common.transformer_family import BlockSwapFamily, plan_double_single_swap
 from lorakit.families.flux2 import bfl_keys
 from lorakit.families.flux2.lora_keys import LORA_LAYOUT
 from lorakit.families.flux2.packing import (
@@ -191,13 +191,7 @@ class Flux2Family(BlockSwapFamily, ModelFamily):
         swap = cfg.blocks_to_swap or 0
         if not swap:
             return
-        config = comps.denoiser.config
-        most = max_blocks_to_swap(config.num_layers, config.num_single_layers)
-        if swap > most:
-            raise ConfigError([f"--blocks_to_swap {swap}: this model ({config.num_layers} double, {config.num_single_layers} "
-                               f"single blocks) allows at most {most}"])
-        double, single = swapped_blocks(swap)
-        note_block_swap(comps, [("double blocks", "transformer_blocks", double), ("single blocks", "single_transformer_blocks", single)])
+        plan_double_single_swap(comps, swap)
 
     # ----------------------------------------------------------------------------------------- training
 
@@ -316,14 +310,8 @@ class Flux2Family(BlockSwapFamily, ModelFamily):
         return {
             "ss_base_model_version": f"flux_2_klein_{size}",
             "ss_v2": "False",
-            "ss_weighting_scheme": str(cfg.weighting_scheme),
-            "ss_logit_mean": str(cfg.logit_mean),
-            "ss_logit_std": str(cfg.logit_std),
-            "ss_mode_scale": str(cfg.mode_scale),
-            "ss_timestep_sampling": str(cfg.timestep_sampling),
-            "ss_sigmoid_scale": str(cfg.sigmoid_scale),
+            **flow_sampling_metadata(cfg),
             "ss_model_prediction_type": str(cfg.model_prediction_type),
-            "ss_discrete_flow_shift": str(cfg.discrete_flow_shift),
         }
 
     def base_model(self, version: str | None, *, variant: str | None = None, v_prediction: bool = False) -> BaseModelFacts:

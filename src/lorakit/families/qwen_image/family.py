@@ -15,7 +15,6 @@ reference trainer):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -37,12 +36,14 @@ from lorakit.families.base import (
     ModelSource,
     TextConditioning,
 )
-from lorakit.families.common.layers import checkpoint_offloading_to_cpu, to_fp8
+from lorakit.families.common.flow_metadata import flow_sampling_metadata
+from lorakit.families.common.layers import checkpoint_offloading_to_cpu
+from lorakit.families.common.llm_family import LanguageModelConditioned, store_fp8
 from lorakit.families.common.packing import PATCH, pack_latents, unpack_latents
-from lorakit.families.common.transformer_family import BlockSwapFamily, note_block_swap
+from lorakit.families.common.transformer_family import BlockSwapFamily
 from lorakit.families.qwen_image.lora_keys import LORA_LAYOUT
 from lorakit.families.qwen_image.targets import ATTENTION, transformer_targets
-from lorakit.objectives.flow import FlowObjective, timesteps_to_sigmas
+from lorakit.objectives.flow import timesteps_to_sigmas
 from lorakit.precision import load_dtype
 
 log = logging.getLogger("lorakit")
@@ -52,9 +53,10 @@ IMPLEMENTATION = "https://github.com/QwenLM/Qwen-Image"  # musubi-tuner's models
 ARCHITECTURES = {None: ("Qwen-Image", 1328), "edit": ("Qwen-Image-Edit", 1024)}  # musubi-tuner's names and sizes
 
 
-class QwenImageFamily(BlockSwapFamily, ModelFamily):
+class QwenImageFamily(LanguageModelConditioned, BlockSwapFamily, ModelFamily):
     """Qwen-Image (text to image) and Qwen-Image-Edit (reference image + instruction) with Qwen2.5-VL."""
 
+    encoder_title = "Qwen2.5-VL"
     name = "qwen_image"
     title = "Qwen-Image"
     default_network_module = "networks.lora_qwen_image"
@@ -96,21 +98,10 @@ class QwenImageFamily(BlockSwapFamily, ModelFamily):
 
     def option_problems(self, cfg: Any, spec: TargetSpec | None = None) -> list[str]:
         problems = super().option_problems(cfg, spec)
-        if spec is not None and spec.train_text_encoder and not spec.train_unet:
-            problems.append("--network_train_text_encoder_only: Qwen-Image LoRAs train the transformer only (as "
-                            "musubi-tuner); Qwen2.5-VL carries no adapter")
         if caches_text(cfg) and trains_edit(cfg):
             problems.append("--cache_text_encoder_outputs cannot be used with --model_version edit: the Edit model "
                             "encodes each caption with its reference image")
-        if cfg.loss_type in ("huber", "smooth_l1") and cfg.huber_schedule == "snr":
-            problems.append(f"--huber_schedule snr is not available for --family {self.name}; use constant or exponential")
         return problems
-
-    def option_warnings(self, cfg: Any) -> list[str]:
-        notes = [f"--max_token_length is ignored for --family {self.name}"] if cfg.max_token_length is not None else []
-        if not cfg.network_train_unet_only:
-            notes.append("Qwen-Image LoRAs train the transformer only (as musubi-tuner): Qwen2.5-VL stays frozen")
-        return notes
 
     def conditioning_use(self, cfg: Any) -> Any:
         """Edit trains on pairs: every subset gives each image its reference (`conditioning_data_dir`)."""
@@ -143,28 +134,8 @@ class QwenImageFamily(BlockSwapFamily, ModelFamily):
             files = source.files
             comps = load_qwen_image_components(source.path, text_encoder=files.get("text_encoder"), vae=files.get("vae"),
                                                dtype=dtype, edit=edit, text_encoders=source.text_encoders)
-        if source.fp8:
-            layers = to_fp8(comps.denoiser) + (to_fp8(comps.text_encoders[0]) if source.fp8 == "all" and comps.text_encoders and comps.text_encoders[0] is not None else 0)
-            log.info("--fp8_base: %d linear layers store float8_e4m3fn weights", layers)
+        store_fp8(comps, source)
         return comps
-
-    @staticmethod
-    def _check_block_swap(cfg: Any, comps: Components) -> None:
-        """musubi-tuner's limit (at most blocks − 2 swapped), then the plan: the last N transformer blocks live on
-        the CPU (`common/block_swap.py`; installed on the device by the first `predict`)."""
-        swap = cfg.blocks_to_swap or 0
-        if not swap:
-            return
-        blocks = len(comps.denoiser.transformer_blocks)
-        if swap > blocks - 2:
-            raise ConfigError([f"--blocks_to_swap {swap}: this model has {blocks} blocks, so at most {blocks - 2} can be swapped"])
-        note_block_swap(comps, [("blocks", "transformer_blocks", swap)])
-
-    def objective(self, cfg: Any, comps: Components) -> FlowObjective:
-        """sd-scripts' flow options; the transformer's output is the velocity itself (musubi-tuner's loss), so
-        --model_prediction_type does not apply."""
-        objective = FlowObjective.from_options(cfg, patch_size=PATCH)
-        return dataclasses.replace(objective, options=dataclasses.replace(objective.options, model_prediction_type="raw"))
 
     # ----------------------------------------------------------------------------------------- images and text
 
@@ -282,13 +253,7 @@ class QwenImageFamily(BlockSwapFamily, ModelFamily):
         return {
             "ss_base_model_version": BASE_MODEL_VERSION,
             "ss_v2": "False",
-            "ss_weighting_scheme": str(cfg.weighting_scheme),
-            "ss_logit_mean": str(cfg.logit_mean),
-            "ss_logit_std": str(cfg.logit_std),
-            "ss_mode_scale": str(cfg.mode_scale),
-            "ss_timestep_sampling": str(cfg.timestep_sampling),
-            "ss_sigmoid_scale": str(cfg.sigmoid_scale),
-            "ss_discrete_flow_shift": str(cfg.discrete_flow_shift),
+            **flow_sampling_metadata(cfg),
         }
 
     def base_model(self, version: str | None, *, variant: str | None = None, v_prediction: bool = False) -> BaseModelFacts:

@@ -37,6 +37,7 @@ from lorakit.families.base import (
     ModelSource,
     TextConditioning,
 )
+from lorakit.families.common.flow_metadata import weighting_metadata
 from lorakit.families.common.layers import fp8_parts, to_fp8
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
 from lorakit.families.common.transformer_family import (
@@ -352,10 +353,7 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             "ss_v2": "False",
             "ss_apply_lg_attn_mask": str(bool(cfg.apply_lg_attn_mask)),
             "ss_apply_t5_attn_mask": str(bool(cfg.apply_t5_attn_mask)),
-            "ss_weighting_scheme": str(cfg.weighting_scheme),
-            "ss_logit_mean": str(cfg.logit_mean),
-            "ss_logit_std": str(cfg.logit_std),
-            "ss_mode_scale": str(cfg.mode_scale),
+            **weighting_metadata(cfg),
         }
 
     def base_model(self, version: str | None, *, variant: str | None = None, v_prediction: bool = False) -> BaseModelFacts:

@@ -12,7 +12,6 @@ As diffusers' ZImagePipeline and musubi-tuner's `zimage_train_network.py` (the r
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -34,15 +33,16 @@ from lorakit.families.base import (
     ModelSource,
     TextConditioning,
 )
-from lorakit.families.common.layers import checkpoint_offloading_to_cpu, to_fp8
+from lorakit.families.common.flow_metadata import flow_sampling_metadata
+from lorakit.families.common.layers import checkpoint_offloading_to_cpu
+from lorakit.families.common.llm_family import LanguageModelConditioned, store_fp8
 from lorakit.families.common.transformer_family import (
     BlockSwapFamily,
     ShiftScaleLatents,
-    note_block_swap,
 )
 from lorakit.families.z_image.lora_keys import LORA_LAYOUT
 from lorakit.families.z_image.targets import ATTENTION, transformer_targets
-from lorakit.objectives.flow import FlowObjective, timesteps_to_sigmas
+from lorakit.objectives.flow import timesteps_to_sigmas
 from lorakit.precision import load_dtype
 
 log = logging.getLogger("lorakit")
@@ -53,9 +53,11 @@ IMPLEMENTATION = "https://github.com/Tongyi-MAI/Z-Image"
 PATCH = 2
 
 
-class ZImageFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
+class ZImageFamily(LanguageModelConditioned, ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     """Z-Image with its Qwen3 text encoder and FLUX.1's autoencoder."""
 
+    encoder_title = "Qwen3"
+    swap_blocks_attribute = "layers"
     name = "z_image"
     title = "Z-Image"
     default_network_module = "networks.lora_zimage"
@@ -98,21 +100,6 @@ class ZImageFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
         return is_z_image_source(path)
 
-    def option_problems(self, cfg: Any, spec: TargetSpec | None = None) -> list[str]:
-        problems = super().option_problems(cfg, spec)
-        if spec is not None and spec.train_text_encoder and not spec.train_unet:
-            problems.append("--network_train_text_encoder_only: Z-Image LoRAs train the transformer only (as "
-                            "musubi-tuner); Qwen3 carries no adapter")
-        if cfg.loss_type in ("huber", "smooth_l1") and cfg.huber_schedule == "snr":
-            problems.append(f"--huber_schedule snr is not available for --family {self.name}; use constant or exponential")
-        return problems
-
-    def option_warnings(self, cfg: Any) -> list[str]:
-        notes = [f"--max_token_length is ignored for --family {self.name}"] if cfg.max_token_length is not None else []
-        if not cfg.network_train_unet_only:
-            notes.append("Z-Image LoRAs train the transformer only (as musubi-tuner): Qwen3 stays frozen")
-        return notes
-
     # ----------------------------------------------------------------------------------------- loading
 
     def load(self, cfg: Any, spec: TargetSpec | None = None, text_cache: CaptionCache | None = None) -> Components:
@@ -139,27 +126,8 @@ class ZImageFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             files = source.files
             comps = load_z_image_components(source.path, text_encoder=files.get("text_encoder"), vae=files.get("vae"),
                                             dtype=dtype, text_encoders=source.text_encoders)
-        if source.fp8:
-            layers = to_fp8(comps.denoiser) + (to_fp8(comps.text_encoders[0]) if source.fp8 == "all" and comps.text_encoders and comps.text_encoders[0] is not None else 0)
-            log.info("--fp8_base: %d linear layers store float8_e4m3fn weights", layers)
+        store_fp8(comps, source)
         return comps
-
-    @staticmethod
-    def _check_block_swap(cfg: Any, comps: Components) -> None:
-        """At most blocks − 2 of the main blocks swapped (the refiners stay on the device), as musubi-tuner."""
-        swap = cfg.blocks_to_swap or 0
-        if not swap:
-            return
-        blocks = len(comps.denoiser.layers)
-        if swap > blocks - 2:
-            raise ConfigError([f"--blocks_to_swap {swap}: this model has {blocks} blocks, so at most {blocks - 2} can be swapped"])
-        note_block_swap(comps, [("blocks", "layers", swap)])
-
-    def objective(self, cfg: Any, comps: Components) -> FlowObjective:
-        """sd-scripts' flow options on the velocity the model gives (musubi-tuner's loss): --model_prediction_type
-        does not apply."""
-        objective = FlowObjective.from_options(cfg, patch_size=PATCH)
-        return dataclasses.replace(objective, options=dataclasses.replace(objective.options, model_prediction_type="raw"))
 
     # ----------------------------------------------------------------------------------------- text and prediction
 
@@ -249,13 +217,7 @@ class ZImageFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         return {
             "ss_base_model_version": BASE_MODEL_VERSION,
             "ss_v2": "False",
-            "ss_weighting_scheme": str(cfg.weighting_scheme),
-            "ss_logit_mean": str(cfg.logit_mean),
-            "ss_logit_std": str(cfg.logit_std),
-            "ss_mode_scale": str(cfg.mode_scale),
-            "ss_timestep_sampling": str(cfg.timestep_sampling),
-            "ss_sigmoid_scale": str(cfg.sigmoid_scale),
-            "ss_discrete_flow_shift": str(cfg.discrete_flow_shift),
+            **flow_sampling_metadata(cfg),
         }
 
     def base_model(self, version: str | None, *, variant: str | None = None, v_prediction: bool = False) -> BaseModelFacts:
