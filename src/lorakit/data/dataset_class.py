@@ -36,6 +36,8 @@ from lorakit.errors import ConfigError, DataError
 PROTOCOL = ("built as Class(options), it must have len() and items dataset[i] that are (image, caption) pairs "
             "or mappings with 'image' and 'caption' (image: a PIL image or an image file's path; caption: text)")
 METADATA_NAME = "metadata.json"
+#: datasets from this size on show a progress bar while their examples are read and written
+PROGRESS_FROM = 100
 #: problems listed before the rest are only counted
 MAX_LISTED = 10
 
@@ -90,7 +92,9 @@ def _export(dataset: Any, name: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     listed: dict[str, dict[str, str]] = {}
     problems: list[str] = []
-    for index in range(count):
+    from tqdm.auto import tqdm
+
+    for index in tqdm(range(count), desc=f"reading {name}", unit="example", disable=count < PROGRESS_FROM):
         try:
             image, caption = _example(dataset, index)
             listed[str(_image_file(image, folder, index))] = {"caption": caption}
