@@ -24,10 +24,14 @@ def parse_cache_options(argv: list[str]) -> tuple[Any, list[str]]:
     from lorakit.config import read_train_args
     from lorakit.errors import ConfigError
 
+    from lorakit.config.rules import cross_field_warnings
+
     parsed = read_train_args(argv)
     problems = [p for p in parsed.problems if not p.startswith("--output_dir is required")]
     if parsed.config is None or problems:
         raise ConfigError(problems)
+    if parsed.problems:  # the options' warnings wait for a problem-free parse; the one left out is not a problem here
+        return parsed.config, parsed.warnings + cross_field_warnings(parsed.config)
     return parsed.config, parsed.warnings
 
 
