@@ -91,6 +91,8 @@ NETWORKS = {
     "lycoris-lokr-attn-only": options("lycoris.kohya", "algo=lokr", "preset=attn-only", "factor=4"),
     # BOFT's factor is --network_dim: the tiny linear1 (224 = 14·16 rows) needs a factor of at least 14
     "lycoris-boft": options("lycoris.kohya", "algo=boft", dim=16),
+    "lycoris-full": options("lycoris.kohya", "algo=full"),
+    "lycoris-dylora": options("lycoris.kohya", "algo=dylora", "block_size=2", dim=4),
 }
 
 
@@ -137,11 +139,10 @@ def test_every_algorithm_trains_merges_and_round_trips_on_flux(flux, name):
     assert f"{prefix}double_blocks_0_img_attn_qkv" in names
 
 
-@pytest.mark.parametrize("algo", ["full", "dylora"])
-def test_lycoris_algorithms_lorakit_refuses_are_named(flux, algo):
+def test_lycoris_dylora_ranks_must_be_whole_blocks(flux):
     family, comps = fresh(flux)
-    with pytest.raises(ConfigError, match=f"algo={algo}"):
-        build_from_options(options("lycoris.kohya", f"algo={algo}"), family, comps, CPU)
+    with pytest.raises(ConfigError, match="--network_dim 6 is not a multiple of block_size 4"):
+        build_from_options(options("lycoris.kohya", "algo=dylora", dim=6), family, comps, CPU)
 
 
 def test_algorithm_keys_stay_with_their_algorithm(flux):

@@ -146,8 +146,8 @@ def test_options_are_checked():
         parse(["preset=nope"])
     with pytest.raises(ConfigError, match="use_scalar"):
         parse(["use_scalar=perhaps"])
-    with pytest.raises(ConfigError, match="networks.dylora"):
-        parse(["algo=dylora"])
+    with pytest.raises(ConfigError, match="--network_dim 4 is not a multiple of block_size 3"):
+        parse(["algo=dylora", "block_size=3"])
     with pytest.raises(ConfigError, match="conv_dimm"):
         parse(["conv_dimm=4"])
     with pytest.raises(ConfigError, match="exactly 25"):

@@ -37,3 +37,13 @@ def test_cache_follows_the_console_log_options(tmp_path, restore_root_logging):
     logged = log_file.read_text(encoding="utf-8")
     # the option warning goes to the file, as a bare message (--console_log_simple)
     assert logged.splitlines()[0] == "--xformers: lorakit uses PyTorch SDPA attention instead; training continues"
+
+
+def test_cache_needs_no_output_dir_and_keeps_the_option_warnings():
+    """sd-scripts' cache scripts have no --output_dir (the files go beside the images); docs/datasets.md's line."""
+    from lorakit.cli.cache import parse_cache_options
+
+    cfg, warnings = parse_cache_options(["--pretrained_model_name_or_path=m.safetensors", "--train_data_dir=data",
+                                         "--resolution=64", "--dataset_config=d.toml"])
+    assert cfg.output_dir is None
+    assert any(w.startswith("--dataset_config is given") for w in warnings)

@@ -390,12 +390,10 @@ def test_support_tables_cover_every_field_once():
     assert set(PARTIAL) <= IMPLEMENTED
 
 
-def test_unsupported_option_message():
-    problems = problems_of(BASE + ["--dataset_class", "x.Y"])
-    assert len(problems) == 1 and problems[0].startswith(
-        "--dataset_class is recognised but not implemented yet in lorakit; a dataset class written for sd-scripts")
-    # every other option sd-scripts' LoRA training has is implemented, or accepted with a warning
-    assert set(UNSUPPORTED) == {"dataset_class"}
+def test_no_option_is_refused():
+    # every option sd-scripts' LoRA training has is implemented, or accepted with a warning
+    assert parse("--dataset_class", "x.Y").dataset_class == "x.Y"
+    assert UNSUPPORTED == {}
 
 
 def test_partially_supported_values():
@@ -406,11 +404,12 @@ def test_partially_supported_values():
         + ["--network_module", "networks.lora_lumina", "--lr_scheduler", "reduce_lr_on_plateau"]
         + ["--network_args", "conv_dim=4", "algo=locon"]
     )
-    assert any(p.startswith("--network_module networks.lora_lumina is recognised but not implemented") for p in problems)
+    assert any(p.startswith("--network_module networks.lora_lumina: not a network module lorakit builds") for p in problems)
     assert len(problems) == 1  # the plateau schedule is checked with the dataset (it needs validation images)
     # networks.lora itself rejects keys of other modules, naming them
     problems = problems_of(BASE + ["--network_args", "conv_dim=4", "algo=locon"])
-    assert problems == [p for p in problems if p.startswith("--network_args algo is recognised")] and problems
+    assert problems == [p for p in problems if p.startswith("--network_args algo: not a key of networks.lora")] and problems
+    assert "(did you mean conv_dim?)" in problems_of(BASE + ["--network_args", "conv_dimm=4"])[0]
 
 
 def test_xformers_warns_and_loading_switches_are_silent():

@@ -2,7 +2,8 @@
 
 SEED_000 is the SDXL LyCORIS command of the user's LoRA training guide (`sdxl_train_network.py`), SEED_003 the
 DreamBooth-style example of sd-scripts' LoRA guide (`train_network.py`); paths are replaced by tiny
-temporary ones. `--network_module lycoris.kohya` is swapped for `networks.lora` until the LyCORIS bridge lands.
+temporary ones. The commands themselves run in the tests `test_seed_commands_run.RUN_BY` names (every LoRA, tool
+and inference command of the seeds, on tiny models); this file checks each option on its own.
 
 `EXPECTED_FAILURES` lists, per command, what lorakit does not accept yet, each with the reason. The test fails
 when one of them starts to work (so the list shrinks as features land) or when anything else breaks.

@@ -149,6 +149,9 @@ class AdapterModule(nn.Module):
         """Parameters that LoRA+ trains at a higher learning rate (the "up" side); none by default."""
         return []
 
+    def before_optimizer_step(self) -> None:
+        """Read the step's finished gradients before the optimizer uses them (LoRA-GGPO); nothing by default."""
+
     # ------------------------------------------------------------------ tensors
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

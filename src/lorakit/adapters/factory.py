@@ -68,6 +68,8 @@ def _plain_network(spec: TargetSpec, family: "ModelFamily", comps: "Components",
 
 def _lora_network(spec: TargetSpec, family: "ModelFamily", comps: "Components") -> LoRANetwork:
     options: LoRAOptions = spec.algorithm or LoRAOptions()
+    if spec.ggpo is not None and not options.dora:
+        return _plain_network(spec, family, comps, _ggpo_factory(*spec.ggpo))
     if not options.dora:
         return _plain_network(spec, family, comps, None)
     from lorakit.adapters.dora import DoRAModule
@@ -77,6 +79,22 @@ def _lora_network(spec: TargetSpec, family: "ModelFamily", comps: "Components") 
     # per input channel by default: the layout ComfyUI, Forge, A1111 and LyCORIS all merge exactly (docs/adapters.md)
     return _plain_network(spec, family, comps, lambda t, **kw: DoRAModule(
         t.name, t.module, t.rank, t.alpha, wd_on_output=options.wd_on_output, **kw))
+
+
+def _ggpo_factory(sigma: float, beta: float) -> Callable[..., AdapterModule]:
+    """LoRA-GGPO modules on linear layers; convolutions and the layers of one LoRA per part (`split_qkv`, which
+    lora_flux leaves unperturbed) get plain LoRA."""
+    from lorakit.adapters.ggpo import GGPOLoRAModule
+    from lorakit.adapters.lora import LoRAModule
+
+    log.info("LoRA-GGPO: sigma %g, beta %g", sigma, beta)
+
+    def make(target: AdapterTarget, **kw) -> AdapterModule:
+        if isinstance(target.module, torch.nn.Linear) and not getattr(target.module, "independent_parts", False):
+            return GGPOLoRAModule(target.name, target.module, target.rank, target.alpha, sigma=sigma, beta=beta, **kw)
+        return LoRAModule(target.name, target.module, target.rank, target.alpha, **kw)
+
+    return make
 
 
 def _lora_fa_network(spec: TargetSpec, family: "ModelFamily", comps: "Components") -> LoRANetwork:
@@ -216,6 +234,7 @@ def lycoris_network_targets(spec: TargetSpec, family: "ModelFamily", comps: "Com
 
 def _lycoris_network(spec: TargetSpec, family: "ModelFamily", comps: "Components") -> LoRANetwork:
     from lorakit.adapters.lycoris_bridge import LycorisAdapter
+    from lorakit.adapters.lycoris_native import NATIVE_ALGOS, native_adapter
 
     options = spec.algorithm
     if options.module_kwargs["weight_decompose"] and options.dropout:
@@ -226,6 +245,8 @@ def _lycoris_network(spec: TargetSpec, family: "ModelFamily", comps: "Components
 
     def make(target: AdapterTarget) -> AdapterModule:
         try:
+            if options.algo in NATIVE_ALGOS and not isinstance(target.module, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
+                return native_adapter(target, options)
             return LycorisAdapter(target, options)
         except ValueError as exc:  # e.g. BOFT: the layer's width has no factorisation for this --network_dim
             raise ConfigError([

@@ -24,7 +24,8 @@ and module paths adapted themselves; linears and 1x1 convs get `network_dim`/`ne
   preset's BFL classes, since LyCORIS' presets name BFL's modules and diffusers' FLUX has other classes.
 
 Files use the kohya prefixes `lora_unet_`/`lora_te_` (not the standalone `lycoris_` prefix) and the
-package's tensor names (`hada_w1_a`, `lokr_w1`, `oft_blocks`, `diff`, `dora_scale`, `alpha`, …).
+package's tensor names (`hada_w1_a`, `lokr_w1`, `oft_blocks`, `diff`, `dora_scale`, `alpha`, …). `algo=full` and
+`algo=dylora` write the package's files from modules of lorakit's own (`lycoris_native.py` says why).
 """
 
 from __future__ import annotations
@@ -58,13 +59,9 @@ __all__ = [
     "preset_classes",
 ]
 
-#: algorithm names accepted for `algo=` (those `lycoris-lora` implements for kohya networks)
-LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "glora", "diag-oft", "boft")
-#: algorithms the package has but this bridge refuses, with the reason given to the user
-LYCORIS_REFUSED = {
-    "full": "it moves the layer's weight into the adapter, which lorakit's frozen-base network cannot hold",
-    "dylora": "its state dict does not load back exactly; use --network_module networks.dylora",
-}
+#: algorithm names accepted for `algo=` (those `lycoris-lora` implements for kohya networks; `full` and `dylora`
+#: are held by lorakit's own modules, `lycoris_native.py`)
+LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "glora", "diag-oft", "boft", "full", "dylora")
 
 #: every --network_args key the bridge reads
 LYCORIS_ARGS = (
@@ -191,8 +188,6 @@ class LycorisOptions:
         if unknown:
             raise ConfigError([f"--network_args {k}: not a lycoris.kohya argument" for k in unknown])
         algo = str(kwargs.get("algo", "lora")).lower()
-        if algo in LYCORIS_REFUSED:
-            raise ConfigError([f"--network_args algo={algo}: not supported by lorakit's LyCORIS bridge: {LYCORIS_REFUSED[algo]}"])
         if algo not in LYCORIS_ALGOS or algo not in modules:
             raise ConfigError([f"--network_args algo={algo}: unknown (choose from {', '.join(LYCORIS_ALGOS)})"])
         preset = str(kwargs.get("preset", "full"))
@@ -222,12 +217,15 @@ class LycorisOptions:
             "rs_lora": _bool(kwargs, "rs_lora"),
             "train_on_input": _bool(kwargs, "train_on_input"),
         }
+        conv_dim = _number(kwargs, "conv_dim", int, dim)
+        if algo == "dylora":
+            _check_blocks(module_kwargs["block_size"], {"--network_dim": dim, "conv_dim": conv_dim})
         return cls(
             algo=algo,
             preset=preset,
             dim=dim,
             alpha=alpha,
-            conv_dim=_number(kwargs, "conv_dim", int, dim),
+            conv_dim=conv_dim,
             conv_alpha=_number(kwargs, "conv_alpha", float, alpha),
             dropout=dropout,
             rank_dropout=_number(kwargs, "rank_dropout", float, 0.0),
@@ -241,6 +239,14 @@ class LycorisOptions:
             block_layout=layout,
             module_kwargs=module_kwargs,
         )
+
+
+def _check_blocks(block_size: int, ranks: Mapping[str, int]) -> None:
+    """DyLoRA trains its rank in blocks of `block_size`: every rank it gets must be a multiple of it."""
+    bad = [f"--network_args algo=dylora: {name} {rank} is not a multiple of block_size {block_size}"
+           for name, rank in ranks.items() if rank and (block_size < 1 or rank % block_size)]
+    if bad:
+        raise ConfigError(bad)
 
 
 # ---------------------------------------------------------------------- targets

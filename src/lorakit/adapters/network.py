@@ -77,6 +77,19 @@ def _split_by_prefix(names: Sequence[str], lrs: Mapping[str, float | None], fall
     return parts
 
 
+def _split_by_regex(names: Sequence[str], reg_lrs: Sequence[tuple[str, float]], lr: float | None
+                    ) -> list[tuple[str, list[str], float | None]]:
+    """(description suffix, module names, LR): one part per pattern of `reg_lrs` that takes a module (the first
+    that `re.search`es its name), ordered as sd-scripts sorts `reg_lr_<index>`, then the rest at `lr`."""
+    taken: dict[int, list[str]] = {}
+    rest: list[str] = []
+    for name in names:
+        index = next((i for i, (pattern, _) in enumerate(reg_lrs) if re.search(pattern, name)), None)
+        (rest if index is None else taken.setdefault(index, [])).append(name)
+    parts = [(f" reg_lr_{i}", taken[i], reg_lrs[i][1]) for i in sorted(taken, key=str)]
+    return parts + [("", rest, lr)]
+
+
 def loraplus_split(modules: Sequence[AdapterModule], ratio: float | None) -> list[tuple[list, str, float]]:
     """The modules' trainable parameters as (parameters, description suffix, LR factor): one group, or with a
     LoRA+ ratio the rest and each module's `plus_parameters` (" plus", lr·ratio)."""
@@ -158,6 +171,11 @@ class LoRANetwork(nn.Module):
         for module in self.lora_modules.values():
             module.multiplier = self.multiplier
 
+    def before_optimizer_step(self) -> None:
+        """Each module's look at the step's reduced and clipped gradients, before the optimizer step."""
+        for module in self.lora_modules.values():
+            module.before_optimizer_step()
+
     @torch.no_grad()
     def merge_to_base(self, multiplier: float | None = None) -> None:
         """Fold every ΔW into the base weights (at `multiplier`, default the network's) and detach the branches."""
@@ -177,6 +195,7 @@ class LoRANetwork(nn.Module):
         loraplus_lr_ratio: float | None = None,
         loraplus_unet_lr_ratio: float | None = None,
         loraplus_text_encoder_lr_ratio: float | None = None,
+        reg_lrs: Sequence[tuple[str, float]] = (),
     ) -> tuple[list[dict[str, Any]], list[str]]:
         """Optimizer parameter groups and their descriptions, as sd-scripts' `prepare_optimizer_params`.
 
@@ -191,6 +210,11 @@ class LoRANetwork(nn.Module):
         `prepare_optimizer_params_with_multiple_te_lrs`). A prefix whose LR is None uses `text_encoder_lr`
         (or `default_lr`), and 0 drops that group, as above. Text-encoder modules under no listed prefix keep
         the plain `textencoder` group.
+
+        `reg_lrs` (lora_flux's `network_reg_lrs`: (regex, LR) pairs) takes the modules whose name a pattern finds
+        (the first pair that matches) out of each of those groups into a group of that LR, described with
+        ` reg_lr_<index>`, placed before the group they came from (in the order of the index as a string, as
+        sd-scripts sorts them); an LR of 0 drops such a group too.
         """
         settings = {
             "text_encoder": (text_encoder_lr, loraplus_text_encoder_lr_ratio or loraplus_lr_ratio),
@@ -206,12 +230,13 @@ class LoRANetwork(nn.Module):
             if component == "text_encoder" and text_encoder_lrs:
                 parts = _split_by_prefix(names, text_encoder_lrs, lr)
             for description, part_names, part_lr in parts:
-                if not part_names or not part_lr:
-                    continue
-                for params, suffix, factor in loraplus_split([getattr(self, n) for n in part_names], ratio):
-                    if params:
-                        groups.append({"params": params, "lr": part_lr * factor})
-                        descriptions.append(description + suffix)
+                for label, names_of_lr, lr_of in _split_by_regex(part_names, reg_lrs, part_lr):
+                    if not names_of_lr or not lr_of:
+                        continue
+                    for params, suffix, factor in loraplus_split([getattr(self, n) for n in names_of_lr], ratio):
+                        if params:
+                            groups.append({"params": params, "lr": lr_of * factor})
+                            descriptions.append(description + label + suffix)
         return groups, descriptions
 
     @torch.no_grad()

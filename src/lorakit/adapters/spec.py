@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lorakit.adapters.algorithms import algorithm_family_args, parse_algorithm_args
+from lorakit.adapters.algorithms import algorithm_family_args, algorithm_of, parse_algorithm_args
 from lorakit.adapters.args import parse_float
 from lorakit.adapters.targets import RankChoice
 from lorakit.errors import ConfigError
@@ -64,6 +64,17 @@ class TargetSpec:
         """`verbose=True`: list every module with its rank and alpha (only the literal True counts)."""
         return self.args.get("verbose") == "True"
 
+    @property
+    def regex_lrs(self) -> tuple[tuple[str, float], ...]:
+        """(regex, LR) pairs for the modules a pattern finds (lora_flux's `network_reg_lrs`), where the family's
+        own keys carry them; empty otherwise."""
+        return tuple(getattr(self.family_args, "reg_lrs", ()))
+
+    @property
+    def ggpo(self) -> tuple[float, float] | None:
+        """LoRA-GGPO's (sigma, beta) (lora_flux's `ggpo_sigma`, `ggpo_beta`), where the family's keys carry them."""
+        return getattr(self.family_args, "ggpo", None)
+
     def replace(self, **changes: Any) -> "TargetSpec":
         return dataclasses.replace(self, **changes)
 
@@ -97,10 +108,23 @@ def make_target_spec(family: "ModelFamily", *, module: str | None = None, rank: 
     base = base.replace(**_conv_ranks(args, problems))
     algorithm = parse_algorithm_args(base, family, problems)
     family_args, family_problems = family.parse_network_args(algorithm_family_args(base, family), base)
-    problems += family_problems
+    spec = base.replace(algorithm=algorithm, family_args=family_args)
+    problems += family_problems + _ggpo_problems(spec, family)
     if problems:
         raise ConfigError(problems)
-    return base.replace(algorithm=algorithm, family_args=family_args)
+    return spec
+
+
+def _ggpo_problems(spec: TargetSpec, family: "ModelFamily") -> list[str]:
+    """LoRA-GGPO perturbs plain LoRA modules (lora_flux has no other kind)."""
+    if spec.ggpo is None:
+        return []
+    plain = algorithm_of(spec.module, family) == "lora" and not getattr(spec.algorithm, "dora", False)
+    if plain:
+        return []
+    what = f"{spec.module} with dora_wd=True" if algorithm_of(spec.module, family) == "lora" else spec.module
+    return [f"--network_args ggpo_sigma/ggpo_beta: LoRA-GGPO perturbs plain LoRA layers (networks.lora_flux); not "
+            f"available with {what}"]
 
 
 def with_family_args(spec: TargetSpec, family: "ModelFamily", args: Mapping[str, str], **changes: Any) -> TargetSpec:

@@ -18,6 +18,23 @@ from lorakit.precision import WEIGHT_DTYPES, effective_mixed_precision
 log = logging.getLogger("lorakit")
 
 
+def parse_cache_options(argv: list[str]) -> tuple[Any, list[str]]:
+    """The train command's options and their warnings; `--output_dir` may be left out, as the cache files go
+    beside the images (sd-scripts' cache scripts have no such option)."""
+    from lorakit.config import read_train_args
+    from lorakit.errors import ConfigError
+
+    from lorakit.config.rules import cross_field_warnings
+
+    parsed = read_train_args(argv)
+    problems = [p for p in parsed.problems if not p.startswith("--output_dir is required")]
+    if parsed.config is None or problems:
+        raise ConfigError(problems)
+    if parsed.problems:  # the options' warnings wait for a problem-free parse; the one left out is not a problem here
+        return parsed.config, parsed.warnings + cross_field_warnings(parsed.config)
+    return parsed.config, parsed.warnings
+
+
 def cache_files(cfg: Any) -> int:
     """Write the cache files of the run `cfg` (the parsed train options) describes."""
     from lorakit.data.build import build_train_dataset

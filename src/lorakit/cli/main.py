@@ -220,10 +220,9 @@ def _dataset(argv: list[str]) -> int:
 
 def _cache(argv: list[str]) -> int:
     """`lorakit cache`: the train command's options; latents (and text-encoder outputs) to their cache files."""
-    from lorakit.cli.cache import cache_files
-    from lorakit.config import parse_train_args
+    from lorakit.cli.cache import cache_files, parse_cache_options
 
-    cfg, warnings = parse_train_args(argv)
+    cfg, warnings = parse_cache_options(argv)
     apply_console_options(cfg)
     for warning in warnings:
         logging.getLogger("lorakit").warning(warning)

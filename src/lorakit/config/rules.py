@@ -114,10 +114,10 @@ def _model_given(c: TrainConfig) -> str | None:
     return None
 
 
-@_error("train_data_dir", "dataset_config", "in_json", requirement=True)
+@_error("train_data_dir", "dataset_config", "in_json", "dataset_class", requirement=True)
 def _data_given(c: TrainConfig) -> str | None:
-    if not (c.train_data_dir or c.dataset_config or c.in_json):
-        return "no training data: give --train_data_dir, --dataset_config or --in_json"
+    if not (c.train_data_dir or c.dataset_config or c.in_json or c.dataset_class):
+        return "no training data: give --train_data_dir, --dataset_config, --in_json or --dataset_class"
     return None
 
 
@@ -360,8 +360,16 @@ def _initial_step_in_range(c: TrainConfig) -> str | None:
 @_warning("dataset_config", "train_data_dir", "reg_data_dir", "in_json")
 def _dataset_config_overrides(c: TrainConfig) -> str | None:
     ignored = [f"--{n}" for n in ("train_data_dir", "reg_data_dir", "in_json") if getattr(c, n)]
-    if c.dataset_config and ignored:
+    if c.dataset_config and ignored and not c.dataset_class:
         return f"--dataset_config is given, so {', '.join(ignored)} is ignored"
+    return None
+
+
+@_warning("dataset_class", "dataset_config", "train_data_dir", "reg_data_dir", "in_json")
+def _dataset_class_overrides(c: TrainConfig) -> str | None:
+    ignored = [f"--{n}" for n in ("dataset_config", "train_data_dir", "reg_data_dir", "in_json") if getattr(c, n)]
+    if c.dataset_class and ignored:
+        return f"--dataset_class is given, so {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored"
     return None
 
 

@@ -20,11 +20,7 @@ _REMOVE = "remove it to train without it"
 
 #: Hints for options sd-scripts has, for as long as lorakit lacks them. `UNSUPPORTED` (below) is this table minus
 #: `IMPLEMENTED`, so landing a feature means adding its names to `IMPLEMENTED` and nothing else.
-_HINTS: dict[str, str] = {
-    "dataset_class": "a dataset class written for sd-scripts (a MinimalDataset returning its batch dicts) cannot "
-                     "drive lorakit's data pipeline yet; describe the images with --train_data_dir, --in_json or "
-                     "--dataset_config instead",
-}
+_HINTS: dict[str, str] = {}
 
 #: Options that select something lorakit does differently, or that do nothing in LoRA training (in sd-scripts
 #: either); training continues with this warning.
@@ -66,9 +62,11 @@ def _family_network_modules() -> tuple[str, ...]:
 def _network_module(value: Any) -> str | None:
     if value is None or value in NETWORK_MODULES_DONE or value in _family_network_modules():
         return None
+    # sd-scripts imports any module with create_network; such a module builds on sd-scripts' own model classes,
+    # which lorakit does not have, so only the modules lorakit builds itself can be named
     return (
-        f"--network_module {value} is recognised but not implemented yet in lorakit; "
-        f"use one of {', '.join(NETWORK_MODULES_DONE + _family_network_modules())}"
+        f"--network_module {value}: not a network module lorakit builds (a module written for sd-scripts' model "
+        f"classes cannot run on lorakit's); use one of {', '.join(NETWORK_MODULES_DONE + _family_network_modules())}"
     )
 
 
@@ -104,12 +102,20 @@ def _network_args(cfg: TrainConfig) -> list[str]:
     except ConfigError:
         return []  # malformed items are reported by the cross-field rules
     known = generic_lora_keys() | _family_lora_keys()
+    # sd-scripts' networks.lora ignores a key it does not read; stopping keeps a misspelt key from being lost
     return [
-        f"--network_args {key} is recognised but not implemented yet in lorakit; "
-        f"supported keys: {', '.join(_NETWORK_KEYS_DONE)}"
+        f"--network_args {key}: not a key of networks.lora{_did_you_mean(key, known)}; its keys: "
+        f"{', '.join(_NETWORK_KEYS_DONE)} (and the family's own, e.g. train_t5xxl)"
         for key in keys
         if key not in known
     ]
+
+
+def _did_you_mean(key: str, known: frozenset[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.7)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 #: Implemented options whose values are only partly supported: option -> check of the value.
@@ -125,6 +131,8 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "caption_extension",
         "caption_extention", "cache_latents", "vae_batch_size", "prior_loss_weight", "max_data_loader_n_workers",
         "persistent_data_loader_workers",
+        # examples from a class of the user's own (data/dataset_class.py)
+        "dataset_class",
         # validation loss (data/holdout.py, training/validation.py)
         "validation_split", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
         "max_validation_steps",

@@ -375,8 +375,25 @@ def plan_from_in_json(cfg: Any) -> DatasetPlan:
     return DatasetPlan(datasets=(dataset,))
 
 
+def plan_from_dataset_class(cfg: Any, use: ConditioningUse) -> DatasetPlan:
+    """One fine-tuning dataset listing the examples of the user's `--dataset_class` (`data/dataset_class.py`)."""
+    from lorakit.data.dataset_class import dataset_class_metadata
+
+    if use is ConditioningUse.REQUIRED:
+        raise DataError(f"--dataset_class {cfg.dataset_class}: this training learns from image and conditioning "
+                        "image pairs, which a dataset class does not give; use --dataset_config")
+    values = _subset_values([], cfg)
+    _require_repeats(values, f"--dataset_class {cfg.dataset_class}")
+    subset = SubsetSpec(image_dir=None, metadata_file=dataset_class_metadata(cfg), **values)
+    return DatasetPlan(datasets=(_resolve_dataset([], cfg, (subset,), f"--dataset_class {cfg.dataset_class}",
+                                                  FINE_TUNING),))
+
+
 def plan_datasets(cfg: Any, use: ConditioningUse = ConditioningUse.MASK) -> DatasetPlan:
-    """The datasets to train on: `--dataset_config` if given, else `--in_json`, else the image folders."""
+    """The datasets to train on: `--dataset_class` (the user's class) if given, else `--dataset_config`, else
+    `--in_json`, else the image folders."""
+    if getattr(cfg, "dataset_class", None):
+        return plan_from_dataset_class(cfg, use)
     config_file = getattr(cfg, "dataset_config", None)
     if not config_file:
         if getattr(cfg, "in_json", None) and use is not ConditioningUse.REQUIRED:

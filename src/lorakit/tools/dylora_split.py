@@ -32,23 +32,28 @@ def dylora_unit(metadata: Mapping[str, str], source: str) -> int | None:
     A file whose metadata names another network module is refused: the leading ranks of a plain LoRA carry no
     special meaning (any permutation of its rank axis is the same LoRA), so truncating one is not a split —
     `lorakit lora resize` is the tool for that.
+
+    A LyCORIS DyLoRA file (`lycoris.kohya` with `algo=dylora`) trains its rank in blocks of `block_size` (default
+    4), its unit.
     """
     module = metadata.get("ss_network_module")
     if module is None:
         logger.warning("%s records no ss_network_module; treating it as a DyLoRA file", source)
         return None
-    if module != DYLORA_MODULE:
-        raise CheckpointError(
-            f"{source}: ss_network_module is {module}, not {DYLORA_MODULE}; only DyLoRA files can be split by "
-            "truncation (use `lorakit lora resize` to lower the rank of other LoRAs)"
-        )
     try:
         args = json.loads(metadata.get("ss_network_args") or "{}")
     except ValueError:
-        return None
-    unit = args.get("unit") if isinstance(args, dict) else None
+        args = None
+    args = args if isinstance(args, dict) else {}
+    lycoris = module == "lycoris.kohya" and str(args.get("algo", "")).lower() == "dylora"
+    if module != DYLORA_MODULE and not lycoris:
+        raise CheckpointError(
+            f"{source}: ss_network_module is {module}, not {DYLORA_MODULE} (or lycoris.kohya with algo=dylora); only "
+            "DyLoRA files can be split by truncation (use `lorakit lora resize` to lower the rank of other LoRAs)"
+        )
+    unit = args.get("block_size", 4) if lycoris else args.get("unit", 1)  # each module's default
     try:
-        return int(unit) if unit is not None else 1  # networks.dylora's default unit is 1
+        return int(unit)
     except (TypeError, ValueError):
         return None
 

@@ -62,8 +62,8 @@ def resize_by_recipe_command(args: argparse.Namespace) -> int:
         raise ConfigError(problems)
     if args.save_to is None:  # resize_lora.py's form: -o FOLDER (default: the LoRA's own folder)
         folder = Path(args.output_folder or Path(args.model).parent)
-        if not folder.is_dir():
-            raise ConfigError([f"-o {folder}: no such folder"])
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError([f"-o {folder}: not a folder"])
         save_to, fmt = None, "safetensors"
     else:
         save_to, fmt = check_output(args.save_to)
@@ -86,6 +86,7 @@ def resize_by_recipe_command(args: argparse.Namespace) -> int:
     metadata["ss_training_comment"] = f"threshold {threshold:.3f}; " + metadata["ss_training_comment"]
     if save_to is None:  # resize_lora.py's form: a name made of the LoRA's, the recipe's and the threshold
         save_to = recipe_output_path(args, recipe, threshold)
+        Path(save_to).parent.mkdir(parents=True, exist_ok=True)  # -o names the folder to write into, made if new
     save_lora(modules, save_to, fmt, metadata, save_dtype, found.passthrough)
     removed = sum(1 for _, new in report.ranks.values() if new == 0)
     print(

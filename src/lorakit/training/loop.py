@@ -51,7 +51,8 @@ class Trainer:
                                   getattr(accelerator, "scaler", None))
         self.params = trainable.trainable_parameters()
         names = {param: name for name, param in trainable.module.named_parameters()}
-        self.updates = build_updates(cfg, accelerator, self.optimizer, self.params, names, trainable.steps_during_backward)
+        self.updates = build_updates(cfg, accelerator, self.optimizer, self.params, names, trainable.steps_during_backward,
+                                     trainable.before_optimizer_step)
         self.policy = SavePolicy(save_every_n_epochs(cfg, plan.num_epochs), cfg.save_every_n_steps, plan.num_epochs)
         self.seed = seed
         self.step_losses: list[torch.Tensor] = []
@@ -185,7 +186,7 @@ class Trainer:
             return
         self.logged.append(sum(r.loss for r in records) / len(records))
         postfix = {"loss": f"{records[-1].average:.4f}", "epoch": epoch, "lr": f"{records[-1].lrs[0]:.2e}"}
-        if extra:
+        if "max_norm/keys_scaled" in extra:  # what sd-scripts shows beside the loss (max-norm only)
             postfix["keys_scaled"] = extra["max_norm/keys_scaled"]
         self.progress.set_postfix(postfix)
         if self.accelerator.trackers:

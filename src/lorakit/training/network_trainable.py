@@ -21,6 +21,7 @@ from torch import nn
 from lorakit.adapters.blocks import blockwise_param_groups, loraplus_ratios
 from lorakit.adapters.factory import build_network
 from lorakit.adapters.formats import load_lora_file, save_lora_file
+from lorakit.adapters.ggpo import ggpo_logs
 from lorakit.adapters.network import LoRANetwork
 from lorakit.adapters.spec import TargetSpec
 from lorakit.data.conditioning import ConditioningUse
@@ -90,13 +91,20 @@ class NetworkTrainable(TrainableDefaults):
         per_encoder = self.family.text_encoder_lr_groups(cfg)
         if per_encoder is not None:
             given["text_encoder_lrs"] = per_encoder
+        if self.spec.regex_lrs:
+            given["reg_lrs"] = self.spec.regex_lrs
         return self.network.prepare_optimizer_params(te_lr, cfg.unet_lr, cfg.learning_rate, **given)
 
+    def before_optimizer_step(self) -> None:
+        """LoRA-GGPO's modules measure the step's clipped gradients (the others do nothing)."""
+        self.network.before_optimizer_step()
+
     def after_optimizer_step(self, cfg: Any) -> dict[str, float]:
-        """--scale_weight_norms after the optimizer step (inventory §4.5), with its log values."""
+        """--scale_weight_norms after the optimizer step (inventory §4.5), with its log values; without it,
+        LoRA-GGPO's norms, as sd-scripts logs them."""
         limit = cfg.scale_weight_norms
         if not limit:
-            return {}
+            return ggpo_logs(self.network.lora_modules.values())
         apply = getattr(self.network, "apply_max_norm", None)
         if apply is None:
             if not self._max_norm_warned:

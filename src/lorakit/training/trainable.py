@@ -17,7 +17,8 @@ Why these members: everything the loop did with the LoRA network before was one 
 groups, clip and reduce gradients over its parameters, apply max-norm after a step, save its file with metadata,
 hold its tensors in a training state, switch modes around sampling — so the loop needs nothing more.
 Whole-model training added two: `before_step` (DreamBooth stops training the text encoder at a step) and
-`file_suffix` (a checkpoint may be a diffusers folder, with no extension).
+`file_suffix` (a checkpoint may be a diffusers folder, with no extension); LoRA-GGPO one: `before_optimizer_step`
+(it reads the clipped gradients before the optimizer does).
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ class Trainable(Protocol):
 
     def file_suffix(self, cfg: Any) -> str:
         """What follows the stem in its file names (`.safetensors`), or "" for a folder (a diffusers model)."""
+
+    def before_optimizer_step(self) -> None:
+        """Once per optimizer step, when the step's gradients are complete (reduced across processes and clipped)
+        and the optimizer has not used them yet: what trains may read them (LoRA-GGPO measures its gradient
+        norms here). Called only where the step follows the backward pass (`steps_during_backward` is False):
+        stepping during it, the gradients of the whole model never exist at once."""
 
     def after_optimizer_step(self, cfg: Any) -> dict[str, float]:
         """Work after every optimizer step (e.g. max-norm); returns values to log (empty when none)."""
@@ -135,12 +142,15 @@ class TrainableDefaults:
     encoders there), files named with `--save_model_as`'s extension, samples from the family's own pipeline with
     the prompt as it is (a ControlNet adds its control image, textual inversion spells its token out), and the
     optimizer step after the backward pass (only a fine-tune steps during it, with --fused_backward_pass and the
-    like)."""
+    like), with nothing reading the gradients before the optimizer does."""
 
     steps_during_backward = False
 
     def before_step(self, global_step: int) -> None:
         """Nothing changes during the run."""
+
+    def before_optimizer_step(self) -> None:
+        """Nothing reads the gradients but the optimizer."""
 
     def file_suffix(self, cfg: Any) -> str:
         return f".{cfg.save_model_as}"

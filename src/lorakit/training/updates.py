@@ -1,7 +1,8 @@
 """How a micro-batch's gradients become a weight update: after the backward pass (the usual way), or during it.
 
 * `StepAfterBackward`: at the end of an accumulation the gradients are reduced across processes, clipped over
-  all trained parameters together, and the optimizer steps over all of them.
+  all trained parameters together, shown to what trains (`Trainable.before_optimizer_step`: LoRA-GGPO measures
+  them), and the optimizer steps over all of them.
 * `StepDuringBackward` (`--fused_backward_pass`, `--blockwise_fused_optimizers`, `--fused_optimizer_groups`):
   post-accumulate-grad hooks step each parameter (or each block / group of parameters) as soon as its
   gradient is complete and free the gradient, so the gradients of the whole model never exist at once (the
@@ -22,6 +23,7 @@ still move the weights on average.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -36,13 +38,15 @@ class WeightUpdates(Protocol):
 
 
 def build_updates(cfg: Any, accelerator: Any, optimizer: Any, params: list[nn.Parameter],
-                  names: dict[nn.Parameter, str], during_backward: bool = True) -> WeightUpdates:
+                  names: dict[nn.Parameter, str], during_backward: bool = True,
+                  gradients_ready: Callable[[], None] | None = None) -> WeightUpdates:
     """The update rule the options choose; `optimizer` is accelerate's wrapper, `names` names each parameter
     (for the blocks of --blockwise_fused_optimizers). Without `during_backward` (what is trained has no use for
     it: an adapter network, as sd-scripts' train_network ignores --fused_backward_pass) the step follows the
-    backward pass."""
+    backward pass, and `gradients_ready` (the Trainable's `before_optimizer_step`) runs between clipping and
+    the optimizer step."""
     if not during_backward:
-        return StepAfterBackward(cfg, accelerator, optimizer, params)
+        return StepAfterBackward(cfg, accelerator, optimizer, params, gradients_ready)
     if cfg.fused_backward_pass:
         sets = [[p] for p in params]
         return StepDuringBackward(cfg, accelerator, optimizer, sets, stochastic=True)
@@ -51,18 +55,22 @@ def build_updates(cfg: Any, accelerator: Any, optimizer: Any, params: list[nn.Pa
     if getattr(cfg, "fused_optimizer_groups", None):
         groups = _lr_ordered(getattr(optimizer, "optimizer", optimizer).param_groups, set(params))
         return StepDuringBackward(cfg, accelerator, optimizer, split_in_groups(groups, cfg.fused_optimizer_groups), stochastic=False)
-    return StepAfterBackward(cfg, accelerator, optimizer, params)
+    return StepAfterBackward(cfg, accelerator, optimizer, params, gradients_ready)
 
 
 class StepAfterBackward:
-    def __init__(self, cfg: Any, accelerator: Any, optimizer: Any, params: list[nn.Parameter]):
+    def __init__(self, cfg: Any, accelerator: Any, optimizer: Any, params: list[nn.Parameter],
+                 gradients_ready: Callable[[], None] | None = None):
         self.cfg, self.accelerator, self.optimizer, self.params = cfg, accelerator, optimizer, params
+        self.gradients_ready = gradients_ready
 
     def after_backward(self, sync: bool) -> None:
         if sync:
             all_reduce_gradients(self.accelerator, self.params)
             if self.cfg.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            if self.gradients_ready is not None:
+                self.gradients_ready()
         self.optimizer.step()  # the accelerate wrapper steps only when `sync` is set
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -46,7 +46,7 @@ from lorakit.families.common.bfl_packing import (
     pack_latents,
     unpack_latents,
 )
-from lorakit.families.common.bfl_targets import block_targets, embedder_targets
+from lorakit.families.common.bfl_targets import block_targets, embedder_targets, reg_ranked
 from lorakit.families.common.flow_metadata import flow_sampling_metadata
 from lorakit.families.common.layers import checkpoint_offloading_to_cpu, to_fp8
 from lorakit.families.common.text_encoders import t5_targets
@@ -254,7 +254,7 @@ class ChromaFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             targets += embedder_targets(comps.denoiser, bfl_keys.EMBEDDER_GROUPS, bfl_keys.TOP_LEVEL, args, alpha)
         if spec.train_text_encoder and args.train_t5xxl:
             ranks = RankChoice(args.network_dim, alpha or float(args.network_dim))
-            targets += t5_targets(comps.text_encoders[0], "lora_te3", ranks)
+            targets += reg_ranked(t5_targets(comps.text_encoders[0], "lora_te3", ranks), args, alpha)
         return targets
 
     def lycoris_denoiser_targets(self, comps: Components, spec: TargetSpec, preset_classes: set[str]) -> list[AdapterTarget]:

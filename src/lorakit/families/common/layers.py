@@ -96,6 +96,9 @@ class SplitQKVView(FusedLinearView):
     q, k, v, then the 4× wider MLP input).
     """
 
+    #: its adapter is one LoRA per part: the algorithms that treat a layer as a whole (LoRA-GGPO) leave it be
+    independent_parts = True
+
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
         adapter = getattr(value, "__self__", None)

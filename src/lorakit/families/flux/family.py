@@ -35,6 +35,7 @@ from lorakit.families.base import (
     SeparatePart,
     TextConditioning,
 )
+from lorakit.families.common.bfl_targets import reg_ranked
 from lorakit.families.common.flow_metadata import flow_sampling_metadata
 from lorakit.families.common.layers import fp8_parts, to_fp8
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
@@ -307,9 +308,8 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         if spec.train_text_encoder:
             clip, t5 = comps.text_encoders
             ranks = RankChoice(args.network_dim, alpha or float(args.network_dim))
-            targets += clip_targets(clip, "lora_te1", ranks)
-            if args.train_t5xxl:
-                targets += t5_targets(t5, "lora_te3", ranks)
+            encoders = clip_targets(clip, "lora_te1", ranks) + (t5_targets(t5, "lora_te3", ranks) if args.train_t5xxl else [])
+            targets += reg_ranked(encoders, args, alpha)
         return targets
 
     def lycoris_denoiser_targets(self, comps: Components, spec: TargetSpec, preset_classes: set[str]) -> list[AdapterTarget]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from lorakit.families.common.bfl_network_args import KNOWN_KEYS, NOT_YET, TYPE_DIM_KEYS
+from lorakit.families.common.bfl_network_args import KNOWN_KEYS, TYPE_DIM_KEYS
 from lorakit.families.common.bfl_network_args import BflNetworkArgs as FluxNetworkArgs
 
-#: every key networks.lora_flux has (those lorakit does not do yet are refused by the parser with a reason)
-NETWORK_ARG_KEYS = KNOWN_KEYS | frozenset(NOT_YET)
+#: every key networks.lora_flux has
+NETWORK_ARG_KEYS = KNOWN_KEYS
 
-__all__ = ["FluxNetworkArgs", "KNOWN_KEYS", "NOT_YET", "TYPE_DIM_KEYS"]
+__all__ = ["FluxNetworkArgs", "KNOWN_KEYS", "NETWORK_ARG_KEYS", "TYPE_DIM_KEYS"]
