@@ -43,8 +43,8 @@ TRAINING = ("train", "finetune", "dreambooth", "controlnet", "textual-inversion"
 #: command lines per doc (a new line must be added here: run it, or leave it to the parse check)
 COUNTS = {
     "README.md": 4, "docs/controlnet.md": 3, "docs/datasets.md": 12, "docs/families-qwen-zimage.md": 3,
-    "docs/families.md": 11, "docs/finetune.md": 5, "docs/flux.md": 1, "docs/generate.md": 7, "docs/models.md": 14,
-    "docs/multi_gpu.md": 4, "docs/optimizers.md": 2, "docs/sample.md": 3, "docs/sd3.md": 2, "docs/sdxl.md": 2,
+    "docs/families.md": 11, "docs/finetune.md": 5, "docs/flux.md": 1, "docs/generate.md": 12, "docs/models.md": 14,
+    "docs/multi_gpu.md": 4, "docs/optimizers.md": 2, "docs/sample.md": 5, "docs/sd3.md": 2, "docs/sdxl.md": 2,
     "docs/textual_inversion.md": 1, "docs/tools.md": 25, "docs/training.md": 3,
 }
 
@@ -87,6 +87,7 @@ RUN: dict[tuple[str, int], dict[str, str]] = {
     ("docs/optimizers.md", 1): {"model.safetensors": SD1, **TRAIN_IMAGES, "my_optimizers/sign_sgd.py": "python_block_0"},
     ("docs/sd3.md", 1): {"sd3.5_medium.safetensors": "sd35m", "my_sd3_dataset_config.toml": DATASET_TOML},
     ("docs/sample.md", 1): {"model.safetensors": SD1, "style.safetensors": LORA, "character.safetensors": LORA},
+    ("docs/sample.md", 3): {"model.safetensors": SD1, "style.safetensors": LORA, "character.safetensors": LORA},
     ("docs/textual_inversion.md", 0): {"model.safetensors": SD1, "data": IMAGES, "prompts.txt": PROMPTS},
     ("docs/tools.md", 0): {"my_lora.safetensors": LORA},
     ("docs/tools.md", 1): {"my_lora.safetensors": LORA},
@@ -114,6 +115,7 @@ STOPS = {("docs/multi_gpu.md", 2): "pip install deepspeed"}
 # why a line is only parsed
 FAMILY = "a {} model: the family's tiny-model runs are its own tests' ({})"
 HUB = "needs a tagger or captioning model from the model hub"
+CONTROLNET_FILES = "ControlNet files made by the ControlNet trainer's save code: the runs are test_generate_controlnet.py's"
 PROCESSES = "the same run as line 0 once the launcher is dropped; several processes: tests/test_distributed.py"
 UPLOAD = "uploads to the model hub (unreachable here): tests/test_hub.py"
 #: (doc, index) -> why the line is parsed rather than run
@@ -144,6 +146,10 @@ PARSED_ONLY: dict[tuple[str, int], str] = {
     ("docs/generate.md", 1): FAMILY.format("FLUX.1", "test_generate.py"),
     ("docs/generate.md", 2): FAMILY.format("SDXL", "test_generate.py"),
     ("docs/generate.md", 6): FAMILY.format("SDXL", "test_generate.py"),
+    ("docs/generate.md", 7): CONTROLNET_FILES, ("docs/generate.md", 8): CONTROLNET_FILES,
+    ("docs/generate.md", 9): FAMILY.format("SDXL", "test_generate_controlnet.py"),
+    ("docs/generate.md", 10): FAMILY.format("FLUX.1", "test_generate_controlnet.py"),
+    ("docs/generate.md", 11): FAMILY.format("FLUX.1", "test_sample_options.py"),
     ("docs/models.md", 3): FAMILY.format("SDXL", "test_model_convert.py"),
     ("docs/models.md", 4): FAMILY.format("SD3", "test_model_convert.py"),
     ("docs/models.md", 5): FAMILY.format("SD3", "test_model_convert.py"),
@@ -154,6 +160,7 @@ PARSED_ONLY: dict[tuple[str, int], str] = {
     ("docs/multi_gpu.md", 1): PROCESSES, ("docs/multi_gpu.md", 3): PROCESSES,
     ("docs/sample.md", 0): FAMILY.format("FLUX.1", "test_generate.py, test_sample_command.py"),
     ("docs/sample.md", 2): FAMILY.format("SDXL", "test_sample_command.py"),
+    ("docs/sample.md", 4): FAMILY.format("SD3", "test_sample_options.py"),
     ("docs/sd3.md", 0): FAMILY.format("SD 3.5 Large", "test_sd3_seed.py runs this guide command"),
     ("docs/sdxl.md", 0): FAMILY.format("SDXL", "test_sdxl_train.py"),
     ("docs/sdxl.md", 1): FAMILY.format("SDXL", "test_sdxl_train.py"),
