@@ -139,6 +139,9 @@ class ModelFamily:
     oft_network_modules: ClassVar[tuple[str, ...]] = ()  # OFT modules rotating each fused part on its own
     bucket_step: ClassVar[int] = 64  # --bucket_reso_steps must be a multiple of this
     takes_v2: ClassVar[bool] = False  # --v2 (an SD 2.x model) applies
+    # positions in `Components.text_encoders` of the encoders large enough for --base_quant to quantize besides the
+    # denoiser (T5-XXL, the LLM encoders); the CLIPs stay as they are
+    large_text_encoders: ClassVar[tuple[int, ...]] = ()
     block_layout: ClassVar["BlockLayout | None"] = None  # block-wise ranks, LR weights, LBW; None: no blocks
     all_layers_args: ClassVar[Mapping[str, str]] = {}  # --network_args listing every layer a LoRA file may name
     oft_attention: ClassVar[re.Pattern[str]] = re.compile(r"(?!)")  # OFT's default layers, by kohya name

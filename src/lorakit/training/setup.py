@@ -25,6 +25,7 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     the spec describes (built from `cfg` when None) as the run's `Trainable`."""
     spec = spec or target_spec_from_config(cfg, family)
     comps = family.load(cfg, spec, text_cache)
+    quantize_frozen(cfg, family, comps)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     device = accelerator.device
     swap_blocks = family.swaps_blocks(cfg)
@@ -53,6 +54,21 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     comps.denoiser.train()
     return Session(cfg, family, comps, trainable, family.objective(cfg, comps), accelerator, weight_dtype,
                    trainable.trains_text_encoders)
+
+
+def quantize_frozen(cfg: Any, family: ModelFamily, comps: Any) -> int:
+    """--base_quant: the denoiser's and the large text encoders' linears and convolutions stored quantized, before
+    they are placed (so they travel to the device small). `fp8` is `--fp8_base`, which the families apply as they
+    load (a family that stores no float8 itself gets it here). Returns how many layers were quantized here."""
+    from lorakit.families.common.quant import holds_fp8, quantize
+
+    mode = getattr(cfg, "base_quant", None)
+    if mode is None or mode == "fp8" and (holds_fp8(comps.denoiser) or cfg.fp8_base_unet):
+        return 0
+    encoders = [comps.text_encoders[i] for i in family.large_text_encoders if i < len(comps.text_encoders)]
+    layers = sum(quantize(part, mode) for part in [comps.denoiser, *encoders] if part is not None)
+    log.info("--base_quant %s: %d layers store quantized weights", mode, layers)
+    return layers
 
 
 def _full_precision(cfg: Any, trained: torch.nn.Module, accelerator: Accelerator) -> None:

@@ -82,6 +82,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
     name = "flux"
     title = "FLUX.1"
+    large_text_encoders = (1,)  # what --base_quant quantizes besides the denoiser
     default_network_module = "networks.lora_flux"
     lora_network_modules = ("networks.lora_flux",)
     oft_network_modules = ("networks.oft_flux",)

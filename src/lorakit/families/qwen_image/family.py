@@ -57,6 +57,7 @@ class QwenImageFamily(BlockSwapFamily, ModelFamily):
 
     name = "qwen_image"
     title = "Qwen-Image"
+    large_text_encoders = (0,)  # what --base_quant quantizes besides the denoiser
     default_network_module = "networks.lora_qwen_image"
     lora_network_modules = ("networks.lora_qwen_image",)
     bucket_step = 16  # 8× VAE, then 2×2 patches

@@ -75,6 +75,7 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
     name = "sd3"
     title = "SD3"
+    large_text_encoders = (2,)  # what --base_quant quantizes besides the denoiser
     default_network_module = "networks.lora_sd3"
     lora_network_modules = ("networks.lora_sd3",)
     bucket_step = 32
