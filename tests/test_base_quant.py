@@ -179,3 +179,67 @@ def test_options_name_the_mode_and_its_conflicts():
     assert cfg.base_quant == "fp8"
     with pytest.raises(ConfigError, match="--base_quant nf4 and --fp8_base exclude each other"):
         parse_train_args([*base, "--base_quant=nf4", "--fp8_base", "--mixed_precision=bf16"])
+
+
+def _tiny_flux_file(tmp_path: Path) -> tuple[list[str], dict[str, torch.Tensor], dict[str, str]]:
+    from lorakit.checkpoint_io import read_checkpoint
+
+    model_args, _ = fixtures("flux").bench_files("tiny", tmp_path / "model")
+    checkpoint = read_checkpoint(dict(a[2:].split("=", 1) for a in model_args)["pretrained_model_name_or_path"])
+    return model_args, checkpoint.state_dict, checkpoint.metadata
+
+
+def test_a_scaled_fp8_community_file_loads_as_the_model_it_stands_for(tmp_path):
+    """ComfyUI's scaled-fp8 layout: float8 weights, a scale_weight each (per tensor here), a scaled_fp8 marker."""
+    from safetensors.torch import save_file
+
+    model_args, state, metadata = _tiny_flux_file(tmp_path)
+    scaled = {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
+    for key, value in state.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            scale = value.abs().max().float() / 448
+            scaled[key] = (value.float() / scale).to(torch.float8_e4m3fn)
+            scaled[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
+            scaled[key[: -len("weight")] + "scale_input"] = torch.ones(())
+        else:
+            scaled[key] = value
+    path = tmp_path / "flux1-scaled.safetensors"
+    save_file(scaled, str(path), metadata)
+    family = get_family("flux")
+    plain = family.load_model(_source(model_args)).denoiser.state_dict()
+    args = [a if not a.startswith("--pretrained_model_name_or_path=") else f"--pretrained_model_name_or_path={path}" for a in model_args]
+    loaded = family.load_model(_source(args)).denoiser.state_dict()
+    assert loaded.keys() == plain.keys()
+    for key, value in plain.items():
+        torch.testing.assert_close(loaded[key], value, rtol=2**-4, atol=value.abs().max().item() * 2**-9 + 1e-12)
+
+
+def test_a_gguf_file_is_detected_read_and_trained_on(tmp_path):
+    gguf = pytest.importorskip("gguf", reason="GGUF files are read through the gguf package (lorakit[quant])")
+    from lorakit.families.registry import detect_family
+
+    model_args, state, metadata = _tiny_flux_file(tmp_path)
+    path = tmp_path / "flux1-Q8_0.gguf"
+    writer = gguf.GGUFWriter(str(path), "flux")
+    for key, value in metadata.items():
+        writer.add_string(key, value)
+    for key, value in state.items():
+        array = value.float().numpy()
+        if value.ndim == 2 and value.shape[1] % 32 == 0:
+            writer.add_tensor(key, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(key, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert detect_family(str(path)) == "flux"
+    args = [a if not a.startswith("--pretrained_model_name_or_path=") else f"--pretrained_model_name_or_path={path}" for a in model_args]
+    family = get_family("flux")
+    loaded = family.load_model(_source(args)).denoiser.state_dict()
+    plain = family.load_model(_source(model_args)).denoiser.state_dict()
+    for key, value in plain.items():  # Q8_0: 8 bits per weight, one scale per 32
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=value.abs().max().item() / 100 + 1e-12)
+    trained = _train("flux", tmp_path, args, "int8")
+    assert any(k.endswith("lora_up.weight") for k in trained)
