@@ -121,3 +121,27 @@ def test_whole_command(seed, command, paths):
     # not every expected one shows here; the option-by-option test covers each)
     keys = [name.partition(":")[2] or name for name in expected]
     assert problems and all(any(key in problem for key in keys) for problem in problems), problems
+
+
+#: seed 001's FLUX.1 fine-tuning command (`flux_train.py`, "works with 24 GB VRAM GPUs"), paths replaced; it runs
+#: on a tiny FLUX in tests/test_finetune.py::test_seed_flux_train_py_command, with the SD 1.5 (fine_tune.py,
+#: train_db.py), SDXL and SD3 equivalents beside it
+SEED_001_FLUX_FINETUNE = r"""
+--pretrained_model_name_or_path {model} --clip_l {model} --t5xxl {model} --ae {model}
+--save_model_as safetensors --sdpa --persistent_data_loader_workers --max_data_loader_n_workers 2
+--seed 42 --gradient_checkpointing --mixed_precision bf16 --save_precision bf16
+--dataset_config {prompts} --output_dir {out} --output_name output-name
+--learning_rate 5e-5 --max_train_epochs 4 --sdpa --highvram --cache_text_encoder_outputs_to_disk --cache_latents_to_disk --save_every_n_epochs 1
+--optimizer_type adafactor --optimizer_args "relative_step=False" "scale_parameter=False" "warmup_init=False"
+--lr_scheduler constant_with_warmup --max_grad_norm 0.0
+--timestep_sampling shift --discrete_flow_shift 3.1582 --model_prediction_type raw --guidance_scale 1.0
+--fused_backward_pass  --blocks_to_swap 8 --full_bf16
+"""
+
+
+def test_seed_001_flux_finetune_command_is_accepted_by_lorakit_finetune(paths):
+    argv = shlex.split(SEED_001_FLUX_FINETUNE.format(**{k: str(v) for k, v in paths.items()}))
+    cfg, _ = parse_train_args(argv, command="finetune")
+    assert cfg.fused_backward_pass and cfg.full_bf16 and cfg.blocks_to_swap == 8 and cfg.trains_model_weights
+    with pytest.raises(ConfigError, match="--network_dim is an option of `lorakit train`"):
+        parse_train_args(argv + ["--network_dim=4"], command="finetune")

@@ -30,7 +30,15 @@ def effective_mixed_precision(cfg: Any, *, warn: bool = False) -> str:
 
 
 def load_dtype(cfg: Any) -> torch.dtype:
-    """The dtype to build the base model in: the training dtype of frozen weights, or float32 with --no_half_vae."""
+    """The dtype to build the base model in: the training dtype of frozen weights, or float32 with --no_half_vae.
+
+    When the model's own weights train (a fine-tune) they are built in float32, as sd-scripts keeps them under
+    mixed precision (autocast computes in half precision, the optimizer updates float32 weights), or directly in
+    the half precision of --full_bf16 / --full_fp16; the frozen parts are cast to the weight dtype afterwards."""
+    if getattr(cfg, "trains_model_weights", False):
+        if getattr(cfg, "full_bf16", False):
+            return torch.bfloat16
+        return torch.float16 if getattr(cfg, "full_fp16", False) else torch.float32
     if getattr(cfg, "no_half_vae", False):
         return torch.float32
     return WEIGHT_DTYPES[effective_mixed_precision(cfg)]

@@ -198,7 +198,8 @@ def lora_file_name(output_name: str | None, ext: str, *, epoch: int | None = Non
 
     Without `output_name` the base is `epoch`, `at` or `last` respectively.
     """
-    return f"{_checkpoint_stem(output_name, epoch, step)}.{ext.lstrip('.')}"
+    suffix = f".{ext.lstrip('.')}" if ext else ""  # no extension: a folder (a diffusers model)
+    return f"{_checkpoint_stem(output_name, epoch, step)}{suffix}"
 
 
 def state_dir_name(output_name: str | None, *, epoch: int | None = None, step: int | None = None) -> str:

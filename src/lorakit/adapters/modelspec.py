@@ -32,7 +32,7 @@ EXTRA_KEYS = (
     "preprocessor",
     "is_negative_embedding",
 )
-_ADAPTER_SUFFIXES = ("/lora", "/textual-inversion")
+_ADAPTER_SUFFIXES = ("/lora", "/textual-inversion", "/controlnet", "/control-net-lllite")
 
 
 def thumbnail_data_url(value: str) -> str:
@@ -79,14 +79,16 @@ def build_modelspec(
     timestep_range: tuple[int, int] | None = None,
     extra: Mapping[str, str] | None = None,
     date: datetime | None = None,
+    adapter: bool = True,
 ) -> dict[str, str]:
     """The `modelspec.*` keys of a LoRA file.
 
     `architecture` is the base model's ModelSpec id (e.g. `stable-diffusion-xl-v1-base`); `/lora` is appended
     unless an adapter suffix is already there. `resolution` is (width, height) or one side. `prediction_type`
     is `epsilon`/`v`, or None to omit it (FLUX). `date` defaults to now (local time, ISO 8601, as sd-scripts).
+    `adapter=False`: a whole model (a fine-tuned checkpoint), whose architecture has no suffix.
     """
-    if not architecture.endswith(_ADAPTER_SUFFIXES):
+    if adapter and not architecture.endswith(_ADAPTER_SUFFIXES):
         architecture = f"{architecture}/lora"
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     spec = {

@@ -15,6 +15,11 @@ USAGE = """usage: lorakit <command> [options]   (lorakit --version prints the ve
 
 commands:
   train     train a LoRA (sd-scripts option names: lorakit train --help)
+  textual-inversion   train a token embedding (train_textual_inversion.py's options: --token_string, --init_word, ...)
+  controlnet          train a ControlNet (SD 1.x/2.x, FLUX.1) or a ControlNet-LLLite (SDXL) on image/conditioning pairs
+  finetune  fine-tune the model's own weights, any family (fine_tune.py, sdxl_train.py, sd3_train.py,
+            flux_train.py command lines; docs/finetune.md)
+  dreambooth  DreamBooth as train_db.py: the text encoder trains unless --stop_text_encoder_training -1
   cache     encode the dataset's latents (and, with --cache_text_encoder_outputs_to_disk, its captions) to
             sd-scripts' .npz cache files, without training (train options)
   demo      train a LoRA on the built-in toy model and dataset on the CPU, with before/after samples
@@ -27,7 +32,8 @@ commands:
   caption   caption a folder's images with BLIP, GIT or Qwen2.5-VL from a local model folder (lorakit caption --help)
   dataset   metadata and image tools: merge-captions, merge-tags, clean, resize, canny (lorakit dataset --help)
 
-Any sd-scripts train_network.py command line works after `lorakit train`.
+Any sd-scripts train_network.py command line works after `lorakit train`; fine_tune.py, sdxl_train.py,
+sd3_train.py and flux_train.py command lines after `lorakit finetune`, train_db.py's after `lorakit dreambooth`.
 """
 
 
@@ -42,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorakit {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "cache": _cache, "demo": _demo, "lora": _lora, "sample": _sample, "generate": _generate, "model": _model, "bench": _bench,
+    commands = {"train": _train, "textual-inversion": _textual_inversion, "controlnet": _controlnet,
+                "finetune": _finetune, "dreambooth": _dreambooth, "cache": _cache, "demo": _demo, "lora": _lora,
+                "sample": _sample, "generate": _generate, "model": _model, "bench": _bench,
                 "tag": _tag, "caption": _caption, "dataset": _dataset}
     if command not in commands:
         print(f"lorakit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
@@ -91,14 +99,14 @@ def apply_console_options(cfg) -> None:
         root.addHandler(handler)
 
 
-def _train(argv: list[str]) -> int:
+def _train(argv: list[str], command: str = "train") -> int:
     from lorakit.config import build_train_parser, read_train_args
     from lorakit.errors import ConfigError
 
     if any(arg in ("-h", "--help") for arg in argv):
         build_train_parser().print_help()
         return 0
-    parsed = read_train_args(argv)
+    parsed = read_train_args(argv, command=command)
     cfg = parsed.config
     if cfg is None or (parsed.problems and cfg.output_config):
         raise ConfigError(parsed.problems)
@@ -110,10 +118,50 @@ def _train(argv: list[str]) -> int:
         return 0
     from lorakit.training.run import train
 
-    result = train(cfg, parsed.problems)  # the options' problems are reported with the files' and the data's
+    # the options' problems are reported with the files' and the data's
+    result = train(cfg, _training_type(command), parsed.problems)
     if result.saved_files:
         print(f"saved {result.saved_files[-1]}")
     return 0
+
+
+def _training_type(command: str):
+    """The training type a command trains (imported only once the options are read)."""
+    if command == "textual-inversion":
+        from lorakit.training.textual_inversion import TEXTUAL_INVERSION
+
+        return TEXTUAL_INVERSION
+    if command == "controlnet":
+        from lorakit.training.controlnet import CONTROLNET
+
+        return CONTROLNET
+    if command in ("finetune", "dreambooth"):
+        from lorakit.training.finetune_setup import FINETUNE
+
+        return FINETUNE
+    from lorakit.training.network_trainable import NETWORK
+
+    return NETWORK
+
+
+def _textual_inversion(argv: list[str]) -> int:
+    """`lorakit textual-inversion`: sd-scripts' train_textual_inversion.py / sdxl_train_textual_inversion.py."""
+    return _train(argv, "textual-inversion")
+
+
+def _controlnet(argv: list[str]) -> int:
+    """`lorakit controlnet`: train_control_net.py, sdxl_train_control_net_lllite.py, flux_train_control_net.py."""
+    return _train(argv, "controlnet")
+
+
+def _finetune(argv: list[str]) -> int:
+    """`lorakit finetune`: fine_tune.py, sdxl_train.py, sd3_train.py, flux_train.py."""
+    return _train(argv, "finetune")
+
+
+def _dreambooth(argv: list[str]) -> int:
+    """`lorakit dreambooth`: train_db.py (the text encoder trains by default)."""
+    return _train(argv, "dreambooth")
 
 
 def _demo(argv: list[str]) -> int:

@@ -21,6 +21,8 @@ from typing import Any, Literal
 from pydantic.fields import FieldInfo
 
 from lorakit.config.rules import cross_field_warnings
+from lorakit.config.rules_finetune import model_training_problems, model_training_warnings
+from lorakit.config.schema_finetune import command_problems
 from lorakit.config.schema import SECTIONS, TrainConfig, section_of
 from lorakit.config.support import check_supported
 from lorakit.config.toml_io import closest, read_config_file, write_config_file
@@ -160,20 +162,21 @@ class ParsedOptions:
     problems: list[str]
 
 
-def parse_train_args(argv: list[str], *, check_support: bool = True) -> tuple[TrainConfig, list[str]]:
-    """Parse `lorakit train` options (and their --config_file) into a TrainConfig.
+def parse_train_args(argv: list[str], *, check_support: bool = True, command: str = "train") -> tuple[TrainConfig, list[str]]:
+    """Parse `lorakit train` options (or those of `lorakit <command>`: finetune, dreambooth, ...) and their
+    --config_file into a TrainConfig.
 
     Returns the config and the warnings to show. Raises ConfigError listing every problem found.
     With --output_config the options are also written to the --config_file path (the caller should
     stop afterwards, as sd-scripts does). `check_support=False` skips the not-implemented-yet check.
     """
-    parsed = read_train_args(argv, check_support=check_support)
+    parsed = read_train_args(argv, check_support=check_support, command=command)
     if parsed.problems or parsed.config is None:
         raise ConfigError(parsed.problems)
     return parsed.config, parsed.warnings
 
 
-def read_train_args(argv: list[str], *, check_support: bool = True) -> ParsedOptions:
+def read_train_args(argv: list[str], *, check_support: bool = True, command: str = "train") -> ParsedOptions:
     """Like `parse_train_args`, but return the problems with the config instead of raising, so that a run can
     report them together with the problems of its files, folders and data (`training.preflight`)."""
     known = set(TrainConfig.model_fields)
@@ -201,6 +204,9 @@ def read_train_args(argv: list[str], *, check_support: bool = True) -> ParsedOpt
 
     config, found = check_options(values, origins, skip_requirements=writing)
     problems += found
+    if config is not None:
+        config.for_command(command)
+        problems += command_problems(config, command) + model_training_problems(config)
     if config is not None and check_support:
         unsupported, fallbacks = check_supported(config)
         problems += unsupported
@@ -208,7 +214,7 @@ def read_train_args(argv: list[str], *, check_support: bool = True) -> ParsedOpt
     if config is not None and config.family != "auto" and not writing:
         problems += _family_problems(config, warnings)
     if config is not None and not problems:
-        warnings += cross_field_warnings(config)
+        warnings += cross_field_warnings(config) + model_training_warnings(config)
         if writing and config.config_file:
             write_config_file(config, config.config_file)
     return ParsedOptions(config, warnings, problems)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationInfo, model_validator
+from pydantic import PrivateAttr, ValidationInfo, model_validator
 
 from lorakit.config.rules import cross_field_problems
 from lorakit.config.schema_data import DatasetOptions, LoggingOptions, ModelOptions, OptionSection
+from lorakit.config.schema_finetune import MODEL_COMMANDS, FinetuneOptions
+from lorakit.config.schema_kinds import ControlNetOptions, TextualInversionOptions
 from lorakit.config.schema_loss import MemoryOptions, NoiseLossOptions, TextEncoderOptions
 from lorakit.config.schema_output import LorakitOptions, MetadataOptions, SamplingOptions, SavingOptions
 from lorakit.config.schema_train import (
@@ -44,10 +46,40 @@ class TrainConfig(
     DeepSpeedOptions,
     LoggingOptions,
     LorakitOptions,
+    TextualInversionOptions,
+    ControlNetOptions,
+    FinetuneOptions,
     *family_option_sections(),
 ):
     """All options of `lorakit train` (see the section classes for the fields and their help); the model
     families add their own sections (`families/<name>/options.py`)."""
+
+    #: the command the options were given to: `train` (an adapter network), `finetune` or `dreambooth`
+    _command: str = PrivateAttr("train")
+
+    @property
+    def command(self) -> str:
+        return self._command
+
+    @property
+    def trains_model_weights(self) -> bool:
+        """The model's own weights train (a fine-tune): they load and stay in float32 unless --full_bf16/fp16."""
+        return self._command in MODEL_COMMANDS
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Some text encoder trains: its outputs cannot be cached whole. For `lorakit train` a text-encoder
+        LoRA (unless --network_train_unet_only); for `lorakit finetune` --train_text_encoder; for `lorakit
+        dreambooth` (train_db.py) unless --stop_text_encoder_training -1."""
+        if not self.trains_model_weights:
+            return not self.network_train_unet_only
+        if self._command == "dreambooth":
+            return self.stop_text_encoder_training != -1
+        return self.train_text_encoder and self.stop_text_encoder_training != -1
+
+    def for_command(self, command: str) -> "TrainConfig":
+        self._command = command
+        return self
 
     @model_validator(mode="before")
     @classmethod

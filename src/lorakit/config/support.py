@@ -69,8 +69,6 @@ _HINTS: dict[str, str] = {
         ),
         _REMOVE,
     ),
-    # model
-    "controlnet_model_name_or_path": _REMOVE,
 }  # fmt: skip
 
 #: Options that select something lorakit does differently; training continues with this warning.
@@ -206,6 +204,16 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "full_bf16",
         # images decoded at start-up (data/verify.py)
         "skip_bad_images",
+        # textual inversion and ControlNet (training/textual_inversion.py, training/controlnet.py)
+        "token_string", "init_word", "num_vectors_per_token", "use_object_template", "use_style_template", "weights",
+        "lllite", "cond_emb_dim",
+        "controlnet_model_name_or_path",
+        # whole-model training (training/finetune*.py, training/fused_step.py, training/ema.py)
+        "fused_backward_pass", "train_text_encoder", "learning_rate_te", "learning_rate_te1", "learning_rate_te2",
+        "learning_rate_te3", "stop_text_encoder_training", "no_token_padding", "train_t5xxl", "use_t5xxl_cache_only",
+        "block_lr", "num_last_block_to_freeze", "blockwise_fused_optimizers", "fused_optimizer_groups", "mem_eff_save",
+        "diffusers_xformers", "skip_latents_validity_check",
+        "ema_decay", "ema_update_every", "save_ema",
     }
 )  # fmt: skip
 

@@ -15,13 +15,15 @@ family defines them all.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
+
+from lorakit.errors import ConfigError
 
 if TYPE_CHECKING:
     from lorakit.adapters.blocks import BlockLayout
@@ -46,6 +48,16 @@ class Components:
     text_encoders: list[nn.Module]
     tokenizers: list[Any]
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+def part_names(comps: "Components") -> list[str]:
+    """Names of a model's parts: `denoiser`, `vae`, `text_encoder_0`, `text_encoder_1`, ..."""
+    return ["denoiser", "vae", *(f"text_encoder_{i}" for i in range(len(comps.text_encoders)))]
+
+
+def part_modules(comps: "Components") -> dict[str, nn.Module | None]:
+    """The model's parts by name (`part_names`); a part the model was loaded without is None."""
+    return dict(zip(part_names(comps), [comps.denoiser, comps.vae, *comps.text_encoders]))
 
 
 @dataclass
@@ -128,6 +140,35 @@ class InferenceDefaults:
     resolution: int = 512
 
 
+class FamilyControlNet(Protocol):
+    """How a ControlNet (or a ControlNet-LLLite) attaches to a family's denoiser (`families/<name>/controlnet.py`).
+
+    `build` attaches it so that the family's `predict` adds what it computes from `batch.conditioning_images`;
+    its files are the layouts the family's ControlNet readers load."""
+
+    title: str  # for messages: "ControlNet", "ControlNet-LLLite"
+    modelspec_kind: str  # the ModelSpec architecture suffix of its files
+
+    def option_problems(self, cfg: Any) -> list[str]:
+        """Its own option checks, before anything loads."""
+
+    def build(self, cfg: Any, comps: Components, device: torch.device) -> nn.Module:
+        """A new ControlNet (from the denoiser, or from --controlnet_model_name_or_path) attached to `comps`."""
+
+    def save(self, module: nn.Module, path: Path, metadata: dict[str, str], save_dtype: torch.dtype | None,
+             model_format: str) -> None:
+        """Its single file (atomically)."""
+
+    def save_folder(self, module: nn.Module, folder: Path) -> bool:
+        """Its diffusers folder, where diffusers reads one (False: this kind has no diffusers layout)."""
+
+    def pipeline(self, comps: Components, module: nn.Module, sampler: str) -> Any:
+        """A pipeline over the model and this ControlNet; it takes the control image `sample_inputs` names."""
+
+    def sample_inputs(self, image: Any) -> dict[str, Any]:
+        """The pipeline inputs for a control image (a PIL image)."""
+
+
 class ModelFamily:
     """What a model family provides. Subclasses set the class attributes and implement the methods."""
 
@@ -153,6 +194,9 @@ class ModelFamily:
     separate_parts: ClassVar[Mapping[str, SeparatePart]] = {}
     single_file_kinds: ClassVar[tuple[str, ...]] = ("safetensors", "ckpt")
     save_formats: ClassVar[tuple[str, ...]] = ("kohya",)  # LoRA layouts training can write (--save_format)
+    trains_whole_model: ClassVar[bool] = False  # `lorakit finetune`/`dreambooth` (its checkpoint_pieces)
+    block_lr_count: ClassVar[int] = 0  # values --block_lr takes (0: the family has no --block_lr)
+    freezes_last_blocks: ClassVar[bool] = False  # --num_last_block_to_freeze applies (parameters_to_freeze)
     uses_own_scheduler: ClassVar[bool] = False  # samples with its own flow scheduler whatever the sampler name
     image_tasks: ClassVar[tuple[str, ...]] = ()  # pipelines besides text-to-image: "img2img", "inpaint"
     # whole-model files (`lorakit model convert/merge`)
@@ -160,6 +204,9 @@ class ModelFamily:
     single_file_without_encoders: ClassVar[bool] = False  # a single file may leave the text encoders out
     save_precisions: ClassVar[tuple[str, ...]] = ("float", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16")  # --save_precision of whole models
     single_file_denoiser_prefixes: ClassVar[tuple[str, ...]] = ()  # key prefixes of the denoiser in its single file
+    #: textual inversion: the embedding file's key for each text encoder, in `Components.text_encoders` order
+    #: (sd-scripts' names); empty: the family has no textual inversion
+    textual_inversion_keys: ClassVar[tuple[str, ...]] = ()
     # which loaders read this family's LoRA files (`lorakit lora inspect`; peers.md §4 has the loaders' key tables)
     webui_kohya: ClassVar[str] = "yes"  # A1111/Forge on the kohya layout
     webui_diffusers: ClassVar[str] = "no"  # A1111/Forge on the diffusers/PEFT layout
@@ -302,6 +349,10 @@ class ModelFamily:
         """The tensors and metadata of a LoRA file in `save_format` (one of `save_formats`)."""
         return state, metadata
 
+    def controlnet(self, cfg: Any) -> FamilyControlNet | None:
+        """The ControlNet `lorakit controlnet` trains on this family (None: the family has none)."""
+        return None
+
     # -- sampling ---------------------------------------------------------------------------------------------
     def pipeline(self, comps: Components, sampler: str | None = None) -> Any:
         """A diffusers pipeline over these very modules (an attached LoRA shows in its images), sampling with
@@ -371,6 +422,26 @@ class ModelFamily:
     def save_part_file(self, comps: Components, part: str, path: Path, dtype: torch.dtype | None) -> None:
         """A part read from a file of its own (`separate_parts`) written back in its layout."""
         raise NotImplementedError(f"the {self.title} family keeps no parts in files of their own")
+
+    # -- whole-model training (full fine-tune, DreamBooth) ----------------------------------------------------
+    def checkpoint_parts(self, comps: Components) -> tuple[str, ...]:
+        """The parts (`part_names`) the family's original single file holds, of those this model has."""
+        return tuple(name for name, module in part_modules(comps).items() if module is not None)
+
+    def checkpoint_pieces(self, comps: Components, parts: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        """The named parts' tensors under the names the original single file gives them, in file order and in
+        pieces (a block at a time where a conversion builds new tensors), so a writer holds one piece at a time.
+        Defined by the families that `trains_whole_model`."""
+        raise ConfigError([f"whole-model training is not available for the {self.title} family yet (LoRA training is)"])
+
+    def lr_blocks(self, comps: Components) -> Callable[[str], int] | None:
+        """The `--block_lr` block (0 .. block_lr_count-1) of a denoiser parameter name (None: no --block_lr)."""
+        return None
+
+    def parameters_to_freeze(self, comps: Components, last_blocks: int) -> list[str]:
+        """Denoiser parameter names sd-scripts' `--num_last_block_to_freeze N` freezes (empty: the family has
+        no such option; the option check says so)."""
+        return []
 
     # -- LoRA files -------------------------------------------------------------------------------------------
     def lora_to_diffusers(self, state: dict[str, torch.Tensor], metadata: dict[str, str], *, keep_alpha: bool = False

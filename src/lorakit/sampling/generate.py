@@ -71,19 +71,21 @@ def _prompt_kwargs(pipe: Any, prompt: SamplePrompt, clip_skip: int | None) -> di
 
 
 @torch.no_grad()
-def generate_sample(pipe: Any, prompt: SamplePrompt, *, clip_skip: int | None = None) -> Image.Image:
-    """One image for a sample prompt; a prompt with a seed gives the same image on every device."""
+def generate_sample(pipe: Any, prompt: SamplePrompt, *, clip_skip: int | None = None,
+                    inputs: dict[str, Any] | None = None, output_type: str = "pil") -> Any:
+    """One image for a sample prompt; a prompt with a seed gives the same image on every device. `inputs` are
+    the pipeline's further inputs (a control image); `output_type` "np" gives the floats instead of a picture."""
     generator = torch.Generator(device="cpu").manual_seed(prompt.seed) if prompt.seed is not None else None
-    kwargs = _prompt_kwargs(pipe, prompt, clip_skip)
+    kwargs = {**_prompt_kwargs(pipe, prompt, clip_skip), **(inputs or {})}
     if prompt.guidance_scale is not None:
         kwargs["guidance_scale_embedded"] = prompt.guidance_scale
-    return _call_pipeline(pipe, kwargs, prompt, generator)
+    return _call_pipeline(pipe, kwargs, prompt, generator, output_type)
 
 
-def _call_pipeline(pipe: Any, kwargs: dict[str, Any], prompt: SamplePrompt, generator: Any) -> Image.Image:
+def _call_pipeline(pipe: Any, kwargs: dict[str, Any], prompt: SamplePrompt, generator: Any, output_type: str) -> Any:
     import inspect
 
-    accepted = inspect.signature(pipe.__call__).parameters
+    accepted = getattr(pipe, "accepted_inputs", None) or inspect.signature(pipe.__call__).parameters
     embedded = kwargs.pop("guidance_scale_embedded", None)
     if embedded is not None and "guidance" in accepted:
         kwargs["guidance"] = embedded  # FLUX-style embedded guidance (--g), where the pipeline has it
@@ -94,6 +96,6 @@ def _call_pipeline(pipe: Any, kwargs: dict[str, Any], prompt: SamplePrompt, gene
     kwargs["true_cfg_scale" if embedded_only else "guidance_scale"] = prompt.scale
     out = pipe(
         **kwargs, num_inference_steps=prompt.sample_steps, width=prompt.width, height=prompt.height,
-        generator=generator, output_type="pil",
+        generator=generator, output_type=output_type,
     )
     return out.images[0]

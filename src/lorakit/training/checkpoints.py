@@ -41,8 +41,9 @@ class Checkpointer:
         """A file (and state) named by `named` (epoch= or step=), then retention pruning of that kind."""
         cfg = self.session.cfg
         self.before_save(at_step)
-        self._lora(lora_file_name(cfg.output_name, cfg.save_model_as, **named), at_epoch, at_step)
-        self._prune(cfg.save_model_as, self.keep_files, **named)
+        suffix = self.session.trainable.file_suffix(cfg)
+        self._lora(lora_file_name(cfg.output_name, suffix, **named), at_epoch, at_step)
+        self._prune(suffix, self.keep_files, **named)
         if cfg.save_state:
             self._state(state_dir_name(cfg.output_name, **named), at_epoch, at_step)
             self._prune(None, self.keep_states, **named)
@@ -50,7 +51,7 @@ class Checkpointer:
     def final(self, epoch: int, step: int) -> None:
         cfg = self.session.cfg
         self.before_save(step)
-        self._lora(lora_file_name(cfg.output_name, cfg.save_model_as), epoch, step)
+        self._lora(lora_file_name(cfg.output_name, self.session.trainable.file_suffix(cfg)), epoch, step)
         if cfg.save_state or cfg.save_state_on_train_end:
             self._state(state_dir_name(cfg.output_name), epoch, step)
 

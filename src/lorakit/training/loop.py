@@ -25,12 +25,8 @@ from lorakit.training.schedulers import build_lr_scheduler
 from lorakit.training.session import TrainResult
 from lorakit.training.resume_options import saved_options
 from lorakit.training.state import TrainingState, load_state
-from lorakit.training.step import (
-    all_reduce_gradients,
-    ends_accumulation,
-    set_sync_gradients,
-    step_loss,
-)
+from lorakit.training.step import ends_accumulation, set_sync_gradients, step_loss
+from lorakit.training.updates import build_updates
 
 log = logging.getLogger("lorakit")
 
@@ -52,6 +48,8 @@ class Trainer:
         self.live = TrainingState(trainable.module, self.optimizer, self.lr_scheduler, session.noise_generator,
                                   getattr(accelerator, "scaler", None))
         self.params = trainable.trainable_parameters()
+        names = {param: name for name, param in trainable.module.named_parameters()}
+        self.updates = build_updates(cfg, accelerator, self.optimizer, self.params, names)
         self.policy = SavePolicy(save_every_n_epochs(cfg, plan.num_epochs), cfg.save_every_n_steps, plan.num_epochs)
         self.seed = seed
         self.step_losses: list[torch.Tensor] = []
@@ -121,14 +119,10 @@ class Trainer:
 
     def _micro_step(self, batch: Any, sync: bool) -> torch.Tensor:
         set_sync_gradients(self.accelerator, sync)
+        self.session.trainable.before_step(self.global_step)
         loss = step_loss(self.session, batch)
         self.accelerator.backward(loss)
-        if sync:
-            all_reduce_gradients(self.accelerator, self.params)
-            if self.cfg.max_grad_norm:
-                self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()  # the accelerate wrapper steps only when `sync` is set
-        self.optimizer.zero_grad(set_to_none=True)
+        self.updates.after_backward(sync)  # reduce, clip and step (or, fused, what the hooks left)
         return loss.detach()
 
     def _after_update(self, loss: torch.Tensor, epoch: int, checkpoints: Checkpointer, sampler: Sampler) -> None:

@@ -180,9 +180,10 @@ def base_metadata(session: Any, summary: Any, facts: RunFacts) -> dict[str, str]
     resolution = tuple(cfg.resolution) if cfg.resolution else base.resolution
     extra = {key: getattr(cfg, f"metadata_{key}") for key in MODELSPEC_EXTRAS if getattr(cfg, f"metadata_{key}", None)}
     title = cfg.metadata_title or cfg.output_name or None
+    kind = session.trainable.modelspec_kind  # "" for a whole model
     spec = build_modelspec(
-        f"{base.architecture}/{session.trainable.modelspec_kind}", base.implementation, title or "", resolution,
-        base.prediction_type, clip_skip=cfg.clip_skip, extra=extra,
+        f"{base.architecture}/{kind}" if kind else base.architecture, base.implementation, title or "", resolution,
+        base.prediction_type, clip_skip=cfg.clip_skip, extra=extra, adapter=bool(kind),
     )
     if cfg.no_metadata:
         meta = restrict_to_minimum(meta)

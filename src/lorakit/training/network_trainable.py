@@ -21,13 +21,17 @@ from lorakit.adapters.factory import build_network
 from lorakit.adapters.formats import load_lora_file, save_lora_file
 from lorakit.adapters.network import LoRANetwork
 from lorakit.adapters.spec import TargetSpec
+from lorakit.data.conditioning import ConditioningUse
 from lorakit.families.base import Components, ModelFamily
 from lorakit.families.registry import describe_lora_names
+from lorakit.training.kinds import foreign_option_problems
+
+from lorakit.training.trainable import FrozenModelTraining, TrainableDefaults
 
 log = logging.getLogger("lorakit")
 
 
-class NetworkTrainable:
+class NetworkTrainable(TrainableDefaults):
     """An adapter network attached to a loaded model, as the loop trains it."""
 
     modelspec_kind = "lora"
@@ -107,3 +111,26 @@ class NetworkTrainable:
         """The kohya file (or the family's other layout, e.g. SD3's diffusers one with --save_format)."""
         state, meta = self.family.lora_file_state(self.network.state_dict_kohya(), metadata, self.save_format)
         save_lora_file(state, path, meta, save_dtype=save_dtype, model_format=model_format)
+
+
+class NetworkTraining(FrozenModelTraining):
+    """`lorakit train`: an adapter network (LoRA and the other algorithms) on any family."""
+
+    title = "LoRA"
+    conditioning = ConditioningUse.MASK  # as sd-scripts' train_network: conditioning subsets are loss masks
+
+    def option_problems(self, cfg: Any, family: ModelFamily) -> list[str]:
+        return foreign_option_problems(cfg, "train")
+
+    def prepare_dataset(self, cfg: Any, dataset: Any) -> None:
+        """Nothing: LoRA training takes the captions as they are."""
+
+    def build(self, cfg: Any, spec: TargetSpec, family: ModelFamily, comps: Components, device: torch.device
+              ) -> NetworkTrainable:
+        trainable = NetworkTrainable.attach(spec, family, comps, device, cfg.save_format)
+        for encoder in family.text_encoders_to_train(comps, spec):
+            encoder.train()  # LoRA dropout acts only in train mode; the frozen weights have no dropout of their own
+        return trainable
+
+
+NETWORK = NetworkTraining()

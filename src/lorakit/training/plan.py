@@ -38,17 +38,26 @@ def format_plan(cfg: Any, plan: TrainingPlan, dataset_text: str) -> str:
         "Training plan",
         f"  family            {plan.family}",
         f"  base model        {cfg.pretrained_model_name_or_path}",
-        f"  network           {cfg.network_module} dim={cfg.network_dim or 4} alpha={cfg.network_alpha}"
-        + (f" args={cfg.network_args}" if cfg.network_args else ""),
+        _trains_line(cfg),
         dataset_text.rstrip(),
         f"  batches per epoch {plan.batches_per_epoch}"
         + (f" (over {plan.num_processes} processes)" if plan.num_processes > 1 else ""),
         f"  steps per epoch   {plan.steps_per_epoch} (gradient accumulation {cfg.gradient_accumulation_steps})",
         f"  epochs            {plan.num_epochs}",
         f"  total steps       {plan.max_train_steps} (warm-up {plan.warmup_steps})",
-        f"  output            {cfg.output_dir}/{cfg.output_name or 'last'}.{cfg.save_model_as}",
+        f"  output            {cfg.output_dir}/{cfg.output_name or 'last'}"
+        + ("" if getattr(cfg, "trains_model_weights", False) else f".{cfg.save_model_as}"),
     ]
     return "\n".join(lines)
+
+
+def _trains_line(cfg: Any) -> str:
+    """What the run trains: the adapter network, or the model's own weights (`lorakit finetune`)."""
+    if getattr(cfg, "trains_model_weights", False):
+        encoders = "and text encoder(s)" if cfg.trains_text_encoder else "only (text encoders frozen)"
+        return f"  trains            the model's own weights: denoiser {encoders}"
+    return (f"  network           {cfg.network_module} dim={cfg.network_dim or 4} alpha={cfg.network_alpha}"
+            + (f" args={cfg.network_args}" if cfg.network_args else ""))
 
 
 def start_position(cfg: Any, plan: TrainingPlan, resumed_step: int | None) -> ResumePoint:

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from lorakit.data.build import build_train_dataset
+from lorakit.data.conditioning import ConditioningUse
 from lorakit.data.summary import format_summary
 from lorakit.errors import ConfigError, DataError
 from lorakit.families.base import ModelFamily
@@ -47,15 +48,17 @@ class Checked:
     text_cache: CaptionCache | None = None  # the text-encoder cache, its files checked
 
 
-def check_run(cfg: Any, option_problems: list[str] | tuple[str, ...] = ()) -> Checked:
-    """Check everything about the run `cfg` describes (with the problems the option parser found); raise one
-    ConfigError listing every problem, or return what the checks built."""
+def check_run(cfg: Any, option_problems: list[str] | tuple[str, ...] = (), kind: Any = None) -> Checked:
+    """Check everything about the run `cfg` describes, of the training type `kind` (with the problems the option
+    parser found); raise one ConfigError listing every problem, or return what the checks built."""
     problems = list(option_problems)
     missing = model_file_problems(cfg)
     problems += missing
-    family, spec = _family_and_spec(cfg, problems, model_found=not _names_missing_model(missing))
+    family, spec = _family_and_spec(cfg, problems, kind, model_found=not _names_missing_model(missing))
+    if kind is not None and family is not None:
+        problems += kind.option_problems(cfg, family)
     seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1)
-    dataset = _dataset(cfg, seed, problems, family)
+    dataset = _dataset(cfg, seed, problems, family, kind)
     text_cache = _text_cache(cfg, family, spec, dataset, problems)
     plan = _plan(cfg, family, dataset, text_cache)
     problems += optimizer_problems(cfg, plan.max_train_steps if plan else 1)
@@ -82,13 +85,14 @@ def _names_missing_model(problems: list[str]) -> bool:
     return any(problem.startswith(f"--{MODEL_OPTION} ") for problem in problems)
 
 
-def _family_and_spec(cfg: Any, problems: list[str], *, model_found: bool) -> tuple[Any, Any]:
-    """The family (given, or detected from the checkpoint) with its own rules and the adapter spec. A family
-    detected from a file that is not there would be a guess: its rules would only add noise, so they wait."""
+def _family_and_spec(cfg: Any, problems: list[str], kind: Any, *, model_found: bool) -> tuple[Any, Any]:
+    """The family (given, or detected from the checkpoint) with its own rules and the spec of what the training
+    type trains on it. A family detected from a file that is not there would be a guess: its rules would only add
+    noise, so they wait."""
     if cfg.family == "auto" and not model_found:
         return None, None
     family = resolve_family(cfg)
-    checks = check_family_options(cfg, family)
+    checks = check_family_options(cfg, family, spec_of=kind.spec if kind is not None else None)
     if cfg.family == "auto":  # a given --family's warnings came with the other option warnings
         for warning in checks.warnings:
             log.warning(warning)
@@ -96,20 +100,29 @@ def _family_and_spec(cfg: Any, problems: list[str], *, model_found: bool) -> tup
     return family, checks.spec
 
 
-def _dataset(cfg: Any, seed: int, problems: list[str], family: Any) -> Any:
-    """The training dataset, every image decoded once; its problems join the others. The family says what its
-    runs do with conditioning images (an image-editing model needs one per image)."""
+def _dataset(cfg: Any, seed: int, problems: list[str], family: Any, kind: Any) -> Any:
+    """The training dataset, every image decoded once; its problems join the others."""
     try:
-        conditioning = family.conditioning_use(cfg) if family is not None else ModelFamily().conditioning_use(cfg)
-        dataset = build_train_dataset(cfg, seed, conditioning)
+        dataset = build_train_dataset(cfg, seed, conditioning_use(cfg, family, kind))
     except ConfigError as error:
         problems += error.problems
         return None
     except DataError as error:
         problems.append(str(error))
         return None
+    if kind is not None:
+        kind.prepare_dataset(cfg, dataset)
     problems += text_cache_problems(cfg, dataset)
     return dataset
+
+
+def conditioning_use(cfg: Any, family: Any, kind: Any) -> ConditioningUse:
+    """What the run does with `conditioning_data_dir` images: the training type's use when it has one (a
+    ControlNet needs them), else the model's (an image-editing model needs a reference per image), else loss
+    masks only, as sd-scripts."""
+    if kind is not None and kind.conditioning != ConditioningUse.MASK:
+        return kind.conditioning
+    return (family or ModelFamily()).conditioning_use(cfg)
 
 
 def _text_cache(cfg: Any, family: Any, spec: Any, dataset: Any, problems: list[str]) -> CaptionCache | None:

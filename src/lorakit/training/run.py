@@ -18,35 +18,38 @@ from lorakit.precision import effective_mixed_precision
 from lorakit.training import distributed
 from lorakit.training import metadata as md
 from lorakit.training.locks import hold_output
+from lorakit.training.network_trainable import NETWORK
 from lorakit.training.loop import Trainer
 from lorakit.training.plan import TrainingPlan
 from lorakit.training.preflight import check_run
 from lorakit.training.session import Session, TrainResult
 from lorakit.training.setup import setup_session
 from lorakit.training.trackers import logging_dir, tracker_config, tracker_init_kwargs, tracker_names, wandb_login
+from lorakit.training.trainable import TrainingType
 
 log = logging.getLogger("lorakit")
 
 
-def train(cfg: Any, option_problems: list[str] | tuple[str, ...] = ()) -> TrainResult:
-    """Run (or with --dry_run only plan) one training described by `cfg`. `option_problems` are what the option
-    parser found: they are reported with every other problem, before any model loads."""
-    checked = check_run(cfg, option_problems)
+def train(cfg: Any, kind: TrainingType = NETWORK, option_problems: list[str] | tuple[str, ...] = ()) -> TrainResult:
+    """Run (or with --dry_run only plan) one training of the given type (LoRA by default) described by `cfg`.
+    `option_problems` are what the option parser found: they are reported with every other problem, before any
+    model loads."""
+    checked = check_run(cfg, option_problems, kind)
     if cfg.dry_run:
         return TrainResult(checked.plan)
     with hold_output(cfg, distributed.rank_from_env() == 0):  # a second run on this output name stops here
         return _train_with_models(cfg, checked.family, checked.spec, checked.dataset, checked.plan, checked.seed,
-                                  checked.text_cache)
+                                  checked.text_cache, kind)
 
 
 def _train_with_models(cfg: Any, family: Any, spec: Any, dataset: Any, plan: TrainingPlan, seed: int,
-                       text_cache: CaptionCache | None = None) -> TrainResult:
+                       text_cache: CaptionCache | None, kind: TrainingType) -> TrainResult:
     accelerator = make_accelerator(cfg)
     # only the main process writes files, so only it reads the whole base model for their metadata
     hashes = md.BaseModelHashes(cfg if accelerator.is_main_process else None)
     distributed.shard_dataset(dataset, accelerator)
     set_seed(seed)
-    session = setup_session(cfg, family, accelerator, spec, text_cache)
+    session = setup_session(cfg, family, accelerator, spec, kind, text_cache)
     session.base_hashes = hashes
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         disk = {"to_disk": True, "latent_format": family.latent_format, "vae_id": vae_identity(cfg),

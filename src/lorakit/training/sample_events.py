@@ -173,9 +173,10 @@ class Sampler:
             for prompt in prompts:
                 sampler = (prompt.sample_sampler or session.cfg.sample_sampler or "ddim").lower()
                 if sampler not in pipelines:
-                    pipelines[sampler] = session.family.pipeline(comps, sampler)
+                    pipelines[sampler] = session.trainable.sample_pipeline(session.family, comps, sampler)
                     pipelines[sampler].set_progress_bar_config(disable=True)
-                image = generate_sample(pipelines[sampler], prompt, clip_skip=session.cfg.clip_skip)
+                spelled, inputs = session.trainable.sample_inputs(prompt)
+                image = generate_sample(pipelines[sampler], spelled, clip_skip=session.cfg.clip_skip, inputs=inputs)
                 paths.append(self._write(image, prompt, epoch=epoch, step=step))
         if acc.num_processes > 1:
             log.info("process %d wrote %d sample images to %s", acc.process_index, len(paths), self.folder)

@@ -95,7 +95,8 @@ def prune(folder: Path, output_name: str | None, ext: str | None, retention: Ret
         base, middle, keep_above = output_name or "at", r"step(\d{8})", False
     if cutoff is None:
         return []
-    suffix = "-state" if ext is None else re.escape(f".{ext}")
+    # a file may have companions written with it (`-ema`: the EMA weights of a checkpoint); "" is a folder
+    suffix = "-state" if ext is None else "(?:-ema)?" + (re.escape(f".{ext.lstrip('.')}") if ext else "")
     pattern = re.compile(re.escape(base) + "-" + middle + suffix)
     removed = []
     for number, path in _numbered(folder, pattern):

@@ -36,6 +36,5 @@ class Session:
     objective: Any
     accelerator: Accelerator
     weight_dtype: torch.dtype
-    train_text_encoder: bool
     noise_generator: torch.Generator | None = None  # set by the trainer; draws training noise and timesteps
     base_hashes: md.BaseModelHashes = field(default_factory=md.BaseModelHashes)  # the base model's metadata hashes

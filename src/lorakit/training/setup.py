@@ -1,4 +1,10 @@
-"""Loading a run's model and attaching what it trains (a `Trainable`): the `Session` the training step works on."""
+"""Loading a run's model and attaching what it trains (a `Trainable`): the `Session` the training step works on.
+
+What a command trains is a `TrainingType` (`training/trainable.py`): the adapter network (`lorakit train`),
+new token vectors (`textual-inversion`), a ControlNet (`controlnet`) or the model's own weights (`finetune`,
+`dreambooth`). The type says what the family loads for it, which modules keep the dtype they were loaded in
+(trained weights stay float32 under mixed precision) and builds the `Trainable`; the rest of the set-up is the same.
+"""
 
 from __future__ import annotations
 
@@ -8,35 +14,42 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from lorakit.adapters.spec import TargetSpec, target_spec_from_config
+from lorakit.adapters.spec import TargetSpec
 from lorakit.data.text_cache import CaptionCache
 from lorakit.families.base import ModelFamily
+from lorakit.families.common.transformer_family import SWAP_TRAINED
 from lorakit.precision import WEIGHT_DTYPES
 from lorakit.training import distributed
-from lorakit.training.network_trainable import NetworkTrainable
+from lorakit.training.network_trainable import NETWORK
 from lorakit.training.session import Session
+from lorakit.training.trainable import TrainingType
 
 log = logging.getLogger("lorakit")
 
 
 def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec: TargetSpec | None = None,
-                  text_cache: CaptionCache | None = None) -> Session:
-    """Load the model, place it, write the text-encoder cache files still missing, and attach the adapter network
-    the spec describes (built from `cfg` when None) as the run's `Trainable`."""
-    spec = spec or target_spec_from_config(cfg, family)
+                  kind: TrainingType = NETWORK, text_cache: CaptionCache | None = None) -> Session:
+    """Load the model, place it, write the text-encoder cache files still missing, and attach what the training
+    type trains (for LoRA training: the adapter network the spec describes, built from `cfg` when None) as the
+    run's `Trainable`."""
+    spec = spec or kind.spec(cfg, family)
     comps = family.load(cfg, spec, text_cache)
     quantize_frozen(cfg, family, comps)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     device = accelerator.device
     swap_blocks = family.swaps_blocks(cfg)
+    trained = kind.trained_modules(cfg, family, comps, spec)
     for module in [comps.denoiser, comps.vae, *comps.text_encoders]:
         module.requires_grad_(False)
         module.eval()
         # with --blocks_to_swap the denoiser never goes to the device whole: the family places it, keeping the
         # swapped blocks' weights on the CPU, so loading needs no more device memory than training
         dtype = torch.float32 if module is comps.vae and cfg.no_half_vae else weight_dtype
+        if any(module is t for t in trained):
+            dtype = next(module.parameters()).dtype  # trained weights keep the precision they were loaded in
         _move(module, torch.device("cpu") if swap_blocks and module is comps.denoiser else device, dtype)
     if swap_blocks:
+        comps.extras[SWAP_TRAINED] = any(comps.denoiser is t for t in trained)
         family.prepare_block_swap(comps, cfg, device)
     if text_cache is not None:
         # before the network attaches: the files hold the base encoders' outputs, as sd-scripts caches them
@@ -44,16 +57,12 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
         with accelerator.autocast():  # as the step would encode (fp8 weights compute in the autocast dtype)
             distributed.cache_text_outputs(text_cache, accelerator, lambda captions: family.text_encoder_outputs(
                 comps, captions, cfg.clip_skip), cfg.text_encoder_batch_size or cfg.train_batch_size)
-    trained_encoders = family.text_encoders_to_train(comps, spec)
+    trainable = kind.build(cfg, spec, family, comps, device)
     if cfg.gradient_checkpointing:
-        family.enable_gradient_checkpointing(comps, bool(trained_encoders))
-    trainable = NetworkTrainable.attach(spec, family, comps, device, cfg.save_format)
+        family.enable_gradient_checkpointing(comps, trainable.trains_text_encoders)
     _full_precision(cfg, trainable.module, accelerator)
-    for encoder in trained_encoders:
-        encoder.train()  # LoRA dropout acts only in train mode; the frozen weights have no dropout of their own
     comps.denoiser.train()
-    return Session(cfg, family, comps, trainable, family.objective(cfg, comps), accelerator, weight_dtype,
-                   trainable.trains_text_encoders)
+    return Session(cfg, family, comps, trainable, family.objective(cfg, comps), accelerator, weight_dtype)
 
 
 def quantize_frozen(cfg: Any, family: ModelFamily, comps: Any) -> int:

@@ -26,7 +26,7 @@ def step_loss(session: Any, batch: Batch) -> torch.Tensor:
             latents = to_device(batch.latents, device, session.weight_dtype)
         else:
             latents = family.encode_images(comps, to_device(batch.images, device)).to(session.weight_dtype)
-    with torch.set_grad_enabled(session.train_text_encoder), accelerator.autocast():
+    with torch.set_grad_enabled(session.trainable.trains_text_encoders), accelerator.autocast():
         text = family.encode_text(comps, batch.captions, session.cfg.clip_skip)
     noised = session.objective.noise(latents, generator=session.noise_generator)
     with accelerator.autocast():

@@ -101,8 +101,10 @@ def _take(state: Mapping[str, torch.Tensor], key: str, source: str, what: str) -
     return state[key]
 
 
-def bfl_to_diffusers(tables: BflTables, state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """A BFL-layout state dict (prefixed or not) in the diffusers model's names."""
+def bfl_to_diffusers(tables: BflTables, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                     final_layer: bool = True) -> dict[str, torch.Tensor]:
+    """A BFL-layout state dict (prefixed or not) in the diffusers model's names (without `final_layer`: the
+    blocks and embedders of a ControlNet, which has none)."""
     state = strip_prefix(state)
     if "img_in.weight" not in state:
         raise CheckpointError(f"{source}: not a {tables.what} in BFL layout (no img_in.weight)")
@@ -113,7 +115,7 @@ def bfl_to_diffusers(tables: BflTables, state: dict[str, torch.Tensor], source: 
             if f"{bfl}.{leaf}" in state:
                 out[f"{diff}.{leaf}"] = state[f"{bfl}.{leaf}"]
     out.update({diff: state[bfl] for bfl, diff in tables.renames.items() if bfl in state})
-    if tables.final_modulation:
+    if tables.final_modulation and final_layer:
         bfl, diff = tables.final_modulation
         for leaf in tables.leaves:
             out[f"{diff}.{leaf}"] = swap_halves(_take(state, f"{bfl}.{leaf}", source, tables.what))

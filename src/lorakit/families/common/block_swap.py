@@ -51,14 +51,16 @@ def _in_backward() -> bool:
     return task_id is not None and task_id() != -1
 
 
-def swappable_weights(block: nn.Module) -> dict[str, nn.Parameter]:
-    """The frozen `weight` Parameters of the linear layers inside `block`, by module name."""
+def swappable_weights(block: nn.Module, include_trained: bool = False) -> dict[str, nn.Parameter]:
+    """The frozen `weight` Parameters of the linear layers inside `block`, by module name; with
+    `include_trained` the trained ones too (a full fine-tune, whose optimizer steps each block's weights
+    during the backward pass, while the block is on the device)."""
     weights: dict[str, nn.Parameter] = {}
     for name, module in block.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         weight = module._parameters.get("weight")  # weightless views (fused LoRA targets) have none
-        if isinstance(weight, nn.Parameter) and not weight.requires_grad:
+        if isinstance(weight, nn.Parameter) and (include_trained or not weight.requires_grad):
             weights[name] = weight
     return weights
 
@@ -66,7 +68,8 @@ def swappable_weights(block: nn.Module) -> dict[str, nn.Parameter]:
 class BlockSwapper:
     """Keeps the last `num_swap` of `blocks` on the CPU and streams them through the device (see the module doc)."""
 
-    def __init__(self, blocks: Sequence[nn.Module], num_swap: int, device: torch.device | str, name: str = "blocks"):
+    def __init__(self, blocks: Sequence[nn.Module], num_swap: int, device: torch.device | str, name: str = "blocks",
+                 include_trained: bool = False):
         self.blocks = list(blocks)
         self.n = len(self.blocks)
         self.num_swap = int(num_swap)
@@ -78,7 +81,7 @@ class BlockSwapper:
         self.name = name
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.weights = [swappable_weights(block) for block in self.blocks]
+        self.weights = [swappable_weights(block, include_trained) for block in self.blocks]
         self.host: dict[tuple[int, str], torch.Tensor] = {}
         self.resident = [True] * self.n  # whether a block's swapped weights are on the device (schedule view)
         self.events: dict[int, torch.cuda.Event] = {}
@@ -313,12 +316,13 @@ def move_tensors(root: nn.Module, device: torch.device, skip: set[int] = frozens
                 module._buffers[key] = buffer.to(device)
 
 
-def install_block_swap(root: nn.Module, plan: Iterable[tuple[str, Sequence[nn.Module], int]], device) -> list[BlockSwapper]:
+def install_block_swap(root: nn.Module, plan: Iterable[tuple[str, Sequence[nn.Module], int]], device,
+                       include_trained: bool = False) -> list[BlockSwapper]:
     """One `BlockSwapper` per (name, blocks, N) with N > 0, attached and prepared now and again before every
     forward of `root` (a forward pre-hook), so training, validation and sampling passes all start from the same
     placement. Whatever of `root` lies outside the swapped weights is moved to `device` first, so a model still
     on the CPU never has the swapped weights on the device (the peak stays low)."""
-    swappers = [BlockSwapper(blocks, n, device, name).attach() for name, blocks, n in plan if n]
+    swappers = [BlockSwapper(blocks, n, device, name, include_trained).attach() for name, blocks, n in plan if n]
     swapped = {id(w) for s in swappers for i in range(s.n - s.num_swap, s.n) for w in s.weights[i].values()}
     move_tensors(root, device, skip=swapped)
     for swapper in swappers:

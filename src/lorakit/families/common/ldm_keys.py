@@ -329,16 +329,23 @@ def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
 
 def components_to_ldm(components: Components) -> dict[str, torch.Tensor]:
     """Every weight of an SD 1.x/2.x model in the original single-file layout."""
-    configs = component_configs(components)
-    state = unet_to_ldm(components.denoiser.state_dict(), configs["unet"])
-    state.update(vae_to_ldm(components.vae.state_dict(), configs["vae"]))
+    state: dict[str, torch.Tensor] = {}
+    for part in ("denoiser", "vae", "text_encoder_0"):
+        state.update(ldm_part_state(components, part))
+    return state
+
+
+def ldm_part_state(components: Components, part: str) -> dict[str, torch.Tensor]:
+    """One part (`denoiser`, `vae`, `text_encoder_0`) of an SD 1.x/2.x model under its single-file names."""
+    if part == "denoiser":
+        return unet_to_ldm(components.denoiser.state_dict(), _jsonable(dict(components.denoiser.config)))
+    if part == "vae":
+        return vae_to_ldm(components.vae.state_dict(), _jsonable(dict(components.vae.config)))
     text_encoder = components.text_encoders[0]
     text_config = text_encoder.config
     if components.extras.get("version", "sd1") == "sd2":
-        state.update(clip_to_openclip(text_encoder.state_dict(), text_config.hidden_size))
-    else:
-        state.update(clip_to_ldm(text_encoder.state_dict(), text_config.max_position_embeddings))
-    return state
+        return clip_to_openclip(text_encoder.state_dict(), text_config.hidden_size)
+    return clip_to_ldm(text_encoder.state_dict(), text_config.max_position_embeddings)
 
 
 def save_sd_single_file(

@@ -71,6 +71,7 @@ class BlockSwapFamily:
 
 BLOCK_SWAP_PLAN = "block_swap_plan"  # comps.extras: [(list name, attribute of the denoiser, blocks to swap)]
 BLOCK_SWAPPERS = "block_swappers"  # comps.extras: the installed BlockSwapper objects
+SWAP_TRAINED = "block_swap_trained"  # comps.extras: the blocks' own weights train, and swap with them
 
 
 def note_block_swap(comps: Components, plan: Sequence[tuple[str, str, int]]) -> None:
@@ -97,6 +98,6 @@ def ensure_block_swap(comps: Components, device: torch.device | str) -> list:
     lists: list[tuple[str, Sequence[nn.Module], int]] = [
         (name, list(getattr(comps.denoiser, attribute)), n) for name, attribute, n in plan
     ]
-    swappers = install_block_swap(comps.denoiser, lists, device)
+    swappers = install_block_swap(comps.denoiser, lists, device, include_trained=bool(comps.extras.get(SWAP_TRAINED)))
     comps.extras[BLOCK_SWAPPERS] = swappers
     return swappers

@@ -77,9 +77,11 @@ TABLES = BflTables(TOP_LEVEL, DOUBLE_LAYERS, DOUBLE_NORMS, DOUBLE_FUSED, SINGLE_
                    final_modulation=FINAL_MODULATION)
 
 
-def bfl_to_diffusers(state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """A BFL-layout FLUX transformer state dict (prefixed or not) in diffusers' FluxTransformer2DModel names."""
-    return common.bfl_to_diffusers(TABLES, state, source)
+def bfl_to_diffusers(state: dict[str, torch.Tensor], source: str = "checkpoint", final_layer: bool = True
+                     ) -> dict[str, torch.Tensor]:
+    """A BFL-layout FLUX transformer state dict (prefixed or not) in diffusers' FluxTransformer2DModel names
+    (without `final_layer`: the blocks and embedders of a ControlNet, which has none)."""
+    return common.bfl_to_diffusers(TABLES, state, source, final_layer)
 
 
 def diffusers_to_bfl(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:

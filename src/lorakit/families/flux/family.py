@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from lorakit.families.common.transformer_family import (
     t5_family_warnings,
     trains_t5,
 )
+from lorakit.families.flux.controlnet import controlnet_inputs
 from lorakit.families.flux.layers import checkpoint_offloading_to_cpu
 from lorakit.families.flux.lora_keys import LORA_LAYOUT
 from lorakit.families.flux.network_args import FluxNetworkArgs
@@ -83,6 +84,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     name = "flux"
     title = "FLUX.1"
     large_text_encoders = (1,)  # what --base_quant quantizes besides the denoiser
+    trains_whole_model = True
     default_network_module = "networks.lora_flux"
     lora_network_modules = ("networks.lora_flux",)
     oft_network_modules = ("networks.oft_flux",)
@@ -142,7 +144,14 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         return problems + t5_family_problems(self.name, cfg, spec)
 
     def option_warnings(self, cfg: Any) -> list[str]:
-        return t5_family_warnings(self.name, cfg)
+        warnings = t5_family_warnings(self.name, cfg)
+        swap = _deprecated_blocks_to_swap(cfg)
+        if swap:
+            # flux_train.py maps them so, when --blocks_to_swap is not given
+            cfg.blocks_to_swap = swap
+            warnings.append(f"--double_blocks_to_swap/--single_blocks_to_swap are deprecated; taken as --blocks_to_swap "
+                            f"{swap} (double + single // 2)")
+        return warnings
 
     def parse_network_args(self, args: Mapping[str, str], spec: TargetSpec) -> tuple[Any, list[str]]:
         return FluxNetworkArgs.parse(args, spec.rank)
@@ -267,7 +276,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.full((noisy.shape[0],), comps.extras["guidance_scale"], device=noisy.device, dtype=dtype)
-        output = transformer(
+        inputs = dict(
             hidden_states=pack_latents(noisy),
             encoder_hidden_states=t5,
             pooled_projections=text.tensors["pooled"].to(dtype),
@@ -276,8 +285,9 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             txt_ids=torch.zeros(t5.shape[1], 3, device=noisy.device, dtype=dtype),
             guidance=guidance,
             joint_attention_kwargs=self._attention_kwargs(comps, text, height, width),
-            return_dict=False,
-        )[0]
+        )
+        control = controlnet_inputs(comps, batch, **inputs)  # an attached ControlNet's residuals
+        output = transformer(**inputs, **control, return_dict=False)[0]
         velocity = unpack_latents(output, height, width)
         return apply_model_prediction_type(velocity, noisy, sigmas, comps.extras["model_prediction_type"])
 
@@ -358,6 +368,11 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             text_encoder_2=t5, tokenizer_2=comps.tokenizers[1], transformer=comps.denoiser,
         )
 
+    def controlnet(self, cfg: Any) -> Any:
+        from lorakit.families.flux.controlnet import FluxControlNet
+
+        return FluxControlNet(self.pipeline)
+
     def lora_to_diffusers(self, state, metadata, *, keep_alpha: bool = False):
         from lorakit.families.flux.lora_convert import kohya_to_diffusers
 
@@ -426,3 +441,20 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
         writer = save_clip_l_file if part == "clip_l" else save_t5_file
         writer(comps.text_encoders[self.separate_parts[part].encoder_index], path, dtype)
+
+    def checkpoint_parts(self, comps: Components) -> tuple[str, ...]:
+        return ("denoiser",)  # a BFL file holds the transformer; the AE and the encoders have files of their own
+
+    def checkpoint_pieces(self, comps: Components, parts: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        """The transformer in BFL names, one block at a time (fusing q/k/v builds new tensors)."""
+        from lorakit.families.flux.model_files import bfl_pieces
+
+        if "denoiser" in parts:
+            yield from bfl_pieces(comps.denoiser.state_dict())
+
+
+def _deprecated_blocks_to_swap(cfg: Any) -> int:
+    double, single = getattr(cfg, "double_blocks_to_swap", None), getattr(cfg, "single_blocks_to_swap", None)
+    if cfg.blocks_to_swap is not None or (double is None and single is None):
+        return 0
+    return (double or 0) + (single or 0) // 2

@@ -10,6 +10,7 @@ the `lorakit.configs` metadata (as the tiny models' files do) and is written to 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -75,6 +76,20 @@ def save_transformer_file(transformer: nn.Module, path: str | Path, dtype: torch
         write_safetensors_atomic(_cast(transformer.state_dict(), dtype), path, _metadata("transformer", transformer.config))
         return
     save_bfl_transformer(transformer, path, bfl_keys.diffusers_to_bfl, dtype)
+
+
+def bfl_pieces(state: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """`diffusers_to_bfl` of the top-level layers, then of one block at a time (each renamed to block 0 for the
+    conversion and back), in file order."""
+    blocks = (bfl_keys.DOUBLE_PREFIX, bfl_keys.SINGLE_PREFIX)
+    yield bfl_keys.diffusers_to_bfl({k: v for k, v in state.items() if not k.startswith(tuple(f"{d}." for _, d in blocks))})
+    for bfl_prefix, diff_prefix in blocks:
+        for index in range(bfl_keys.block_count(state, diff_prefix)):
+            source = f"{diff_prefix}.{index}."
+            block = {f"{diff_prefix}.0.{k[len(source):]}": v for k, v in state.items() if k.startswith(source)}
+            converted = bfl_keys.diffusers_to_bfl(block)
+            first = f"{bfl_prefix}.0."
+            yield {f"{bfl_prefix}.{index}.{k[len(first):]}": v for k, v in converted.items() if k.startswith(first)}
 
 
 def save_clip_l_file(clip: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:

@@ -7,6 +7,7 @@ Targets follow sd-scripts' `networks.lora`: the U-Net's Transformer2DModel linea
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ class StableDiffusionFamily(ModelFamily):
 
     name = "sd"
     title = "SD 1.x/2.x"
+    trains_whole_model = True
     default_network_module = "networks.lora"
     bucket_step = 64
     takes_v2 = True
@@ -71,6 +73,8 @@ class StableDiffusionFamily(ModelFamily):
     comfy_drops = {r"^unet\..*\.attn\d\.to_(q|k|v|out\.0)$": "U-Net attention projections"}
     image_tasks = ("img2img", "inpaint")
     single_file_denoiser_prefixes = ("model.diffusion_model.",)
+
+    textual_inversion_keys = ("emb_params",)
 
     def __init__(self) -> None:
         self.text_cache: CaptionCache | None = None
@@ -165,8 +169,16 @@ class StableDiffusionFamily(ModelFamily):
         return _final_layer_norm(encoder)(states)
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: Any) -> torch.Tensor:
+        from lorakit.families.sd.controlnet import controlnet_residuals
+
         context = text.tensors["encoder_hidden_states"].to(noisy.dtype)
-        return comps.denoiser(noisy, timesteps, encoder_hidden_states=context).sample
+        control = controlnet_residuals(comps, noisy, timesteps, context, batch)
+        return comps.denoiser(noisy, timesteps, encoder_hidden_states=context, **control).sample
+
+    def controlnet(self, cfg: Any) -> Any:
+        from lorakit.families.sd.controlnet import UNetControlNet
+
+        return UNetControlNet()
 
     # -- adapters ----------------------------------------------------------------------------------------
 
@@ -245,6 +257,12 @@ class StableDiffusionFamily(ModelFamily):
         from lorakit.families.sd.model_files import save_sd_diffusers_folder
 
         save_sd_diffusers_folder(comps, path)
+
+    def checkpoint_pieces(self, comps: Components, parts: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        from lorakit.families.common.ldm_keys import ldm_part_state
+
+        for part in parts:
+            yield ldm_part_state(comps, part)
 
 
 def _version(v2: bool, v_parameterization: bool) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     name = "sd3"
     title = "SD3"
     large_text_encoders = (2,)  # what --base_quant quantizes besides the denoiser
+    trains_whole_model = True
     default_network_module = "networks.lora_sd3"
     lora_network_modules = ("networks.lora_sd3",)
     bucket_step = 32
@@ -86,6 +87,7 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     architecture_fragments = ("stable-diffusion-3",)
     inference = InferenceDefaults(steps=30, guidance_scale=5.0, resolution=1024)
     part_files = ("vae", "clip_l", "clip_g", "t5xxl")
+    freezes_last_blocks = True  # sd3_train.py's --num_last_block_to_freeze
     single_file_kinds = ("safetensors",)
     single_file_without_encoders = True  # SAI's sd3_medium.safetensors holds the MMDiT and the VAE alone
     single_file_denoiser_prefixes = ("model.diffusion_model.",)
@@ -375,6 +377,22 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             raise ConfigError([f"--save_to {path}: a diffusers folder needs the whole pipeline; this SD3 model was read "
                                "from single files, so save it as .safetensors"])
         save_pipeline_atomic(pipeline_of(comps), path)
+
+    def checkpoint_parts(self, comps: Components) -> tuple[str, ...]:
+        from lorakit.families.sd3.model_files import present_parts
+
+        return present_parts(comps)
+
+    def checkpoint_pieces(self, comps: Components, parts: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        from lorakit.families.sd3.model_files import sai_part_state
+
+        for part in parts:
+            yield sai_part_state(comps, part)
+
+    def parameters_to_freeze(self, comps: Components, last_blocks: int) -> list[str]:
+        from lorakit.families.sd3.model_files import frozen_x_block_parameters
+
+        return frozen_x_block_parameters(dict(comps.denoiser.config), last_blocks)
 
 
 def _fp8(cfg: Any) -> str | None:

@@ -43,18 +43,49 @@ def load_sai_parts(path: str | Path, dtype: torch.dtype = torch.float32, files: 
 def save_sai_single_file(comps: Components, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """MMDiT (SAI layout), VAE (LDM layout) and CLIP-L, CLIP-G, T5-XXL under their SAI prefixes (the parts
     that are None are left out, as in SAI's transformer-only files)."""
+    state: dict[str, torch.Tensor] = {}
+    for part in present_parts(comps):
+        state.update(sai_part_state(comps, part))
+    configs = part_configs(comps)
+    write_safetensors_atomic(state, path, {CONFIGS_METADATA_KEY: json.dumps(configs, default=list)}, dtype)
+
+
+def present_parts(comps: Components) -> tuple[str, ...]:
+    """The parts of an SAI single file this model has (`denoiser`, `vae`, `text_encoder_0..2`)."""
+    modules = [comps.denoiser, comps.vae, *comps.text_encoders]
+    names = ("denoiser", "vae", "text_encoder_0", "text_encoder_1", "text_encoder_2")
+    return tuple(name for name, module in zip(names, modules) if module is not None)
+
+
+def part_configs(comps: Components) -> dict[str, dict]:
+    """The architecture of every present part, for the `lorakit.configs` metadata."""
     configs = {"transformer": _clean(comps.denoiser.config)}
-    state = sai_keys.diffusers_to_sai(comps.denoiser.state_dict(), configs["transformer"])
     if comps.vae is not None:
         configs["vae"] = _clean(comps.vae.config)
-        state.update(vae_to_ldm(comps.vae.state_dict(), configs["vae"], prefix=sai_keys.VAE_PREFIX))
     for name, encoder in zip(ENCODER_NAMES, comps.text_encoders):
-        if encoder is None:
-            continue
-        configs[name] = encoder.config.to_dict()
-        prefix = sai_keys.TE_PREFIXES[name]
-        state.update({prefix + k: v for k, v in text_encoder_state(encoder).items()})
-    write_safetensors_atomic(state, path, {CONFIGS_METADATA_KEY: json.dumps(configs, default=list)}, dtype)
+        if encoder is not None:
+            configs[name] = encoder.config.to_dict()
+    return configs
+
+
+def sai_part_state(comps: Components, part: str) -> dict[str, torch.Tensor]:
+    """One part of an SD3 model under its names in an SAI single file."""
+    if part == "denoiser":
+        return sai_keys.diffusers_to_sai(comps.denoiser.state_dict(), _clean(comps.denoiser.config))
+    if part == "vae":
+        return vae_to_ldm(comps.vae.state_dict(), _clean(comps.vae.config), prefix=sai_keys.VAE_PREFIX)
+    index = int(part.rsplit("_", 1)[1])
+    prefix = sai_keys.TE_PREFIXES[ENCODER_NAMES[index]]
+    return {prefix + k: v for k, v in text_encoder_state(comps.text_encoders[index]).items()}
+
+
+def frozen_x_block_parameters(config: dict, count: int) -> list[str]:
+    """sd3_train.py's `--num_last_block_to_freeze N`: the last N image-stream (`x_block`) parameters of the SAI
+    MMDiT, as the diffusers parameters they are stacked from."""
+    groups = [[name + suffix for name in layer.diffusers]
+              for layer in sai_keys.layer_table(config) if ".x_block." in f".{layer.sai}"
+              for suffix in sai_keys.suffixes(layer.kind)]
+    return [name for group in groups[max(0, len(groups) - count):] for name in group]
 
 
 def pipeline_of(comps: Components):

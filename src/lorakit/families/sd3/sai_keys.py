@@ -123,7 +123,7 @@ def swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
-def _suffixes(kind: str) -> tuple[str, ...]:
+def suffixes(kind: str) -> tuple[str, ...]:
     return {"tensor": ("",), "norm": (".weight",)}.get(kind, (".weight", ".bias"))
 
 
@@ -136,7 +136,7 @@ def diffusers_to_sai(state: dict[str, torch.Tensor], config: dict[str, Any], pre
     """A diffusers SD3 transformer state dict in SAI layout (fused qkv, original modulation order)."""
     out: dict[str, torch.Tensor] = {}
     for layer in layer_table(config):
-        for suffix in _suffixes(layer.kind):
+        for suffix in suffixes(layer.kind):
             parts = [state[d + suffix] for d in layer.diffusers]
             value = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
             out[prefix + layer.sai + suffix] = swap_halves(value) if layer.swapped else value
@@ -147,7 +147,7 @@ def sai_to_diffusers(state: dict[str, torch.Tensor], config: dict[str, Any], sou
     """SAI MMDiT tensors (prefix already stripped) in diffusers' layout; a missing tensor names the file."""
     out: dict[str, torch.Tensor] = {}
     for layer in layer_table(config):
-        for suffix in _suffixes(layer.kind):
+        for suffix in suffixes(layer.kind):
             key = layer.sai + suffix
             if key not in state:
                 raise CheckpointError(f"{source}: the SD3 transformer weight {key} is missing; is the file complete?")

@@ -54,3 +54,17 @@ BLOCK_LAYOUT = BlockLayout(
     # users' guides pass SD 1.x's 25 values to lycoris.kohya on SDXL: read with SD's indices over the diffusers paths
     lycoris_alternate=SD_BLOCK_LAYOUT,
 )
+
+
+def block_lr_index(sgm_key: str) -> int:
+    """The `--block_lr` block (0..22) of an SGM U-Net weight: time/label embeddings 0, `input_blocks.N` 1+N,
+    `middle_block.N` 10+N, `output_blocks.N` 13+N, `out.` 22 (sdxl_train.py's numbering)."""
+    head, _, rest = sgm_key.partition(".")
+    if head in ("time_embed", "label_emb"):
+        return 0
+    if head == "out":
+        return 22
+    offsets = {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}
+    if head in offsets:
+        return offsets[head] + int(rest.split(".", 1)[0])
+    raise ValueError(f"no --block_lr block for the U-Net weight {sgm_key!r}")

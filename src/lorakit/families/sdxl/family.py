@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from lorakit.families.common.unet import (
 )
 from lorakit.families.common.unet import unet_targets as diffusers_unet_targets
 from lorakit.families.sdxl.blocks import BLOCK_LAYOUT
+from lorakit.families.sdxl.controlnet import attach_condition
 from lorakit.families.sdxl.lora_keys import LORA_LAYOUT
 from lorakit.objectives.ddpm import DDPMObjective
 from lorakit.precision import load_dtype
@@ -62,8 +64,10 @@ class StableDiffusionXLFamily(ModelFamily):
 
     name = "sdxl"
     title = "SDXL"
+    trains_whole_model = True
     default_network_module = "networks.lora"
     bucket_step = 32
+    block_lr_count = 23  # sdxl_train.py's --block_lr
     block_layout = BLOCK_LAYOUT
     all_layers_args = {"conv_dim": "1", "conv_alpha": "1"}
     oft_attention = re.compile(r"_attn\d_(to_q|to_k|to_v|to_out_0)$")
@@ -76,6 +80,8 @@ class StableDiffusionXLFamily(ModelFamily):
     comfy_drops = {r"^unet\..*\.attn\d\.to_(q|k|v|out\.0)$": "U-Net attention projections"}
     image_tasks = ("img2img", "inpaint")
     single_file_denoiser_prefixes = ("model.diffusion_model.",)
+
+    textual_inversion_keys = ("clip_l", "clip_g")
 
     def __init__(self) -> None:
         self.vae_in_float32 = False
@@ -190,7 +196,14 @@ class StableDiffusionXLFamily(ModelFamily):
             "time_ids": to_device(size_time_ids(batch, noisy, vae_scale_factor(comps)), noisy.device, noisy.dtype),
         }
         context = text.tensors["encoder_hidden_states"].to(noisy.dtype)
+        attach_condition(comps, batch)  # an attached ControlNet-LLLite reads the batch's conditioning images
         return unet(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
+
+    def controlnet(self, cfg: Any) -> Any:
+        """SDXL's ControlNet is the ControlNet-LLLite (with or without --lllite), as sd-scripts trains it."""
+        from lorakit.families.sdxl.controlnet import SdxlLLLite
+
+        return SdxlLLLite(self.pipeline)
 
     # -- adapters ----------------------------------------------------------------------------------------
 
@@ -268,6 +281,20 @@ class StableDiffusionXLFamily(ModelFamily):
         from lorakit.families.sdxl.model_files import save_sdxl_diffusers_folder
 
         save_sdxl_diffusers_folder(comps, path)
+
+    def checkpoint_pieces(self, comps: Components, parts: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        from lorakit.families.sdxl.sgm_keys import sgm_part_state
+
+        for part in parts:
+            yield sgm_part_state(comps, part)
+
+    def lr_blocks(self, comps: Components) -> Callable[[str], int]:
+        """sdxl_train.py's 23 `--block_lr` blocks, read off the SGM name of each U-Net parameter."""
+        from lorakit.families.sdxl.blocks import block_lr_index
+        from lorakit.families.sdxl.sgm_keys import SgmUnetNames
+
+        names = SgmUnetNames(dict(comps.denoiser.config))
+        return lambda name: block_lr_index(names.key(name))
 
 
 def sgm_module_path(comps: Components):

@@ -152,13 +152,23 @@ def component_configs(components: Components) -> dict[str, dict[str, Any]]:
 
 def components_to_sgm(components: Components) -> dict[str, torch.Tensor]:
     """Every weight of an SDXL model in the original SGM single-file layout."""
-    configs = component_configs(components)
-    te1, te2 = components.text_encoders
-    state = unet_to_sgm(components.denoiser.state_dict(), configs["unet"])
-    state.update(ldm_keys.vae_to_ldm(components.vae.state_dict(), configs["vae"], prefix=VAE_PREFIX))
-    state.update(te1_to_sgm(te1.state_dict(), te1.config.max_position_embeddings))
-    state.update(te2_to_sgm(te2.state_dict()))
+    state: dict[str, torch.Tensor] = {}
+    for part in ("denoiser", "vae", "text_encoder_0", "text_encoder_1"):
+        state.update(sgm_part_state(components, part))
     return state
+
+
+def sgm_part_state(components: Components, part: str) -> dict[str, torch.Tensor]:
+    """One part (`denoiser`, `vae`, `text_encoder_0`, `text_encoder_1`) of an SDXL model under its SGM names."""
+    jsonable = lambda config: json.loads(json.dumps(dict(config), default=str))  # noqa: E731
+    if part == "denoiser":
+        return unet_to_sgm(components.denoiser.state_dict(), jsonable(components.denoiser.config))
+    if part == "vae":
+        return ldm_keys.vae_to_ldm(components.vae.state_dict(), jsonable(components.vae.config), prefix=VAE_PREFIX)
+    te1, te2 = components.text_encoders
+    if part == "text_encoder_0":
+        return te1_to_sgm(te1.state_dict(), te1.config.max_position_embeddings)
+    return te2_to_sgm(te2.state_dict())
 
 
 def save_sdxl_single_file(
