@@ -34,11 +34,11 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     run's `Trainable`."""
     spec = spec or kind.spec(cfg, family)
     comps = family.load(cfg, spec, text_cache)
-    quantize_frozen(cfg, family, comps)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     device = accelerator.device
     swap_blocks = family.swaps_blocks(cfg)
     trained = kind.trained_modules(cfg, family, comps, spec)
+    quantize_frozen(cfg, family, comps, trained)
     for module in [comps.denoiser, comps.vae, *comps.text_encoders]:
         module.requires_grad_(False)
         module.eval()
@@ -65,9 +65,9 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     return Session(cfg, family, comps, trainable, family.objective(cfg, comps), accelerator, weight_dtype)
 
 
-def quantize_frozen(cfg: Any, family: ModelFamily, comps: Any) -> int:
+def quantize_frozen(cfg: Any, family: ModelFamily, comps: Any, trained: list[torch.nn.Module] = ()) -> int:
     """--base_quant: the denoiser's and the large text encoders' linears and convolutions stored quantized, before
-    they are placed (so they travel to the device small). `fp8` is `--fp8_base`, which the families apply as they
+    they are placed (so they travel to the device small); `trained` modules (a fine-tune's) keep their weights. `fp8` is `--fp8_base`, which the families apply as they
     load (a family that stores no float8 itself gets it here). Returns how many layers were quantized here."""
     from lorakit.families.common.quant import holds_fp8, quantize
 
@@ -75,7 +75,8 @@ def quantize_frozen(cfg: Any, family: ModelFamily, comps: Any) -> int:
     if mode is None or mode == "fp8" and (holds_fp8(comps.denoiser) or cfg.fp8_base_unet):
         return 0
     encoders = [comps.text_encoders[i] for i in family.large_text_encoders if i < len(comps.text_encoders)]
-    layers = sum(quantize(part, mode) for part in [comps.denoiser, *encoders] if part is not None)
+    frozen = [part for part in [comps.denoiser, *encoders] if part is not None and not any(part is t for t in trained)]
+    layers = sum(quantize(part, mode) for part in frozen)
     log.info("--base_quant %s: %d layers store quantized weights", mode, layers)
     return layers
 
