@@ -74,4 +74,8 @@ def make_accelerator(cfg: Any) -> Accelerator:
 
 
 def _run(session: Session, dataset: Any, plan: TrainingPlan, seed: int) -> TrainResult:
-    return Trainer(session, dataset, plan, seed).run()
+    result = Trainer(session, dataset, plan, seed).run()
+    compiled = session.comps.extras.get("compiled")
+    if compiled is not None:
+        log.info(compiled.report())
+    return result

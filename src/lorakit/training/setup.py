@@ -20,6 +20,7 @@ from lorakit.families.base import ModelFamily
 from lorakit.families.common.transformer_family import SWAP_TRAINED
 from lorakit.precision import WEIGHT_DTYPES
 from lorakit.training import distributed
+from lorakit.training.compiled import compile_blocks
 from lorakit.training.network_trainable import NETWORK
 from lorakit.training.session import Session
 from lorakit.training.trainable import TrainingType
@@ -61,6 +62,7 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(comps, trainable.trains_text_encoders)
     _full_precision(cfg, trainable.module, accelerator)
+    comps.extras["compiled"] = compile_blocks(cfg, family, comps)  # after the adapters attach: traced with them
     comps.denoiser.train()
     return Session(cfg, family, comps, trainable, family.objective(cfg, comps), accelerator, weight_dtype)
 
