@@ -54,6 +54,9 @@ class BenchResult:
     trainer_peak_memory_gib: float
     peak_memory_gib: float
     notes: list[str]
+    base_quant: str | None = None
+    compile: bool = False
+    vram_budget: str | None = None
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -75,6 +78,9 @@ class BenchOptions:
     # the frozen text encoders run once per caption (--cache_text_encoder_outputs); off, they run every step, as
     # in sd-scripts' SD 1.x training, which has no such cache
     cache_text: bool = True
+    base_quant: str | None = None  # --base_quant (fp8 is --fp8_base)
+    compile: bool = False  # --compile: each denoiser block compiled
+    vram_budget: str | None = None  # --vram_budget: the planner picks swap, checkpointing and quantization
 
     def train_args(self) -> list[str]:
         args = [
@@ -85,6 +91,9 @@ class BenchOptions:
         args += ["--gradient_checkpointing"] if self.checkpointing else []
         args += ["--cache_text_encoder_outputs"] if self.cache_text else []
         args += ["--fp8_base"] if self.fp8_base else []
+        args += [f"--base_quant={self.base_quant}"] if self.base_quant else []
+        args += ["--compile"] if self.compile else []
+        args += [f"--vram_budget={self.vram_budget}"] if self.vram_budget else []
         return args + ([f"--blocks_to_swap={self.blocks_to_swap}"] if self.blocks_to_swap else [])
 
 
@@ -203,6 +212,7 @@ def run(family: str, size: str, options: BenchOptions, blocks: tuple[int, int] |
         family, size, device.type, options.resolution, options.batch, options.rank, options.precision, options.checkpointing,
         options.fp8_base, options.blocks_to_swap, options.cache_text, round(bare, 5), round(trainer, 5), round(statistics.median(pairs), 3),
         pairs, round(first_step, 2), None if from_process_start is None else round(from_process_start, 2), round(trainer_peak, 2), round(process_peak, 2), model.notes,
+        options.base_quant, options.compile, options.vram_budget,
     )
 
 
@@ -248,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--fp8_base", action="store_true", help="weights stored as float8_e4m3fn (FLUX)")
     parser.add_argument("--blocks_to_swap", type=int, default=0, help="FLUX blocks streamed from the CPU")
+    parser.add_argument("--base_quant", choices=("fp8", "fp8_scaled", "int8", "nf4"), default=None,
+                        help="frozen weights quantized (docs/memory.md)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block of the denoiser")
+    parser.add_argument("--vram_budget", default=None, help="the planner fits the run into this (12GB, auto)")
     parser.add_argument("--flux_blocks", default=None,
                         help="double,single blocks of the real-size FLUX transformer (default 19,38 = FLUX.1)")
     parser.add_argument("--steps", type=int, default=20)
@@ -266,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, AssertionError):
         parser.error(f"--flux_blocks {args.flux_blocks}: expected two positive numbers, double,single (e.g. 19,38)")
     options = BenchOptions(args.resolution, args.batch, args.rank, args.precision, args.gradient_checkpointing, args.steps,
-                           args.fp8_base, args.blocks_to_swap, not args.no_text_cache)
+                           args.fp8_base, args.blocks_to_swap, not args.no_text_cache, args.base_quant, args.compile,
+                           args.vram_budget)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: expected 1 or more")
     if args.sync_debug and not torch.cuda.is_available():
@@ -281,10 +296,14 @@ def main(argv: list[str] | None = None) -> int:
 def format_table(result: BenchResult) -> str:
     header = (f"{'model':11} {'device':6} {'reso':>5} {'batch':>5} {'bare s/step':>12} {'trainer s/step':>15} {'ratio':>6} "
               f"{'first step s':>12} {'train peak GiB':>14}")
+    options = " ".join(o for o in (f"--base_quant {result.base_quant}" if result.base_quant else "",
+                                   "--compile" if result.compile else "",
+                                   f"--vram_budget {result.vram_budget}" if result.vram_budget else "") if o)
     row = (f"{result.family + '/' + result.size:11} {result.device:6} {result.resolution:5} {result.batch:5} "
            f"{result.bare_step_s:12.4f} {result.trainer_step_s:15.4f} {result.ratio:6.3f} {result.time_to_first_step_s:12.1f} "
            f"{result.trainer_peak_memory_gib:14.2f}")
     starts = ([f"process start to the end of the first step: {result.process_start_to_first_step_s:.1f} s "
                "(interpreter and imports included)"] if result.process_start_to_first_step_s is not None else [])
     pairs = [f"ratio per trainer/bare pair, in run order: {', '.join(f'{r:.3f}' for r in result.pair_ratios)}"]
-    return "\n".join([header, row, *starts, *(pairs if len(result.pair_ratios) > 1 else []), *(f"note: {note}" for note in result.notes)])
+    options_line = [f"options: {options}"] if options else []
+    return "\n".join([header, row, *options_line, *starts, *(pairs if len(result.pair_ratios) > 1 else []), *(f"note: {note}" for note in result.notes)])
