@@ -96,7 +96,7 @@ shufle_caption = true
 [[datasets]]
 resolution = 512
 num_repaets = 3
-validation_split = 0.2
+validation_split = 2
 
   [[datasets.subsets]]
   image_dir = "y"
@@ -115,7 +115,7 @@ validation_split = 0.2
     assert "[general]: image_dir is not allowed here; it belongs in [[datasets.subsets]]" in text
     assert "unknown key shufle_caption (did you mean shuffle_caption?)" in text
     assert "unknown key num_repaets (did you mean num_repeats?)" in text
-    assert "validation_split is not implemented yet" in text
+    assert "validation_split = 2 must be a number from 0 up to (not including) 1" in text
     assert "batch_size is not allowed here; it belongs in [general] or [[datasets]]" in text
     assert "flip_aug = 'yes' must be a bool" in text
     assert "is_reg is not allowed in a fine-tuning (metadata_file) subset" in text

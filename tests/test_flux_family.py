@@ -31,7 +31,7 @@ def options(**overrides):
     base = dict(
         pretrained_model_name_or_path="", clip_l=None, t5xxl=None, ae=None, model_type="flux", guidance_scale=3.5,
         t5xxl_max_token_length=None, apply_t5_attn_mask=False, model_prediction_type="raw", fp8_base=False,
-        fp8_base_unet=False, blocks_to_swap=None, split_mode=False, cpu_offload_checkpointing=False,
+        fp8_base_unet=False, blocks_to_swap=None, split_mode=False, cpu_offload_checkpointing=False, tokenizer_cache_dir=None,
         network_dim=4, network_alpha=2.0, network_args=None, network_train_unet_only=False,
         network_train_text_encoder_only=False, timestep_sampling="sigma", discrete_flow_shift=3.0,
         weighting_scheme="uniform", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, sigmoid_scale=1.0,

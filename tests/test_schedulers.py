@@ -189,6 +189,14 @@ def test_schedule_free_gets_a_reporting_scheduler():
     assert scheduler.state_dict() == {}
 
 
-def test_reduce_lr_on_plateau_is_explained():
-    with pytest.raises(ConfigError, match="metric"):
-        ours(lr_scheduler="reduce_lr_on_plateau")
+def test_reduce_lr_on_plateau_waits_for_validation_losses():
+    plateau = dict(lr_scheduler="reduce_lr_on_plateau", lr_scheduler_args=["factor=0.5", "patience=1"])
+    assert ours(**plateau) == [LR] * TOTAL  # optimizer steps change nothing
+    scheduler = build_lr_scheduler(make_cfg(learning_rate=LR, **plateau), sgd(), TOTAL)
+    for loss in (1.0, 1.0, 1.0):  # one bad validation is within patience, the second lowers the LR
+        scheduler.report_validation_loss(loss)
+    assert scheduler.get_last_lr() == [LR / 2]
+    with pytest.raises(ConfigError, match="no warm-up"):
+        ours(lr_scheduler="reduce_lr_on_plateau", lr_warmup_steps=3)
+    with pytest.raises(ConfigError, match="rejected"):
+        ours(lr_scheduler="reduce_lr_on_plateau", lr_scheduler_args=["paitence=1"])

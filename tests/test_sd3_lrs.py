@@ -105,6 +105,18 @@ def test_flux_groups_per_encoder(flux, values, expected):
         FluxFamily().text_encoder_lr_groups(config("--text_encoder_lr", "1", "2", "3"))
 
 
+def test_flux_loraplus(flux):
+    cfg = config("--text_encoder_lr", "0.1", "0.2", "--network_args", "train_t5xxl=True", "loraplus_lr_ratio=8",
+                 "loraplus_text_encoder_lr_ratio=4", "split_qkv=True", module="networks.lora_flux")
+    lrs, _, network = lrs_by_name(FluxFamily(), flux, cfg)
+    assert lrs == pytest.approx({"textencoder1": 0.1, "textencoder1 plus": 0.4, "textencoder3": 0.2,
+                                 "textencoder3 plus": 0.8, "unet": 1.0, "unet plus": 8.0})
+    groups, names = optimizer_groups(cfg, network, FluxFamily())
+    ups = {id(p) for m in network.lora_modules.values() for p in m.lora_up.parameters()}
+    for name, group in zip(names, groups):  # split qkv modules too: every up factor, and only those, train faster
+        assert all((id(p) in ups) == name.endswith("plus") for p in group["params"])
+
+
 def test_network_without_prefix_map_keeps_one_group(sd35m):
     cfg = config("--text_encoder_lr", "0.1", "0.2", "0.3", *T5)
     network = LoRANetwork(targets_of(StableDiffusion3Family(), sd35m, cfg))

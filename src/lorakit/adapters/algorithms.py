@@ -107,6 +107,11 @@ def _dylora_options(spec: TargetSpec, problems: list[str]) -> DyLoRAOptions:
     return DyLoRAOptions(unit)
 
 
+def reads_family_args(module: str, family: "ModelFamily") -> bool:
+    """Whether the family's own --network_args keys apply with this module (they do with its LoRA variants)."""
+    return algorithm_of(module, family) in ("lora", "lora_fa", "dylora")
+
+
 def algorithm_family_args(spec: TargetSpec, family: "ModelFamily") -> dict[str, str]:
     """The --network_args the model family reads and checks for this algorithm.
 

@@ -22,7 +22,25 @@ from torch import nn
 
 from lorakit.errors import CheckpointError
 
-__all__ = ["AdapterModule", "branch_input", "check_probability", "is_fused_view", "write_merged_weight"]
+__all__ = ["AdapterModule", "base_weight", "branch_input", "check_probability", "dequantized", "is_float8",
+           "is_fused_view", "write_merged_weight"]
+
+
+def is_float8(tensor: torch.Tensor) -> bool:
+    """A float8 tensor (`--fp8_base` stores frozen weights so): no arithmetic but casts works on it."""
+    return tensor.is_floating_point() and tensor.element_size() == 1
+
+
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """A weight ready for arithmetic: float8 (`--fp8_base`) upcast to float32, which is exact (every float8 value
+    is a float32 value) and is the precision the adapters compute merges in; any other weight as stored."""
+    return weight.float() if is_float8(weight) else weight
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The frozen layer's weight W for an adapter's math (`dequantized`). A merge is written back into the
+    stored dtype by `write_merged_weight`."""
+    return dequantized(layer.weight)
 
 
 def branch_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -120,7 +138,7 @@ class AdapterModule(nn.Module):
 
     def merged_weight(self, multiplier: float = 1.0) -> torch.Tensor:
         """W + m·ΔW in float32 (or wider); the layer's own dtype is applied by `merge_to_base`."""
-        weight = self.org_module.weight
+        weight = base_weight(self.org_module)
         delta = self.delta_weight().to(device=weight.device)
         return weight.to(delta.dtype) + multiplier * delta
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import branch_input, is_fused_view
+from lorakit.adapters.base import base_weight, branch_input, dequantized, is_fused_view
 from lorakit.adapters.lora import LoRAModule
 
 __all__ = [
@@ -103,6 +103,7 @@ def dora_weight_norm(weight: torch.Tensor, axis: int) -> torch.Tensor:
 
 def dora_merged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
     """W + s·(m·(W + ΔW)/‖W + ΔW‖ − W) in float32 or wider; the axis is read from the shape of `magnitude`."""
+    weight = dequantized(weight)  # float8 takes part in no type promotion
     compute = torch.promote_types(torch.promote_types(weight.dtype, delta.dtype), torch.float32)
     weight = weight.to(compute)
     combined = weight + delta.to(device=weight.device, dtype=compute)
@@ -128,14 +129,14 @@ class DoRAModule(LoRAModule):
         return dora_magnitude_axis(self.dora_scale, self.org_module.weight.shape)
 
     def merged_weight(self, multiplier: float = 1.0) -> torch.Tensor:
-        return dora_merged_weight(self.org_module.weight, self.delta_weight(), self.dora_scale, multiplier)
+        return dora_merged_weight(base_weight(self.org_module), self.delta_weight(), self.dora_scale, multiplier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.original_forward(x)
         if self._skips_branch():
             return out
         # read once: a fused view's weight (FLUX/SD3 q/k/v) is a fresh concatenation of its parts on every read
-        weight = self.org_module.weight.float()
+        weight = base_weight(self.org_module).float()
         axis = dora_magnitude_axis(self.dora_scale, weight.shape)
         gain = self._gain(weight, axis)  # m / ‖W + ΔW‖, detached norm
         bias = self.org_module.bias

@@ -96,10 +96,27 @@ def lora_targets(spec: TargetSpec, family: "ModelFamily", comps: "Components") -
     """The family's layers, with sd-scripts' block-wise ranks (`block_dims`, `*_lr_weight`, …) applied."""
     from lorakit.adapters.blocks import apply_block_ranks, is_blockwise
 
+    if spec.module_sizes is not None:
+        return sized_targets(spec, family, comps)
     targets = family.adapter_targets(comps, spec)
     if not is_blockwise(spec.args):
         return targets
     return apply_block_ranks(targets, spec.args, spec.rank, spec.alpha, family.block_layout)
+
+
+def sized_targets(spec: TargetSpec, family: "ModelFamily", comps: "Components") -> list[AdapterTarget]:
+    """--dim_from_weights (sd-scripts' `create_network_from_weights`): the layers the --network_weights file
+    names, each with the file's rank and alpha, whatever --network_dim and the size keys of --network_args say.
+    Modules of the file the model does not have (or does not train here) are named in a warning."""
+    sizes = spec.module_sizes or {}
+    every_layer = with_family_args(spec, family, family.all_layers_args)
+    found = [AdapterTarget(t.name, t.module, t.component, *sizes[t.name])
+             for t in family.adapter_targets(comps, every_layer) if t.name in sizes]
+    left = sorted(set(sizes) - {t.name for t in found})
+    if left:
+        log.warning("--dim_from_weights: %d module(s) of %s are not built (not in this model, or in a part that does "
+                    "not train): %s", len(left), spec.weights, ", ".join(left[:5]) + (" ..." if len(left) > 5 else ""))
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,12 +199,11 @@ def lycoris_roots(family: "ModelFamily", comps: "Components", spec: TargetSpec, 
     return roots
 
 
-def _lycoris_network(spec: TargetSpec, family: "ModelFamily", comps: "Components") -> LoRANetwork:
-    from lorakit.adapters.lycoris_bridge import LycorisAdapter, lycoris_family_targets, lycoris_targets, preset_classes
+def lycoris_network_targets(spec: TargetSpec, family: "ModelFamily", comps: "Components") -> list[AdapterTarget]:
+    """The layers a `lycoris.kohya` network of this spec adapts, with their ranks."""
+    from lorakit.adapters.lycoris_bridge import lycoris_family_targets, lycoris_targets, preset_classes
 
     options = spec.algorithm
-    if options.module_kwargs["weight_decompose"] and options.dropout:
-        log.warning("dropout/--network_dropout is ignored with dora_wd=True; rank and module dropout still apply")
     denoiser: list[AdapterTarget] | None = None
     if spec.train_unet:
         query = with_family_args(spec, family, {}, train_unet=True, train_text_encoder=False)
@@ -195,6 +211,16 @@ def _lycoris_network(spec: TargetSpec, family: "ModelFamily", comps: "Components
     targets = lycoris_targets(lycoris_roots(family, comps, spec, walk_denoiser=denoiser is None), options)
     if denoiser is not None:
         targets += lycoris_family_targets(denoiser, options)
+    return targets
+
+
+def _lycoris_network(spec: TargetSpec, family: "ModelFamily", comps: "Components") -> LoRANetwork:
+    from lorakit.adapters.lycoris_bridge import LycorisAdapter
+
+    options = spec.algorithm
+    if options.module_kwargs["weight_decompose"] and options.dropout:
+        log.warning("dropout/--network_dropout is ignored with dora_wd=True; rank and module dropout still apply")
+    targets = lycoris_network_targets(spec, family, comps)
     if not targets:
         raise ConfigError([f"--network_args preset={options.preset}: selects no layer of this model"])
 

@@ -29,15 +29,17 @@ package's tensor names (`hada_w1_a`, `lokr_w1`, `oft_blocks`, `diff`, `dora_scal
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from lorakit.adapters.base import AdapterModule, write_merged_weight
+from lorakit.adapters.base import AdapterModule, base_weight, dequantized, is_float8, write_merged_weight
 from lorakit.adapters.blocks import BlockLayout
 from lorakit.adapters.targets import AdapterTarget
 from lorakit.errors import CheckpointError, ConfigError
@@ -365,6 +367,40 @@ def glora_delta_weight(glora: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 
 
 
+@contextlib.contextmanager
+def _package_reads(lyco: nn.Module, weight: torch.Tensor) -> Iterator[None]:
+    """Let the package's merge read `weight` as its layer's weight.
+
+    lycoris-lora reads W as `org_module[0].weight` inside `get_merged_weight`; a float8 weight there fails in
+    its first addition (float8 takes part in no type promotion). For the duration of the call the package sees
+    a stand-in holding the upcast weight and the layer's bias; nothing else of the layer is read there.
+    """
+    real = lyco.org_module
+    lyco.org_module = [SimpleNamespace(weight=weight, bias=real[0].bias)]
+    try:
+        yield
+    finally:
+        lyco.org_module = real
+
+
+@contextlib.contextmanager
+def _plain_layer_class(layer: nn.Module) -> Iterator[None]:
+    """Let the package see a float8 layer (`--fp8_base`) as the torch class it stands in for.
+
+    lycoris-lora builds its convolution factors as `type(org_module)(...)`: for a layer that keeps its weight in
+    float8 through every cast, the factors would be trained in float8 too. The stand-in class is shown only
+    while the package module is built."""
+    if not is_float8(layer.weight):
+        yield
+        return
+    own = type(layer)
+    layer.__class__ = next(c for c in own.__mro__ if c.__module__.startswith("torch.nn.modules"))
+    try:
+        yield
+    finally:
+        layer.__class__ = own
+
+
 class LycorisAdapter(AdapterModule):
     """One LyCORIS module (LoCon, LoHa, LoKr, …) behind the `AdapterModule` interface.
 
@@ -375,18 +411,19 @@ class LycorisAdapter(AdapterModule):
     def __init__(self, target: AdapterTarget, options: LycorisOptions, multiplier: float = 1.0):
         super().__init__(target.name, target.module, multiplier)
         _, modules = _import_lycoris()
-        if _is_norm(target.module):
-            from lycoris.modules.norms import NormModule
+        with _plain_layer_class(target.module):
+            if _is_norm(target.module):
+                from lycoris.modules.norms import NormModule
 
-            self.lyco = NormModule(
-                target.name, target.module, multiplier, options.rank_dropout, options.module_dropout,
-                **options.module_kwargs,
-            )
-        else:
-            self.lyco = modules[options.algo](
-                target.name, target.module, multiplier, target.rank, target.alpha, options.dropout,
-                options.rank_dropout, options.module_dropout, options.use_tucker, **options.module_kwargs,
-            )
+                self.lyco = NormModule(
+                    target.name, target.module, multiplier, options.rank_dropout, options.module_dropout,
+                    **options.module_kwargs,
+                )
+            else:
+                self.lyco = modules[options.algo](
+                    target.name, target.module, multiplier, target.rank, target.alpha, options.dropout,
+                    options.rank_dropout, options.module_dropout, options.use_tucker, **options.module_kwargs,
+                )
         self.lyco.to(device=target.module.weight.device)
 
     @property
@@ -420,7 +457,8 @@ class LycorisAdapter(AdapterModule):
         lyco = self.lyco
         if _is_norm(self.org_module):
             return lyco.forward(x)  # norm layers have no weight-rebuild op taking a weight difference
-        if type(lyco).__name__ == "LoConModule" and x.dtype == lyco.dtype and not getattr(lyco, "wd", False):
+        if (type(lyco).__name__ == "LoConModule" and x.dtype == lyco.dtype and not getattr(lyco, "wd", False)
+                and not is_float8(self.org_module.weight)):  # its own forward adds ΔW to the stored weight
             return lyco.forward(x)
         return self._rebuild_forward(x)
 
@@ -432,9 +470,11 @@ class LycorisAdapter(AdapterModule):
         weight by its float32 factors as they are, which fails on a half-precision base: its ΔW is formed
         here in float32 instead. Every other algorithm uses the package's own `get_merged_weight`.
         """
+        weight = dequantized(weight)
         if type(self.lyco).__name__ == "GLoRAModule":
             return weight.float() + multiplier * glora_delta_weight(self.lyco, weight), None
-        merged, bias = self.lyco.get_merged_weight(multiplier, weight.shape, weight.device)
+        with _package_reads(self.lyco, weight):
+            merged, bias = self.lyco.get_merged_weight(multiplier, weight.shape, weight.device)
         return merged.float(), bias
 
     def _rebuild_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -450,7 +490,7 @@ class LycorisAdapter(AdapterModule):
         lyco = self.lyco
         if self.training and lyco.module_dropout and torch.rand(()) < lyco.module_dropout:
             return self.original_forward(x)
-        weight = self.org_module.weight
+        weight = base_weight(self.org_module)
         merged, _ = self._merged(self.multiplier, weight)
         delta = (merged - weight.float()).to(x.dtype)
         return self.original_forward(x) + lyco.op(x, delta, None, **lyco.kw_dict)
@@ -459,7 +499,7 @@ class LycorisAdapter(AdapterModule):
         return self._merged(multiplier, self.org_module.weight)[0]
 
     def delta_weight(self) -> torch.Tensor:
-        weight = self.org_module.weight
+        weight = base_weight(self.org_module)
         return self._merged(1.0, weight)[0] - weight.float()
 
     @torch.no_grad()

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import AdapterModule, is_fused_view
+from lorakit.adapters.base import AdapterModule, base_weight, is_fused_view
 
 __all__ = ["OFTModule", "oft_merged_weight", "oft_rotation", "RECOMMENDED_CONSTRAINT"]
 
@@ -128,19 +128,19 @@ class OFTModule(AdapterModule):
     def merged_weight(self, multiplier: float = 1.0, weight: torch.Tensor | None = None) -> torch.Tensor:
         """W' = Rᵀ·W per part; `weight` is the layer's W when the caller has read it already (a fused view builds
         it anew on every read)."""
-        weight = self.org_module.weight if weight is None else weight
+        weight = base_weight(self.org_module) if weight is None else weight
         rows = torch.split(weight, self.part_sizes, dim=0)
         merged = [oft_merged_weight(w, r) for w, r in zip(rows, self.rotations(multiplier))]
         return merged[0] if len(merged) == 1 else torch.cat(merged, dim=0)
 
     def delta_weight(self) -> torch.Tensor:
-        weight = self.org_module.weight
+        weight = base_weight(self.org_module)
         return self.merged_weight(1.0, weight) - weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.multiplier == 0.0:
             return self.original_forward(x)
-        layer, base = self.org_module, self.org_module.weight
+        layer, base = self.org_module, base_weight(self.org_module)
         merged = self.merged_weight(self.multiplier, base)
         if is_fused_view(layer):  # the parts compute W x + b themselves: add only (W' − W) x
             return F.linear(x, (merged - base.float()).to(x.dtype))

@@ -32,7 +32,7 @@ DEFAULT_MODULE = "networks.lora"
 class TargetSpec:
     """The adapter network of a run: sizes, components, options of the algorithm and of the family."""
 
-    module: str = DEFAULT_MODULE  # the network module (`--network_module`, networks.lora when not given)
+    module: str = DEFAULT_MODULE  # the network module, as the family reads `--network_module` (`network_module`)
     rank: int = 4  # --network_dim (4 when not given, as sd-scripts' create_network)
     alpha_option: float | None = None  # --network_alpha as given (0 or None: each algorithm's default)
     dropout: float | None = None  # --network_dropout
@@ -46,6 +46,8 @@ class TargetSpec:
     algorithm: Any = None  # the algorithm's own parsed options (see factory.parse_algorithm_args)
     family_args: Any = None  # the family's own parsed keys (ModelFamily.parse_network_args)
     weights: str | None = None  # --network_weights
+    # --dim_from_weights: kohya name -> (rank, alpha) of every module of --network_weights; only these are built
+    module_sizes: Mapping[str, tuple[int, float]] | None = None
 
     @property
     def alpha(self) -> float:
@@ -88,7 +90,7 @@ def make_target_spec(family: "ModelFamily", *, module: str | None = None, rank: 
     args = dict(args or {})
     problems: list[str] = []
     base = TargetSpec(
-        module=module or DEFAULT_MODULE, rank=int(rank or 4), alpha_option=alpha, dropout=dropout,
+        module=family.network_module(module), rank=int(rank or 4), alpha_option=alpha, dropout=dropout,
         rank_dropout=parse_float(args, "rank_dropout", problems), module_dropout=parse_float(args, "module_dropout", problems),
         train_unet=train_unet, train_text_encoder=train_text_encoder, args=args, weights=weights,
     )

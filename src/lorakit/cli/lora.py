@@ -72,6 +72,8 @@ def _parser(tool: str, description: str) -> argparse.ArgumentParser:
 
 
 def _resize(argv: list[str]) -> int:
+    if _positional(argv):
+        return _resize_recipe_form(argv)
     p = _parser("resize", "Change the rank of a LoRA by SVD (sd-scripts networks/resize_lora.py).")
     p.add_argument("--model", required=True, help="the LoRA to resize")
     p.add_argument("--save_to", required=True, help="output file (.safetensors, .ckpt, .pt, .pth)")
@@ -83,15 +85,18 @@ def _resize(argv: list[str]) -> int:
     p.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda")
     p.add_argument("--verbose", action="store_true", help="print every module's new rank and retained norm")
     p.add_argument("--score_recipes", type=recipe_text, default=None, help="resize_lora recipe, e.g. fro_ckpt=1,thr=-3.55 (docs/tools.md, Recipes)")
-    p.add_argument("--base_model", default=None, help="with --score_recipes: the model the LoRA applies to")
+    p.add_argument("--base_model", default=None, help="the model the LoRA applies to: for --score_recipes scored "
+                   "against it, and for DoRA, OFT, LoHa, LoKr, ... files (their ΔW depends on it)")
     args = p.parse_args(argv)
+    args.output_folder = None
     if args.score_recipes is not None:
         from lorakit.tools.recipe_cli import resize_by_recipe_command
 
         return resize_by_recipe_command(args)
     args.new_rank = 4 if args.new_rank is None else args.new_rank
 
-    from lorakit.tools.common import check_output, load_lora, parse_precision, require_file, save_lora
+    from lorakit.tools.common import check_output, parse_precision, require_file, save_lora
+    from lorakit.tools.recipe_cli import read_for_resize
     from lorakit.tools.resize import resize_metadata, resize_modules
 
     problems = []
@@ -106,16 +111,54 @@ def _resize(argv: list[str]) -> int:
     save_to, fmt = check_output(args.save_to)
     save_dtype = parse_precision(args.save_precision, "--save_precision")
     require_file(args.model, "--model")
+    if args.base_model:
+        require_file(args.base_model, "--base_model")
     if args.verbose:
         logger.setLevel(logging.INFO)
-    lora = load_lora(args.model)
+    lora, found = read_for_resize(args, need_base=False)
     modules, report = resize_modules(
-        lora.modules, args.new_rank, new_conv_rank=args.new_conv_rank, dynamic_method=args.dynamic_method,
+        found.modules, args.new_rank, new_conv_rank=args.new_conv_rank, dynamic_method=args.dynamic_method,
         dynamic_param=args.dynamic_param, device=args.device, verbose=args.verbose,
     )
     metadata = resize_metadata(lora.metadata, modules, report, dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param)
-    save_lora(modules, save_to, fmt, metadata, save_dtype)
+    save_lora(modules, save_to, fmt, metadata, save_dtype, found.passthrough)
     print(f"saved {save_to} ({len(modules)} modules, Frobenius norm kept {100 * report.mean_fro_retained():.1f}% on average)")
+    return 0
+
+
+def _positional(argv: list[str]) -> bool:
+    """resize_lora.py's `CHECKPOINT LORA...` form: no --model, and a word that is no option's value."""
+    if any(word == "--model" or word.startswith("--model=") for word in argv):
+        return False
+    takes_value = {"-o", "--output_folder", "-t", "--output_dtype", "-d", "--device", "-r", "--score_recipes"}
+    return any(not word.startswith("-") and (i == 0 or argv[i - 1] not in takes_value) for i, word in enumerate(argv))
+
+
+def _resize_recipe_form(argv: list[str]) -> int:
+    """`resize_lora.py [-o FOLDER] [-r RECIPES] [-t 16|32] [-d DEVICE] [-v] CHECKPOINT LORA [LORA ...]`, the form of
+    the resize_lora tool users' guides run (seed: `-o DIR -r fro_ckpt=1,thr=-3.55 model.safetensors lora.safetensors`):
+    every LoRA resized by every recipe (`:`-separated), each output named after the LoRA, recipe and threshold."""
+    from lorakit.tools.recipe_cli import resize_by_recipe_command
+
+    p = _parser("resize", "Resize LoRAs by score recipes against their base model (resize_lora.py's command line).")
+    p.add_argument("checkpoint_path", help="the base model the LoRAs apply to")
+    p.add_argument("lora_model_paths", nargs="+", help="the LoRA files")
+    p.add_argument("-o", "--output_folder", default=None, help="folder of the outputs (default: each LoRA's own)")
+    p.add_argument("-t", "--output_dtype", choices=("16", "32"), default="16", help="16: fp16 (default), 32: float")
+    p.add_argument("-d", "--device", default=None, help="where the SVDs run")
+    p.add_argument("-r", "--score_recipes", default="fro_ckpt=1,thr=-3.5", help="recipes, ':'-separated")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v: per-run summary, -vv: every module")
+    args = p.parse_args(argv)
+    for recipe in filter(None, args.score_recipes.split(":")):
+        recipe_text(recipe)
+    for lora in args.lora_model_paths:
+        for recipe in filter(None, args.score_recipes.split(":")):
+            run = argparse.Namespace(
+                model=lora, base_model=args.checkpoint_path, score_recipes=recipe, save_to=None,
+                output_folder=args.output_folder, save_precision="fp16" if args.output_dtype == "16" else "float",
+                new_rank=None, new_conv_rank=None, dynamic_method=None, device=args.device, verbose=args.verbose > 0,
+            )
+            resize_by_recipe_command(run)
     return 0
 
 
@@ -174,6 +217,9 @@ def _block_weighted(args: argparse.Namespace, loras: list) -> list:
         return loras
     from lorakit.tools.lbw import apply_block_weights, parse_lbws
 
+    other = next((lora for lora in loras if lora.modules is None), None)
+    if other is not None:
+        raise ConfigError([f"--lbws: {other.path} is not a plain LoRA; block weights apply to LoRA factors only"])
     family = loras[0].family
     lists = parse_lbws(args.lbws, [lora.path for lora in loras], family)
     return [apply_block_weights(lora, lbw, family) for lora, lbw in zip(loras, lists)]
@@ -233,7 +279,7 @@ def _check_encoder_files(args: argparse.Namespace, family: ModelFamily, loras: l
             problems.append(f"--{option}_save_to: also give --{option}, the {part.what} to merge into")
         if save_to and not Path(save_to).parent.is_dir():
             problems.append(f"--{option}_save_to {save_to}: the folder {Path(save_to).parent} does not exist")
-        user = next((f"{lora.path} (key {n})" for lora in loras for n in lora.modules if n.startswith(part.lora_prefix + "_")), None)
+        user = next((f"{lora.path} (key {k})" for lora in loras for k in lora.tensors if k.startswith(part.lora_prefix + "_")), None)
         if user and not given and args.flux_model and not Path(args.flux_model).is_dir():
             problems.append(f"--{option}: {user} has {part.what} modules; pass --{option} and --{option}_save_to")
     if problems:
@@ -252,7 +298,7 @@ def _merge_into_model(args: argparse.Namespace, ratios: list[float]) -> int:
     kind = "diffusers" if args.diffusers and output.kind != "folder" else output.kind
     if args.diffusers and "diffusers" not in family.single_file_kinds:
         raise ConfigError([f"--diffusers: {family.title} models have no single file under diffusers' names"])
-    loras = _block_weighted(args, [load_lora(model, family.name) for model in args.models])  # the files first: cheap to reject
+    loras = _block_weighted(args, [load_lora(model, family.name, any_algorithm=True) for model in args.models])  # the files first: cheap to reject
     _check_encoder_files(args, family, loras)
     dtype = parse_precision(args.precision, "--precision")
     save_dtype = parse_precision(args.save_precision, "--save_precision")

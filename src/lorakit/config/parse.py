@@ -208,7 +208,7 @@ def read_train_args(argv: list[str], *, check_support: bool = True, command: str
         config.for_command(command)
         problems += command_problems(config, command) + model_training_problems(config)
     if config is not None and check_support:
-        unsupported, fallbacks = check_supported(config)
+        unsupported, fallbacks = check_supported(config, command)
         problems += unsupported
         warnings += fallbacks
     if config is not None and config.family != "auto" and not writing:

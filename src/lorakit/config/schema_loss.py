@@ -57,7 +57,7 @@ class MemoryOptions(OptionSection):
     cpu_offload_checkpointing: bool = Field(False, description="[DiT] offload checkpointed activations")
     base_quant: BaseQuant | None = Field(None, description="frozen base weights quantized: fp8 (= --fp8_base), fp8_scaled, "
                                          "int8 or nf4 (docs/memory.md)")
-    compile: bool = Field(False, description="torch.compile each block of the denoiser (--torch_compile is the same)")
+    compile: bool = Field(False, description="torch.compile each block of the denoiser (--torch_compile: the whole denoiser)")
     vram_budget: str | None = Field(None, description="device memory to fit the run in (12GB, 8GiB, auto): the planner "
                                     "picks block swap, checkpointing, --base_quant and text-encoder caching")
 
@@ -70,6 +70,4 @@ class MemoryOptions(OptionSection):
                 data = {**data, "fp8_base": True}
             elif data.get("base_quant") is None and (data.get("fp8_base") or data.get("fp8_base_unet")):
                 data = {**data, "base_quant": "fp8"}
-            if data.get("torch_compile"):
-                data = {**data, "compile": True}
         return data

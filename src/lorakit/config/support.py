@@ -21,64 +21,30 @@ _REMOVE = "remove it to train without it"
 #: Hints for options sd-scripts has, for as long as lorakit lacks them. `UNSUPPORTED` (below) is this table minus
 #: `IMPLEMENTED`, so landing a feature means adding its names to `IMPLEMENTED` and nothing else.
 _HINTS: dict[str, str] = {
-    # deepspeed
-    **dict.fromkeys(
-        (
-            "deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",
-            "offload_param_device", "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
-            "fp16_master_weights_and_gradients",
-        ),
-        _REMOVE,
-    ),
-    # validation
-    **dict.fromkeys(
-        (
-            "validation_split", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
-            "max_validation_steps",
-        ),
-        _REMOVE,
-    ),
-    # saving
-    **dict.fromkeys(
-        (
-            "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
-            "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
-        ),
-        "remove it and upload the files from --output_dir yourself",
-    ),
-    # training
-    **dict.fromkeys(
-        (
-            "torch_compile", "dynamo_backend", "dynamo_mode", "dynamo_fullgraph", "dynamo_dynamic",
-        ),
-        _REMOVE,
-    ),
-    # optimizer
-    "fused_backward_pass": _REMOVE,
-    # network
-    **dict.fromkeys(
-        (
-            "dim_from_weights", "base_weights", "base_weights_multiplier",
-        ),
-        _REMOVE,
-    ),
-    # dataset
-    **dict.fromkeys(
-        (
-            "debug_dataset", "dataset_class", "weighted_captions",
-        ),
-        _REMOVE,
-    ),
-}  # fmt: skip
+    "dataset_class": "a dataset class written for sd-scripts (a MinimalDataset returning its batch dicts) cannot "
+                     "drive lorakit's data pipeline yet; describe the images with --train_data_dir, --in_json or "
+                     "--dataset_config instead",
+}
 
-#: Options that select something lorakit does differently; training continues with this warning.
+#: Options that select something lorakit does differently, or that do nothing in LoRA training (in sd-scripts
+#: either); training continues with this warning.
 FALLBACKS: dict[str, str] = {
     "xformers": "--xformers: lorakit uses PyTorch SDPA attention instead; training continues",
     "mem_eff_attn": "--mem_eff_attn: lorakit uses PyTorch SDPA attention instead; training continues",
+    "fused_backward_pass": "--fused_backward_pass applies to full fine-tuning only; LoRA training runs without it, "
+                           "as sd-scripts' train_network does (its Adafactor and accumulation checks still apply)",
+    "controlnet_model_name_or_path": "--controlnet_model_name_or_path is read by ControlNet training only; LoRA "
+                                     "training ignores it, as sd-scripts' train_network does",
+}
+
+#: the commands that read an option FALLBACKS names as unread by LoRA training
+FALLBACK_READERS: dict[str, tuple[str, ...]] = {
+    "fused_backward_pass": ("finetune", "dreambooth"),
+    "controlnet_model_name_or_path": ("controlnet",),
 }
 
 #: Options that tune sd-scripts' loading; lorakit's loading needs no such switch, so they are accepted silently.
-NO_EFFECT: frozenset[str] = frozenset({"lowram", "highvram", "disable_mmap_load_safetensors", "tokenizer_cache_dir"})
+NO_EFFECT: frozenset[str] = frozenset({"lowram", "highvram", "disable_mmap_load_safetensors"})
 
 
 #: Network modules lorakit builds (adapters/factory.py); each family module checks its own --network_args.
@@ -106,18 +72,6 @@ def _network_module(value: Any) -> str | None:
     )
 
 
-def _lr_scheduler(value: Any) -> str | None:
-    if value != "reduce_lr_on_plateau":
-        return None
-    return "--lr_scheduler reduce_lr_on_plateau needs a validation metric, which LoRA training does not produce; use cosine or constant"
-
-
-def _max_token_length(value: Any) -> str | None:
-    if value is None:
-        return None
-    return f"--max_token_length {value} is recognised but not implemented yet in lorakit; prompts use 75 tokens"
-
-
 _NETWORK_KEYS_DONE = (
     "conv_dim", "conv_alpha", "rank_dropout", "module_dropout",
     # DoRA (adapters/dora.py)
@@ -129,6 +83,19 @@ _NETWORK_KEYS_DONE = (
 )
 
 
+def generic_lora_keys() -> frozenset[str]:
+    """The --network_args keys `networks.lora` reads on every family."""
+    return frozenset(_NETWORK_KEYS_DONE)
+
+
+def _family_lora_keys() -> frozenset[str]:
+    """The keys some family's LoRA module reads (`networks.lora` is the family's own LoRA module: FLUX's
+    `train_t5xxl`, SD3's `emb_dims`, ...); the family, known later, refuses those it does not read."""
+    from lorakit.families.registry import all_families
+
+    return frozenset(key for family in all_families() for key in family.family_arg_keys("networks.lora") or ())
+
+
 def _network_args(cfg: TrainConfig) -> list[str]:
     if cfg.network_module not in (None, "networks.lora"):
         return []  # other modules validate their own keys (e.g. families/flux/network_args.py)
@@ -136,19 +103,18 @@ def _network_args(cfg: TrainConfig) -> list[str]:
         keys = cfg.network_kwargs()
     except ConfigError:
         return []  # malformed items are reported by the cross-field rules
+    known = generic_lora_keys() | _family_lora_keys()
     return [
         f"--network_args {key} is recognised but not implemented yet in lorakit; "
         f"supported keys: {', '.join(_NETWORK_KEYS_DONE)}"
         for key in keys
-        if key not in _NETWORK_KEYS_DONE
+        if key not in known
     ]
 
 
 #: Implemented options whose values are only partly supported: option -> check of the value.
 PARTIAL: dict[str, Callable[[Any], str | None]] = {
     "network_module": _network_module,
-    "lr_scheduler": _lr_scheduler,
-    "max_token_length": _max_token_length,
 }
 
 #: Options implemented in full (plus those in PARTIAL, whose values are checked).
@@ -158,7 +124,14 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "train_data_dir", "reg_data_dir", "dataset_config", "resolution", "train_batch_size", "enable_bucket",
         "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "caption_extension",
         "caption_extention", "cache_latents", "vae_batch_size", "prior_loss_weight", "max_data_loader_n_workers",
-        "persistent_data_loader_workers", "max_token_length",
+        "persistent_data_loader_workers",
+        # validation loss (data/holdout.py, training/validation.py)
+        "validation_split", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
+        "max_validation_steps",
+        # LoRA files read besides the run's own (training/network_files.py)
+        "dim_from_weights", "base_weights", "base_weights_multiplier",
+        # long and weighted captions of CLIP encoders (families/common/clip_prompts.py)
+        "max_token_length", "weighted_captions",
         "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "network_weights",
         "network_train_unet_only", "network_train_text_encoder_only", "unet_lr", "text_encoder_lr",
         "optimizer_type", "optimizer_args", "learning_rate", "max_grad_norm", "lr_scheduler", "lr_warmup_steps",
@@ -169,7 +142,7 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "metadata_license", "metadata_tags", "metadata_usage_hint", "metadata_thumbnail", "metadata_merged_from",
         "metadata_trigger_phrase", "metadata_preprocessor", "metadata_is_negative_embedding",
         "logging_dir", "log_with", "log_prefix", "console_log_level", "log_tracker_name", "log_tracker_config",
-        "dry_run", "config_file", "output_config",
+        "dry_run", "config_file", "output_config", "tokenizer_cache_dir",
         # noise and loss (objectives/noise.py, objectives/losses.py)
         "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
         "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength", "zero_terminal_snr",
@@ -200,17 +173,27 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "save_format",
         # several processes (training/distributed.py)
         "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph",
+        # DeepSpeed through accelerate's plugin (training/distributed.py; the package is checked at start-up)
+        "deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
+        "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients",
         # logging and precision (cli/main.py, training/trackers.py, training/run.py)
         "console_log_file", "console_log_simple", "log_config", "wandb_run_name", "wandb_api_key", "full_fp16",
         "full_bf16",
+        # the batches printed and written instead of training (training/debug_dataset.py)
+        "debug_dataset",
+        # Hugging Face Hub uploads and resume (training/hub.py)
+        "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+        "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
+        # torch.compile of the denoiser (training/setup.py)
+        "torch_compile", "dynamo_backend", "dynamo_mode", "dynamo_fullgraph", "dynamo_dynamic",
         # images decoded at start-up (data/verify.py)
         "skip_bad_images",
         # textual inversion and ControlNet (training/textual_inversion.py, training/controlnet.py)
         "token_string", "init_word", "num_vectors_per_token", "use_object_template", "use_style_template", "weights",
+        # (controlnet_model_name_or_path and fused_backward_pass are in FALLBACKS: LoRA training ignores them)
         "lllite", "cond_emb_dim",
-        "controlnet_model_name_or_path",
         # whole-model training (training/finetune*.py, training/fused_step.py, training/ema.py)
-        "fused_backward_pass", "train_text_encoder", "learning_rate_te", "learning_rate_te1", "learning_rate_te2",
+        "train_text_encoder", "learning_rate_te", "learning_rate_te1", "learning_rate_te2",
         "learning_rate_te3", "stop_text_encoder_training", "no_token_padding", "train_t5xxl", "use_t5xxl_cache_only",
         "block_lr", "num_last_block_to_freeze", "blockwise_fused_optimizers", "fused_optimizer_groups", "mem_eff_save",
         "diffusers_xformers", "skip_latents_validity_check",
@@ -218,32 +201,35 @@ IMPLEMENTED: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 
-def _family_tables() -> tuple[frozenset[str], dict[str, str]]:
+def _family_tables() -> tuple[frozenset[str], dict[str, str], dict[str, str]]:
     """The options the model families add (`families/<name>/options.py`): implemented, except those a family
-    marks NOT_AVAILABLE (with the hint to give)."""
+    marks NOT_AVAILABLE (refused, with the hint to give) or NO_EFFECT (accepted with the warning to give)."""
     from lorakit.families.registry import family_option_sections
 
     sections = family_option_sections()
-    refused = {name: hint for section in sections for name, hint in section.NOT_AVAILABLE.items()}
+    refused = {name: hint for section in sections for name, hint in getattr(section, "NOT_AVAILABLE", {}).items()}
+    warned = {name: text for section in sections for name, text in getattr(section, "NO_EFFECT", {}).items()}
     fields = {name for section in sections for name in section.model_fields}
-    return frozenset(fields - set(refused)), refused
+    return frozenset(fields - set(refused) - set(warned)), refused, warned
 
 
-_FAMILY_IMPLEMENTED, _FAMILY_REFUSED = _family_tables()
+_FAMILY_IMPLEMENTED, _FAMILY_REFUSED, _FAMILY_WARNED = _family_tables()
 IMPLEMENTED = IMPLEMENTED | _FAMILY_IMPLEMENTED
+FALLBACKS.update(_FAMILY_WARNED)
 
 #: Recognised but not implemented yet: option name -> what the user can do instead.
 UNSUPPORTED: dict[str, str] = {name: hint for name, hint in {**_HINTS, **_FAMILY_REFUSED}.items() if name not in IMPLEMENTED}
 
 
-def check_supported(cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """(errors, warnings) for options set to something lorakit cannot do yet or does differently."""
+def check_supported(cfg: TrainConfig, command: str = "train") -> tuple[list[str], list[str]]:
+    """(errors, warnings) for options set to something lorakit cannot do yet or does differently, for
+    `lorakit <command>`."""
     errors: list[str] = []
     warnings: list[str] = []
     for name, value in cfg.non_default_options().items():
         if name in UNSUPPORTED:
             errors.append(f"--{name} is recognised but not implemented yet in lorakit; {UNSUPPORTED[name]}")
-        elif name in FALLBACKS:
+        elif name in FALLBACKS and command not in FALLBACK_READERS.get(name, ()):
             warnings.append(FALLBACKS[name])
         elif name in PARTIAL:
             message = PARTIAL[name](value)

@@ -26,6 +26,7 @@ class Batch:
     masks: torch.Tensor | None = None  # (B, 1, H, W) loss masks in [0, 1] at pixel size; see data.masks
     #: (B, 3, H, W) conditioning images in [-1, 1], placed like `images` (data.conditioning); None without
     conditioning_images: torch.Tensor | None = None
+    custom_attributes: list[dict] | None = None  # each image's subset `custom_attributes` table ({} when none)
 
     def __len__(self) -> int:
         return len(self.captions)

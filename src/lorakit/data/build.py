@@ -19,6 +19,7 @@ from lorakit.data.dataset import ImageEntry, TrainDataset
 from lorakit.data.dataset_config import plan_datasets
 from lorakit.data.discovery import ImageRecord, collect_images, face_box_from_name, missing_caption_message
 from lorakit.data.finetune import read_metadata_file
+from lorakit.data.holdout import TRAINING, VALIDATION, split_items
 from lorakit.data.images import image_size
 from lorakit.data.info_cache import read_info_cache, write_info_cache
 from lorakit.data.conditioning import ConditioningUse, check_conditioning_size, conditioning_files
@@ -146,8 +147,19 @@ def build_train_dataset(cfg: Any, seed: int | None = None,
 
     `conditioning` says what the run's training type does with conditioning images (`data/conditioning.py`).
     All unreadable images, bad caption files and bad or missing conditioning images are reported together in
-    one `DataError`.
+    one `DataError`. With a validation split the held-out images are left out, and the dataset's `validation`
+    holds them.
     """
+    dataset = _build(cfg, seed, conditioning, TRAINING)
+    if any(part.spec.validation_split for part in dataset.parts):
+        dataset.validation = _build(cfg, seed, conditioning, VALIDATION)
+        if dataset.validation is not None:
+            logger.info("validation: %d held-out image(s)", len(dataset.validation.images))
+    return dataset
+
+
+def _build(cfg: Any, seed: int | None, conditioning: ConditioningUse, role: str) -> TrainDataset | None:
+    """The training dataset, or (role VALIDATION) the held-out images, None when there are none."""
     plan = plan_datasets(cfg, conditioning)
     seed = int(seed if seed is not None else getattr(cfg, "seed", None) or 0)
     subsets: list[SubsetSpec] = []
@@ -159,7 +171,12 @@ def build_train_dataset(cfg: Any, seed: int | None = None,
     skip_bad = bool(getattr(cfg, "skip_bad_images", False))
     for index, spec in enumerate(plan.datasets):
         where = f"dataset config {plan.config_file} [[datasets]] #{index + 1}" if plan.config_file else "the options"
-        parts.append(_build_part(index, spec, where, subsets, images, problems, missing, (skip_bad, skipped)))
+        parts.append(_build_part(index, spec, where, subsets, images, problems, missing, (skip_bad, skipped),
+                                 (role, seed)))
+    if role == VALIDATION:
+        images = [e for e in images if e.repeats > 0]
+        return TrainDataset(subsets, images, parts, seed, 1.0, plan.from_config_file,
+                            conditioning_masks=bool(getattr(cfg, "masked_loss", False))) if images else None
     if skipped:
         logger.warning("--skip_bad_images: left out %d image(s) that cannot be read:\n%s", len(skipped),
                        "\n".join(f"  - {p}" for p in skipped))
@@ -185,16 +202,19 @@ def build_train_dataset(cfg: Any, seed: int | None = None,
 
 
 def _build_part(index: int, spec: DatasetSpec, where: str, subsets: list[SubsetSpec], images: list[ImageEntry],
-                problems: list[str], missing: list[tuple[Path, int]], skipping: tuple[bool, list[str]]) -> _Part:
-    """Read one dataset's subsets, balance its regularisation images and choose buckets."""
+                problems: list[str], missing: list[tuple[Path, int]], skipping: tuple[bool, list[str]],
+                split: tuple[str, int] = (TRAINING, 0)) -> _Part:
+    """Read one dataset's subsets (the `split` side of a validation split: role and run seed), balance its
+    regularisation images and choose buckets."""
     low, high = _check_bucket_limits(spec, where)
     manager = BucketManager(spec.resolution, spec.enable_bucket, spec.bucket_no_upscale, low, high,
                             spec.bucket_reso_steps)
     part = _Part(spec, manager, [], {}, 0, 0, {})
     reg_ids: list[int] = []
-    for subset in spec.subsets:
+    validating = split[0] == VALIDATION
+    for subset in spec.subsets if spec.validation_split or not validating else ():
         try:
-            found = _read_subset(subset, skipping[0])
+            found = _split(_read_subset(subset, skipping[0]), subset, spec, split)
         except DataError as err:
             problems.append(str(err))
             continue
@@ -205,24 +225,38 @@ def _build_part(index: int, spec: DatasetSpec, where: str, subsets: list[SubsetS
         part.subset_indices.append(subset_index)
         part.image_counts[subset_index] = len(found.records)
         if not found.records:
-            logger.warning("no images in %s; it is skipped", subset.source)
+            if not validating:
+                logger.warning("no images in %s; it is skipped", subset.source)
             continue
         missing.append((subset.source, sum(1 for r in found.records if not r.has_caption_file)))
         _merge_tags(part.tag_frequency, _tag_key(subset), [r.caption for r in found.records])
-        count = subset.num_repeats * len(found.records)
+        repeats = 1 if validating else subset.num_repeats
         if subset.is_reg:
-            part.num_reg_images += count
+            part.num_reg_images += repeats * len(found.records)
         else:
-            part.num_train_images += count
+            part.num_train_images += repeats * len(found.records)
         for record, size in zip(found.records, found.sizes):
             choice = _choose_bucket(manager, record.path, size, problems)
             if subset.is_reg:
                 reg_ids.append(len(images))
             images.append(ImageEntry(record.path, record.caption, subset_index, index, size, choice,
-                                     subset.num_repeats, found.conditioning.get(record.path),
+                                     repeats, found.conditioning.get(record.path),
                                      face_box_from_name(record.path) if subset.face_crop_aug_range else None))
     _apply_reg_balance(part, images, reg_ids)
     return part
+
+
+def _split(found: _SubsetImages, subset: SubsetSpec, spec: DatasetSpec, split: tuple[str, int]) -> _SubsetImages:
+    """The images of one subset on the `split` side of the dataset's validation split (`data/holdout.py`)."""
+    role, run_seed = split
+    if not spec.validation_split or (subset.is_reg and role == TRAINING):
+        return found
+    if subset.is_reg:
+        return _SubsetImages([], [], {}, found.problems, found.skipped)
+    seed = spec.validation_seed if spec.validation_seed is not None else run_seed
+    kept = split_items(list(zip(found.records, found.sizes)), spec.validation_split, seed, role)
+    return _SubsetImages([r for r, _ in kept], [s for _, s in kept], found.conditioning, found.problems,
+                         found.skipped)
 
 
 def _tag_key(subset: SubsetSpec) -> str:

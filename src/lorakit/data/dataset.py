@@ -74,6 +74,7 @@ class TrainDataset(Dataset):
         self._skip = 0
         self._plans: EpochBatches = EpochBatches([], seed, 0)
         self.rank, self.world_size = 0, 1  # this process's share of each epoch (see `shard`)
+        self.validation: TrainDataset | None = None  # images held out by a validation split (data/holdout.py)
         self.set_epoch(0)
 
     # ----- epochs, steps and batches -----
@@ -160,7 +161,9 @@ class TrainDataset(Dataset):
         return Batch(captions=captions, loss_weights=torch.tensor(weights, dtype=torch.float32),
                      images=None if cached else stacked, latents=stacked if cached else None,
                      original_sizes=originals, crop_top_lefts=crops, target_sizes=[target] * len(captions),
-                     masks=_stack_masks(masks, target), conditioning_images=_stack_conditioning(conditioning))
+                     masks=_stack_masks(masks, target), conditioning_images=_stack_conditioning(conditioning),
+                     custom_attributes=[dict(self.subsets[self.images[i].subset_index].custom_attributes or {})
+                                        for i in plan.image_ids])
 
     def _placement(self, entry: ImageEntry, subset: SubsetSpec, bucket: Size, flip: bool,
                    rng: random.Random) -> Placement:

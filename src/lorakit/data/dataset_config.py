@@ -40,7 +40,7 @@ SUBSET_KEYS: dict[str, str] = {  # allowed at every level ("ascendable" in sd-sc
     "caption_dropout_rate": "number", "caption_dropout_every_n_epochs": "int",
     "caption_tag_dropout_rate": "number", "token_warmup_min": "int", "token_warmup_step": "number",
     "flip_aug": "bool", "random_crop": "bool", "color_aug": "bool", "face_crop_aug_range": "float_pair",
-    "resize_interpolation": "interpolation",
+    "resize_interpolation": "interpolation", "custom_attributes": "table",
 }
 SUBSET_ONLY_KEYS: dict[str, str] = {
     "image_dir": "str", "is_reg": "bool", "alpha_mask": "bool", "metadata_file": "str",
@@ -49,12 +49,10 @@ SUBSET_ONLY_KEYS: dict[str, str] = {
 DATASET_KEYS: dict[str, str] = {  # allowed in [general] and [[datasets]]
     "resolution": "resolution", "batch_size": "int", "enable_bucket": "bool", "min_bucket_reso": "int",
     "max_bucket_reso": "int", "bucket_reso_steps": "int", "bucket_no_upscale": "bool",
-    "network_multiplier": "number",
+    "network_multiplier": "number", "validation_split": "fraction", "validation_seed": "int",
 }
 # sd-scripts keys this version does not implement; a value other than the harmless default is an error.
-NOT_IMPLEMENTED_KEYS: dict[str, Any] = {
-    "custom_attributes": None, "validation_seed": None, "validation_split": 0,
-}
+NOT_IMPLEMENTED_KEYS: dict[str, Any] = {}
 # Keys a subset of a given kind must not have (beyond the subset-only keys that define the kind).
 KIND_FORBIDDEN: dict[str, tuple[str, ...]] = {
     DREAMBOOTH: (),
@@ -111,6 +109,7 @@ _CHECKS = {
     "int": _is_int,
     "count": lambda v: _is_int(v) and v >= 1,
     "number": _is_number,
+    "fraction": lambda v: _is_number(v) and 0 <= v < 1,
     "str": lambda v: isinstance(v, str),
     "table": lambda v: isinstance(v, dict),
     "interpolation": lambda v: isinstance(v, str) and v in INTERPOLATIONS,
@@ -120,6 +119,7 @@ _CHECKS = {
 }
 _WANTED = {"count": "a whole number of at least 1 (0 or fewer repeats would never show the images)",
            "resolution": "a size like 512 or [768, 512]", "float_pair": "[low, high] with low <= high",
+           "fraction": "a number from 0 up to (not including) 1",
            "number": "a number", "interpolation": "one of " + ", ".join(INTERPOLATIONS)}
 
 
@@ -277,8 +277,11 @@ def _resolve_subset(sub: dict[str, Any], levels: list[dict[str, Any]], cfg: Any)
     _require_repeats(values, f"subset {sub.get('image_dir') or sub.get('metadata_file')}")
     for key in ("is_reg",):
         values[key] = bool(sub.get(key, False))
+    # a table, taken whole from the first level that has one (no command-line option sets it)
+    attributes = next((level["custom_attributes"] for level in [sub, *levels] if level.get("custom_attributes")), None)
     return SubsetSpec(image_dir=_path(sub.get("image_dir")), metadata_file=_path(sub.get("metadata_file")),
-                      conditioning_data_dir=_path(sub.get("conditioning_data_dir")), **values)
+                      conditioning_data_dir=_path(sub.get("conditioning_data_dir")), custom_attributes=attributes,
+                      **values)
 
 
 def _resolve_dataset(levels: list[dict[str, Any]], cfg: Any, subsets: tuple[SubsetSpec, ...],

@@ -73,6 +73,8 @@ class DatasetSpec:
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     network_multiplier: float = 1.0
+    validation_split: float = 0.0  # fraction of each non-regularisation subset held out for validation
+    validation_seed: int | None = None  # seed of that split (None: the run's seed)
     kind: str = DREAMBOOTH
 
 

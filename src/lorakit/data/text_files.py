@@ -64,6 +64,8 @@ def text_request(cfg: Any, fmt: TextFileFormat, caption: str) -> TextFileRequest
     """The request for `caption` under the run's options (the same for training and `lorakit cache`)."""
     encoders = [str(getattr(cfg, "pretrained_model_name_or_path", "") or "")]
     encoders += [f"{name}={getattr(cfg, name)}" for name in fmt.encoder_files if getattr(cfg, name, None)]
+    if getattr(cfg, "base_weights", None):  # LoRAs merged into the encoders change their outputs
+        encoders.append(f"base_weights={cfg.base_weights}x{getattr(cfg, 'base_weights_multiplier', None)}")
     settings = ";".join(f"{name}={getattr(cfg, name, None)}" for name in fmt.settings)
     switches = tuple((name, bool(getattr(cfg, name, False))) for name in fmt.switches)
     return TextFileRequest(caption, "|".join(encoders), settings, switches)

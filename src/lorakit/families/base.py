@@ -92,6 +92,7 @@ class ModelSource:
     partial: bool = False
     denoiser_only: bool = False  # only the denoiser is needed (converting it alone): nothing else is loaded
     text_encoders: bool = True  # False: the text encoders and their tokenizers are not built (empty lists)
+    tokenizer_cache_dir: str | None = None  # --tokenizer_cache_dir: where a fetched tokenizer is kept and looked for
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ class ModelFamily:
     # the memory planner's activation rule (training/memory_plan.py): elements saved per latent pixel and per square
     # root of the denoiser's parameter count, at batch 1 without checkpointing
     activation_factor: ClassVar[float] = 16.0
+    reads_caption_weights: ClassVar[bool] = False  # --weighted_captions applies (CLIP prompts, clip_prompts.py)
     block_layout: ClassVar["BlockLayout | None"] = None  # block-wise ranks, LR weights, LBW; None: no blocks
     all_layers_args: ClassVar[Mapping[str, str]] = {}  # --network_args listing every layer a LoRA file may name
     oft_attention: ClassVar[re.Pattern[str]] = re.compile(r"(?!)")  # OFT's default layers, by kohya name
@@ -250,6 +252,9 @@ class ModelFamily:
                             f"(got {cfg.bucket_reso_steps})")
         if cfg.v2 and not self.takes_v2:
             problems.append(f"--v2 selects an SD 2.x model and cannot be used with --family {self.name}")
+        if getattr(cfg, "weighted_captions", False) and not self.reads_caption_weights:
+            problems.append(f"--weighted_captions is not available for --family {self.name}: its prompts carry no "
+                            "attention weights (sd-scripts refuses it too); remove it and write captions without weights")
         if cfg.save_format not in self.save_formats:
             problems.append(f"--save_format {cfg.save_format}: the {self.name} family writes the kohya layout only "
                             "(convert afterwards with `lorakit lora convert --to diffusers`)")
@@ -267,11 +272,26 @@ class ModelFamily:
 
         return ConditioningUse.MASK
 
+    def network_module(self, given: str | None) -> str:
+        """The network module `given` (--network_module, None when left out) names for this family.
+
+        sd-scripts' per-family scripts (`sd3_train_network.py`, `flux_train_network.py`) are run with
+        `--network_module=networks.lora` in its own guides: the family's LoRA module is what that means, and
+        what the file records."""
+        return self.default_network_module if given in (None, "networks.lora") else given
+
     def parse_network_args(self, args: Mapping[str, str], spec: "TargetSpec") -> tuple[Any, list[str]]:
         """The family's own `--network_args` (e.g. FLUX's per-type ranks) as a typed value, and the problems.
 
-        `args` are the keys the adapter algorithm leaves to the family. The default reads none of them."""
-        return None, []
+        `args` are the keys the adapter algorithm leaves to the family. The default reads none of them and
+        refuses the keys only other families' LoRA modules read (the option checks refuse keys nobody reads)."""
+        from lorakit.config.support import generic_lora_keys
+        from lorakit.families.registry import all_families
+
+        readers = {key: [family.title for family in all_families() if key in (family.family_arg_keys(spec.module) or ())]
+                   for key in args if key not in generic_lora_keys()}
+        return None, [f"--network_args {key}: an option of the {' and '.join(names)} LoRA modules only; {self.title} "
+                      "models have no such layers (remove it)" for key, names in readers.items() if names]
 
     def family_arg_keys(self, module: str) -> frozenset[str] | None:
         """The --network_args keys this family reads for `module` (None: the family checks no keys itself)."""

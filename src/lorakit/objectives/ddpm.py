@@ -9,7 +9,7 @@ The noise options live in `noise.py`, the loss types and SNR weights in `losses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -152,6 +152,10 @@ class DDPMObjective:
         )
         noisy = add_noise(self.schedule, latents, noise.input, timesteps)
         return NoisedBatch(noisy, timesteps, training_target(self.schedule, latents, noise.target, timesteps))
+
+    def at_timestep(self, timestep: int) -> "DDPMObjective":
+        """The same objective with every sample at `timestep` (the validation loss's fixed timesteps)."""
+        return replace(self, min_timestep=int(timestep), max_timestep=int(timestep))
 
     @classmethod
     def from_options(cls, cfg: Any, prediction_type: str) -> "DDPMObjective":

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -268,6 +268,7 @@ class FlowObjective:
     options: FlowOptions = field(default_factory=FlowOptions)
     loss_options: LossOptions = field(default_factory=LossOptions)
     patch_size: int = 2
+    fixed_timestep: float | None = None  # every sample at this timestep (σ·1000): the validation loss
 
     @classmethod
     def from_options(cls, cfg: Any, patch_size: int = 2) -> "FlowObjective":
@@ -279,12 +280,20 @@ class FlowObjective:
         height, width = latents.shape[-2:]
         seq_len = (height // self.patch_size) * (width // self.patch_size)
         sigmas = sample_sigmas(self.options, latents.shape[0], seq_len, device=latents.device, generator=generator)
+        if self.fixed_timestep is not None:
+            sigmas = torch.full_like(sigmas, self.fixed_timestep / NUM_TRAIN_TIMESTEPS)
         noise_in = noise
         if self.options.ip_noise_gamma:
             extra = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
             noise_in = noise + _ip_noise_strength(self.options, latents.device, generator) * extra
         noisy = add_flow_noise(latents, noise_in, sigmas)
         return NoisedBatch(noisy, sigmas * NUM_TRAIN_TIMESTEPS, flow_target(latents, noise))
+
+    def at_timestep(self, timestep: int) -> "FlowObjective":
+        """The same objective with every sample at `timestep` (σ = t/1000): the validation loss's fixed
+        timesteps (sd-scripts' FLUX validation ignores them and samples as in training; fixed ones make the
+        figure comparable between validations)."""
+        return replace(self, fixed_timestep=float(timestep))
 
     def prediction(self, output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The denoiser output turned into what the loss compares, per --model_prediction_type."""

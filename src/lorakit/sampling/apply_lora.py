@@ -166,10 +166,16 @@ class LoraMerger:
             self._layers = {t.name: t for t in self.family.adapter_targets(self.comps, every_layer)}
         return self._layers
 
+    def network(self, lora: LoraFile) -> LoRANetwork:
+        """The network the file was trained as, over this model's layers, with the file's tensors loaded (not
+        attached: each module's `delta_weight`/`merged_weight` give the file's change of its layer)."""
+        return self._loaded_network(lora)
+
     @torch.no_grad()
-    def merge(self, lora: LoraFile) -> int:
-        """Merge one file at its multiplier; returns how many layers changed."""
-        network = self._loaded_network(lora)
+    def merge(self, lora: LoraFile, network: LoRANetwork | None = None) -> int:
+        """Merge one file at its multiplier (into `network`, its `network(lora)` built beforehand, when given);
+        returns how many layers changed."""
+        network = network or self._loaded_network(lora)
         in_file = {key.partition(".")[0] for key in lora.state}
         merged = 0
         for name, module in network.lora_modules.items():

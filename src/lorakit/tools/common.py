@@ -18,7 +18,7 @@ from lorakit.adapters.modelspec import build_modelspec
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.families.base import ModelFamily
 from lorakit.families.registry import family_title, get_family, guess_lora_family
-from lorakit.tools.lora_state import LoraFactors, read_modules, to_state_dict
+from lorakit.tools.lora_state import LoraFactors, detect_algorithm, read_modules, to_state_dict
 
 __all__ = [
     "LoadedLora",
@@ -67,23 +67,27 @@ class LoadedLora:
     """A LoRA file read into modules: `modules` by kohya name, its `metadata`, the `style` of its keys and the
     model `family` it is for."""
 
-    def __init__(self, path: str, modules: dict[str, LoraFactors], metadata: dict[str, str], style: str, family: ModelFamily):
+    def __init__(self, path: str, modules: dict[str, LoraFactors] | None, metadata: dict[str, str], style: str,
+                 family: ModelFamily, tensors: dict[str, torch.Tensor] | None = None):
         self.path = path
-        self.modules = modules
+        self.modules = modules  # None: not a plain LoRA (see `tools.file_modules`)
         self.metadata = metadata
         self.style = style
         self.family = family
+        self.tensors = tensors or {}  # the file's tensors (kohya names)
 
     @property
     def title(self) -> str:
         return self.metadata.get("modelspec.title") or Path(self.path).stem
 
 
-def load_lora(path: str | Path, family: str | None = None) -> LoadedLora:
+def load_lora(path: str | Path, family: str | None = None, *, any_algorithm: bool = False) -> LoadedLora:
     """Read a LoRA file and parse it with its family's key layout (guessed unless given).
 
     When `family` is given (the base model's), a file that reads as another family's LoRA is refused by name.
-    diffusers/PEFT files of families whose kohya modules are fused layers are converted to them first.
+    diffusers/PEFT files of families whose kohya modules are fused layers are converted to them first. With
+    `any_algorithm` a file of another adapter algorithm (LoHa, DoRA, OFT, ...) is returned with `modules` None
+    (its tensors are read by `tools.file_modules` with the base model) instead of being refused.
     """
     tensors, metadata = load_lora_file(path)
     if not tensors:
@@ -104,8 +108,10 @@ def load_lora(path: str | Path, family: str | None = None) -> LoadedLora:
         read = _read_peft(tensors, metadata, model_family, str(path))
         if read is not None:
             (tensors, metadata), converted = read, True
+    if any_algorithm and detect_algorithm([k for k in tensors if k.rpartition(".")[2] not in ("w_norm", "b_norm")]) != "lora":
+        return LoadedLora(str(path), None, metadata, "kohya", model_family, tensors)
     modules, style = read_modules(tensors, model_family.lora_layout, source=str(path))
-    return LoadedLora(str(path), modules, metadata, "peft" if converted else style, model_family)
+    return LoadedLora(str(path), modules, metadata, "peft" if converted else style, model_family, tensors)
 
 
 def _read_peft(tensors: dict, metadata: dict, family: ModelFamily, source: str) -> tuple[dict, dict] | None:
@@ -184,7 +190,10 @@ def save_lora(
     fmt: str,
     metadata: Mapping[str, str],
     save_dtype: torch.dtype | None,
+    passthrough: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, str]:
-    """Write the modules in kohya layout (atomically, with fresh `sshs_*` hashes); returns the metadata."""
+    """Write the modules in kohya layout, with `passthrough` tensors (e.g. LyCORIS norm modules) as they are
+    (atomically, with fresh `sshs_*` hashes); returns the metadata."""
     clean = {k: v for k, v in metadata.items() if k not in _HASH_KEYS}
-    return save_lora_file(to_state_dict(modules), path, clean, save_dtype=save_dtype, model_format=fmt)
+    state = {**to_state_dict(modules), **(passthrough or {})}
+    return save_lora_file(state, path, clean, save_dtype=save_dtype, model_format=fmt)

@@ -103,9 +103,12 @@ def read_modules(
 ) -> tuple[dict[str, LoraFactors], str]:
     """The LoRA modules of a state dict (kohya or diffusers/PEFT keys) and the layout style found.
 
-    Every key must be a LoRA tensor of a module this family can have, and every module needs both factors
-    with matching ranks; otherwise `CheckpointError` names `source` and the key.
+    Every key must be a LoRA tensor, and every module needs both factors with matching ranks; otherwise
+    `CheckpointError` names `source` and the key. kohya module names are taken as they are, whether or not this
+    family's networks.lora trains that layer (LyCORIS presets name others; sd-scripts' resize_lora.py reads any);
+    LyCORIS norm tensors (`w_norm`, `b_norm`) are left to the caller (`tools.file_modules`).
     """
+    state_dict = {k: v for k, v in state_dict.items() if k.rpartition(".")[2] not in ("w_norm", "b_norm")}
     algorithm = detect_algorithm(list(state_dict))
     if algorithm != "lora":
         marker = next(k for k in state_dict if any(m in k for m, a in ALGORITHM_MARKERS if a == algorithm))
@@ -114,7 +117,7 @@ def read_modules(
     styles: set[str] = set()
     for key, value in state_dict.items():
         split = _split_key(key, layout)
-        if split is None or (split[2] == "kohya" and layout.kohya_to_path(split[0]) is None):
+        if split is None:
             raise CheckpointError(f"{source}: key {key} is not a LoRA tensor of an {layout.family.upper()} module")
         name, role, style = split
         styles.add(style)

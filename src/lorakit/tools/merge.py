@@ -25,9 +25,9 @@ from lorakit.families.base import Components, ModelFamily
 from lorakit.tools.common import LoadedLora
 from lorakit.tools.lora_state import LoraFactors
 from lorakit.tools.svd import factorise
-from lorakit.tools.targets import ToolTarget, model_targets
+from lorakit.tools.targets import ToolTarget, model_targets, named_layers
 
-__all__ = ["MERGE_MODES", "check_ratios", "merge_into_model", "merge_loras"]
+__all__ = ["MERGE_MODES", "check_ratios", "merge_into_model", "merge_loras", "model_index"]
 
 MERGE_MODES = ("same", "concat", "svd")
 
@@ -71,13 +71,11 @@ def _check_against_model(lora: LoadedLora, index: dict[str, ToolTarget]) -> None
 
 
 @contextmanager
-def _model_index(components: Components, family: ModelFamily) -> Iterator[dict[str, ToolTarget]]:
+def model_index(components: Components, family: ModelFamily) -> Iterator[dict[str, ToolTarget]]:
     """The family's LoRA targets by kohya name; for layouts whose names are plain module paths, also every other
     Linear/Conv2d, which LyCORIS-style presets may name."""
-    layout = family.lora_layout
-    plain = layout.module_index(components) if layout.model_roots is not None else {}
     with model_targets(family, components) as targets:
-        index = {name: ToolTarget(name, module, "") for name, module in plain.items()}
+        index = {name: ToolTarget(name, module, "") for name, module in named_layers(family, components).items()}
         index.update(targets)
         yield index
 
@@ -99,17 +97,45 @@ def merge_into_model(
     in `dtype` (at least float32) and cast back to each weight's own dtype once. Every LoRA is checked against
     the model first, so a bad file leaves the model untouched.
     """
-    with _model_index(components, family) as index:
-        for lora in loras:
-            _check_against_model(lora, index)
+    with model_index(components, family) as index:
+        by_factors = [_by_factors(lora) for lora in loras]
+        for lora, plain in zip(loras, by_factors):
+            if plain:
+                _check_against_model(lora, index)
+        networks = _file_networks(components, family, loras, ratios, by_factors)  # every file checked first
         changed = set()
-        for lora, ratio in zip(loras, ratios):
+        for lora, ratio, plain in zip(loras, ratios, by_factors):
+            if not plain:
+                continue
             for name, module in lora.modules.items():
                 target = index[name]
                 delta = (ratio * module.delta(device=device or target.device)).reshape(target.shape)
                 target.add(delta, dtype)
                 changed.add(name)
+        for merger, lora_file, network in networks:
+            merger.merge(lora_file, network)
+            changed.update(key.partition(".")[0] for key in lora_file.state)
     return len(changed)
+
+
+def _by_factors(lora: LoadedLora) -> bool:
+    """Whether a file merges as LoRA factors onto the model's named layers (LyCORIS presets' names included);
+    others (DoRA, OFT, the other LyCORIS algorithms, norm modules) merge through the network they were trained as."""
+    return lora.modules is not None and not any(key.rpartition(".")[2] in ("w_norm", "b_norm") for key in lora.tensors)
+
+
+def _file_networks(components, family, loras, ratios, by_factors) -> list:
+    """(merger, file, loaded network) of each file that merges through its own network (sdxl_merge_lora.py's
+    OFT merge: W' = Rᵀ·W per block, at the ratio: R_m = m·(R − I) + I)."""
+    from lorakit.sampling.apply_lora import LoraMerger, LoraSpec, read_lora_file
+
+    merger = LoraMerger(family, components)
+    found = []
+    for lora, ratio, plain in zip(loras, ratios, by_factors):
+        if not plain:
+            lora_file = read_lora_file(LoraSpec(lora.path, ratio), option="--models")
+            found.append((merger, lora_file, merger.network(lora_file)))
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ model the tools touched behaves exactly as before (the merged weights aside).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -19,10 +20,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from lorakit.adapters.factory import lycoris_network_targets
 from lorakit.adapters.spec import make_target_spec
 from lorakit.families.base import Components, ModelFamily
 
-__all__ = ["ToolTarget", "forwards_restored", "model_targets"]
+log = logging.getLogger("lorakit.tools")
+
+__all__ = ["ToolTarget", "forwards_restored", "model_targets", "named_layers"]
 
 
 @dataclass
@@ -106,3 +110,23 @@ def model_targets(
     with forwards_restored([components.denoiser, *present]):
         targets = family.adapter_targets(view, spec)
         yield {t.name: ToolTarget(t.name, t.module, t.component) for t in targets}
+
+
+def named_layers(family: ModelFamily, components: Components) -> dict[str, nn.Module]:
+    """Every layer a LoRA file of the family may name, by kohya name, whatever network wrote it: the family's
+    LoRA targets (`all_layers_args`), the layers a LyCORIS `preset=full` network with norms names (other names
+    than networks.lora on some families, e.g. SDXL's `input_blocks_0_0`), and for plain-path layouts every
+    Linear/Conv2d. Call inside `forwards_restored` (listing targets makes the fused views)."""
+    encoders = [e if e is not None else nn.Module() for e in components.text_encoders]
+    view = replace(components, text_encoders=encoders)
+    layout = family.lora_layout
+    found = dict(layout.module_index(components)) if layout.model_roots is not None else {}
+    try:
+        spec = make_target_spec(family, module="lycoris.kohya", rank=1, alpha=1.0,
+                                args={"preset": "full", "train_norm": "True"}, train_text_encoder=any(components.text_encoders))
+        found.update({t.name: t.module for t in lycoris_network_targets(spec, family, view)})
+    except Exception as error:  # noqa: BLE001 - without lycoris-lora (or a family without presets) these names are not listed
+        log.debug("LyCORIS layer names not listed: %s", error)
+    spec = make_target_spec(family, rank=1, alpha=1.0, args=dict(family.all_layers_args), train_text_encoder=any(components.text_encoders))
+    found.update({t.name: t.module for t in family.adapter_targets(view, spec)})
+    return found

@@ -9,6 +9,7 @@ from typing import Any, Callable
 from lorakit.adapters.formats import lora_file_name, state_dir_name
 from lorakit.training import metadata as md
 from lorakit.training import saving
+from lorakit.training.hub import HubUploader
 from lorakit.training.rescue import save_or_rescue
 from lorakit.training.state import TrainingState, save_state
 
@@ -26,6 +27,7 @@ class Checkpointer:
         self.keep_states = saving.retention_for(cfg, num_epochs, states=True)
         self.saved: list[Path] = []
         self.before_save: Callable[[int], None] = lambda step: None  # the loop's check that the weights are good
+        self.uploader = HubUploader(cfg)  # --huggingface_repo_id (main process only)
 
     @property
     def _main(self) -> bool:
@@ -51,15 +53,17 @@ class Checkpointer:
     def final(self, epoch: int, step: int) -> None:
         cfg = self.session.cfg
         self.before_save(step)
-        self._lora(lora_file_name(cfg.output_name, self.session.trainable.file_suffix(cfg)), epoch, step)
+        self._lora(lora_file_name(cfg.output_name, self.session.trainable.file_suffix(cfg)), epoch, step, last=True)
         if cfg.save_state or cfg.save_state_on_train_end:
-            self._state(state_dir_name(cfg.output_name), epoch, step)
+            self._state(state_dir_name(cfg.output_name), epoch, step, last=True)
+        if self._main:
+            self.uploader.finish()
 
     def _prune(self, ext: str | None, retention: saving.Retention, **at: int) -> None:
         if self._main:
             saving.prune(self.folder, self.session.cfg.output_name, ext, retention, **at)
 
-    def _lora(self, file_name: str, epoch: int, step: int) -> None:
+    def _lora(self, file_name: str, epoch: int, step: int, last: bool = False) -> None:
         session = self.session
         path = saving.output_path(session.cfg, file_name)
         if self._main:
@@ -70,12 +74,15 @@ class Checkpointer:
             finally:
                 self.handle.train_mode()
             log.info("saved %s", path)
+            self.uploader.file(path, last)
         session.accelerator.wait_for_everyone()
         self.saved.append(path)
 
-    def _state(self, name: str, epoch: int, step: int) -> None:
+    def _state(self, name: str, epoch: int, step: int, last: bool = False) -> None:
         # the state keeps the optimizer's training-mode weights: that is what the next step continues from
         path = saving.output_path(self.session.cfg, name)
         # every process takes part: each contributes its random states, the main process writes the folder
         save_state(path, self.live, epoch=epoch, step=step, accelerator=self.session.accelerator)
+        if self._main:
+            self.uploader.state(path, last)
         self.session.accelerator.wait_for_everyone()

@@ -1,4 +1,5 @@
-"""`--compile` (sd-scripts' `--torch_compile`): torch.compile on each block of the denoiser's block lists.
+"""`--compile`: torch.compile on each block of the denoiser's block lists (`--torch_compile`, sd-scripts' option,
+compiles the whole denoiser instead: training/setup.py).
 
 Blocks, not the whole model: every block of a list shares its code, so one compiled graph serves them all (a
 whole-model compile would trace 57 FLUX blocks into one graph); block swap's hooks and gradient checkpointing

@@ -25,6 +25,7 @@ class FinetuneTraining:
     """`lorakit finetune` / `lorakit dreambooth`: the model's own weights (full fine-tune and DreamBooth)."""
 
     title = "fine-tune"
+    preserves_outputs = False  # the trained weights are the model's own: nothing to switch off
     conditioning = ConditioningUse.MASK  # as sd-scripts' fine-tuning scripts: conditioning subsets are loss masks
 
     def option_problems(self, cfg: Any, family: ModelFamily) -> list[str]:
@@ -35,12 +36,11 @@ class FinetuneTraining:
 
     def spec(self, cfg: Any, family: ModelFamily) -> TargetSpec:
         """What the family loads for: which encoders train (they are not cached), T5 among them or not."""
-        args = {"train_t5xxl": "True"} if cfg.train_t5xxl else {}
-        spec = make_target_spec(family, module=family.default_network_module, args=args,
-                                train_text_encoder=cfg.trains_text_encoder)
-        if cfg.train_t5xxl and not getattr(spec.family_args, "train_t5xxl", False):
+        if cfg.train_t5xxl and "train_t5xxl" not in (family.family_arg_keys(family.default_network_module) or ()):
             raise ConfigError([f"--train_t5xxl: the {family.title} family has no T5-XXL encoder"])
-        return spec
+        args = {"train_t5xxl": "True"} if cfg.train_t5xxl else {}
+        return make_target_spec(family, module=family.default_network_module, args=args,
+                                train_text_encoder=cfg.trains_text_encoder)
 
     def trained_modules(self, cfg: Any, family: ModelFamily, comps: Components, spec: TargetSpec) -> list[nn.Module]:
         return [comps.denoiser, *(module for _, module in trained_encoders(cfg, family, comps, spec))]

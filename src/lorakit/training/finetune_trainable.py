@@ -40,6 +40,7 @@ class FinetuneTrainable(TrainableDefaults):
     """The denoiser's and the text encoders' weights, trained in place."""
 
     modelspec_kind = ""  # a whole model: its ModelSpec architecture has no adapter suffix
+    steps_during_backward = True  # --fused_backward_pass and the like: the whole-model scripts' memory savers
 
     def __init__(self, family: ModelFamily, comps: Components, parts: dict[str, nn.Module], groups: list[dict[str, Any]],
                  group_names: list[str], source: ModelLayout, out_kind: str, cfg: Any):

@@ -23,10 +23,12 @@ from lorakit.training.sample_events import Sampler
 from lorakit.training.saving import SavePolicy, save_every_n_epochs
 from lorakit.training.schedulers import build_lr_scheduler
 from lorakit.training.session import TrainResult
+from lorakit.training.trackers import log_at_epoch
 from lorakit.training.resume_options import saved_options
 from lorakit.training.state import TrainingState, load_state
 from lorakit.training.step import ends_accumulation, set_sync_gradients, step_loss
 from lorakit.training.updates import build_updates
+from lorakit.training.validation import ValidationRecord, Validator
 
 log = logging.getLogger("lorakit")
 
@@ -49,7 +51,7 @@ class Trainer:
                                   getattr(accelerator, "scaler", None))
         self.params = trainable.trainable_parameters()
         names = {param: name for name, param in trainable.module.named_parameters()}
-        self.updates = build_updates(cfg, accelerator, self.optimizer, self.params, names)
+        self.updates = build_updates(cfg, accelerator, self.optimizer, self.params, names, trainable.steps_during_backward)
         self.policy = SavePolicy(save_every_n_epochs(cfg, plan.num_epochs), cfg.save_every_n_steps, plan.num_epochs)
         self.seed = seed
         self.step_losses: list[torch.Tensor] = []
@@ -60,6 +62,8 @@ class Trainer:
         self.epoch = 0
         self.logged: list[float] = []
         self.global_step = 0
+        self.validator = Validator(session, getattr(dataset, "validation", None), self.handle, seed)
+        self.validations: list[ValidationRecord] = []
 
     # ------------------------------------------------------------------ run
 
@@ -79,6 +83,7 @@ class Trainer:
         epoch = start.epoch
         for epoch in range(start.epoch, self.plan.num_epochs + 1):
             done = self._epoch(loader, epoch, start.skip_batches if epoch == start.epoch else 0, checkpoints, sampler)
+            self._end_of_epoch(epoch)
             if self.policy.after_epoch(epoch):
                 checkpoints.epoch(epoch, self.global_step)
             sampler.after_epoch(epoch, self.global_step)
@@ -91,7 +96,7 @@ class Trainer:
         losses = torch.stack(self.step_losses).float().tolist() if self.step_losses else []
         result = TrainResult(self.plan, saved_files=checkpoints.saved, losses=self.logged, step_losses=losses,
                              start_step=start.global_step, sample_files=sampler.written,
-                             step_end_times=self.step_end_times)
+                             step_end_times=self.step_end_times, validations=self.validations)
         return result
 
     def _epoch(self, loader: Any, epoch: int, skip: int, checkpoints: Checkpointer, sampler: Sampler) -> bool:
@@ -135,10 +140,41 @@ class Trainer:
         self.progress.update(1)
         if step % LOG_EVERY == 0 or step == self.plan.max_train_steps:
             self._log(epoch, logs)
+        if self.validator.after_step(step):
+            self._validate("step", step, epoch)
         sampler.after_step(step)
         if self.policy.after_step(step) and step < self.plan.max_train_steps:
             checkpoints.step(epoch, step)
         self.step_end_times.append(time.perf_counter())
+
+    # ------------------------------------------------------------------ validation
+
+    def _end_of_epoch(self, epoch: int) -> None:
+        """sd-scripts' end of an epoch: the epoch's validation, then `loss/epoch_average` (at the epoch number)."""
+        if self.validator.after_epoch(epoch):
+            self._validate("epoch", epoch, epoch)
+        self._log(epoch, {})
+        if self.accelerator.trackers:
+            log_at_epoch(self.accelerator, {"loss/epoch_average": self.loss_log.average.average}, epoch,
+                         self.global_step)
+
+    def _validate(self, kind: str, number: int, epoch: int) -> None:
+        """Score the held-out images; log the average and its divergence from the training loss's moving
+        average; feed a plateau schedule."""
+        loss = self.validator.loss()
+        self._log(epoch, {})  # the moving average must include every step so far
+        record = ValidationRecord(kind, number, loss, loss - self.loss_log.average.average)
+        self.validations.append(record)
+        if self.accelerator.is_main_process:
+            log.info("validation after %s %d: loss %.4f (divergence %+.4f)", kind, number, loss, record.divergence)
+        if self.accelerator.trackers:
+            if kind == "step":
+                self.accelerator.log(record.logs(), step=number)
+            else:
+                log_at_epoch(self.accelerator, record.logs(), number, self.global_step)
+        report = getattr(self.lr_scheduler, "report_validation_loss", None)
+        if report is not None:
+            report(loss)
 
     # ------------------------------------------------------------------ helpers
 
@@ -168,5 +204,6 @@ class Trainer:
         facts = md.RunFacts(
             summary.num_train_images, summary.num_reg_images, self.plan.batches_per_epoch, self.plan.num_epochs,
             self.plan.max_train_steps, self.plan.warmup_steps, self.handle.description, self.seed,
+            len(self.validator.dataset.images) if self.validator.dataset is not None else 0,
         )
         return md.base_metadata(self.session, summary, facts)

@@ -33,6 +33,7 @@ class RunFacts:
     warmup_steps: int
     optimizer: str
     seed: int
+    num_validation_images: int = 0
     session_id: str = field(default_factory=lambda: str(uuid.uuid4().int % 2**31))
     started_at: float = field(default_factory=time.time)
 
@@ -52,7 +53,7 @@ def training_metadata(cfg: Any, facts: RunFacts) -> dict[str, str]:
         "ss_text_encoder_lr": _s(te_lr),
         "ss_unet_lr": _s(cfg.unet_lr),
         "ss_num_train_images": _s(facts.num_train_images),
-        "ss_num_validation_images": "0",
+        "ss_num_validation_images": _s(facts.num_validation_images),
         "ss_num_reg_images": _s(facts.num_reg_images),
         "ss_num_batches_per_epoch": _s(facts.num_batches_per_epoch),
         "ss_num_epochs": _s(facts.num_epochs),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,16 @@ class NetworkTrainable(TrainableDefaults):
                 log.info("%s: dim %s, alpha %s", name, getattr(module, "rank", "?"), float(getattr(module, "alpha", 0.0)))
         return trainable
 
+    @contextmanager
+    def switched_off(self) -> Iterator[None]:
+        """The base model alone: every adapter at multiplier 0 (OFT rotates by the identity, LoRA adds nothing)."""
+        previous = self.network.multiplier
+        self.network.set_multiplier(0.0)
+        try:
+            yield
+        finally:
+            self.network.set_multiplier(previous)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.network.trainable_parameters()
 
@@ -95,10 +107,10 @@ class NetworkTrainable(TrainableDefaults):
         return {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm, "norm/avg_key_norm": mean_norm}
 
     def metadata(self, cfg: Any) -> dict[str, str]:
-        """sd-scripts' `ss_network_*` keys; without --network_module the family's sd-scripts module is what the
-        file is (and what readers look for)."""
+        """sd-scripts' `ss_network_*` keys; the module is the one the family trained (its own LoRA module for
+        `networks.lora` or none: what the file is, and what readers look for)."""
         meta = {
-            "ss_network_module": cfg.network_module or self.family.default_network_module,
+            "ss_network_module": self.spec.module,
             "ss_network_dim": str(self.spec.rank),
             "ss_network_alpha": str(cfg.network_alpha),
             "ss_network_dropout": str(cfg.network_dropout),
@@ -117,6 +129,7 @@ class NetworkTraining(FrozenModelTraining):
     """`lorakit train`: an adapter network (LoRA and the other algorithms) on any family."""
 
     title = "LoRA"
+    preserves_outputs = True  # the network at multiplier 0 is the base model
     conditioning = ConditioningUse.MASK  # as sd-scripts' train_network: conditioning subsets are loss masks
 
     def option_problems(self, cfg: Any, family: ModelFamily) -> list[str]:

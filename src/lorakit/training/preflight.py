@@ -28,7 +28,9 @@ from lorakit.data.text_cache import CaptionCache, plan_text_cache, text_cache_pr
 from lorakit.families.registry import all_families, resolve_family
 from lorakit.training import distributed
 from lorakit.training.destination import destination_problems
+from lorakit.training.hub import download_hub_state, hub_problems
 from lorakit.training.memory_plan import plan_memory
+from lorakit.training.network_files import base_weight_problems, sized_spec
 from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
 from lorakit.training.resume_options import resume_changes
 
@@ -65,6 +67,10 @@ def check_run(cfg: Any, option_problems: list[str] | tuple[str, ...] = (), kind:
     text_cache = _text_cache(cfg, family, spec, dataset, problems)
     plan = _plan(cfg, family, dataset, text_cache, memory)
     problems += optimizer_problems(cfg, plan.max_train_steps if plan else 1)
+    found = hub_problems(cfg)
+    if not found:
+        download_hub_state(cfg, found)  # before the state folder is checked: that is the download
+    problems += found
     problems += before_loading_problems(cfg, plan)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))  # a given --family's rules ran in the parser too
@@ -100,7 +106,8 @@ def _family_and_spec(cfg: Any, problems: list[str], kind: Any, *, model_found: b
         for warning in checks.warnings:
             log.warning(warning)
     problems += checks.problems
-    return family, checks.spec
+    problems += base_weight_problems(cfg, family)
+    return family, sized_spec(cfg, family, checks.spec, problems)
 
 
 def _dataset(cfg: Any, seed: int, problems: list[str], family: Any, kind: Any) -> Any:
@@ -115,6 +122,18 @@ def _dataset(cfg: Any, seed: int, problems: list[str], family: Any, kind: Any) -
         return None
     if kind is not None:
         kind.prepare_dataset(cfg, dataset)
+        if not kind.preserves_outputs and any((s.custom_attributes or {}).get("diff_output_preservation")
+                                               for s in dataset.subsets):
+            problems.append(f"custom_attributes diff_output_preservation: {kind.title} training cannot compute the "
+                            "base model's own prediction (only an adapter network can be switched off); remove it")
+    if cfg.lr_scheduler == "reduce_lr_on_plateau" and not cfg.lr_scheduler_type and dataset.validation is None:
+        problems.append("--lr_scheduler reduce_lr_on_plateau lowers the LR when the validation loss stops "
+                        "improving: hold out images with --validation_split (or the dataset key validation_split)")
+    asked = [f"--{n}" for n in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps")
+             if getattr(cfg, n) is not None]
+    if asked and dataset.validation is None:
+        log.warning("%s: no images are held out for validation (validation_split is 0), so no validation runs",
+                    ", ".join(asked))
     problems += text_cache_problems(cfg, dataset)
     return dataset
 

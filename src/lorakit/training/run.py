@@ -37,6 +37,11 @@ def train(cfg: Any, kind: TrainingType = NETWORK, option_problems: list[str] | t
     checked = check_run(cfg, option_problems, kind)
     if cfg.dry_run:
         return TrainResult(checked.plan)
+    if cfg.debug_dataset:
+        from lorakit.training.debug_dataset import debug_dataset
+
+        debug_dataset(cfg, checked.dataset)
+        return TrainResult(checked.plan)
     with hold_output(cfg, distributed.rank_from_env() == 0):  # a second run on this output name stops here
         return _train_with_models(cfg, checked.family, checked.spec, checked.dataset, checked.plan, checked.seed,
                                   checked.text_cache, kind)

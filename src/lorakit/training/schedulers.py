@@ -337,14 +337,50 @@ def build_lr_scheduler(
     adafactor_lr = handle.adafactor_initial_lr if handle else None
     if cfg.lr_scheduler == "adafactor" or adafactor_lr is not None:
         return _adafactor_schedule(opt, adafactor_lr, warmup)
+    if cfg.lr_scheduler == "reduce_lr_on_plateau":
+        _no_warmup("--lr_scheduler reduce_lr_on_plateau", warmup)
+        return PlateauSchedule(opt, kwargs)
     return _builtin_schedule(cfg, opt, total, warmup, kwargs)
+
+
+class PlateauSchedule:
+    """--lr_scheduler reduce_lr_on_plateau: torch's `ReduceLROnPlateau`, told each validation loss.
+
+    The loop steps a schedule after every optimizer step; this one changes nothing then and lowers the LRs when
+    the validation loss (`--validation_split`) stops improving, counting `patience` in validations. Its options
+    (`mode`, `factor`, `patience`, `threshold`, `threshold_mode`, `cooldown`, `min_lr`, `eps`) come from
+    `--lr_scheduler_args`. Not an `LRScheduler`, so accelerate leaves it unwrapped.
+    """
+
+    def __init__(self, optimizer: Optimizer, options: dict[str, Any]):
+        from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+        self.optimizer = optimizer
+        try:
+            self.plateau = ReduceLROnPlateau(optimizer, **options)
+        except (TypeError, ValueError) as exc:
+            accepted = [p for p in inspect.signature(ReduceLROnPlateau).parameters if p not in ("self", "optimizer")]
+            raise ConfigError([f"--lr_scheduler reduce_lr_on_plateau with --lr_scheduler_args {options}: rejected "
+                               f"({exc}; accepted: {', '.join(accepted)})"]) from exc
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        """An optimizer step: nothing changes until a validation loss comes."""
+
+    def report_validation_loss(self, loss: float) -> None:
+        self.plateau.step(loss)
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.plateau.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.plateau.load_state_dict(state)
 
 
 def _builtin_schedule(cfg: Any, opt: Optimizer, total: int, warmup: int, kwargs: dict[str, Any]) -> LambdaLR:
     """A named schedule as a LambdaLR; `--lr_scheduler_args` override the options filled from the flags."""
-    if cfg.lr_scheduler == "reduce_lr_on_plateau":
-        raise ConfigError(["--lr_scheduler reduce_lr_on_plateau needs a validation metric at every step, which "
-                           "LoRA training does not produce (sd-scripts fails on it as well)"])
     if cfg.lr_scheduler in NO_WARMUP:
         _no_warmup(f"--lr_scheduler {cfg.lr_scheduler}", warmup)
     steps = ScheduleSteps(warmup=warmup, total=total, decay=cfg.resolve_decay_steps(total),

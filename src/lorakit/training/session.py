@@ -23,6 +23,7 @@ class TrainResult:
     start_step: int = 0  # the global step the run started from (non-zero when resumed)
     sample_files: list[Path] = field(default_factory=list)
     step_end_times: list[float] = field(default_factory=list)  # perf_counter after each optimizer step
+    validations: list[Any] = field(default_factory=list)  # the run's validation losses (training/validation.py)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from lorakit.families.common.transformer_family import SWAP_TRAINED
 from lorakit.precision import WEIGHT_DTYPES
 from lorakit.training import distributed
 from lorakit.training.compiled import compile_blocks
+from lorakit.training.network_files import merge_base_weights
 from lorakit.training.network_trainable import NETWORK
 from lorakit.training.session import Session
 from lorakit.training.trainable import TrainingType
@@ -35,6 +36,7 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     run's `Trainable`."""
     spec = spec or kind.spec(cfg, family)
     comps = family.load(cfg, spec, text_cache)
+    merge_base_weights(cfg, family, comps)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     device = accelerator.device
     swap_blocks = family.swaps_blocks(cfg)
@@ -62,15 +64,19 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(comps, trainable.trains_text_encoders)
     _full_precision(cfg, trainable.module, accelerator)
-    comps.extras["compiled"] = compile_blocks(cfg, family, comps)  # after the adapters attach: traced with them
+    # after the adapters attach: traced with them. --compile compiles block by block (one graph per block's code,
+    # outside block swap's hooks); --torch_compile alone compiles the whole denoiser, as sd-scripts does
+    comps.extras["compiled"] = compile_blocks(cfg, family, comps)
+    if cfg.torch_compile and comps.extras["compiled"] is None:
+        compile_denoiser(cfg, comps.denoiser)
     comps.denoiser.train()
     return Session(cfg, family, comps, trainable, family.objective(cfg, comps), accelerator, weight_dtype)
 
 
 def quantize_frozen(cfg: Any, family: ModelFamily, comps: Any, trained: list[torch.nn.Module] = ()) -> int:
     """--base_quant: the denoiser's and the large text encoders' linears and convolutions stored quantized, before
-    they are placed (so they travel to the device small); `trained` modules (a fine-tune's) keep their weights. `fp8` is `--fp8_base`, which the families apply as they
-    load (a family that stores no float8 itself gets it here). Returns how many layers were quantized here."""
+    they are placed (so they travel to the device small); `trained` modules (a fine-tune's) keep their weights.
+    `fp8` is `--fp8_base`, which the families apply as they load (a family that stores no float8 itself gets it here). Returns how many layers were quantized here."""
     from lorakit.families.common.quant import holds_fp8, quantize
 
     mode = getattr(cfg, "base_quant", None)
@@ -81,6 +87,16 @@ def quantize_frozen(cfg: Any, family: ModelFamily, comps: Any, trained: list[tor
     layers = sum(quantize(part, mode) for part in frozen)
     log.info("--base_quant %s: %d layers store quantized weights", mode, layers)
     return layers
+
+
+def compile_denoiser(cfg: Any, denoiser: torch.nn.Module) -> None:
+    """--torch_compile: the denoiser (with its adapters attached) compiled in place by torch.compile with
+    --dynamo_backend/--dynamo_mode/--dynamo_fullgraph/--dynamo_dynamic, as sd-scripts has accelerate compile the
+    U-Net/DiT; the module keeps its identity and parameter names, so files and states are unchanged."""
+    backend = (cfg.dynamo_backend or "inductor").lower()
+    log.info("--torch_compile: the denoiser compiles on its first steps (backend %s)", backend)
+    denoiser.compile(backend=backend, mode=cfg.dynamo_mode, fullgraph=cfg.dynamo_fullgraph,
+                     dynamic=True if cfg.dynamo_dynamic else None)
 
 
 def _full_precision(cfg: Any, trained: torch.nn.Module, accelerator: Accelerator) -> None:

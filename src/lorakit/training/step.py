@@ -13,34 +13,54 @@ from lorakit.training import distributed
 from lorakit.transfer import to_device
 
 
-def step_loss(session: Any, batch: Batch) -> torch.Tensor:
+def step_loss(session: Any, batch: Batch, objective: Any = None, generator: torch.Generator | None = None
+              ) -> torch.Tensor:
     """Encode, noise, predict and compare: the loss of one micro-batch, weighted per sample.
 
     Noise and timesteps come from `session.noise_generator`, whose state is part of a saved training state,
-    so a resumed run draws exactly what the uninterrupted run drew.
+    so a resumed run draws exactly what the uninterrupted run drew. The validation loss passes its own
+    objective (fixed timesteps) and generator.
     """
     family, comps, accelerator = session.family, session.comps, session.accelerator
+    objective = objective or session.objective
+    generator = generator or session.noise_generator
     device = accelerator.device
     with torch.no_grad():
         if batch.latents is not None:
             latents = to_device(batch.latents, device, session.weight_dtype)
         else:
             latents = family.encode_images(comps, to_device(batch.images, device)).to(session.weight_dtype)
-    with torch.set_grad_enabled(session.trainable.trains_text_encoders), accelerator.autocast():
+    # trained text encoders run with gradients, except under an outer no_grad (the validation loss)
+    with torch.set_grad_enabled(session.trainable.trains_text_encoders and torch.is_grad_enabled()), accelerator.autocast():
         text = family.encode_text(comps, batch.captions, session.cfg.clip_skip)
-    noised = session.objective.noise(latents, generator=session.noise_generator)
+    noised = objective.noise(latents, generator=generator)
     with accelerator.autocast():
         prediction = family.predict(comps, noised.noisy, noised.timesteps, text, batch)
-    elementwise = session.objective.elementwise_loss(prediction.float(), noised.target.float(), noised.timesteps)
+    target = preserved_target(session, batch, noised, text)
+    elementwise = objective.elementwise_loss(prediction.float(), target.float(), noised.timesteps)
     if batch.masks is not None:
         # --masked_loss / alpha_mask: weight each latent pixel by the mask, area-averaged to latent size
         elementwise = elementwise * mask_to_latent(to_device(batch.masks, device), tuple(elementwise.shape[-2:]))
     per_sample = elementwise.mean(dim=tuple(range(1, elementwise.ndim)))
     weights = to_device(batch.loss_weights, device, per_sample.dtype)
-    timestep_weights = session.objective.loss_weights(noised.timesteps)
+    timestep_weights = objective.loss_weights(noised.timesteps)
     if timestep_weights is not None:
         weights = weights * timestep_weights
     return (per_sample * weights).mean()
+
+
+def preserved_target(session: Any, batch: Batch, noised: Any, text: Any) -> torch.Tensor:
+    """The target, where images of a subset with `custom_attributes = {diff_output_preservation = true}` learn
+    the model's own prediction without what is being trained (sd-scripts' differential output preservation: the
+    trained weights are switched off for one more forward pass, without gradients)."""
+    rows = [i for i, attributes in enumerate(batch.custom_attributes or []) if attributes.get("diff_output_preservation")]
+    if not rows:
+        return noised.target
+    with torch.no_grad(), session.trainable.switched_off(), session.accelerator.autocast():
+        prior = session.family.predict(session.comps, noised.noisy, noised.timesteps, text, batch)
+    target = noised.target.clone()
+    target[rows] = prior[rows].to(target.dtype)
+    return target
 
 
 def set_sync_gradients(accelerator: Accelerator, sync: bool) -> None:

@@ -103,3 +103,13 @@ def read_tracker_init_kwargs(path: str) -> dict[str, Any]:
         raise ConfigError([f"--log_tracker_config {path}: file not found"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"--log_tracker_config {path}: not valid TOML ({exc})"]) from exc
+
+
+def log_at_epoch(accelerator: Any, logs: dict[str, float], epoch: int, global_step: int) -> None:
+    """Values of an epoch, as sd-scripts logs them: at step = the epoch number for TensorBoard (and other
+    trackers), and for Weights & Biases (whose steps only go up) with `epoch` and `global_step` as values."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.log({**logs, "epoch": epoch, "global_step": global_step})
+        else:
+            tracker.log(logs, step=epoch)

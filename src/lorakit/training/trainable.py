@@ -22,6 +22,8 @@ Whole-model training added two: `before_step` (DreamBooth stops training the tex
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -49,6 +51,9 @@ class Trainable(Protocol):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters gradients are reduced and clipped over."""
 
+    #: whether --fused_backward_pass / --blockwise_fused_optimizers / --fused_optimizer_groups apply to it
+    steps_during_backward: bool
+
     def before_step(self, global_step: int) -> None:
         """Before each micro-batch of optimizer step `global_step` + 1 (0-based count of steps done): what
         trains may change with the step (DreamBooth's --stop_text_encoder_training turns the text encoder off);
@@ -59,6 +64,10 @@ class Trainable(Protocol):
 
     def after_optimizer_step(self, cfg: Any) -> dict[str, float]:
         """Work after every optimizer step (e.g. max-norm); returns values to log (empty when none)."""
+
+    def switched_off(self) -> Any:
+        """A context in which the model computes as if nothing were trained (the base model's own prediction, for
+        sd-scripts' differential output preservation, `custom_attributes`)."""
 
     def metadata(self, cfg: Any) -> dict[str, str]:
         """The keys this kind of file adds to the run's shared metadata (e.g. `ss_network_dim`)."""
@@ -108,6 +117,10 @@ class FrozenModelTraining:
     """Defaults of the training types that leave the model's own weights frozen (LoRA, textual inversion,
     ControlNet): the family loads for the adapter options of `cfg`, and no model part trains."""
 
+    #: whether it can train subsets with `custom_attributes = {diff_output_preservation = true}` (it must switch
+    #: what it trains off to get the base model's prediction: an adapter network can)
+    preserves_outputs = False
+
     def spec(self, cfg: Any, family: "ModelFamily") -> Any:
         from lorakit.adapters.spec import target_spec_from_config
 
@@ -120,7 +133,11 @@ class FrozenModelTraining:
 class TrainableDefaults:
     """What most `Trainable`s do where only some differ: nothing before a step (a fine-tune stops its text
     encoders there), files named with `--save_model_as`'s extension, samples from the family's own pipeline with
-    the prompt as it is (a ControlNet adds its control image, textual inversion spells its token out)."""
+    the prompt as it is (a ControlNet adds its control image, textual inversion spells its token out), and the
+    optimizer step after the backward pass (only a fine-tune steps during it, with --fused_backward_pass and the
+    like)."""
+
+    steps_during_backward = False
 
     def before_step(self, global_step: int) -> None:
         """Nothing changes during the run."""
@@ -133,3 +150,10 @@ class TrainableDefaults:
 
     def sample_inputs(self, prompt: "SamplePrompt") -> tuple["SamplePrompt", dict[str, Any]]:
         return prompt, {}
+
+    @contextlib.contextmanager
+    def switched_off(self) -> Iterator[None]:
+        # the training types without an adapter refuse differential output preservation before anything loads
+        # (`FrozenModelTraining.preserves_outputs`); reaching here is a bug, not a user's mistake
+        raise RuntimeError(f"{type(self).__name__} cannot compute the base model's own prediction")
+        yield

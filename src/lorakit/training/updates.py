@@ -36,9 +36,13 @@ class WeightUpdates(Protocol):
 
 
 def build_updates(cfg: Any, accelerator: Any, optimizer: Any, params: list[nn.Parameter],
-                  names: dict[nn.Parameter, str]) -> WeightUpdates:
+                  names: dict[nn.Parameter, str], during_backward: bool = True) -> WeightUpdates:
     """The update rule the options choose; `optimizer` is accelerate's wrapper, `names` names each parameter
-    (for the blocks of --blockwise_fused_optimizers)."""
+    (for the blocks of --blockwise_fused_optimizers). Without `during_backward` (what is trained has no use for
+    it: an adapter network, as sd-scripts' train_network ignores --fused_backward_pass) the step follows the
+    backward pass."""
+    if not during_backward:
+        return StepAfterBackward(cfg, accelerator, optimizer, params)
     if cfg.fused_backward_pass:
         sets = [[p] for p in params]
         return StepDuringBackward(cfg, accelerator, optimizer, sets, stochastic=True)

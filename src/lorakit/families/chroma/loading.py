@@ -91,7 +91,7 @@ def load_chroma_components(path: str, *, t5xxl: str | None = None, ae: str | Non
         parts = {"transformer": load_transformer_alone(str(source), dtype)}
     if t5xxl and text_encoders:
         parts["t5xxl"] = load_t5_file(Path(t5xxl), dtype)
-        parts["t5_tokenizer"] = find_t5_tokenizer([Path(t5xxl)], T5_TOKENIZER_DIRS, MISSING_T5_TOKENIZER)
+        parts["t5_tokenizer"] = find_t5_tokenizer([Path(t5xxl)], T5_TOKENIZER_DIRS, "Chroma")
     if ae:
         parts["ae"] = load_ae_file(Path(ae), dtype)
     needed = (("--t5xxl", "t5xxl"), ("--ae", "ae")) if text_encoders else (("--ae", "ae"),)

@@ -22,16 +22,16 @@ TYPE_DIM_KEYS = ("img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim", "
 #: keys this module reads; others that lora_flux knows are refused with a message, unknown ones too
 KNOWN_KEYS = frozenset(
     {*TYPE_DIM_KEYS, "train_blocks", "train_double_block_indices", "train_single_block_indices", "in_dims",
-     "train_t5xxl", "split_qkv", "verbose", "rank_dropout", "module_dropout", "conv_dim", "conv_alpha"}
+     "train_t5xxl", "split_qkv", "verbose", "rank_dropout", "module_dropout", "conv_dim", "conv_alpha",
+     # LoRA+ (the network's optimizer groups read them)
+     "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
 )
 NOT_YET = {
-    "network_reg_dims": "regex ranks are not implemented yet",
-    "network_reg_lrs": "regex learning rates are not implemented yet",
-    "ggpo_sigma": "LoRA-GGPO is not implemented yet",
-    "ggpo_beta": "LoRA-GGPO is not implemented yet",
-    "loraplus_lr_ratio": "LoRA+ is not implemented for FLUX yet",
-    "loraplus_unet_lr_ratio": "LoRA+ is not implemented for FLUX yet",
-    "loraplus_text_encoder_lr_ratio": "LoRA+ is not implemented for FLUX yet",
+    "network_reg_dims": "ranks chosen by regular expression are not implemented yet in lorakit; remove it and set "
+                        "ranks per layer type (img_attn_dim=…, single_dim=…) and block (train_*_block_indices)",
+    "network_reg_lrs": "learning rates chosen by regular expression are not implemented yet in lorakit; remove it",
+    "ggpo_sigma": "LoRA-GGPO is not implemented yet in lorakit; remove ggpo_sigma and ggpo_beta",
+    "ggpo_beta": "LoRA-GGPO is not implemented yet in lorakit; remove ggpo_sigma and ggpo_beta",
 }
 
 

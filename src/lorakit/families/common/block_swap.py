@@ -20,12 +20,19 @@ copies run on a side stream ordered by events; on the CPU the "device" is the CP
 copy between the block's storage and its host buffer, so the whole schedule (and its `schedule_log`) runs and
 can be tested without a GPU.
 
-Memory: the device holds the resident blocks' weights and nothing of a swapped-out block, provided nothing
-else keeps its old storage alive. Autograd's saved tensors are the risk: a layer's backward keeps a view of the
-weight storage it ran with, which is harmless here because the incoming block takes over exactly that storage
-and the block comes back into it before its backward (name, shape and dtype must match; an unmatched weight's
-storage stays allocated until its backward); and upcast copies must not be saved at all (`Fp8Linear` saves its
-float8 Parameter instead). `tests/test_block_swap.py` counts the live weight-shaped storages at every step.
+Memory and correctness: the device holds the resident blocks' weights and nothing of a swapped-out block,
+provided nothing else keeps its old storage alive. Autograd's saved tensors are the risk: a layer's backward
+keeps a view of the weight storage it ran with (a weight already in the compute dtype is not copied by autocast,
+and float32 runs save it as it is). That is harmless because the incoming block takes over exactly that storage
+(name, shape and dtype must match) and every block comes back into the storages it left before its backward:
+then block i's storages hold block i's weights again when its saved views are read. A weight with no match in
+the incoming block (SD3's last block has no text-stream MLP and a narrower modulation) leaves its storage
+unused; in a forward with gradients that storage is *parked* (kept for the block, not freed) and the block
+returns into it, so the chain of hand-overs stays intact: without that, the earlier block whose storage it was
+would run its backward on the weights of the block that took it over. Parked storages are what autograd keeps
+alive anyway (they are dropped at the next `prepare()`). Upcast copies must not be saved at all (`Fp8Linear`
+saves its float8 Parameter instead). `tests/test_block_swap.py` counts the live weight-shaped storages at every
+step, and checks runs with and without checkpointing are bit-identical to runs without swap.
 """
 
 from __future__ import annotations
@@ -83,6 +90,7 @@ class BlockSwapper:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.weights = [swappable_weights(block, include_trained) for block in self.blocks]
         self.host: dict[tuple[int, str], torch.Tensor] = {}
+        self.parked: dict[tuple[int, str], torch.Tensor] = {}  # device storages a block left unused (see above)
         self.resident = [True] * self.n  # whether a block's swapped weights are on the device (schedule view)
         self.events: dict[int, torch.cuda.Event] = {}
         self.schedule_log: list[tuple] = []
@@ -119,7 +127,8 @@ class BlockSwapper:
     def _stream_context(self):
         return torch.cuda.stream(self.stream) if self.cuda else _NullContext()
 
-    def _weight_to_host(self, index: int, name: str, weight: nn.Parameter) -> None:
+    def _weight_to_host(self, index: int, name: str, weight: nn.Parameter, park: bool = False) -> None:
+        """Copy the weight to its host buffer; with `park` the device storage it leaves is kept for its return."""
         if not self._on_device(index, name, weight):
             return
         buffer = self._host_buffer(index, name, weight)
@@ -127,24 +136,31 @@ class BlockSwapper:
         buffer.copy_(storage, non_blocking=self.cuda)
         if self.cuda and storage.is_cuda:
             storage.record_stream(self.stream)  # not reused by the allocator before the copy is done
+        if park:
+            self.parked[(index, name)] = storage
         weight.data = buffer
 
     def _weight_to_device(self, index: int, name: str, weight: nn.Parameter, consumer) -> None:
+        """Copy the weight into device storage: the storage it left parked, if any, else a new one."""
         if self._on_device(index, name, weight):
             return
         source = weight.data
-        if self.cuda:
+        storage = self.parked.pop((index, name), None)
+        if storage is not None:
+            storage.copy_(source, non_blocking=self.cuda and source.is_pinned())
+        elif self.cuda:
             storage = torch.empty(source.shape, dtype=source.dtype, device=self.device)
             storage.copy_(source, non_blocking=source.is_pinned())
-            if consumer is not None:
-                storage.record_stream(consumer)
         else:
             storage = source.clone()
+        if self.cuda and consumer is not None:
+            storage.record_stream(consumer)
         weight.data = storage
 
-    def _exchange(self, out_index: int, in_index: int) -> int:
+    def _exchange(self, out_index: int, in_index: int, park: bool = False) -> int:
         """Block `out_index` to the CPU, block `in_index` to the device in the storage it leaves; returns how
-        many weights reused storage. Runs in the current stream context."""
+        many weights reused storage. With `park` (a forward with gradients) the outgoing block's storages that
+        the incoming one cannot take are kept for its return. Runs in the current stream context."""
         outgoing, incoming = self.weights[out_index], self.weights[in_index]
         reused = set()
         for name, weight_in in incoming.items():
@@ -163,7 +179,7 @@ class BlockSwapper:
             reused.add(name)
         for name, weight in outgoing.items():
             if name not in reused:
-                self._weight_to_host(out_index, name, weight)
+                self._weight_to_host(out_index, name, weight, park)
         for name, weight in incoming.items():
             if name not in reused:
                 self._weight_to_device(in_index, name, weight, self._compute_stream)
@@ -174,8 +190,10 @@ class BlockSwapper:
         if self.cuda:
             self._compute_stream = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(self._compute_stream)  # the blocks' last uses are enqueued before the copies
+        # in a forward with gradients the outgoing block's backward is still to come: park what it leaves
+        park = phase == "forward" and torch.is_grad_enabled()
         with self._stream_context():
-            reused = self._exchange(out_index, in_index)
+            reused = self._exchange(out_index, in_index, park)
             if self.cuda:
                 event = torch.cuda.Event()
                 event.record(self.stream)
@@ -205,6 +223,7 @@ class BlockSwapper:
     def prepare(self) -> None:
         """Blocks [0, n−N) fully on the device, the swapped weights of blocks [n−N, n) on the CPU."""
         self._sync()
+        self.parked.clear()  # the last pass's backward, if any, is over
         if not self._placed:
             self._place_unswapped_tensors()
         keep = self.n - self.num_swap

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.adapters.base import is_float8
+
 FP8_DTYPE = torch.float8_e4m3fn
 
 
@@ -53,8 +55,13 @@ class FusedLinearView(nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        """The fused weight (a fresh concatenation: read it, never write into it)."""
-        return torch.cat([part.weight.to(self.parts[0].weight.dtype) for part in self.parts], dim=0)
+        """The fused weight (a fresh concatenation: read it, never write into it). Float8 parts (`--fp8_base`)
+        are upcast to float32 (exactly), the precision adapters do their math in: float8 tensors cannot be
+        concatenated under autocast, nor take part in arithmetic."""
+        dtype = self.parts[0].weight.dtype
+        if is_float8(self.parts[0].weight) or any(part.weight.dtype != dtype for part in self.parts):
+            dtype = torch.float32
+        return torch.cat([part.weight.to(dtype) for part in self.parts], dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(())
@@ -132,26 +139,43 @@ def _route_part(part: nn.Linear, view: FusedLinearView, index: int) -> None:
     part.forward = forward
 
 
-class Fp8Linear(nn.Linear):
-    """nn.Linear whose weight is stored in float8 and cast to the compute dtype for each call.
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
-    `.to(dtype)` on the model (the trainer casts frozen modules to the mixed-precision dtype) would upcast the
+
+class _StaysFloat8:
+    """`.to(dtype)` on the model (the trainer casts frozen modules to the mixed-precision dtype) would upcast the
     weight for good; `_apply` puts it back into float8, which is exact because every e4m3 value is
-    representable in fp16, bf16 and fp32.
-    """
+    representable in fp16, bf16 and fp32."""
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)  # type: ignore[misc]
+        if self.weight.dtype != FP8_DTYPE:
+            self.weight.data = self.weight.data.to(FP8_DTYPE)
+        return self
+
+
+class Fp8Linear(_StaysFloat8, nn.Linear):
+    """nn.Linear whose weight is stored in float8 and cast to the compute dtype for each call."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = _compute_dtype(x)
         bias = None if self.bias is None else self.bias.to(dtype)
         if self.weight.requires_grad:  # never for --fp8_base; kept correct for a weight someone unfroze
             return F.linear(x.to(dtype), self.weight.to(dtype), bias)
         return _LinearRecastingWeight.apply(x.to(dtype), self.weight, bias)
 
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        if self.weight.dtype != FP8_DTYPE:
-            self.weight.data = self.weight.data.to(FP8_DTYPE)
-        return self
+
+class Fp8Conv2d(_StaysFloat8, nn.Conv2d):
+    """nn.Conv2d whose weight is stored in float8 and cast to the compute dtype for each call (the U-Net
+    families' `--fp8_base`, which stores the U-Net's convolutions in float8 as sd-scripts does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        if self.weight.requires_grad or self.padding_mode != "zeros":
+            return self._conv_forward(x.to(dtype), self.weight.to(dtype), bias)
+        return _Conv2dRecastingWeight.apply(x.to(dtype), self.weight, bias, self)
 
 
 class _LinearRecastingWeight(torch.autograd.Function):
@@ -181,15 +205,41 @@ class _LinearRecastingWeight(torch.autograd.Function):
         return grad_x, None, grad_bias
 
 
-def to_fp8(root: nn.Module) -> int:
-    """Store every plain nn.Linear weight under `root` in float8_e4m3fn; returns how many layers changed.
+class _Conv2dRecastingWeight(torch.autograd.Function):
+    """`_LinearRecastingWeight` for a zero-padded convolution: backward upcasts the stored weight again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None, conv: nn.Conv2d) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.conv, ctx.input_shape = conv, x.shape
+        return F.conv2d(x, weight.to(x.dtype), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        conv = ctx.conv
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(
+                ctx.input_shape, weight.to(device=grad_output.device, dtype=grad_output.dtype), grad_output,
+                conv.stride, conv.padding, conv.dilation, conv.groups,
+            )
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_output.sum((0, 2, 3))
+        return grad_x, None, grad_bias, None
+
+
+def to_fp8(root: nn.Module, *, convolutions: bool = False) -> int:
+    """Store every plain nn.Linear weight under `root` (and with `convolutions` every nn.Conv2d's) in
+    float8_e4m3fn; returns how many layers changed.
 
     Biases, norms and embeddings keep their dtype (sd-scripts keeps norms and embeddings out of fp8 too).
     """
     count = 0
     for module in root.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = Fp8Linear
+        kind = {nn.Linear: Fp8Linear, nn.Conv2d: Fp8Conv2d if convolutions else None}.get(type(module))
+        if kind is not None:
+            module.__class__ = kind
             module.weight.requires_grad_(False)
             module.weight.data = module.weight.data.to(FP8_DTYPE)
             count += 1
@@ -210,3 +260,11 @@ def checkpoint_offloading_to_cpu(function, *args):
         args[0] = args[0].detach().requires_grad_(True)
     with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
         return checkpoint(function, *args, use_reentrant=True)
+
+
+def fp8_parts(cfg) -> str | None:
+    """Which frozen parts store float8 weights: `--fp8_base_unet` the denoiser's, `--fp8_base` the text
+    encoders' too (each family says which of its encoders)."""
+    if cfg.fp8_base_unet:
+        return "denoiser"
+    return "all" if cfg.fp8_base else None

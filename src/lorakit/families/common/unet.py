@@ -3,10 +3,15 @@ latents scaled by the VAE's `scaling_factor`."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from lorakit.adapters.targets import AdapterTarget, RankChoice, collect_targets
+from lorakit.families.common.layers import to_fp8
+
+log = logging.getLogger("lorakit")
 
 #: the U-Net's Transformer2DModel linears (LoRA-LierLa), plus with conv_dim the ResNet blocks and samplers (C3Lier)
 UNET_ATTENTION_PARENTS = ("Transformer2DModel",)
@@ -39,3 +44,16 @@ def gradient_checkpointing(unet: nn.Module, encoders: list[nn.Module]) -> None:
     unet.enable_gradient_checkpointing()
     for encoder in encoders:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def store_fp8(unet: nn.Module, encoders: list[nn.Module], parts: str | None) -> None:
+    """sd-scripts' `--fp8_base` on a U-Net model: the U-Net's weights in float8_e4m3fn (its linears and
+    convolutions; norms and biases keep the training dtype), with `parts` "all" the text encoders' linears too
+    (their embeddings stay, as sd-scripts puts them back into the training dtype). Each layer upcasts its weight
+    per call; adapters read the upcast weight (`adapters.base.base_weight`)."""
+    if parts is None:
+        return
+    layers = to_fp8(unet, convolutions=True)
+    if parts == "all":
+        layers += sum(to_fp8(encoder) for encoder in encoders)
+    log.info("--fp8_base: %d layers store float8_e4m3fn weights", layers)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lorakit.adapters.algorithms import reads_family_args
 from lorakit.adapters.spec import TargetSpec
 from lorakit.adapters.targets import AdapterTarget, RankChoice
 from lorakit.data.latent_files import LatentFileFormat
@@ -34,7 +35,7 @@ from lorakit.families.base import (
     SeparatePart,
     TextConditioning,
 )
-from lorakit.families.common.layers import to_fp8
+from lorakit.families.common.layers import fp8_parts, to_fp8
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
 from lorakit.families.common.transformer_family import (
     BlockSwapFamily,
@@ -47,7 +48,7 @@ from lorakit.families.common.transformer_family import (
 from lorakit.families.flux.controlnet import controlnet_inputs
 from lorakit.families.flux.layers import checkpoint_offloading_to_cpu
 from lorakit.families.flux.lora_keys import LORA_LAYOUT
-from lorakit.families.flux.network_args import FluxNetworkArgs
+from lorakit.families.flux.network_args import NETWORK_ARG_KEYS, FluxNetworkArgs
 from lorakit.families.flux.packing import (
     PATCH,
     image_position_ids,
@@ -156,11 +157,14 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     def parse_network_args(self, args: Mapping[str, str], spec: TargetSpec) -> tuple[Any, list[str]]:
         return FluxNetworkArgs.parse(args, spec.rank)
 
+    def family_arg_keys(self, module: str) -> frozenset[str] | None:
+        return NETWORK_ARG_KEYS if reads_family_args(self.network_module(module), self) else None
+
     def load(self, cfg: Any, spec: TargetSpec | None = None, text_cache: CaptionCache | None = None) -> Components:
         self.text_cache = run_text_cache(cfg, text_cache)
         comps = self.load_model(ModelSource(
             cfg.pretrained_model_name_or_path, {k: getattr(cfg, k) for k in self.part_files if getattr(cfg, k)},
-            load_dtype(cfg), fp8="denoiser" if cfg.fp8_base_unet else ("all" if cfg.fp8_base else None),
+            load_dtype(cfg), fp8=fp8_parts(cfg), tokenizer_cache_dir=cfg.tokenizer_cache_dir,
             text_encoders=self.text_cache is None or self.text_cache.needs_encoders,
         ))
         comps.extras.update(self._conditioning_options(cfg, comps))
@@ -184,7 +188,8 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             comps = load_flux_parts(source.path, clip_l=files.get("clip_l"), t5xxl=files.get("t5xxl"), dtype=dtype)
         else:
             comps = load_flux_components(source.path, clip_l=files.get("clip_l"), t5xxl=files.get("t5xxl"), ae=files.get("ae"),
-                                         dtype=dtype, text_encoders=source.text_encoders)
+                                         dtype=dtype, text_encoders=source.text_encoders,
+                                         tokenizer_cache_dir=source.tokenizer_cache_dir)
         if source.fp8:
             layers = to_fp8(comps.denoiser)
             if source.fp8 == "all":

@@ -58,11 +58,7 @@ from lorakit.families.flux import bfl_keys
 _PACKAGE = resources.files("lorakit") / "families" / "flux"
 REAL_AXES_DIMS_ROPE = (16, 56, 56)
 T5_TOKENIZER_DIRS = ("", "tokenizer_2", "t5_tokenizer")  # beside the --t5xxl file
-_MISSING_T5_TOKENIZER = (
-    "no T5 tokenizer found. FLUX needs the real T5-XXL tokenizer, offline: put its files (tokenizer.json or "
-    "spiece.model, e.g. the tokenizer_2/ folder of the FLUX.1 diffusers repository) next to the --t5xxl file, "
-    "in a tokenizer_2/ folder beside it, or pass a diffusers FLUX folder"
-)
+_NEEDED_BY = "FLUX.1"
 
 
 def bundled_config(name: str) -> dict[str, Any]:
@@ -94,6 +90,7 @@ def load_flux_components(
     ae: str | None = None,
     dtype: torch.dtype = torch.float32,
     text_encoders: bool = True,
+    tokenizer_cache_dir: str | None = None,
 ) -> Components:
     """transformer, AE, [CLIP-L, T5-XXL] and their tokenizers from a diffusers folder or BFL single files.
 
@@ -118,7 +115,8 @@ def load_flux_components(
     if clip_l and text_encoders:
         parts["clip_l"], parts["clip_tokenizer"] = load_clip_l_file(Path(clip_l), dtype), bundled_clip_tokenizer(CLIP_PAD_END)
     if t5xxl and text_encoders:
-        parts["t5xxl"], parts["t5_tokenizer"] = load_t5_file(Path(t5xxl), dtype), find_t5_tokenizer([Path(t5xxl)], T5_TOKENIZER_DIRS, _MISSING_T5_TOKENIZER)
+        parts["t5xxl"], parts["t5_tokenizer"] = load_t5_file(Path(t5xxl), dtype), find_t5_tokenizer(
+            [Path(t5xxl)], T5_TOKENIZER_DIRS, _NEEDED_BY, tokenizer_cache_dir)
     if ae:
         parts["ae"] = load_ae_file(Path(ae), dtype)
     needed = (("--clip_l", "clip_l"), ("--t5xxl", "t5xxl"), ("--ae", "ae")) if text_encoders else (("--ae", "ae"),)
@@ -158,7 +156,8 @@ def _load_pipeline_folder(folder: Path, dtype: torch.dtype, skip: dict[str, str 
         parts["t5xxl"] = _from_pretrained(T5EncoderModel, folder, "text_encoder_2", dtype=dtype)
         parts["t5_tokenizer"] = t5_tokenizer_in(folder / "tokenizer_2")
         if parts["t5_tokenizer"] is None:
-            raise CheckpointError(f"{folder / 'tokenizer_2'}: {_MISSING_T5_TOKENIZER}")
+            raise CheckpointError(f"{folder / 'tokenizer_2'}: no T5 tokenizer in this diffusers folder (tokenizer.json or "
+                                  "spiece.model); copy the tokenizer_2/ folder of the FLUX.1 diffusers repository here")
     return parts
 
 

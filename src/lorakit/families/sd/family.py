@@ -27,23 +27,19 @@ from lorakit.families.base import (
     ModelSource,
     TextConditioning,
 )
+from lorakit.families.common.clip_prompts import ClipPrompts, encoder_ids
 from lorakit.families.common.headers import safetensors_keys
 from lorakit.families.common.prediction import prediction_type_warnings
 from lorakit.families.common.text_cache import whole_cache_problems
 from lorakit.families.common.text_encoders import clip_targets
-from lorakit.families.common.unet import (
-    decode_scaled,
-    encode_scaled,
-    gradient_checkpointing,
-    unet_targets,
-)
+from lorakit.families.common.layers import fp8_parts
+from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing, store_fp8, unet_targets
 from lorakit.families.common.unet_blocks import BLOCK_LAYOUT
 from lorakit.families.sd.lora_keys import LORA_LAYOUT
 from lorakit.objectives.ddpm import DDPMObjective
 from lorakit.precision import load_dtype
 from lorakit.transfer import to_device
 
-TOKENS_PER_CHUNK = 77
 _VERSIONS = {  # ss_base_model_version -> (ModelSpec architecture, resolution)
     "sd_v1": ("stable-diffusion-v1", 512),
     "sd_v1_v": ("stable-diffusion-v1", 512),
@@ -62,6 +58,7 @@ class StableDiffusionFamily(ModelFamily):
     bucket_step = 64
     takes_v2 = True
     block_layout = BLOCK_LAYOUT
+    reads_caption_weights = True
     all_layers_args = {"conv_dim": "1", "conv_alpha": "1"}
     oft_attention = re.compile(r"_attn\d_(to_q|to_k|to_v|to_out_0)$")
     lora_hints = (LoraHint(50, ("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_", "lora_te_",
@@ -78,6 +75,7 @@ class StableDiffusionFamily(ModelFamily):
 
     def __init__(self) -> None:
         self.text_cache: CaptionCache | None = None
+        self.prompts = ClipPrompts()  # --max_token_length / --weighted_captions of a training run
 
     @property
     def latent_format(self) -> LatentFileFormat:
@@ -87,7 +85,8 @@ class StableDiffusionFamily(ModelFamily):
     @property
     def text_cache_format(self) -> TextFileFormat:
         # sd-scripts caches no SD 1.x/2.x text outputs: lorakit's own file, named like the other families'
-        return TextFileFormat("_sd_te.npz", ("hidden_state",), settings=("clip_skip",))
+        return TextFileFormat("_sd_te.npz", ("hidden_state",),
+                              settings=("clip_skip", "max_token_length", "weighted_captions"))
 
     @property
     def lora_layout(self):
@@ -116,11 +115,14 @@ class StableDiffusionFamily(ModelFamily):
         # sd-scripts has no text-encoder cache for SD 1.x/2.x (its option is SDXL's); here the same option
         # saves running the frozen encoder on the same captions every step
         self.text_cache = run_text_cache(cfg, text_cache)
-        return self.load_model(ModelSource(
+        self.prompts = ClipPrompts.from_options(cfg)
+        comps = self.load_model(ModelSource(
             cfg.pretrained_model_name_or_path, {"vae": cfg.vae} if cfg.vae else {}, load_dtype(cfg),
             v2=cfg.v2, v_parameterization=cfg.v_parameterization,
             text_encoders=self.text_cache is None or self.text_cache.needs_encoders,
         ))
+        store_fp8(comps.denoiser, comps.text_encoders, fp8_parts(cfg))
+        return comps
 
     def load_model(self, source: ModelSource) -> Components:
         from lorakit.families.sd.loading import load_sd_components
@@ -140,15 +142,13 @@ class StableDiffusionFamily(ModelFamily):
     def decode_latents(self, comps: Components, latents: torch.Tensor) -> torch.Tensor:
         return decode_scaled(comps.vae, latents)
 
-    def tokenize(self, comps: Components, captions: list[str]) -> torch.Tensor:
-        tokenizer = comps.tokenizers[0]
-        return tokenizer(
-            captions, padding="max_length", max_length=TOKENS_PER_CHUNK, truncation=True, return_tensors="pt"
-        ).input_ids
+    def tokenize(self, comps: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Ids (B, windows, 77) and, with --weighted_captions, their weights."""
+        return self.prompts.tokenize(comps.tokenizers[0], captions)
 
     def encode_text(self, comps: Components, captions: list[str], clip_skip: int | None = None) -> TextConditioning:
-        """`encoder_hidden_states` (B, 77, width); with --cache_text_encoder_outputs each distinct caption is
-        encoded once and reused (the encoder is frozen then)."""
+        """`encoder_hidden_states` (B, 77, width), or (B, 75·n + 2, width) with --max_token_length; with
+        --cache_text_encoder_outputs each distinct caption is encoded once and reused (the encoder is frozen then)."""
         def encode(texts: list[str]) -> dict[str, torch.Tensor]:
             return self.text_encoder_outputs(comps, texts, clip_skip)
 
@@ -161,12 +161,14 @@ class StableDiffusionFamily(ModelFamily):
 
     def _run_encoder(self, comps: Components, captions: list[str], clip_skip: int | None) -> torch.Tensor:
         encoder = comps.text_encoders[0]
-        ids = to_device(self.tokenize(comps, captions), encoder.device)
+        ids, weights = self.tokenize(comps, captions)
+        ids = to_device(encoder_ids(ids), encoder.device)
         if not clip_skip or clip_skip <= 1:
-            return encoder(ids).last_hidden_state
-        # the n-th layer from the end, normalised like the last one (what A1111 "CLIP skip" means)
-        states = encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-        return _final_layer_norm(encoder)(states)
+            states = encoder(ids).last_hidden_state
+        else:
+            # the n-th layer from the end, normalised like the last one (what A1111 "CLIP skip" means)
+            states = _final_layer_norm(encoder)(encoder(ids, output_hidden_states=True).hidden_states[-clip_skip])
+        return self.prompts.weigh(self.prompts.join(states, len(captions)), weights)
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: Any) -> torch.Tensor:
         from lorakit.families.sd.controlnet import controlnet_residuals

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lorakit.adapters.algorithms import reads_family_args
 from lorakit.adapters.spec import TargetSpec
 from lorakit.adapters.targets import AdapterTarget, RankChoice
 from lorakit.data.latent_files import LatentFileFormat
@@ -36,7 +37,7 @@ from lorakit.families.base import (
     ModelSource,
     TextConditioning,
 )
-from lorakit.families.common.layers import to_fp8
+from lorakit.families.common.layers import fp8_parts, to_fp8
 from lorakit.families.common.text_encoders import clip_targets, t5_targets
 from lorakit.families.common.transformer_family import (
     BlockSwapFamily,
@@ -55,7 +56,7 @@ from lorakit.families.sd3.conditioning import (
     split_outputs,
 )
 from lorakit.families.sd3.lora_keys import LORA_LAYOUT
-from lorakit.families.sd3.network_args import SD3NetworkArgs
+from lorakit.families.sd3.network_args import KNOWN_KEYS, SD3NetworkArgs
 from lorakit.families.sd3.objective import SD3FlowObjective, precondition_to_x0
 from lorakit.families.sd3.targets import mmdit_targets
 from lorakit.precision import load_dtype
@@ -141,13 +142,17 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
     def parse_network_args(self, args: Mapping[str, str], spec: TargetSpec) -> tuple[Any, list[str]]:
         return SD3NetworkArgs.parse(args, spec.rank)
 
+    def family_arg_keys(self, module: str) -> frozenset[str] | None:
+        return KNOWN_KEYS if reads_family_args(self.network_module(module), self) else None
+
     # ----------------------------------------------------------------------------------------- loading
 
     def load(self, cfg: Any, spec: TargetSpec | None = None, text_cache: CaptionCache | None = None) -> Components:
         self.text_cache = run_text_cache(cfg, text_cache)
         comps = self.load_model(ModelSource(
             cfg.pretrained_model_name_or_path, {k: getattr(cfg, k) for k in self.part_files if getattr(cfg, k)},
-            load_dtype(cfg), fp8=_fp8(cfg), text_encoders=self.text_cache is None or self.text_cache.needs_encoders,
+            load_dtype(cfg), fp8=fp8_parts(cfg), tokenizer_cache_dir=cfg.tokenizer_cache_dir,
+            text_encoders=self.text_cache is None or self.text_cache.needs_encoders,
         ))
         # with CLIP-L/G LoRAs training, only T5's outputs are cached and the CLIPs run every step (sd-scripts' partial caching)
         self.cache_clip = not (spec is not None and spec.train_text_encoder)
@@ -170,7 +175,8 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
             files = source.files
             comps = load_sd3_components(source.path, clip_l=files.get("clip_l"), clip_g=files.get("clip_g"),
                                         t5xxl=files.get("t5xxl"), vae=files.get("vae"), dtype=dtype,
-                                        text_encoders=source.text_encoders)
+                                        text_encoders=source.text_encoders,
+                                        tokenizer_cache_dir=source.tokenizer_cache_dir)
         self.model_type = comps.extras["model_type"]
         if source.fp8:
             layers = to_fp8(comps.denoiser)
@@ -395,8 +401,3 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
         return frozen_x_block_parameters(dict(comps.denoiser.config), last_blocks)
 
 
-def _fp8(cfg: Any) -> str | None:
-    """Which frozen linears store float8 weights: with --fp8_base_unet the MMDiT's, with --fp8_base T5's too."""
-    if cfg.fp8_base_unet:
-        return "denoiser"
-    return "all" if cfg.fp8_base else None

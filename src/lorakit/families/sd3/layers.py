@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorakit.adapters.base import dequantized
 from lorakit.families.common.layers import SplitQKVView
 from lorakit.families.sd3.sai_keys import swap_halves
 
@@ -43,7 +44,8 @@ class SwappedRowsView(nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        return swap_halves(self.parts[0].weight)
+        """The part's weight in SAI row order (a fresh tensor; float8 upcast exactly, as `FusedLinearView` does)."""
+        return swap_halves(dequantized(self.parts[0].weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(())

@@ -53,11 +53,7 @@ from lorakit.families.sd3 import sai_keys
 _PACKAGE = resources.files("lorakit") / "families" / "sd3"
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl")
 T5_TOKENIZER_DIRS = ("", "tokenizer_3", "t5_tokenizer", "tokenizer_2")
-_MISSING_T5_TOKENIZER = (
-    "no T5 tokenizer found. SD3 needs the T5-XXL tokenizer, offline: put its files (tokenizer.json or spiece.model, "
-    "e.g. the tokenizer_3/ folder of an SD3 diffusers repository) beside the model or the --t5xxl file, or in a "
-    "tokenizer_3/ folder there"
-)
+_NEEDED_BY = "SD3"
 
 
 def bundled_config(name: str) -> dict[str, Any]:
@@ -73,6 +69,7 @@ def bundled_config(name: str) -> dict[str, Any]:
 def load_sd3_components(
     path: str, *, clip_l: str | None = None, clip_g: str | None = None, t5xxl: str | None = None,
     vae: str | None = None, dtype: torch.dtype = torch.float32, text_encoders: bool = True,
+    tokenizer_cache_dir: str | None = None,
 ) -> Components:
     """MMDiT, VAE, [CLIP-L, CLIP-G, T5-XXL] and their tokenizers; every problem names the file and the flag.
 
@@ -106,7 +103,8 @@ def load_sd3_components(
     encoders, tokenizers = [], []
     if text_encoders:
         if "t5_tokenizer" not in parts:
-            parts["t5_tokenizer"] = find_t5_tokenizer([Path(t5xxl)] if t5xxl else [source], T5_TOKENIZER_DIRS, _MISSING_T5_TOKENIZER)
+            parts["t5_tokenizer"] = find_t5_tokenizer([Path(t5xxl)] if t5xxl else [source], T5_TOKENIZER_DIRS, _NEEDED_BY,
+                                                      tokenizer_cache_dir)
         encoders = [parts[name].eval() for name in TEXT_ENCODERS]
         tokenizers = [bundled_clip_tokenizer(CLIP_PAD_END), bundled_clip_tokenizer(CLIP_PAD_OPENCLIP), parts["t5_tokenizer"]]
     extras = {"source": str(path), "model_type": sai_keys.model_type(dict(transformer.config))}

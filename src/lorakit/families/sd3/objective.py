@@ -15,7 +15,7 @@ No noise offset, pyramid noise, input-perturbation noise or min-SNR weighting ap
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -103,6 +103,10 @@ class SD3FlowObjective:
 
     def elementwise_loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return flow_elementwise_loss(self.loss_options, prediction, target, timesteps)
+
+    def at_timestep(self, timestep: int) -> "SD3FlowObjective":
+        """The same objective with every sample at `timestep` (sd-scripts' validation sets min = max = t)."""
+        return replace(self, options=replace(self.options, min_timestep=int(timestep), max_timestep=int(timestep)))
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         """`sigma_sqrt` σ⁻² or `cosmap`; the other schemes only change how σ is drawn.

@@ -11,10 +11,11 @@ from lorakit.families.common.options import EncoderFileOptions
 
 class SD3Options(EncoderFileOptions):
     SECTION: ClassVar[str] = "sd3"
-    #: options sd-scripts has that do nothing there either: refused with this hint
-    NOT_AVAILABLE: ClassVar[dict[str, str]] = dict.fromkeys(
-        ("save_clip", "save_t5xxl", "t5xxl_device", "t5xxl_dtype"), "remove it (it never worked in sd-scripts either)"
-    )
+    #: options sd-scripts has that do nothing there either: accepted with this warning
+    NO_EFFECT: ClassVar[dict[str, str]] = {
+        name: f"--{name} has no effect: sd-scripts marks it \"DOES NOT WORK\" and ignores it too"
+        for name in ("save_clip", "save_t5xxl", "t5xxl_device", "t5xxl_dtype")
+    }
 
     clip_g: str | None = Field(None, description="[SD3] CLIP-G file")
     training_shift: float = Field(1.0, gt=0, description="[SD3] shift of the sampled timesteps")

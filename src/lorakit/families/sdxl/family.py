@@ -34,14 +34,12 @@ from lorakit.families.base import (
     ModelSource,
     TextConditioning,
 )
+from lorakit.families.common.clip_prompts import ClipPrompts, encoder_ids
 from lorakit.families.common.prediction import prediction_type_warnings
 from lorakit.families.common.text_cache import whole_cache_problems
 from lorakit.families.common.text_encoders import clip_targets
-from lorakit.families.common.unet import (
-    decode_scaled,
-    encode_scaled,
-    gradient_checkpointing,
-)
+from lorakit.families.common.layers import fp8_parts
+from lorakit.families.common.unet import decode_scaled, encode_scaled, gradient_checkpointing, store_fp8
 from lorakit.families.common.unet import unet_targets as diffusers_unet_targets
 from lorakit.families.sdxl.blocks import BLOCK_LAYOUT
 from lorakit.families.sdxl.controlnet import attach_condition
@@ -52,7 +50,6 @@ from lorakit.transfer import to_device
 
 log = logging.getLogger("lorakit")
 
-TOKENS_PER_CHUNK = 77
 BASE_MODEL_VERSION = "sdxl_base_v1-0"
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -69,6 +66,7 @@ class StableDiffusionXLFamily(ModelFamily):
     bucket_step = 32
     block_lr_count = 23  # sdxl_train.py's --block_lr
     block_layout = BLOCK_LAYOUT
+    reads_caption_weights = True
     all_layers_args = {"conv_dim": "1", "conv_alpha": "1"}
     oft_attention = re.compile(r"_attn\d_(to_q|to_k|to_v|to_out_0)$")
     lora_hints = (LoraHint(40, ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_",
@@ -86,6 +84,7 @@ class StableDiffusionXLFamily(ModelFamily):
     def __init__(self) -> None:
         self.vae_in_float32 = False
         self.text_cache: CaptionCache | None = None
+        self.prompts = ClipPrompts()  # --max_token_length / --weighted_captions of a training run
 
     @property
     def latent_format(self) -> LatentFileFormat:
@@ -93,7 +92,8 @@ class StableDiffusionXLFamily(ModelFamily):
 
     @property
     def text_cache_format(self) -> TextFileFormat:
-        return TextFileFormat("_te_outputs.npz", ("hidden_state1", "hidden_state2", "pool2"))
+        return TextFileFormat("_te_outputs.npz", ("hidden_state1", "hidden_state2", "pool2"),
+                              settings=("max_token_length", "weighted_captions"))
 
     @property
     def lora_layout(self):
@@ -119,14 +119,17 @@ class StableDiffusionXLFamily(ModelFamily):
 
     def load(self, cfg: Any, spec: TargetSpec | None = None, text_cache: CaptionCache | None = None) -> Components:
         self._read_options(cfg, text_cache)
-        return self.load_model(ModelSource(cfg.pretrained_model_name_or_path, {"vae": cfg.vae} if cfg.vae else {},
-                                           load_dtype(cfg), v_parameterization=cfg.v_parameterization,
-                                           text_encoders=self.text_cache is None or self.text_cache.needs_encoders))
+        comps = self.load_model(ModelSource(cfg.pretrained_model_name_or_path, {"vae": cfg.vae} if cfg.vae else {},
+                                            load_dtype(cfg), v_parameterization=cfg.v_parameterization,
+                                            text_encoders=self.text_cache is None or self.text_cache.needs_encoders))
+        store_fp8(comps.denoiser, comps.text_encoders, fp8_parts(cfg))
+        return comps
 
     def _read_options(self, cfg: Any, text_cache: CaptionCache | None = None) -> None:
         """Remember the SDXL-specific switches that change how images and text are encoded."""
         self.vae_in_float32 = bool(cfg.no_half_vae)
         self.text_cache = run_text_cache(cfg, text_cache)
+        self.prompts = ClipPrompts.from_options(cfg)
 
     def load_model(self, source: ModelSource) -> Components:
         from lorakit.families.sdxl.loading import load_sdxl_components
@@ -156,12 +159,9 @@ class StableDiffusionXLFamily(ModelFamily):
 
     # -- text --------------------------------------------------------------------------------------------
 
-    def tokenize(self, comps: Components, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids for CLIP-L (padded with the end token) and bigG (padded with "!", id 0)."""
-        return tuple(
-            tokenizer(captions, padding="max_length", max_length=TOKENS_PER_CHUNK, truncation=True, return_tensors="pt").input_ids
-            for tokenizer in comps.tokenizers
-        )
+    def tokenize(self, comps: Components, captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Ids (B, windows, 77) and weights for CLIP-L (padded with the end token) and bigG (padded with "!", id 0)."""
+        return [self.prompts.tokenize(tokenizer, captions) for tokenizer in comps.tokenizers]
 
     def encode_text(self, comps: Components, captions: list[str], clip_skip: int | None = None) -> TextConditioning:
         """`encoder_hidden_states` (B, 77, w1 + w2) and `text_embeds` (B, projection) for the captions.
@@ -182,10 +182,14 @@ class StableDiffusionXLFamily(ModelFamily):
         """sd-scripts' `hidden_state1` (CLIP-L's penultimate layer), `hidden_state2` (bigG's) and `pool2` (bigG's
         projected pooled output)."""
         te1, te2 = comps.text_encoders
-        ids1, ids2 = self.tokenize(comps, captions)
-        hidden1 = te1(to_device(ids1, te1.device), output_hidden_states=True).hidden_states[-2]
-        out2 = te2(to_device(ids2, te2.device), output_hidden_states=True)
-        return {"hidden_state1": hidden1, "hidden_state2": out2.hidden_states[-2], "pool2": out2.text_embeds}
+        (ids1, weights1), (ids2, weights2) = self.tokenize(comps, captions)
+        prompts, batch = self.prompts, len(captions)
+        hidden1 = te1(to_device(encoder_ids(ids1), te1.device), output_hidden_states=True).hidden_states[-2]
+        out2 = te2(to_device(encoder_ids(ids2), te2.device), output_hidden_states=True)
+        return {"hidden_state1": prompts.weigh(prompts.join(hidden1, batch), weights1),
+                "hidden_state2": prompts.weigh(prompts.join(out2.hidden_states[-2], batch), weights2),
+                # with --max_token_length the pooled embedding is the first window's, as in sd-scripts
+                "pool2": out2.text_embeds[:: prompts.windows]}
 
     # -- prediction --------------------------------------------------------------------------------------
 
