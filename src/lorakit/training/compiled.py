@@ -55,7 +55,7 @@ def compile_blocks(cfg: Any, family: Any, comps: Any) -> CompiledBlocks | None:
     if not getattr(cfg, "compile", False):
         return None
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-    options = {"backend": getattr(cfg, "dynamo_backend", None) or "inductor", "dynamic": True,
+    options = {"backend": (getattr(cfg, "dynamo_backend", None) or "inductor").lower(), "dynamic": True,
                "fullgraph": bool(getattr(cfg, "dynamo_fullgraph", False))}
     if getattr(cfg, "dynamo_mode", None):
         options["mode"] = cfg.dynamo_mode

@@ -167,7 +167,8 @@ def parse_budget(text: str) -> int | None:
 
 def candidate_settings(cfg: Any, family: Any, facts: MemoryFacts) -> list[Settings]:
     """Every combination the run may use, fastest first: block swap where the family swaps blocks, checkpointing,
-    and the quantizations its precision allows (plain fp8 needs mixed precision, as --fp8_base)."""
+    and the quantizations its precision allows (plain fp8 needs mixed precision, as --fp8_base); an option the
+    command line gives (--blocks_to_swap, --gradient_checkpointing, --base_quant/--fp8_base) is kept."""
     blocks = len(facts.block_params)
     swaps = [0]
     if blocks > 1 and family.swaps_blocks(_Probe()):
@@ -177,7 +178,12 @@ def candidate_settings(cfg: Any, family: Any, facts: MemoryFacts) -> list[Settin
         quants.insert(1, "fp8")
     if getattr(cfg, "trains_model_weights", False):
         quants = [None]
-    combos = [Settings(s, c, q) for s, c, q in product(swaps, (False, True), quants)]
+    # what the command line sets itself stays as given: the budget chooses only the rest
+    given = current_settings(cfg)
+    swaps = [given.blocks_to_swap] if given.blocks_to_swap else swaps
+    quants = [given.base_quant] if given.base_quant else quants
+    checkpointing = (True,) if given.gradient_checkpointing else (False, True)
+    combos = [Settings(s, c, q) for s, c, q in product(swaps, checkpointing, quants)]
     return sorted(combos, key=lambda s: s.slowdown(blocks))
 
 
