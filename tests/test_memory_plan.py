@@ -117,6 +117,8 @@ def test_the_estimate_is_within_15_percent_of_the_measured_peak_and_the_budget_h
     assert abs(estimate - result["peak_gib"]) <= 0.15 * result["peak_gib"], (estimate, result["peak_gib"])
     assert "--vram_budget 1.00 GB" not in done.stdout and re.search(r"--vram_budget 0\.93 GiB: chose ", done.stdout)
     assert result["peak_gib"] * GiB < budget_gb * 1e9
+    measured = re.search(r"memory \(measured\) peak ([0-9.]+) GiB host RAM", done.stdout + done.stderr)
+    assert measured and abs(float(measured.group(1)) - result["peak_gib"]) < 0.05  # the run reports its own peak
 
 
 def test_dry_run_prints_the_estimate_and_loads_nothing(flux, capsys):

@@ -235,6 +235,28 @@ def resident_bytes() -> int:
     return 0
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory so far (Linux /proc VmHWM; 0 elsewhere)."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measured_line(device: Any) -> str:
+    """The run's measured peaks, logged at its end beside the plan's estimate: peak allocated on a GPU (PyTorch's
+    allocator, what the estimate counts) and the process's peak resident memory."""
+    import torch
+
+    host = f"{peak_resident_bytes() / GiB:.2f} GiB host RAM"
+    if getattr(device, "type", str(device)) == "cuda":
+        return f"memory (measured) peak {torch.cuda.max_memory_allocated(device) / GiB:.2f} GiB cuda, {host}"
+    return f"memory (measured) peak {host} (training on the CPU)"
+
+
 def dataset_buckets(dataset: Any) -> list[tuple[int, int, int]]:
     """(width, height, batch size) of every bucket the dataset fills."""
     summary = dataset.summary()
