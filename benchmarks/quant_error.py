@@ -1,6 +1,7 @@
 """Output error of each `--base_quant` mode against the unquantized base (the tables in docs/memory.md).
 
     python benchmarks/quant_error.py            # every family's tiny model, and the real-size SD 1.5 U-Net's layers
+    python benchmarks/quant_error.py sd flux real   # some families; "real": the SD 1.5 U-Net's layers
 
 Per family: the denoiser's prediction for one fixed noisy latent, timestep and caption, set up by the trainer's
 own code (`setup_session`, bf16 mixed precision, a LoRA attached with zero up factors so it changes nothing),
@@ -37,7 +38,7 @@ def family_errors(name: str, work: Path) -> dict[str, float]:
     if not data.exists():
         write_dreambooth_folder(data, count=1, repeats=1)
     outputs = {}
-    for mode in (None, *MODES):
+    for mode in (None, *MODES):  # each a fresh set-up from the same file (the random draws are seeded)
         cfg, _ = parse_train_args([*model_args, f"--family={name}", f"--train_data_dir={data}", "--resolution=64",
                                    f"--output_dir={work / 'out'}", "--mixed_precision=bf16", "--network_dim=4",
                                    *([f"--base_quant={mode}"] if mode else [])])
@@ -46,8 +47,8 @@ def family_errors(name: str, work: Path) -> dict[str, float]:
         family, comps = session.family, session.comps
         with torch.no_grad(), session.accelerator.autocast():
             text = family.encode_text(comps, ["a red square on a blue background"])
-            scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
-            latents = torch.randn(1, comps.vae.config.latent_channels, 64 // scale, 64 // scale, generator=torch.Generator().manual_seed(0))
+            shape = family.encode_images(comps, torch.zeros(1, 3, 64, 64, device=comps.vae.device, dtype=comps.vae.dtype)).shape
+            latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
             noised = session.objective.noise(latents, generator=torch.Generator().manual_seed(1))
             outputs[mode] = family.predict(comps, noised.noisy, noised.timesteps, text, None).float()
     reference = outputs[None]
@@ -80,11 +81,13 @@ def sd15_layer_errors(cache: Path) -> dict[str, float]:
 def main() -> None:
     from lorakit.families.registry import family_names
 
+    names = sys.argv[1:] or family_names()
     cache = Path(os.environ.get("LORAKIT_BENCH_CACHE", Path(tempfile.gettempdir()) / "lorakit-bench"))
     with tempfile.TemporaryDirectory() as tmp:
-        for name in family_names():
+        for name in (n for n in names if n != "real"):
             print(json.dumps({"model": f"{name} tiny (denoiser output)", **family_errors(name, Path(tmp))}), flush=True)
-    print(json.dumps({"model": "sd real-size U-Net (every layer's output)", **sd15_layer_errors(cache)}), flush=True)
+    if "real" in names or not sys.argv[1:]:
+        print(json.dumps({"model": "sd real-size U-Net (every layer's output)", **sd15_layer_errors(cache)}), flush=True)
 
 
 if __name__ == "__main__":
