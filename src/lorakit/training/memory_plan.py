@@ -11,7 +11,10 @@ The estimate (`estimate_memory`) adds up, from the model files' headers (`family
 * activations for the largest bucket × batch: `family.activation_factor` saved elements per latent pixel and per
   square root of the denoiser's parameters (a calibrated rule: depth × width grows as √parameters), in the compute
   dtype, and with gradient checkpointing only the block inputs (`CHECKPOINTED_SHARE`) plus one block's work;
-* block swap: the swapped blocks' weights move from the device to (pinned) host memory;
+* block swap: the swapped blocks' weights move from the device to (pinned) host buffers, made once: one for each
+  swapped weight and one for each weight of the blocks they trade places with during the forward (the swapped
+  blocks counted are the largest, so with blocks of different sizes this is an upper bound); on a CPU, where the
+  device is the host, the buffers come on top of the model;
 * the host's own: the process as it is when the plan is made (interpreter, torch, libraries), and while loading
   the file-to-model copy (`LOAD_OVERHEAD` of the weights).
 
@@ -33,6 +36,7 @@ from lorakit.families.common.quant import BYTES_PER_WEIGHT
 GiB = 2**30
 LOAD_OVERHEAD = 0.15  # the loaders copy one memory-mapped tensor at a time into the built model
 CHECKPOINTED_SHARE = 0.12  # activations kept under gradient checkpointing, against none
+HOST_BUFFERS_PER_SWAPPED = 2  # block swap: host buffers of the swapped blocks and of those they trade places with
 IMPORTS_AFTER_PLAN = 0.22 * GiB  # model classes, kernels and allocator pools after the plan (measured on the CPU: tiny runs)
 LARGE_ENCODER = 1_000_000_000  # text encoders quantized with --base_quant beside the denoiser (T5-XXL, LLMs)
 OPTIMIZER_STATES = ((r"8bit", 0.5), (r"adafactor", 0.01), (r"lion", 1.0), (r"^sgd", 0.0), (r"prodigy", 4.0), (r"", 2.0))
@@ -93,10 +97,13 @@ def estimate_memory(cfg: Any, family: Any, facts: MemoryFacts, buckets: list[tup
     training = sum(b for _, b in items)
     loading = frozen_bytes * (1 + LOAD_OVERHEAD) + (denoiser * 4 if trains_model else 0)
     baseline = host_now + IMPORTS_AFTER_PLAN
+    # block swap's host buffers, made once: one per swapped weight and one per weight of the blocks they trade
+    # places with in the forward (the first blocks of the list); on the CPU they come on top of the model itself
+    buffers = HOST_BUFFERS_PER_SWAPPED * swapped
     if not on_gpu:
-        peak = baseline + max(training + swapped, loading)
-        return MemoryEstimate(peak, peak, [("runtime", baseline), *items])
-    return MemoryEstimate(training, baseline + max(swapped, loading), items)
+        peak = baseline + max(training + swapped + buffers, loading)
+        return MemoryEstimate(peak, peak, [("runtime", baseline), *items, ("block swap buffers", buffers)])
+    return MemoryEstimate(training, baseline + max(buffers, loading), items)
 
 
 def current_settings(cfg: Any) -> Settings:
