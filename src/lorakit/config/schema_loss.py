@@ -59,7 +59,7 @@ class MemoryOptions(OptionSection):
                                          "int8 or nf4 (docs/memory.md)")
     compile: bool = Field(False, description="torch.compile each block of the denoiser (--torch_compile: the whole denoiser)")
     vram_budget: str | None = Field(None, description="device memory to fit the run in (12GB, 8GiB, auto): the planner "
-                                    "picks block swap, checkpointing, --base_quant and text-encoder caching")
+                                    "picks block swap, gradient checkpointing and --base_quant")
 
     @model_validator(mode="before")
     @classmethod

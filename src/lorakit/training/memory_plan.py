@@ -3,7 +3,7 @@
 The estimate (`estimate_memory`) adds up, from the model files' headers (`family.memory_facts`) and the options:
 
 * the frozen weights in the dtype they are kept in (the mixed-precision dtype, or `--base_quant`'s bytes per
-  weight: `quant.BYTES_PER_WEIGHT`), the text encoders unless every caption's outputs are cached on disk, the VAE;
+  weight: `quant.BYTES_PER_WEIGHT`), the text encoders (counted even when their outputs are cached), the VAE;
 * what trains: the adapter network (rank × (in + out) per adapted linear of the denoiser, float32) or, for a
   fine-tune, the denoiser's own weights (float32, or 16-bit with --full_bf16/--full_fp16), with their gradients
   (none kept with --fused_backward_pass) and the optimizer's states (2 per weight for AdamW, 0.5 for 8-bit
