@@ -30,8 +30,9 @@ CONFIGS = {  # name: (command, model family, size, resolution, options)
     "tiny_flux": ("train", "flux", "tiny", 64, ["--train_batch_size=2", *LORA]),
     "flux_3x6": ("train", "flux", "real", 64, ["--mixed_precision=bf16", *LORA]),
     "flux_3x6_swap": ("train", "flux", "real", 64, ["--mixed_precision=bf16", "--blocks_to_swap=3", *LORA]),
+    "real_sd15_fp8_scaled": ("train", "sd", "real", 256, ["--base_quant=fp8_scaled", *LORA]),
     "real_sd15_finetune": ("finetune", "sd", "real", 64, ["--gradient_checkpointing", "--optimizer_type=AdamW"]),
-    "real_sd15_budget": ("train", "sd", "real", 256, ["--vram_budget=5.2GB", *LORA]),
+    "real_sd15_budget": ("train", "sd", "real", 256, ["--vram_budget=5.6GB", *LORA]),
 }
 
 

@@ -16,7 +16,8 @@ The estimate (`estimate_memory`) adds up, from the model files' headers (`family
   blocks counted are the largest, so with blocks of different sizes this is an upper bound); on a CPU, where the
   device is the host, the buffers come on top of the model;
 * the host's own: the process as it is when the plan is made (interpreter, torch, libraries), and while loading
-  the file-to-model copy (`LOAD_OVERHEAD` of the weights).
+  the file-to-model copy (`LOAD_OVERHEAD` of the weights) and, with --base_quant other than fp8, the quantized
+  copies made while the loaded weights are still held.
 
 On a CPU the device is the host: the two peaks are one (RSS). `choose_for_budget` tries the settings that save
 memory in the order they cost speed, and keeps the first combination whose device estimate fits.
@@ -85,7 +86,6 @@ def estimate_memory(cfg: Any, family: Any, facts: MemoryFacts, buckets: list[tup
     settings = settings or current_settings(cfg)
     compute = 2 if getattr(cfg, "mixed_precision", "no") in ("fp16", "bf16") else 4
     trains_model = bool(getattr(cfg, "trains_model_weights", False))
-    denoiser = facts.params("denoiser")
     frozen_bytes = _frozen_bytes(cfg, family, facts, settings, compute, trains_model)
     trained, trained_bytes = _trained(cfg, facts, trains_model)
     states = _optimizer_states(cfg) * trained * 4
@@ -95,7 +95,7 @@ def estimate_memory(cfg: Any, family: Any, facts: MemoryFacts, buckets: list[tup
     items = [("frozen weights", frozen_bytes - swapped), ("trained weights", trained * trained_bytes), ("gradients", grads),
              ("optimizer states", states), ("activations", activations)]
     training = sum(b for _, b in items)
-    loading = frozen_bytes * (1 + LOAD_OVERHEAD) + (denoiser * 4 if trains_model else 0)
+    loading = _loading_bytes(cfg, family, facts, settings, compute, trains_model, frozen_bytes)
     baseline = host_now + IMPORTS_AFTER_PLAN
     # block swap's host buffers, made once: one per swapped weight and one per weight of the blocks they trade
     # places with in the forward (the first blocks of the list); on the CPU they come on top of the model itself
@@ -109,6 +109,18 @@ def estimate_memory(cfg: Any, family: Any, facts: MemoryFacts, buckets: list[tup
 def current_settings(cfg: Any) -> Settings:
     quant = getattr(cfg, "base_quant", None)
     return Settings(int(getattr(cfg, "blocks_to_swap", 0) or 0), bool(getattr(cfg, "gradient_checkpointing", False)), quant)
+
+
+def _loading_bytes(cfg: Any, family: Any, facts: MemoryFacts, settings: Settings, compute: int, trains_model: bool,
+                   frozen_bytes: int) -> int:
+    """The host's peak while loading: the weights in the load dtype plus the file-to-model copy; --base_quant
+    other than fp8 (which the families apply as they load) quantizes the loaded weights afterwards, so the
+    quantized copies are made while the loaded ones are still held."""
+    loaded = frozen_bytes
+    if settings.base_quant not in (None, "fp8"):
+        loaded = _frozen_bytes(cfg, family, facts, Settings(settings.blocks_to_swap, settings.gradient_checkpointing),
+                               compute, trains_model) + frozen_bytes
+    return int(loaded * (1 + LOAD_OVERHEAD)) + (facts.params("denoiser") * 4 if trains_model else 0)
 
 
 def _frozen_bytes(cfg: Any, family: Any, facts: MemoryFacts, settings: Settings, compute: int, trains_model: bool) -> int:
