@@ -76,7 +76,8 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
 def quantize_frozen(cfg: Any, family: ModelFamily, comps: Any, trained: list[torch.nn.Module] = ()) -> int:
     """--base_quant: the denoiser's and the large text encoders' linears and convolutions stored quantized, before
     they are placed (so they travel to the device small); `trained` modules (a fine-tune's) keep their weights.
-    `fp8` is `--fp8_base`, which the families apply as they load (a family that stores no float8 itself gets it here). Returns how many layers were quantized here."""
+    `fp8` is `--fp8_base`, which the families apply as they load (a family that stores no float8 itself gets it
+    here). Returns how many layers were quantized here."""
     from lorakit.families.common.quant import holds_fp8, quantize
 
     mode = getattr(cfg, "base_quant", None)
