@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first, from the exact CPU build; everything after is pinned against it (constraints.txt).
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
-	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e ".[test,logging,optimizers,lycoris,prep]"
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e ".[test,logging,optimizers,quant,lycoris,prep]"
 	$(BIN)/python -c "import torch, lorakit; print('torch', torch.__version__, '| lorakit', lorakit.__version__)"
 	touch $(STAMP)
 

@@ -56,3 +56,22 @@ def test_bench_sync_debug_needs_a_gpu(capsys):
         bench.main(["--sync_debug"])
     assert exc.value.code == 2
     assert "--sync_debug needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_runs_an_option_set_and_prints_its_peak_memory(tmp_path, monkeypatch, capsys):
+    """--base_quant and --vram_budget reach both measurements; the budget's choice and both peaks are printed."""
+    monkeypatch.setenv("LORAKIT_BENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "result.json"
+    argv = ["--family", "flux", "--size", "tiny", "--steps", "5", "--precision", "bf16", "--base_quant", "int8",
+            "--vram_budget", "64GB", "--json", str(out)]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert (result["base_quant"], result["vram_budget"], result["compile"]) == ("int8", "64GB", False)
+    # a budget this large needs no other savings; the quantization the command line asks for is kept
+    assert result["chosen"] == "--base_quant int8"
+    assert result["host_peak_gib"] >= result["trainer_peak_memory_gib"] > 0
+    text = capsys.readouterr().out
+    assert "options: --base_quant int8 --vram_budget 64GB (chose --base_quant int8)" in text
+    assert "peak memory: " in text and "host RAM" in text
+    assert "--base_quant=int8" in bench.BenchOptions(64, 1, 4, "bf16", False, 5, base_quant="int8").train_args()
+    assert "--compile" in bench.BenchOptions(64, 1, 4, "bf16", False, 5, compile=True).train_args()

@@ -232,6 +232,24 @@ def test_device_holds_only_the_resident_blocks(fp8, checkpointed):
     assert max(ledger.seen) == resident_bytes(swapper), ledger.seen
 
 
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
+def test_host_buffers_are_allocated_once(checkpointed):
+    """Host memory does not grow over a run: every weight that leaves the device goes into its block's own host
+    buffer, made the first time and reused at every later step (pinned only when the device is a GPU)."""
+    torch.manual_seed(0)
+    model = Chain(6, checkpointed)
+    model.blocks.requires_grad_(False)
+    swapper = install_block_swap(model, [("blocks", model.blocks, 3)], "cpu")[0]
+    x = torch.randn(3, 8, requires_grad=True)
+    buffers = []
+    for _ in range(3):
+        model(x).backward()
+        buffers.append({key: buffer.data_ptr() for key, buffer in swapper.host.items()})
+    assert buffers[0] and buffers[0] == buffers[1] == buffers[2]
+    assert len(buffers[0]) == sum(len(weights) for weights in swapper.weights)  # one per swappable weight, no more
+    assert not any(buffer.is_pinned() for buffer in swapper.host.values())  # CPU run: nothing to pin for
+
 def test_flux_fp8_with_lora_holds_only_the_resident_blocks():
     """The real transformer, fp8 base and a LoRA on every block layer (fused views included)."""
     from diffusers import FluxTransformer2DModel

@@ -54,11 +54,20 @@ class BenchResult:
     trainer_peak_memory_gib: float
     peak_memory_gib: float
     notes: list[str]
+    base_quant: str | None = None
+    compile: bool = False
+    vram_budget: str | None = None
+    chosen: str | None = None  # what --vram_budget chose (the memory options the runs used)
+    host_peak_gib: float = 0.0  # the process's peak resident memory (on the CPU: the same as the device peak)
 
 
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    return host_peak_gib()
+
+
+def host_peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
 
 
@@ -75,6 +84,9 @@ class BenchOptions:
     # the frozen text encoders run once per caption (--cache_text_encoder_outputs); off, they run every step, as
     # in sd-scripts' SD 1.x training, which has no such cache
     cache_text: bool = True
+    base_quant: str | None = None  # --base_quant (fp8 is --fp8_base)
+    compile: bool = False  # --compile: each denoiser block compiled
+    vram_budget: str | None = None  # --vram_budget: the planner picks swap, checkpointing and quantization
 
     def train_args(self) -> list[str]:
         args = [
@@ -85,6 +97,9 @@ class BenchOptions:
         args += ["--gradient_checkpointing"] if self.checkpointing else []
         args += ["--cache_text_encoder_outputs"] if self.cache_text else []
         args += ["--fp8_base"] if self.fp8_base else []
+        args += [f"--base_quant={self.base_quant}"] if self.base_quant else []
+        args += ["--compile"] if self.compile else []
+        args += [f"--vram_budget={self.vram_budget}"] if self.vram_budget else []
         return args + ([f"--blocks_to_swap={self.blocks_to_swap}"] if self.blocks_to_swap else [])
 
 
@@ -108,13 +123,19 @@ def _train_config(model: BenchModel, options: BenchOptions, work: Path, output: 
     return cfg
 
 
-def bare_step_seconds(model: BenchModel, options: BenchOptions, work: Path) -> float:
-    """Median seconds of the model's forward + MSE + backward + AdamW with the trainer's LoRA attached."""
+MEMORY_OPTIONS = ("blocks_to_swap", "gradient_checkpointing", "base_quant", "fp8_base")  # what --vram_budget sets
+
+
+def bare_step_seconds(model: BenchModel, options: BenchOptions, work: Path, chosen: dict | None = None) -> float:
+    """Median seconds of the model's forward + MSE + backward + AdamW with the trainer's LoRA attached; `chosen`:
+    the memory options the trainer's run ended up with (--vram_budget's choice, made by the run's planner)."""
     from lorakit.families.registry import resolve_family
     from lorakit.training.run import make_accelerator
     from lorakit.training.setup import setup_session
 
     cfg = _train_config(model, options, work, "bare", 1)
+    for name, value in (chosen or {}).items():
+        setattr(cfg, name, value)
     family = resolve_family(cfg)
     session = setup_session(cfg, family, make_accelerator(cfg))
     comps, accelerator, device = session.comps, session.accelerator, session.accelerator.device
@@ -151,15 +172,16 @@ def process_age_seconds() -> float | None:
     return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def trainer_run(model: BenchModel, options: BenchOptions, work: Path, output: str = "out") -> tuple[list[float], float]:
-    """(seconds per step, seconds from the call to the end of the first step) of a real `lorakit train` run."""
+def trainer_run(model: BenchModel, options: BenchOptions, work: Path, output: str = "out") -> tuple[list[float], float, dict]:
+    """(seconds per step, seconds from the call to the end of the first step, the memory options it ran with) of a
+    real `lorakit train` run."""
     from lorakit.training.run import train
 
     cfg = _train_config(model, options, work, output, options.steps)
     started = time.perf_counter()
     result = train(cfg)
     ends = result.step_end_times
-    return [b - a for a, b in zip(ends, ends[1:])], ends[0] - started
+    return [b - a for a, b in zip(ends, ends[1:])], ends[0] - started, {n: getattr(cfg, n) for n in MEMORY_OPTIONS}
 
 
 def steady_step_seconds(step_times: list[float], device: torch.device) -> float:
@@ -188,13 +210,13 @@ def run(family: str, size: str, options: BenchOptions, blocks: tuple[int, int] |
         for attempt in range(max(1, repeats)):
             age = process_age_seconds()
             with _warn_on_sync(sync_debug and attempt == 0):
-                step_times, first = trainer_run(model, options, work, f"out{attempt}")
+                step_times, first, chosen = trainer_run(model, options, work, f"out{attempt}")
             trainer_steps.append(steady_step_seconds(step_times, device))
             if attempt == 0:  # later runs find the imports done and the files in the page cache
                 first_step, from_process_start = first, None if age is None else age + first
             trainer_peak = max(trainer_peak, peak_memory_gib(device))
             _release(device)
-            bare_steps.append(bare_step_seconds(model, options, work))
+            bare_steps.append(bare_step_seconds(model, options, work, chosen))
             process_peak = max(process_peak, trainer_peak, peak_memory_gib(device))
             _release(device)
     pairs = [round(t / b, 3) for t, b in zip(trainer_steps, bare_steps)]
@@ -203,7 +225,15 @@ def run(family: str, size: str, options: BenchOptions, blocks: tuple[int, int] |
         family, size, device.type, options.resolution, options.batch, options.rank, options.precision, options.checkpointing,
         options.fp8_base, options.blocks_to_swap, options.cache_text, round(bare, 5), round(trainer, 5), round(statistics.median(pairs), 3),
         pairs, round(first_step, 2), None if from_process_start is None else round(from_process_start, 2), round(trainer_peak, 2), round(process_peak, 2), model.notes,
+        options.base_quant, options.compile, options.vram_budget, _describe(chosen) if options.vram_budget else None,
+        round(host_peak_gib(), 2),
     )
+
+
+def _describe(chosen: dict) -> str:
+    from lorakit.training.memory_plan import Settings
+
+    return Settings(int(chosen["blocks_to_swap"] or 0), bool(chosen["gradient_checkpointing"]), chosen["base_quant"]).describe()
 
 
 @contextlib.contextmanager
@@ -248,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--fp8_base", action="store_true", help="weights stored as float8_e4m3fn (FLUX)")
     parser.add_argument("--blocks_to_swap", type=int, default=0, help="FLUX blocks streamed from the CPU")
+    parser.add_argument("--base_quant", choices=("fp8", "fp8_scaled", "int8", "nf4"), default=None,
+                        help="frozen weights quantized (docs/memory.md)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block of the denoiser")
+    parser.add_argument("--vram_budget", default=None, help="the planner fits the run into this (12GB, auto)")
     parser.add_argument("--flux_blocks", default=None,
                         help="double,single blocks of the real-size FLUX transformer (default 19,38 = FLUX.1)")
     parser.add_argument("--steps", type=int, default=20)
@@ -266,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, AssertionError):
         parser.error(f"--flux_blocks {args.flux_blocks}: expected two positive numbers, double,single (e.g. 19,38)")
     options = BenchOptions(args.resolution, args.batch, args.rank, args.precision, args.gradient_checkpointing, args.steps,
-                           args.fp8_base, args.blocks_to_swap, not args.no_text_cache)
+                           args.fp8_base, args.blocks_to_swap, not args.no_text_cache, args.base_quant, args.compile,
+                           args.vram_budget)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: expected 1 or more")
     if args.sync_debug and not torch.cuda.is_available():
@@ -281,10 +316,17 @@ def main(argv: list[str] | None = None) -> int:
 def format_table(result: BenchResult) -> str:
     header = (f"{'model':11} {'device':6} {'reso':>5} {'batch':>5} {'bare s/step':>12} {'trainer s/step':>15} {'ratio':>6} "
               f"{'first step s':>12} {'train peak GiB':>14}")
+    options = " ".join(o for o in (f"--base_quant {result.base_quant}" if result.base_quant else "",
+                                   "--compile" if result.compile else "",
+                                   f"--vram_budget {result.vram_budget} (chose {result.chosen})" if result.vram_budget else "") if o)
     row = (f"{result.family + '/' + result.size:11} {result.device:6} {result.resolution:5} {result.batch:5} "
            f"{result.bare_step_s:12.4f} {result.trainer_step_s:15.4f} {result.ratio:6.3f} {result.time_to_first_step_s:12.1f} "
            f"{result.trainer_peak_memory_gib:14.2f}")
     starts = ([f"process start to the end of the first step: {result.process_start_to_first_step_s:.1f} s "
                "(interpreter and imports included)"] if result.process_start_to_first_step_s is not None else [])
     pairs = [f"ratio per trainer/bare pair, in run order: {', '.join(f'{r:.3f}' for r in result.pair_ratios)}"]
-    return "\n".join([header, row, *starts, *(pairs if len(result.pair_ratios) > 1 else []), *(f"note: {note}" for note in result.notes)])
+    options_line = [f"options: {options}"] if options else []
+    options_line.append(f"peak memory: {result.trainer_peak_memory_gib:.2f} GiB "
+                        f"{'device (allocated)' if result.device == 'cuda' else 'RSS'} in the trainer's run, "
+                        f"{result.host_peak_gib:.2f} GiB host RAM (the process's peak)")
+    return "\n".join([header, row, *options_line, *starts, *(pairs if len(result.pair_ratios) > 1 else []), *(f"note: {note}" for note in result.notes)])

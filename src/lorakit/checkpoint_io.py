@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from lorakit.atomic import staged_file, staged_folder
 from lorakit.errors import CheckpointError
+from lorakit.quantized_files import fold_fp8_scales, is_gguf, read_gguf
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -54,6 +55,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
         raise CheckpointError(f"{file}: file not found")
     if file.is_dir():
         raise CheckpointError(f"{file}: is a folder, expected a .safetensors or .ckpt file")
+    if is_gguf(file):  # a community-quantized file, dequantized as it is read (quantized_files.py)
+        return LoadedCheckpoint(str(file), *read_gguf(file))
     if _looks_like_safetensors(file):
         return _read_safetensors(file)
     return _read_pickled(file)
@@ -98,7 +101,7 @@ def _read_safetensors(file: Path) -> LoadedCheckpoint:
         raise CheckpointError(
             f"{file}: not a readable safetensors file, it may be truncated or corrupt ({first_line(exc)})"
         ) from None
-    return LoadedCheckpoint(str(file), state_dict, metadata)
+    return LoadedCheckpoint(str(file), fold_fp8_scales(state_dict), metadata)
 
 
 def _read_pickled(file: Path) -> LoadedCheckpoint:

@@ -79,6 +79,9 @@ def write_merged_weight(layer: nn.Module, merged: torch.Tensor) -> None:
     if is_fused_view(layer):
         layer.add_to_parts(merged.float() - layer.weight.float())
         return
+    if hasattr(layer, "store_weight"):  # a quantized layer (--base_quant): it holds W' dequantized from then on
+        layer.store_weight(merged)
+        return
     weight = layer.weight
     weight.copy_(merged.to(device=weight.device, dtype=weight.dtype))
 

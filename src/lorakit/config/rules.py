@@ -12,7 +12,7 @@ Errors:
   * pretrained_model_name_or_path, a data source, resolution (without dataset_config), output_dir are required
   * network_train_unet_only excludes network_train_text_encoder_only
   * full_fp16 needs mixed_precision fp16; full_bf16 needs bf16; not both
-  * fp8_base / fp8_base_unet need mixed precision
+  * fp8_base / fp8_base_unet need mixed precision; base_quant other than fp8 excludes them
   * v_pred_like_loss excludes v_parameterization; scale_v_pred_loss_like_noise_pred needs it
   * adaptive_noise_scale needs noise_offset
   * cache_latents (or _to_disk) excludes color_aug and random_crop
@@ -162,6 +162,14 @@ def _fp8_needs_mixed_precision(c: TrainConfig) -> str | None:
     if (c.fp8_base or c.fp8_base_unet) and c.mixed_precision == "no":
         flag = "--fp8_base" if c.fp8_base else "--fp8_base_unet"
         return f"{flag} requires --mixed_precision fp16 or bf16"
+    return None
+
+
+@_error("base_quant", "fp8_base", "fp8_base_unet")
+def _one_base_quantization(c: TrainConfig) -> str | None:
+    if c.base_quant not in (None, "fp8") and (c.fp8_base or c.fp8_base_unet):
+        flag = "--fp8_base" if c.fp8_base else "--fp8_base_unet"
+        return f"--base_quant {c.base_quant} and {flag} exclude each other ({flag} is --base_quant fp8)"
     return None
 
 

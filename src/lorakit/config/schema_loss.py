@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lorakit.config.schema_data import OptionSection
-from lorakit.config.types import HuberSchedule, LossType, ModelPredictionType, TimestepSampling, WeightingScheme
+from lorakit.config.types import BaseQuant, HuberSchedule, LossType, ModelPredictionType, TimestepSampling, WeightingScheme
 
 
 class NoiseLossOptions(OptionSection):
@@ -55,3 +55,19 @@ class MemoryOptions(OptionSection):
 
     blocks_to_swap: int | None = Field(None, ge=0, description="[DiT] transformer blocks kept on the CPU")
     cpu_offload_checkpointing: bool = Field(False, description="[DiT] offload checkpointed activations")
+    base_quant: BaseQuant | None = Field(None, description="frozen base weights quantized: fp8 (= --fp8_base), fp8_scaled, "
+                                         "int8 or nf4 (docs/memory.md)")
+    compile: bool = Field(False, description="torch.compile each block of the denoiser (--torch_compile: the whole denoiser)")
+    vram_budget: str | None = Field(None, description="device memory to fit the run in (12GB, 8GiB, auto): the planner "
+                                    "picks block swap, gradient checkpointing and --base_quant")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fp8_is_a_base_quant(cls, data: Any) -> Any:
+        # --base_quant fp8 is --fp8_base: the families store float8 as they load, as they always did
+        if isinstance(data, dict):
+            if data.get("base_quant") == "fp8" and not data.get("fp8_base_unet"):
+                data = {**data, "fp8_base": True}
+            elif data.get("base_quant") is None and (data.get("fp8_base") or data.get("fp8_base_unet")):
+                data = {**data, "base_quant": "fp8"}
+        return data

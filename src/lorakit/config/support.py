@@ -175,6 +175,9 @@ IMPLEMENTED: frozenset[str] = frozenset(
         # flow-matching models, fp8 and block swap (objectives/flow.py, families/common/)
         "fp8_base", "fp8_base_unet", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "timestep_sampling",
         "sigmoid_scale", "discrete_flow_shift", "model_prediction_type", "blocks_to_swap", "cpu_offload_checkpointing",
+        # quantized frozen weights, compiled blocks and the memory planner (families/common/quant.py, training/memory_plan.py)
+        "base_quant", "compile", "vram_budget", "torch_compile", "dynamo_backend", "dynamo_mode", "dynamo_fullgraph",
+        "dynamo_dynamic",
         "save_format",
         # several processes (training/distributed.py)
         "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph",

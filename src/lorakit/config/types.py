@@ -12,6 +12,7 @@ import re
 from typing import Any, Literal
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
+BaseQuant = Literal["fp8", "fp8_scaled", "int8", "nf4"]
 SavePrecision = Literal["float", "fp16", "bf16"]
 SaveModelAs = Literal["safetensors", "ckpt", "pt", "diffusers", "diffusers_safetensors"]
 LossType = Literal["l1", "l2", "huber", "smooth_l1"]

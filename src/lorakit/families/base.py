@@ -200,6 +200,12 @@ class ModelFamily:
     oft_network_modules: ClassVar[tuple[str, ...]] = ()  # OFT modules rotating each fused part on its own
     bucket_step: ClassVar[int] = 64  # --bucket_reso_steps must be a multiple of this
     takes_v2: ClassVar[bool] = False  # --v2 (an SD 2.x model) applies
+    # positions in `Components.text_encoders` of the encoders large enough for --base_quant to quantize besides the
+    # denoiser (T5-XXL, the LLM encoders); the CLIPs stay as they are
+    large_text_encoders: ClassVar[tuple[int, ...]] = ()
+    # the memory planner's activation rule (training/memory_plan.py): elements saved per latent pixel and per square
+    # root of the denoiser's parameter count, at batch 1 without checkpointing
+    activation_factor: ClassVar[float] = 16.0
     reads_caption_weights: ClassVar[bool] = False  # --weighted_captions applies (CLIP prompts, clip_prompts.py)
     block_layout: ClassVar["BlockLayout | None"] = None  # block-wise ranks, LR weights, LBW; None: no blocks
     all_layers_args: ClassVar[Mapping[str, str]] = {}  # --network_args listing every layer a LoRA file may name
@@ -365,6 +371,27 @@ class ModelFamily:
 
     def prepare_block_swap(self, comps: Components, cfg: Any, device: torch.device) -> None:
         """--blocks_to_swap: keep the swapped blocks on the CPU and stream them in (families without it: nothing)."""
+
+    def denoiser_blocks(self, comps: Components) -> list[list[nn.Module]]:
+        """The denoiser's blocks, list by list (what `--compile` compiles one by one). The default takes every
+        `nn.ModuleList` child of the denoiser named `*blocks` or `*layers` (diffusers' transformer and U-Net lists)
+        and a middle block."""
+        lists: list[list[nn.Module]] = []
+        for name, child in comps.denoiser.named_children():
+            if isinstance(child, nn.ModuleList) and name.endswith(("blocks", "layers")):
+                lists.append(list(child))
+            elif name in ("mid_block", "middle_block") and child is not None:
+                lists.append([child])
+        return lists
+
+    def memory_facts(self, cfg: Any) -> Any:
+        """What the memory planner reads about the run's model (`families/common/memory_facts.MemoryFacts`): its
+        parts' parameter counts and the denoiser's blocks, from the files' headers (nothing loaded). The default
+        reads `--pretrained_model_name_or_path` (a single file or a diffusers folder) and the `part_files`."""
+        from lorakit.families.common.memory_facts import header_facts
+
+        parts = {option: getattr(cfg, option) for option in self.part_files if getattr(cfg, option, None)}
+        return header_facts(cfg.pretrained_model_name_or_path, parts)
 
     def text_encoder_lr_groups(self, cfg: Any) -> dict[str, float | None] | None:
         """kohya prefix -> LR from --text_encoder_lr's values, for several encoders (None: one LR for all)."""

@@ -29,6 +29,7 @@ from lorakit.families.registry import all_families, resolve_family
 from lorakit.training import distributed
 from lorakit.training.destination import destination_problems
 from lorakit.training.hub import download_hub_state, hub_problems
+from lorakit.training.memory_plan import plan_memory
 from lorakit.training.network_files import base_weight_problems, sized_spec
 from lorakit.training.plan import TrainingPlan, format_plan, initial_step_problem, make_plan
 from lorakit.training.resume_options import resume_changes
@@ -61,8 +62,10 @@ def check_run(cfg: Any, option_problems: list[str] | tuple[str, ...] = (), kind:
         problems += kind.option_problems(cfg, family)
     seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**31 - 1)
     dataset = _dataset(cfg, seed, problems, family, kind)
+    # before the text cache is planned: a --vram_budget sets the memory options the run then uses
+    memory = plan_memory(cfg, family, dataset, problems) if family is not None and dataset is not None else []
     text_cache = _text_cache(cfg, family, spec, dataset, problems)
-    plan = _plan(cfg, family, dataset, text_cache)
+    plan = _plan(cfg, family, dataset, text_cache, memory)
     problems += optimizer_problems(cfg, plan.max_train_steps if plan else 1)
     found = hub_problems(cfg)
     if not found:
@@ -157,7 +160,7 @@ def _text_cache(cfg: Any, family: Any, spec: Any, dataset: Any, problems: list[s
         return None
 
 
-def _plan(cfg: Any, family: Any, dataset: Any, text_cache: CaptionCache | None) -> TrainingPlan | None:
+def _plan(cfg: Any, family: Any, dataset: Any, text_cache: CaptionCache | None, memory: list[str]) -> TrainingPlan | None:
     """The run's length (printed on the main process), once the family and the dataset are known."""
     if family is None or dataset is None:
         return None
@@ -166,7 +169,8 @@ def _plan(cfg: Any, family: Any, dataset: Any, text_cache: CaptionCache | None) 
     if distributed.rank_from_env() == 0:
         batch = distributed.effective_batch_message(dataset, plan.num_processes, cfg.gradient_accumulation_steps)
         text = "\n" + text_cache.describe() if text_cache is not None else ""
-        print(format_plan(cfg, plan, format_summary(dataset.summary())) + text + "\n" + batch, flush=True)
+        print(format_plan(cfg, plan, format_summary(dataset.summary())) + text + "\n" + batch
+              + "".join("\n" + line for line in memory), flush=True)
     return distributed.per_process_plan(plan)  # resume positions count this process's batches
 
 

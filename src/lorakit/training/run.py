@@ -21,6 +21,7 @@ from lorakit.training.locks import hold_output
 from lorakit.training.network_trainable import NETWORK
 from lorakit.training.loop import Trainer
 from lorakit.training.plan import TrainingPlan
+from lorakit.training.memory_plan import measured_line
 from lorakit.training.preflight import check_run
 from lorakit.training.session import Session, TrainResult
 from lorakit.training.setup import setup_session
@@ -79,4 +80,9 @@ def make_accelerator(cfg: Any) -> Accelerator:
 
 
 def _run(session: Session, dataset: Any, plan: TrainingPlan, seed: int) -> TrainResult:
-    return Trainer(session, dataset, plan, seed).run()
+    result = Trainer(session, dataset, plan, seed).run()
+    compiled = session.comps.extras.get("compiled")
+    if compiled is not None:
+        log.info(compiled.report())
+    log.info(measured_line(session.accelerator.device))  # beside the plan's "memory (estimate)" line
+    return result

@@ -20,6 +20,7 @@ from lorakit.families.base import ModelFamily
 from lorakit.families.common.transformer_family import SWAP_TRAINED
 from lorakit.precision import WEIGHT_DTYPES
 from lorakit.training import distributed
+from lorakit.training.compiled import compile_blocks
 from lorakit.training.network_files import merge_base_weights
 from lorakit.training.network_trainable import NETWORK
 from lorakit.training.session import Session
@@ -40,6 +41,7 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     device = accelerator.device
     swap_blocks = family.swaps_blocks(cfg)
     trained = kind.trained_modules(cfg, family, comps, spec)
+    quantize_frozen(cfg, family, comps, trained)
     for module in [comps.denoiser, comps.vae, *comps.text_encoders]:
         module.requires_grad_(False)
         module.eval()
@@ -61,11 +63,31 @@ def setup_session(cfg: Any, family: ModelFamily, accelerator: Accelerator, spec:
     trainable = kind.build(cfg, spec, family, comps, device)
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(comps, trainable.trains_text_encoders)
-    if cfg.torch_compile:
-        compile_denoiser(cfg, comps.denoiser)
     _full_precision(cfg, trainable.module, accelerator)
+    # after the adapters attach: traced with them. --compile compiles block by block (one graph per block's code,
+    # outside block swap's hooks); --torch_compile alone compiles the whole denoiser, as sd-scripts does
+    comps.extras["compiled"] = compile_blocks(cfg, family, comps)
+    if cfg.torch_compile and comps.extras["compiled"] is None:
+        compile_denoiser(cfg, comps.denoiser)
     comps.denoiser.train()
     return Session(cfg, family, comps, trainable, family.objective(cfg, comps), accelerator, weight_dtype)
+
+
+def quantize_frozen(cfg: Any, family: ModelFamily, comps: Any, trained: list[torch.nn.Module] = ()) -> int:
+    """--base_quant: the denoiser's and the large text encoders' linears and convolutions stored quantized, before
+    they are placed (so they travel to the device small); `trained` modules (a fine-tune's) keep their weights.
+    `fp8` is `--fp8_base`, which the families apply as they load (a family that stores no float8 itself gets it
+    here). Returns how many layers were quantized here."""
+    from lorakit.families.common.quant import holds_fp8, quantize
+
+    mode = getattr(cfg, "base_quant", None)
+    if mode is None or mode == "fp8" and (holds_fp8(comps.denoiser) or cfg.fp8_base_unet):
+        return 0
+    encoders = [comps.text_encoders[i] for i in family.large_text_encoders if i < len(comps.text_encoders)]
+    frozen = [part for part in [comps.denoiser, *encoders] if part is not None and not any(part is t for t in trained)]
+    layers = sum(quantize(part, mode) for part in frozen)
+    log.info("--base_quant %s: %d layers store quantized weights", mode, layers)
+    return layers
 
 
 def compile_denoiser(cfg: Any, denoiser: torch.nn.Module) -> None:

@@ -83,6 +83,7 @@ class ChromaFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
     name = "chroma"
     title = "Chroma"
+    large_text_encoders = (0,)  # what --base_quant quantizes besides the denoiser
     default_network_module = "networks.lora_flux"  # sd-scripts trains Chroma with FLUX's LoRA module
     lora_network_modules = ("networks.lora_flux",)
     oft_network_modules = ("networks.oft_flux",)

@@ -7,10 +7,18 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from lorakit.quantized_files import gguf_tensor_names, is_gguf
+
 
 def safetensors_keys(path: str | Path) -> list[str] | None:
-    """The tensor names of a `.safetensors` file from its header (None for other files or an unreadable one)."""
+    """The tensor names of a `.safetensors` file from its header, or of a GGUF file from its tensor list (None for
+    other files or an unreadable one)."""
     source = Path(path)
+    if source.is_file() and is_gguf(source):
+        try:
+            return list(gguf_tensor_names(source))
+        except (ImportError, OSError, ValueError):
+            return None
     if not source.is_file() or source.suffix.lower() != ".safetensors":
         return None
     try:

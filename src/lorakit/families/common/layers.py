@@ -81,6 +81,9 @@ class FusedLinearView(nn.Linear):
         """Merge a fused ΔW into the parts' weights, each taking its rows."""
         for part, rows in zip(self.parts, self.slices):
             weight = part.weight
+            if hasattr(part, "store_weight"):  # a quantized part (--base_quant) holds W' dequantized
+                part.store_weight(weight.float() + delta_weight[rows].to(weight.device).float())
+                continue
             weight.copy_((weight.float() + delta_weight[rows].to(weight.device).float()).to(weight.dtype))
 
 

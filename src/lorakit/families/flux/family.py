@@ -84,6 +84,7 @@ class FluxFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
     name = "flux"
     title = "FLUX.1"
+    large_text_encoders = (1,)  # what --base_quant quantizes besides the denoiser
     trains_whole_model = True
     default_network_module = "networks.lora_flux"
     lora_network_modules = ("networks.lora_flux",)

@@ -38,6 +38,7 @@ from lorakit.families.common.bfl_parts import (
     load_t5_file,
     shared_config,
 )
+from lorakit.families.common.headers import safetensors_keys
 from lorakit.families.common.module_io import (
     assign_weights,
     embedded_config,
@@ -241,14 +242,8 @@ def is_flux_source(path: str) -> bool:
             if file.is_file() and wanted.fullmatch(str(read_json(file).get("_class_name", ""))):
                 return True
         return False
-    if not source.is_file() or source.suffix.lower() != ".safetensors":
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(source), framework="pt") as handle:
-            keys = list(handle.keys())
-    except Exception:  # an unreadable file is reported by the family that loads it
+    keys = safetensors_keys(source)  # a GGUF file's tensor names too
+    if keys is None:  # not a weights file, or an unreadable one: reported by the family that loads it
         return False
     if bfl_keys.is_bfl_transformer(dict.fromkeys(keys)):
         return bfl_keys.has_key(keys, "vector_in.in_layer.weight")

@@ -81,6 +81,7 @@ class Flux2Family(BlockSwapFamily, ModelFamily):
 
     name = "flux2"
     title = "FLUX.2 [klein]"
+    large_text_encoders = (0,)  # what --base_quant quantizes besides the denoiser
     default_network_module = "networks.lora_flux_2"  # musubi-tuner's module for FLUX.2
     lora_network_modules = ("networks.lora_flux_2",)
     bucket_step = 64

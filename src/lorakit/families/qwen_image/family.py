@@ -59,6 +59,7 @@ class QwenImageFamily(LanguageModelConditioned, BlockSwapFamily, ModelFamily):
     encoder_title = "Qwen2.5-VL"
     name = "qwen_image"
     title = "Qwen-Image"
+    large_text_encoders = (0,)  # what --base_quant quantizes besides the denoiser
     default_network_module = "networks.lora_qwen_image"
     lora_network_modules = ("networks.lora_qwen_image",)
     bucket_step = 16  # 8× VAE, then 2×2 patches

@@ -77,6 +77,7 @@ class StableDiffusion3Family(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
     name = "sd3"
     title = "SD3"
+    large_text_encoders = (2,)  # what --base_quant quantizes besides the denoiser
     trains_whole_model = True
     default_network_module = "networks.lora_sd3"
     lora_network_modules = ("networks.lora_sd3",)

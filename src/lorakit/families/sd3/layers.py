@@ -53,5 +53,10 @@ class SwappedRowsView(nn.Linear):
     @torch.no_grad()
     def add_to_parts(self, delta_weight: torch.Tensor) -> None:
         """Merge a ΔW given in the view's (SAI) row order into the diffusers weight."""
-        weight = self.parts[0].weight
-        weight.copy_((weight.float() + swap_halves(delta_weight).to(weight.device).float()).to(weight.dtype))
+        part = self.parts[0]
+        weight = part.weight
+        merged = weight.float() + swap_halves(delta_weight).to(weight.device).float()
+        if hasattr(part, "store_weight"):  # a quantized part (--base_quant) holds W' dequantized
+            part.store_weight(merged)
+            return
+        weight.copy_(merged.to(weight.dtype))

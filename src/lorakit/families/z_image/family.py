@@ -60,6 +60,7 @@ class ZImageFamily(LanguageModelConditioned, ShiftScaleLatents, BlockSwapFamily,
     swap_blocks_attribute = "layers"
     name = "z_image"
     title = "Z-Image"
+    large_text_encoders = (0,)  # what --base_quant quantizes besides the denoiser
     default_network_module = "networks.lora_zimage"
     lora_network_modules = ("networks.lora_zimage",)
     bucket_step = 16  # 8× autoencoder, then 2×2 patches
