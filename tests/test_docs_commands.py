@@ -43,7 +43,7 @@ TRAINING = ("train", "finetune", "dreambooth", "controlnet", "textual-inversion"
 #: command lines per doc (a new line must be added here: run it, or leave it to the parse check)
 COUNTS = {
     "README.md": 4, "docs/controlnet.md": 3, "docs/datasets.md": 12, "docs/families-qwen-zimage.md": 3,
-    "docs/families.md": 11, "docs/finetune.md": 5, "docs/flux.md": 1, "docs/generate.md": 12, "docs/models.md": 14,
+    "docs/families.md": 11, "docs/finetune.md": 5, "docs/flux.md": 1, "docs/generate.md": 12, "docs/memory.md": 12, "docs/models.md": 14,
     "docs/multi_gpu.md": 4, "docs/optimizers.md": 2, "docs/sample.md": 5, "docs/sd3.md": 2, "docs/sdxl.md": 2,
     "docs/textual_inversion.md": 1, "docs/tools.md": 25, "docs/training.md": 3,
 }
@@ -107,6 +107,8 @@ RUN: dict[tuple[str, int], dict[str, str]] = {
     ("docs/tools.md", 23): {"model.safetensors": SD1, "lora.safetensors": LORA},
     ("docs/tools.md", 24): {"model.safetensors": SD1, "lora.safetensors": LORA},
     ("docs/training.md", 2): {"model.safetensors": SD1, "train": "images10"},
+    ("docs/memory.md", 6): {"model.safetensors": SD1, **TRAIN_IMAGES},  # --vram_budget 12GB --dry_run
+    ("docs/memory.md", 7): {"model.safetensors": SD1, **TRAIN_IMAGES},  # --vram_budget 12GB
 }
 
 #: runs that must stop with this message (here, without the package the doc says the line needs)
@@ -118,6 +120,9 @@ HUB = "needs a tagger or captioning model from the model hub"
 CONTROLNET_FILES = "ControlNet files made by the ControlNet trainer's save code: the runs are test_generate_controlnet.py's"
 PROCESSES = "the same run as line 0 once the launcher is dropped; several processes: tests/test_distributed.py"
 UPLOAD = "uploads to the model hub (unreachable here): tests/test_hub.py"
+COMPILE = "compiling takes minutes on a CPU: test_compile.py compares compiled and eager losses on tiny models"
+BUDGET = "the budget of the GPU the run is on (auto needs a GPU): test_memory_plan.py"
+REAL_SIZE = "a benchmark of a real-size model (many GiB): test_bench.py runs a tiny one"
 #: (doc, index) -> why the line is parsed rather than run
 PARSED_ONLY: dict[tuple[str, int], str] = {
     ("docs/controlnet.md", 1): FAMILY.format("SDXL", "test_controlnet.py"),
@@ -173,6 +178,13 @@ PARSED_ONLY: dict[tuple[str, int], str] = {
     ("docs/tools.md", 16): FAMILY.format("SD3", "test_tools_families.py"),
     ("docs/tools.md", 17): FAMILY.format("FLUX.1", "test_model_convert.py"),
     ("docs/training.md", 0): UPLOAD, ("docs/training.md", 1): UPLOAD,
+    ("docs/memory.md", 0): FAMILY.format("FLUX.1", "test_base_quant.py"),
+    ("docs/memory.md", 1): FAMILY.format("FLUX.1", "test_base_quant.py"),
+    ("docs/memory.md", 2): FAMILY.format("FLUX.1", "test_base_quant.py"),
+    ("docs/memory.md", 3): FAMILY.format("FLUX.1", "test_base_quant.py"),
+    ("docs/memory.md", 4): COMPILE, ("docs/memory.md", 5): COMPILE,
+    ("docs/memory.md", 8): BUDGET,
+    ("docs/memory.md", 9): REAL_SIZE, ("docs/memory.md", 10): REAL_SIZE, ("docs/memory.md", 11): REAL_SIZE,
 }
 
 #: what a run's file must hold where the doc promises it: (doc, index) -> (file pattern, key prefix)
@@ -267,11 +279,28 @@ OPTION_ERRORS = ("unrecognized arguments", "invalid choice", "the following argu
 def test_tool_lines_parse(doc, index, words, tmp_path, monkeypatch, capsys):
     """Run where none of the files exist: the options pass their checks and the error names a missing file."""
     monkeypatch.chdir(tmp_path)
+    if words[0] == "bench":  # it builds its models from shapes: no file to miss, so stop it once its options pass
+        _bench_options_pass(words[1:], monkeypatch)
+        return
     assert main(words) == 2
     error = capsys.readouterr().err
     assert not any(text in error for text in OPTION_ERRORS), error
     named = [w for w in words[1:] if not w.startswith("-") and len(w) > 2 and w.rstrip("/") in error]
     assert named, error
+
+
+def _bench_options_pass(argv: list[str], monkeypatch) -> None:
+    import lorakit.bench
+
+    class OptionsPassed(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise OptionsPassed
+
+    monkeypatch.setattr(lorakit.bench, "run", stop)
+    with pytest.raises(OptionsPassed):
+        lorakit.bench.main(argv)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -409,7 +438,7 @@ def test_doc_line_runs(doc, index, tmp_path, monkeypatch, capsys):
         return
     status = main(argv)
     assert status == 0, capsys.readouterr().err
-    if "inspect" not in words[:2]:  # every other command writes its result
+    if "inspect" not in words[:2] and "--dry_run" not in words:  # every other command writes its result
         assert set(cwd.parent.rglob("*")) - before, f"{doc} line {index} wrote nothing"
     if (doc, index) in EXPECTED_KEYS:
         from safetensors import safe_open
