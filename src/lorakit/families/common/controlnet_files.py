@@ -12,6 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from lorakit.atomic import staged_folder
+from lorakit.errors import CheckpointError
 from lorakit.families.common.headers import class_name, safetensors_keys
 
 #: key fragments that tell the ControlNet files lorakit and sd-scripts write apart -> what the file is
@@ -63,3 +68,45 @@ def diffusers_control_inputs(image_key: str, images: list[list[Any]], multiplier
         return {image_key: images[0], "controlnet_conditioning_scale": multipliers[0], "control_guidance_end": ends[0]}
     nested = [list(of_image) for of_image in zip(*images)] if per_image else images
     return {image_key: nested, "controlnet_conditioning_scale": multipliers, "control_guidance_end": ends}
+
+
+class DiffusersControlNet:
+    """What the ControlNets built on diffusers' ControlNet classes share (SD 1.x/2.x, FLUX.1): the option checks
+    every one makes, the folder written beside the file, and how a module is placed to train or to generate."""
+
+    def option_problems(self, cfg: Any) -> list[str]:
+        problems = []
+        if cfg.lllite:
+            problems.append("--lllite: ControlNet-LLLite is for SDXL models; this model takes a ControlNet")
+        source = cfg.controlnet_model_name_or_path
+        if source and not Path(source).exists():
+            problems.append(f"--controlnet_model_name_or_path {source} does not exist")
+        return problems
+
+    def save_folder(self, module: nn.Module, folder: Path) -> bool:
+        with staged_folder(folder) as staging:
+            module.save_pretrained(staging, safe_serialization=True)
+        return True
+
+
+def _placed(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    # a cast only where needed: diffusers warns about every `.to(dtype)`
+    return module.to(device) if module.dtype == dtype else module.to(device=device, dtype=dtype)
+
+
+def place_for_training(module: nn.Module, comps: Any, device: torch.device) -> nn.Module:
+    """The trained ControlNet: float32 weights on `device`, attached to the model's parts for its forward."""
+    module = _placed(module, device, torch.float32)
+    module.requires_grad_(True)
+    comps.extras["controlnet"] = module
+    return module
+
+
+def place_for_generation(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    return _placed(module, device, dtype).eval().requires_grad_(False)
+
+
+def misfit_error(path: str, exc: Exception) -> CheckpointError:
+    """A ControlNet file whose weights do not fit the model's ControlNet, named with the first of the reasons."""
+    return CheckpointError(f"{path} does not fit this model's ControlNet (different layers or sizes): "
+                           f"{' '.join(str(exc).split())[:300]}")

@@ -24,10 +24,15 @@ import torch
 from torch import nn
 
 from lorakit.adapters.formats import load_lora_file, save_lora_file
-from lorakit.atomic import staged_folder
-from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
-from lorakit.families.common.controlnet_files import controlnet_file_problems, diffusers_control_inputs
+from lorakit.families.common.controlnet_files import (
+    DiffusersControlNet,
+    controlnet_file_problems,
+    diffusers_control_inputs,
+    misfit_error,
+    place_for_generation,
+    place_for_training,
+)
 from lorakit.families.flux.bfl_keys import bfl_to_diffusers, diffusers_to_bfl
 
 HINT_CHANNELS = 16  # the hint encoder's output: 16 channels, packed 2x2 into the transformer's 64 inputs
@@ -87,7 +92,7 @@ def new_controlnet(transformer: nn.Module, double_blocks: int, single_blocks: in
     return module
 
 
-class FluxControlNet:
+class FluxControlNet(DiffusersControlNet):
     """The FLUX.1 ControlNet as `lorakit controlnet` trains it."""
 
     title = "ControlNet"
@@ -97,12 +102,7 @@ class FluxControlNet:
         self.base_pipeline = base_pipeline
 
     def option_problems(self, cfg: Any) -> list[str]:
-        problems = []
-        if cfg.lllite:
-            problems.append("--lllite: ControlNet-LLLite is for SDXL models; this model takes a ControlNet")
-        source = cfg.controlnet_model_name_or_path
-        if source and not Path(source).exists():
-            problems.append(f"--controlnet_model_name_or_path {source} does not exist")
+        problems = super().option_problems(cfg)
         if cfg.controlnet_double_blocks + cfg.controlnet_single_blocks == 0:
             problems.append("--controlnet_double_blocks and --controlnet_single_blocks are both 0: the ControlNet "
                             "would have no block")
@@ -121,20 +121,12 @@ class FluxControlNet:
             module = new_controlnet(transformer, double, single)
             if source:
                 module.load_state_dict(controlnet_from_file(load_lora_file(source)[0], source))
-        module = module.to(device) if module.dtype == torch.float32 else module.to(device=device, dtype=torch.float32)
-        module.requires_grad_(True)
-        comps.extras["controlnet"] = module
-        return module
+        return place_for_training(module, comps, device)
 
     def save(self, module: nn.Module, path: Path, metadata: dict[str, str], save_dtype: torch.dtype | None,
              model_format: str) -> None:
         save_lora_file(controlnet_to_file(module.state_dict()), path, metadata, save_dtype=save_dtype,
                        model_format=model_format)
-
-    def save_folder(self, module: nn.Module, folder: Path) -> bool:
-        with staged_folder(folder) as staging:
-            module.save_pretrained(staging, safe_serialization=True)
-        return True
 
     def pipeline(self, comps: Components, module: nn.Module | list[nn.Module], sampler: str | None,
                  task: str = "text") -> Any:
@@ -174,11 +166,8 @@ class FluxControlNet:
             try:
                 module.load_state_dict(state)
             except RuntimeError as exc:
-                raise CheckpointError(f"{path} does not fit this model's ControlNet (different layers or sizes): "
-                                      f"{' '.join(str(exc).split())[:300]}") from None
-        # a cast only where needed: diffusers warns about every `.to(dtype)`
-        module = module.to(device) if module.dtype == dtype else module.to(device=device, dtype=dtype)
-        return module.eval().requires_grad_(False)
+                raise misfit_error(path, exc) from None
+        return place_for_generation(module, device, dtype)
 
     def generation_inputs(self, task: str, images: list[list[Any]], multipliers: list[float], kept_steps: list[int],
                           denoising_steps: int) -> dict[str, Any]:

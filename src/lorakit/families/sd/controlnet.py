@@ -21,10 +21,15 @@ import torch
 from torch import nn
 
 from lorakit.adapters.formats import load_lora_file, save_lora_file
-from lorakit.atomic import staged_folder
-from lorakit.errors import CheckpointError
 from lorakit.families.base import Components
-from lorakit.families.common.controlnet_files import controlnet_file_problems, diffusers_control_inputs
+from lorakit.families.common.controlnet_files import (
+    DiffusersControlNet,
+    controlnet_file_problems,
+    diffusers_control_inputs,
+    misfit_error,
+    place_for_generation,
+    place_for_training,
+)
 from lorakit.families.common.ldm_keys import UNET_RESNET, UNET_TOP_LEVEL, _rename_inner, _rename_prefix, unet_block_prefixes
 
 def _extra_prefixes(config: dict[str, Any]) -> dict[str, str]:
@@ -62,20 +67,11 @@ def ldm_to_controlnet(state: dict[str, torch.Tensor], config: dict[str, Any]) ->
     return convert_controlnet_checkpoint(state, dict(config))
 
 
-class UNetControlNet:
+class UNetControlNet(DiffusersControlNet):
     """A diffusers ControlNetModel beside an SD 1.x/2.x U-Net."""
 
     title = "ControlNet"
     modelspec_kind = "controlnet"
-
-    def option_problems(self, cfg: Any) -> list[str]:
-        problems = []
-        if cfg.lllite:
-            problems.append("--lllite: ControlNet-LLLite is for SDXL models; this model takes a ControlNet")
-        source = cfg.controlnet_model_name_or_path
-        if source and not Path(source).exists():
-            problems.append(f"--controlnet_model_name_or_path {source} does not exist")
-        return problems
 
     def build(self, cfg: Any, comps: Components, device: torch.device) -> nn.Module:
         from diffusers import ControlNetModel
@@ -88,21 +84,12 @@ class UNetControlNet:
             if source:
                 state, _ = load_lora_file(source)
                 module.load_state_dict(ldm_to_controlnet(state, module.config))
-        # the trained weights are float32 (cast only when they are not: diffusers warns on every cast)
-        module = module.to(device) if module.dtype == torch.float32 else module.to(device=device, dtype=torch.float32)
-        module.requires_grad_(True)
-        comps.extras["controlnet"] = module
-        return module
+        return place_for_training(module, comps, device)
 
     def save(self, module: nn.Module, path: Path, metadata: dict[str, str], save_dtype: torch.dtype | None,
              model_format: str) -> None:
         state = controlnet_to_ldm(module.state_dict(), dict(module.config))
         save_lora_file(state, path, metadata, save_dtype=save_dtype, model_format=model_format)
-
-    def save_folder(self, module: nn.Module, folder: Path) -> bool:
-        with staged_folder(folder) as staging:
-            module.save_pretrained(staging, safe_serialization=True)
-        return True
 
     def pipeline(self, comps: Components, module: nn.Module | list[nn.Module], sampler: str | None,
                  task: str = "text") -> Any:
@@ -142,11 +129,8 @@ class UNetControlNet:
             try:
                 module.load_state_dict(ldm_to_controlnet(state, module.config))
             except (RuntimeError, KeyError, StopIteration) as exc:
-                raise CheckpointError(f"{path} does not fit this model's ControlNet (different layers or sizes): "
-                                      f"{' '.join(str(exc).split())[:300]}") from None
-        # a cast only where needed: diffusers warns about every `.to(dtype)`
-        module = module.to(device) if module.dtype == dtype else module.to(device=device, dtype=dtype)
-        return module.eval().requires_grad_(False)
+                raise misfit_error(path, exc) from None
+        return place_for_generation(module, device, dtype)
 
     def generation_inputs(self, task: str, images: list[list[Any]], multipliers: list[float], kept_steps: list[int],
                           denoising_steps: int) -> dict[str, Any]:
