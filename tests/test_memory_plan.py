@@ -129,3 +129,4 @@ def test_dry_run_prints_the_estimate_and_loads_nothing(flux, capsys):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert ESTIMATE.search(text) and "of which GiB: " in text
+    assert "network           networks.lora_flux dim=" in text, "the plan names the module the run builds"

@@ -33,12 +33,12 @@ def make_plan(cfg: Any, family: str, batches_per_epoch: int, num_processes: int 
     return TrainingPlan(family, batches_per_epoch, steps_per_epoch, max_steps, num_epochs, warmup, num_processes)
 
 
-def format_plan(cfg: Any, plan: TrainingPlan, dataset_text: str) -> str:
+def format_plan(cfg: Any, plan: TrainingPlan, dataset_text: str, network_module: str | None = None) -> str:
     lines = [
         "Training plan",
         f"  family            {plan.family}",
         f"  base model        {cfg.pretrained_model_name_or_path}",
-        _trains_line(cfg),
+        _trains_line(cfg, network_module or cfg.network_module),
         dataset_text.rstrip(),
         f"  batches per epoch {plan.batches_per_epoch}"
         + (f" (over {plan.num_processes} processes)" if plan.num_processes > 1 else ""),
@@ -51,12 +51,12 @@ def format_plan(cfg: Any, plan: TrainingPlan, dataset_text: str) -> str:
     return "\n".join(lines)
 
 
-def _trains_line(cfg: Any) -> str:
+def _trains_line(cfg: Any, network_module: str | None) -> str:
     """What the run trains: the adapter network, or the model's own weights (`lorakit finetune`)."""
     if getattr(cfg, "trains_model_weights", False):
         encoders = "and text encoder(s)" if cfg.trains_text_encoder else "only (text encoders frozen)"
         return f"  trains            the model's own weights: denoiser {encoders}"
-    return (f"  network           {cfg.network_module} dim={cfg.network_dim or 4} alpha={cfg.network_alpha}"
+    return (f"  network           {network_module} dim={cfg.network_dim or 4} alpha={cfg.network_alpha}"
             + (f" args={cfg.network_args}" if cfg.network_args else ""))
 
 

@@ -169,7 +169,8 @@ def _plan(cfg: Any, family: Any, dataset: Any, text_cache: CaptionCache | None, 
     if distributed.rank_from_env() == 0:
         batch = distributed.effective_batch_message(dataset, plan.num_processes, cfg.gradient_accumulation_steps)
         text = "\n" + text_cache.describe() if text_cache is not None else ""
-        print(format_plan(cfg, plan, format_summary(dataset.summary())) + text + "\n" + batch
+        module = family.network_module(cfg.network_module)  # the family's LoRA when left out or networks.lora
+        print(format_plan(cfg, plan, format_summary(dataset.summary()), module) + text + "\n" + batch
               + "".join("\n" + line for line in memory), flush=True)
     return distributed.per_process_plan(plan)  # resume positions count this process's batches
 
