@@ -4,6 +4,7 @@ examples (PIL images or paths, and captions) that lorakit's dataset buckets, cac
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -116,3 +117,17 @@ def test_other_data_options_are_ignored_with_a_warning():
     # without any data option the class alone is enough
     parse_train_args(["--pretrained_model_name_or_path=m.safetensors", "--dataset_class=my_data.Squares",
                       "--resolution=64", "--output_dir=out"])
+
+
+def test_a_dry_run_leaves_nothing_in_the_output_folder(module_dir, capsys):
+    (module_dir / "user_squares.py").write_text(GOOD_CLASS, encoding="utf-8")
+    save_sd_diffusers_folder(build_tiny_sd("sd1", seed=0), module_dir / "model")
+    out = module_dir / "out"
+    args = ["train", f"--pretrained_model_name_or_path={module_dir / 'model'}", "--dataset_class=user_squares.Squares",
+            "--resolution=64", f"--output_dir={out}", "--network_module=networks.lora", "--dry_run"]
+    assert main(args) == 0
+    plan = capsys.readouterr().out
+    assert "Images: 3 training" in plan
+    scratch = Path(re.search(r"(\S+lorakit-dataset-class-\S+)/user_squares\.Squares/metadata\.json", plan).group(1))
+    assert not (out / "dataset_class").exists()
+    assert scratch.is_dir(), "the scratch folder lives until the process ends (atexit removes it)"

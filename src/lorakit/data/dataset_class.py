@@ -21,9 +21,12 @@ checks and latent caches of an earlier start stay valid), and every example is l
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,8 +44,9 @@ PROGRESS_FROM = 100
 #: problems listed before the rest are only counted
 MAX_LISTED = 10
 
-#: (class name, folder) -> metadata file already written by this process (the data is planned more than once)
-_exported: dict[tuple[str, Path], Path] = {}
+#: (class name, folder; None for a dry run) -> metadata file already written by this process (the data is
+#: planned more than once)
+_exported: dict[tuple[str, Path | None], Path] = {}
 
 
 def dataset_class_metadata(cfg: Any) -> Path:
@@ -51,12 +55,20 @@ def dataset_class_metadata(cfg: Any) -> Path:
     if not getattr(cfg, "output_dir", None):
         raise ConfigError([f"--dataset_class {name}: give --output_dir; the class's pictures and the list of its "
                            "examples are written under it (dataset_class/)"])
-    folder = Path(cfg.output_dir).expanduser() / "dataset_class" / name
-    key = (name, folder.resolve())
+    dry_run = bool(getattr(cfg, "dry_run", False))
+    key = (name, None if dry_run else (Path(cfg.output_dir).expanduser() / "dataset_class").resolve())
     if key not in _exported:
         dataset = _instance(cfg, name)
-        _exported[key] = _export(dataset, name, folder)
+        _exported[key] = _export(dataset, name, (_scratch_folder() if dry_run else key[1]) / name)
     return _exported[key]
+
+
+def _scratch_folder() -> Path:
+    """Where a --dry_run writes the class's examples: a folder of its own, removed when the process ends (a dry
+    run leaves nothing behind in the output folder)."""
+    folder = Path(tempfile.mkdtemp(prefix="lorakit-dataset-class-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def _load_class(name: str) -> Any:
