@@ -306,3 +306,13 @@ def test_sd_family_checks_before_loading(sd1, data_dir, tmp_path, capsys):
     for expected in ("--block_lr is sdxl_train.py's", "--num_last_block_to_freeze is sd3_train.py's",
                      "--blocks_to_swap in a fine-tune needs", "--train_t5xxl: the SD 1.x/2.x family has no T5-XXL"):
         assert expected in err, expected
+
+
+def test_no_token_padding_is_accepted_with_a_warning_that_it_does_nothing():
+    from lorakit.config import parse_train_args
+
+    argv = ["--pretrained_model_name_or_path=m.safetensors", "--train_data_dir=d", "--output_dir=o", "--resolution=64"]
+    _, warnings = parse_train_args([*argv, "--no_token_padding"], command="dreambooth")
+    assert any(w.startswith("--no_token_padding has no effect") for w in warnings), warnings
+    _, warnings = parse_train_args(argv, command="dreambooth")
+    assert not any("no_token_padding" in w for w in warnings)

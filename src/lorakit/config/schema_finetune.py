@@ -28,7 +28,7 @@ class FinetuneOptions(OptionSection):
     learning_rate_te3: float | None = Field(None, ge=0, description="[SD3] LR of T5-XXL; 0 leaves it frozen")
     stop_text_encoder_training: int | None = Field(
         None, ge=-1, description="step after which the text encoder stops training; -1: never trains (DreamBooth)")
-    no_token_padding: bool = Field(False, description="[SD] captions padded to the longest of the batch, not to 77 tokens")
+    no_token_padding: bool = Field(False, description="[SD] train_db.py's; no effect there or here (a warning says so)")
     train_t5xxl: bool = Field(False, description="[SD3/FLUX] train T5-XXL too (with --train_text_encoder)")
     use_t5xxl_cache_only: bool = Field(False, description="[SD3] cache T5-XXL's outputs only; the CLIPs run every step")
     block_lr: str | None = Field(None, description="[SDXL] 23 comma-separated U-Net block learning rates (0 freezes a block)")

@@ -31,6 +31,8 @@ FALLBACKS: dict[str, str] = {
                            "as sd-scripts' train_network does (its Adafactor and accumulation checks still apply)",
     "controlnet_model_name_or_path": "--controlnet_model_name_or_path is read by ControlNet training only; LoRA "
                                      "training ignores it, as sd-scripts' train_network does",
+    "no_token_padding": "--no_token_padding has no effect: sd-scripts' train_db.py accepts it but no longer reads it "
+                        "(its dataset code for it is switched off); captions are padded to 77 tokens as there",
 }
 
 #: the commands that read an option FALLBACKS names as unread by LoRA training
@@ -202,7 +204,7 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "lllite", "cond_emb_dim",
         # whole-model training (training/finetune*.py, training/fused_step.py, training/ema.py)
         "train_text_encoder", "learning_rate_te", "learning_rate_te1", "learning_rate_te2",
-        "learning_rate_te3", "stop_text_encoder_training", "no_token_padding", "train_t5xxl", "use_t5xxl_cache_only",
+        "learning_rate_te3", "stop_text_encoder_training", "train_t5xxl", "use_t5xxl_cache_only",
         "block_lr", "num_last_block_to_freeze", "blockwise_fused_optimizers", "fused_optimizer_groups", "mem_eff_save",
         "diffusers_xformers", "skip_latents_validity_check",
         "ema_decay", "ema_update_every", "save_ema",
