@@ -328,6 +328,16 @@ class ModelFamily:
         """The base model alone (for sampling and the tools)."""
         raise NotImplementedError
 
+    def training_source(self, cfg: Any, text_cache: Any = None, **extra: Any) -> ModelSource:
+        """What a training run loads: the model and part files its options name, its load dtype and fp8 choice,
+        the text encoders only when some caption is not cached (`text_cache`)."""
+        from lorakit.precision import load_dtype
+
+        return ModelSource(
+            cfg.pretrained_model_name_or_path, {k: getattr(cfg, k) for k in self.part_files if getattr(cfg, k)},
+            load_dtype(cfg), fp8="denoiser" if cfg.fp8_base_unet else ("all" if cfg.fp8_base else None),
+            text_encoders=text_cache is None or text_cache.needs_encoders, **extra)
+
     def objective(self, cfg: Any, comps: Components) -> Any:
         """The noising rule and target (`lorakit.objectives`): `.noise(latents) -> NoisedBatch`."""
         raise NotImplementedError

@@ -63,7 +63,6 @@ from lorakit.objectives.flow import (
     apply_model_prediction_type,
     timesteps_to_sigmas,
 )
-from lorakit.precision import load_dtype
 from lorakit.transfer import to_device
 
 log = logging.getLogger("lorakit")
@@ -154,11 +153,7 @@ class ChromaFamily(ShiftScaleLatents, BlockSwapFamily, ModelFamily):
 
     def load(self, cfg: Any, spec: TargetSpec | None = None, text_cache: CaptionCache | None = None) -> Components:
         self.text_cache = run_text_cache(cfg, text_cache)
-        comps = self.load_model(ModelSource(
-            cfg.pretrained_model_name_or_path, {k: getattr(cfg, k) for k in self.part_files if getattr(cfg, k)},
-            load_dtype(cfg), fp8="denoiser" if cfg.fp8_base_unet else ("all" if cfg.fp8_base else None),
-            text_encoders=self.text_cache is None or self.text_cache.needs_encoders,
-        ))
+        comps = self.load_model(self.training_source(cfg, self.text_cache))
         # the tiny test tokenizer stops at 32
         default_length = min([T5_MAX_LENGTH, *(t.model_max_length for t in comps.tokenizers[:1])])
         comps.extras.update({

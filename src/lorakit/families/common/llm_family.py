@@ -12,7 +12,7 @@ from lorakit.errors import ConfigError
 from lorakit.families.base import Components, ModelSource
 from lorakit.families.common.layers import to_fp8
 from lorakit.families.common.packing import PATCH
-from lorakit.families.common.transformer_family import note_block_swap
+from lorakit.families.common.transformer_family import clip_length_warnings, flow_family_problems, note_block_swap
 from lorakit.objectives.flow import FlowObjective
 
 log = logging.getLogger("lorakit")
@@ -30,12 +30,10 @@ class LanguageModelConditioned:
         if spec is not None and spec.train_text_encoder and not spec.train_unet:
             problems.append(f"--network_train_text_encoder_only: {self.title} LoRAs train the transformer only (as "  # type: ignore[attr-defined]
                             f"musubi-tuner); {self.encoder_title} carries no adapter")
-        if cfg.loss_type in ("huber", "smooth_l1") and cfg.huber_schedule == "snr":
-            problems.append(f"--huber_schedule snr is not available for --family {self.name}; use constant or exponential")  # type: ignore[attr-defined]
-        return problems
+        return problems + flow_family_problems(self.name, cfg)  # type: ignore[attr-defined]
 
     def option_warnings(self, cfg: Any) -> list[str]:
-        notes = [f"--max_token_length is ignored for --family {self.name}"] if cfg.max_token_length is not None else []  # type: ignore[attr-defined]
+        notes = clip_length_warnings(self.name, cfg)  # type: ignore[attr-defined]
         if not cfg.network_train_unet_only:
             notes.append(f"{self.title} LoRAs train the transformer only (as musubi-tuner): {self.encoder_title} stays frozen")  # type: ignore[attr-defined]
         return notes

@@ -28,16 +28,25 @@ def t5_family_problems(family_name: str, cfg: Any, spec: Any) -> list[str]:
     if caches_text(cfg) and trains_t5(spec):
         problems.append("--network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
                         "cached outputs carry no gradients to T5's LoRA modules")
+    return problems + flow_family_problems(family_name, cfg)
+
+
+def flow_family_problems(family_name: str, cfg: Any) -> list[str]:
+    """The SNR Huber schedule needs a DDPM schedule, which no flow-matching family has."""
     if cfg.loss_type in ("huber", "smooth_l1") and cfg.huber_schedule == "snr":
-        problems.append(f"--huber_schedule snr is not available for --family {family_name}; use constant or exponential")
-    return problems
+        return [f"--huber_schedule snr is not available for --family {family_name}; use constant or exponential"]
+    return []
+
+
+def clip_length_warnings(family_name: str, cfg: Any) -> list[str]:
+    """--max_token_length sizes CLIP-only prompts; a family without such prompts reads its own lengths."""
+    return [f"--max_token_length is ignored for --family {family_name}"] if cfg.max_token_length is not None else []
 
 
 def t5_family_warnings(family_name: str, cfg: Any) -> list[str]:
     """--max_token_length sizes CLIP-only prompts; a T5 family reads its own lengths (--t5xxl_max_token_length).
     The DDPM-only noise and loss options are accepted and ignored, as in sd-scripts: said once each."""
-    warnings = [f"--max_token_length is ignored for --family {family_name}"] if cfg.max_token_length is not None else []
-    return warnings + ignored_option_warnings(cfg, family_name)
+    return clip_length_warnings(family_name, cfg) + ignored_option_warnings(cfg, family_name)
 
 
 class ShiftScaleLatents:

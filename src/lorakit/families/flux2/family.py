@@ -38,7 +38,12 @@ from lorakit.families.common.bfl_network_args import BflNetworkArgs
 from lorakit.families.common.bfl_targets import block_targets, embedder_targets
 from lorakit.families.common.flow_metadata import flow_sampling_metadata
 from lorakit.families.common.layers import checkpoint_offloading_to_cpu, to_fp8
-from lorakit.families.common.transformer_family import BlockSwapFamily, plan_double_single_swap
+from lorakit.families.common.transformer_family import (
+    BlockSwapFamily,
+    clip_length_warnings,
+    flow_family_problems,
+    plan_double_single_swap,
+)
 from lorakit.families.flux2 import bfl_keys
 from lorakit.families.flux2.lora_keys import LORA_LAYOUT
 from lorakit.families.flux2.packing import (
@@ -56,7 +61,6 @@ from lorakit.objectives.flow import (
     apply_model_prediction_type,
     timesteps_to_sigmas,
 )
-from lorakit.precision import load_dtype
 from lorakit.transfer import to_device
 
 log = logging.getLogger("lorakit")
@@ -129,12 +133,10 @@ class Flux2Family(BlockSwapFamily, ModelFamily):
         problems = super().option_problems(cfg, spec)
         if spec is not None and spec.family_args is not None and spec.family_args.train_t5xxl:
             problems.append("--network_args train_t5xxl: FLUX.2 has no T5")
-        if cfg.loss_type in ("huber", "smooth_l1") and cfg.huber_schedule == "snr":
-            problems.append(f"--huber_schedule snr is not available for --family {self.name}; use constant or exponential")
-        return problems
+        return problems + flow_family_problems(self.name, cfg)
 
     def option_warnings(self, cfg: Any) -> list[str]:
-        warnings = [f"--max_token_length is ignored for --family {self.name}"] if cfg.max_token_length is not None else []
+        warnings = clip_length_warnings(self.name, cfg)
         if not cfg.network_train_unet_only:
             warnings.append("the Qwen3 text encoder is not trained for FLUX.2 (as musubi-tuner's lora_flux_2): "
                             "only the transformer gets LoRA modules")
@@ -147,11 +149,7 @@ class Flux2Family(BlockSwapFamily, ModelFamily):
 
     def load(self, cfg: Any, spec: TargetSpec | None = None, text_cache: CaptionCache | None = None) -> Components:
         self.text_cache = run_text_cache(cfg, text_cache)  # the text encoder never trains, so it can always be cached
-        comps = self.load_model(ModelSource(
-            cfg.pretrained_model_name_or_path, {k: getattr(cfg, k) for k in self.part_files if getattr(cfg, k)},
-            load_dtype(cfg), fp8="denoiser" if cfg.fp8_base_unet else ("all" if cfg.fp8_base else None),
-            text_encoders=self.text_cache is None or self.text_cache.needs_encoders,
-        ))
+        comps = self.load_model(self.training_source(cfg, self.text_cache))
         self.size = size_of(comps)
         if cfg.model_version and not cfg.model_version.endswith(self.size):
             raise ConfigError([f"--model_version {cfg.model_version}: {cfg.pretrained_model_name_or_path} is FLUX.2 [klein] "

@@ -44,7 +44,6 @@ from lorakit.families.common.transformer_family import BlockSwapFamily
 from lorakit.families.qwen_image.lora_keys import LORA_LAYOUT
 from lorakit.families.qwen_image.targets import ATTENTION, transformer_targets
 from lorakit.objectives.flow import timesteps_to_sigmas
-from lorakit.precision import load_dtype
 
 log = logging.getLogger("lorakit")
 
@@ -114,11 +113,7 @@ class QwenImageFamily(LanguageModelConditioned, BlockSwapFamily, ModelFamily):
 
     def load(self, cfg: Any, spec: TargetSpec | None = None, text_cache: CaptionCache | None = None) -> Components:
         self.text_cache = None if trains_edit(cfg) else run_text_cache(cfg, text_cache, self.text_cache_format)
-        comps = self.load_model(ModelSource(
-            cfg.pretrained_model_name_or_path, {k: getattr(cfg, k) for k in self.part_files if getattr(cfg, k)},
-            load_dtype(cfg), variant=cfg.model_version, fp8="denoiser" if cfg.fp8_base_unet else ("all" if cfg.fp8_base else None),
-            text_encoders=self.text_cache is None or self.text_cache.needs_encoders,
-        ))
+        comps = self.load_model(self.training_source(cfg, self.text_cache, variant=cfg.model_version))
         comps.extras["cpu_offload_checkpointing"] = bool(cfg.cpu_offload_checkpointing)
         self._check_block_swap(cfg, comps)
         return comps
